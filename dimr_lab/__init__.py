@@ -1,0 +1,21 @@
+"""dimr-lab: architecture ablations of diffusion backbones, starting from DiMR (NeurIPS 2024)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def build_model(spec: Any) -> Any:
+    """A network from a model spec (dict, ModelSpec, preset name or TOML path)."""
+    from dimr_lab.nn.network import build_model as _build
+
+    return _build(spec)
+
+
+def load_model(path: Any, *, ema: bool = True) -> Any:
+    """A network with its weights from a dimr-lab checkpoint (loaded with weights_only=True)."""
+    from dimr_lab.nn.checkpoint import load_model as _load
+
+    return _load(path, ema=ema)

@@ -1,0 +1,3 @@
+from dimr_lab.cli import main
+
+main()

@@ -1,0 +1,47 @@
+"""The `dimr-lab` command line. Each group of commands lives in its own module and registers on `app`.
+
+Keep imports here and in the command modules light: torch is imported inside command bodies only,
+so `dimr-lab --help` answers at once.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="dimr-lab",
+    help="Architecture ablations of diffusion backbones (DiMR: multi-resolution networks, TD-LN).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# importing registers the commands
+from dimr_lab.cli import model_cmds, run_cmds, train_cmds  # noqa: E402,F401
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and exit status 2."""
+    from dimr_lab.errors import UserError
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as err:  # click's own usage errors
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            sys.exit(2)
+        if isinstance(err, click.exceptions.Abort):
+            sys.exit(1)
+        raise

@@ -1,0 +1,1 @@
+"""Declarative specs: TOML in, validated dataclasses out, JSON-serialisable and round-tripping."""

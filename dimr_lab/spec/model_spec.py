@@ -1,0 +1,152 @@
+"""The model spec: a list of branches (lowest resolution first) plus global component choices.
+
+    [model]
+    preset = "dimr_xl_2r"        # optional: start from a preset, then override any key below
+    in_channels = 4
+    image_size = 32
+    norm = "tdrmsnorm"           # inside blocks
+    [[model.branches]]
+    block = "transformer"
+    width = 960
+    ...
+
+Names of components are checked against the registries (`dimr-lab components`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from dimr_lab.errors import SpecError, unknown_name_message
+from dimr_lab.registry import ATTENTION, BLOCKS, CASCADES, CONDITIONING, HEADS, MLPS, NORMS, POS_EMBEDS
+from dimr_lab.spec.schema import field, from_dict, load_toml, to_dict
+
+
+@dataclass
+class BranchSpec:
+    block: str = field("transformer", choices=BLOCKS)
+    width: int = field(256, min=1)
+    depth: int = field(4, min=1, help="blocks as the released configs count them (num_blocks); with long "
+                                      "skips the branch builds depth//2*2+1 (in, middle, out)")
+    heads: int = field(0, min=0, help="attention heads (attention blocks); 0 = width // 64")
+    mlp_width: int = field(0, min=0, help="hidden width of the MLP/GLU; 0 = 4*width (mlp) or 2*width (glu)")
+    patch: int = field(1, min=1, help="patchify kernel = stride")
+    downsample: int = field(1, min=1, help="area down-sampling of the input before patchify")
+    kernel: int = field(7, min=1, help="depthwise kernel of convnext blocks (odd)")
+    out_kernel: int = field(3, min=1, help="kernel of the output conv (odd)")
+
+    def validate(self) -> None:
+        if self.kernel % 2 == 0:
+            raise SpecError(f"must be odd, got {self.kernel}", key="kernel")
+        if self.out_kernel % 2 == 0:
+            raise SpecError(f"must be odd, got {self.out_kernel}", key="out_kernel")
+        if self.heads and self.width % self.heads:
+            raise SpecError(f"width {self.width} is not divisible by heads {self.heads}", key="heads")
+
+
+@dataclass
+class ModelSpec:
+    name: str = field("custom", help="a label; presets set their own")
+    in_channels: int = field(3, min=1)
+    out_channels: int = field(0, min=0, help="0 = in_channels (2x for a learned variance is allowed)")
+    image_size: int = field(32, min=1, help="side of the input (pixels or latents)")
+    num_classes: int = field(1000, min=0, help="class labels 0..num_classes-1; num_classes is the null label")
+    conditioning: str = field("norm", choices=CONDITIONING)
+    norm: str = field("tdrmsnorm", choices=NORMS, help="norm inside every block")
+    outer_norm: str = field("tdln", choices=NORMS, help="norm of the cascade and the output heads")
+    mlp: str = field("glu", choices=MLPS)
+    attention: str = field("sdpa", choices=ATTENTION)
+    attention_fp32: bool = field(False, help="compute attention in float32 (as the released code) under autocast")
+    pos_embed: str = field("learned", choices=POS_EMBEDS)
+    cascade: str = field("dimr", choices=CASCADES)
+    head: str = field("conv", choices=HEADS)
+    long_skip: bool = field(True, help="U-ViT long skips (in/middle/out blocks)")
+    qkv_bias: bool = field(False)
+    time_embed_dim: int = field(0, min=0, help="token/adaln conditioning: time/class embedding width; 0 = width")
+    checkpointing: bool = field(False, help="activation checkpointing of every block (saves memory, costs time)")
+    branches: list[BranchSpec] = field(default_factory=lambda: [BranchSpec()])
+
+    def validate(self) -> None:
+        if not self.branches:
+            raise SpecError("needs at least one branch", key="branches")
+        res = []
+        for i, b in enumerate(self.branches):
+            side = self.image_size // b.downsample
+            if self.image_size % b.downsample or side % b.patch:
+                raise SpecError(f"image_size {self.image_size} is not divisible by downsample {b.downsample} "
+                                f"x patch {b.patch}", key=f"branches[{i}]")
+            res.append(side // b.patch)
+            if BLOCKS.get(b.block).uses_attention and not b.heads:
+                b.heads = max(1, b.width // 64)
+                while b.width % b.heads:
+                    b.heads -= 1
+            if not b.mlp_width:
+                b.mlp_width = (2 if self.mlp == "glu" else 4) * b.width
+        for i in range(1, len(res)):
+            if res[i] % res[i - 1] or res[i] <= res[i - 1]:
+                raise SpecError(f"branch resolutions must grow by an integer ratio, lowest first; got {res}",
+                                key=f"branches[{i}]")
+        if self.cascade == "none" and len(self.branches) > 1:
+            pass  # independent branches: allowed, an ablation of the cascade
+        norm_needs = {NORMS.get(self.norm).condition, NORMS.get(self.outer_norm).condition}
+        if "vector" in norm_needs and self.conditioning != "adaln":
+            raise SpecError(f"norm {self.norm!r}/{self.outer_norm!r} needs a condition vector: "
+                            f"set conditioning = 'adaln'", key="conditioning")
+        if self.conditioning == "adaln" and NORMS.get(self.norm).condition != "vector":
+            raise SpecError(f"conditioning 'adaln' needs an adaLN norm in the blocks "
+                            f"(adaln, adaln_zero), got {self.norm!r}", key="norm")
+        if self.head != "conv" and HEADS.get(self.head).unpatchify and len(self.branches) > 1:
+            pass
+        if not self.out_channels:
+            self.out_channels = self.in_channels
+
+    def resolutions(self) -> list[int]:
+        """Token grid side of each branch, lowest first."""
+        return [self.image_size // b.downsample // b.patch for b in self.branches]
+
+    def output_sizes(self) -> list[int]:
+        """Side of each branch's noise prediction."""
+        out = []
+        for b, r in zip(self.branches, self.resolutions()):
+            out.append(r * b.patch if HEADS.get(self.head).unpatchify else r)
+        return out
+
+
+def resolve_model(data: dict[str, Any] | str, *, file: str | None = None, key: str = "") -> ModelSpec:
+    """A ModelSpec from a dict (with an optional `preset`) or a preset name or a TOML path."""
+    from dimr_lab.spec.presets import PRESETS
+
+    if isinstance(data, str):
+        if data in PRESETS:
+            data = {"preset": data}
+        elif data.endswith(".toml"):
+            file = data
+            raw = load_toml(data)
+            data = raw.get("model", raw)
+        else:
+            raise SpecError(unknown_name_message("model preset", data, PRESETS) + " (or a .toml path)",
+                            file=file, key=key or None)
+    if not isinstance(data, dict):
+        raise SpecError(f"expected a table or a preset name, got {data!r}", file=file, key=key or None)
+    data = copy.deepcopy(data)
+    preset = data.pop("preset", None)
+    if preset is not None:
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise SpecError(unknown_name_message("model preset", str(preset), PRESETS),
+                            file=file, key=f"{key}.preset" if key else "preset")
+        merged = copy.deepcopy(PRESETS[preset])
+        user_branches = data.pop("branches", None)
+        merged.update(data)
+        if isinstance(user_branches, list) and len(user_branches) == len(merged["branches"]) \
+                and all(isinstance(b, dict) for b in user_branches):
+            merged["branches"] = [{**base, **b} for base, b in zip(merged["branches"], user_branches)]
+        elif user_branches is not None:
+            merged["branches"] = user_branches
+        data = merged
+    return from_dict(ModelSpec, data, file=file, prefix=key)
+
+
+def model_spec_dict(spec: ModelSpec) -> dict[str, Any]:
+    return to_dict(spec)

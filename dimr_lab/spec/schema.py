@@ -1,0 +1,221 @@
+"""Validate plain dicts (from TOML) into dataclasses, with one clear error per problem.
+
+Each spec section is a dataclass whose fields carry their types and defaults; `from_dict` refuses
+unknown keys (naming the closest known key), wrong types and values outside `choices`, and
+`to_dict` gives back plain JSON-serialisable data so a resolved spec round-trips.
+Fields may declare metadata: `choices` (allowed values or a Registry), `min`, `max`, `help`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dimr_lab.errors import SpecError, UserError, closest
+
+T = TypeVar("T")
+
+
+def field(default: Any = dataclasses.MISSING, *, choices: Any = None, min: float | None = None,
+          max: float | None = None, help: str = "", default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with validation metadata."""
+    meta = {"choices": choices, "min": min, "max": max, "help": help}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        return f"list of {_type_name(arg)}"
+    if tp is type(None):
+        return "none"
+    if dataclasses.is_dataclass(tp):
+        return "table"
+    return {int: "integer", float: "number", str: "string", bool: "boolean", dict: "table"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str, file: str | None) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, file)
+            except SpecError as err:
+                errors.append(err)
+        raise SpecError(f"expected {_type_name(tp)}, got {value!r}", file=file, key=key)
+    if origin is list:
+        (arg,) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise SpecError(f"expected {_type_name(tp)}, got {value!r}", file=file, key=key)
+        return [_coerce(v, arg, f"{key}[{i}]", file) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, file=file, prefix=key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise SpecError(f"expected a boolean (true/false), got {value!r}", file=file, key=key)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(f"expected an integer, got {value!r}", file=file, key=key)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"expected a number, got {value!r}", file=file, key=key)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise SpecError(f"expected a string, got {value!r}", file=file, key=key)
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise SpecError(f"expected a table, got {value!r}", file=file, key=key)
+        return value
+    raise TypeError(f"unsupported spec type {tp!r}")
+
+
+def _check_meta(value: Any, meta: typing.Mapping[str, Any], key: str, file: str | None) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None:
+        if hasattr(choices, "check"):  # a Registry
+            choices.check(value, file=file, key=key)
+        elif value not in choices:
+            hint = closest(str(value), [str(c) for c in choices])
+            allowed = ", ".join(repr(c) for c in choices)
+            raise SpecError(f"{value!r} is not allowed; allowed: {allowed}"
+                            + (f" (did you mean {hint!r}?)" if hint else ""), file=file, key=key)
+    lo, hi = meta.get("min"), meta.get("max")
+    items = value if isinstance(value, list) else [value]
+    for v in items:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if lo is not None and v < lo:
+                raise SpecError(f"must be >= {lo}, got {v!r}", file=file, key=key)
+            if hi is not None and v > hi:
+                raise SpecError(f"must be <= {hi}, got {v!r}", file=file, key=key)
+
+
+def from_dict(cls: type[T], data: Any, *, file: str | None = None, prefix: str = "") -> T:
+    """Build dataclass `cls` from `data`, validating every key; errors name `file` and the dotted key."""
+    where = prefix or "(top level)"
+    if not isinstance(data, dict):
+        raise SpecError(f"expected a table, got {data!r}", file=file, key=prefix or None)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for k in data:
+        if k not in fields:
+            hint = closest(k, fields)
+            raise SpecError(f"unknown key in [{where}]; allowed: {', '.join(fields)}"
+                            + (f" (did you mean {hint!r}?)" if hint else ""),
+                            file=file, key=f"{prefix}.{k}" if prefix else k)
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            value = _coerce(data[name], hints[name], key, file)
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            value = f.default_factory()  # type: ignore[misc]
+        else:
+            raise SpecError(f"missing required key ({_type_name(hints[name])})", file=file, key=key)
+        _check_meta(value, f.metadata, key, file)
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except SpecError as err:
+            raise err.at(file, prefix or None) from None
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain JSON-serialisable data (dicts, lists, scalars) from a (nested) spec dataclass."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file; a missing or malformed file is a UserError naming it."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: is a directory, expected a TOML file") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{path}: not valid TOML: {err}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not valid TOML: not UTF-8 text") from None
+
+
+def parse_value(text: str) -> Any:
+    """A command-line override value, read as a TOML value ('3', '1e-4', 'true', '"x"', '[1, 2]');
+    anything that is not a TOML value is taken as a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any, *, file: str | None = None) -> None:
+    """data['a']['b'] = value for 'a.b', creating tables on the way; a numeric part indexes a list
+    ('model.branches.1.block')."""
+    parts = dotted.split(".")
+    if not all(parts):
+        raise SpecError(f"malformed key {dotted!r}", file=file, key=dotted)
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise SpecError(f"{'.'.join(parts[:i]) or 'value'} is a list of {len(node)}; "
+                                f"{part!r} is not an index into it", file=file, key=dotted)
+            if last:
+                node[int(part)] = value
+                return
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            raise SpecError(f"{'.'.join(parts[:i])} is not a table", file=file, key=dotted)
+        if last:
+            node[part] = value
+            return
+        node = node.setdefault(part, {})
+
+
+def parse_overrides(items: list[str] | None, *, source: str = "--set") -> list[tuple[str, Any]]:
+    """['train.steps=10', ...] -> [('train.steps', 10), ...]"""
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"{source} {item!r}: expected key=value, e.g. train.steps=100")
+        k, v = item.split("=", 1)
+        out.append((k.strip(), parse_value(v.strip())))
+    return out

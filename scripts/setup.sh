@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up dimr-lab in ./.venv (idempotent): Python venv, torch + torchvision, the package and its extras.
+#   bash scripts/setup.sh           # runtime (+ digits extra)
+#   bash scripts/setup.sh --test    # also the test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# torch and torchvision as a pair that imports together; other pairs are fine where they match.
+TORCH_SPEC="${DIMR_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
+EXTRAS="digits"
+[ "${1:-}" = "--test" ] && EXTRAS="digits,test"
+stamp=".venv/.dimr-lab-setup-$(sha1sum pyproject.toml | cut -c1-12)-${EXTRAS}"
+if [ ! -e "$stamp" ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check $TORCH_SPEC 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${EXTRAS}]" 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -c "import torch, torchvision, timm, torch_fidelity, submitit, dimr_lab" 
+  touch "$stamp"
+fi
