@@ -19,7 +19,7 @@ app = typer.Typer(
 )
 
 # importing registers the commands
-from dimr_lab.cli import model_cmds, run_cmds, train_cmds  # noqa: E402,F401
+from dimr_lab.cli import data_cmds, model_cmds, run_cmds, table_cmds, train_cmds  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,2 @@
+"""Commands: placeholder until implemented."""
+from dimr_lab.cli import app  # noqa: F401
