@@ -1,0 +1,78 @@
+"""An ImageFolder tree (root/<class>/<image>), centre-cropped and resized the way ADM prepares ImageNet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dimr_lab.errors import SpecError, UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+
+
+def center_crop_resize(image, image_size: int) -> np.ndarray:
+    """ADM's centre crop: halve with BOX while the short side is >= 2x the target, BICUBIC to it, crop the centre."""
+    from PIL import Image
+
+    # repeated 2x BOX reduction first: a single bicubic resize from far above would alias
+    while min(image.size) >= 2 * image_size:
+        image = image.resize((image.size[0] // 2, image.size[1] // 2), resample=Image.BOX)
+    scale = image_size / min(image.size)
+    image = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)), resample=Image.BICUBIC)
+    arr = np.asarray(image)  # (H, W, 3) uint8
+    top, left = (arr.shape[0] - image_size) // 2, (arr.shape[1] - image_size) // 2
+    return arr[top:top + image_size, left:left + image_size]  # (S, S, 3)
+
+
+def list_image_folder(root: str | Path, key: str = "data.root") -> tuple[list[Path], list[int], list[str]]:
+    """(files, labels, class names) of root/<class>/**/<image>; classes sorted by folder name."""
+    root = Path(root).expanduser()
+    if not str(root) or not root.is_dir():
+        raise SpecError(f"image folder {str(root)!r} does not exist or is not a directory", key=key)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"{root}: no class folders (expected {root}/<class>/<image>)")
+    files, labels = [], []
+    for k, name in enumerate(classes):
+        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        files += found
+        labels += [k] * len(found)
+    if not files:
+        raise UserError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) under its class folders")
+    return files, labels, classes
+
+
+class FolderDataset(Dataset):
+    """Images of an ImageFolder tree in [-1, 1]; random horizontal flips when `flip`."""
+
+    kind = "pixels"
+    channels = 3
+
+    def __init__(self, root: str | Path, image_size: int, *, flip: bool = False, key: str = "data.root"):
+        self.files, labels, self.class_names = list_image_folder(root, key)
+        self.labels = torch.tensor(labels)  # (N,)
+        self.root, self.image_size, self.flip = Path(root), image_size, flip
+        self.num_classes = len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load_uint8(self, i: int) -> torch.Tensor:
+        """Image i as uint8 (3, S, S), cropped and resized, never flipped."""
+        from PIL import Image
+
+        try:
+            with Image.open(self.files[i]) as im:
+                arr = center_crop_resize(im.convert("RGB"), self.image_size)  # (S, S, 3)
+        except OSError as err:
+            raise UserError(f"{self.files[i]}: cannot read image ({err})") from err
+        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)  # (3, S, S)
+
+    def __getitem__(self, i: int):
+        x = self.load_uint8(i).float() / 127.5 - 1  # (3, S, S) in [-1, 1]
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, int(self.labels[i])

@@ -1,0 +1,103 @@
+"""Procedural class-conditional shapes: one hard-edged shape per image, class = shape type."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+SHAPE_NAMES = ("circle", "square", "triangle", "cross", "ring", "bars", "diamond", "star")
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A counter-based hash (splitmix64): the same key gives the same bits whatever the batch."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return x ^ (x >> np.uint64(31))
+
+
+def _uniform(seed: int, stream: int, index: np.ndarray, slot: int) -> np.ndarray:
+    """Uniform [0, 1) numbers that depend only on (seed, stream, index, slot)."""
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.uint64(seed) * np.uint64(0x100000001B3) + np.uint64(stream))
+        key = _splitmix64(key ^ (index.astype(np.uint64) * np.uint64(64) + np.uint64(slot)))
+    return (key >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def _masks(cls: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Hard masks (N, S, S) of each image's shape in its own unit coordinates (u right, v down)."""
+    rho = torch.sqrt(u * u + v * v)  # (N, S, S)
+    au, av = u.abs(), v.abs()
+    inside = (au <= 1) & (av <= 1)
+    theta = torch.atan2(v, u) + torch.pi / 2  # 0 at the top point of the star
+    phase = torch.remainder(theta, 2 * torch.pi / 5) / (2 * torch.pi / 5)
+    star_radius = 0.42 + 0.58 * (2 * phase - 1).abs()  # 1 at the 5 points, 0.42 between them
+    masks = torch.stack([
+        rho <= 1,                                               # circle
+        torch.maximum(au, av) <= 0.8,                           # square
+        (v <= 0.8) & (au <= (v + 1) * 0.55),                    # triangle, apex up
+        inside & ((au <= 0.3) | (av <= 0.3)),                   # cross
+        (rho <= 1) & (rho >= 0.55),                             # ring
+        inside & (torch.floor((v + 1) / 0.4).remainder(2) == 0),  # horizontal bars
+        au + av <= 1,                                           # diamond
+        rho <= star_radius,                                     # star
+    ])  # (8, N, S, S)
+    return masks[cls % len(SHAPE_NAMES), torch.arange(len(cls))]  # (N, S, S)
+
+
+def render_shapes(indices: np.ndarray, image_size: int, num_classes: int, seed: int, stream: int) -> torch.Tensor:
+    """uint8 images (N, 3, S, S) of the given indices; class = index % num_classes."""
+    idx = np.asarray(indices, dtype=np.int64)
+    n, s = len(idx), image_size
+    r = 0.22 + 0.20 * _uniform(seed, stream, idx, 0)  # radius as a fraction of the side
+    cx = r + (1 - 2 * r) * _uniform(seed, stream, idx, 1)  # keeps the whole shape inside
+    cy = r + (1 - 2 * r) * _uniform(seed, stream, idx, 2)
+    bg = np.stack([_uniform(seed, stream, idx, 3 + c) for c in range(3)], 1)  # (N, 3)
+    # foreground differs from background by 0.35..0.65 on every channel: always visible
+    fg = np.remainder(bg + 0.35 + 0.3 * np.stack([_uniform(seed, stream, idx, 6 + c) for c in range(3)], 1), 1.0)
+    bg8 = torch.from_numpy(np.round(bg * 255).astype(np.uint8))  # (N, 3)
+    fg8 = torch.from_numpy(np.round(fg * 255).astype(np.uint8))  # (N, 3)
+
+    grid = (torch.arange(s, dtype=torch.float32) + 0.5) / s  # pixel centres in [0, 1]
+    rr = torch.from_numpy(r).float()[:, None, None]
+    u = (grid[None, None, :] - torch.from_numpy(cx).float()[:, None, None]) / rr  # (N, 1, S)
+    v = (grid[None, :, None] - torch.from_numpy(cy).float()[:, None, None]) / rr  # (N, S, 1)
+    u, v = torch.broadcast_tensors(u, v)  # (N, S, S)
+    cls = torch.from_numpy(idx % num_classes)
+    mask = _masks(cls, u, v)  # (N, S, S)
+    # hard select between two colours: exactly two pixel values per image, no anti-aliasing
+    return torch.where(mask[:, None], fg8[:, :, None, None], bg8[:, :, None, None])  # (N, 3, S, S)
+
+
+class ShapesDataset(Dataset):
+    """Class-conditional geometric shapes, rendered once at construction and kept as uint8."""
+
+    kind = "pixels"
+    channels = 3
+
+    def __init__(self, size: int, image_size: int = 32, num_classes: int = 8, *, seed: int = 0,
+                 split: str = "train", flip: bool = False):
+        if not 1 <= num_classes <= len(SHAPE_NAMES):
+            from dimr_lab.errors import SpecError
+
+            raise SpecError(f"shapes has at most {len(SHAPE_NAMES)} classes, got {num_classes}", key="data.num_classes")
+        self.image_size, self.num_classes, self.seed, self.split = image_size, num_classes, seed, split
+        self.flip = flip
+        self.class_names = SHAPE_NAMES[:num_classes]
+        stream = {"train": 0, "test": 1}[split]  # the test split draws from its own stream
+        self.images = torch.cat([render_shapes(np.arange(i, min(i + 1024, size)), image_size, num_classes, seed, stream)
+                                 for i in range(0, size, 1024)])  # (N, 3, S, S) uint8, chunked to bound memory
+        self.labels = torch.arange(size) % num_classes  # (N,) balanced by construction
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        x = self.images[i].float() / 127.5 - 1  # (3, S, S) in [-1, 1]
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, int(self.labels[i])
