@@ -18,30 +18,23 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+@app.callback()
+def _root() -> None:
+    """Architecture ablations of diffusion backbones (DiMR: multi-resolution networks, TD-LN)."""
+
+
 # importing registers the commands
 from dimr_lab.cli import data_cmds, model_cmds, run_cmds, table_cmds, train_cmds  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and exit status 2."""
+    """Entry point: user errors become one line on stderr and exit status 2 (usage errors too, by click)."""
     from dimr_lab.errors import UserError
 
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="dimr-lab")
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as err:  # click's own usage errors
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(2)
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(1)
-        raise

@@ -35,12 +35,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dimr_xl_3r": {**_DIMR, **_LATENT512, "name": "DiMR-XL/3R",
                    "branches": [_t(960, 39, 16, 4, mlp_width=1920), _c(480, 20, 2, mlp_width=960),
                                 _c(240, 20, 1, mlp_width=480)]},
-    # ImageNet 64 (pixels): configs not released; widths chosen to land on the paper's parameter counts
-    # (M/3R 132.9M, L/3R 284M) with U-ViT-M/L's Transformer depth; see `dimr-lab describe`.
+    # ImageNet 64 (pixels): configs not released. The Transformer branch is U-ViT-M's (L's) width and
+    # depth at 16x16 tokens (p4); the ConvNeXt widths/depths at 32 and 64 were chosen by a search to land
+    # on the paper's counts: M/3R 132.62M (paper 132.9M; its MLP variant 154.15M, Table 2 row 4: 154.0M),
+    # L/3R 284.37M (paper 284M).
     "dimr_m_3r": {**_DIMR, **_PIXEL64, "name": "DiMR-M/3R",
-                  "branches": [_t(768, 16, 12, 4), _c(384, 12, 2), _c(192, 12, 1)]},
+                  "branches": [_t(768, 16, 12, 4), _c(256, 8, 2), _c(128, 8, 1)]},
     "dimr_l_3r": {**_DIMR, **_PIXEL64, "name": "DiMR-L/3R",
-                  "branches": [_t(1024, 20, 16, 4), _c(512, 16, 2), _c(256, 16, 1)]},
+                  "branches": [_t(1024, 20, 16, 4), _c(384, 2, 2), _c(192, 4, 1)]},
     # Baselines.
     "uvit_m_4": {**_PIXEL64, "name": "U-ViT-M/4", "conditioning": "token", "norm": "layernorm",
                  "outer_norm": "layernorm", "mlp": "mlp", "pos_embed": "learned", "cascade": "none",

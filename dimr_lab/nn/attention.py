@@ -1,0 +1,71 @@
+"""Attention kernels (backends) and the multi-head self-attention layer that uses them.
+
+A backend is a function `(q, k, v) -> out` on (B, heads, N, head_dim) tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dimr_lab.registry import ATTENTION
+
+
+@ATTENTION.register("sdpa", "torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient / math)")
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+@ATTENTION.register("math", "softmax(q k^T / sqrt(d)) v written out: the reference, slowest")
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, h, N, N)
+    return scores.softmax(dim=-1) @ v  # (B, h, N, hd)
+
+
+_warned_xformers = False
+
+
+@ATTENTION.register("xformers", "xformers memory_efficient_attention on CUDA; elsewhere falls back to sdpa "
+                                "with a warning")
+def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    global _warned_xformers
+    try:
+        import xformers.ops as xops
+    except ImportError:
+        xops = None
+    if xops is None or not q.is_cuda:
+        if not _warned_xformers:
+            why = "xformers is not installed" if xops is None else "xformers has no CPU kernels"
+            warnings.warn(f"attention 'xformers': {why}; using 'sdpa' instead", stacklevel=2)
+            _warned_xformers = True
+        return sdpa_attention(q, k, v)
+    # xformers takes (B, N, heads, head_dim)
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: qkv projection, a backend, output projection."""
+
+    def __init__(self, dim: int, heads: int, *, backend: str = "sdpa", qkv_bias: bool = False,
+                 fp32: bool = False):
+        super().__init__()
+        self.heads, self.head_dim, self.fp32 = heads, dim // heads, fp32
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.backend = ATTENTION.get(backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, hd)
+        q, k, v = qkv.unbind(0)
+        if self.fp32:  # the released code attends in float32 even under fp16 autocast
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                out = self.backend(q.float(), k.float(), v.float()).to(x.dtype)
+        else:
+            out = self.backend(q, k, v)  # (B, h, N, hd)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))

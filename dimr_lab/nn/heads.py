@@ -1,0 +1,92 @@
+"""Cascades (features from a lower-resolution branch into the next) and output heads."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dimr_lab.nn.time_dependent import Cond
+from dimr_lab.registry import CASCADES, HEADS, NORMS
+
+
+def pixel_shuffle_channels_last(x: torch.Tensor, r: int) -> torch.Tensor:
+    """(B, h, w, r*r*d) -> (B, h*r, w*r, d), reading channels as (r_h, r_w, d) as the released code does
+    (torch's nn.PixelShuffle reads (d, r_h, r_w))."""
+    B, h, w, C = x.shape
+    x = x.view(B, h, w, r, r, C // (r * r)).transpose(2, 3)  # (B, h, r, w, r, d)
+    return x.reshape(B, h * r, w * r, C // (r * r))
+
+
+class Cascade(nn.Module):
+    uses_features = True
+
+
+@CASCADES.register("dimr", "concat the lower branch's input and every block output -> Norm -> Linear -> "
+                           "pixel shuffle -> Norm, added to the next branch's input (DiMR Sec. 3.2)")
+class DiMRCascade(Cascade):
+    def __init__(self, spec, in_dim: int, dim: int, ratio: int, cond_dim: int):
+        super().__init__()
+        self.ratio = ratio
+        self.norm_in = NORMS.get(spec.outer_norm)(in_dim, cond_dim)
+        self.proj = nn.Linear(in_dim, dim * ratio * ratio)
+        self.norm_out = NORMS.get(spec.outer_norm)(dim, cond_dim)
+
+    def forward(self, features: torch.Tensor, cond: Cond) -> torch.Tensor:
+        x = self.proj(self.norm_in(features, cond)[0])  # (B, h, w, r*r*d)
+        return self.norm_out(pixel_shuffle_channels_last(x, self.ratio), cond)[0]  # (B, h*r, w*r, d)
+
+
+@CASCADES.register("none", "branches do not share features (each sees only the noisy input)")
+class NoCascade(Cascade):
+    uses_features = False
+
+    def __init__(self, spec, in_dim: int, dim: int, ratio: int, cond_dim: int):
+        super().__init__()
+
+    def forward(self, features: torch.Tensor, cond: Cond) -> None:
+        return None
+
+
+class Head(nn.Module):
+    unpatchify = False
+
+
+@HEADS.register("conv", "Norm -> Conv kxk at the branch's own resolution (DiMR: low branches predict "
+                        "down-sampled noise)")
+class ConvHead(Head):
+    def __init__(self, spec, branch, cond_dim: int):
+        super().__init__()
+        self.norm = NORMS.get(spec.outer_norm)(branch.width, cond_dim)
+        k = branch.out_kernel
+        self.conv = nn.Conv2d(branch.width, spec.out_channels, k, padding=k // 2)
+
+    def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self.conv(self.norm(x, cond)[0].permute(0, 3, 1, 2))  # (B, C, h, w)
+
+
+@HEADS.register("unpatchify", "Norm -> Linear to p*p*C -> unpatchify to the input resolution (DiT)")
+class UnpatchifyHead(Head):
+    unpatchify = True
+
+    def __init__(self, spec, branch, cond_dim: int):
+        super().__init__()
+        self.patch, self.channels = branch.patch, spec.out_channels
+        self.norm = NORMS.get(spec.outer_norm)(branch.width, cond_dim)
+        self.linear = nn.Linear(branch.width, branch.patch ** 2 * spec.out_channels)
+
+    def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        x = self.linear(self.norm(x, cond)[0])  # (B, h, w, p*p*C)
+        B, h, w, _ = x.shape
+        p, C = self.patch, self.channels
+        return x.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, h * p, w * p)
+
+
+@HEADS.register("unpatchify_conv", "Norm -> Linear -> unpatchify -> Conv 3x3 (U-ViT)")
+class UnpatchifyConvHead(UnpatchifyHead):
+    def __init__(self, spec, branch, cond_dim: int):
+        super().__init__(spec, branch, cond_dim)
+        k = branch.out_kernel
+        self.conv = nn.Conv2d(spec.out_channels, spec.out_channels, k, padding=k // 2)
+
+    def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self.conv(super().forward(x, cond))
