@@ -14,6 +14,9 @@ Conventions (checked against the released DiMR code, train.py / eval.py / dpm_so
   network's log_snr, i.e. network t = t_cont. Both agree: at the knots the solver's alpha equals the
   training alpha of step n = t N, and the network sees exactly the t = n / N it was trained with.
   Between knots the network sees the interpolated t (no rounding), as released.
+- One deviation, only below the first knot (t < 1/N, unused by the released t_end = 1/N): DPM-Solver
+  extrapolates the first segment linearly, which gives log alpha > 0 (NaN sigma) near t = 0; we add a knot
+  (t = 0, alpha = 1) instead, so sigma(0) = 0.
 """
 
 from __future__ import annotations
@@ -62,9 +65,11 @@ class NoiseSchedule:
         self.betas = betas  # (N,)
         self.alphas = 1.0 - betas  # (N,)
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)  # (N,) abar_n = prod_{i<=n} (1 - beta_i)
-        # knots of the continuous view: t_i = i / N, log alpha(t_i) = 0.5 log abar_i (DPM-Solver 'discrete')
-        self.t_knots = torch.arange(1, self.num_steps + 1, dtype=torch.float64) / self.num_steps  # (N,)
-        self.log_alpha_knots = 0.5 * torch.log(self.alphas_cumprod)  # (N,)
+        # knots of the continuous view: t_i = i / N, log alpha(t_i) = 0.5 log abar_i (DPM-Solver 'discrete'),
+        # plus t_0 = 0 with alpha = 1 (clean data, the released Schedule's abar_0 = 1)
+        self.t_knots = torch.arange(0, self.num_steps + 1, dtype=torch.float64) / self.num_steps  # (N+1,)
+        zero = torch.zeros(1, dtype=torch.float64)
+        self.log_alpha_knots = torch.cat([zero, 0.5 * torch.log(self.alphas_cumprod)])  # (N+1,)
 
     def __repr__(self) -> str:
         return f"NoiseSchedule({self.name!r}, num_steps={self.num_steps})"
@@ -106,7 +111,7 @@ class NoiseSchedule:
     # ---- continuous view (DPM-Solver) ----
 
     def marginal_log_mean_coeff(self, t: torch.Tensor) -> torch.Tensor:
-        """log alpha(t): piecewise-linear in t through (i / N, 0.5 log abar_i); float64."""
+        """log alpha(t): piecewise-linear in t through (0, 0) and (i / N, 0.5 log abar_i); float64."""
         t = torch.as_tensor(t, dtype=torch.float64)
         return _interp(t, self.t_knots.to(t.device), self.log_alpha_knots.to(t.device))  # (...,)
 
