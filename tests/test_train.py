@@ -1,0 +1,331 @@
+"""Training runs: resume bit-exactness after SIGKILL, DDP equivalence, refusals, LR/EMA/optimizer maths, files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dimr_lab.cli import main as cli_main
+from dimr_lab.spec.run_spec import load_run_spec
+
+# a tiny 2-branch DiMR on 16x16 shapes: a step takes tens of milliseconds on one core
+TINY_TOML = """
+[model]
+preset = "dimr_tiny_2r"
+image_size = 16
+branches = [{width = 32, depth = 2, heads = 2}, {width = 16, depth = 1}]
+[data]
+image_size = 16
+train_size = 96
+[train]
+steps = {steps}
+batch_size = 8
+lr = 1e-3
+warmup_steps = 3
+ema_decay = 0.9
+checkpoint_every = {ckpt}
+log_every = 1
+[sample]
+steps = 2
+grid_size = 8
+[eval]
+enabled = false
+"""
+
+
+def tiny_spec_file(tmp: Path, steps: int = 6, ckpt: int = 2) -> Path:
+    path = tmp / f"tiny_{steps}_{ckpt}.toml"
+    path.write_text(TINY_TOML.replace("{steps}", str(steps)).replace("{ckpt}", str(ckpt)))
+    return path
+
+
+def tiny_spec(tmp: Path, steps: int = 6, ckpt: int = 2, overrides=None):
+    return load_run_spec(tiny_spec_file(tmp, steps, ckpt), overrides)
+
+
+def cli(*args: str) -> int:
+    """Run the CLI in-process; its exit status."""
+    try:
+        cli_main([str(a) for a in args])
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def cli_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from dimr_lab.cli import main; main()", *[str(a) for a in args]]
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+        env.pop(k, None)
+    return env
+
+
+def load_ckpt(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+
+
+def assert_state_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def done_run(tmp_path_factory) -> Path:
+    """A finished tiny run (train + grid; eval off)."""
+    from dimr_lab.train.trainer import train_run
+
+    tmp = tmp_path_factory.mktemp("done")
+    train_run(tiny_spec(tmp, steps=4, ckpt=2), tmp / "run", progress=False)
+    return tmp / "run"
+
+
+# ---------------------------------------------------------------- resume
+
+def test_sigkill_resume_is_bit_exact(tmp_path):
+    spec = tiny_spec_file(tmp_path, steps=40, ckpt=4)
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    subprocess.run(cli_cmd("train", spec, "--out", ref, "--no-progress"), env=child_env(), check=True,
+                   capture_output=True, timeout=300)
+    proc = subprocess.Popen(cli_cmd("train", spec, "--out", run, "--no-progress"), env=child_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = run / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists(), "the run ended before its first checkpoint"
+    killed_at = load_ckpt(run)["step"]
+    assert 0 < killed_at < 40, f"killed after step {killed_at}: too late to test resuming"
+    assert not (run / "metrics.json").exists()
+    subprocess.run(cli_cmd("train", spec, "--out", run, "--no-progress"), env=child_env(), check=True,
+                   capture_output=True, timeout=300)
+    a, b = load_ckpt(ref), load_ckpt(run)
+    assert a["step"] == b["step"] == 40
+    assert_state_equal(a["model"], b["model"])
+    assert_state_equal(a["ema"], b["ema"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert_state_equal(sa, sb)
+    assert torch.equal(a["rng"]["noise"], b["rng"]["noise"])
+    assert a["data_position"] == b["data_position"]
+    # the log is cut back to the checkpoint and written again: the same losses, line for line
+    la = [json.loads(x)["loss"] for x in (ref / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (run / "log.jsonl").read_text().splitlines()]
+    assert la == lb and len(la) == 40
+
+
+def test_should_stop_checkpoints_and_resumes_exactly(tmp_path):
+    from dimr_lab.train.trainer import train_run
+
+    spec = tiny_spec(tmp_path, steps=6, ckpt=100)  # only the stop and the end save
+    train_run(spec, tmp_path / "ref", progress=False)
+    calls = {"n": 0}
+
+    def stop_after_3() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    out = train_run(spec, tmp_path / "run", should_stop=stop_after_3, progress=False)
+    assert out == {"interrupted": True, "step": 3}
+    assert load_ckpt(tmp_path / "run")["step"] == 3
+    train_run(spec, tmp_path / "run", progress=False)
+    assert_state_equal(load_ckpt(tmp_path / "ref")["model"], load_ckpt(tmp_path / "run")["model"])
+
+
+# ---------------------------------------------------------------- DDP
+
+def _ddp_worker(rank: int, world: int, port: int, spec_path: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from dimr_lab.train.trainer import train_run
+
+    train_run(load_run_spec(spec_path), Path(out), progress=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(300)
+def test_ddp_two_processes_match_one(tmp_path):
+    from dimr_lab.train.trainer import train_run
+
+    spec_path = tiny_spec_file(tmp_path, steps=4, ckpt=4)
+    train_run(load_run_spec(spec_path), tmp_path / "one", progress=False)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(spec_path), str(tmp_path / "two")),
+                                nprocs=2, join=True)
+    a, b = load_ckpt(tmp_path / "one"), load_ckpt(tmp_path / "two")
+    assert b["world_size"] == 2 and a["step"] == b["step"] == 4
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5, msg=k)
+    la = [json.loads(x)["loss"] for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert la == pytest.approx(lb, rel=1e-5)
+    assert (tmp_path / "two" / "metrics.json").exists()  # rank 0 finished the run
+
+
+# ---------------------------------------------------------------- refusals
+
+def test_different_spec_is_refused(done_run, capsys):
+    spec = json.loads((done_run / "spec.json").read_text())
+    before = (done_run / "spec.json").read_bytes()
+    toml = tiny_spec_file(done_run.parent, steps=4, ckpt=2)
+    assert cli("train", toml, "--out", done_run, "--set", "train.lr=0.5", "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert "different spec" in err and "train.lr" in err
+    assert (done_run / "spec.json").read_bytes() == before and spec["format"] == "dimr-lab-spec/1"
+    # the same spec again: done already, nothing retrained
+    mtime = (done_run / "checkpoints" / "last.pt").stat().st_mtime_ns
+    assert cli("train", toml, "--out", done_run, "--no-progress") == 0
+    assert (done_run / "checkpoints" / "last.pt").stat().st_mtime_ns == mtime
+
+
+def _interrupted_run(tmp: Path) -> tuple[Path, Path]:
+    from dimr_lab.train.trainer import train_run
+
+    toml = tiny_spec_file(tmp, steps=6, ckpt=100)
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    assert train_run(load_run_spec(toml), tmp / "run", should_stop=stop, progress=False)["interrupted"]
+    return toml, tmp / "run"
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def test_corrupt_checkpoint_is_refused_untouched(tmp_path, capsys):
+    toml, run = _interrupted_run(tmp_path)
+    ckpt = run / "checkpoints" / "last.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])  # a truncated file
+    before = _snapshot(run)
+    assert cli("train", toml, "--out", run, "--no-progress") == 2
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and "corrupt" in err
+    assert _snapshot(run) == before  # nothing half-resumed, nothing rewritten
+
+
+def test_mismatching_checkpoint_is_refused(tmp_path, capsys):
+    toml, run = _interrupted_run(tmp_path)
+    ckpt = run / "checkpoints" / "last.pt"
+    state = torch.load(ckpt, weights_only=True)
+    state["model"] = {k: v[..., :1] if v.dim() else v for k, v in state["model"].items()}  # wrong shapes
+    torch.save(state, ckpt)
+    before = _snapshot(run)
+    assert cli("train", toml, "--out", run, "--no-progress") == 2
+    assert str(ckpt) in capsys.readouterr().err
+    assert _snapshot(run) == before
+    state["format"] = "something-else"
+    torch.save(state, ckpt)
+    assert cli("sample", run, "--n", "2", "--out", tmp_path / "g.png") == 2
+    assert "not a dimr-lab/1 checkpoint" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    toml, run = _interrupted_run(tmp_path)
+    (run / "checkpoints" / "last.pt").unlink()
+    assert cli("sample", run, "--n", "2", "--out", tmp_path / "g.png") == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "g.png").exists()
+    assert cli("sample", tmp_path, "--n", "2", "--out", tmp_path / "g.png") == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- maths
+
+def test_lr_warmup_linear_then_constant(done_run):
+    from dimr_lab.train.loop import lr_at
+
+    assert [lr_at(s, 1e-3, 4) for s in range(6)] == pytest.approx([0, 2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3])
+    assert lr_at(0, 1e-3, 0) == 1e-3
+    rows = [json.loads(x) for x in (done_run / "log.jsonl").read_text().splitlines()]
+    # warmup_steps = 3: updates 0..3 run at 0, 1/3, 2/3, 1 of lr (a row logs the lr of its last update)
+    assert [r["lr"] for r in rows] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3])
+
+
+def test_ema_update_maths():
+    from dimr_lab.train.loop import ema_update
+
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    e0 = {k: v.clone() for k, v in ema.state_dict().items()}
+    ema_update(ema, model, 0.9)
+    for k, v in ema.state_dict().items():
+        torch.testing.assert_close(v, 0.9 * e0[k] + 0.1 * model.state_dict()[k])
+    ema_update(ema, model, 0.0)  # decay 0 copies
+    assert_state_equal(ema.state_dict(), model.state_dict())
+
+
+def test_optimizer_groups_free_td_norms_biases():
+    from dimr_lab.nn.network import build_model, optimizer_param_groups
+    from dimr_lab.nn.time_dependent import TimeDependentParameter
+
+    model = build_model({"preset": "dimr_tiny_2r", "image_size": 16,
+                         "branches": [{"width": 32, "depth": 2, "heads": 2}, {"width": 16, "depth": 1}]})
+    decay, free = optimizer_param_groups(model, 0.03)
+    assert decay["weight_decay"] == 0.03 and free["weight_decay"] == 0.0
+    free_ids = {id(p) for p in free["params"]}
+    decay_ids = {id(p) for p in decay["params"]}
+    assert not free_ids & decay_ids and len(free_ids | decay_ids) == len(list(model.parameters()))
+    td = [m for m in model.modules() if isinstance(m, TimeDependentParameter)]
+    assert td and all(id(m.w) in free_ids and id(m.b) in free_ids for m in td)
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):
+            assert id(p) in free_ids, name
+    linear_weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear_weights and all(id(w) in decay_ids for w in linear_weights)
+
+
+# ---------------------------------------------------------------- files and the sample command
+
+def test_run_files_have_the_keys(done_run):
+    assert {"spec.json", "log.jsonl", "loss.png", "samples.png", "metrics.json"} <= {p.name for p in done_run.iterdir()}
+    row = json.loads((done_run / "log.jsonl").read_text().splitlines()[-1])
+    assert {"step", "loss", "loss_branches", "lr", "images_per_s", "gmacs_per_s"} <= row.keys()
+    assert len(row["loss_branches"]) == 2
+    m = json.loads((done_run / "metrics.json").read_text())
+    for key in ("fid", "kid", "sample_accuracy", "distortion_rate", "params", "gmacs", "train_images_per_s",
+                "steps", "wall_s", "eval", "versions", "git_commit"):
+        assert key in m, key
+    assert m["steps"] == 4 and m["params"] > 0 and m["train_images_per_s"] > 0
+    assert {"samples", "sampler", "steps", "guidance_scale", "guidance_form", "ema", "extractor"} <= m["eval"].keys()
+    assert {"python", "torch", "dimr_lab"} <= m["versions"].keys()
+    ckpt = load_ckpt(done_run)
+    assert ckpt["format"] == "dimr-lab/1" and ckpt["step"] == 4
+    assert {"torch", "numpy", "python", "noise"} <= ckpt["rng"].keys()
+    assert {"epoch", "index"} <= ckpt["data_position"].keys()
+
+
+def test_sample_command_writes_png(done_run, tmp_path):
+    out = tmp_path / "grid.png"
+    assert cli("sample", done_run, "--n", "5", "--out", out, "--steps", "2", "--guidance", "0.5") == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_save_grid_accepts_both_layouts(tmp_path):
+    from dimr_lab.train.sampling import save_grid
+
+    imgs = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    save_grid(imgs, [0, 1, 2], tmp_path / "a.png", class_names=["a", "b", "c"])
+    save_grid(imgs.permute(0, 2, 3, 1), None, tmp_path / "b.png")
+    assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "b.png").stat().st_size > 0
