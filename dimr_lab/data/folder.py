@@ -69,7 +69,7 @@ class FolderDataset(Dataset):
                 arr = center_crop_resize(im.convert("RGB"), self.image_size)  # (S, S, 3)
         except OSError as err:
             raise UserError(f"{self.files[i]}: cannot read image ({err})") from err
-        return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)  # (3, S, S)
+        return torch.from_numpy(np.array(arr)).permute(2, 0, 1)  # (3, S, S); a copy: PIL arrays are read-only
 
     def __getitem__(self, i: int):
         x = self.load_uint8(i).float() / 127.5 - 1  # (3, S, S) in [-1, 1]

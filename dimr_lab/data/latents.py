@@ -108,7 +108,7 @@ def _load_vae(vae):
         if not (path / "config.json").is_file():
             raise UserError(f"VAE {str(path)!r}: not a diffusers AutoencoderKL folder (no config.json)")
         try:
-            vae = AutoencoderKL.from_pretrained(str(path))
+            vae = AutoencoderKL.from_pretrained(str(path), low_cpu_mem_usage=False)  # no accelerate needed
         except Exception as err:  # diffusers raises many kinds for a bad folder
             raise UserError(f"VAE {str(path)!r}: cannot load ({err})") from err
     if not hasattr(vae, "encode"):

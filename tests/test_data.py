@@ -1,0 +1,250 @@
+"""Datasets: shapes, range, labels, determinism, the latents layout and clear errors."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dimr_lab.data import build_dataset
+from dimr_lab.data.folder import center_crop_resize
+from dimr_lab.data.latents import LatentsDataset
+from dimr_lab.errors import SpecError, UserError
+from dimr_lab.spec.run_spec import DataSpec
+
+
+def check_items(ds, n=8, channels=3, size=16):
+    """Every item is (float (C, S, S) in [-1, 1], int label within num_classes)."""
+    assert ds.kind == "pixels" and ds.channels == channels and ds.image_size == size
+    for i in range(0, len(ds), max(1, len(ds) // n)):
+        x, y = ds[i]
+        assert x.dtype == torch.float32 and x.shape == (channels, size, size)
+        assert x.min() >= -1 and x.max() <= 1
+        assert isinstance(y, int) and 0 <= y < ds.num_classes
+
+
+# ---- shapes -------------------------------------------------------------------------------------
+
+
+def test_shapes_items_balance_and_sharp_edges():
+    ds = build_dataset(DataSpec(name="shapes", image_size=16, train_size=800, flip=False))
+    check_items(ds)
+    assert ds.num_classes == 8 and len(ds) == 800
+    assert torch.bincount(ds.labels, minlength=8).tolist() == [100] * 8
+    flat = ds.images.reshape(len(ds), 3, -1)  # (N, 3, S*S)
+    colours = [len(torch.unique(img.T, dim=0)) for img in flat[:64]]
+    assert max(colours) <= 2, "hard masks give exactly a foreground and a background colour"
+    assert sum(c == 2 for c in colours) >= 60, "the shape must be visible"
+    # values are exact multiples of 1/127.5 (uint8 levels): no anti-aliasing in the float path either
+    x, _ = ds[3]
+    assert torch.allclose((x + 1) * 127.5, ((x + 1) * 127.5).round(), atol=1e-4)
+
+
+def test_shapes_deterministic_and_split_streams():
+    a = build_dataset(DataSpec(image_size=16, train_size=64), seed=1)
+    b = build_dataset(DataSpec(image_size=16, train_size=300), seed=1)
+    assert torch.equal(a.images, b.images[:64]), "an image depends on (seed, index) only, not on the size"
+    assert not torch.equal(a.images, build_dataset(DataSpec(image_size=16, train_size=64), seed=2).images)
+    test = build_dataset(DataSpec(image_size=16, train_size=64), split="test", seed=1)
+    assert not torch.equal(a.images, test.images) and torch.equal(a.labels, test.labels)
+    # distinct images: the test split is not a copy of train
+    same = (a.images.reshape(64, -1)[:, None] == test.images.reshape(64, -1)[None]).all(-1)
+    assert not same.any()
+
+
+def test_shapes_fast_and_any_resolution():
+    start = time.perf_counter()
+    ds = build_dataset(DataSpec(image_size=32, train_size=4096))
+    assert time.perf_counter() - start < 3.0
+    assert ds.images.shape == (4096, 3, 32, 32)
+    big = build_dataset(DataSpec(image_size=40, train_size=8, num_classes=4))
+    check_items(big, size=40)
+    assert big.num_classes == 4 and set(big.labels.tolist()) == {0, 1, 2, 3}
+
+
+def test_shapes_flip_only_mirrors_train():
+    ds = build_dataset(DataSpec(image_size=16, train_size=16, flip=True))
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        x, _ = ds[5]
+        base = ds.images[5].float() / 127.5 - 1
+        assert torch.equal(x, base) or torch.equal(x, base.flip(-1))
+        seen.add(torch.equal(x, base))
+    assert seen == {True, False}
+    test = build_dataset(DataSpec(image_size=16, train_size=16, flip=True), split="test")
+    assert all(torch.equal(test[5][0], test[5][0]) for _ in range(5)) and not test.flip
+
+
+def test_shapes_too_many_classes():
+    with pytest.raises(SpecError, match="data.num_classes"):
+        build_dataset(DataSpec(num_classes=9, train_size=8))
+
+
+# ---- digits -------------------------------------------------------------------------------------
+
+
+def test_digits():
+    pytest.importorskip("sklearn", reason="digits is an optional extra (scikit-learn)")
+    train = build_dataset(DataSpec(name="digits", image_size=16, flip=False), seed=0)
+    test = build_dataset(DataSpec(name="digits", image_size=16), split="test", seed=0)
+    check_items(train)
+    assert len(train) + len(test) == 1797 and len(test) == 359
+    assert train.num_classes == 10 and set(test.labels.tolist()) == set(range(10))
+    again = build_dataset(DataSpec(name="digits", image_size=16), split="test", seed=0)
+    assert torch.equal(test.images, again.images)
+    with pytest.raises(SpecError, match="data.num_classes"):
+        build_dataset(DataSpec(name="digits", num_classes=5))
+
+
+# ---- folder -------------------------------------------------------------------------------------
+
+
+def write_folder(root, sizes=((40, 24), (24, 30), (64, 64)), classes=("cat", "ant")):
+    """A tiny ImageFolder tree of PNGs; each image is one flat colour per class plus a marker."""
+    from PIL import Image
+
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for j, (w, h) in enumerate(sizes):
+            arr = np.zeros((h, w, 3), np.uint8)
+            arr[..., k] = 200
+            Image.fromarray(arr).save(root / name / f"{j}.png")
+    return root
+
+
+def test_folder(tmp_path):
+    root = write_folder(tmp_path / "imgs")
+    ds = build_dataset(DataSpec(name="folder", root=str(root), image_size=16))
+    check_items(ds)
+    assert ds.class_names == ["ant", "cat"] and ds.num_classes == 2 and len(ds) == 6
+    x, y = ds[0]
+    assert y == 0 and torch.allclose(x[1], torch.tensor(200 / 127.5 - 1))  # "ant" was written in channel 1
+    with pytest.raises(SpecError, match="data.num_classes"):
+        build_dataset(DataSpec(name="folder", root=str(root), num_classes=3))
+
+
+def test_center_crop_matches_adm_rule():
+    from PIL import Image
+
+    arr = np.zeros((40, 80, 3), np.uint8)
+    arr[:, 20:60] = 255  # the central square is white, the side bands black
+    out = center_crop_resize(Image.fromarray(arr), 10)  # BOX 80x40 -> 40x20 -> 20x10, then crop
+    assert out.shape == (10, 10, 3)
+    assert out.min() == 255, "the short side sets the scale and the crop is exactly the central square"
+    arr[:, 20:22] = 0
+    assert center_crop_resize(Image.fromarray(arr), 10)[:, 0].max() < 255
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(SpecError, match="data.root.*nope"):
+        build_dataset(DataSpec(name="folder", root=str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no class folders"):
+        build_dataset(DataSpec(name="folder", root=str(tmp_path / "empty")))
+    (tmp_path / "empty" / "a").mkdir()
+    with pytest.raises(UserError, match="no images"):
+        build_dataset(DataSpec(name="folder", root=str(tmp_path / "empty")))
+    with pytest.raises(SpecError, match="data.name.*unknown dataset 'shape'.*did you mean 'shapes'"):
+        build_dataset(DataSpec(name="shape"))
+    with pytest.raises(SpecError, match="split"):
+        build_dataset(DataSpec(), split="val")
+
+
+# ---- latents ------------------------------------------------------------------------------------
+
+
+def write_released_layout(root, n=4, c=4, s=8):
+    """Files exactly as the released extraction writes them: {idx}.npy = pickled (moments, label)."""
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    moments = rng.standard_normal((n, 2 * c, s, s)).astype(np.float32)
+    for i in range(n):
+        pair = np.empty(2, dtype=object)
+        pair[0], pair[1] = moments[i], np.int64(i % 3)
+        np.save(root / f"{i}.npy", pair)
+    return moments
+
+
+def test_latents_released_layout(tmp_path):
+    moments = write_released_layout(tmp_path / "lat")
+    with pytest.raises(SpecError, match="data.num_classes"):
+        build_dataset(DataSpec(name="latents", root=str(tmp_path / "lat"), image_size=8))
+    spec = DataSpec(name="latents", root=str(tmp_path / "lat"), image_size=8, num_classes=3)
+    test = build_dataset(spec, split="test")
+    assert test.kind == "latents" and test.channels == 4 and test.image_size == 8 and len(test) == 4
+    z, y = test[2]
+    assert z.shape == (4, 8, 8) and y == 2
+    assert torch.allclose(z, 0.18215 * torch.from_numpy(moments[2, :4])), "test split: scaled posterior mean"
+    torch.manual_seed(0)
+    zt, _ = build_dataset(spec, split="train")[2]
+    std = torch.exp(0.5 * torch.from_numpy(moments[2, 4:]))
+    noise = (zt / 0.18215 - torch.from_numpy(moments[2, :4])) / std
+    assert not torch.allclose(zt, z) and 0.5 < noise.std() < 1.5, "train split: a posterior sample"
+    with pytest.raises(SpecError, match="data.image_size"):
+        build_dataset(DataSpec(name="latents", root=str(tmp_path / "lat"), image_size=16, num_classes=3))
+    (tmp_path / "lat" / "1.npy").unlink()
+    with pytest.raises(UserError, match="1.npy is missing"):
+        build_dataset(spec)
+    with pytest.raises(SpecError, match="data.root"):
+        build_dataset(DataSpec(name="latents", root=str(tmp_path / "none")))
+
+
+def tiny_vae():
+    """A randomly initialised AutoencoderKL small enough for a unit test (downsamples by 2, no download)."""
+    diffusers = pytest.importorskip("diffusers", reason="prepare_latents needs the optional 'latents' extra (diffusers)")
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4, sample_size=16,
+    ).eval()
+
+
+def test_prepare_latents_round_trip(tmp_path):
+    from dimr_lab.data import prepare_latents
+    from dimr_lab.data.folder import FolderDataset
+
+    vae = tiny_vae()
+    src = write_folder(tmp_path / "imgs")
+    meta = prepare_latents(src, tmp_path / "lat", vae=vae, image_size=16, batch_size=4, flip=True)
+    assert meta["count"] == 12 and meta["num_classes"] == 2 and meta["latent_size"] == 8
+    assert json.loads((tmp_path / "lat" / "meta.json").read_text())["scale_factor"] == pytest.approx(0.18215)
+    ds = build_dataset(DataSpec(name="latents", root=str(tmp_path / "lat"), image_size=8), split="test")
+    assert len(ds) == 12 and ds.num_classes == 2 and ds.channels == 4
+    # batch 1 of 4 images: files 0-3 the originals, 4-7 their flips (the released order)
+    images = FolderDataset(src, 16)
+    x = torch.stack([images[i][0] for i in range(4)])  # (4, 3, 16, 16)
+    with torch.no_grad():
+        mean = vae.encode(x).latent_dist.mean  # (4, 4, 8, 8)
+        mean_flip = vae.encode(x.flip(-1)).latent_dist.mean
+    assert torch.allclose(ds[1][0], 0.18215 * mean[1], atol=1e-5)
+    assert torch.allclose(ds[5][0], 0.18215 * mean_flip[1], atol=1e-5)
+    assert [ds[i][1] for i in range(8)] == [images[i][1] for i in range(4)] * 2
+    with pytest.raises(UserError, match="already holds latent files"):
+        prepare_latents(src, tmp_path / "lat", vae=vae, image_size=16, batch_size=4)
+
+
+def test_prepare_latents_cli(tmp_path, capsys):
+    from dimr_lab.cli import main
+
+    vae = tiny_vae()
+    vae.save_pretrained(tmp_path / "vae")
+    src = write_folder(tmp_path / "imgs", sizes=((20, 20),))
+    try:
+        main(["prepare-latents", str(src), str(tmp_path / "lat"), "--vae", str(tmp_path / "vae"),
+              "--image-size", "16", "--batch-size", "2", "--no-flip"])
+    except SystemExit as exc:  # typer may end a successful command with exit status 0
+        assert not exc.code
+    assert "wrote 2 latent files" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == ["0.npy", "1.npy", "meta.json"]
+    for argv in ([str(src), str(tmp_path / "o2")],
+                 [str(src), str(tmp_path / "o3"), "--vae", str(tmp_path / "novae")],
+                 [str(tmp_path / "nosrc"), str(tmp_path / "o4"), "--vae", str(tmp_path / "vae")]):
+        with pytest.raises(SystemExit) as exc:
+            main(["prepare-latents", *argv])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
