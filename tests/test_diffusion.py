@@ -321,7 +321,7 @@ def test_high_step_dpm_solver_pp_agrees_with_ddim_on_conv_net():
 
 
 def test_lower_order_warmup_and_final_steps():
-    # with 3 steps and order 3 the orders are 1, 2, 1 (warm-up, then lower order final): equals a hand run
+    # 3 steps, order 3: orders 1, 2 (warm-up) then min(3, steps + 1 - i) = 1 at the last step
     x, y = _xT()
     m = ConvModel()
     a = sample(m, x, y, sampler="dpm_solver++", steps=3, order=3, schedule=SCHED)
@@ -333,7 +333,8 @@ def test_lower_order_warmup_and_final_steps():
 
 @pytest.mark.parametrize("schedule_name", ["scaled_linear", "cosine"])
 @pytest.mark.parametrize(
-    "sampler,order", [("dpm_solver++", 1), ("dpm_solver++", 2), ("dpm_solver++", 3), ("dpm_solver++_fast", 3), ("ddim", 1)]
+    "sampler,order",
+    [("dpm_solver++", 1), ("dpm_solver++", 2), ("dpm_solver++", 3), ("dpm_solver++_fast", 3), ("ddim", 1)],
 )
 def test_every_sampler_and_schedule_runs_finite_and_deterministic(schedule_name, sampler, order):
     sch = build_schedule(schedule_name, 100)
