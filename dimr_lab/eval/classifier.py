@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import time
 import warnings
 from pathlib import Path
@@ -87,7 +88,10 @@ def load_classifier_file(path: str | Path, expect_identity: dict | None = None) 
         model = SmallCNN(int(cfg["num_classes"]), int(cfg["resolution"]), int(cfg["width"]))
         model.load_state_dict(blob["state_dict"])
     except Exception as err:  # truncated, foreign or mismatched files all land here
-        raise UserError(f"{path}: unusable classifier cache ({type(err).__name__}: {err})") from err
+        first = (str(err).strip().splitlines() or [""])[0]
+        if "Weights only load failed" in first or isinstance(err, (EOFError, pickle.UnpicklingError)):
+            first = "not a complete torch file loadable with weights_only=True"  # torch's own text spans a page
+        raise UserError(f"{path}: unusable classifier cache ({type(err).__name__}: {first[:200]})") from err
     identity = json.loads(blob.get("identity", "{}"))
     if expect_identity is not None and identity != expect_identity:
         raise UserError(f"{path}: classifier cache belongs to another dataset ({identity})")

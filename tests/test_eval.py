@@ -1,0 +1,173 @@
+"""Evaluation: the cached classifier, its torch-fidelity registration, metrics on real vs noise, errors."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from dimr_lab.data import build_dataset
+from dimr_lab.errors import SpecError, UserError
+from dimr_lab.eval import evaluate, get_classifier
+from dimr_lab.eval import classifier as clf
+from dimr_lab.spec.run_spec import DataSpec, EvalSpec
+
+DATA = DataSpec(name="shapes", image_size=16, train_size=2048)  # 16 px: the classifier trains in seconds
+N = 300
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A cache dir holding the shapes classifier, trained once for the module."""
+    path = tmp_path_factory.mktemp("cache")
+    get_classifier(DATA, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def real():
+    """Disjoint real images: the train split (samples) and the test split (references)."""
+    train = build_dataset(replace(DATA, flip=False), split="train")
+    return train.images[:N], train.labels[:N]
+
+
+def fast_eval(**kw):
+    return EvalSpec(samples=N, batch_size=100, kid_subset_size=50, **kw)
+
+
+def test_classifier_accuracy_and_cache(cache, monkeypatch):
+    model = get_classifier(DATA, cache)
+    assert model.accuracy > 0.95, f"held-out accuracy {model.accuracy:.3f}"
+    assert model.path.parent == cache and model.identity["name"] == "shapes"
+    # loaded from the cache, never retrained: training would now raise
+    monkeypatch.setattr(clf, "train_classifier", lambda *a, **k: pytest.fail("retrained a cached classifier"))
+    again = get_classifier(DATA, cache)
+    assert again.accuracy == model.accuracy
+    for a, b in zip(again.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert clf.cache_path(replace(DATA, train_size=1024), cache) != model.path, "the identity keys the cache"
+
+
+def test_corrupt_cache_is_rebuilt_not_used(cache, tmp_path, monkeypatch):
+    path = clf.cache_path(DATA, tmp_path)
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match="unusable classifier cache"):
+        clf.load_classifier_file(path)
+    calls = []
+
+    def fake_train(data_spec, seed=0, **kw):
+        calls.append(data_spec)
+        m = clf.SmallCNN(8, 16)
+        m.accuracy, m.train_seconds = 0.5, 0.0
+        return m
+
+    monkeypatch.setattr(clf, "train_classifier", fake_train)
+    with pytest.warns(UserWarning, match="unusable classifier cache.*retraining"):
+        model = get_classifier(DATA, tmp_path)
+    assert len(calls) == 1 and model.accuracy == 0.5
+    assert clf.load_classifier_file(path).accuracy == 0.5, "the rebuilt file replaced the corrupt one"
+    # a valid file of another dataset is refused too
+    with pytest.raises(UserError, match="another dataset"):
+        clf.load_classifier_file(path, {"name": "digits"})
+
+
+def test_extractor_registered_with_torch_fidelity(cache):
+    from torch_fidelity import FeatureExtractorBase
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+    from torch_fidelity.utils import create_feature_extractor
+
+    from dimr_lab.eval import register_feature_extractor
+
+    name = register_feature_extractor()
+    assert register_feature_extractor() == name == "dimr-classifier"  # idempotent
+    cls = FEATURE_EXTRACTORS_REGISTRY[name]
+    assert issubclass(cls, FeatureExtractorBase)
+    assert cls.get_default_feature_layer_for_metric("fid") == "penultimate"
+    assert cls.get_default_feature_layer_for_metric("isc") == "logits"
+    fe = create_feature_extractor(name, ["penultimate", "logits"], cuda=False,
+                                  feature_extractor_weights_path=str(get_classifier(DATA, cache).path))
+    feats, logits = fe(torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8))
+    assert feats.shape == (5, 128) and logits.shape == (5, 8)
+    with pytest.raises(ValueError, match="uint8"):
+        fe(torch.zeros(2, 3, 16, 16))
+
+
+def test_real_vs_real_and_noise(cache, real):
+    images, labels = real
+    res = evaluate(images, labels, DATA, fast_eval(), cache_dir=cache)
+    noise = torch.randint(0, 256, images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    bad = evaluate(noise, labels, DATA, fast_eval(), cache_dir=cache)
+    for r in (res, bad):
+        assert r["feature_extractor"] == "classifier" and r["torch_fidelity_extractor"] == "dimr-classifier"
+        assert r["num_samples"] == N and r["num_real"] == N and r["reference"] == "test split"
+        assert r["class_prob"].shape == (N,) and r["pred"].shape == (N,) and r["kid_subset_size"] == 50
+        assert set(r) >= {"fid", "kid_mean", "kid_std", "isc_mean", "isc_std", "precision", "recall"}
+    assert res["fid"] < 5 and bad["fid"] > 100 * max(res["fid"], 0.1)
+    assert abs(res["kid_mean"]) < bad["kid_mean"] / 100
+    assert res["precision"] > 0.8 and res["recall"] > 0.8 and bad["precision"] < 0.1
+    assert res["isc_mean"] > 5 and bad["isc_mean"] < 2  # 8 classes: at most 8
+    assert res["sample_accuracy"] > 0.95 and bad["sample_accuracy"] < 0.3
+    assert res["distortion_rate"] < 0.05 and bad["distortion_rate"] > 0.6
+    assert res["distortion_rate"] == pytest.approx(float((res["class_prob"] < 0.5).mean()))
+    # wrong labels: the same images now count as distorted
+    shifted = evaluate(images, (labels + 1) % 8, DATA, fast_eval(metrics=["isc"]), cache_dir=cache)
+    assert shifted["sample_accuracy"] < 0.05 and shifted["distortion_rate"] > 0.9
+    assert "fid" not in shifted and shifted["num_real"] == 0
+
+
+def test_given_real_images_and_grey(cache, real):
+    images, labels = real
+    res = evaluate(images[:100], labels[:100], DATA, fast_eval(metrics=["fid", "kid"]), cache_dir=cache,
+                   real_images=images[100:200])
+    assert res["reference"] == "given" and res["num_real"] == 100 and "isc_mean" not in res
+    grey = images[:100].float().mean(1, keepdim=True).to(torch.uint8)  # (100, 1, 16, 16)
+    assert evaluate(grey, labels[:100], DATA, fast_eval(metrics=["isc"]), cache_dir=cache)["num_samples"] == 100
+
+
+def test_bad_inputs(cache, real):
+    images, labels = real
+    with pytest.raises(UserError, match="uint8"):
+        evaluate(images.float(), labels, DATA, fast_eval(), cache_dir=cache)
+    with pytest.raises(UserError, match="labels"):
+        evaluate(images, labels[:10], DATA, fast_eval(), cache_dir=cache)
+    with pytest.raises(SpecError, match="eval.metrics"):
+        evaluate(images, labels, DATA, fast_eval(metrics=["fd"]), cache_dir=cache)
+    with pytest.raises(SpecError, match="eval.reference_stats"):
+        evaluate(images, labels, DATA, fast_eval(reference_stats="ref.npz"), cache_dir=cache)
+
+
+def test_missing_inception_weights(cache, real, tmp_path):
+    images, labels = real
+    with pytest.raises(UserError, match="eval.inception_weights is empty"):
+        evaluate(images, labels, DATA, fast_eval(feature_extractor="inception-v3-compat"), cache_dir=cache)
+    with pytest.raises(SpecError, match="eval.inception_weights.*not found"):
+        evaluate(images, labels, DATA, fast_eval(feature_extractor="inception-v3-compat",
+                                                 inception_weights=str(tmp_path / "none.pth")), cache_dir=cache)
+
+
+@pytest.mark.slow
+def test_inception_with_local_weights_and_reference_stats(cache, real, tmp_path, monkeypatch):
+    """The inception path end to end with randomly initialised weights saved locally (no download)."""
+    import torch_fidelity.feature_extractor_inceptionv3 as inc
+
+    with monkeypatch.context() as m:  # build the network once without its pretrained weights
+        m.setattr(inc, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(inc.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, **k: None)
+        torch.manual_seed(0)
+        net = inc.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    weights = tmp_path / "inception.pth"
+    torch.save(net.state_dict(), weights)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048))
+    images, labels = real
+    spec = fast_eval(feature_extractor="inception-v3-compat", inception_weights=str(weights),
+                     reference_stats=str(ref), metrics=["fid"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = evaluate(images[:6], labels[:6], DATA, spec, cache_dir=cache)
+    assert res["torch_fidelity_extractor"] == "inception-v3-compat" and res["reference"] == f"reference_stats:{ref}"
+    assert np.isfinite(res["fid"]) and res["fid"] > 0 and res["num_real"] == 0
+    assert "sample_accuracy" in res, "the classifier still judges the samples"
