@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         app(args=argv, prog_name="dimr-lab")
+    except SystemExit as exit_:
+        if exit_.code not in (0, None):  # click's usage errors (2) and explicit failures pass through
+            raise
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)

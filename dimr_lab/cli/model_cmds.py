@@ -1,2 +1,97 @@
-"""Commands: placeholder until implemented."""
-from dimr_lab.cli import app  # noqa: F401
+"""Commands about networks: `components`, `describe`."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from dimr_lab.cli import app
+
+
+@app.command()
+def components(kind: Optional[str] = typer.Argument(None, help="norm, conditioning, block, mlp, attention, "
+                                                                "pos_embed, cascade or head")) -> None:
+    """List the registered components (by kind) with a one-line summary each."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from dimr_lab.errors import UserError, unknown_name_message
+    from dimr_lab.registry import KINDS
+
+    if kind is not None and kind not in KINDS:
+        raise UserError(unknown_name_message("component kind", kind, KINDS))
+    table = Table(title="dimr-lab components")
+    for col in ("kind", "name", "summary"):
+        table.add_column(col)
+    for registry in ([KINDS[kind]] if kind else KINDS.values()):
+        for entry in registry.entries():
+            table.add_row(registry.kind, entry.name, entry.summary)
+    Console().print(table)
+
+
+def _load_model_spec(model: str, overrides: list[str] | None):
+    from dimr_lab.errors import UserError
+    from dimr_lab.spec.model_spec import resolve_model
+    from dimr_lab.spec.presets import PRESETS
+    from dimr_lab.spec.schema import load_toml, parse_overrides, set_dotted
+
+    file = None
+    if model in PRESETS:
+        data = {"preset": model}
+    elif model.endswith(".toml"):
+        file = model
+        raw = load_toml(model)
+        data = raw.get("model", raw)
+        if not isinstance(data, dict):
+            raise UserError(f"{model}: [model] must be a table")
+    else:
+        from dimr_lab.errors import unknown_name_message
+
+        raise UserError(unknown_name_message("model", model, PRESETS) + " (or a model .toml file)")
+    for key, value in parse_overrides(overrides):
+        key = key.removeprefix("model.")
+        if key.startswith("branches.") and "branches" not in data and "preset" in data:
+            data["branches"] = [dict(b) for b in PRESETS[data["preset"]]["branches"]]
+        set_dotted(data, key, value, file=file or "--set")
+    return resolve_model(data, file=file or model)
+
+
+@app.command()
+def describe(
+    model: str = typer.Argument(..., help="a preset name or a model TOML file"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a model key, e.g. branches.0.depth=5"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON (params, gmacs, branches, spec)"),
+) -> None:
+    """Parameters (TD tensors count 4x, as the paper) and GMACs (one forward, batch 1), per branch and total."""
+    from dimr_lab.nn.describe import count
+    from dimr_lab.spec.presets import PAPER_SIZES
+    from dimr_lab.spec.schema import to_dict
+
+    spec = _load_model_spec(model, set_)
+    info = count(spec)
+    paper = PAPER_SIZES.get(model) if not set_ else None
+    if as_json:
+        info["spec"] = to_dict(spec)
+        if paper:
+            info["paper"] = {"params": paper[0], "gmacs": paper[1]}
+        print(json.dumps(info, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{spec.name}: {spec.image_size}x{spec.image_size}x{spec.in_channels}, "
+                        f"{len(spec.branches)} branch(es), norm {spec.norm}, {spec.conditioning} conditioning")
+    for col in ("branch", "block", "width", "blocks", "tokens", "patch", "params", "GMACs"):
+        table.add_column(col, justify="right")
+    for row in info["branches"]:
+        table.add_row(str(row["branch"]), row["block"], str(row["width"]), str(row["blocks"]), row["tokens"],
+                      str(row["patch"]), f"{row['params'] / 1e6:.2f}M", f"{row['gmacs']:.2f}")
+    table.add_row("shared", "", "", "", "", "", f"{info['shared_params'] / 1e6:.2f}M", "")
+    total_p = f"{info['params'] / 1e6:.2f}M" + (f" (paper {paper[0] / 1e6:.2f}M)" if paper else "")
+    total_g = f"{info['gmacs']:.1f}" + (f" (paper {paper[1]})" if paper and paper[1] else "")
+    table.add_row("total", "", "", "", "", "", total_p, total_g, style="bold")
+    console = Console()
+    console.print(table)
+    console.print(f"time-dependent parameters: {info['td_params'] / 1e6:.3f}M; outputs {info['output_sizes']}")

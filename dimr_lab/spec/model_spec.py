@@ -88,17 +88,19 @@ class ModelSpec:
             if res[i] % res[i - 1] or res[i] <= res[i - 1]:
                 raise SpecError(f"branch resolutions must grow by an integer ratio, lowest first; got {res}",
                                 key=f"branches[{i}]")
-        if self.cascade == "none" and len(self.branches) > 1:
-            pass  # independent branches: allowed, an ablation of the cascade
         norm_needs = {NORMS.get(self.norm).condition, NORMS.get(self.outer_norm).condition}
+        if self.pos_embed == "sincos" and any(b.width % 4 for b in self.branches):
+            raise SpecError("sincos position embedding needs every branch width divisible by 4", key="pos_embed")
         if "vector" in norm_needs and self.conditioning != "adaln":
             raise SpecError(f"norm {self.norm!r}/{self.outer_norm!r} needs a condition vector: "
                             f"set conditioning = 'adaln'", key="conditioning")
         if self.conditioning == "adaln" and NORMS.get(self.norm).condition != "vector":
             raise SpecError(f"conditioning 'adaln' needs an adaLN norm in the blocks "
                             f"(adaln, adaln_zero), got {self.norm!r}", key="norm")
-        if self.head != "conv" and HEADS.get(self.head).unpatchify and len(self.branches) > 1:
-            pass
+        if self.conditioning == "norm" and "time" not in norm_needs:
+            raise SpecError(f"conditioning 'norm' reads time through time-dependent norms, but norm "
+                            f"{self.norm!r} and outer_norm {self.outer_norm!r} are not (use tdln or tdrmsnorm, "
+                            f"or conditioning 'token')", key="conditioning")
         if not self.out_channels:
             self.out_channels = self.in_channels
 

@@ -60,9 +60,10 @@ class TrainSpec:
 
 @dataclass
 class SampleSpec:
-    sampler: str = field("dpm_solver++", choices=("dpm_solver++", "ddim"))
+    sampler: str = field("dpm_solver++", choices=("dpm_solver++", "dpm_solver++_fast", "ddim"),
+                         help="multistep DPM-Solver++, the singlestep 'fast' one of the released eval, or DDIM")
     steps: int = field(25, min=1, help="number of model evaluations per sample (x2 with guidance)")
-    order: int = field(2, min=1, max=3, help="DPM-Solver++ multistep order")
+    order: int = field(2, min=1, max=3, help="DPM-Solver++ order")
     t_end: float = field(1e-3, min=0.0, max=1.0)
     guidance_scale: float = field(0.0, help="U-ViT form: eps_c + s (eps_c - eps_u); 0 = no guidance")
     guidance_form: str = field("uvit", choices=("uvit", "dit"))
