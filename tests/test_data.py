@@ -248,3 +248,29 @@ def test_prepare_latents_cli(tmp_path, capsys):
             main(["prepare-latents", *argv])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_latent_files_cannot_run_code(tmp_path):
+    """A latent file is unpickled with an allow-list: numpy arrays and scalars only."""
+    import os
+    import pickle
+
+    import numpy as np
+
+    from dimr_lab.data.latents import load_latent_file
+    from dimr_lab.errors import UserError
+
+    good = tmp_path / "0.npy"
+    np.save(good, np.array([np.ones((8, 4, 4), np.float32), np.int64(3)], dtype=object), allow_pickle=True)
+    moments, label = load_latent_file(good)
+    assert moments.shape == (8, 4, 4) and label == 3
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    bad = tmp_path / "1.npy"
+    np.save(bad, np.array([Evil(), 1], dtype=object), allow_pickle=True)
+    with pytest.raises(UserError, match="refusing to load"):
+        load_latent_file(bad)
+    assert not (tmp_path / "pwned").exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -37,14 +38,38 @@ def _count_files(root: Path) -> int:
     return len(indices)
 
 
+_SAFE_GLOBALS = {
+    (mod, name)
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")
+} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, scalars and plain containers only: a latent file cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _SAFE_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
 def load_latent_file(path: Path) -> tuple[np.ndarray, int]:
-    """(moments (2C, h, w) float32, label) of one `{idx}.npy` file."""
+    """(moments (2C, h, w) float32, label) of one `{idx}.npy` file (an object array, read without pickle's
+    freedom to import anything)."""
     try:
-        # the layout stores a pickled (array, label) pair, so pickle must be allowed: read only trusted folders
-        pair = np.load(path, allow_pickle=True)
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+            if dtype.hasobject:
+                pair = _ArrayOnlyUnpickler(f).load()
+            else:
+                pair = np.fromfile(f, dtype=dtype).reshape(shape)
         moments, label = pair[0], pair[1]
-    except Exception as err:  # numpy raises several kinds for truncated or foreign files
-        raise UserError(f"{path}: not a latent file of the (moments, label) layout ({err})") from err
+    except Exception as err:  # truncated, foreign or unsafe files
+        raise UserError(f"{path}: not a latent file of the (moments, label) layout ({err})") from None
     return np.asarray(moments, dtype=np.float32), int(label)
 
 
