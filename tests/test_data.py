@@ -253,7 +253,6 @@ def test_prepare_latents_cli(tmp_path, capsys):
 def test_latent_files_cannot_run_code(tmp_path):
     """A latent file is unpickled with an allow-list: numpy arrays and scalars only."""
     import os
-    import pickle
 
     import numpy as np
 
