@@ -26,7 +26,7 @@ def _root() -> None:
 
 
 # importing registers the commands
-from dimr_lab.cli import data_cmds, model_cmds, run_cmds, table_cmds, train_cmds  # noqa: E402,F401
+from dimr_lab.cli import data_cmds, model_cmds, official_cmds, run_cmds, table_cmds, train_cmds  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,85 @@
+"""Commands about released weights and speed: `convert-official`, `bench`."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from dimr_lab.cli import app
+
+
+@app.command("convert-official")
+def convert_official(
+    src: str = typer.Argument(..., help="a state dict saved by the released DiMR code (e.g. its nnet_ema.pth)"),
+    dst: str = typer.Argument(..., help="where to write the dimr-lab checkpoint (weights + resolved spec)"),
+    heads: int = typer.Option(16, "--heads", help="attention heads (not recorded in the weights)"),
+) -> None:
+    """Convert released DiMR weights: infer the architecture from the tensors' shapes, write our checkpoint."""
+    from rich.console import Console
+
+    from dimr_lab.nn.official import convert_official as _convert
+
+    info = _convert(src, dst, heads=heads)
+    spec = info["spec"]
+    console = Console()
+    console.print(f"[bold]{spec.name}[/bold]: {spec.image_size}x{spec.image_size}x{spec.in_channels}, "
+                  f"{spec.num_classes} classes (+ null), block norm {spec.norm}")
+    for i, (b, res) in enumerate(zip(spec.branches, spec.resolutions())):
+        extra = f"{b.heads} heads" if b.block == "transformer" else f"kernel {b.kernel}"
+        console.print(f"  branch {i}: {b.block}, width {b.width}, {b.depth // 2 * 2 + 1} blocks, MLP {b.mlp_width}, "
+                      f"{res}x{res} tokens (patch {b.patch}), {extra}, out kernel {b.out_kernel}")
+    console.print(f"{info['params'] / 1e6:.2f}M parameters ({info['td_params'] / 1e6:.3f}M time-dependent) "
+                  f"in {info['tensors']} tensors -> {info['dst']}")
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help="a preset name or a model TOML file"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override a model key, e.g. branches.0.depth=5"),
+    batch: int = typer.Option(8, "--batch", help="images per step"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32, or bfloat16/float16 (autocast, fp32 weights)"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    steps: int = typer.Option(5, "--steps", help="timed steps (the median is reported)"),
+    warmup: int = typer.Option(2, "--warmup", help="untimed steps first"),
+    checkpointing: bool = typer.Option(False, "--checkpointing", help="activation checkpointing of every block"),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile the model"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Training-step images/s (forward + backward + AdamW), forward images/s, peak memory, TFLOP/s and MFU."""
+    from dimr_lab.bench import DTYPES, bench as _bench
+    from dimr_lab.cli.model_cmds import _load_model_spec
+    from dimr_lab.errors import UserError
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device must be cpu or cuda, got {device!r}")
+    spec = _load_model_spec(model, set_)
+    info = _bench(spec, batch=batch, dtype=dtype, device=device, steps=steps, warmup=warmup,
+                  checkpointing=checkpointing, compile=compile_)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    def fmt(v, spec_: str = ".2f") -> str:
+        return "-" if v is None else format(v, spec_)
+
+    table = Table(title=f"{info['model']}: {info['params'] / 1e6:.2f}M params, {info['gmacs_per_image']:.2f} "
+                        f"GMACs/image; batch {batch}, {dtype}, {info['device_name']}, {info['threads']} threads"
+                        + (", checkpointing" if checkpointing else "") + (", compiled" if compile_ else ""))
+    for col in ("phase", "s/step (median)", "images/s", "TFLOP/s", "MFU", "peak memory MiB"):
+        table.add_column(col, justify="right")
+    mem_note = "" if info.get("memory_exact", True) else " (upper bound)"
+    table.add_row("train (fwd+bwd+AdamW)", fmt(info["train_step_s"], ".3f"), fmt(info["train_images_per_s"]),
+                  fmt(info.get("train_tflops"), ".3f"), fmt(info.get("mfu"), ".1%"),
+                  fmt(info["peak_memory_mib"], ".0f") + mem_note)
+    table.add_row("forward (no grad)", fmt(info["forward_s"], ".3f"), fmt(info["forward_images_per_s"]),
+                  fmt(info.get("forward_tflops"), ".3f"), fmt(info.get("forward_mfu"), ".1%"),
+                  fmt(info["forward_peak_memory_mib"], ".0f"))
+    console = Console()
+    console.print(table)
+    console.print(f"memory: {info['memory_measure']}")

@@ -1,0 +1,277 @@
+"""Released DiMR weights: the converter (both ways), equivalence with the released code, the CLI; bench.
+
+The equivalence tests import the released implementation from an external checkout: $DIMR_OFFICIAL_SRC,
+else one extracted with `git archive` from a local mirror; without either they are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from dimr_lab.errors import UserError
+from dimr_lab.nn.network import build_model
+from dimr_lab.nn.official import (convert_official, convert_official_state_dict, official_config,
+                                  to_official_state_dict)
+from dimr_lab.spec.model_spec import resolve_model
+from dimr_lab.spec.schema import to_dict
+
+MIRROR = Path("/work/.mirror/qihao067+DiMR/repo")
+
+
+def _t(width, depth, heads, patch, **kw):
+    return {"block": "transformer", "width": width, "depth": depth, "heads": heads, "patch": patch, **kw}
+
+
+def _c(width, depth, patch, kernel, **kw):
+    return {"block": "convnext", "width": width, "depth": depth, "patch": patch, "kernel": kernel, **kw}
+
+
+SPECS = {
+    "2r_tdrms_k3": {"in_channels": 4, "image_size": 8, "num_classes": 10, "norm": "tdrmsnorm",
+                    "branches": [_t(32, 3, 4, 2), _c(16, 2, 1, 3, out_kernel=5)]},
+    "3r_tdln_k7_k5": {"in_channels": 3, "image_size": 16, "num_classes": 7, "norm": "tdln",
+                      "branches": [_t(24, 1, 2, 4, mlp_width=40), _c(16, 3, 2, 7), _c(8, 2, 1, 5)]},
+    "2r_rms_2heads": {"in_channels": 3, "image_size": 8, "num_classes": 5, "norm": "rmsnorm",
+                      "branches": [_t(16, 2, 2, 2), _c(8, 1, 1, 7, out_kernel=1)]},
+}
+
+
+def randomise(model: torch.nn.Module, seed: int = 0) -> None:
+    """Every weight random, time-dependent p0/p1/w/b included (so time-dependence is exercised)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            scale = 0.5 if name.endswith((".w", ".b", "nodecay_weight", "nodecay_bias")) else 0.2
+            p.copy_(torch.randn(p.shape, generator=gen) * scale + (1.0 if name.endswith(("p0", "param0")) else 0))
+
+
+def inputs(spec, batch=3, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, spec.in_channels, spec.image_size, spec.image_size, generator=gen)
+    t = torch.tensor([0.05, 0.5, 0.93][:batch])  # distinct t per sample
+    y = torch.tensor([0, spec.num_classes, 2][:batch])  # the null label included
+    return x, t, y
+
+
+def comparable(spec) -> dict:
+    d = to_dict(spec)
+    for key in ("name", "attention_fp32"):
+        d.pop(key)
+    for b in d["branches"]:
+        b["depth"] = b["depth"] // 2 * 2 + 1  # the released code stores the built block count
+        if b["block"] != "convnext":
+            b.pop("kernel")
+    return d
+
+
+# --------------------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_round_trip_through_the_released_layout(name):
+    torch.manual_seed(0)
+    model = build_model(SPECS[name]).eval()
+    randomise(model)
+    official = to_official_state_dict(model)
+    assert all(k.startswith("stages.") for k in official)
+    heads = model.spec.branches[0].heads
+    spec, state = convert_official_state_dict(official, heads=heads)
+    assert comparable(spec) == comparable(model.spec)
+    ours = model.state_dict()
+    assert set(state) == set(ours)
+    assert all(torch.equal(state[k], ours[k]) for k in ours)
+    back = build_model(spec).eval()
+    back.load_state_dict(state)
+    x, t, y = inputs(spec)
+    with torch.no_grad():
+        for a, b in zip(model(x, t, y), back(x, t, y)):
+            assert torch.equal(a, b)
+
+
+def test_wrapped_and_prefixed_state_dicts_convert_the_same():
+    model = build_model(SPECS["2r_tdrms_k3"])
+    official = to_official_state_dict(model)
+    spec, state = convert_official_state_dict(official, heads=4)
+    for wrapped in ({"module." + k: v for k, v in official.items()},
+                    {"state_dict": {"module." + k: v for k, v in official.items()}, "step": 3},
+                    {"nnet_ema": official}):
+        spec2, state2 = convert_official_state_dict(wrapped, heads=4)
+        assert to_dict(spec2) == to_dict(spec) and all(torch.equal(state2[k], state[k]) for k in state)
+
+
+def test_converter_refuses_what_it_cannot_place():
+    model = build_model(SPECS["2r_tdrms_k3"])
+    official = to_official_state_dict(model)
+    with pytest.raises(UserError, match=r"cannot place key 'stages\.1\.blocks\.0\.block1\.extra'"):
+        convert_official_state_dict({**official, "stages.1.blocks.0.block1.extra": torch.zeros(2)}, heads=4)
+    with pytest.raises(UserError, match=r"cannot place key 'pos_emb\.freqs'"):
+        convert_official_state_dict({**official, "pos_emb.freqs": torch.zeros(2)}, heads=4)
+    missing = dict(official)
+    del missing["stages.0.skip_denses.0.bias"]
+    with pytest.raises(UserError, match=r"missing 'stages\.0\.skip_denses\.0\.bias'"):
+        convert_official_state_dict(missing, heads=4)
+    bad = {**official, "stages.0.blocks.1.block2.w1.weight": torch.zeros(3, 3)}
+    with pytest.raises(UserError, match=r"stages\.0\.blocks\.1\.block2\.w1\.weight.*shape"):
+        convert_official_state_dict(bad, heads=4)
+    with pytest.raises(UserError, match="not divisible by --heads 5"):
+        convert_official_state_dict(official, heads=5)
+    with pytest.raises(UserError, match="not a state dict"):
+        convert_official_state_dict({"epoch": 3}, heads=4)
+
+
+def test_released_config_matches_the_released_xl_2r_file():
+    cfg = official_config(resolve_model("dimr_xl_2r"))
+    assert cfg["num_classes"] == 1001 and cfg["norm_type"] == "TDRMSN" and cfg["channels"] == 4
+    t, c = cfg["stage_configs"]
+    assert (t["dim"], t["hidden_dim"], t["num_blocks"], t["max_height"], t["input_feature_ratio"]) == (960, 1920, 39, 16, 2)
+    assert (c["dim"], c["hidden_dim"], c["num_blocks"], c["max_height"], c["kernel_size"]) == (480, 960, 20, 32, 7)
+
+
+# --------------------------------------------------------------------------- the released implementation
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    src = os.environ.get("DIMR_OFFICIAL_SRC")
+    if src:
+        root = Path(src)
+    elif MIRROR.exists():
+        root = tmp_path_factory.mktemp("dimr_official")
+        archive = subprocess.run(["git", "-C", str(MIRROR), "archive", "HEAD", "libs"], capture_output=True)
+        if archive.returncode:
+            pytest.skip(f"cannot extract the released code from {MIRROR}: {archive.stderr.decode()[:200]}")
+        subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
+    else:
+        pytest.skip("the released DiMR code is not available (set DIMR_OFFICIAL_SRC to a checkout)")
+    if not (root / "libs" / "core" / "blocks.py").is_file():
+        pytest.skip(f"{root} is not a DiMR checkout (no libs/core/blocks.py)")
+    sys.path.insert(0, str(root))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from libs.core import blocks
+    except ImportError as err:
+        pytest.skip(f"cannot import the released code: {err}")
+    finally:
+        sys.path.remove(str(root))
+    return blocks
+
+
+class _Args:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _released_model(blocks, spec):
+    cfg = official_config(resolve_model(spec))
+    cfg["stage_configs"] = [_Args(**s) for s in cfg["stage_configs"]]
+    return blocks.MRModel(_Args(**cfg))
+
+
+def _rel(a, b):
+    return ((a - b).norm() / a.norm()).item()
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_outputs_equal_the_released_implementation(released, name):
+    torch.manual_seed(0)
+    theirs = _released_model(released, SPECS[name])
+    randomise(theirs, seed=3)
+    heads = SPECS[name]["branches"][0]["heads"]
+    spec, state = convert_official_state_dict(theirs.state_dict(), heads=heads)
+    ours = build_model(spec)
+    ours.load_state_dict(state)
+    x, t, y = inputs(spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for tt in (t, torch.full_like(t, 0.3)):  # per-sample t, then one t for the batch
+            a = theirs(x, log_snr=8 * tt - 4, y=y)
+            b = ours(x, tt, y)
+            assert len(a) == len(b) == len(spec.branches)
+            for u, v in zip(a, b):
+                assert u.shape == v.shape and _rel(u, v) < 1e-4
+        # gradients too (the released blocks recompute in backward; same values)
+        sum(o.square().mean() for o in a).backward()
+        sum(o.square().mean() for o in b).backward()
+    back = to_official_state_dict(ours)
+    their_params = dict(theirs.named_parameters())
+    our_params = dict(ours.named_parameters())
+    from dimr_lab.nn.official import key_pairs
+
+    for off, mine in key_pairs(spec):
+        assert torch.equal(back[off], theirs.state_dict()[off])
+        ga, gb = their_params[off].grad, our_params[mine].grad
+        assert (ga - gb).norm() <= 1e-4 * ga.norm() + 1e-7, off
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def _cli(argv, capsys):
+    from dimr_lab.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("error:") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_convert_official_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
+    import dimr_lab
+    from dimr_lab.cli import main
+
+    model = build_model(SPECS["3r_tdln_k7_k5"]).eval()
+    randomise(model)
+    src, dst = tmp_path / "nnet_ema.pth", tmp_path / "out" / "dimr.pt"
+    torch.save({"module." + k: v for k, v in to_official_state_dict(model).items()}, src)
+    main(["convert-official", str(src), str(dst), "--heads", "2"])
+    out = capsys.readouterr().out
+    assert "transformer" in out and "convnext" in out and "parameters" in out
+    loaded = dimr_lab.load_model(dst)
+    x, t, y = inputs(loaded.spec)
+    with torch.no_grad():
+        for a, b in zip(model(x, t, y), loaded(x, t, y)):
+            assert torch.equal(a, b)
+
+
+def test_convert_official_cli_errors(tmp_path, capsys):
+    assert "no such file" in _cli(["convert-official", tmp_path / "missing.pth", tmp_path / "o.pt"], capsys)
+    corrupt = tmp_path / "corrupt.pth"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip")
+    assert "not a readable checkpoint" in _cli(["convert-official", corrupt, tmp_path / "o.pt"], capsys)
+    model = build_model(SPECS["2r_tdrms_k3"])
+    odd = tmp_path / "odd.pth"
+    torch.save({**to_official_state_dict(model), "stages.0.text_conditioning.weight": torch.zeros(2)}, odd)
+    err = _cli(["convert-official", odd, tmp_path / "o.pt", "--heads", "4"], capsys)
+    assert "stages.0.text_conditioning.weight" in err
+    assert not (tmp_path / "o.pt").exists()
+
+
+# ----------------------------------------------------------------------------------------------- bench
+
+
+def test_bench_json_for_a_tiny_preset(capsys):
+    from dimr_lab.cli import main
+
+    main(["bench", "dimr_tiny_2r", "--batch", "1", "--steps", "1", "--warmup", "0", "--json",
+          "--set", "branches.0.depth=1", "--set", "branches.1.depth=1"])
+    info = json.loads(capsys.readouterr().out)
+    for key in ("train_images_per_s", "forward_images_per_s", "peak_memory_mib", "train_step_s", "forward_s",
+                "train_tflops", "params", "gmacs_per_image", "memory_measure"):
+        assert key in info, key
+    assert info["train_images_per_s"] > 0 and info["forward_images_per_s"] > 0 and "mfu" not in info
+    assert info["device"] == "cpu" and info["dtype"] == "float32" and info["peak_tflops"] is None
+
+
+def test_bench_refuses_bad_flags(capsys):
+    assert "--dtype" in _cli(["bench", "dimr_tiny_2r", "--dtype", "float64"], capsys)
+    assert "dimr_tiny_2r" in _cli(["bench", "dimr_tiny_2q"], capsys)
