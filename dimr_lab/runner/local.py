@@ -1,0 +1,170 @@
+"""Run planned runs on this machine: one after another or N at a time, each in its own process.
+
+Finished runs (metrics.json) are skipped and never touched; unfinished ones are resumed by the trainer
+from their last checkpoint; a run another process is training (its .lock is held) is left alone.
+run.json is written (atomically) before a run starts; local.json records the process and its outcome;
+output.log keeps the process's output. A rich display shows every active run's step.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from dimr_lab.runner.ablation import PlannedRun
+from dimr_lab.runner.state import (LOCAL_INFO, OUTPUT_LOG, atomic_write_json, is_done, is_locked, last_step,
+                                   read_json, tail, write_run_info)
+from dimr_lab.runner.worker import (DEFAULT_TRAIN_FN, EXIT_BUSY, EXIT_DONE, EXIT_INTERRUPTED, resolve_train_fn,
+                                    train_one)
+
+POLL_S = 0.5
+
+
+@dataclass
+class Outcome:
+    run: PlannedRun
+    status: str            # done | skipped | failed | interrupted | busy
+    seconds: float = 0.0
+    detail: str = ""
+
+
+def _local_info(run_dir: Path, **fields: Any) -> None:
+    path = run_dir / LOCAL_INFO
+    old = read_json(path) or {}
+    atomic_write_json(path, {**old, **fields})
+
+
+def prepare(runs: list[PlannedRun], *, executor: str) -> tuple[list[PlannedRun], list[PlannedRun]]:
+    """(to do, already done); writes run.json of every unfinished run."""
+    todo, done = [], []
+    for r in runs:
+        if is_done(r.run_dir):
+            done.append(r)
+            continue
+        r.run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_info(r.run_dir, r.info(), executor=executor)
+        todo.append(r)
+    return todo, done
+
+
+def run_debug(runs: list[PlannedRun], *, train_fn: str | Callable[..., Any] | None = None) -> list[Outcome]:
+    """In this process, one after another, no display; exceptions propagate (for debugging)."""
+    fn = resolve_train_fn(train_fn)
+    todo, done = prepare(runs, executor="debug")
+    out = [Outcome(r, "skipped", detail="done before") for r in done]
+    for r in todo:
+        t0 = time.time()
+        code, _ = train_one(r.run_dir, fn)
+        status = {EXIT_DONE: "done", EXIT_INTERRUPTED: "interrupted", EXIT_BUSY: "busy"}.get(code, "failed")
+        out.append(Outcome(r, status, time.time() - t0))
+    return out
+
+
+def _spawn(run: PlannedRun, train_fn: str, threads: int | None) -> subprocess.Popen:
+    env = dict(os.environ)
+    if threads:
+        env.setdefault("OMP_NUM_THREADS", str(threads))
+        env.setdefault("MKL_NUM_THREADS", str(threads))
+    log = open(run.run_dir / OUTPUT_LOG, "ab")
+    try:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start on {socket.gethostname()} ===\n".encode())
+        log.flush()
+        proc = subprocess.Popen([sys.executable, "-m", "dimr_lab.runner.worker", str(run.run_dir),
+                                 "--train-fn", train_fn], stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=env)
+    finally:
+        log.close()
+    _local_info(run.run_dir, pid=proc.pid, host=socket.gethostname(), state="running", started=time.time(),
+                ended=None, returncode=None, log=OUTPUT_LOG)
+    return proc
+
+
+def run_local(runs: list[PlannedRun], *, jobs: int = 1, train_fn: str | None = None, console: Any = None,
+              show_progress: bool = True) -> list[Outcome]:
+    """Train every unfinished run, `jobs` processes at a time; returns one Outcome per planned run."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = console or Console(stderr=True)
+    train_fn = train_fn or DEFAULT_TRAIN_FN
+    if not isinstance(train_fn, str):
+        raise TypeError("the local executor runs the trainer in a subprocess: pass train_fn as 'module:function'")
+    jobs = max(1, int(jobs))
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    todo, done = prepare(runs, executor="local")
+    outcomes: dict[Path, Outcome] = {r.run_dir: Outcome(r, "skipped", detail="done before") for r in done}
+    queue = list(todo)
+    active: dict[Path, tuple[PlannedRun, subprocess.Popen, float, Any]] = {}
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, disable=not show_progress, transient=False)
+    overall = progress.add_task(f"runs ({len(done)} done before)", total=len(runs), completed=len(done))
+
+    def finish(run_dir: Path) -> None:
+        run, proc, t0, task = active.pop(run_dir)
+        code = proc.returncode
+        seconds = time.time() - t0
+        if code == EXIT_DONE and is_done(run_dir):
+            status, detail = "done", ""
+        elif code == EXIT_INTERRUPTED:
+            status, detail = "interrupted", f"checkpointed at step {last_step(run_dir)}; rerun to resume"
+        elif code == EXIT_BUSY:
+            status, detail = "busy", "another process is training it"
+        else:
+            status = "failed"
+            detail = "\n".join(tail(run_dir / OUTPUT_LOG, 6))
+        _local_info(run_dir, state=status, ended=time.time(), returncode=code)
+        outcomes[run_dir] = Outcome(run, status, seconds, detail)
+        progress.remove_task(task)
+        progress.advance(overall)
+        style = {"done": "green", "failed": "red"}.get(status, "yellow")
+        progress.console.print(f"[{style}]{status}[/] {run.run_dir.name} ({seconds:.1f} s)"
+                               + (f"\n{detail}" if detail and status != "done" else ""), highlight=False)
+
+    interrupted = False
+    with progress:
+        try:
+            while queue or active:
+                while queue and len(active) < jobs:
+                    run = queue.pop(0)
+                    if is_done(run.run_dir):
+                        outcomes[run.run_dir] = Outcome(run, "skipped", detail="done meanwhile")
+                        progress.advance(overall)
+                        continue
+                    if is_locked(run.run_dir):
+                        outcomes[run.run_dir] = Outcome(run, "busy", detail="another process is training it")
+                        progress.console.print(f"[yellow]busy[/] {run.run_dir.name}: another process holds it")
+                        progress.advance(overall)
+                        continue
+                    task = progress.add_task(f"  {run.run_dir.name}", total=max(1, run.spec.train.steps))
+                    active[run.run_dir] = (run, _spawn(run, train_fn, threads), time.time(), task)
+                for run_dir in list(active):
+                    run, proc, _, task = active[run_dir]
+                    step = last_step(run_dir)
+                    if step is not None:
+                        progress.update(task, completed=min(step, run.spec.train.steps))
+                    if proc.poll() is not None:
+                        finish(run_dir)
+                time.sleep(POLL_S)
+        except KeyboardInterrupt:
+            interrupted = True
+            progress.console.print("[yellow]interrupted: waiting for the active runs to checkpoint[/]")
+            deadline = time.time() + 120
+            for run_dir in list(active):
+                proc = active[run_dir][1]
+                try:
+                    proc.wait(timeout=max(1.0, deadline - time.time()))
+                except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                    proc.kill()
+                    proc.wait()
+                finish(run_dir)
+    result = [outcomes.get(r.run_dir) or Outcome(r, "skipped", detail="not started") for r in runs]
+    if interrupted:
+        raise KeyboardInterrupt
+    return result

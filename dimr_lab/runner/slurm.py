@@ -1,0 +1,207 @@
+"""The SLURM executor: one submitit job array per ablation, runs that survive timeouts and preemption.
+
+Every array task trains one run folder (`TrainJob(run_dir)`): each SLURM task of it sets the
+torch.distributed environment from SLURM's (`setup_env_from_slurm`) and calls the trainer, which
+resumes from the run's last checkpoint. On the pre-timeout/preemption signal (USR2, `[slurm]
+signal_delay_s` before the limit) the trainer stops at the next step boundary with a fresh checkpoint,
+then submitit's handler requeues the task (Checkpointable). On SIGTERM (scancel, `scontrol requeue`,
+preemption) it also checkpoints at the next step boundary before exiting; a requeued task resumes.
+
+Job ids go to run_dir/slurm.json; submitit's pickles and logs to <results>/<ablation>/.submitit/.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from dimr_lab.runner.ablation import PlannedRun, SlurmSettings
+from dimr_lab.runner.state import (SLURM_INFO, atomic_write_json, is_done, is_locked, read_json,
+                                   write_run_info)
+from dimr_lab.runner.worker import (DEFAULT_TRAIN_FN, EXIT_BUSY, EXIT_INTERRUPTED, StopFlag, load_planned_spec,
+                                    resolve_train_fn, train_one)
+
+SUBMITIT_DIR = ".submitit"
+PENDING_STATES = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD",
+                  "SUSPENDED", "STOPPED", "RESIZING"}
+RUNNING_STATES = {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
+FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
+                 "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """The callable every array task runs: `TrainJob(train_fn)(run_dir)`.
+
+    checkpoint() (submitit calls it on USR2) resubmits the same call: the trainer resumes from the
+    run's checkpoints/last.pt, so nothing is lost.
+    """
+
+    def __init__(self, train_fn: str = DEFAULT_TRAIN_FN, lock_wait_s: float = 120.0) -> None:
+        self.train_fn = train_fn
+        self.lock_wait_s = lock_wait_s
+
+    def __call__(self, run_dir: str) -> dict[str, Any]:
+        from dimr_lab.runner.distributed import setup_env_from_slurm
+
+        setup_env_from_slurm()
+        rank = int(os.environ.get("RANK", "0"))
+        stop = StopFlag()
+        usr_sig = submitit.JobEnvironment._usr_sig()
+        submitit_handler = signal.getsignal(usr_sig)
+        signal.signal(usr_sig, stop.set)
+        signal.signal(signal.SIGTERM, stop.set)
+        fn = resolve_train_fn(self.train_fn)
+        print(f"[dimr-lab] {run_dir}: rank {rank}/{os.environ.get('WORLD_SIZE', '1')} "
+              f"job {os.environ.get('SLURM_JOB_ID')} restart {os.environ.get('SLURM_RESTART_COUNT', '0')}",
+              flush=True)
+        if rank == 0:
+            code, result = train_one(Path(run_dir), fn, stop, lock_wait_s=self.lock_wait_s)
+            if code == EXIT_BUSY:
+                raise RuntimeError(f"{run_dir}: another process holds the run's lock")
+        else:
+            if is_done(Path(run_dir)):
+                return {"done": True}
+            spec, _ = load_planned_spec(Path(run_dir))
+            result = fn(spec, Path(run_dir), should_stop=stop)
+            code = EXIT_INTERRUPTED if isinstance(result, dict) and result.get("interrupted") else 0
+        if code == EXIT_INTERRUPTED:
+            if stop.signum == usr_sig and callable(submitit_handler):
+                # timeout or preemption notice: checkpoint() + requeue + exit (rank 0; no-op elsewhere)
+                submitit_handler(usr_sig, None)
+            print(f"[dimr-lab] {run_dir}: stopped by signal {stop.signum} after a checkpoint", flush=True)
+            sys.exit(128 + (stop.signum or 15))
+        return result if isinstance(result, dict) else {"done": True}
+
+
+def executor_parameters(settings: SlurmSettings, ablation: str) -> dict[str, Any]:
+    """[slurm] -> submitit.SlurmExecutor parameters (sbatch flags)."""
+    p: dict[str, Any] = {
+        "job_name": settings.job_name or f"dimr-{ablation}",
+        "time": settings.time_min,
+        "nodes": settings.nodes,
+        "ntasks_per_node": settings.tasks_per_node,
+        "array_parallelism": settings.array_parallelism,
+        "signal_delay_s": settings.signal_delay_s,
+    }
+    if settings.gpus_per_node:
+        p["gpus_per_node"] = settings.gpus_per_node
+    if settings.cpus_per_task:
+        p["cpus_per_task"] = settings.cpus_per_task
+    if settings.mem_gb:
+        mem = settings.mem_gb
+        p["mem"] = f"{int(mem)}GB" if mem == int(mem) else f"{int(mem * 1024)}MB"
+    for key in ("partition", "account", "qos", "constraint", "exclude"):
+        if getattr(settings, key):
+            p[key] = getattr(settings, key)
+    if settings.setup:
+        p["setup"] = list(settings.setup)
+    return p
+
+
+def submitit_folder(ablation_dir: Path) -> Path:
+    return Path(ablation_dir).resolve() / SUBMITIT_DIR / "%j"
+
+
+def sbatch_script(settings: SlurmSettings, ablation: str, ablation_dir: Path, n_tasks: int) -> str:
+    """The sbatch script submitit would submit for an array of n_tasks runs (writes nothing)."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    folder = submitit_folder(ablation_dir)
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    params = executor_parameters(settings, ablation)
+    return _make_sbatch_string(command=command, folder=folder, map_count=max(1, n_tasks) if n_tasks > 1 else None,
+                               **params)
+
+
+def latest_job(run_dir: Path) -> dict[str, Any] | None:
+    info = read_json(Path(run_dir) / SLURM_INFO)
+    jobs = info.get("jobs") if isinstance(info, dict) else None
+    return jobs[-1] if isinstance(jobs, list) and jobs and isinstance(jobs[-1], dict) else None
+
+
+def submit(runs: list[PlannedRun], settings: SlurmSettings, *, ablation: str, ablation_dir: Path,
+           train_fn: str | None = None) -> dict[str, list[Any]]:
+    """Submit every unfinished, not already queued run as one job array.
+    Returns {"submitted": [(run, job_id)], "done": [run], "queued": [(run, job_id)], "busy": [run]}."""
+    out: dict[str, list[Any]] = {"submitted": [], "done": [], "queued": [], "busy": []}
+    todo = []
+    prior = {r.run_dir: latest_job(r.run_dir) for r in runs}
+    states = job_states([j["job_id"] for j in prior.values() if j])
+    for r in runs:
+        if is_done(r.run_dir):
+            out["done"].append(r)
+            continue
+        job = prior[r.run_dir]
+        if job and states.get(job["job_id"]) in PENDING_STATES | RUNNING_STATES:
+            out["queued"].append((r, job["job_id"]))
+            continue
+        if is_locked(r.run_dir):
+            out["busy"].append(r)
+            continue
+        todo.append(r)
+    if not todo:
+        return out
+    for r in todo:
+        r.run_dir.mkdir(parents=True, exist_ok=True)
+        write_run_info(r.run_dir, r.info(), executor="slurm")
+    executor = submitit.SlurmExecutor(folder=submitit_folder(ablation_dir), max_num_timeout=settings.max_requeues)
+    executor.update_parameters(**executor_parameters(settings, ablation))
+    jobs = executor.map_array(TrainJob(train_fn or DEFAULT_TRAIN_FN), [str(r.run_dir) for r in todo])
+    now = time.time()
+    for r, job in zip(todo, jobs):
+        path = r.run_dir / SLURM_INFO
+        info = read_json(path) or {}
+        history = info.get("jobs") if isinstance(info.get("jobs"), list) else []
+        job_id = str(job.job_id)
+        base, _, task = job_id.partition("_")
+        history.append({
+            "job_id": job_id, "array_job_id": base, "array_task_id": int(task) if task.isdigit() else None,
+            "submitted": now, "folder": str(job.paths.folder), "stdout": str(job.paths.stdout),
+            "stderr": str(job.paths.stderr), "nodes": settings.nodes,
+            "tasks": settings.nodes * settings.tasks_per_node,
+        })
+        atomic_write_json(path, {"jobs": history})
+        out["submitted"].append((r, job_id))
+    return out
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout if res.returncode == 0 else None
+
+
+def job_states(job_ids: list[str]) -> dict[str, str]:
+    """SLURM state (PENDING, RUNNING, COMPLETED, FAILED, ...) of each job id ('123' or '123_4'), from squeue
+    for live jobs and sacct for the rest; ids SLURM no longer knows are left out."""
+    ids = sorted({str(j) for j in job_ids if j})
+    if not ids:
+        return {}
+    states: dict[str, str] = {}
+    sacct = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(ids)])
+    for line in (sacct or "").splitlines():
+        parts = line.strip().split("|")
+        if len(parts) >= 2 and parts[0]:
+            states[parts[0]] = parts[1].split()[0] if parts[1] else "UNKNOWN"
+    bases = sorted({i.split("_")[0] for i in ids})
+    squeue = _run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(bases)])
+    for line in (squeue or "").splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 2 and parts[0]:
+            states[parts[0]] = parts[1]
+    return {i: states[i] for i in ids if i in states}
+
+
+def cancel_jobs(job_ids: list[str]) -> None:
+    if job_ids:
+        subprocess.run(["scancel", *job_ids], check=False, timeout=60)
