@@ -1,0 +1,282 @@
+"""Ablation files: plan expansion, naming, hashing, the shipped norm ablation, dry runs, malformed input."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from dimr_lab.errors import SpecError
+from dimr_lab.runner.ablation import expand, load_ablation, slurm_settings, split_overrides
+from dimr_lab.spec.run_spec import load_run_spec, spec_hash
+from dimr_lab.spec.schema import to_dict
+
+REPO = Path(__file__).resolve().parents[1]
+NORM_ABLATION = REPO / "ablations" / "tdln_vs_adaln.toml"
+
+GOOD = """
+[ablation]
+name = "study"
+title = "a study"
+seeds = [0, 1]
+paper = { table = "t2", rows = { a = 3, b = 4 } }
+
+[base]
+"model.preset" = "dimr_tiny_3r"
+"train.steps" = 5
+"eval.enabled" = false
+
+[[variant]]
+name = "a"
+factors = { norm = "TD-RMSNorm" }
+
+[[variant]]
+name = "b"
+factors = { norm = "TD-LN" }
+"model.norm" = "tdln"
+
+[grid]
+"train.lr" = [1e-3, 3e-4]
+
+[profile.tiny]
+"train.batch_size" = 8
+
+[profile.paper]
+"train.batch_size" = 1024
+"model.norm" = "rmsnorm"
+"slurm.gpus_per_node" = 8
+"""
+
+
+def write(tmp: Path, text: str, name: str = "abl.toml") -> Path:
+    p = tmp / name
+    p.write_text(text)
+    return p
+
+
+def cli(argv, capsys):
+    from dimr_lab.cli import main
+
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_expand_variants_grid_seeds(tmp_path):
+    abl = load_ablation(write(tmp_path, GOOD))
+    runs = expand(abl, "tiny", results=tmp_path / "results")
+    assert len(runs) == 2 * 2 * 2
+    assert [(r.variant, r.grid["train.lr"], r.seed) for r in runs][:4] == [
+        ("a", 1e-3, 0), ("a", 1e-3, 1), ("a", 3e-4, 0), ("a", 3e-4, 1)]
+    for r in runs:
+        assert r.spec.train.seed == r.seed
+        assert r.spec.train.batch_size == 8
+        assert r.spec.train.lr == r.grid["train.lr"]
+        assert r.run_dir.parent == (tmp_path / "results" / "study").resolve()
+        assert re.fullmatch(rf"{r.variant}-s{r.seed}-[0-9a-f]{{8}}", r.run_dir.name)
+        assert r.spec_hash == spec_hash(r.spec)
+        assert r.paper == {"table": "t2", "row": 3 if r.variant == "a" else 4}
+    assert runs[0].spec.model["norm"] == "tdrmsnorm" and runs[4].spec.model["norm"] == "tdln"
+    assert len({r.run_dir for r in runs}) == 8
+    # the stored spec resolves to the same hash (the worker re-reads it from run.json)
+    info = runs[5].info()
+    assert spec_hash(load_run_spec(json.loads(json.dumps(info["spec"])))) == runs[5].spec_hash
+
+
+def test_override_order_and_profiles(tmp_path):
+    abl = load_ablation(write(tmp_path, GOOD))
+    paper = expand(abl, "paper", results=tmp_path)
+    # variant beats profile: b sets tdln, a inherits the profile's rmsnorm
+    assert {r.variant: r.spec.model["norm"] for r in paper} == {"a": "rmsnorm", "b": "tdln"}
+    assert all(r.profile == "paper" and r.spec.train.batch_size == 1024 for r in paper)
+    # --set beats everything but the seed
+    run, slurm, seeds = split_overrides([("train.batch_size", 4), ("slurm.partition", "gpu"),
+                                         ("ablation.seeds", [7])])
+    runs = expand(abl, "tiny", run, results=tmp_path, seeds=seeds)
+    assert all(r.spec.train.batch_size == 4 and r.seed == 7 for r in runs) and len(runs) == 4
+    s = slurm_settings(abl, "paper", slurm)
+    assert s.partition == "gpu" and s.gpus_per_node == 8
+    assert slurm_settings(abl, "tiny", {}).gpus_per_node == 0
+
+
+def test_hash_is_stable_and_follows_the_spec(tmp_path):
+    a1 = expand(load_ablation(write(tmp_path, GOOD)), results=tmp_path)
+    a2 = expand(load_ablation(write(tmp_path, GOOD)), results=tmp_path)
+    assert [r.run_dir for r in a1] == [r.run_dir for r in a2]
+    changed = expand(load_ablation(write(tmp_path, GOOD.replace('"train.steps" = 5', '"train.steps" = 6'))),
+                     results=tmp_path)
+    assert not {r.run_dir for r in a1} & {r.run_dir for r in changed}
+    # a label (factor) is not part of the spec: same folders
+    relabelled = expand(load_ablation(write(tmp_path, GOOD.replace('"TD-LN"', '"TDLN"'))), results=tmp_path)
+    assert [r.run_dir for r in relabelled] == [r.run_dir for r in a1]
+
+
+def test_base_from_file_and_builtin(tmp_path):
+    (tmp_path / "specs").mkdir()
+    write(tmp_path / "specs", '[model]\npreset = "dimr_tiny_2r"\n[train]\nsteps = 11\n', "base.toml")
+    text = GOOD.replace('[base]\n"model.preset" = "dimr_tiny_3r"', '[base]\nspec = "specs/base.toml"')
+    runs = expand(load_ablation(write(tmp_path, text)), results=tmp_path)
+    assert runs[0].spec.train.steps == 5 and len(runs[0].spec.model["branches"]) == 2
+    text = GOOD.replace('[base]\n"model.preset" = "dimr_tiny_3r"', '[base]\nspec = "default"')
+    from dimr_lab.spec.defaults import DEFAULT_RUN
+
+    runs = expand(load_ablation(write(tmp_path, text)), results=tmp_path)
+    assert runs[0].spec.train.lr == DEFAULT_RUN["train"]["lr"]
+
+
+def test_norm_ablation_file():
+    abl = load_ablation(NORM_ABLATION)
+    assert abl.name == "tdln_vs_adaln" and abl.seeds == [0, 1, 2]
+    names = [v.name for v in abl.variants]
+    assert names == ["tdln", "adaln_zero", "adaln", "ln_time_token", "tdrmsnorm"]
+    assert abl.paper_table == "table2_ablation_imagenet64" and abl.paper_rows == {"tdln": 4, "adaln_zero": 3}
+    tiny = expand(abl, "tiny", results="results")
+    assert len(tiny) == 15
+    by = {r.variant: r.spec.model for r in tiny}
+    assert (by["tdln"]["conditioning"], by["tdln"]["norm"], by["tdln"]["outer_norm"]) == ("norm", "tdln", "tdln")
+    assert (by["adaln_zero"]["conditioning"], by["adaln_zero"]["norm"]) == ("adaln", "adaln_zero")
+    assert by["ln_time_token"]["conditioning"] == "token" and by["ln_time_token"]["norm"] == "layernorm"
+    assert by["tdrmsnorm"]["norm"] == "tdrmsnorm"
+    # all else fixed: only the norm keys differ between variants
+    keys = {"conditioning", "norm", "outer_norm"}
+    strip = [{k: v for k, v in m.items() if k not in keys} for m in by.values()]
+    assert all(s == strip[0] for s in strip)
+    assert tiny[0].spec.data.name == "shapes" and tiny[0].spec.model["name"] == "DiMR-tiny/3R"
+    paper = expand(abl, "paper", results="results")
+    p = paper[0].spec
+    assert p.model["name"] == "DiMR-M/3R" and p.data.name == "folder" and p.data.image_size == 64
+    assert (p.train.steps, p.train.batch_size, p.train.lr, p.train.betas) == (300000, 1024, 3e-4, [0.99, 0.99])
+    assert (p.train.weight_decay, p.train.warmup_steps, p.train.ema_decay) == (0.03, 5000, 0.9999)
+    assert p.eval.samples == 50000 and p.eval.feature_extractor == "inception-v3-compat"
+    assert [r.paper for r in paper if r.seed == 0] == [
+        {"table": "table2_ablation_imagenet64", "row": 4}, {"table": "table2_ablation_imagenet64", "row": 3},
+        None, None, None]
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "results"
+    for executor in ("local", "slurm"):
+        code, out, err = cli(["run", NORM_ABLATION, "--dry-run", "--results", results, "--executor", executor],
+                             capsys)
+        assert code == 0, err
+        assert "tdln-s0-" in out and "dry run: nothing written" in out
+        if executor == "slurm":
+            assert "#SBATCH --array=0-14%2" in out and "submitit.core._submit" in out
+    code, out, err = cli(["run", NORM_ABLATION, "--dry-run", "--json", "--results", results, "--profile",
+                          "paper"], capsys)
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert len(rows) == 15 and rows[0]["spec"]["train"]["steps"] == 300000
+    assert rows[0]["status"] == "todo" and rows[0]["run_dir"].startswith(str(results))
+    assert list(tmp_path.iterdir()) == []
+
+
+BASE = """
+[ablation]
+name = "x"
+seeds = [0]
+[base]
+"model.preset" = "dimr_tiny_3r"
+[[variant]]
+name = "v"
+"""
+
+# (file text, extra CLI args, a fragment the message must hold)
+MALFORMED = [
+    ("[ablation\nname=", [], "not valid TOML"),
+    (BASE + "[varaint]\n", [], "did you mean 'variant'"),
+    (BASE.replace('[ablation]\nname = "x"\n', "[ablation]\n"), [], "ablation.name"),
+    ('[base]\n[[variant]]\nname = "v"\n', [], "missing the [ablation] table"),
+    (BASE.replace('name = "x"', 'name = "../evil"'), [], "ablation name '../evil' is not allowed"),
+    (BASE.replace('name = "v"', 'name = "../../escape"'), [], "variant name '../../escape' is not allowed"),
+    (BASE.replace('name = "v"', 'name = "a/b"'), [], "variant name 'a/b' is not allowed"),
+    (BASE.replace('name = "v"', 'name = "/tmp/abs"'), [], "is not allowed"),
+    (BASE.replace('name = "v"', 'name = ""'), [], "must not be empty"),
+    (BASE.replace('name = "v"', "name = 3"), [], "expected a string"),
+    (BASE + '[[variant]]\nname = "v"\n', [], "duplicate variant name 'v'"),
+    (BASE + '[[variant]]\nname = "V"\n', [], "duplicate variant name 'V'"),
+    (BASE.replace("seeds = [0]", 'seeds = ["0"]'), [], "ablation.seeds[0]: expected an integer"),
+    (BASE.replace("seeds = [0]", "seeds = []"), [], "at least one seed"),
+    (BASE.replace("seeds = [0]", "seeds = [-1]"), [], ">= 0"),
+    (BASE.replace("seeds = [0]", "seeds = [1.5]"), [], "expected an integer"),
+    (BASE.replace("seeds = [0]", "seeds = [1, 1]"), [], "duplicate seeds"),
+    (BASE + '"model.norm" = "tdlnn"\n', [], "unknown norm 'tdlnn'"),
+    (BASE + '"model.preset" = "dimr_huge"\n', [], "unknown model preset"),
+    (BASE + '"train.stepz" = 3\n', [], "did you mean 'steps'"),
+    (BASE + '"train.steps" = "many"\n', [], "train.steps: expected an integer"),
+    (BASE + '"train.seed" = 3\n', [], "train.seed is set from [ablation].seeds"),
+    (BASE + 'factors = "x"\n', [], "factors: expected a table"),
+    (BASE.replace('"model.preset" = "dimr_tiny_3r"', 'spec = "nope.toml"'), [], "no such file"),
+    (BASE.replace('"model.preset" = "dimr_tiny_3r"', 'spec = "bad.toml"'), [], "not valid TOML"),
+    (BASE + '[slurm]\npartion = "gpu"\n', [], "did you mean 'partition'"),
+    (BASE + '[slurm]\ntime_min = "1h"\n', [], "slurm.time_min: expected an integer"),
+    (BASE + '[slurm]\nsetup = "module load x"\n', [], "slurm.setup"),
+    (BASE + '[grid]\n"train.lr" = 0.1\n', [], "expected a non-empty list"),
+    (BASE + '[grid]\n"train.lr" = []\n', [], "expected a non-empty list"),
+    (BASE + '[grid]\n"model.norm" = ["tdln", "nonorm"]\n', [], "unknown norm 'nonorm'"),
+    (BASE.replace("seeds = [0]", 'seeds = [0]\npaper = { table = "t", rows = { w = 2 } }'), [],
+     "no variant named 'w'"),
+    (BASE.replace("seeds = [0]", 'seeds = [0]\nbaseline = "zz"'), [], "ablation.baseline"),
+    (BASE.split("[[variant]]")[0], [], "no [[variant]] tables"),
+    ("variant = 3\n" + BASE.split("[[variant]]")[0], [], "expected [[variant]] tables"),
+    (BASE + '[profile.paper]\n"train.steps" = -1\n', [], "profile.paper: train.steps: must be >= 0"),
+    (BASE + '[profile.paper]\n"slurm.nodes" = 0\n', [], "nodes: must be >= 1"),
+    (BASE, ["--profile", "papr"], "unknown profile 'papr'"),
+    (BASE, ["--set", "train.nosuch=1"], "--set: train.nosuch"),
+    (BASE, ["--set", "train.steps"], "expected key=value"),
+    (BASE, ["--set", "train.seed=4"], "train.seed is set per run"),
+    (BASE, ["--set", "slurm.nodes=zero"], "slurm.nodes: expected an integer"),
+    (BASE, ["--set", "ablation.seeds=[-2]"], "ablation.seeds"),
+    (BASE, ["--executor", "kubernetes"], "--executor 'kubernetes'"),
+    (BASE, ["--jobs", "0"], "--jobs 0"),
+    (BASE, ["--jobs", "many"], "--jobs"),
+]
+
+
+@pytest.mark.parametrize("text,args,fragment", MALFORMED, ids=[f"case{i}" for i in range(len(MALFORMED))])
+def test_malformed_input_exit_2(tmp_path, capsys, monkeypatch, text, args, fragment):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "bad.toml").write_text("[model\n")
+    path = write(work, text)
+    results = tmp_path / "results"
+    code, out, err = cli(["run", path, "--results", results, *args], capsys)
+    assert code == 2, (out, err)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 or "Usage" in err, err            # click's usage errors print a usage line too
+    assert "Traceback" not in err + out
+    assert fragment in err, err
+    if "Usage" not in err:
+        assert "abl.toml" in err or args, err                    # file errors name the file
+    assert not results.exists()
+    assert sorted(p.name for p in work.iterdir()) == ["abl.toml", "bad.toml"]
+
+
+def test_missing_file_and_directory_and_bad_results(tmp_path, capsys):
+    code, out, err = cli(["run", tmp_path / "nope.toml"], capsys)
+    assert code == 2 and "no such file" in err and "Traceback" not in err
+    code, out, err = cli(["run", tmp_path], capsys)
+    assert code == 2 and "is a directory" in err
+    (tmp_path / "results").write_text("not a folder")
+    good = write(tmp_path, BASE)
+    code, out, err = cli(["run", good, "--results", tmp_path / "results"], capsys)
+    assert code == 2 and "is not a folder" in err
+    code, out, err = cli(["status", tmp_path / "absent"], capsys)
+    assert code == 2 and "no such folder" in err
+    code, out, err = cli(["cancel", tmp_path / "absent"], capsys)
+    assert code == 2 and "no such folder" in err
+
+
+def test_errors_name_file_and_key(tmp_path):
+    with pytest.raises(SpecError) as e:
+        load_ablation(write(tmp_path, BASE + '"model.norm" = "tdlnn"\n'))
+    assert e.value.file == str(tmp_path / "abl.toml")
+    assert "variant 'v'" in str(e.value) and "model.norm" in str(e.value)
