@@ -280,3 +280,44 @@ def test_errors_name_file_and_key(tmp_path):
         load_ablation(write(tmp_path, BASE + '"model.norm" = "tdlnn"\n'))
     assert e.value.file == str(tmp_path / "abl.toml")
     assert "variant 'v'" in str(e.value) and "model.norm" in str(e.value)
+
+
+def test_variant_profile_overrides_and_variant_paper_rows(tmp_path):
+    """[variant.profile.P] applies after the variant under profile P only; a variant's own paper row wins."""
+    from dimr_lab.runner.ablation import expand, load_ablation
+
+    f = tmp_path / "a.toml"
+    f.write_text('''
+[ablation]
+name = "sizes"
+seeds = [0]
+paper = { table = "table2_ablation_imagenet64", rows = { small = 5 } }
+[base]
+spec = "default"
+[[variant]]
+name = "small"
+"model.preset" = "dimr_tiny_3r"
+[[variant]]
+name = "big"
+paper = { table = "imagenet256", model = "DiMR-XL/2R", epochs = 800 }
+"model.preset" = "dimr_xl_2r"
+"data.name" = "latents"
+[variant.profile.tiny]
+"model.preset" = "dimr_tiny_2r"
+"data.name" = "shapes"
+[profile.tiny]
+"train.steps" = 5
+[profile.paper]
+"train.steps" = 1000
+''')
+    abl = load_ablation(f)
+    tiny = {r.variant: r for r in expand(abl, "tiny", results=tmp_path / "r")}
+    paper = {r.variant: r for r in expand(abl, "paper", results=tmp_path / "r")}
+    assert tiny["big"].spec.model["name"] == "DiMR-tiny/2R" and tiny["big"].spec.data.name == "shapes"
+    assert paper["big"].spec.model["name"] == "DiMR-XL/2R" and paper["big"].spec.data.name == "latents"
+    assert paper["big"].paper == {"table": "imagenet256", "model": "DiMR-XL/2R", "epochs": 800}
+    assert tiny["small"].paper == {"table": "table2_ablation_imagenet64", "row": 5}
+
+    f.write_text(f.read_text().replace("[variant.profile.tiny]", "[variant.profile.tiyn]"))
+    with pytest.raises(SpecError, match="no \\[profile.tiyn\\].*did you mean 'tiny'"):
+        load_ablation(f)

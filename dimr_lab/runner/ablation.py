@@ -15,7 +15,10 @@
     [[variant]]
     name = "adaln_zero"                    # ^[A-Za-z0-9][A-Za-z0-9_.-]*$, unique
     factors = { norm = "adaLN-Zero" }      # optional labels for the table
+    paper = { table = "imagenet256", model = "DiMR-XL/2R", epochs = 800 }   # optional: this row's own
     "model.norm" = "adaln_zero"            # everything else: dotted overrides of the base
+    [variant.profile.tiny]                 # optional: this variant's overrides under one profile
+    "model.preset" = "dimr_tiny_3r"
 
     [grid]                                 # optional: the cartesian product of these values
     "train.lr" = [1e-3, 3e-4]
@@ -30,7 +33,7 @@
     time_min = 240
     setup = ["module load cuda"]
 
-A run is base <- profile <- variant <- grid point <- --set overrides <- train.seed = seed; its folder is
+A run is base <- profile <- variant <- variant.profile <- grid point <- --set overrides <- train.seed = seed; its folder is
 `<results>/<ablation>/<variant>-s<seed>-<spec_hash>`. Everything is validated up front (`load_ablation`
 and `expand`): a problem is one SpecError naming the file and the key. Specs are data: TOML only.
 """
@@ -51,7 +54,7 @@ from dimr_lab.spec.schema import field, from_dict, load_toml, to_dict
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MAX_NAME = 80
 TOP_KEYS = ("ablation", "base", "variant", "grid", "profile", "slurm")
-VARIANT_RESERVED = ("name", "factors", "description")
+VARIANT_RESERVED = ("name", "factors", "description", "profile", "paper")
 BUILTIN_BASE = "default"
 DEFAULT_PROFILE = "tiny"
 
@@ -99,6 +102,10 @@ class Variant:
     overrides: list[tuple[str, Any]]
     factors: dict[str, Any]
     description: str = ""
+    # [variant.profile.NAME]: overrides applied after the variant's own when profile NAME runs (a variant
+    # that is a different network at the paper's scale and at the tiny one)
+    profiles: dict[str, list[tuple[str, Any]]] = dc_field(default_factory=dict)
+    paper: dict[str, Any] | None = None  # this variant's published row: {table, row} or {table, model, epochs}
 
 
 @dataclass
@@ -302,7 +309,18 @@ def load_ablation(path: str | Path, *, check: bool = True) -> Ablation:
             raise _err(file, f"{where}.description", f"expected a string, got {desc!r}")
         overrides = flatten({k: v for k, v in rv.items() if k not in VARIANT_RESERVED})
         _check_override_keys(overrides, file=file, where=f"variant {vname!r}")
-        variants.append(Variant(vname, overrides, dict(factors), desc))
+        vprofiles = rv.get("profile", {})
+        if not isinstance(vprofiles, dict) or not all(isinstance(t, dict) for t in vprofiles.values()):
+            raise _err(file, f"{where}.profile", "expected [variant.profile.NAME] tables of dotted overrides")
+        vprof_items = {}
+        for pname, ptable in vprofiles.items():
+            items = flatten(ptable)
+            _check_override_keys(items, file=file, where=f"variant {vname!r} profile.{pname}")
+            vprof_items[pname] = items
+        vpaper = rv.get("paper")
+        if vpaper is not None:
+            vpaper = _parse_variant_paper(vpaper, file=file, key=f"{where}.paper")
+        variants.append(Variant(vname, overrides, dict(factors), desc, vprof_items, vpaper))
 
     # [ablation] references to variants
     names = [v.name for v in variants]
@@ -340,6 +358,13 @@ def load_ablation(path: str | Path, *, check: bool = True) -> Ablation:
         profile_slurm[pname] = {k[len("slurm."):]: v for k, v in items if k.startswith("slurm.")}
         profiles[pname] = [(k, v) for k, v in items if not k.startswith("slurm.")]
 
+    for i, v in enumerate(variants):
+        for pname in v.profiles:
+            if pname not in profiles:
+                hint = closest(pname, profiles)
+                raise _err(file, f"variant[{i}].profile.{pname}", f"no [profile.{pname}] in this file; profiles: "
+                           f"{', '.join(profiles) or '(none)'}" + (f" (did you mean {hint!r}?)" if hint else ""))
+
     # [slurm]
     raw_slurm = data.get("slurm", {})
     slurm = from_dict(SlurmSettings, raw_slurm, file=file, prefix="slurm")
@@ -355,6 +380,29 @@ def load_ablation(path: str | Path, *, check: bool = True) -> Ablation:
             if profile_slurm.get(pname):
                 slurm_settings(abl, pname, {}, file=file)
     return abl
+
+
+def _parse_variant_paper(paper: Any, *, file: str, key: str) -> dict[str, Any]:
+    """A variant's own paper reference: { table = "...", row = N } or { table = "...", model = "...", epochs = N }."""
+    if not isinstance(paper, dict):
+        raise _err(file, key, f"expected a table {{ table, row }} or {{ table, model, epochs }}, got {paper!r}")
+    allowed = ("table", "row", "model", "epochs")
+    for k in paper:
+        if k not in allowed:
+            hint = closest(k, allowed)
+            raise _err(file, f"{key}.{k}", f"unknown key; allowed: {', '.join(allowed)}"
+                       + (f" (did you mean {hint!r}?)" if hint else ""))
+    if not isinstance(paper.get("table"), str) or not paper["table"]:
+        raise _err(file, f"{key}.table", f"expected the paper table's name (a string), got {paper.get('table')!r}")
+    if ("row" in paper) == ("model" in paper):
+        raise _err(file, key, "give either row (a row number) or model (a model name)")
+    row = paper.get("row")
+    if row is not None and (isinstance(row, bool) or not isinstance(row, int) or row < 1):
+        raise _err(file, f"{key}.row", f"expected a row number >= 1, got {row!r}")
+    for k, tp in (("model", str), ("epochs", int)):
+        if k in paper and (not isinstance(paper[k], tp) or isinstance(paper[k], bool)):
+            raise _err(file, f"{key}.{k}", f"expected {'a string' if tp is str else 'an integer'}, got {paper[k]!r}")
+    return dict(paper)
 
 
 def _parse_paper(paper: dict, names: list[str], *, file: str) -> tuple[str | None, dict[str, int]]:
@@ -434,9 +482,14 @@ def _validate_profile(abl: Ablation, profile: str) -> None:
     prof = [(f"profile.{profile}", _profile_items(abl, profile))]
     _resolve(abl, prof)
     for v in abl.variants:
-        _resolve(abl, prof + [(f"variant {v.name!r}", v.overrides)])
+        _resolve(abl, prof + _variant_layers(v, profile))
     for point in _grid_points(abl):
         _resolve(abl, prof + [("grid", list(point.items()))])
+
+
+def _variant_layers(v: Variant, profile: str) -> list[tuple[str, list[tuple[str, Any]]]]:
+    return [(f"variant {v.name!r}", v.overrides),
+            (f"variant {v.name!r} profile.{profile}", v.profiles.get(profile, []))]
 
 
 def split_overrides(overrides: list[tuple[str, Any]] | None) -> tuple[list[tuple[str, Any]], dict[str, Any],
@@ -479,7 +532,8 @@ def expand(abl: Ablation, profile: str = DEFAULT_PROFILE, overrides: list[tuple[
            results: str | Path = "results", seeds: list[int] | None = None) -> list[PlannedRun]:
     """variants x grid points x seeds -> planned runs, every spec resolved and validated.
 
-    Order: base <- [profile.P] <- variant <- grid point <- overrides (--set) <- train.seed = seed.
+    Order: base <- [profile.P] <- variant <- [variant.profile.P] <- grid point <- overrides (--set)
+    <- train.seed = seed.
     """
     file = str(abl.file)
     if seeds is not None:
@@ -502,7 +556,7 @@ def expand(abl: Ablation, profile: str = DEFAULT_PROFILE, overrides: list[tuple[
     runs: list[PlannedRun] = []
     for v in abl.variants:
         for point in _grid_points(abl):
-            layers = [(f"profile.{profile}", prof_items), (f"variant {v.name!r}", v.overrides),
+            layers = [(f"profile.{profile}", prof_items), *_variant_layers(v, profile),
                       ("grid", list(point.items()))]
             if overrides:
                 _resolve(abl, layers + [("--set", overrides)], file=file)
@@ -512,8 +566,8 @@ def expand(abl: Ablation, profile: str = DEFAULT_PROFILE, overrides: list[tuple[
                 run_dir = ablation_dir / f"{v.name}-s{seed}-{h}"
                 _check_inside(run_dir, ablation_dir, file, f"variant {v.name!r}")
                 factors = {**v.factors}
-                paper = ({"table": abl.paper_table, "row": abl.paper_rows[v.name]}
-                         if abl.paper_table and v.name in abl.paper_rows else None)
+                paper = v.paper or ({"table": abl.paper_table, "row": abl.paper_rows[v.name]}
+                                    if abl.paper_table and v.name in abl.paper_rows else None)
                 runs.append(PlannedRun(ablation=abl.name, variant=v.name, seed=seed, grid=dict(point),
                                        factors=factors, paper=paper, profile=profile, spec=spec, spec_hash=h,
                                        run_dir=run_dir, title=abl.title, baseline=abl.baseline,
