@@ -13,6 +13,7 @@ Job ids go to run_dir/slurm.json; submitit's pickles and logs to <results>/<abla
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -188,17 +189,34 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
     if not ids:
         return {}
     states: dict[str, str] = {}
-    sacct = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(ids)])
+    whole: dict[str, str] = {}   # array job id -> state of records that stand for several tasks
+    bases = sorted({i.split("_")[0] for i in ids})
+    sacct = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(bases)])
     for line in (sacct or "").splitlines():
         parts = line.strip().split("|")
-        if len(parts) >= 2 and parts[0]:
-            states[parts[0]] = parts[1].split()[0] if parts[1] else "UNKNOWN"
-    bases = sorted({i.split("_")[0] for i in ids})
+        if len(parts) < 2 or not parts[0]:
+            continue
+        jid, state = parts[0], (parts[1].split()[0] if parts[1] else "UNKNOWN")
+        m = re.fullmatch(r"(\d+)_\[([0-9,\-]+)(?:%\d+)?\]", jid)
+        if m:  # a pending (or never started) range of array tasks: 123_[2-4%2]
+            for part in m.group(2).split(","):
+                lo, _, hi = part.partition("-")
+                for k in range(int(lo), int(hi or lo) + 1):
+                    states.setdefault(f"{m.group(1)}_{k}", state)
+        elif jid.isdigit():
+            states[jid] = state
+            whole[jid] = state
+        else:
+            states[jid] = state
     squeue = _run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(bases)])
     for line in (squeue or "").splitlines():
         parts = line.strip().split("|")
         if len(parts) == 2 and parts[0]:
             states[parts[0]] = parts[1]
+    for i in ids:  # array tasks sacct only lists as the array's own record (e.g. cancelled before starting)
+        base, _, task = i.partition("_")
+        if task and i not in states and base in whole:
+            states[i] = whole[base]
     return {i: states[i] for i in ids if i in states}
 
 

@@ -1,0 +1,200 @@
+"""Against the local SLURM (scripts/slurm.sh start): job arrays through submitit, sacct, a requeue in the
+middle of training that resumes to the same result, a 2-task job with torch.distributed (gloo), cancel.
+
+Skipped, with the reason, where SLURM is not up. The trainer is test_runner.standin_train.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from test_runner import STANDIN, TESTS, cli, run_dirs, standin_train, write_ablation
+
+pytestmark = pytest.mark.slurm
+
+
+def _unavailable() -> str | None:
+    reason = os.environ.get("DIMR_LAB_SLURM_UNAVAILABLE")
+    if reason:
+        return reason
+    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
+        return "SLURM client not on PATH (start it as root with: bash scripts/slurm.sh start)"
+    try:
+        r = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"sinfo failed: {err}"
+    if r.returncode != 0 or not any(s.strip("*~#") in ("idle", "mix", "alloc", "comp") for s in r.stdout.split()):
+        return f"SLURM is not up (sinfo: {(r.stdout + r.stderr).strip() or r.returncode})"
+    r = subprocess.run(["sacct", "-n", "-X", "-S", "now"], capture_output=True, text=True, timeout=20)
+    if r.returncode != 0:
+        return f"SLURM accounting (sacct) unavailable: {r.stderr.strip()}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm_up():
+    reason = _unavailable()
+    if reason:
+        print(f"SLURM tests skipped: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def job_env(monkeypatch, slurm_up):
+    """Jobs inherit the submitting environment (sbatch --export=ALL): the stand-in's folder, one thread."""
+    old = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", str(TESTS) + (os.pathsep + old if old else ""))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("STANDIN_STEP_S", raising=False)
+    return monkeypatch
+
+
+def _wait(pred, timeout: float, what: str, poll: float = 0.5):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = pred()
+        if v:
+            return v
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _sacct(job: str) -> dict[str, str]:
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", job], capture_output=True,
+                         text=True, timeout=30).stdout
+    return {ln.split("|")[0]: ln.split("|")[1].split()[0] for ln in out.splitlines() if "|" in ln}
+
+
+def _scancel_all(dirs):
+    from dimr_lab.runner.status import cancel
+
+    for d in dirs:
+        if Path(d).exists():
+            cancel(Path(d))
+
+
+def test_job_array_sacct_and_skip(tmp_path, capsys, job_env):
+    extra = '\n[[variant]]\nname = "c"\n"train.lr" = 0.02\n'
+    abl = write_ablation(tmp_path, seeds="[0]", steps=4, ckpt=2, extra=extra)
+    results = tmp_path / "results"
+    try:
+        code, out, err = cli(["run", abl, "--results", results, "--executor", "slurm", "--train-fn", STANDIN,
+                              "--json"], capsys)
+        assert code == 0, err
+        sub = [json.loads(x) for x in out.splitlines()]
+        assert [s["status"] for s in sub] == ["submitted"] * 3
+        ids = [s["job_id"] for s in sub]
+        array = ids[0].split("_")[0]
+        assert ids == [f"{array}_{i}" for i in range(3)]
+        dirs = run_dirs(results)
+        _wait(lambda: all((d / "metrics.json").is_file() for d in dirs), 100, "the array to finish")
+        for d in dirs:
+            info = json.loads((d / "slurm.json").read_text())["jobs"][-1]
+            assert info["array_job_id"] == array and Path(info["stdout"]).parent.parent.name == ".submitit"
+        def recorded():
+            s = _sacct(array)
+            return s if all(s.get(i) == "COMPLETED" for i in ids) else None
+        states = _wait(recorded, 30, "sacct to record the array tasks")
+        assert all(states[i] == "COMPLETED" for i in ids)
+        code, out, err = cli(["status", results, "--json"], capsys)
+        assert [json.loads(x)["state"] for x in out.splitlines()] == ["done"] * 3
+        # submitted again: nothing to do
+        code, out, err = cli(["run", abl, "--results", results, "--executor", "slurm", "--train-fn", STANDIN,
+                              "--json"], capsys)
+        assert code == 0 and [json.loads(x)["status"] for x in out.splitlines()] == ["done (skipped)"] * 3
+    finally:
+        _scancel_all([results])
+
+
+@pytest.mark.parametrize("how", ["scontrol_requeue", "preemption_signal"])
+def test_requeue_mid_training_resumes_to_the_same_weights(tmp_path, job_env, how):
+    """`scontrol requeue` (SIGTERM: checkpoint at the next step, SLURM requeues), or the preemption/timeout
+    signal (USR2: checkpoint, then submitit's Checkpointable handler requeues the job itself)."""
+    from dimr_lab.runner.ablation import expand, load_ablation, slurm_settings
+    from dimr_lab.runner.local import prepare
+    from dimr_lab.runner.slurm import submit
+    from dimr_lab.runner.state import last_step
+    from dimr_lab.runner.worker import train_one
+
+    abl = load_ablation(write_ablation(tmp_path, seeds="[0]", steps=30, ckpt=4))
+    run = expand(abl, results=tmp_path / "results")[0]
+    job_env.setenv("STANDIN_STEP_S", "0.3")
+    try:
+        res = submit([run], slurm_settings(abl), ablation=abl.name, ablation_dir=run.run_dir.parent,
+                     train_fn=STANDIN)
+        (_, job_id), = res["submitted"]
+        _wait(lambda: (last_step(run.run_dir) or 0) >= 9, 90, "training to pass step 9")
+        if how == "scontrol_requeue":
+            subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+        else:
+            subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+        # a requeued job waits ~2 minutes (BeginTime) before it may start again: let it start now
+        def released():
+            st = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
+            if "PENDING" in st:
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30)
+                return True
+            return False
+        _wait(released, 30, "the requeued job to be pending")
+        _wait(lambda: (run.run_dir / "metrics.json").is_file(), 120, "the requeued job to finish")
+    finally:
+        _scancel_all([run.run_dir])
+    log = [json.loads(x) for x in (run.run_dir / "log.jsonl").read_text().splitlines()]
+    resumed = [e for e in log if e.get("event") == "resumed"]
+    assert resumed and resumed[0]["restart"] == "1" and 4 <= resumed[0]["from"] < 30
+    # the same run, never interrupted, in this process
+    job_env.setenv("STANDIN_STEP_S", "0")
+    fresh = expand(abl, results=tmp_path / "fresh")[0]
+    prepare([fresh], executor="debug")
+    train_one(fresh.run_dir, standin_train)
+    w_requeued = json.loads((run.run_dir / "metrics.json").read_text())["w"]
+    w_fresh = json.loads((fresh.run_dir / "metrics.json").read_text())["w"]
+    assert w_requeued == w_fresh
+
+
+def test_two_task_job_all_reduces(tmp_path, capsys, job_env):
+    abl = write_ablation(tmp_path, seeds="[0]", steps=4, ckpt=2)
+    results = tmp_path / "results"
+    try:
+        code, out, err = cli(["run", abl, "--results", results, "--executor", "slurm", "--train-fn", STANDIN,
+                              "--set", "slurm.tasks_per_node=2", "--set", "ablation.seeds=[5]", "--json"], capsys)
+        assert code == 0, err
+        dirs = run_dirs(results)
+        d = dirs[0]
+        _wait(lambda: (d / "metrics.json").is_file(), 100, "the 2-task job to finish")
+        m = json.loads((d / "metrics.json").read_text())
+        assert m["world_size"] == 2 and m["allreduce_check"] == 3.0
+        assert json.loads((d / "slurm.json").read_text())["jobs"][-1]["tasks"] == 2
+    finally:
+        _scancel_all([results])
+
+
+def test_cancel_queued(tmp_path, capsys, job_env):
+    abl = write_ablation(tmp_path, seeds="[0]", steps=200, ckpt=50)
+    results = tmp_path / "results"
+    job_env.setenv("STANDIN_STEP_S", "0.5")
+    try:
+        code, out, err = cli(["run", abl, "--results", results, "--executor", "slurm", "--train-fn", STANDIN,
+                              "--set", "slurm.array_parallelism=1"], capsys)
+        assert code == 0, err
+        code, out, err = cli(["status", results, "--json"], capsys)
+        assert {json.loads(x)["state"] for x in out.splitlines()} <= {"pending", "running"}
+        code, out, err = cli(["cancel", results], capsys)
+        assert code == 0 and "scancel" in out
+        def cancelled():
+            code, out, err = cli(["status", results, "--json"], capsys)
+            st = [json.loads(x) for x in out.splitlines()]
+            return st if all(s["state"] == "failed" for s in st) else None
+        st = _wait(cancelled, 60, "the jobs to be cancelled")
+        # a task that had started may end FAILED: it checkpoints on SIGTERM and exits non-zero
+        assert all(s["slurm_state"] in ("CANCELLED", "FAILED") for s in st), st
+        assert any(s["slurm_state"] == "CANCELLED" for s in st), st
+    finally:
+        _scancel_all([results])
