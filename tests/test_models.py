@@ -325,3 +325,13 @@ def test_help_does_not_import_torch():
     code = "import sys; from dimr_lab.cli import app; print('torch' in sys.modules, 'pandas' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_per_branch_overrides_of_a_preset():
+    spec = resolve_model({"preset": "dimr_tiny_3r", "branches": {"1": {"block": "transformer", "heads": 2}}})
+    assert [b.block for b in spec.branches] == ["transformer", "transformer", "convnext"]
+    assert spec.branches[1].heads == 2 and spec.branches[1].width == PRESETS["dimr_tiny_3r"]["branches"][1]["width"]
+    with pytest.raises(SpecError, match="not a branch index"):
+        resolve_model({"preset": "dimr_tiny_3r", "branches": {"3": {"width": 8}}})
+    with pytest.raises(SpecError, match="need a preset"):
+        resolve_model({**TINY_2R, "branches": {"0": {"width": 8}}})

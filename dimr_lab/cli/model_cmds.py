@@ -52,8 +52,6 @@ def _load_model_spec(model: str, overrides: list[str] | None):
         raise UserError(unknown_name_message("model", model, PRESETS) + " (or a model .toml file)")
     for key, value in parse_overrides(overrides):
         key = key.removeprefix("model.")
-        if key.startswith("branches.") and "branches" not in data and "preset" in data:
-            data["branches"] = [dict(b) for b in PRESETS[data["preset"]]["branches"]]
         set_dotted(data, key, value, file=file or "--set")
     return resolve_model(data, file=file or model)
 

@@ -147,6 +147,20 @@ def resolve_model(data: dict[str, Any] | str, *, file: str | None = None, key: s
         elif user_branches is not None:
             merged["branches"] = user_branches
         data = merged
+    branches = data.get("branches")
+    if isinstance(branches, dict):  # {"1": {"block": ...}}: dotted overrides (branches.1.block) of a preset
+        where = f"{key}.branches" if key else "branches"
+        if preset is None:
+            raise SpecError("per-branch overrides (branches.N.KEY) need a preset to apply to", file=file, key=where)
+        merged_branches = copy.deepcopy(PRESETS[preset]["branches"])
+        for index, patch in branches.items():
+            if not (isinstance(index, str) and index.isdigit() and int(index) < len(merged_branches)):
+                raise SpecError(f"{index!r} is not a branch index of preset {preset!r} "
+                                f"(0..{len(merged_branches) - 1})", file=file, key=f"{where}.{index}")
+            if not isinstance(patch, dict):
+                raise SpecError(f"expected a table, got {patch!r}", file=file, key=f"{where}.{index}")
+            merged_branches[int(index)].update(patch)
+        data["branches"] = merged_branches
     return from_dict(ModelSpec, data, file=file, prefix=key)
 
 
