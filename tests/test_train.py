@@ -329,3 +329,30 @@ def test_save_grid_accepts_both_layouts(tmp_path):
     save_grid(imgs, [0, 1, 2], tmp_path / "a.png", class_names=["a", "b", "c"])
     save_grid(imgs.permute(0, 2, 3, 1), None, tmp_path / "b.png")
     assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_eval_results_reach_metrics(tmp_path, monkeypatch):
+    """evaluate() gets class-balanced uint8 samples; its numbers land in metrics.json, arrays beside it."""
+    import numpy as np
+
+    import dimr_lab.eval
+    from dimr_lab.train.trainer import train_run
+
+    seen = {}
+
+    def fake_evaluate(samples, labels, data_spec, eval_spec, *, cache_dir, seed=0, **kw):
+        seen.update(samples=samples, labels=labels, cache_dir=cache_dir)
+        return {"fid": 12.5, "kid_mean": 0.25, "kid_std": 0.01, "isc_mean": 3.0, "sample_accuracy": 0.75,
+                "distortion_rate": 0.125, "class_prob": np.full(len(labels), 0.5, np.float32)}
+
+    monkeypatch.setattr(dimr_lab.eval, "evaluate", fake_evaluate)
+    monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
+    spec = tiny_spec(tmp_path, steps=2, ckpt=2, overrides=[("eval.enabled", True), ("eval.samples", 10)])
+    m = train_run(spec, tmp_path / "run", progress=False)
+    assert seen["samples"].dtype == torch.uint8 and tuple(seen["samples"].shape) == (10, 3, 16, 16)
+    assert torch.bincount(seen["labels"]).tolist() == [2, 2, 1, 1, 1, 1, 1, 1]
+    assert seen["cache_dir"] == tmp_path / "cache"
+    disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert disk["fid"] == m["fid"] == 12.5 and disk["kid"] == 0.25 and disk["sample_accuracy"] == 0.75
+    assert disk["eval"]["samples"] == 10 and "class_prob" not in disk
+    assert np.load(tmp_path / "run" / "eval_per_sample.npz")["class_prob"].shape == (10,)

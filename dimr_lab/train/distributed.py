@@ -37,11 +37,12 @@ def setup_distributed() -> DistInfo:
     rank, world, local = _env_world()
     if world == 1:
         return DistInfo(0, 1, 0, _device(0), owns_group=False)
-    try:
-        from dimr_lab.runner.distributed import init_distributed  # the runner's, when present
+    try:  # the runner's, when present
+        from dimr_lab.runner.distributed import init_distributed, setup_env_from_slurm
     except ImportError:
         init_distributed = None
     if init_distributed is not None:
+        setup_env_from_slurm()  # SLURM tasks -> RANK, WORLD_SIZE, MASTER_ADDR... (keeps torchrun's)
         rank, world, local, device = init_distributed()
         return DistInfo(rank, world, local, torch.device(device), owns_group=True)
     device = _device(local)

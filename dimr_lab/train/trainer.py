@@ -32,6 +32,13 @@ from dimr_lab.train.runinfo import check_spec_file, git_commit, spec_document, v
 
 # forward + backward of a training step costs about 3x the forward multiply-accumulates
 TRAIN_MACS_PER_FORWARD = 3.0
+# the dataset (and its evaluation classifier) is the same whatever train.seed: seeds vary the training only
+DATA_SEED = 0
+
+
+def cache_dir() -> Path:
+    """Where trained evaluation classifiers are cached: $DIMR_LAB_CACHE or ~/.cache/dimr-lab."""
+    return Path(os.environ.get("DIMR_LAB_CACHE") or Path.home() / ".cache" / "dimr-lab")
 
 
 def train_run(spec: Any, out_dir: Path, *, should_stop: Callable[[], bool] | None = None,
@@ -107,7 +114,7 @@ class _Run:
         # the trainer flips pixel images itself from its own generator (same on every rank, checkpointed);
         # latents datasets hold their flips baked in
         data_spec = dataclasses.replace(spec.data, flip=False)
-        self.dataset = build_dataset(data_spec, split="train", seed=tr.seed)
+        self.dataset = build_dataset(data_spec, split="train", seed=DATA_SEED)
         self.flip = bool(spec.data.flip) and getattr(self.dataset, "kind", "pixels") == "pixels"
         self.model = build_model(spec.model).to(self.device)
         mspec = self.model.spec
@@ -382,7 +389,14 @@ class _Run:
             labels = class_balanced_labels(spec.eval.samples, self.num_classes)
             # a seed apart from the grid's, so the evaluated samples are not the grid's again
             x = generate(model, spec, labels, seed=spec.sample.seed + 1, batch_size=spec.eval.batch_size)
-            results = dict(evaluate(to_uint8(x, spec.data), labels, spec.data, spec.eval))
+            results = dict(evaluate(to_uint8(x, spec.data), labels, spec.data, spec.eval, cache_dir=cache_dir(),
+                                    seed=DATA_SEED))
+            per_sample = {k: np.asarray(results.pop(k)) for k in list(results)
+                          if isinstance(results[k], (np.ndarray, torch.Tensor))}
+            if per_sample:  # per-sample class probabilities and predictions, beside the metrics
+                np.savez(out / "eval_per_sample.npz", labels=labels.numpy(), **per_sample)
+            results.setdefault("kid", results.get("kid_mean"))
+            results.setdefault("isc", results.get("isc_mean"))
         eval_s = time.perf_counter() - t
         self._gmacs()
         desc = self._describe
