@@ -9,9 +9,11 @@ output.log keeps the process's output. A rich display shows every active run's s
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +130,12 @@ def run_local(runs: list[PlannedRun], *, jobs: int = 1, train_fn: str | None = N
                                + (f"\n{detail}" if detail and status != "done" else ""), highlight=False)
 
     interrupted = False
+
+    def _term(signum, frame):  # `kill` of the runner: stop the runs at a checkpoint, like Ctrl-C
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, _term) if threading.current_thread() is threading.main_thread() \
+        else None
     with progress:
         try:
             while queue or active:
@@ -157,6 +165,9 @@ def run_local(runs: list[PlannedRun], *, jobs: int = 1, train_fn: str | None = N
             progress.console.print("[yellow]interrupted: waiting for the active runs to checkpoint[/]")
             deadline = time.time() + 120
             for run_dir in list(active):
+                if active[run_dir][1].poll() is None:
+                    active[run_dir][1].send_signal(signal.SIGTERM)  # the worker checkpoints, then exits
+            for run_dir in list(active):
                 proc = active[run_dir][1]
                 try:
                     proc.wait(timeout=max(1.0, deadline - time.time()))
@@ -164,6 +175,9 @@ def run_local(runs: list[PlannedRun], *, jobs: int = 1, train_fn: str | None = N
                     proc.kill()
                     proc.wait()
                 finish(run_dir)
+        finally:
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
     result = [outcomes.get(r.run_dir) or Outcome(r, "skipped", detail="not started") for r in runs]
     if interrupted:
         raise KeyboardInterrupt
