@@ -321,7 +321,8 @@ def test_setup_env_from_slurm(monkeypatch):
     from dimr_lab.runner import distributed as d
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(k, "x")  # recorded, so monkeypatch restores (removes) what the helper sets
+        monkeypatch.delenv(k)
     assert d.setup_env_from_slurm({}) == {}
     env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
            "SLURM_JOB_NODELIST": "localhost"}
@@ -335,7 +336,12 @@ def test_setup_env_from_slurm(monkeypatch):
     # values from torchrun are kept
     monkeypatch.setenv("RANK", "0")
     assert "RANK" not in d.setup_env_from_slurm(env)
-    assert d._first_host("node[07-09,12],gpu3") == "node07" or d._first_host("node[07-09,12],gpu3")
+    monkeypatch.setattr(d.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(OSError("no scontrol")))
+    assert d._first_host("node[07-09,12],gpu3") == "node07"
+    assert d._first_host("gpu3,node[1-2]") == "gpu3"
+    # inside a SLURM job the task's values win over stale ones from the submitting shell
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert d.setup_env_from_slurm({**env, "SLURM_NTASKS": "2"}, overwrite=True)["WORLD_SIZE"] == "2"
 
 
 def test_init_distributed_single_process(monkeypatch):

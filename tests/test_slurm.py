@@ -18,6 +18,8 @@ import pytest
 from test_runner import STANDIN, TESTS, cli, run_dirs, standin_train, write_ablation
 
 pytestmark = pytest.mark.slurm
+# seconds to wait for a job; about 10 s is usual, but a loaded 2-core machine starts python + torch slowly
+WAIT = float(os.environ.get("DIMR_LAB_SLURM_WAIT_S", "300"))
 
 
 def _unavailable() -> str | None:
@@ -53,6 +55,8 @@ def job_env(monkeypatch, slurm_up):
     monkeypatch.setenv("PYTHONPATH", str(TESTS) + (os.pathsep + old if old else ""))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("STANDIN_STEP_S", raising=False)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
     return monkeypatch
 
 
@@ -94,7 +98,7 @@ def test_job_array_sacct_and_skip(tmp_path, capsys, job_env):
         array = ids[0].split("_")[0]
         assert ids == [f"{array}_{i}" for i in range(3)]
         dirs = run_dirs(results)
-        _wait(lambda: all((d / "metrics.json").is_file() for d in dirs), 100, "the array to finish")
+        _wait(lambda: all((d / "metrics.json").is_file() for d in dirs), WAIT, "the array to finish")
         for d in dirs:
             info = json.loads((d / "slurm.json").read_text())["jobs"][-1]
             assert info["array_job_id"] == array and Path(info["stdout"]).parent.parent.name == ".submitit"
@@ -130,7 +134,7 @@ def test_requeue_mid_training_resumes_to_the_same_weights(tmp_path, job_env, how
         res = submit([run], slurm_settings(abl), ablation=abl.name, ablation_dir=run.run_dir.parent,
                      train_fn=STANDIN)
         (_, job_id), = res["submitted"]
-        _wait(lambda: (last_step(run.run_dir) or 0) >= 9, 90, "training to pass step 9")
+        _wait(lambda: (last_step(run.run_dir) or 0) >= 9, WAIT, "training to pass step 9")
         if how == "scontrol_requeue":
             subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
         else:
@@ -143,7 +147,7 @@ def test_requeue_mid_training_resumes_to_the_same_weights(tmp_path, job_env, how
                 return True
             return False
         _wait(released, 30, "the requeued job to be pending")
-        _wait(lambda: (run.run_dir / "metrics.json").is_file(), 120, "the requeued job to finish")
+        _wait(lambda: (run.run_dir / "metrics.json").is_file(), WAIT, "the requeued job to finish")
     finally:
         _scancel_all([run.run_dir])
     log = [json.loads(x) for x in (run.run_dir / "log.jsonl").read_text().splitlines()]
@@ -168,7 +172,7 @@ def test_two_task_job_all_reduces(tmp_path, capsys, job_env):
         assert code == 0, err
         dirs = run_dirs(results)
         d = dirs[0]
-        _wait(lambda: (d / "metrics.json").is_file(), 100, "the 2-task job to finish")
+        _wait(lambda: (d / "metrics.json").is_file(), WAIT, "the 2-task job to finish")
         m = json.loads((d / "metrics.json").read_text())
         assert m["world_size"] == 2 and m["allreduce_check"] == 3.0
         assert json.loads((d / "slurm.json").read_text())["jobs"][-1]["tasks"] == 2
@@ -192,7 +196,7 @@ def test_cancel_queued(tmp_path, capsys, job_env):
             code, out, err = cli(["status", results, "--json"], capsys)
             st = [json.loads(x) for x in out.splitlines()]
             return st if all(s["state"] == "failed" for s in st) else None
-        st = _wait(cancelled, 60, "the jobs to be cancelled")
+        st = _wait(cancelled, WAIT, "the jobs to be cancelled")
         # a task that had started may end FAILED: it checkpoints on SIGTERM and exits non-zero
         assert all(s["slurm_state"] in ("CANCELLED", "FAILED") for s in st), st
         assert any(s["slurm_state"] == "CANCELLED" for s in st), st

@@ -52,7 +52,9 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self, run_dir: str) -> dict[str, Any]:
         from dimr_lab.runner.distributed import setup_env_from_slurm
 
-        setup_env_from_slurm()
+        # SLURM's task variables are the truth here: RANK/WORLD_SIZE/... exported from the submitting shell
+        # (sbatch passes its environment on) must not leak into the job
+        setup_env_from_slurm(overwrite=True)
         rank = int(os.environ.get("RANK", "0"))
         stop = StopFlag()
         usr_sig = submitit.JobEnvironment._usr_sig()
