@@ -2,7 +2,8 @@
 
 What is measured
 - Times: wall clock per step (CUDA synchronised), median over `steps` after `warmup` steps;
-  images/s = batch / median.
+  images/s = batch / median. Also the process CPU seconds per step (`*_cpu_s`): on a shared CPU
+  with one torch thread, CPU time is robust to being descheduled where wall time is not.
 - dtype: float32 runs in float32; bfloat16 / float16 run under torch.autocast with float32 weights
   (mixed precision, as training does; no gradient scaler).
 - Peak memory, CUDA: torch.cuda.max_memory_allocated over the phase (weights, gradients, AdamW state,
@@ -96,17 +97,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> list[float]:
+def _timed(fn: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> tuple[list[float], list[float]]:
+    """Wall-clock and process CPU seconds of each timed call."""
     for _ in range(warmup):
         fn()
     _sync(device)
-    times = []
+    wall, cpu = [], []
     for _ in range(steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 class _Memory:
@@ -155,9 +158,10 @@ def bench_model(model: torch.nn.Module, *, batch: int, image_size: int, in_chann
                 call(model, x, t_in, y)
 
         memory.start()
-        times = _timed(fwd, steps, warmup, device)
+        times, cpu = _timed(fwd, steps, warmup, device)
         peak, exact = memory.stop()
         result.update(forward_s=statistics.median(times), forward_times_s=times,
+                      forward_cpu_s=statistics.median(cpu),
                       forward_images_per_s=batch / statistics.median(times),
                       forward_peak_memory_mib=peak, forward_memory_exact=exact)
     if train:
@@ -173,9 +177,10 @@ def bench_model(model: torch.nn.Module, *, batch: int, image_size: int, in_chann
             opt.zero_grad(set_to_none=True)
 
         memory.start()
-        times = _timed(step, steps, warmup, device)
+        times, cpu = _timed(step, steps, warmup, device)
         peak, exact = memory.stop()
         result.update(train_step_s=statistics.median(times), train_times_s=times,
+                      train_cpu_s=statistics.median(cpu),
                       train_images_per_s=batch / statistics.median(times),
                       peak_memory_mib=peak, memory_exact=exact)
     name, peak_tf = peak_tflops(device, dtype)

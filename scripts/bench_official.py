@@ -255,13 +255,16 @@ def main() -> None:
             for c in configs:
                 start = time.time()
                 runs[c].append(run_child(args, c, state))
-                print(f"  repeat {r + 1}/{args.repeats} {c}: train {runs[c][-1]['train_step_s']:.3f} s/step, "
+                print(f"  repeat {r + 1}/{args.repeats} {c}: train {runs[c][-1]['train_step_s']:.3f} s/step "
+                      f"({runs[c][-1]['train_cpu_s']:.3f} CPU s), "
                       f"forward {runs[c][-1]['forward_s']:.3f} s, peak {runs[c][-1]['peak_memory_mib']:.0f} MiB "
                       f"({time.time() - start:.0f} s)", flush=True)
     summary = {}
     for c, rs in runs.items():
         summary[c] = {"train_step_s": statistics.median(r["train_step_s"] for r in rs),
+                      "train_cpu_s": statistics.median(r["train_cpu_s"] for r in rs),
                       "forward_s": statistics.median(r["forward_s"] for r in rs),
+                      "forward_cpu_s": statistics.median(r["forward_cpu_s"] for r in rs),
                       "peak_memory_mib": statistics.median(r["peak_memory_mib"] for r in rs),
                       "memory_exact": all(r["memory_exact"] for r in rs), "params": rs[0]["params"],
                       "train_step_s_all": [r["train_step_s"] for r in rs]}
@@ -272,16 +275,18 @@ def main() -> None:
     print(f"\nDiMR-XL/2R widths, T depth {args.t_depth}, C depth {args.c_depth}; batch {args.batch}, float32, "
           f"{args.threads} thread(s), torch {torch.__version__}; medians of {args.repeats} processes x "
           f"{args.steps} steps\n")
-    print("| config | checkpointing | train step s | train img/s | speed-up vs released as shipped | "
-          "forward s | peak MiB (train) | memory vs released, same checkpointing |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| config | checkpointing | train step s (wall) | train img/s | speed-up vs released (wall) | "
+          "train step CPU s | speed-up vs released (CPU time) | forward s (wall / CPU) | peak MiB (train) | "
+          "memory vs released, same checkpointing |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for c, s in summary.items():
         speed = f"{base['train_step_s'] / s['train_step_s']:.2f}x" if base else "-"
+        speed_cpu = f"{base['train_cpu_s'] / s['train_cpu_s']:.2f}x" if base else "-"
         ref = summary.get(same_ckpt[c])
         mem = f"{s['peak_memory_mib'] / ref['peak_memory_mib']:.2f}x" if ref else "-"
         print(f"| {c} | {ckpt[c]} | {s['train_step_s']:.3f} | {args.batch / s['train_step_s']:.2f} | {speed} | "
-              f"{s['forward_s']:.3f} | {s['peak_memory_mib']:.0f}{'' if s['memory_exact'] else ' (bound)'} | "
-              f"{mem} |")
+              f"{s['train_cpu_s']:.3f} | {speed_cpu} | {s['forward_s']:.3f} / {s['forward_cpu_s']:.3f} | "
+              f"{s['peak_memory_mib']:.0f}{'' if s['memory_exact'] else ' (bound)'} | {mem} |")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"equivalence": eq, "summary": summary, "runs": runs,
                                                    "args": vars(args)}, indent=2))
