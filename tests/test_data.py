@@ -273,3 +273,19 @@ def test_latent_files_cannot_run_code(tmp_path):
     with pytest.raises(UserError, match="refusing to load"):
         load_latent_file(bad)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_decode_latents_through_the_data_vae(tmp_path):
+    """Latent samples decode through data.vae (its scaling factor undone) into images in [-1, 1]."""
+    from dimr_lab.data.latents import decode_latents
+
+    vae = tiny_vae()
+    vae.save_pretrained(tmp_path / "vae")
+    z = torch.randn(3, 4, 8, 8)
+    images = decode_latents(z, DataSpec(name="latents", vae=str(tmp_path / "vae")), batch_size=2)
+    with torch.no_grad():
+        ref = vae.decode(z / vae.config.scaling_factor).sample.clamp(-1, 1)
+    assert images.shape == (3, 3, 16, 16)
+    torch.testing.assert_close(images, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(SpecError, match="data.vae"):
+        decode_latents(z, DataSpec(name="latents"))

@@ -141,6 +141,25 @@ def _load_vae(vae):
     return vae
 
 
+_decoders: dict[str, object] = {}
+
+
+@torch.no_grad()
+def decode_latents(z: torch.Tensor, data_spec, *, batch_size: int = 16) -> torch.Tensor:
+    """Scaled latents (N, C, h, w) -> images (N, 3, h*8, w*8) in [-1, 1] through `data.vae`'s decoder."""
+    if not data_spec.vae:
+        raise SpecError("images from latent samples need the VAE that encoded them: set data.vae to its "
+                        "diffusers AutoencoderKL folder (or eval.enabled = false)", key="data.vae")
+    key = str(Path(data_spec.vae).expanduser().resolve())
+    if key not in _decoders:
+        _decoders[key] = _load_vae(data_spec.vae).eval()
+    vae = _decoders[key]
+    scale = float(getattr(getattr(vae, "config", None), "scaling_factor", SCALE_FACTOR))
+    device = next(vae.parameters()).device
+    out = [vae.decode(chunk.to(device) / scale).sample.float().cpu() for chunk in z.split(batch_size)]
+    return torch.cat(out).clamp(-1, 1)  # (N, 3, H, W)
+
+
 @torch.no_grad()
 def prepare_latents(src_folder, out_dir, *, vae, image_size: int = 256, batch_size: int = 32,
                     flip: bool = True) -> dict:

@@ -24,6 +24,7 @@ class DataSpec:
     num_classes: int = field(0, min=0, help="0: the dataset's own class count")
     train_size: int = field(4096, min=1, help="procedural datasets: number of training images")
     root: str = field("", help="folder / latents: the directory to read")
+    vae: str = field("", help="latents: the diffusers AutoencoderKL folder that encoded them (decodes samples)")
     flip: bool = field(True, help="random horizontal flips")
     num_workers: int = field(0, min=0)
 
