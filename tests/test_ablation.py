@@ -127,7 +127,8 @@ def test_base_from_file_and_builtin(tmp_path):
     from dimr_lab.spec.defaults import DEFAULT_RUN
 
     runs = expand(load_ablation(write(tmp_path, text)), results=tmp_path)
-    assert runs[0].spec.train.lr == DEFAULT_RUN["train"]["lr"]
+    assert runs[0].spec.train.ema_decay == DEFAULT_RUN["train"]["ema_decay"]  # from the built-in run
+    assert runs[0].spec.data.image_size == DEFAULT_RUN["data"]["image_size"]
 
 
 def test_norm_ablation_file():
