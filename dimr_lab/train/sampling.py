@@ -78,11 +78,8 @@ def generate(model: Any, spec: Any, labels: torch.Tensor, *, seed: int = 0, batc
 def to_uint8(x: torch.Tensor, data_spec: Any = None) -> torch.Tensor:
     """Model-space samples (N, C, H, W) -> uint8 images (N, 3, H, W); pixels in [-1, 1] map to 0..255."""
     if data_spec is not None and getattr(data_spec, "name", "") == "latents":
-        try:
-            from dimr_lab.data.latents import decode_latents  # a VAE decoder, where the data module has one
-        except ImportError:
-            raise UserError("images from latent samples need a VAE decoder, which dimr_lab.data does not provide "
-                            "yet; set eval.enabled = false for latent runs") from None
+        from dimr_lab.data.latents import decode_latents  # through data.vae (a SpecError without one)
+
         x = decode_latents(x, data_spec)
     x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (N, C, H, W)
     if x.shape[1] == 1:
