@@ -86,3 +86,19 @@ def _class_names(spec) -> list[str] | None:
     if spec.data.name == "digits":
         return [str(i) for i in range(10)]
     return None
+
+
+@app.command()
+def distortion(
+    run_dir: Path = typer.Argument(..., help="a finished run directory"),
+    threshold: Optional[float] = typer.Option(None, help="flag p(class) below this (default: the run's "
+                                                          "eval.distortion_threshold)"),
+    max_images: int = typer.Option(64, "--max", help="at most this many flagged samples in the grid"),
+    out: Optional[Path] = typer.Option(None, help="the grid PNG (default RUN_DIR/distortion.png)"),
+) -> None:
+    """The paper's low-fidelity detector: a grid of the samples the classifier flags, and their share."""
+    from dimr_lab.eval.distortion import distortion_report
+
+    report = distortion_report(run_dir, threshold=threshold, max_images=max_images, out=out)
+    print(f"distortion rate {report['distortion_rate']:.3f} ({report['flagged']}/{report['samples']} samples "
+          f"with p(class) < {report['threshold']})" + (f"; grid: {report['grid']}" if "grid" in report else ""))

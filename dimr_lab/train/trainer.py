@@ -389,12 +389,16 @@ class _Run:
             labels = class_balanced_labels(spec.eval.samples, self.num_classes)
             # a seed apart from the grid's, so the evaluated samples are not the grid's again
             x = generate(model, spec, labels, seed=spec.sample.seed + 1, batch_size=spec.eval.batch_size)
-            results = dict(evaluate(to_uint8(x, spec.data), labels, spec.data, spec.eval, cache_dir=cache_dir(),
-                                    seed=DATA_SEED))
+            images = to_uint8(x, spec.data)
+            results = dict(evaluate(images, labels, spec.data, spec.eval, cache_dir=cache_dir(), seed=DATA_SEED))
             per_sample = {k: np.asarray(results.pop(k)) for k in list(results)
                           if isinstance(results[k], (np.ndarray, torch.Tensor))}
-            if per_sample:  # per-sample class probabilities and predictions, beside the metrics
-                np.savez(out / "eval_per_sample.npz", labels=labels.numpy(), **per_sample)
+            if per_sample:  # the samples with their class probabilities: `dimr-lab distortion` reads them
+                np.savez_compressed(out / "eval_per_sample.npz", labels=labels.numpy(), images=images.numpy(),
+                                    **per_sample)
+                from dimr_lab.eval.distortion import distortion_report
+
+                distortion_report(out)
             results.setdefault("kid", results.get("kid_mean"))
             results.setdefault("isc", results.get("isc_mean"))
         eval_s = time.perf_counter() - t
