@@ -20,6 +20,7 @@ What is measured
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import resource
@@ -213,8 +214,11 @@ def bench(spec: Any, *, batch: int = 8, dtype: str = "float32", device: str = "c
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
     spec = spec if isinstance(spec, ModelSpec) else resolve_model(spec)
+    # MACs on the meta device; attention_fp32 changes no MAC, and its autocast guard fails on 'meta'
+    counted = copy.deepcopy(spec)
+    counted.attention_fp32 = False
     with torch.device("meta"):
-        macs = count_macs(build_model(spec), device="meta")["macs"]
+        macs = count_macs(build_model(counted), device="meta")["macs"]
     baseline = rss_mib()
     torch.manual_seed(seed)
     model = build_model(spec).to(device)

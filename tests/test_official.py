@@ -263,7 +263,7 @@ def test_bench_json_for_a_tiny_preset(capsys):
     from dimr_lab.cli import main
 
     main(["bench", "dimr_tiny_2r", "--batch", "1", "--steps", "1", "--warmup", "0", "--json",
-          "--set", "branches.0.depth=1", "--set", "branches.1.depth=1"])
+          "--set", "branches.0.depth=1", "--set", "branches.1.depth=1", "--set", "attention_fp32=true"])
     info = json.loads(capsys.readouterr().out)
     for key in ("train_images_per_s", "forward_images_per_s", "peak_memory_mib", "train_step_s", "forward_s",
                 "train_tflops", "params", "gmacs_per_image", "memory_measure"):
