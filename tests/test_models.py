@@ -335,3 +335,19 @@ def test_per_branch_overrides_of_a_preset():
         resolve_model({"preset": "dimr_tiny_3r", "branches": {"3": {"width": 8}}})
     with pytest.raises(SpecError, match="need a preset"):
         resolve_model({**TINY_2R, "branches": {"0": {"width": 8}}})
+
+
+def test_float32_attention_under_autocast_and_on_meta():
+    """attention_fp32 (the released code's choice) attends in float32 under bf16 autocast, and still counts."""
+    from dimr_lab.nn.describe import count
+
+    spec = {**TINY_2R, "attention_fp32": True}
+    assert count(spec)["gmacs"] == pytest.approx(count(TINY_2R)["gmacs"])
+    model = build_model(spec)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 1])
+    seen = []
+    model.branches[0].blocks[0].attn.backend = lambda q, k, v: seen.append(q.dtype) or torch.nn.functional.\
+        scaled_dot_product_attention(q, k, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, t, y)
+    assert seen == [torch.float32] and all(torch.isfinite(o).all() for o in out)

@@ -64,8 +64,12 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, hd)
         q, k, v = qkv.unbind(0)
         if self.fp32:  # the released code attends in float32 even under fp16 autocast
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                out = self.backend(q.float(), k.float(), v.float()).to(x.dtype)
+            if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    out = self.backend(q.float(), k.float(), v.float())
+            else:
+                out = self.backend(q.float(), k.float(), v.float())
+            out = out.to(x.dtype)
         else:
             out = self.backend(q, k, v)  # (B, h, N, hd)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
