@@ -137,7 +137,8 @@ def bench_model(model: torch.nn.Module, *, batch: int, image_size: int, in_chann
                 dtype: str = "float32", device: str | torch.device = "cpu", steps: int = 5, warmup: int = 2,
                 train: bool = True, forward: bool = True, call: Call = ours_call, t_mode: str = "ours",
                 macs_per_image: float | None = None, baseline_mib: float | None = None,
-                seed: int = 0) -> dict[str, Any]:
+                seed: int = 0, optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None
+                ) -> dict[str, Any]:
     """Time training steps and forward passes of a built model (its weights already on `device`)."""
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
@@ -167,7 +168,11 @@ def bench_model(model: torch.nn.Module, *, batch: int, image_size: int, in_chann
                       forward_peak_memory_mib=peak, forward_memory_exact=exact)
     if train:
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
+        if optimizer is None:  # the trainer's AdamW (fused where the device has the kernel)
+            from dimr_lab.train.loop import build_optimizer
+
+            optimizer = build_optimizer
+        opt = optimizer(model)
 
         def step() -> None:
             with autocast:

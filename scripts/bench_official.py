@@ -185,9 +185,12 @@ def child(args) -> None:
             step()
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
         return
+    # the released code as it ships trains with torch.optim.AdamW's default implementation; ours with the
+    # trainer's (dimr_lab.train.loop.build_optimizer: fused where the device has the kernel)
+    optimizer = (lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4)) if args.child.startswith("released") else None
     res = bench_model(model, batch=args.batch, image_size=spec.image_size, in_channels=spec.in_channels,
                       num_classes=spec.num_classes, steps=args.steps, warmup=args.warmup,
-                      call=call or ours_call, baseline_mib=baseline)
+                      call=call or ours_call, baseline_mib=baseline, optimizer=optimizer)
     res["params"] = sum(p.numel() for p in model.parameters())
     print(json.dumps(res))
 

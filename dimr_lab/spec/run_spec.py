@@ -47,6 +47,9 @@ class TrainSpec:
     lr: float = field(2e-4, min=0.0)
     betas: list[float] = field(default_factory=lambda: [0.99, 0.99])
     weight_decay: float = field(0.03, min=0.0)
+    no_decay: str = field("td_norms_biases", choices=("td_norms_biases", "td_only"),
+                          help="parameters without weight decay: TD w/b, norms and biases; or TD w/b only "
+                               "(the released code)")
     warmup_steps: int = field(5000, min=0)
     ema_decay: float = field(0.9999, min=0.0, max=1.0)
     grad_clip: float = field(0.0, min=0.0, help="0 = no clipping")

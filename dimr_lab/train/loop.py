@@ -11,6 +11,18 @@ from torch import nn
 from dimr_lab.errors import UserError
 
 
+def build_optimizer(model: nn.Module, *, lr: float = 1e-4, betas: tuple[float, float] = (0.99, 0.99),
+                    weight_decay: float = 0.0, no_decay: str = "td_norms_biases") -> torch.optim.AdamW:
+    """AdamW over the decay / no-decay groups, with the fused kernel where the device has one (CPU and CUDA
+    do: one pass over all tensors instead of a dozen elementwise ops per tensor)."""
+    from dimr_lab.nn.network import optimizer_param_groups
+
+    groups = optimizer_param_groups(model, weight_decay, no_decay)
+    device = next(model.parameters()).device.type
+    fused = device in ("cpu", "cuda")
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused)
+
+
 def lr_at(step: int, lr: float, warmup_steps: int) -> float:
     """Learning rate of update number `step` (0-based): linear warm-up from 0, then constant.
 

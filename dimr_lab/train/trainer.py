@@ -27,7 +27,7 @@ from dimr_lab.errors import UserError
 from dimr_lab.spec.schema import to_dict
 from dimr_lab.train.checkpoint import FORMAT, atomic_save, atomic_write_text, get_rng_state, load_checkpoint, \
     set_rng_state
-from dimr_lab.train.loop import BatchOrder, batch_iterator, ema_update, lr_at
+from dimr_lab.train.loop import BatchOrder, batch_iterator, build_optimizer, ema_update, lr_at
 from dimr_lab.train.runinfo import check_spec_file, git_commit, spec_document, versions
 
 # forward + backward of a training step costs about 3x the forward multiply-accumulates
@@ -104,7 +104,7 @@ class _Run:
         from dimr_lab.data import build_dataset
         from dimr_lab.diffusion.loss import default_loss_weights
         from dimr_lab.diffusion.schedule import build_schedule
-        from dimr_lab.nn.network import build_model, optimizer_param_groups
+        from dimr_lab.nn.network import build_model
 
         spec, tr = self.spec, self.spec.train
         # seed everything a step might touch; the draws that matter come from self.noise below
@@ -126,8 +126,8 @@ class _Run:
         if tr.activation_checkpointing:
             self.model.set_checkpointing(True)
         self.ema = copy.deepcopy(self.model).float().eval().requires_grad_(False)  # fp32 EMA copy
-        self.optimizer = torch.optim.AdamW(optimizer_param_groups(self.model, tr.weight_decay), lr=tr.lr,
-                                           betas=tuple(tr.betas), weight_decay=tr.weight_decay)
+        self.optimizer = build_optimizer(self.model, lr=tr.lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay,
+                                         no_decay=tr.no_decay)
         cuda = self.device.type == "cuda"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tr.precision) if cuda else None
         self.scaler = torch.amp.GradScaler("cuda") if cuda and tr.precision == "fp16" else None
