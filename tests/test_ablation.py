@@ -128,7 +128,7 @@ def test_base_from_file_and_builtin(tmp_path):
 
     runs = expand(load_ablation(write(tmp_path, text)), results=tmp_path)
     assert runs[0].spec.train.ema_decay == DEFAULT_RUN["train"]["ema_decay"]  # from the built-in run
-    assert runs[0].spec.data.image_size == DEFAULT_RUN["data"]["image_size"]
+    assert runs[0].spec.data.image_size == runs[0].spec.model["image_size"]  # follows the default model
 
 
 def test_norm_ablation_file():

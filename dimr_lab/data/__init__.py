@@ -22,6 +22,8 @@ def build_dataset(data_spec: "DataSpec", *, split: str = "train", seed: int = 0)
     if split not in SPLITS:
         raise SpecError(unknown_name_message("split", split, SPLITS))
     name, size, k = data_spec.name, data_spec.image_size, data_spec.num_classes
+    if not size and name != "latents":  # a DataSpec used on its own (a run spec sets the model's size)
+        size = 32
     flip = bool(data_spec.flip) and split == "train"
     if name == "shapes":
         from dimr_lab.data.shapes import SHAPE_NAMES, ShapesDataset

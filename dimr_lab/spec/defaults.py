@@ -5,8 +5,8 @@ Sized for a 2-core CPU: 16x16 shapes (a 32x32 step costs about 4x more), batch 3
 """
 
 DEFAULT_RUN = {
-    "model": {"preset": "dimr_tiny_3r", "image_size": 16},
-    "data": {"name": "shapes", "image_size": 16, "train_size": 4096},
+    "model": {"preset": "dimr_tiny_3r"},
+    "data": {"name": "shapes", "train_size": 4096},
     "diffusion": {"schedule": "scaled_linear", "label_drop": 0.1},
     "train": {"steps": 1500, "batch_size": 32, "lr": 2e-3, "betas": [0.9, 0.99], "warmup_steps": 50,
               "ema_decay": 0.995, "checkpoint_every": 500, "log_every": 50},

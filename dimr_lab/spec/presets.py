@@ -23,7 +23,7 @@ _DIMR = {"conditioning": "norm", "norm": "tdrmsnorm", "outer_norm": "tdln", "mlp
 _LATENT256 = {"in_channels": 4, "image_size": 32, "num_classes": 1000}
 _LATENT512 = {"in_channels": 4, "image_size": 64, "num_classes": 1000}
 _PIXEL64 = {"in_channels": 3, "image_size": 64, "num_classes": 1000}
-_SHAPES32 = {"in_channels": 3, "image_size": 32, "num_classes": 8}
+_SHAPES16 = {"in_channels": 3, "image_size": 16, "num_classes": 8}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ImageNet 256 (latent 32x32x4): the released configs.
@@ -52,15 +52,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "norm": "adaln_zero", "outer_norm": "adaln", "mlp": "mlp", "pos_embed": "sincos",
                  "cascade": "none", "head": "unpatchify", "long_skip": False, "qkv_bias": True,
                  "branches": [_t(1152, 28, 16, 2, mlp_width=4608)]},
-    # Small networks for the CPU default and tests (the built-in 32x32 shapes dataset).
-    "dimr_tiny_3r": {**_DIMR, **_SHAPES32, "name": "DiMR-tiny/3R",
+    # Small networks for the CPU default and tests (the built-in shapes dataset at 16x16).
+    "dimr_tiny_3r": {**_DIMR, **_SHAPES16, "name": "DiMR-tiny/3R",
                      "branches": [_t(96, 4, 4, 4), _c(48, 2, 2), _c(24, 2, 1)]},
-    "dimr_tiny_2r": {**_DIMR, **_SHAPES32, "name": "DiMR-tiny/2R",
+    "dimr_tiny_2r": {**_DIMR, **_SHAPES16, "name": "DiMR-tiny/2R",
                      "branches": [_t(96, 4, 4, 2), _c(48, 2, 1)]},
-    "uvit_tiny_4": {**_SHAPES32, "name": "U-ViT-tiny/4", "conditioning": "token", "norm": "layernorm",
+    "uvit_tiny_4": {**_SHAPES16, "name": "U-ViT-tiny/4", "conditioning": "token", "norm": "layernorm",
                     "outer_norm": "layernorm", "mlp": "mlp", "cascade": "none", "head": "unpatchify_conv",
                     "branches": [_t(96, 4, 4, 4)]},
-    "dit_tiny_4": {**_SHAPES32, "name": "DiT-tiny/4", "conditioning": "adaln", "norm": "adaln_zero",
+    "dit_tiny_4": {**_SHAPES16, "name": "DiT-tiny/4", "conditioning": "adaln", "norm": "adaln_zero",
                    "outer_norm": "adaln", "mlp": "mlp", "pos_embed": "sincos", "cascade": "none",
                    "head": "unpatchify", "long_skip": False, "qkv_bias": True,
                    "branches": [_t(96, 4, 4, 4)]},

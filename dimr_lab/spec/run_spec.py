@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dimr_lab.errors import SpecError
 from dimr_lab.spec.schema import field, from_dict, load_toml, set_dotted, to_dict
 
 
@@ -20,7 +21,8 @@ from dimr_lab.spec.schema import field, from_dict, load_toml, set_dotted, to_dic
 class DataSpec:
     name: str = field("shapes", choices=("shapes", "digits", "folder", "latents"),
                       help="built-in procedural shapes, sklearn digits, an ImageFolder tree, or VAE latents")
-    image_size: int = field(32, min=8, help="side of the (pixel or latent) image the network sees")
+    image_size: int = field(0, min=0, help="side of the (pixel or latent) image the network sees; 0 = the "
+                                           "model's image_size")
     num_classes: int = field(0, min=0, help="0: the dataset's own class count")
     train_size: int = field(4096, min=1, help="procedural datasets: number of training images")
     root: str = field("", help="folder / latents: the directory to read")
@@ -106,6 +108,12 @@ class RunSpec:
         from dimr_lab.spec.model_spec import resolve_model
 
         self.model = to_dict(resolve_model(self.model, key="model"))
+        if not self.data.image_size:
+            self.data.image_size = self.model["image_size"]
+        if self.model["image_size"] != self.data.image_size:
+            raise SpecError(f"the network takes {self.model['image_size']}x{self.model['image_size']} inputs "
+                            f"(model.image_size) but data.image_size is {self.data.image_size}: set both",
+                            key="data.image_size")
 
 
 def load_run_spec(data: dict[str, Any] | str | Path | None = None, overrides: list[tuple[str, Any]] | None = None,
