@@ -52,7 +52,7 @@ def _masks(cls: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def render_shapes(indices: np.ndarray, image_size: int, num_classes: int, seed: int, stream: int) -> torch.Tensor:
     """uint8 images (N, 3, S, S) of the given indices; class = index % num_classes."""
     idx = np.asarray(indices, dtype=np.int64)
-    n, s = len(idx), image_size
+    s = image_size
     r = 0.22 + 0.20 * _uniform(seed, stream, idx, 0)  # radius as a fraction of the side
     cx = r + (1 - 2 * r) * _uniform(seed, stream, idx, 1)  # keeps the whole shape inside
     cy = r + (1 - 2 * r) * _uniform(seed, stream, idx, 2)

@@ -358,7 +358,8 @@ def load_official(src: str | Path) -> dict[str, torch.Tensor]:
 
 def convert_official(src: str | Path, dst: str | Path, heads: int = 16) -> dict[str, Any]:
     """Convert a released checkpoint into ours (weights + resolved spec, atomically); returns a summary."""
-    from dimr_lab.nn.checkpoint import FORMAT, atomic_save
+    from dimr_lab.atomic import atomic_save
+    from dimr_lab.nn.checkpoint import FORMAT
     from dimr_lab.spec.schema import to_dict
 
     sd = load_official(src)

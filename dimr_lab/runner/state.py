@@ -20,10 +20,11 @@ import fcntl
 import json
 import os
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
+
+from dimr_lab.atomic import atomic_write_text
 
 RUN_INFO = "run.json"
 LOCAL_INFO = "local.json"
@@ -31,22 +32,6 @@ SLURM_INFO = "slurm.json"
 METRICS = "metrics.json"
 OUTPUT_LOG = "output.log"
 LOCK = ".lock"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

@@ -7,7 +7,6 @@ Layout (format "dimr-lab/1"):
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -16,32 +15,8 @@ import numpy as np
 import torch
 
 from dimr_lab.errors import UserError
-
-FORMAT = "dimr-lab/1"
+from dimr_lab.nn.checkpoint import FORMAT
 REQUIRED = ("format", "model_spec", "model", "ema", "optimizer", "step", "rng", "data_position")
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file beside `path`, fsync, then os.replace (a reader never sees half)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    """Write text to a temporary file, then os.replace it onto `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def get_rng_state(noise: torch.Generator) -> dict[str, Any]:

@@ -25,8 +25,8 @@ import torch
 
 from dimr_lab.errors import UserError
 from dimr_lab.spec.schema import to_dict
-from dimr_lab.train.checkpoint import FORMAT, atomic_save, atomic_write_text, get_rng_state, load_checkpoint, \
-    set_rng_state
+from dimr_lab.atomic import atomic_save, atomic_write_text
+from dimr_lab.train.checkpoint import FORMAT, get_rng_state, load_checkpoint, set_rng_state
 from dimr_lab.train.loop import BatchOrder, batch_iterator, build_optimizer, ema_update, lr_at
 from dimr_lab.train.runinfo import check_spec_file, git_commit, spec_document, versions
 
@@ -85,7 +85,7 @@ class _Run:
             raise UserError(f"train.batch_size {spec.train.batch_size} does not divide over {self.world} processes")
         if self.rank == 0:
             out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(json.dumps(spec_document(resolved), indent=2) + "\n", out_dir / "spec.json")
+            atomic_write_text(out_dir / "spec.json", json.dumps(spec_document(resolved), indent=2) + "\n")
         self._barrier()
         self._build()
         resumed = self._resume()
@@ -326,7 +326,7 @@ class _Run:
                     keep.append(line)
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut by a kill
-        atomic_write_text("".join(f"{line}\n" for line in keep), self.log_path)
+        atomic_write_text(self.log_path, "".join(f"{line}\n" for line in keep))
 
     last_loss = float("nan")
 
@@ -421,7 +421,7 @@ class _Run:
             "device": str(self.device), "world_size": self.world,
             "versions": versions(), **{f"git_{k}": v for k, v in git_commit().items()},
         })
-        atomic_write_text(json.dumps(_jsonable(metrics), indent=2) + "\n", out / "metrics.json")
+        atomic_write_text(out / "metrics.json", json.dumps(_jsonable(metrics), indent=2) + "\n")
         return metrics
 
     def _logged_rows(self) -> list[dict[str, Any]]:
