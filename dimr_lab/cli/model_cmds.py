@@ -32,28 +32,10 @@ def components(kind: Optional[str] = typer.Argument(None, help="norm, conditioni
 
 
 def _load_model_spec(model: str, overrides: list[str] | None):
-    from dimr_lab.errors import UserError
     from dimr_lab.spec.model_spec import resolve_model
-    from dimr_lab.spec.presets import PRESETS
-    from dimr_lab.spec.schema import load_toml, parse_overrides, set_dotted
+    from dimr_lab.spec.schema import parse_overrides
 
-    file = None
-    if model in PRESETS:
-        data = {"preset": model}
-    elif model.endswith(".toml"):
-        file = model
-        raw = load_toml(model)
-        data = raw.get("model", raw)
-        if not isinstance(data, dict):
-            raise UserError(f"{model}: [model] must be a table")
-    else:
-        from dimr_lab.errors import unknown_name_message
-
-        raise UserError(unknown_name_message("model", model, PRESETS) + " (or a model .toml file)")
-    for key, value in parse_overrides(overrides):
-        key = key.removeprefix("model.")
-        set_dotted(data, key, value, file=file or "--set")
-    return resolve_model(data, file=file or model)
+    return resolve_model(model, overrides=parse_overrides(overrides))
 
 
 @app.command()

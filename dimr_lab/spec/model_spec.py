@@ -116,9 +116,12 @@ class ModelSpec:
         return out
 
 
-def resolve_model(data: dict[str, Any] | str, *, file: str | None = None, key: str = "") -> ModelSpec:
-    """A ModelSpec from a dict (with an optional `preset`) or a preset name or a TOML path."""
+def resolve_model(data: dict[str, Any] | str, *, file: str | None = None, key: str = "",
+                  overrides: list[tuple[str, Any]] | None = None) -> ModelSpec:
+    """A ModelSpec from a dict (with an optional `preset`) or a preset name or a TOML path, with dotted
+    overrides (`branches.0.depth`) applied on top."""
     from dimr_lab.spec.presets import PRESETS
+    from dimr_lab.spec.schema import set_dotted
 
     if isinstance(data, str):
         if data in PRESETS:
@@ -133,6 +136,8 @@ def resolve_model(data: dict[str, Any] | str, *, file: str | None = None, key: s
     if not isinstance(data, dict):
         raise SpecError(f"expected a table or a preset name, got {data!r}", file=file, key=key or None)
     data = copy.deepcopy(data)
+    for dotted, value in overrides or []:
+        set_dotted(data, dotted.removeprefix("model."), value, file="--set")
     preset = data.pop("preset", None)
     if preset is not None:
         if not isinstance(preset, str) or preset not in PRESETS:
