@@ -188,7 +188,7 @@ def _read_run(folder: Path) -> tuple[dict[str, Any], list[str]]:
         "variant": run["variant"],
         "variant_index": _number(run.get("variant_index")),
         "seed": run["seed"],
-        "base_variant": run.get("base_variant"),
+        "base_variant": run.get("baseline"),
         "grid": json.dumps(run.get("grid") or {}, sort_keys=True),
         "folder": str(folder),
         "paper": json.dumps(run["paper"], sort_keys=True) if run.get("paper") else None,

@@ -29,7 +29,7 @@ def write_run(root: Path, ablation: str, variant: str, seed: int, metrics: dict 
     folder = root / ablation / f"{variant}-s{seed}-{tag}{seed}"
     folder.mkdir(parents=True)
     run = {"ablation": ablation, "title": f"{ablation} ablation", "variant": variant, "seed": seed, "grid": {},
-           "factors": {}, "paper": None, "profile": "tiny", "base_variant": None, **run_fields}
+           "factors": {}, "paper": None, "profile": "tiny", "baseline": None, **run_fields}
     (folder / "run.json").write_text(json.dumps(run))
     (folder / "spec.json").write_text(json.dumps({"model": {}, "data": {}, "train": {"seed": seed}}))
     if metrics is not None:
@@ -54,7 +54,7 @@ def tree(tmp_path: Path) -> Path:
     for variant, (index, fids, paper) in NORM.items():
         for seed, fid in enumerate(fids):
             write_run(root, "norm", variant, seed, metrics_for(fid, seed), variant_index=index, paper=paper,
-                      base_variant="tdln", title="TD-LN vs adaLN",
+                      baseline="tdln", title="TD-LN vs adaLN",
                       factors={"norm": variant.upper(), "conditioning": "norm"})
     return root
 
@@ -109,7 +109,7 @@ def test_base_defaults_to_first_variant_by_name(tmp_path):
 
 def test_declared_base_without_finished_runs_gives_no_deltas(tmp_path):
     for variant in ("a", "b"):
-        write_run(tmp_path, "abl", variant, 0, metrics_for(3.0, 0), base_variant="gone")
+        write_run(tmp_path, "abl", variant, 0, metrics_for(3.0, 0), baseline="gone")
     table = aggregate(collect(tmp_path / "abl")[0])  # one ablation folder works as well as a tree
     assert not table["base"].any() and table["fid_delta"].isna().all()
     assert "ΔFID" not in format_table(table, "markdown")
@@ -153,7 +153,7 @@ def test_grid_points_are_rows_compared_at_the_same_point(tmp_path):
     for variant, offset in (("base", 0.0), ("other", 1.0)):
         for lr, fid in ((1e-3, 3.0), (3e-4, 4.0)):
             write_run(tmp_path, "g", variant, 0, metrics_for(fid + offset, 0), tag=f"lr{lr}-",
-                      grid={"train.lr": lr}, base_variant="base")
+                      grid={"train.lr": lr}, baseline="base")
     table = aggregate(collect(tmp_path)[0])
     assert len(table) == 4 and list(table["grid.train.lr"]) == [3e-4, 1e-3, 3e-4, 1e-3]
     assert list(table["fid_delta"]) == pytest.approx([0.0, 0.0, 1.0, 1.0])

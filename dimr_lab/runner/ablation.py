@@ -150,6 +150,7 @@ class PlannedRun:
     title: str = ""
     baseline: str = ""
     ablation_file: str = ""
+    variant_index: int = 0  # the variant's place in the file (the table keeps that order)
 
     @property
     def name(self) -> str:
@@ -161,6 +162,7 @@ class PlannedRun:
             "ablation": self.ablation,
             "title": self.title,
             "variant": self.variant,
+            "variant_index": self.variant_index,
             "seed": self.seed,
             "grid": self.grid,
             "factors": self.factors,
@@ -554,7 +556,7 @@ def expand(abl: Ablation, profile: str = DEFAULT_PROFILE, overrides: list[tuple[
     ablation_dir = results_root / abl.name
     _check_inside(ablation_dir, results_root, file, "ablation.name")
     runs: list[PlannedRun] = []
-    for v in abl.variants:
+    for index, v in enumerate(abl.variants):
         for point in _grid_points(abl):
             layers = [(f"profile.{profile}", prof_items), *_variant_layers(v, profile),
                       ("grid", list(point.items()))]
@@ -571,7 +573,7 @@ def expand(abl: Ablation, profile: str = DEFAULT_PROFILE, overrides: list[tuple[
                 runs.append(PlannedRun(ablation=abl.name, variant=v.name, seed=seed, grid=dict(point),
                                        factors=factors, paper=paper, profile=profile, spec=spec, spec_hash=h,
                                        run_dir=run_dir, title=abl.title, baseline=abl.baseline,
-                                       ablation_file=str(abl.file.resolve())))
+                                       ablation_file=str(abl.file.resolve()), variant_index=index))
     dirs = [r.run_dir for r in runs]
     if len(set(dirs)) != len(dirs):
         dup = next(d for d in dirs if dirs.count(d) > 1)
