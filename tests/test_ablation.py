@@ -12,6 +12,7 @@ from dimr_lab.errors import SpecError
 from dimr_lab.runner.ablation import expand, load_ablation, slurm_settings, split_overrides
 from dimr_lab.spec.run_spec import load_run_spec, spec_hash
 from dimr_lab.spec.schema import to_dict
+from conftest import cli
 
 REPO = Path(__file__).resolve().parents[1]
 NORM_ABLATION = REPO / "ablations" / "tdln_vs_adaln.toml"
@@ -54,18 +55,6 @@ def write(tmp: Path, text: str, name: str = "abl.toml") -> Path:
     p = tmp / name
     p.write_text(text)
     return p
-
-
-def cli(argv, capsys):
-    from dimr_lab.cli import main
-
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_expand_variants_grid_seeds(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from dimr_lab.errors import UserError
+from conftest import cli
 
 TESTS = Path(__file__).resolve().parent
 STANDIN = "test_runner:standin_train"
@@ -157,18 +158,6 @@ def standin_env(monkeypatch):
     old = os.environ.get("PYTHONPATH", "")
     monkeypatch.setenv("PYTHONPATH", str(TESTS) + (os.pathsep + old if old else ""))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-
-
-def cli(argv, capsys):
-    from dimr_lab.cli import main
-
-    try:
-        main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def run_dirs(results: Path, name: str = "abl") -> list[Path]:
