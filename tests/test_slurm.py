@@ -195,7 +195,10 @@ def test_cancel_queued(tmp_path, capsys, job_env):
         def cancelled():
             code, out, err = cli(["status", results, "--json"], capsys)
             st = [json.loads(x) for x in out.splitlines()]
-            return st if all(s["state"] == "failed" for s in st) else None
+            # wait for accounting too: right after scancel sacct may not have the records yet (seen on a
+            # freshly started slurmdbd), and status then reports the job as unknown to SLURM
+            done = all(s["state"] == "failed" and s.get("slurm_state") in ("CANCELLED", "FAILED") for s in st)
+            return st if done else None
         st = _wait(cancelled, WAIT, "the jobs to be cancelled")
         # a task that had started may end FAILED: it checkpoints on SIGTERM and exits non-zero
         assert all(s["slurm_state"] in ("CANCELLED", "FAILED") for s in st), st
