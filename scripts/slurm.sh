@@ -62,11 +62,16 @@ start_munge() {
   [ -s /etc/munge/munge.key ] || mungekey --create --keyfile=/etc/munge/munge.key
   chown munge:munge /etc/munge/munge.key
   chmod 0400 /etc/munge/munge.key
-  if ! alive "$MUNGE_PID"; then
-    rm -f "$MUNGE_PID"
-    runuser -u munge -- /usr/sbin/munged --force   # --force: a stale socket from a killed munged is fine
-  fi
-  retry 50 sh -c 'munge -n </dev/null | unmunge' >/dev/null
+  # up to 3 starts: a munged killed a moment ago may still hold its socket lock, and a new one then exits
+  for _ in 1 2 3; do
+    if ! alive "$MUNGE_PID"; then
+      rm -f "$MUNGE_PID"
+      runuser -u munge -- /usr/sbin/munged --force   # --force: a stale socket from a killed munged is fine
+    fi
+    retry 50 sh -c 'munge -n </dev/null | unmunge' >/dev/null 2>&1 && return 0
+    sleep 1
+  done
+  retry 1 sh -c 'munge -n </dev/null | unmunge' >/dev/null
 }
 
 write_if_changed() {  # write_if_changed FILE < content: 0 when it changed
