@@ -117,18 +117,20 @@ def is_locked(run_dir: Path) -> bool:
         os.close(fd)
 
 
-def last_step(run_dir: Path) -> int | None:
-    """The last 'step' the trainer logged in log.jsonl (reads the file's tail only)."""
-    path = Path(run_dir) / "log.jsonl"
+def _tail_lines(path: Path, nbytes: int) -> list[str]:
+    """The lines of the last `nbytes` of a file ([] when it cannot be read)."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 8192))
-            lines = f.read().decode(errors="replace").splitlines()
+            f.seek(max(0, f.tell() - nbytes))
+            return f.read().decode(errors="replace").splitlines()
     except OSError:
-        return None
-    for line in reversed(lines):
+        return []
+
+
+def last_step(run_dir: Path) -> int | None:
+    """The last 'step' the trainer logged in log.jsonl (reads the file's tail only)."""
+    for line in reversed(_tail_lines(Path(run_dir) / "log.jsonl", 8192)):
         try:
             rec = json.loads(line)
         except ValueError:
@@ -139,15 +141,7 @@ def last_step(run_dir: Path) -> int | None:
 
 
 def tail(path: Path, n: int = 8) -> list[str]:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 16384))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return []
-    lines = [ln.rstrip() for ln in lines if ln.strip()]
+    lines = [ln.rstrip() for ln in _tail_lines(path, 16384) if ln.strip()]
     return lines[-n:]
 
 

@@ -37,21 +37,11 @@ def setup_distributed() -> DistInfo:
     rank, world, local = _env_world()
     if world == 1:
         return DistInfo(0, 1, 0, _device(0), owns_group=False)
-    try:  # the runner's, when present
-        from dimr_lab.runner.distributed import init_distributed, setup_env_from_slurm
-    except ImportError:
-        init_distributed = None
-    if init_distributed is not None:
-        setup_env_from_slurm()  # SLURM tasks -> RANK, WORLD_SIZE, MASTER_ADDR... (keeps torchrun's)
-        rank, world, local, device = init_distributed()
-        return DistInfo(rank, world, local, torch.device(device), owns_group=True)
-    device = _device(local)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return DistInfo(rank, world, local, device, owns_group=True)
+    from dimr_lab.runner.distributed import init_distributed, setup_env_from_slurm
+
+    setup_env_from_slurm()  # SLURM tasks -> RANK, WORLD_SIZE, MASTER_ADDR... (keeps torchrun's)
+    rank, world, local, device = init_distributed()
+    return DistInfo(rank, world, local, torch.device(device), owns_group=True)
 
 
 def cleanup_distributed(info: DistInfo) -> None:
