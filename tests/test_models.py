@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import subprocess
@@ -67,7 +68,7 @@ COMPONENTS = [(kind, name) for kind, reg in KINDS.items() for name in reg.names(
 @pytest.mark.parametrize("kind,name", COMPONENTS, ids=[f"{k}-{n}" for k, n in COMPONENTS])
 def test_every_component_builds_runs_and_trains(kind, name):
     torch.manual_seed(0)
-    with pytest.warns(UserWarning, match="xformers") if name == "xformers" else _nullcontext():
+    with pytest.warns(UserWarning, match="xformers") if name == "xformers" else contextlib.nullcontext():
         model = build_model(_variant(kind, name))
         _wake(model)
         outs = _run(model)
@@ -89,14 +90,6 @@ def _wake(model):
         for name, p in model.named_parameters():
             if "modulation" in name:
                 p.normal_(0, 0.02)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _shrink(preset: str) -> dict:
