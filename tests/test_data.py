@@ -69,9 +69,11 @@ def test_shapes_flip_only_mirrors_train():
     ds = build_dataset(DataSpec(image_size=16, train_size=16, flip=True))
     torch.manual_seed(0)
     seen = set()
+    # every shape is left-right symmetric: take one whose centre sits off the middle, so a flip shows
+    i = next(j for j in range(16) if not torch.equal(ds.images[j], ds.images[j].flip(-1)))
     for _ in range(20):
-        x, _ = ds[5]
-        base = ds.images[5].float() / 127.5 - 1
+        x, _ = ds[i]
+        base = ds.images[i].float() / 127.5 - 1
         assert torch.equal(x, base) or torch.equal(x, base.flip(-1))
         seen.add(torch.equal(x, base))
     assert seen == {True, False}
@@ -82,6 +84,46 @@ def test_shapes_flip_only_mirrors_train():
 def test_shapes_too_many_classes():
     with pytest.raises(SpecError, match="data.num_classes"):
         build_dataset(DataSpec(num_classes=9, train_size=8))
+
+
+def test_shapes_palette_size_and_jitter():
+    """contrast: a light shape on a dark ground, so each class's mean image is its silhouette; jitter 0
+    centres every shape; the radius stays inside shape_size."""
+    spec = DataSpec(image_size=32, train_size=400, shape_size=[0.3, 0.4], shape_jitter=0.0, flip=False)
+    ds = build_dataset(spec)
+    img = ds.images.float() / 255  # (N, 3, S, S)
+    light = (img >= 0.6 - 1e-6).all(1)  # (N, S, S): the shape's pixels
+    dark = (img <= 0.35 + 1e-6).all(1)
+    assert bool((light | dark).all()), "every pixel is either the light shape or the dark ground"
+    circles = light[ds.labels == 0].float()  # (n, S, S)
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    cy = (circles * ys).sum((1, 2)) / circles.sum((1, 2))
+    cx = (circles * xs).sum((1, 2)) / circles.sum((1, 2))
+    assert torch.allclose(cy, torch.full_like(cy, 15.5), atol=0.6) and torch.allclose(cx, torch.full_like(cx, 15.5), atol=0.6)
+    radius = (circles.sum((1, 2)) / torch.pi).sqrt() / 32
+    assert radius.min() > 0.3 - 0.03 and radius.max() < 0.4 + 0.03
+    # the class means differ: the label tells a denoiser where the light pixels are
+    means = torch.stack([light[ds.labels == k].float().mean(0) for k in range(8)])  # (8, S, S)
+    gaps = torch.cdist(means.flatten(1), means.flatten(1))
+    assert gaps[~torch.eye(8, dtype=torch.bool)].min() > 0.5
+    # 'random': both colours anywhere, the light/dark split above no longer holds
+    rnd = build_dataset(DataSpec(image_size=32, train_size=64, shape_palette="random")).images.float() / 255
+    assert not ((rnd >= 0.6 - 1e-6).all(1) | (rnd <= 0.35 + 1e-6).all(1)).all()
+    # jitter 1 spreads centres over the free room
+    moved = build_dataset(DataSpec(image_size=32, train_size=400, shape_size=[0.2, 0.2], shape_jitter=1.0))
+    lit = ((moved.images.float() / 255) >= 0.6 - 1e-6).all(1)[moved.labels == 0].float()
+    spread = ((lit * xs).sum((1, 2)) / lit.sum((1, 2))).std()
+    assert spread > 3.0
+
+
+@pytest.mark.parametrize("key,value", [("data.shape_size", [0.4, 0.3]), ("data.shape_size", [0.0, 0.3]),
+                                       ("data.shape_size", [0.3, 0.6]), ("data.shape_size", [0.3]),
+                                       ("data.shape_jitter", 1.5), ("data.shape_palette", "neon")])
+def test_shapes_options_refused(key, value):
+    from dimr_lab.spec.run_spec import load_run_spec
+
+    with pytest.raises(SpecError, match=key.replace(".", r"\.")):
+        load_run_spec(None, [(key, value)])
 
 
 # ---- digits -------------------------------------------------------------------------------------

@@ -28,7 +28,9 @@ def build_dataset(data_spec: "DataSpec", *, split: str = "train", seed: int = 0)
     if name == "shapes":
         from dimr_lab.data.shapes import SHAPE_NAMES, ShapesDataset
 
-        return ShapesDataset(data_spec.train_size, size, k or len(SHAPE_NAMES), seed=seed, split=split, flip=flip)
+        return ShapesDataset(data_spec.train_size, size, k or len(SHAPE_NAMES), seed=seed, split=split, flip=flip,
+                             shape_size=tuple(data_spec.shape_size), jitter=data_spec.shape_jitter,
+                             palette=data_spec.shape_palette)
     if name == "digits":
         from dimr_lab.data.digits import DigitsDataset
 
@@ -63,6 +65,8 @@ def dataset_identity(data_spec: "DataSpec", seed: int = 0) -> dict:
              "seed": seed}
     if data_spec.name == "shapes":
         ident["train_size"] = data_spec.train_size
+        ident.update(shape_size=list(data_spec.shape_size), shape_jitter=data_spec.shape_jitter,
+                     shape_palette=data_spec.shape_palette)
     if data_spec.name in ("folder", "latents"):
         from pathlib import Path
 

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+PALETTES = ("contrast", "random")
 SHAPE_NAMES = ("circle", "square", "triangle", "cross", "ring", "bars", "diamond", "star")
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -49,16 +50,31 @@ def _masks(cls: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return masks[cls % len(SHAPE_NAMES), torch.arange(len(cls))]  # (N, S, S)
 
 
-def render_shapes(indices: np.ndarray, image_size: int, num_classes: int, seed: int, stream: int) -> torch.Tensor:
-    """uint8 images (N, 3, S, S) of the given indices; class = index % num_classes."""
+def render_shapes(indices: np.ndarray, image_size: int, num_classes: int, seed: int, stream: int,
+                  size: tuple[float, float] = (0.38, 0.48), jitter: float = 0.2,
+                  palette: str = "contrast") -> torch.Tensor:
+    """uint8 images (N, 3, S, S) of the given indices; class = index % num_classes.
+
+    size: the radius range as a fraction of the side; jitter: the share of the free room (where the
+    whole shape stays inside) that the centre moves in, 0 = always centred; palette: 'contrast' (a light
+    shape on a dark ground) or 'random' (two random colours)."""
+    if palette not in PALETTES:
+        raise ValueError(f"unknown palette {palette!r}; known: {', '.join(PALETTES)}")
     idx = np.asarray(indices, dtype=np.int64)
     s = image_size
-    r = 0.22 + 0.20 * _uniform(seed, stream, idx, 0)  # radius as a fraction of the side
-    cx = r + (1 - 2 * r) * _uniform(seed, stream, idx, 1)  # keeps the whole shape inside
-    cy = r + (1 - 2 * r) * _uniform(seed, stream, idx, 2)
-    bg = np.stack([_uniform(seed, stream, idx, 3 + c) for c in range(3)], 1)  # (N, 3)
-    # foreground differs from background by 0.35..0.65 on every channel: always visible
-    fg = np.remainder(bg + 0.35 + 0.3 * np.stack([_uniform(seed, stream, idx, 6 + c) for c in range(3)], 1), 1.0)
+    r = size[0] + (size[1] - size[0]) * _uniform(seed, stream, idx, 0)  # radius as a fraction of the side
+    cx = 0.5 + jitter * (0.5 - r) * (2 * _uniform(seed, stream, idx, 1) - 1)  # keeps the whole shape inside
+    cy = 0.5 + jitter * (0.5 - r) * (2 * _uniform(seed, stream, idx, 2) - 1)
+    bg = np.stack([_uniform(seed, stream, idx, 3 + c) for c in range(3)], 1)  # (N, 3) in [0, 1)
+    fg = np.stack([_uniform(seed, stream, idx, 6 + c) for c in range(3)], 1)  # (N, 3) in [0, 1)
+    if palette == "contrast":
+        # a light shape (every channel 0.6..1) on a dark ground (0..0.35): the class's mean image is its
+        # silhouette, so the label tells a denoiser something even where the noise hides the outline
+        bg, fg = 0.35 * bg, 0.6 + 0.4 * fg
+    else:
+        # 'random': both colours anywhere, foreground 0.35..0.65 away from the ground on every channel
+        # (mod 1); every class then has the same mean image and only the outline carries the label
+        fg = np.remainder(bg + 0.35 + 0.3 * fg, 1.0)
     bg8 = torch.from_numpy(np.round(bg * 255).astype(np.uint8))  # (N, 3)
     fg8 = torch.from_numpy(np.round(fg * 255).astype(np.uint8))  # (N, 3)
 
@@ -80,7 +96,8 @@ class ShapesDataset(Dataset):
     channels = 3
 
     def __init__(self, size: int, image_size: int = 32, num_classes: int = 8, *, seed: int = 0,
-                 split: str = "train", flip: bool = False):
+                 split: str = "train", flip: bool = False, shape_size: tuple[float, float] = (0.38, 0.48),
+                 jitter: float = 0.2, palette: str = "contrast"):
         if not 1 <= num_classes <= len(SHAPE_NAMES):
             from dimr_lab.errors import SpecError
 
@@ -89,7 +106,9 @@ class ShapesDataset(Dataset):
         self.flip = flip
         self.class_names = SHAPE_NAMES[:num_classes]
         stream = {"train": 0, "test": 1}[split]  # the test split draws from its own stream
-        self.images = torch.cat([render_shapes(np.arange(i, min(i + 1024, size)), image_size, num_classes, seed, stream)
+        self.shape_size, self.jitter, self.palette = (float(shape_size[0]), float(shape_size[1])), float(jitter), palette
+        self.images = torch.cat([render_shapes(np.arange(i, min(i + 1024, size)), image_size, num_classes, seed, stream,
+                                               self.shape_size, self.jitter, palette)
                                  for i in range(0, size, 1024)])  # (N, 3, S, S) uint8, chunked to bound memory
         self.labels = torch.arange(size) % num_classes  # (N,) balanced by construction
 

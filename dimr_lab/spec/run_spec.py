@@ -25,6 +25,13 @@ class DataSpec:
                                            "model's image_size")
     num_classes: int = field(0, min=0, help="0: the dataset's own class count")
     train_size: int = field(4096, min=1, help="procedural datasets: number of training images")
+    shape_size: list[float] = field(default_factory=lambda: [0.38, 0.48],
+                                    help="shapes: [min, max] radius as a fraction of the side (0 < min <= max <= 0.5)")
+    shape_palette: str = field("contrast", choices=("contrast", "random"),
+                               help="shapes: 'contrast' = a light shape on a dark ground (the class mean is its "
+                                    "silhouette); 'random' = two random colours (only the outline tells the class)")
+    shape_jitter: float = field(0.2, min=0.0, max=1.0,
+                                help="shapes: share of the free room the centre moves in (0: centred, 1: anywhere)")
     root: str = field("", help="folder / latents: the directory to read")
     vae: str = field("", help="latents: the diffusers AutoencoderKL folder that encoded them (decodes samples)")
     flip: bool = field(True, help="random horizontal flips")
@@ -108,6 +115,9 @@ class RunSpec:
         from dimr_lab.spec.model_spec import resolve_model
 
         self.model = to_dict(resolve_model(self.model, key="model"))
+        lo_hi = self.data.shape_size
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 0.5:
+            raise SpecError(f"must be [min, max] with 0 < min <= max <= 0.5, got {lo_hi!r}", key="data.shape_size")
         if not self.data.image_size:
             self.data.image_size = self.model["image_size"]
         if self.model["image_size"] != self.data.image_size:
