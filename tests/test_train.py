@@ -355,3 +355,22 @@ def test_eval_results_reach_metrics(tmp_path, monkeypatch):
     assert disk["fid"] == m["fid"] == 12.5 and disk["kid"] == 0.25 and disk["sample_accuracy"] == 0.75
     assert disk["eval"]["samples"] == 10 and "class_prob" not in disk
     assert np.load(tmp_path / "run" / "eval_per_sample.npz")["class_prob"].shape == (10,)
+
+
+def test_samples_use_the_datasets_classes_when_the_network_has_more(tmp_path, monkeypatch):
+    """data.num_classes 4 on an 8-class network: the grid and the evaluated samples ask for classes 0..3 only."""
+    import dimr_lab.eval
+    from dimr_lab.train.trainer import train_run
+
+    seen = {}
+
+    def fake_evaluate(samples, labels, data_spec, eval_spec, *, cache_dir, seed=0, **kw):
+        seen["labels"] = labels
+        return {"sample_accuracy": 1.0}
+
+    monkeypatch.setattr(dimr_lab.eval, "evaluate", fake_evaluate)
+    spec = tiny_spec(tmp_path, steps=1, ckpt=1, overrides=[("eval.enabled", True), ("eval.samples", 12),
+                                                           ("data.num_classes", 4)])
+    assert spec.model["num_classes"] == 8
+    train_run(spec, tmp_path / "run", progress=False)
+    assert torch.bincount(seen["labels"]).tolist() == [3, 3, 3, 3]

@@ -69,7 +69,9 @@ def sample(
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, spec = load_run_model(run_dir, ema=ema, device=device)
-    labels = class_balanced_labels(n, model.spec.num_classes)
+    # the dataset's classes where the spec names them (a network may have more label rows than it uses)
+    classes = min(spec.data.num_classes or model.spec.num_classes, model.spec.num_classes)
+    labels = class_balanced_labels(n, classes)
     x = generate(model, spec, labels, seed=seed, batch_size=batch_size, sampler=sampler, steps=steps,
                  order=order, guidance_scale=guidance)
     class_names = _class_names(spec)

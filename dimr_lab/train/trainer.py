@@ -123,6 +123,8 @@ class _Run:
         if getattr(self.dataset, "num_classes", self.num_classes) > self.num_classes:
             raise UserError(f"the dataset has {self.dataset.num_classes} classes but model.num_classes is "
                             f"{self.num_classes}")
+        # samples are drawn for the dataset's classes (a network may have more label rows than it uses)
+        self.data_classes = int(getattr(self.dataset, "num_classes", self.num_classes))
         if tr.activation_checkpointing:
             self.model.set_checkpointing(True)
         self.ema = copy.deepcopy(self.model).float().eval().requires_grad_(False)  # fp32 EMA copy
@@ -377,7 +379,7 @@ class _Run:
         model.eval()
         class_names = getattr(self.dataset, "class_names", None)
         t = time.perf_counter()
-        labels = class_balanced_labels(spec.sample.grid_size, self.num_classes)
+        labels = class_balanced_labels(spec.sample.grid_size, self.data_classes)
         grid = generate(model, spec, labels, seed=spec.sample.seed, batch_size=spec.eval.batch_size)
         save_grid(to_uint8(grid, spec.data), labels, out / "samples.png", class_names=class_names)
         sample_s = time.perf_counter() - t
@@ -386,7 +388,7 @@ class _Run:
         if spec.eval.enabled:
             from dimr_lab.eval import evaluate
 
-            labels = class_balanced_labels(spec.eval.samples, self.num_classes)
+            labels = class_balanced_labels(spec.eval.samples, self.data_classes)
             # a seed apart from the grid's, so the evaluated samples are not the grid's again
             x = generate(model, spec, labels, seed=spec.sample.seed + 1, batch_size=spec.eval.batch_size)
             images = to_uint8(x, spec.data)
