@@ -331,7 +331,7 @@ def test_per_branch_overrides_of_a_preset():
 
 
 def test_float32_attention_under_autocast_and_on_meta():
-    """attention_fp32 (the released code's choice) attends in float32 under bf16 autocast, and still counts."""
+    """attention_fp32 attends in float32 under bf16 autocast, and still counts."""
     from dimr_lab.nn.describe import count
 
     spec = {**TINY_2R, "attention_fp32": True}

@@ -212,6 +212,33 @@ def test_outputs_equal_the_released_implementation(released, name):
         assert (ga - gb).norm() <= 1e-4 * ga.norm() + 1e-7, off
 
 
+def test_autocast_attention_dtype_matches_the_released_implementation(released):
+    """Under bf16 autocast the released attention's .float() is undone by autocast (SDPA is on its
+    lower-precision list), so the converted network attends in bf16 too: same outputs as the released
+    model under autocast, far closer than float32 attention would be."""
+    name = next(iter(SPECS))
+    torch.manual_seed(0)
+    theirs = _released_model(released, SPECS[name])
+    randomise(theirs, seed=3)
+    spec, state = convert_official_state_dict(theirs.state_dict(), heads=SPECS[name]["branches"][0]["heads"])
+    assert spec.attention_fp32 is False
+    ours = build_model(spec)
+    ours.load_state_dict(state)
+    seen = []
+    for module in ours.modules():
+        if hasattr(module, "backend") and hasattr(module, "fp32"):
+            inner = module.backend
+            module.backend = lambda q, k, v, inner=inner: seen.append(q.dtype) or inner(q, k, v)
+    x, t, y = inputs(spec)
+    with warnings.catch_warnings(), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("ignore")
+        a = theirs(x, log_snr=8 * t - 4, y=y)
+        b = ours(x, t, y)
+    assert seen and set(seen) == {torch.bfloat16}
+    for u, v in zip(a, b):
+        assert _rel(u.float(), v.float()) < 2e-2
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 
 

@@ -63,7 +63,7 @@ class SelfAttention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, N, hd)
         q, k, v = qkv.unbind(0)
-        if self.fp32:  # the released code attends in float32 even under fp16 autocast
+        if self.fp32:  # float32 attention even under autocast (opt-in; not what the released code gets)
             if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
                 with torch.autocast(device_type=x.device.type, enabled=False):
                     out = self.backend(q.float(), k.float(), v.float())

@@ -229,7 +229,7 @@ def infer_spec_dict(sd: dict[str, torch.Tensor], heads: int = 16) -> dict[str, A
         b["downsample"] = image_size // side
     return {"name": "DiMR (released weights)", "in_channels": int(channels.pop()), "image_size": int(image_size),
             "num_classes": classes.pop() if classes else 1000, "conditioning": "norm", "norm": norms.pop(),
-            "outer_norm": "tdln", "mlp": "glu", "attention_fp32": True, "pos_embed": "learned",
+            "outer_norm": "tdln", "mlp": "glu", "attention_fp32": False, "pos_embed": "learned",
             "cascade": "dimr", "head": "conv", "long_skip": True,
             "qkv_bias": bool(qkv_bias.pop()) if qkv_bias else False, "branches": branches}
 

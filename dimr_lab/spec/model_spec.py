@@ -58,7 +58,9 @@ class ModelSpec:
     outer_norm: str = field("tdln", choices=NORMS, help="norm of the cascade and the output heads")
     mlp: str = field("glu", choices=MLPS)
     attention: str = field("sdpa", choices=ATTENTION)
-    attention_fp32: bool = field(False, help="compute attention in float32 (as the released code) under autocast")
+    attention_fp32: bool = field(False, help="attend in float32 under autocast (a stability option, slower); "
+                                                     "the released code's .float() before SDPA does not do this: "
+                                                     "autocast casts SDPA's inputs back to the autocast dtype")
     pos_embed: str = field("learned", choices=POS_EMBEDS)
     cascade: str = field("dimr", choices=CASCADES)
     head: str = field("conv", choices=HEADS)
