@@ -2,6 +2,7 @@
 """Speed check against the released DiMR code: same weights, same outputs, training-step time and memory.
 
     python scripts/bench_official.py --official /path/to/DiMR-checkout [--t-depth 5 --c-depth 4 --batch 2]
+    python scripts/bench_official.py --official ... --device cuda --dtype bfloat16 --t-depth 39 --c-depth 20 --batch 64
 
 1. Builds the released MRModel (imported from the checkout given; nothing of it is copied here) with
    DiMR-XL/2R's widths at reduced depth, randomises every weight (time-dependent p0/p1/w/b included)
@@ -65,6 +66,17 @@ def our_spec(args):
                           "branches": [{"depth": args.t_depth}, {"depth": args.c_depth}]})
 
 
+def count_ours(args) -> float:
+    """MACs per image of the configuration (meta device, no weights): for TFLOP/s and MFU."""
+    import torch
+
+    from dimr_lab.nn.describe import count_macs
+    from dimr_lab.nn.network import build_model
+
+    with torch.device("meta"):
+        return float(count_macs(build_model(our_spec(args)), device="meta")["macs"])
+
+
 def released_model(blocks, spec):
     from dimr_lab.nn.official import official_config
 
@@ -123,7 +135,7 @@ def build(config: str, args, state_path: Path):
         model.set_checkpointing(config == "ours-ckpt")
         call = None
     del sd
-    return model, call
+    return model.to(args.device), call
 
 
 def check_equal(args, state_path: Path) -> dict:
@@ -133,13 +145,16 @@ def check_equal(args, state_path: Path) -> dict:
     from dimr_lab.nn.official import key_pairs
 
     spec = our_spec(args)
+    torch.backends.cudnn.allow_tf32 = False  # float32 convolutions on both sides (the check is in float32)
+    torch.backends.cuda.matmul.allow_tf32 = False
     released, _ = build("released", args, state_path)
     ours, _ = build("ours", args, state_path)
     gen = torch.Generator().manual_seed(1)
-    B = args.batch
-    x = torch.randn(B, spec.in_channels, spec.image_size, spec.image_size, generator=gen)
-    t = torch.rand(B, generator=gen)
-    y = torch.randint(0, spec.num_classes, (B,), generator=gen)
+    B = min(args.batch, 8)
+    dev = torch.device(args.device)
+    x = torch.randn(B, spec.in_channels, spec.image_size, spec.image_size, generator=gen).to(dev)
+    t = torch.rand(B, generator=gen).to(dev)
+    y = torch.randint(0, spec.num_classes, (B,), generator=gen).to(dev)
     a = released_call(released, x, t, y)
     b = ours(x, t, y)
     out_err = [((u - v).norm() / u.norm()).item() for u, v in zip(a, b)]
@@ -148,7 +163,7 @@ def check_equal(args, state_path: Path) -> dict:
     rp, op = dict(released.named_parameters()), dict(ours.named_parameters())
     ga = torch.cat([rp[k].grad.reshape(-1) for k, _ in key_pairs(ours.spec)])
     gb = torch.cat([op[m].grad.reshape(-1) for _, m in key_pairs(ours.spec)])
-    shared = torch.full((B,), float(t[0]))
+    shared = torch.full((B,), float(t[0]), device=dev)
     a1, b1 = released_call(released, x, shared, y), ours(x, shared, y)
     shared_err = [((u - v).norm() / u.norm()).item() for u, v in zip(a1, b1)]
     return {"output_rel_err": out_err, "shared_t_rel_err": shared_err,
@@ -169,27 +184,36 @@ def child(args) -> None:
 
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(args.batch, spec.in_channels, spec.image_size, spec.image_size, generator=gen)
-        t = torch.rand(args.batch, generator=gen)
-        y = torch.randint(0, spec.num_classes, (args.batch,), generator=gen)
+        dev = torch.device(args.device)
+        x = torch.randn(args.batch, spec.in_channels, spec.image_size, spec.image_size, generator=gen).to(dev)
+        t = torch.rand(args.batch, generator=gen).to(dev)
+        y = torch.randint(0, spec.num_classes, (args.batch,), generator=gen).to(dev)
         fn = call or ours_call
+        autocast = torch.autocast(dev.type, dtype=getattr(torch, args.dtype), enabled=args.dtype != "float32")
 
         def step():
-            loss = sum(o.square().mean() for o in fn(model, x, t, y))
+            with autocast:
+                loss = sum(o.float().square().mean() for o in fn(model, x, t, y))
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         step()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        cuda = dev.type == "cuda"
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
             step()
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows))
+            if cuda:
+                torch.cuda.synchronize(dev)
+        key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=args.profile_rows))
         return
     # the released code as it ships trains with torch.optim.AdamW's default implementation; ours with the
     # trainer's (dimr_lab.train.loop.build_optimizer: fused where the device has the kernel)
     optimizer = (lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4)) if args.child.startswith("released") else None
     res = bench_model(model, batch=args.batch, image_size=spec.image_size, in_channels=spec.in_channels,
                       num_classes=spec.num_classes, steps=args.steps, warmup=args.warmup,
+                      dtype=args.dtype, device=args.device, macs_per_image=args.macs,
                       call=call or ours_call, baseline_mib=baseline, optimizer=optimizer)
     res["params"] = sum(p.numel() for p in model.parameters())
     print(json.dumps(res))
@@ -198,7 +222,8 @@ def child(args) -> None:
 def run_child(args, config: str, state: Path, profile: bool = False) -> dict | str:
     cmd = [sys.executable, __file__, "--official", args.official, "--child", config, "--state", str(state),
            "--t-depth", str(args.t_depth), "--c-depth", str(args.c_depth), "--batch", str(args.batch),
-           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--device", args.device, "--dtype", args.dtype, "--macs", str(args.macs)]
     if profile:
         cmd += ["--profile", "--profile-rows", str(args.profile_rows)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
@@ -218,6 +243,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3, help="processes per configuration, interleaved")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="bfloat16/float16: torch.autocast with float32 weights, in both codes")
+    p.add_argument("--macs", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", dest="json_out", help="write all measurements here")
@@ -234,6 +263,9 @@ def main() -> None:
 
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda: no CUDA device is available")
+    args.macs = count_ours(args)
     configs = [c for c in args.configs.split(",") if c]
     for c in configs:
         if c not in CONFIGS:
@@ -270,18 +302,21 @@ def main() -> None:
                       "forward_cpu_s": statistics.median(r["forward_cpu_s"] for r in rs),
                       "peak_memory_mib": statistics.median(r["peak_memory_mib"] for r in rs),
                       "memory_exact": all(r["memory_exact"] for r in rs), "params": rs[0]["params"],
-                      "train_step_s_all": [r["train_step_s"] for r in rs]}
+                      "train_step_s_all": [r["train_step_s"] for r in rs],
+                      "train_tflops": statistics.median(r.get("train_tflops") or 0.0 for r in rs),
+                      "mfu": statistics.median(r.get("mfu") or 0.0 for r in rs), "device_name": rs[0]["device_name"]}
     base = summary.get("released")
     same_ckpt = {"ours": "released-nockpt", "ours-ckpt": "released", "released": "released",
                  "released-nockpt": "released-nockpt"}
     ckpt = {"released": "every block", "released-nockpt": "none", "ours": "none", "ours-ckpt": "every block"}
-    print(f"\nDiMR-XL/2R widths, T depth {args.t_depth}, C depth {args.c_depth}; batch {args.batch}, float32, "
-          f"{args.threads} thread(s), torch {torch.__version__}; medians of {args.repeats} processes x "
+    device_name = next(iter(summary.values()))["device_name"] if summary else args.device
+    print(f"\nDiMR-XL/2R widths, T depth {args.t_depth}, C depth {args.c_depth}; batch {args.batch}, {args.dtype}, "
+          f"{device_name}, {args.threads} thread(s), torch {torch.__version__}; medians of {args.repeats} processes x "
           f"{args.steps} steps\n")
     print("| config | checkpointing | train step s (wall) | train img/s | speed-up vs released (wall) | "
           "train step CPU s | speed-up vs released (CPU time) | forward s (wall / CPU) | peak MiB (train) | "
-          "memory vs released, same checkpointing |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "memory vs released, same checkpointing | train TFLOP/s | MFU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for c, s in summary.items():
         speed = f"{base['train_step_s'] / s['train_step_s']:.2f}x" if base else "-"
         speed_cpu = f"{base['train_cpu_s'] / s['train_cpu_s']:.2f}x" if base else "-"
@@ -289,7 +324,8 @@ def main() -> None:
         mem = f"{s['peak_memory_mib'] / ref['peak_memory_mib']:.2f}x" if ref else "-"
         print(f"| {c} | {ckpt[c]} | {s['train_step_s']:.3f} | {args.batch / s['train_step_s']:.2f} | {speed} | "
               f"{s['train_cpu_s']:.3f} | {speed_cpu} | {s['forward_s']:.3f} / {s['forward_cpu_s']:.3f} | "
-              f"{s['peak_memory_mib']:.0f}{'' if s['memory_exact'] else ' (bound)'} | {mem} |")
+              f"{s['peak_memory_mib']:.0f}{'' if s['memory_exact'] else ' (bound)'} | {mem} | "
+              f"{s['train_tflops']:.3g} | {format(s['mfu'], '.1%') if s['mfu'] else '-'} |")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"equivalence": eq, "summary": summary, "runs": runs,
                                                    "args": vars(args)}, indent=2))
