@@ -1,3 +1,6 @@
+"""`python -m dimr_lab ...` = the `dimr-lab` command."""
+
 from dimr_lab.cli import main
 
-main()
+if __name__ == "__main__":
+    main()
