@@ -225,7 +225,7 @@ MALFORMED = [
     (BASE, ["--set", "slurm.nodes=zero"], "slurm.nodes: expected an integer"),
     (BASE, ["--set", "ablation.seeds=[-2]"], "ablation.seeds"),
     (BASE, ["--executor", "kubernetes"], "--executor 'kubernetes'"),
-    (BASE, ["--jobs", "0"], "--jobs 0"),
+    (BASE, ["--jobs", "-1"], "--jobs -1"),
     (BASE, ["--jobs", "many"], "--jobs"),
 ]
 

@@ -98,7 +98,8 @@ def run_local(runs: list[PlannedRun], *, jobs: int = 1, train_fn: str | None = N
     if not isinstance(train_fn, str):
         raise TypeError("the local executor runs the trainer in a subprocess: pass train_fn as 'module:function'")
     jobs = max(1, int(jobs))
-    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // jobs) if jobs > 1 else None
     todo, done = prepare(runs, executor="local")
     outcomes: dict[Path, Outcome] = {r.run_dir: Outcome(r, "skipped", detail="done before") for r in done}
     queue = list(todo)
