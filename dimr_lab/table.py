@@ -331,6 +331,73 @@ def _add_deltas(table: pd.DataFrame) -> None:
                 table.loc[i, f"{col}_delta"] = row[f"{col}_mean"] - base[f"{col}_mean"].iloc[0]
 
 
+# ---------------------------------------------------------------- steps between paper rows
+
+VERDICTS = ("agrees, beyond the seed spread", "agrees, within the seed spread",
+            "opposite, within the seed spread", "opposite, beyond the seed spread")
+
+
+def step_deltas(runs: pd.DataFrame, metric: str = "fid") -> pd.DataFrame:
+    """Each step between consecutive variants that carry a published number (in variant order): our change
+    of `metric` (mean over seeds) beside the paper's, whether the signs agree, and whether ours is beyond
+    the seed spread (the two variants' per-seed ranges do not overlap)."""
+    paper_col = PAPER_COLUMNS.get(metric, f"paper_{metric}")
+    if runs.empty or paper_col not in runs:
+        return pd.DataFrame()
+    records = []
+    for (ablation, profile, grid), group in runs.groupby(["ablation", "profile", "grid"], sort=False):
+        published = group[group[paper_col].notna()]
+        order = sorted(published.groupby("variant", sort=False).groups,
+                       key=lambda v: (published.loc[published["variant"] == v, "variant_index"].min(), v))
+        for prev, cur in zip(order, order[1:]):
+            a = group.loc[group["variant"] == prev, metric].dropna()
+            b = group.loc[group["variant"] == cur, metric].dropna()
+            if a.empty or b.empty:
+                continue
+            ours = float(b.mean() - a.mean())
+            paper = float(group.loc[group["variant"] == cur, paper_col].iloc[0]
+                          - group.loc[group["variant"] == prev, paper_col].iloc[0])
+            beyond = bool(b.min() > a.max() or b.max() < a.min())
+            if paper == 0 or ours == 0:
+                verdict = "no sign to compare"
+            else:
+                agrees = (ours > 0) == (paper > 0)
+                verdict = VERDICTS[(0 if beyond else 1) if agrees else (3 if beyond else 2)]
+            records.append({"ablation": ablation, "profile": profile, "grid": grid, "step": f"{prev} → {cur}",
+                            "from_mean": float(a.mean()), "from_min": float(a.min()), "from_max": float(a.max()),
+                            "to_mean": float(b.mean()), "to_min": float(b.min()), "to_max": float(b.max()),
+                            "n_seeds": f"{len(a)}/{len(b)}", "ours_delta": ours, "paper_delta": paper,
+                            "beyond_spread": beyond, "verdict": verdict})
+    return pd.DataFrame.from_records(records)
+
+
+def format_steps(steps: pd.DataFrame, fmt: str = "markdown", metric: str = "fid") -> str:
+    """The step table in a human format (rich/markdown) or csv."""
+    if fmt == "csv":
+        return steps.to_csv(index=False)
+    name = metric.upper() if metric in ("fid", "kid") else metric
+    header = ["Ablation", "Profile", "Step", f"Ours {name} (seed range)", "Ours Δ", "Paper Δ", "Verdict"]
+    body = [[r.ablation, r.profile, r.step,
+             f"{r.from_mean:.2f} [{r.from_min:.2f}, {r.from_max:.2f}] → {r.to_mean:.2f} [{r.to_min:.2f}, "
+             f"{r.to_max:.2f}]", f"{r.ours_delta:+.2f}", f"{r.paper_delta:+.2f}", r.verdict]
+            for r in steps.itertuples()]
+    if fmt == "rich":
+        from rich.console import Console
+        from rich.table import Table
+
+        console = Console(file=io.StringIO(), width=400, color_system=None, highlight=False)
+        out = Table(title=f"Steps between published rows: {name}", title_justify="left")
+        for h in header:
+            out.add_column(h, no_wrap=True)
+        for cells in body:
+            out.add_row(*cells)
+        console.print(out)
+        return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines()) + "\n"
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- rendering
 
 
@@ -484,7 +551,7 @@ def _warn_stderr(line: str) -> None:
 
 
 def render_table(results_dir: str | Path, fmt: str = "rich", plot: str | Path | None = None,
-                 on_warning: Callable[[str], None] | None = None) -> str:
+                 on_warning: Callable[[str], None] | None = None, steps: bool = False) -> str:
     """collect + aggregate + format_table (+ plot_fid); warnings go to on_warning (default: stderr)."""
     if fmt not in FORMATS:
         raise UserError(unknown_name_message("table format", fmt, FORMATS))
@@ -493,6 +560,13 @@ def render_table(results_dir: str | Path, fmt: str = "rich", plot: str | Path | 
         (on_warning or _warn_stderr)(line)
     if runs.empty:
         raise UserError(f"no finished runs under {results_dir}")
+    if steps:
+        if fmt == "latex":
+            raise UserError("--steps: formats rich, markdown or csv")
+        found = step_deltas(runs)
+        if found.empty:
+            raise UserError(f"no two variants with published numbers under {results_dir}")
+        return format_steps(found, fmt)
     table = aggregate(runs)
     if plot is not None:
         plot_fid(table, plot)

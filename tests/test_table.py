@@ -334,3 +334,42 @@ def test_cli_user_errors_exit_2(tmp_path, capsys, case):
     assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
     if case == "unfinished":
         assert "unfinished" in err and "no finished runs" in err
+
+
+# ---------------------------------------------------------------- steps between paper rows
+
+
+def test_steps_between_published_rows(tree, tmp_path):
+    """adaln (row 3, 7.91) -> tdln (row 4, 5.21): paper -2.70; ours 4.2 -> 3.7 = -0.5 with disjoint ranges."""
+    from dimr_lab.table import format_steps, step_deltas
+
+    steps = step_deltas(collect(tree)[0])
+    assert list(steps["step"]) == ["adaln → tdln"], "ln_token has no published row: not a step"
+    s = steps.iloc[0]
+    assert s["ours_delta"] == pytest.approx(-0.5) and s["paper_delta"] == pytest.approx(5.21 - 7.91)
+    assert s["beyond_spread"] and s["verdict"] == "agrees, beyond the seed spread"
+    assert (s["from_min"], s["from_max"], s["to_min"], s["to_max"]) == (4.0, 4.4, 3.6, 3.8)
+    text = format_steps(steps, "markdown")
+    assert "| norm | tiny | adaln → tdln | 4.20 [4.00, 4.40] → 3.70 [3.60, 3.80] | -0.50 | -2.70 |" in text
+
+    # overlapping seed ranges: within the spread; an opposite sign: 'opposite'
+    root = tmp_path / "r2"
+    for variant, (index, fids, paper) in {"adaln": (0, [4.0, 4.5, 5.0], NORM["adaln"][2]),
+                                          "tdln": (1, [4.6, 4.8, 5.6], NORM["tdln"][2])}.items():
+        for seed, fid in enumerate(fids):
+            write_run(root, "norm", variant, seed, metrics_for(fid, seed), variant_index=index, paper=paper)
+    s = step_deltas(collect(root)[0]).iloc[0]
+    assert not s["beyond_spread"] and s["verdict"] == "opposite, within the seed spread"
+
+
+def test_steps_cli(tree, tmp_path, capsys):
+    from dimr_lab.cli import main
+
+    main(["table", str(tree), "--steps", "--format", "markdown"])
+    out = capsys.readouterr().out
+    assert "adaln → tdln" in out and "agrees, beyond the seed spread" in out
+    lone = tmp_path / "lone"
+    write_run(lone, "norm", "tdln", 0, metrics_for(3.0, 0), paper=NORM["tdln"][2])
+    with pytest.raises(SystemExit) as exit_:
+        main(["table", str(lone), "--steps"])
+    assert exit_.value.code == 2 and "no two variants with published numbers" in capsys.readouterr().err

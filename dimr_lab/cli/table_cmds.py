@@ -16,13 +16,16 @@ def table_cmd(
     fmt: str = typer.Option("rich", "--format", "-f", help="rich, markdown, latex or csv (raw numbers)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG bar chart of FID per variant."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table to FILE instead of stdout."),
+    steps: bool = typer.Option(False, "--steps", help="Instead: each step between consecutive variants with "
+                                                       "published rows, our FID change beside the paper's, "
+                                                       "sign agreement and whether ours is beyond the seed spread."),
 ) -> None:
     """One row per variant: mean ± std over seeds, deltas to the base row, the paper's numbers beside ours."""
     # pandas and matplotlib load here only, so `dimr-lab --help` stays fast
     from dimr_lab.errors import UserError
     from dimr_lab.table import render_table
 
-    text = render_table(results_dir, fmt=fmt, plot=plot)
+    text = render_table(results_dir, fmt=fmt, plot=plot, steps=steps)
     if out is None:
         typer.echo(text, nl=False)
         return
