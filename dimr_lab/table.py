@@ -50,7 +50,7 @@ PAPER_COLUMNS = {
 # (header, column, decimals) of the human formats, in display order
 _DISPLAY = (
     ("Params (M)", "params_m", 1),
-    ("GMACs", "gmacs", 2),
+    ("GMACs", "gmacs", 3),
     ("FID", "fid", 2),
     ("ΔFID", "fid_delta", 2),
     ("KID", "kid", 4),
