@@ -346,9 +346,8 @@ def step_deltas(runs: pd.DataFrame, metric: str = "fid") -> pd.DataFrame:
         return pd.DataFrame()
     records = []
     for (ablation, profile, grid), group in runs.groupby(["ablation", "profile", "grid"], sort=False):
-        published = group[group[paper_col].notna()]
-        order = sorted(published.groupby("variant", sort=False).groups,
-                       key=lambda v: (published.loc[published["variant"] == v, "variant_index"].min(), v))
+        first = group[group[paper_col].notna()].groupby("variant", sort=False)["variant_index"].min()
+        order = sorted(first.index, key=lambda v: (first[v], v))
         for prev, cur in zip(order, order[1:]):
             a = group.loc[group["variant"] == prev, metric].dropna()
             b = group.loc[group["variant"] == cur, metric].dropna()

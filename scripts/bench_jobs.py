@@ -44,8 +44,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                   else os.cpu_count() or 1)
+    from dimr_lab.runner.local import usable_cores
+
+    p.add_argument("--cores", type=int, default=usable_cores())
     p.add_argument("--set", dest="sets", action="append", default=[])
     args = p.parse_args()
     results: dict[str, list[float]] = {"one run, all threads": [], "one run per core, 1 thread each": []}

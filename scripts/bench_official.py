@@ -68,13 +68,9 @@ def our_spec(args):
 
 def count_ours(args) -> float:
     """MACs per image of the configuration (meta device, no weights): for TFLOP/s and MFU."""
-    import torch
+    from dimr_lab.nn.describe import count
 
-    from dimr_lab.nn.describe import count_macs
-    from dimr_lab.nn.network import build_model
-
-    with torch.device("meta"):
-        return float(count_macs(build_model(our_spec(args)), device="meta")["macs"])
+    return count(our_spec(args))["gmacs"] * 1e9
 
 
 def released_model(blocks, spec):

@@ -340,3 +340,28 @@ def test_init_distributed_single_process(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     rank, world, local, device = init_distributed()
     assert (rank, world) == (0, 1) and str(device) in ("cpu", "cuda:0")
+
+
+def test_jobs_zero_runs_one_single_threaded_run_per_core(tmp_path, monkeypatch, standin_env):
+    """--jobs 0 (the default): as many runs at once as cores (up to 8), each with one thread; an explicit
+    --jobs splits the cores between its runs."""
+    import dimr_lab.runner.local as local
+    from dimr_lab.runner.ablation import expand, load_ablation
+
+    seen = []
+    spawn = local._spawn
+
+    def recording_spawn(run, train_fn, threads):
+        seen.append(threads)
+        return spawn(run, train_fn, threads)
+
+    monkeypatch.setattr(local, "_spawn", recording_spawn)
+    monkeypatch.setattr(local, "usable_cores", lambda: 4)
+    runs = expand(load_ablation(write_ablation(tmp_path)), results=tmp_path / "r0")
+    out = local.run_local(runs, jobs=0, train_fn=STANDIN, show_progress=False)
+    assert {o.status for o in out} == {"done"} and seen == [1] * len(runs)
+    seen.clear()
+    monkeypatch.setattr(local, "usable_cores", lambda: 16)
+    runs = expand(load_ablation(write_ablation(tmp_path, name="abl2")), results=tmp_path / "r1")
+    local.run_local(runs, jobs=0, train_fn=STANDIN, show_progress=False)
+    assert seen == [2] * len(runs), "16 cores: 8 runs at a time, 2 threads each"

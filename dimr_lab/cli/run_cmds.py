@@ -72,12 +72,6 @@ def run_cmd(
         raise UserError(f"--executor {executor!r}: allowed: {', '.join(EXECUTORS)}")
     if jobs < 0:
         raise UserError(f"--jobs {jobs}: must be >= 0 (0 = one run per CPU core, up to 8)")
-    if jobs == 0:
-        import os
-
-        # one single-threaded run per core trains more images per second in all than one run using
-        # every core (measured on 2 cores: 1.5x, BENCHMARKS.md); small runs only share threads poorly
-        jobs = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
     if results.exists() and not results.is_dir():
         raise UserError(f"--results {results}: exists and is not a folder")
     run_over, slurm_upd, seeds = split_overrides(parse_overrides(set_))
