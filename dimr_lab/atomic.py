@@ -29,10 +29,3 @@ def atomic_write(path: str | Path, write: Callable[[IO[Any]], None], *, binary: 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), binary=False)
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save, atomically."""
-    import torch
-
-    atomic_write(path, lambda f: torch.save(obj, f))

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from dimr_lab.errors import SpecError
-from dimr_lab.runner.ablation import expand, load_ablation, slurm_settings, split_overrides
-from dimr_lab.spec.run_spec import load_run_spec, spec_hash
+from dimr_lab.runner.plan import expand, split_overrides
+from dimr_lab.spec.slurm import slurm_settings
+from dimr_lab.spec.ablation import load_ablation
+from dimr_lab.spec.run_spec import load_run_spec
 from dimr_lab.spec.schema import to_dict
 from conftest import cli
 
@@ -22,7 +24,7 @@ GOOD = """
 name = "study"
 title = "a study"
 seeds = [0, 1]
-paper = { table = "t2", rows = { a = 3, b = 4 } }
+paper = { table = "table2_ablation_imagenet64", rows = { a = 3, b = 4 } }
 
 [base]
 "model.preset" = "dimr_tiny_3r"
@@ -69,20 +71,20 @@ def test_expand_variants_grid_seeds(tmp_path):
         assert r.spec.train.lr == r.grid["train.lr"]
         assert r.run_dir.parent == (tmp_path / "results" / "study").resolve()
         assert re.fullmatch(rf"{r.variant}-s{r.seed}-[0-9a-f]{{8}}", r.run_dir.name)
-        assert r.spec_hash == spec_hash(r.spec)
-        assert r.paper == {"table": "t2", "row": 3 if r.variant == "a" else 4}
-    assert runs[0].spec.model["norm"] == "tdrmsnorm" and runs[4].spec.model["norm"] == "tdln"
+        assert r.identity == r.spec.identity_hash()
+        assert r.paper == {"table": "table2_ablation_imagenet64", "row": 3 if r.variant == "a" else 4}
+    assert runs[0].spec.model.norm == "tdrmsnorm" and runs[4].spec.model.norm == "tdln"
     assert len({r.run_dir for r in runs}) == 8
-    # the stored spec resolves to the same hash (the worker re-reads it from run.json)
-    info = runs[5].info()
-    assert spec_hash(load_run_spec(json.loads(json.dumps(info["spec"])))) == runs[5].spec_hash
+    # the stored spec resolves to the same identity (the worker re-reads it from run.json)
+    info = runs[5].record().to_json()
+    assert load_run_spec(json.loads(json.dumps(info["spec"]))).identity_hash() == runs[5].identity
 
 
 def test_override_order_and_profiles(tmp_path):
     abl = load_ablation(write(tmp_path, GOOD))
     paper = expand(abl, "paper", results=tmp_path)
     # variant beats profile: b sets tdln, a inherits the profile's rmsnorm
-    assert {r.variant: r.spec.model["norm"] for r in paper} == {"a": "rmsnorm", "b": "tdln"}
+    assert {r.variant: r.spec.model.norm for r in paper} == {"a": "rmsnorm", "b": "tdln"}
     assert all(r.profile == "paper" and r.spec.train.batch_size == 1024 for r in paper)
     # --set beats everything but the seed
     run, slurm, seeds = split_overrides([("train.batch_size", 4), ("slurm.partition", "gpu"),
@@ -94,13 +96,25 @@ def test_override_order_and_profiles(tmp_path):
     assert slurm_settings(abl, "tiny", {}).gpus_per_node == 0
 
 
-def test_hash_is_stable_and_follows_the_spec(tmp_path):
+def test_folder_names_follow_what_a_run_trains(tmp_path):
     a1 = expand(load_ablation(write(tmp_path, GOOD)), results=tmp_path)
     a2 = expand(load_ablation(write(tmp_path, GOOD)), results=tmp_path)
     assert [r.run_dir for r in a1] == [r.run_dir for r in a2]
-    changed = expand(load_ablation(write(tmp_path, GOOD.replace('"train.steps" = 5', '"train.steps" = 6'))),
+    changed = expand(load_ablation(write(tmp_path, GOOD.replace('"model.norm" = "tdln"', '"model.norm" = "rmsnorm"'))),
                      results=tmp_path)
-    assert not {r.run_dir for r in a1} & {r.run_dir for r in changed}
+    assert {r.run_dir for r in a1 if r.variant == "a"} == {r.run_dir for r in changed if r.variant == "a"}
+    assert not {r.run_dir for r in a1 if r.variant == "b"} & {r.run_dir for r in changed if r.variant == "b"}
+    # more steps (warm-up then constant), other evaluation or logging settings: the same run, continued
+    for old, new in (('"train.steps" = 5', '"train.steps" = 6'), ('"eval.enabled" = false', '"eval.samples" = 512'),
+                     ('"train.steps" = 5', '"train.steps" = 5\n"train.log_every" = 7')):
+        same = expand(load_ablation(write(tmp_path, GOOD.replace(old, new))), results=tmp_path)
+        assert [r.run_dir for r in same] == [r.run_dir for r in a1], (old, new)
+    # a schedule that decays over the total makes the steps part of the identity
+    cosine = GOOD.replace('"train.steps" = 5', '"train.steps" = 5\n"train.lr_schedule" = "cosine"')
+    c5 = expand(load_ablation(write(tmp_path, cosine)), results=tmp_path)
+    c6 = expand(load_ablation(write(tmp_path, cosine.replace('"train.steps" = 5', '"train.steps" = 6'))),
+                results=tmp_path)
+    assert not {r.run_dir for r in c5} & {r.run_dir for r in c6}
     # a label (factor) is not part of the spec: same folders
     relabelled = expand(load_ablation(write(tmp_path, GOOD.replace('"TD-LN"', '"TDLN"'))), results=tmp_path)
     assert [r.run_dir for r in relabelled] == [r.run_dir for r in a1]
@@ -111,13 +125,13 @@ def test_base_from_file_and_builtin(tmp_path):
     write(tmp_path / "specs", '[model]\npreset = "dimr_tiny_2r"\n[train]\nsteps = 11\n', "base.toml")
     text = GOOD.replace('[base]\n"model.preset" = "dimr_tiny_3r"', '[base]\nspec = "specs/base.toml"')
     runs = expand(load_ablation(write(tmp_path, text)), results=tmp_path)
-    assert runs[0].spec.train.steps == 5 and len(runs[0].spec.model["branches"]) == 2
+    assert runs[0].spec.train.steps == 5 and len(runs[0].spec.model.branches) == 2
     text = GOOD.replace('[base]\n"model.preset" = "dimr_tiny_3r"', '[base]\nspec = "default"')
     from dimr_lab.spec.defaults import DEFAULT_RUN
 
     runs = expand(load_ablation(write(tmp_path, text)), results=tmp_path)
     assert runs[0].spec.train.ema_decay == DEFAULT_RUN["train"]["ema_decay"]  # from the built-in run
-    assert runs[0].spec.data.image_size == runs[0].spec.model["image_size"]  # follows the default model
+    assert runs[0].spec.data.image_size == runs[0].spec.model.image_size  # follows the default model
 
 
 def test_norm_ablation_file():
@@ -128,7 +142,7 @@ def test_norm_ablation_file():
     assert abl.paper_table == "table2_ablation_imagenet64" and abl.paper_rows == {"tdln": 4, "adaln_zero": 3}
     tiny = expand(abl, "tiny", results="results")
     assert len(tiny) == 15
-    by = {r.variant: r.spec.model for r in tiny}
+    by = {r.variant: to_dict(r.spec.model) for r in tiny}
     assert (by["tdln"]["conditioning"], by["tdln"]["norm"], by["tdln"]["outer_norm"]) == ("norm", "tdln", "tdln")
     assert (by["adaln_zero"]["conditioning"], by["adaln_zero"]["norm"]) == ("adaln", "adaln_zero")
     assert by["ln_time_token"]["conditioning"] == "token" and by["ln_time_token"]["norm"] == "layernorm"
@@ -137,10 +151,10 @@ def test_norm_ablation_file():
     keys = {"conditioning", "norm", "outer_norm"}
     strip = [{k: v for k, v in m.items() if k not in keys} for m in by.values()]
     assert all(s == strip[0] for s in strip)
-    assert tiny[0].spec.data.name == "shapes" and tiny[0].spec.model["name"] == "DiMR-tiny/3R"
+    assert tiny[0].spec.data.name == "shapes" and tiny[0].spec.model.name == "DiMR-tiny/3R"
     paper = expand(abl, "paper", results="results")
     p = paper[0].spec
-    assert p.model["name"] == "DiMR-M/3R" and p.data.name == "folder" and p.data.image_size == 64
+    assert p.model.name == "DiMR-M/3R" and p.data.name == "folder" and p.data.image_size == 64
     assert (p.train.steps, p.train.batch_size, p.train.lr, p.train.betas) == (300000, 1024, 3e-4, [0.99, 0.99])
     assert (p.train.weight_decay, p.train.warmup_steps, p.train.ema_decay) == (0.03, 5000, 0.9999)
     assert p.eval.samples == 50000 and p.eval.feature_extractor == "inception-v3-compat"
@@ -193,8 +207,24 @@ MALFORMED = [
     (BASE + '[[variant]]\nname = "v"\n', [], "duplicate variant name 'v'"),
     (BASE + '[[variant]]\nname = "V"\n', [], "duplicate variant name 'V'"),
     (BASE.replace("seeds = [0]", 'seeds = ["0"]'), [], "ablation.seeds[0]: expected an integer"),
-    (BASE.replace("seeds = [0]", "seeds = []"), [], "at least one seed"),
-    (BASE.replace("seeds = [0]", "seeds = [-1]"), [], ">= 0"),
+    (BASE.replace("seeds = [0]", "seeds = []"), [], "ablation.seeds: expected a non-empty list"),
+    (BASE.replace("seeds = [0]", "seeds = [-1]"), [], "ablation.seeds[0]: seeds are integers in 0..4294967295"),
+    (BASE.replace("seeds = [0]", "seeds = [4294967296]"), [], "seeds are integers in 0..4294967295"),
+    (BASE + '"train.lr" = nan\n', [], "train.lr: must be a finite number"),
+    (BASE + '"train.ema_decay" = nan\n', [], "train.ema_decay: must be a finite number"),
+    (BASE + '"sample.guidance_scale" = inf\n', [], "sample.guidance_scale: must be a finite number"),
+    (BASE + '"diffusion.label_drop" = nan\n', [], "diffusion.label_drop: must be a finite number"),
+    (BASE + '"train.batch_size" = 5000\n', [], "larger than the dataset"),
+    (BASE + '"data.num_classes" = 9\n', [], "data.num_classes"),
+    (BASE + '"diffusion.loss_weights" = [1.0]\n', [], "diffusion.loss_weights: has 1 entries"),
+    (BASE + '"model.in_channels" = 4\n', [], "model.in_channels"),
+    (BASE + '"eval.metrics" = ["fdi"]\n', [], "unknown metric 'fdi'"),
+    (BASE + '"eval.feature_extractor" = "inception-v3-compat"\n', [], "eval.inception_weights"),
+    (BASE + '"eval.feature_extractor" = "inception-v3-compat"\n"eval.inception_weights" = "/nope.pth"\n', [],
+     "eval.inception_weights: '/nope.pth' not found"),
+    (BASE.replace('[[variant]]', '[ablation.paper]\ntable = "tabel2"\n[[variant]]').replace(
+        'seeds = [0]\n', 'seeds = [0]\n'), [], "unknown paper table 'tabel2'"),
+    (BASE + 'paper = { table = "imagenet256", model = "DiMR-XXL" }\n', [], "no model 'DiMR-XXL'"),
     (BASE.replace("seeds = [0]", "seeds = [1.5]"), [], "expected an integer"),
     (BASE.replace("seeds = [0]", "seeds = [1, 1]"), [], "duplicate seeds"),
     (BASE + '"model.norm" = "tdlnn"\n', [], "unknown norm 'tdlnn'"),
@@ -224,6 +254,9 @@ MALFORMED = [
     (BASE, ["--set", "train.seed=4"], "train.seed is set per run"),
     (BASE, ["--set", "slurm.nodes=zero"], "slurm.nodes: expected an integer"),
     (BASE, ["--set", "ablation.seeds=[-2]"], "ablation.seeds"),
+    (BASE, ["--set", "train.lr=nan"], "--set: train.lr: must be a finite number"),
+    (BASE, ["--seeds", "0,x"], "--seeds"),
+    (BASE, ["--only", "w"], "no variant named 'w'"),
     (BASE, ["--executor", "kubernetes"], "--executor 'kubernetes'"),
     (BASE, ["--jobs", "-1"], "--jobs -1"),
     (BASE, ["--jobs", "many"], "--jobs"),
@@ -274,8 +307,6 @@ def test_errors_name_file_and_key(tmp_path):
 
 def test_variant_profile_overrides_and_variant_paper_rows(tmp_path):
     """[variant.profile.P] applies after the variant under profile P only; a variant's own paper row wins."""
-    from dimr_lab.runner.ablation import expand, load_ablation
-
     f = tmp_path / "a.toml"
     f.write_text('''
 [ablation]
@@ -292,9 +323,12 @@ name = "big"
 paper = { table = "imagenet256", model = "DiMR-XL/2R", epochs = 800 }
 "model.preset" = "dimr_xl_2r"
 "data.name" = "latents"
+"eval.feature_extractor" = "inception-v3-compat"
+"eval.metrics" = ["fid", "isc"]
 [variant.profile.tiny]
 "model.preset" = "dimr_tiny_2r"
 "data.name" = "shapes"
+"eval.feature_extractor" = "classifier"
 [profile.tiny]
 "train.steps" = 5
 [profile.paper]
@@ -303,8 +337,8 @@ paper = { table = "imagenet256", model = "DiMR-XL/2R", epochs = 800 }
     abl = load_ablation(f)
     tiny = {r.variant: r for r in expand(abl, "tiny", results=tmp_path / "r")}
     paper = {r.variant: r for r in expand(abl, "paper", results=tmp_path / "r")}
-    assert tiny["big"].spec.model["name"] == "DiMR-tiny/2R" and tiny["big"].spec.data.name == "shapes"
-    assert paper["big"].spec.model["name"] == "DiMR-XL/2R" and paper["big"].spec.data.name == "latents"
+    assert tiny["big"].spec.model.name == "DiMR-tiny/2R" and tiny["big"].spec.data.name == "shapes"
+    assert paper["big"].spec.model.name == "DiMR-XL/2R" and paper["big"].spec.data.name == "latents"
     assert paper["big"].paper == {"table": "imagenet256", "model": "DiMR-XL/2R", "epochs": 800}
     assert tiny["small"].paper == {"table": "table2_ablation_imagenet64", "row": 5}
 

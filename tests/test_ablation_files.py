@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dimr_lab.runner.ablation import expand, load_ablation
+from dimr_lab.runner.plan import expand
+from dimr_lab.spec.ablation import load_ablation
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = sorted((ROOT / "ablations").glob("*.toml"))
@@ -46,7 +47,7 @@ def test_paper_profile_is_the_published_recipe(path, tmp_path):
             assert got == pytest.approx(want), f"{path.name} {run.variant}: {key} = {got!r}, recipe {want!r}"
         if spec.data.name == "latents":
             assert spec.data.vae and spec.eval.reference_stats, "latent runs decode with a VAE, FID vs ADM stats"
-        assert spec.model["image_size"] == spec.data.image_size
+        assert spec.model.image_size == spec.data.image_size
 
 
 def test_main_results_presets_have_the_papers_sizes(tmp_path):
@@ -56,12 +57,12 @@ def test_main_results_presets_have_the_papers_sizes(tmp_path):
     runs = expand(load_ablation(ROOT / "ablations" / "main_results.toml"), "paper", results=tmp_path, seeds=[0])
     by_name = {"DiMR-XL/2R": "dimr_xl_2r", "DiMR-G/2R": "dimr_g_2r", "DiMR-XL/3R": "dimr_xl_3r",
                "DiMR-M/3R": "dimr_m_3r", "DiMR-L/3R": "dimr_l_3r"}
-    assert sorted(r.spec.model["name"] for r in runs) == sorted(by_name)
+    assert sorted(r.spec.model.name for r in runs) == sorted(by_name)
     for run in runs:
-        params, gmacs, tol = PAPER_SIZES[by_name[run.spec.model["name"]]]
+        params, gmacs, tol = PAPER_SIZES[by_name[run.spec.model.name]]
         info = count(run.spec.model)
         assert info["params"] == pytest.approx(params, rel=tol)
-        assert run.paper and run.paper["model"] == run.spec.model["name"]
+        assert run.paper and run.paper["model"] == run.spec.model.name
 
 
 @pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
@@ -76,4 +77,4 @@ def test_tiny_profile_trains_every_variant_at_micro_size(path, tmp_path):
     for run in runs:
         metrics = train_run(run.spec, run.run_dir, progress=False)
         assert metrics["steps"] == 2 and (run.run_dir / "checkpoints" / "last.pt").is_file()
-        assert (run.run_dir / "samples.png").is_file()
+        assert list(run.run_dir.glob("evals/step-00000002-*/samples.png"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -11,9 +10,8 @@ import torch
 
 from dimr_lab.data import build_dataset
 from dimr_lab.data.folder import center_crop_resize
-from dimr_lab.data.latents import LatentsDataset
 from dimr_lab.errors import SpecError, UserError
-from dimr_lab.spec.run_spec import DataSpec
+from dimr_lab.spec.run_spec import DataSpec, load_run_spec
 
 
 def check_items(ds, n=8, channels=3, size=16):
@@ -55,11 +53,27 @@ def test_shapes_deterministic_and_split_streams():
     assert not same.any()
 
 
-def test_shapes_fast_and_any_resolution():
-    start = time.perf_counter()
-    ds = build_dataset(DataSpec(image_size=32, train_size=4096))
-    assert time.perf_counter() - start < 3.0
-    assert ds.images.shape == (4096, 3, 32, 32)
+def test_stripes_texture_is_finer_than_a_patch_and_set_by_the_class():
+    plain = build_dataset(DataSpec(image_size=32, train_size=16))
+    striped = build_dataset(DataSpec(image_size=32, train_size=16, texture="stripes", texture_period=3.0))
+    differs = (plain.images != striped.images).any(1)  # (N, S, S): only inside the shapes
+    assert differs.any() and torch.equal(plain.labels, striped.labels)
+    img = striped.images[0].int()  # a circle: stripes at angle 0 are vertical, 3 px apart
+    fg_rows = img[:, 16, 10:22]  # a row through the middle of the shape
+    changes = (fg_rows[:, 1:] != fg_rows[:, :-1]).any(0).sum()
+    assert changes >= 5, "stripes every 1.5 px: many changes across 12 px"
+    with pytest.raises(SpecError):
+        load_run_spec(None, [("data.name", "digits"), ("data.texture", "stripes")])
+
+
+def test_shapes_rendered_in_chunks_equal_one_by_one_and_any_resolution():
+    from dimr_lab.data.shapes import render_shapes
+
+    ds = build_dataset(DataSpec(image_size=32, train_size=2100))  # three chunks of 1024
+    assert ds.images.shape == (2100, 3, 32, 32) and ds.images.dtype == torch.uint8
+    picks = np.array([0, 1023, 1024, 2099])  # an image is a function of its index alone
+    alone = render_shapes(picks, 32, 8, 0, 0)
+    assert torch.equal(ds.images[torch.from_numpy(picks)], alone)
     big = build_dataset(DataSpec(image_size=40, train_size=8, num_classes=4))
     check_items(big, size=40)
     assert big.num_classes == 4 and set(big.labels.tolist()) == {0, 1, 2, 3}

@@ -19,7 +19,8 @@ from dimr_lab.diffusion import (
     power_cosine_ramp,
     sample,
     time_grid,
-    training_targets,
+    draw,
+    model_inputs,
 )
 from dimr_lab.errors import UserError
 
@@ -144,7 +145,10 @@ def test_model_time_and_continuous_schedule_match_grid():
     assert torch.allclose(lam, 0.5 * torch.log(SCHED.alphas_cumprod / (1 - SCHED.alphas_cumprod)), atol=1e-10)
     assert bool((lam.diff() < 0).all())
     # the network sees t = n / N at the knots, exactly what training uses for step n
-    assert torch.equal(SCHED.network_time(tk), t)
+    from dimr_lab.diffusion.time_input import discrete
+
+    t_net, tau = discrete(SCHED, tk)
+    assert torch.equal(t_net, t) and tau is None
     # between knots: linear in t for log alpha, and inverse_lambda inverts marginal_lambda
     tm = (tk[:-1] + tk[1:]) / 2
     la = SCHED.marginal_log_mean_coeff(tm)
@@ -196,26 +200,32 @@ def test_default_loss_weights():
     assert default_loss_weights(3, multiscale=False) == [0.0, 0.0, 1.0]
 
 
-def test_training_targets_dropout_rate_range_and_determinism():
+def test_training_draws_dropout_rate_range_and_determinism():
     x0 = torch.randn(20000, 1, 2, 2)
     y = torch.randint(0, 10, (20000,))
-    x_t, t, yd, eps, n = training_targets(SCHED, x0, y, 10, 0.1, torch.Generator().manual_seed(0))
+
+    def inputs(seed, yy=y, drop=0.1, n=20000):
+        d = draw(SCHED, n, (1, 2, 2), label_drop=drop, flip=False, generator=torch.Generator().manual_seed(seed))
+        return d, model_inputs(SCHED, "discrete", x0[:n], None if yy is None else yy[:n], d, null_label=10)
+
+    d, (x_t, t, tau, yd, eps) = inputs(0)
     dropped = yd == 10
     assert float(dropped.float().mean()) == pytest.approx(0.1, abs=0.01)
     assert torch.equal(yd[~dropped], y[~dropped])
-    assert int(n.min()) == 1 and int(n.max()) == N
+    n = SCHED.steps_of(d.t)
+    assert int(n.min()) == 1 and int(n.max()) == N and tau is None
     assert torch.allclose(t, n.float() / N) and torch.allclose(x_t, SCHED.add_noise(x0, eps, n))
     assert float(eps.std()) == pytest.approx(1.0, abs=0.02)
-    again = training_targets(SCHED, x0, y, 10, 0.1, torch.Generator().manual_seed(0))
-    assert all(torch.equal(a, b) for a, b in zip((x_t, t, yd, eps, n), again))
-    other = training_targets(SCHED, x0, y, 10, 0.1, torch.Generator().manual_seed(1))
-    assert not torch.equal(other[3], eps)
-    g = torch.Generator().manual_seed(0)
-    assert bool((training_targets(SCHED, x0[:50], y[:50], 10, 0.0, g)[2] == y[:50]).all())
-    assert bool((training_targets(SCHED, x0[:50], y[:50], 10, 1.0, g)[2] == 10).all())
-    assert training_targets(SCHED, x0[:4], None, 10, 0.1, g)[2] is None
+    again = inputs(0)[1]
+    assert all(torch.equal(a, b) for a, b in zip((x_t, t, yd, eps), (again[0], again[1], again[3], again[4])))
+    assert not torch.equal(inputs(1)[1][4], eps)
+    assert bool((inputs(0, drop=0.0, n=50)[1][3] == y[:50]).all())
+    assert bool((inputs(0, drop=1.0, n=50)[1][3] == 10).all())
+    assert inputs(0, yy=None, n=4)[1][3] is None
     with pytest.raises(UserError):
-        training_targets(SCHED, x0[:4], y[:4], 10, 1.5, g)
+        inputs(0, drop=1.5, n=4)
+    # a slice of the global batch is that process's share of the same numbers
+    assert torch.equal(d.slice(4, 8).eps, d.eps[4:8]) and torch.equal(d.slice(4, 8).t, d.t[4:8])
 
 
 # ---- guidance ----
@@ -229,15 +239,15 @@ def test_guidance_identities_and_batching():
     m.batches.clear()
     for form, s in (("uvit", 0.0), ("dit", 1.0)):
         for sched in ("constant", "power_cosine"):
-            out = guided_eps_fn(m, scale=s, form=form, schedule=sched, null_label=3)(x, t, y)
+            out = guided_eps_fn(m, y, scale=s, form=form, schedule=sched, null_label=3)(x, t)
             assert torch.equal(out, cond)
     assert m.batches == [4] * 4  # no unconditional pass when guidance is off
     uncond = m(x, t, torch.full_like(y, 3))[-1]
     m.batches.clear()
-    g_uvit = guided_eps_fn(m, scale=0.4, form="uvit", null_label=3)(x, t, y)
+    g_uvit = guided_eps_fn(m, y, scale=0.4, form="uvit", null_label=3)(x, t)
     assert m.batches == [8]  # conditional and unconditional in one forward
     assert torch.allclose(g_uvit, cond + 0.4 * (cond - uncond))
-    g_dit = guided_eps_fn(m, scale=1.4, form="dit", null_label=3)(x, t, y)
+    g_dit = guided_eps_fn(m, y, scale=1.4, form="dit", null_label=3)(x, t)
     assert torch.allclose(g_dit, g_uvit, atol=1e-12)  # s_dit = 1 + s_uvit
     with pytest.raises(UserError):
         guided_eps_fn(m, scale=0.4, form="uvit")  # no null label
@@ -259,7 +269,7 @@ def test_power_cosine_schedule():
     tt = torch.tensor([1.0, 0.75, 0.5, 0.0])
     m = ConvModel()
     c, u_ = m(x, tt, y)[-1], m(x, tt, torch.full_like(y, 3))[-1]
-    out = guided_eps_fn(m, scale=0.4, schedule="power_cosine", power=2.0, null_label=3)(x, tt, y)
+    out = guided_eps_fn(m, y, scale=0.4, schedule="power_cosine", power=2.0, null_label=3)(x, tt)
     s = (0.4 * (1 - torch.cos(math.pi * (1 - tt.double()) ** 2)) / 2).view(-1, 1, 1, 1)
     assert torch.allclose(out, c + s * (c - u_), atol=1e-6)
 

@@ -1,14 +1,13 @@
 """Released DiMR weights: the converter (both ways), equivalence with the released code, the CLI; bench.
 
-The equivalence tests import the released implementation from an external checkout: $DIMR_OFFICIAL_SRC,
-else one extracted with `git archive` from a local mirror; without either they are skipped.
+The equivalence tests import the released implementation from a checkout named by $DIMR_OFFICIAL_SRC
+(README, Testing); without it they are skipped with that reason.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -16,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import dimr_lab
 from dimr_lab.errors import UserError
 from dimr_lab.nn.network import build_model
-from dimr_lab.nn.official import (convert_official, convert_official_state_dict, official_config,
+from dimr_lab.nn.official import (convert_official_state_dict, official_config,
                                   to_official_state_dict)
 from dimr_lab.spec.model_spec import resolve_model
 from dimr_lab.spec.schema import to_dict
 
-MIRROR = Path("/work/.mirror/qihao067+DiMR/repo")
 
 
 def _t(width, depth, heads, patch, **kw):
@@ -141,16 +140,10 @@ def test_released_config_matches_the_released_xl_2r_file():
 @pytest.fixture(scope="module")
 def released(tmp_path_factory):
     src = os.environ.get("DIMR_OFFICIAL_SRC")
-    if src:
-        root = Path(src)
-    elif MIRROR.exists():
-        root = tmp_path_factory.mktemp("dimr_official")
-        archive = subprocess.run(["git", "-C", str(MIRROR), "archive", "HEAD", "libs"], capture_output=True)
-        if archive.returncode:
-            pytest.skip(f"cannot extract the released code from {MIRROR}: {archive.stderr.decode()[:200]}")
-        subprocess.run(["tar", "-x", "-C", str(root)], input=archive.stdout, check=True)
-    else:
-        pytest.skip("the released DiMR code is not available (set DIMR_OFFICIAL_SRC to a checkout)")
+    if not src:
+        pytest.skip("the released DiMR code is not available: set DIMR_OFFICIAL_SRC to a checkout of "
+                    "github.com/qihao067/DiMR (README, Testing)")
+    root = Path(src)
     if not (root / "libs" / "core" / "blocks.py").is_file():
         pytest.skip(f"{root} is not a DiMR checkout (no libs/core/blocks.py)")
     sys.path.insert(0, str(root))
@@ -271,16 +264,31 @@ def test_convert_official_cli_writes_a_loadable_checkpoint(tmp_path, capsys):
 
 
 def test_convert_official_cli_errors(tmp_path, capsys):
-    assert "no such file" in _cli(["convert-official", tmp_path / "missing.pth", tmp_path / "o.pt"], capsys)
+    assert "no such released checkpoint" in _cli(["convert-official", tmp_path / "missing.pth", tmp_path / "o.pt"],
+                                                 capsys)
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"PK\x03\x04 not really a zip")
-    assert "not a readable checkpoint" in _cli(["convert-official", corrupt, tmp_path / "o.pt"], capsys)
+    assert "corrupt or unreadable released checkpoint" in _cli(["convert-official", corrupt, tmp_path / "o.pt"],
+                                                                capsys)
     model = build_model(SPECS["2r_tdrms_k3"])
     odd = tmp_path / "odd.pth"
     torch.save({**to_official_state_dict(model), "stages.0.text_conditioning.weight": torch.zeros(2)}, odd)
     err = _cli(["convert-official", odd, tmp_path / "o.pt", "--heads", "4"], capsys)
     assert "stages.0.text_conditioning.weight" in err
     assert not (tmp_path / "o.pt").exists()
+    # an existing destination is refused unless --force; a directory is refused outright
+    good = tmp_path / "good.pth"
+    torch.save(to_official_state_dict(model), good)
+    (tmp_path / "o.pt").write_bytes(b"keep me")
+    assert "exists; refusing to overwrite" in _cli(["convert-official", good, tmp_path / "o.pt", "--heads", "4"],
+                                                    capsys)
+    assert (tmp_path / "o.pt").read_bytes() == b"keep me"
+    from dimr_lab.cli import main
+
+    main(["convert-official", str(good), str(tmp_path / "o.pt"), "--heads", "4", "--force"])
+    assert dimr_lab.load_model(tmp_path / "o.pt").spec.branches[0].heads == 4
+    assert "is a directory" in _cli(["convert-official", good, tmp_path, "--heads", "4"], capsys)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 # ----------------------------------------------------------------------------------------------- bench

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from test_runner import STANDIN, TESTS, cli, run_dirs, standin_train, write_ablation
+from test_runner import STANDIN, TESTS, cli, final_metrics, run_dirs, standin_train, write_ablation
 
 pytestmark = pytest.mark.slurm
 # seconds to wait for a job; about 10 s is usual, but a loaded 2-core machine starts python + torch slowly
@@ -98,7 +98,7 @@ def test_job_array_sacct_and_skip(tmp_path, capsys, job_env):
         array = ids[0].split("_")[0]
         assert ids == [f"{array}_{i}" for i in range(3)]
         dirs = run_dirs(results)
-        _wait(lambda: all((d / "metrics.json").is_file() for d in dirs), WAIT, "the array to finish")
+        _wait(lambda: all(list(d.glob("evals/*/metrics.json")) for d in dirs), WAIT, "the array to finish")
         for d in dirs:
             info = json.loads((d / "slurm.json").read_text())["jobs"][-1]
             assert info["array_job_id"] == array and Path(info["stdout"]).parent.parent.name == ".submitit"
@@ -121,11 +121,13 @@ def test_job_array_sacct_and_skip(tmp_path, capsys, job_env):
 def test_requeue_mid_training_resumes_to_the_same_weights(tmp_path, job_env, how):
     """`scontrol requeue` (SIGTERM: checkpoint at the next step, SLURM requeues), or the preemption/timeout
     signal (USR2: checkpoint, then submitit's Checkpointable handler requeues the job itself)."""
-    from dimr_lab.runner.ablation import expand, load_ablation, slurm_settings
+    from dimr_lab.rundir import RunDir
     from dimr_lab.runner.local import prepare
+    from dimr_lab.runner.plan import expand
     from dimr_lab.runner.slurm import submit
-    from dimr_lab.runner.state import last_step
     from dimr_lab.runner.worker import train_one
+    from dimr_lab.spec.ablation import load_ablation
+    from dimr_lab.spec.slurm import slurm_settings
 
     abl = load_ablation(write_ablation(tmp_path, seeds="[0]", steps=30, ckpt=4))
     run = expand(abl, results=tmp_path / "results")[0]
@@ -134,7 +136,7 @@ def test_requeue_mid_training_resumes_to_the_same_weights(tmp_path, job_env, how
         res = submit([run], slurm_settings(abl), ablation=abl.name, ablation_dir=run.run_dir.parent,
                      train_fn=STANDIN)
         (_, job_id), = res["submitted"]
-        _wait(lambda: (last_step(run.run_dir) or 0) >= 9, WAIT, "training to pass step 9")
+        _wait(lambda: (RunDir(run.run_dir).last_logged_step() or 0) >= 9, WAIT, "training to pass step 9")
         if how == "scontrol_requeue":
             subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
         else:
@@ -147,7 +149,7 @@ def test_requeue_mid_training_resumes_to_the_same_weights(tmp_path, job_env, how
                 return True
             return False
         _wait(released, 30, "the requeued job to be pending")
-        _wait(lambda: (run.run_dir / "metrics.json").is_file(), WAIT, "the requeued job to finish")
+        _wait(lambda: list(run.run_dir.glob("evals/*/metrics.json")), WAIT, "the requeued job to finish")
     finally:
         _scancel_all([run.run_dir])
     log = [json.loads(x) for x in (run.run_dir / "log.jsonl").read_text().splitlines()]
@@ -158,8 +160,8 @@ def test_requeue_mid_training_resumes_to_the_same_weights(tmp_path, job_env, how
     fresh = expand(abl, results=tmp_path / "fresh")[0]
     prepare([fresh], executor="debug")
     train_one(fresh.run_dir, standin_train)
-    w_requeued = json.loads((run.run_dir / "metrics.json").read_text())["w"]
-    w_fresh = json.loads((fresh.run_dir / "metrics.json").read_text())["w"]
+    w_requeued = json.loads(final_metrics(run.run_dir).read_text())["w"]
+    w_fresh = json.loads(final_metrics(fresh.run_dir).read_text())["w"]
     assert w_requeued == w_fresh
 
 
@@ -172,8 +174,8 @@ def test_two_task_job_all_reduces(tmp_path, capsys, job_env):
         assert code == 0, err
         dirs = run_dirs(results)
         d = dirs[0]
-        _wait(lambda: (d / "metrics.json").is_file(), WAIT, "the 2-task job to finish")
-        m = json.loads((d / "metrics.json").read_text())
+        _wait(lambda: list(d.glob("evals/*/metrics.json")), WAIT, "the 2-task job to finish")
+        m = json.loads(final_metrics(d).read_text())
         assert m["world_size"] == 2 and m["allreduce_check"] == 3.0
         assert json.loads((d / "slurm.json").read_text())["jobs"][-1]["tasks"] == 2
     finally:

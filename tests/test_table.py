@@ -1,50 +1,106 @@
-"""`dimr-lab table`: collecting runs, mean ± std over seeds, deltas, paper columns, every output format, the CLI."""
+"""`dimr-lab table`: choosing each run's evaluation, mean ± std over seeds, deltas, paper columns, paired step
+statistics, every output format, plots, the CLI, and that the table layer never imports torch."""
 
 from __future__ import annotations
 
+import functools
+import itertools
 import io
 import json
 import math
 import os
 import statistics
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 
+from conftest import cli
 from dimr_lab.errors import UserError
-from dimr_lab.table import aggregate, collect, format_table, paper_row, render_table
+from dimr_lab.rundir import RunDir, RunRecord, write_eval_record, write_json
+from dimr_lab.spec.run_spec import load_run_spec
+from dimr_lab.spec.schema import set_dotted, to_dict
+from dimr_lab.table import (STEP_COLUMNS, aggregate, collect, collect_curves, format_table, paper_row, render_table,
+                            step_statistics)
 
-# variant -> (variant_index, fids of seeds 0..2, paper reference); tdln is the declared base though not first
-NORM = {
-    "adaln": (0, [4.0, 4.2, 4.4], {"table": "table2_ablation_imagenet64", "row": 3}),
-    "tdln": (1, [3.6, 3.7, 3.8], {"table": "table2_ablation_imagenet64", "row": 4}),
-    "ln_token": (2, [5.0, 5.5, 6.0], None),
-}
+PNG = b"\x89PNG\r\n\x1a\n"
+_FOLDERS = itertools.count()
+T2 = "table2_ablation_imagenet64"  # rows 1..6: FID 5.85, 5.44, 7.91, 5.21, 4.86, 3.65
 
 
-def write_run(root: Path, ablation: str, variant: str, seed: int, metrics: dict | None, *, tag: str = "abc",
-              **run_fields) -> Path:
-    """One run folder as the runner writes it; metrics None leaves it unfinished."""
-    folder = root / ablation / f"{variant}-s{seed}-{tag}{seed}"
-    folder.mkdir(parents=True)
-    run = {"ablation": ablation, "title": f"{ablation} ablation", "variant": variant, "seed": seed, "grid": {},
-           "factors": {}, "paper": None, "profile": "tiny", "baseline": None, **run_fields}
-    (folder / "run.json").write_text(json.dumps(run))
-    (folder / "spec.json").write_text(json.dumps({"model": {}, "data": {}, "train": {"seed": seed}}))
+# ------------------------------------------------------------------------------------ synthetic trees
+
+@functools.lru_cache(maxsize=None)
+def _default_spec() -> str:
+    return json.dumps(to_dict(load_run_spec(None)))
+
+
+def make_spec(seed: int = 0, **dotted: Any) -> dict:
+    """The built-in default run spec, resolved, with train.seed and dotted overrides ('sample__steps')."""
+    spec = json.loads(_default_spec())
+    spec["train"]["seed"] = seed
+    for key, value in dotted.items():
+        set_dotted(spec, key.replace("__", "."), value)
+    return spec
+
+
+def planned(spec: dict) -> tuple[str, dict]:
+    """(eval hash, settings) of a spec's planned evaluation."""
+    rs = load_run_spec(spec)
+    return rs.eval_hash(), {"sample": to_dict(rs.sample), "eval": to_dict(rs.eval)}
+
+
+def metrics_for(fid: float | None, seed: int = 0, **more: Any) -> dict:
+    """A metrics.json whose numbers derive from fid and seed."""
+    return {"fid": fid, "kid": fid / 100 if isinstance(fid, float) else None, "isc": 40.0 + seed, "precision": 0.6,
+            "recall": 0.5, "sample_accuracy": 0.9, "fid_floor": 2.5, "params": 843_393, "gmacs": 0.0227,
+            "train_images_per_s": 200.0 + seed, "git_commit": "deadbeef", "git_dirty": False, **more}
+
+
+def add_eval(folder: Path, step: int, metrics: dict | None, spec: dict) -> Path:
+    """One evaluation of the run at `step` with the settings of `spec`; metrics None leaves it unfinished."""
+    ehash, settings = planned(spec)
+    d = RunDir(folder).eval_dir(step, ehash)
+    write_eval_record(d, step, ehash, settings, "")
     if metrics is not None:
-        (folder / "metrics.json").write_text(json.dumps(metrics))
+        write_json(d / "metrics.json", {"step": step, "images_seen": step * 32, **metrics})
+    return d
+
+
+def write_run(root: Path, ablation: str, variant: str, seed: int, metrics: dict | None, *, step: int = 600,
+              spec: dict | None = None, **fields: Any) -> Path:
+    """A run folder as the runner writes it, with its planned evaluation at `step`."""
+    spec = spec or make_spec(seed)
+    folder = root / ablation / f"{variant}-s{seed}-{next(_FOLDERS):04d}"
+    record = RunRecord(spec=spec, identity="abc", ablation=ablation, variant=variant, seed=seed,
+                       title=fields.pop("title", f"{ablation} ablation"), profile=fields.pop("profile", "tiny"),
+                       **fields)
+    RunDir(folder).write_record(record)
+    add_eval(folder, step, metrics, spec)
     return folder
 
 
-def metrics_for(fid: float, seed: int, params: int = 130_900_000) -> dict:
-    """A full metrics.json whose numbers derive from fid and seed."""
-    return {"fid": fid, "kid": fid / 100, "kid_std": 0.001, "isc": 40.0 + seed, "isc_std": 0.5,
-            "precision": 0.6 + 0.01 * seed, "recall": 0.5, "sample_accuracy": 0.9, "distortion_rate": 0.3,
-            "params": params, "gmacs": 2.5, "train_images_per_s": 120.0 + seed, "steps": 100, "wall_s": 10.0,
-            "eval": {"samples": 1000, "sampler": "ddim", "steps": 50, "guidance_scale": 1.0, "ema": True,
-                     "feature_extractor": "inception-v3-compat"},
-            "versions": {"torch": "2.4"}, "git_commit": "deadbeef"}
+def write_legacy(root: Path, variant: str, seed: int, fid: float, steps: int = 500) -> Path:
+    """A folder of the older layout: run.json, spec.json and metrics.json side by side, no evals/."""
+    folder = root / "old" / f"{variant}-s{seed}"
+    spec = make_spec(seed)
+    RunDir(folder).write_record(RunRecord(spec=spec, identity="old", ablation="old", variant=variant, seed=seed,
+                                          version=1))
+    RunDir(folder).write_spec_document(spec, "old")
+    write_json(folder / "metrics.json", {**metrics_for(fid, seed), "steps": steps})
+    return folder
+
+
+# variant -> (variant_index, fids of seeds 0..2, paper reference); tdln is the declared base though not first
+NORM = {
+    "adaln": (0, [4.0, 4.2, 4.4], {"table": T2, "row": 3}),
+    "tdln": (1, [3.6, 3.7, 3.8], {"table": T2, "row": 4}),
+    "ln_token": (2, [5.0, 5.5, 6.0], None),
+}
 
 
 @pytest.fixture
@@ -54,322 +110,407 @@ def tree(tmp_path: Path) -> Path:
     for variant, (index, fids, paper) in NORM.items():
         for seed, fid in enumerate(fids):
             write_run(root, "norm", variant, seed, metrics_for(fid, seed), variant_index=index, paper=paper,
-                      baseline="tdln", title="TD-LN vs adaLN",
-                      factors={"norm": variant.upper(), "conditioning": "norm"})
+                      baseline="tdln", title="TD-LN vs adaLN", factors={"norm": variant.upper(), "branches": 3})
     return root
 
 
 def row(table: pd.DataFrame, variant: str, ablation: str = "norm") -> pd.Series:
-    """The aggregated row of one variant."""
     hit = table[(table["ablation"] == ablation) & (table["variant"] == variant)]
     assert len(hit) == 1, hit
     return hit.iloc[0]
 
 
-# ---------------------------------------------------------------- aggregation
+def md_rows(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    """(header, {first cell: cells}) of the first markdown pipe table in text."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    split = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    return split(lines[0]), {split(r)[0]: split(r) for r in lines[2:]}
 
 
-def test_mean_std_and_seed_count(tree):
+# ------------------------------------------------------------------------------------ aggregation
+
+def test_mean_std_and_seed_counts(tree):
     runs, warnings = collect(tree)
     assert warnings == [] and len(runs) == 9
+    assert set(runs["step"]) == {600} and set(runs["eval_label"]) == {""} and set(runs["data_key"]) == {"shapes:16:16"}
     table = aggregate(runs)
     assert list(table["variant"]) == ["adaln", "tdln", "ln_token"]  # variant_index order, not names
     for variant, (_, fids, _) in NORM.items():
         r = row(table, variant)
-        assert r["n_seeds"] == 3 and r["seeds"] == "0,1,2"
+        assert r["n_seeds"] == 3 and r["seeds"] == "0,1,2" and r["fid_n"] == 3
         assert r["fid_mean"] == pytest.approx(statistics.mean(fids))
         assert r["fid_std"] == pytest.approx(statistics.stdev(fids))
-        assert r["kid_mean"] == pytest.approx(statistics.mean(fids) / 100)
         assert r["isc_mean"] == pytest.approx(41.0) and r["isc_std"] == pytest.approx(1.0)
-        assert r["train_images_per_s_mean"] == pytest.approx(121.0)
-        assert r["params_m_mean"] == pytest.approx(130.9) and r["gmacs_mean"] == pytest.approx(2.5)
-        assert r["factor.norm"] == variant.upper() and r["factor.conditioning"] == "norm"
+        assert r["params_m_mean"] == pytest.approx(0.843393) and r["fid_floor_mean"] == 2.5
 
 
-def test_deltas_against_declared_base(tree):
+def test_deltas_against_declared_base_else_first_variant(tree, tmp_path):
     table = aggregate(collect(tree)[0])
     assert list(table["base"]) == [False, True, False]
     base_fid = statistics.mean(NORM["tdln"][1])
     assert row(table, "tdln")["fid_delta"] == 0.0
-    assert row(table, "adaln")["fid_delta"] == pytest.approx(statistics.mean(NORM["adaln"][1]) - base_fid)
-    assert row(table, "ln_token")["fid_delta"] == pytest.approx(5.5 - base_fid)
+    assert row(table, "adaln")["fid_delta"] == pytest.approx(4.2 - base_fid)
     assert row(table, "ln_token")["kid_delta"] == pytest.approx((5.5 - base_fid) / 100)
-    assert row(table, "adaln")["isc_delta"] == pytest.approx(0.0)
+    for index, (variant, fid) in enumerate((("zeta", 2.0), ("alpha", 3.0))):  # no baseline: the first by index
+        write_run(tmp_path / "r2", "abl", variant, 0, metrics_for(fid), variant_index=index)
+    table = aggregate(collect(tmp_path / "r2")[0])
+    assert list(table["variant"]) == ["zeta", "alpha"] and list(table["base"]) == [True, False]
+    assert list(table["fid_delta"]) == pytest.approx([0.0, 1.0])
+    assert math.isnan(row(table, "zeta", "abl")["fid_std"])  # one seed: no spread
 
 
-def test_base_defaults_to_first_variant_by_name(tmp_path):
-    for variant, fid in (("zeta", 2.0), ("alpha", 3.0), ("mid", 5.0)):
-        write_run(tmp_path, "abl", variant, 0, metrics_for(fid, 0))
-    table = aggregate(collect(tmp_path)[0])
-    assert list(table["variant"]) == ["alpha", "mid", "zeta"]
-    assert list(table["base"]) == [True, False, False]
-    assert list(table["fid_delta"]) == pytest.approx([0.0, 2.0, -1.0])
-    assert math.isnan(row(table, "alpha", "abl")["fid_std"])  # one seed: no spread
-
-
-def test_declared_base_without_finished_runs_gives_no_deltas(tmp_path):
-    for variant in ("a", "b"):
-        write_run(tmp_path, "abl", variant, 0, metrics_for(3.0, 0), baseline="gone")
-    table = aggregate(collect(tmp_path / "abl")[0])  # one ablation folder works as well as a tree
-    assert not table["base"].any() and table["fid_delta"].isna().all()
-    assert "ΔFID" not in format_table(table, "markdown")
-
-
-def test_paper_columns_for_mapped_rows_only(tree):
+def test_paper_columns(tree):
     table = aggregate(collect(tree)[0])
-    tdln, adaln, token = row(table, "tdln"), row(table, "adaln"), row(table, "ln_token")
-    assert (tdln["paper_fid"], tdln["paper_params_m"]) == (5.21, 154.0)
-    assert (adaln["paper_fid"], adaln["paper_params_m"]) == (7.91, 217.9)
-    assert tdln["paper_ref"] == "table2_ablation_imagenet64 row 4"
-    assert math.isnan(token["paper_fid"]) and math.isnan(token["paper_params_m"])
-    assert token["paper_ref"] is None or pd.isna(token["paper_ref"])
-
-
-def test_paper_references_by_model_and_epochs():
+    assert (row(table, "tdln")["paper_fid"], row(table, "tdln")["paper_params_m"]) == (5.21, 154.0)
+    assert row(table, "adaln")["paper_ref"] == f"{T2} row 3" and math.isnan(row(table, "ln_token")["paper_fid"])
     big = paper_row({"table": "imagenet256", "model": "DiMR-XL/2R", "epochs": 800})
-    assert (big["paper_fid"], big["paper_is"], big["paper_params_m"], big["paper_gflops"]) == (1.70, 289.0, 505, 160)
-    assert (big["paper_precision"], big["paper_recall"]) == (0.79, 0.63)
-    assert paper_row({"table": "imagenet64", "model": "DiMR-M/3R"})["paper_is"] == 42.41
-    assert paper_row({"table": "imagenet512", "model": "DiMR-XL/3R", "epochs": 400})["paper_fid"] == 3.23
-    assert paper_row({"table": "distortion_rate", "model": "DiMR-XL/2R", "epochs": 400})[
-        "paper_distortion_rate"] == 0.292
-    for bad in ({"table": "imagenet256", "model": "DiMR-XL/2R"},  # two epochs published: ambiguous
-                {"table": "table2_ablation_imagenet64", "row": 9}, {"table": "imagenet64", "row": 1},
+    assert (big["paper_fid"], big["paper_is"], big["paper_gflops"]) == (1.70, 289.0, 160)
+    distortion = paper_row({"table": "distortion_rate", "model": "DiMR-XL/2R", "epochs": 400})
+    assert distortion["paper_distortion_rate"] == 0.292
+    for bad in ({"table": "imagenet256", "model": "DiMR-XL/2R"}, {"table": T2, "row": 9},
                 {"table": "../../etc/passwd", "row": 1}, {"row": 1}, "table2"):
         with pytest.raises(UserError):
             paper_row(bad)
+    header, cells = md_rows(render_table(tree, "markdown"))
+    paper = header.index("Paper FID")
+    assert cells["tdln (base)"][paper] == "5.21" and cells["ln_token"][paper] == ""
 
 
-def test_bad_paper_reference_warns_and_keeps_the_run(tmp_path):
-    for seed in range(2):
-        write_run(tmp_path, "abl", "v", seed, metrics_for(3.0, seed), paper={"table": "table2_ablation_imagenet64",
-                                                                             "row": 42})
-    runs, warnings = collect(tmp_path)
-    assert len(runs) == 2 and len(warnings) == 1 and "row 42" in warnings[0] and "v-s0" in warnings[0]
-    assert math.isnan(aggregate(runs)["paper_fid"].iloc[0])
-
-
-def test_grid_points_are_rows_compared_at_the_same_point(tmp_path):
+def test_grid_points_are_compared_at_the_same_point(tmp_path):
     for variant, offset in (("base", 0.0), ("other", 1.0)):
         for lr, fid in ((1e-3, 3.0), (3e-4, 4.0)):
-            write_run(tmp_path, "g", variant, 0, metrics_for(fid + offset, 0), tag=f"lr{lr}-",
-                      grid={"train.lr": lr}, baseline="base")
-    table = aggregate(collect(tmp_path)[0])
-    assert len(table) == 4 and list(table["grid.train.lr"]) == [3e-4, 1e-3, 3e-4, 1e-3]
-    assert list(table["fid_delta"]) == pytest.approx([0.0, 0.0, 1.0, 1.0])
+            write_run(tmp_path, "g", variant, 0, metrics_for(fid + offset), grid={"train.lr": lr}, baseline="base",
+                      variant_index=int(variant == "other"), spec=make_spec(0, train__lr=lr))
+    runs = collect(tmp_path)[0]
+    table = aggregate(runs)
+    assert list(table["grid.train.lr"]) == [3e-4, 1e-3, 3e-4, 1e-3]
+    assert list(table["fid_delta"]) == pytest.approx([0.0, 0.0, 1.0, 1.0])  # never across grid points
+    stats = step_statistics(runs)
+    assert len(stats) == 2 and set(stats["grid"]) == {'{"train.lr": 0.001}', '{"train.lr": 0.0003}'}
 
 
-def test_missing_and_non_numeric_metrics(tmp_path):
-    fids = [3.0, None, 5.0]
-    for seed, fid in enumerate(fids):
-        m = metrics_for(fid or 0, seed)
-        m["fid"] = fid
-        del m["distortion_rate"]
-        if seed == 2:
-            m["recall"] = "n/a"
-        write_run(tmp_path, "abl", "v", seed, m)
+def test_missing_and_non_numeric_metric_is_nan_with_warning_and_seed_count(tmp_path):
+    for seed, fid in enumerate([60.0, "n/a", 62.4]):
+        write_run(tmp_path, "abl", "v", seed, metrics_for(fid, seed))
     runs, warnings = collect(tmp_path)
-    assert len(warnings) == 1 and "recall" in warnings[0] and "v-s2" in warnings[0]
-    r = aggregate(runs).iloc[0]
-    assert r["n_seeds"] == 3 and r["fid_mean"] == pytest.approx(4.0)
-    assert math.isnan(r["distortion_rate_mean"]) and r["recall_mean"] == pytest.approx(0.5)
-    assert "Distortion" not in format_table(aggregate(runs), "markdown")  # empty columns are left out
+    assert len(warnings) == 1 and "fid='n/a' is not a number" in warnings[0] and "v-s1" in warnings[0]
+    assert math.isnan(runs.loc[runs["seed"] == 1, "fid"].iloc[0])
+    seen: list[str] = []
+    table = aggregate(runs, on_warning=seen.append)
+    r = table.iloc[0]
+    assert r["n_seeds"] == 3 and r["fid_n"] == 2 and r["fid_mean"] == pytest.approx(61.2)
+    assert len(seen) == 2 and all("missing: seed 1" in w for w in seen)  # fid and kid
+    assert "61.2 ± 1.7 (n=2/3)" in format_table(table, "markdown")
+    lines: list[str] = []
+    render_table(tmp_path, "markdown", on_warning=lines.append)
+    assert any("fid has values for 2 of 3 seeds" in w for w in lines)
 
 
-def test_superseded_run_of_the_same_seed_is_dropped(tmp_path):
-    old = write_run(tmp_path, "abl", "v", 0, metrics_for(9.0, 0), tag="old")
-    new = write_run(tmp_path, "abl", "v", 0, metrics_for(3.0, 0), tag="new")
-    os.utime(old / "metrics.json", (1_000_000, 1_000_000))
+def test_odd_json_values_never_crash(tmp_path):
+    odd = {"fid": True, "kid": [1, 2], "isc": {"a": 1}, "precision": 10**400, "recall": "0.5",
+           "sample_accuracy": None, "params": -1, "git_commit": 7, "git_dirty": "yes"}
+    write_run(tmp_path, "abl", "odd", 0, {**metrics_for(3.0), **odd}, variant_index=10**400,
+              factors={"nested": {"a": [1, 2]}, "huge": 10**30, "none": None}, grid={"x": [1, 2]})
+    write_run(tmp_path, "abl", "fine", 0, metrics_for(3.0, 0))
+    bad_record = write_run(tmp_path, "abl", "typed", 1, metrics_for(3.0, 1))
+    (bad_record / "run.json").write_text(json.dumps({"spec": {}, "identity": "x", "seed": "one"}))
+    bad_spec = write_run(tmp_path, "abl", "badspec", 0, metrics_for(3.0), spec=make_spec(0))
+    record = json.loads((bad_spec / "run.json").read_text())
+    record["spec"]["train"]["lr"] = "fast"
+    (bad_spec / "run.json").write_text(json.dumps(record))
+    broken = write_run(tmp_path, "abl", "broken", 0, None)
+    next((broken / "evals").iterdir()).joinpath("metrics.json").write_text('{"fid": NaN}')
+    alone = tmp_path / "abl" / "trained-by-hand"  # only the trainer's spec.json
+    RunDir(alone).write_spec_document(make_spec(5), "z")
+    add_eval(alone, 600, metrics_for(9.0), make_spec(5))
+    runs, warnings = collect(tmp_path)
+    assert sorted(runs["variant"]) == ["fine", "odd", "trained-by-hand"]
+    odd_row = runs[runs["variant"] == "odd"].iloc[0]
+    for col in ("fid", "kid", "isc", "precision", "recall", "sample_accuracy"):
+        assert math.isnan(odd_row[col]), col
+    assert odd_row["factor.huge"] == str(10**30) and odd_row["factor.nested"] == '{"a": [1, 2]}'
+    text = "\n".join(warnings)
+    for what in ("fid=True", "kid=[1, 2]", "precision=", "recall='0.5'", "variant_index", str(bad_record),
+                 str(bad_spec), "not valid JSON"):
+        assert what in text, what
+    for fmt in ("rich", "markdown", "latex", "csv"):
+        assert render_table(tmp_path, fmt, on_warning=lambda line: None)
+    assert isinstance(step_statistics(runs), pd.DataFrame)  # odd and fine sit at different grid points
+
+
+def test_unfinished_runs_warn(tree):
+    folder = write_run(tree, "norm", "tdln", 7, None)
+    runs, warnings = collect(tree)
+    assert len(runs) == 9 and len(warnings) == 1
+    assert str(folder) in warnings[0] and "unfinished" in warnings[0]
+
+
+def test_legacy_folders_read_as_one_final_evaluation(tmp_path):
+    for seed, fid in enumerate([5.0, 7.0]):
+        write_legacy(tmp_path, "v", seed, fid)
+    runs, warnings = collect(tmp_path)
+    assert warnings == [] and list(runs["step"]) == [500, 500] and set(runs["eval_label"]) == {""}
+    assert list(runs["images_seen"]) == [500 * 32] * 2  # from the spec's batch when metrics lack it
+    assert aggregate(runs)["fid_mean"].iloc[0] == pytest.approx(6.0)
+
+
+# ------------------------------------------------------------------------------------ choosing evaluations
+
+def test_step_selection(tmp_path):
+    for seed in range(2):
+        folder = write_run(tmp_path, "abl", "v", seed, metrics_for(50.0 + seed, seed), step=600)
+        add_eval(folder, 1200, metrics_for(30.0 + seed, seed), make_spec(seed))
+        add_eval(folder, 1800, None, make_spec(seed))  # still running: not the latest finished
+    runs, warnings = collect(tmp_path)
+    assert set(runs["step"]) == {1200} and list(runs["fid"]) == [30.0, 31.0] and warnings == []
+    runs, _ = collect(tmp_path, step=600)
+    assert list(runs["fid"]) == [50.0, 51.0]
+    runs, warnings = collect(tmp_path, step=900)
+    assert runs.empty and len(warnings) == 2
+    assert "no finished evaluation at step 900 (finished: 600, 1200)" in warnings[0]
+    assert "step 600" in render_table(tmp_path, "rich", step=600)
+    curves, _ = collect_curves(tmp_path)
+    assert sorted(zip(curves["seed"], curves["step"])) == [(0, 600), (0, 1200), (1, 600), (1, 1200)]
+
+
+def test_eval_settings_selection(tmp_path):
+    guided = make_spec(0, sample__guidance_scale=1.5)
+    plain = write_run(tmp_path, "abl", "v", 0, metrics_for(50.0))
+    add_eval(plain, 600, metrics_for(40.0), guided)  # another setting at the same step: the plan wins
+    other = write_run(tmp_path, "abl", "v", 1, None)  # planned evaluation unfinished, the guided one done
+    add_eval(other, 600, metrics_for(41.0, 1), make_spec(1, sample__guidance_scale=1.5))
+    runs, warnings = collect(tmp_path)
+    assert list(runs["fid"]) == [50.0, 41.0] and list(runs["eval_label"]) == ["", "sample.guidance_scale=1.5"]
+    assert len(warnings) == 1 and str(other) in warnings[0] and "using sample.guidance_scale=1.5" in warnings[0]
+    text = render_table(tmp_path, "rich", on_warning=lambda line: None)
+    assert "sample.guidance_scale=1.5" in " ".join(text.splitlines()[:2])  # the title line says so
+    runs, warnings = collect(tmp_path, eval_filter=[("sample.guidance_scale", "1.5")])
+    assert list(runs["fid"]) == [40.0, 41.0] and warnings == []
+    runs, warnings = collect(tmp_path, eval_filter=["sample.guidance_scale=2"])
+    assert runs.empty and "no finished evaluation with sample.guidance_scale=2" in warnings[0]
+    with pytest.raises(UserError, match="sample.\\* or eval.\\*"):
+        collect(tmp_path, eval_filter=["train.lr=1"])
+
+
+def test_superseded_folder_of_the_same_seed_is_dropped(tmp_path):
+    old = write_run(tmp_path, "abl", "v", 0, metrics_for(9.0), spec=make_spec(0, train__lr=1e-3))
+    new = write_run(tmp_path, "abl", "v", 0, metrics_for(3.0), spec=make_spec(0, train__lr=2e-3))
+    for p in (old / "evals").rglob("*"):
+        os.utime(p, (1_000_000, 1_000_000))
     runs, warnings = collect(tmp_path)
     assert list(runs["folder"]) == [str(new)]
-    assert len(warnings) == 1 and str(old) in warnings[0] and str(new) in warnings[0]
+    assert len(warnings) == 1 and str(old) in warnings[0] and "superseded" in warnings[0]
 
 
-# ---------------------------------------------------------------- broken folders
-
-
-def test_corrupt_and_unfinished_runs_warn_and_the_rest_renders(tree):
-    bad_metrics = write_run(tree, "norm", "tdln", 7, None)
-    (bad_metrics / "metrics.json").write_text('{"fid": 3.')
-    bad_run = write_run(tree, "norm", "adaln", 8, metrics_for(1.0, 8))
-    (bad_run / "run.json").write_text("not json")
-    unfinished = write_run(tree, "norm", "adaln", 9, None)
-    no_seed = write_run(tree, "norm", "adaln", 10, metrics_for(1.0, 0))
-    (no_seed / "run.json").write_text(json.dumps({"ablation": "norm", "variant": "adaln"}))
-    listed = write_run(tree, "norm", "adaln", 11, metrics_for(1.0, 0))
-    (listed / "metrics.json").write_text("[1, 2]")
-    runs, warnings = collect(tree)
-    assert len(runs) == 9 and len(warnings) == 5
-    for folder, why in ((bad_metrics, "metrics.json is not valid JSON"), (bad_run, "run.json is not valid JSON"),
-                        (unfinished, "unfinished"), (no_seed, "'seed'"), (listed, "not a JSON object")):
-        assert any(str(folder) in w and why in w for w in warnings), (folder, warnings)
-    seen = []
-    text = render_table(tree, "markdown", on_warning=seen.append)
-    assert seen == warnings
-    assert row(aggregate(runs), "adaln")["n_seeds"] == 3 and "| adaln |" in text
-
-
-def test_missing_dir_and_no_finished_runs(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
-        collect(tmp_path / "nope")
-    write_run(tmp_path, "abl", "v", 0, None)
-    seen = []
-    with pytest.raises(UserError, match="no finished runs"):
-        render_table(tmp_path, on_warning=seen.append)
-    assert len(seen) == 1 and "unfinished" in seen[0]
-    with pytest.raises(UserError, match="table format"):
-        render_table(tmp_path, fmt="html")
-
-
-# ---------------------------------------------------------------- output formats
-
+# ------------------------------------------------------------------------------------ formats
 
 @pytest.fixture
-def two_ablations(tree) -> Path:
-    """tree plus a second ablation with two single-seed variants."""
-    for variant, fid in (("conv", 8.0), ("attn", 6.5)):
-        write_run(tree, "branch", variant, 0, metrics_for(fid, 0), title="Branch_type & 100%")
-    return tree
+def components(tmp_path: Path) -> Path:
+    """Six variants with five boolean factors and long-ish names, as Table 2 of the paper."""
+    names = ["uvit", "adaln_zero", "multi_branch", "tdln", "glu", "dimr"]
+    keys = ["adaln_zero", "tdln", "multi_branch", "glu", "multi_scale_loss"]
+    for i, name in enumerate(names):
+        for seed in range(3):
+            write_run(tmp_path, "table2_components", name, seed, metrics_for(114.41 - 9.7 * i + 7.3 * seed, seed),
+                      variant_index=i, baseline="uvit", paper={"table": T2, "row": i + 1},
+                      title="Table 2: U-ViT-M/4 to DiMR-M/3R, one component at a time",
+                      factors={k: j < i for j, k in enumerate(keys)})
+    return tmp_path
 
 
-def test_csv_round_trips(two_ablations):
-    table = aggregate(collect(two_ablations)[0])
-    back = pd.read_csv(io.StringIO(render_table(two_ablations, "csv")))
-    assert list(back.columns) == list(table.columns)
-    assert list(back["ablation"]) == ["branch", "branch", "norm", "norm", "norm"]
-    norm = back[back["ablation"] == "norm"].set_index("variant")
-    assert norm.loc["tdln", "fid_mean"] == pytest.approx(3.7) and norm.loc["tdln", "fid_std"] == pytest.approx(0.1)
-    assert norm.loc["adaln", "paper_fid"] == 7.91 and pd.isna(norm.loc["ln_token", "paper_fid"])
-    assert norm.loc["ln_token", "n_seeds"] == 3
+def test_rich_fits_120_columns(components):
+    text = render_table(components, "rich")
+    assert max(len(line) for line in text.splitlines()) <= 120
+    for word in ("uvit (base)", "scale_", "Seeds", "Params", "GMACs", "FID", "ΔFID", "Sample acc.", "Paper",
+                 "121.7 ± 7.3", "5.85"):
+        assert word in text, word
+    wide = render_table(components, "rich", wide=True)
+    assert "Precision" in wide and "ΔIS" in wide and "Paper params (M)" in wide
 
 
-def test_markdown_has_a_heading_header_and_row_per_variant(two_ablations):
-    text = render_table(two_ablations, "markdown")
-    sections = {s.split("\n", 1)[0]: s for s in text.split("\n## ")}
-    assert set(sections) == {"## Branch_type & 100% (`branch`)", "TD-LN vs adaLN (`norm`)"}
-    lines = [line for line in sections["TD-LN vs adaLN (`norm`)"].splitlines() if line.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header[:4] == ["Variant", "norm", "conditioning", "Seeds"] and "Paper FID" in header
-    assert set(lines[1]) <= set("|:-") and len(lines) == 2 + 3
-    cells = {r.split("|")[1].strip(): [c.strip() for c in r.strip("|").split("|")] for r in lines[2:]}
+def test_markdown(tree):
+    header, cells = md_rows(render_table(tree, "markdown"))
+    assert header[:3] == ["Variant", "norm", "Seeds"]  # 'branches' is the same in every row: left out
     assert set(cells) == {"adaln", "tdln (base)", "ln_token"}
-    fid = header.index("FID")
-    assert cells["tdln (base)"][fid] == "3.70 ± 0.10" and cells["ln_token"][fid] == "5.50 ± 0.50"
+    assert cells["tdln (base)"][header.index("FID")] == "3.70 ± 0.10"
     assert cells["adaln"][header.index("ΔFID")] == "+0.50" and cells["tdln (base)"][header.index("ΔFID")] == "base"
-    assert cells["tdln (base)"][header.index("Paper FID")] == "5.21" and cells["ln_token"][header.index("Paper FID")] == ""
-    assert cells["adaln"][header.index("Params (M)")] == "130.9"
-    branch = [line for line in sections["## Branch_type & 100% (`branch`)"].splitlines() if line.startswith("| ")]
-    assert "8.00" in branch[2] and "±" not in branch[2]  # one seed: no spread shown
+    text = render_table(tree, "markdown", metrics="fid,kid,isc", columns="+imgs,floor,step")
+    header, cells = md_rows(text)
+    for h in ("KID", "IS", "img/s", "FID floor", "Step"):
+        assert h in header, h
+    assert "Sample acc." not in header and cells["adaln"][header.index("Step")] == "600"
+    header, _ = md_rows(render_table(tree, "markdown", columns="seeds"))
+    assert header == ["Variant", "Seeds", "FID", "Sample acc."]
+    with pytest.raises(UserError, match="unknown metric"):
+        render_table(tree, "markdown", metrics="fidd")
+    with pytest.raises(UserError, match="unknown table column"):
+        render_table(tree, "markdown", columns="colour")
 
 
-def test_latex_is_booktabs_with_escapes(two_ablations):
-    text = render_table(two_ablations, "latex")
-    assert text.count(r"\toprule") == 2 and text.count(r"\bottomrule") == 2 and text.count(r"\midrule") == 2
-    assert r"3.70 $\pm$ 0.10" in text and r"$\Delta$FID" in text and r"ln\_token" in text
-    assert r"Branch\_type" not in text  # titles are comments, not cells
+def test_latex_booktabs_with_escapes(tree, tmp_path):
+    write_run(tree, "branch", "conv_1", 0, metrics_for(8.0), title="Branch_type & 100% $")
+    text = render_table(tree, "latex")
+    assert text.count(r"\toprule") == 2 and text.count(r"\midrule") == 2 and text.count(r"\bottomrule") == 2
+    assert r"3.70 $\pm$ 0.10" in text and r"$\Delta$FID" in text and r"ln\_token" in text and r"conv\_1" in text
+    assert "% Branch_type & 100% $ (branch)" in text  # titles are comments: nothing to escape
     norm = text[text.index("(norm)"):]
     body = norm[norm.index(r"\midrule"):norm.index(r"\bottomrule")].strip().splitlines()[1:]
     assert len(body) == 3 and all(line.endswith(r"\\") for line in body)
 
 
-def test_rich_has_titles_and_numbers(two_ablations):
-    text = render_table(two_ablations, "rich")
-    assert "TD-LN vs adaLN (norm)" in text and "Branch_type & 100% (branch)" in text
-    assert "3.70 ± 0.10" in text and "tdln (base)" in text and "7.91" in text
+def test_csv_round_trips(tree):
+    table = aggregate(collect(tree)[0])
+    back = pd.read_csv(io.StringIO(render_table(tree, "csv")))
+    assert list(back.columns) == list(table.columns) and len(back) == 3
+    tdln = back.set_index("variant").loc["tdln"]
+    assert tdln["fid_mean"] == pytest.approx(3.7) and tdln["fid_std"] == pytest.approx(0.1)
+    assert tdln["paper_fid"] == 5.21
 
 
-def test_plot_is_a_png(two_ablations, tmp_path):
-    out = tmp_path / "fid.png"
-    render_table(two_ablations, "csv", plot=out)
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(UserError, match="cannot write the plot"):
-        render_table(two_ablations, "csv", plot=tmp_path / "missing" / "fid.png")
+def test_integer_factors_print_as_integers(tmp_path):
+    for variant, branches in (("one", 1), ("two", 2), ("free", None)):
+        write_run(tmp_path, "b", variant, 0, metrics_for(3.0), factors={"branches": branches} if branches else {},
+                  grid={"steps": 600}, baseline="one")
+    for fmt in ("rich", "markdown", "latex", "csv"):
+        text = render_table(tmp_path, fmt)
+        assert "1.0" not in text and "2.0" not in text and "600.0" not in text, fmt
+    header, cells = md_rows(render_table(tmp_path, "markdown"))
+    assert cells["one (base)"][header.index("branches")] == "1" and cells["free"][header.index("branches")] == ""
 
 
-# ---------------------------------------------------------------- CLI
+def test_plot_and_curves_are_pngs(tree, tmp_path):
+    for seed in range(3):  # a second step for real curves
+        for variant in ("adaln", "tdln"):
+            folder = next((tree / "norm").glob(f"{variant}-s{seed}-*"))
+            add_eval(folder, 300, metrics_for(9.0 + seed, seed), make_spec(seed))
+    bars, curves = tmp_path / "fid.png", tmp_path / "curves.png"
+    render_table(tree, "csv", plot=bars, curves=curves)
+    for png in (bars, curves):
+        data = png.read_bytes()
+        assert data[:8] == PNG and len(data) > 1000
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="cannot write"):
+        render_table(tree, "csv", plot=tmp_path / "a-file" / "fid.png")  # its parent is a file
 
 
-def cli(*args: str) -> int:
-    """Run `dimr-lab table ARGS` through the real entry point; its exit status."""
-    import typer.main
+# ------------------------------------------------------------------------------------ statistics
 
-    from dimr_lab.cli import app, main
-
-    # typer runs a lone registered command without its name; with the other command modules it is a group
-    lone = not hasattr(typer.main.get_command(app), "commands")
-    try:
-        main(list(args) if lone else ["table", *args])
-    except SystemExit as exit_:
-        return exit_.code or 0
-    return 0
+def paired_tree(root: Path, diffs: list[float], paper_rows: tuple[int, int], *, image_sizes=(16, 16)) -> Path:
+    """Variants a -> b over len(diffs) seeds: a_s = 50 + 3 s (a large seed spread), b_s = a_s + diffs[s]."""
+    for seed, d in enumerate(diffs):
+        for index, (variant, fid) in enumerate((("a", 50.0 + 3 * seed), ("b", 50.0 + 3 * seed + d))):
+            size = image_sizes[index]
+            spec = make_spec(seed, model__image_size=size, data__image_size=size)
+            write_run(root, "abl", variant, seed, metrics_for(fid, seed), spec=spec, variant_index=index,
+                      paper={"table": T2, "row": paper_rows[index]})
+    return root
 
 
-def test_cli_renders_and_writes(tree, tmp_path, capsys):
-    assert cli(str(tree), "--format", "markdown") == 0
-    out = capsys.readouterr()
-    assert "3.70 ± 0.10" in out.out and out.err == ""
+NOISE = [0.1, -0.15, 0.05, 0.2, -0.1, 0.0]
+
+
+@pytest.mark.parametrize("diffs, rows, expected", [
+    ([5 + e for e in NOISE], (1, 3), "agrees"),        # paper 5.85 -> 7.91: up, as ours
+    ([5 + e for e in NOISE], (3, 4), "disagrees"),     # paper 7.91 -> 5.21: down
+    ([0.3, -0.2, 0.1, -0.4, 0.25, -0.05], (1, 3), "inconclusive"),
+])
+def test_step_verdicts(tmp_path, diffs, rows, expected):
+    runs = collect(paired_tree(tmp_path, diffs, rows))[0]
+    s = step_statistics(runs).iloc[0]
+    assert s["step"] == "a → b" and s["n"] == 6 and s["verdict"] == expected
+    assert s["diff"] == pytest.approx(statistics.mean(diffs))
+    assert s["from_mean"] == pytest.approx(57.5) and s["fid_floor"] == 2.5
+    assert s["p_perm"] >= 2 / 2**6 and s["t_lo"] <= s["diff"] <= s["t_hi"]
+    perm = step_statistics(runs, test="perm").iloc[0]
+    assert perm["p_holm"] == pytest.approx(perm["p_perm"])  # one step: Holm changes nothing
+
+
+def test_steps_against_the_baseline_without_published_numbers(tree):
+    runs = collect(tree)[0]
+    runs = runs.drop(columns=[c for c in runs.columns if c.startswith("paper_")])
+    stats = step_statistics(runs)
+    assert list(stats["step"]) == ["tdln → adaln", "tdln → ln_token"]
+    assert set(stats["verdict"]) == {"no published sign"}
+    text = render_table(tree, "rich", steps=True)
+    assert "adaln → tdln" in text and "Holm" in text and "paired by seed" in text.lower()
+    assert "cannot be below 2/2^3 = 0.25" in " ".join(text.split())
+
+
+def test_rows_on_different_data_are_not_compared(tmp_path):
+    runs = collect(paired_tree(tmp_path, [5.0, 5.1, 4.9], (1, 3), image_sizes=(16, 32)))[0]
+    assert set(runs["data_key"]) == {"shapes:16:16", "shapes:32:32"}
+    s = step_statistics(runs).iloc[0]
+    assert s["verdict"] == "not compared" and s["n"] == 0 and "different data" in s["note"]
+    table = aggregate(runs)
+    assert row(table, "b", "abl")["fid_delta"] != row(table, "b", "abl")["fid_delta"]  # NaN: no delta across data
+    assert "different data" in render_table(tmp_path, "markdown", steps=True)
+
+
+def test_steps_pair_runs_at_the_same_step_only(tmp_path):
+    for seed in range(3):
+        write_run(tmp_path, "abl", "a", seed, metrics_for(50.0 + seed, seed), variant_index=0)
+        write_run(tmp_path, "abl", "b", seed, metrics_for(40.0 + seed, seed), variant_index=1,
+                  step=300 if seed == 2 else 600)  # seed 2 of b is behind
+    s = step_statistics(collect(tmp_path)[0]).iloc[0]
+    assert s["n"] == 2 and s["diff"] == pytest.approx(-10.0) and "1 of 3 seeds not paired" in s["note"]
+    assert "evaluated at steps 300–600" in render_table(tmp_path, "rich")  # and the title line says so
+
+
+def test_steps_csv_columns(tree, capsys):
+    code, out, err = cli(["table", tree, "--steps", "--format", "csv"], capsys)
+    assert code == 0 and err == ""
+    steps = pd.read_csv(io.StringIO(out))
+    assert list(steps.columns[:len(STEP_COLUMNS)]) == list(STEP_COLUMNS)
+    assert list(steps["step"]) == ["adaln → tdln"] and steps["n"].iloc[0] == 3
+    assert steps["paper_diff"].iloc[0] == pytest.approx(5.21 - 7.91)
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+def test_cli_renders_writes_and_warns_on_stderr(tree, tmp_path, capsys):
+    code, out, err = cli(["table", tree, "--format", "markdown"], capsys)
+    assert code == 0 and "3.70 ± 0.10" in out and err == ""
+    write_run(tree, "norm", "tdln", 9, None)
     target, png = tmp_path / "table.csv", tmp_path / "fid.png"
-    assert cli(str(tree), "--format", "csv", "--out", str(target), "--plot", str(png)) == 0
-    assert capsys.readouterr().out == ""
-    assert len(pd.read_csv(target)) == 3 and png.read_bytes()[:4] == b"\x89PNG"
+    code, out, err = cli(["table", tree, "--format", "csv", "--out", target, "--plot", png, "--metrics", "fid"], capsys)
+    assert code == 0 and out == "" and len(pd.read_csv(target)) == 3 and png.read_bytes()[:8] == PNG
+    assert err.startswith("warning: ") and err.count("\n") == 1 and "unfinished" in err
 
 
-def test_cli_warnings_go_to_stderr_and_the_table_still_renders(tree, capsys):
-    broken = write_run(tree, "norm", "tdln", 5, None)
-    (broken / "metrics.json").write_text("{")
-    assert cli(str(tree), "--format", "csv") == 0
-    out = capsys.readouterr()
-    assert out.err.count("\n") == 1 and str(broken) in out.err
-    assert len(pd.read_csv(io.StringIO(out.out))) == 3
-
-
-@pytest.mark.parametrize("case", ["missing", "empty", "unfinished", "format", "out"])
-def test_cli_user_errors_exit_2(tmp_path, capsys, case):
-    args = {"missing": [str(tmp_path / "nope")], "empty": [str(tmp_path)], "unfinished": [str(tmp_path)],
-            "format": [str(tmp_path), "--format", "html"], "out": [str(tmp_path), "--out", str(tmp_path)]}[case]
-    if case in ("unfinished", "format", "out"):
-        write_run(tmp_path, "abl", "v", 0, None if case == "unfinished" else metrics_for(3.0, 0))
-    assert cli(*args) == 2
-    err = capsys.readouterr().err
-    assert err.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in err
+@pytest.mark.parametrize("case", ["missing", "unfinished", "format", "test", "out"])
+def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys, case):
+    if case != "missing":
+        write_run(tmp_path, "abl", "v", 0, None if case == "unfinished" else metrics_for(3.0))
+    extra = {"missing": [], "unfinished": [], "format": ["--format", "html"], "test": ["--test", "z"],
+             "out": ["--out", tmp_path]}[case]
+    code, out, err = cli(["table", tmp_path / "nope" if case == "missing" else tmp_path, *extra], capsys)
+    assert code == 2 and out == ""
+    errors = [line for line in err.splitlines() if not line.startswith("warning: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: ")
     if case == "unfinished":
-        assert "unfinished" in err and "no finished runs" in err
+        assert "no finished runs" in errors[0]
 
 
-# ---------------------------------------------------------------- steps between paper rows
+# ------------------------------------------------------------------------------------ no torch
 
+def test_the_table_layer_never_imports_torch(tree, tmp_path):
+    script = textwrap.dedent(f"""
+        import sys
 
-def test_steps_between_published_rows(tree, tmp_path):
-    """adaln (row 3, 7.91) -> tdln (row 4, 5.21): paper -2.70; ours 4.2 -> 3.7 = -0.5 with disjoint ranges."""
-    from dimr_lab.table import format_steps, step_deltas
+        class NoTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" or name.startswith("torch."):
+                    raise ImportError("torch is refused in this test")
 
-    steps = step_deltas(collect(tree)[0])
-    assert list(steps["step"]) == ["adaln → tdln"], "ln_token has no published row: not a step"
-    s = steps.iloc[0]
-    assert s["ours_delta"] == pytest.approx(-0.5) and s["paper_delta"] == pytest.approx(5.21 - 7.91)
-    assert s["beyond_spread"] and s["verdict"] == "agrees, beyond the seed spread"
-    assert (s["from_min"], s["from_max"], s["to_min"], s["to_max"]) == (4.0, 4.4, 3.6, 3.8)
-    text = format_steps(steps, "markdown")
-    assert "| norm | tiny | adaln → tdln | 4.20 [4.00, 4.40] → 3.70 [3.60, 3.80] | -0.50 | -2.70 |" in text
-
-    # overlapping seed ranges: within the spread; an opposite sign: 'opposite'
-    root = tmp_path / "r2"
-    for variant, (index, fids, paper) in {"adaln": (0, [4.0, 4.5, 5.0], NORM["adaln"][2]),
-                                          "tdln": (1, [4.6, 4.8, 5.6], NORM["tdln"][2])}.items():
-        for seed, fid in enumerate(fids):
-            write_run(root, "norm", variant, seed, metrics_for(fid, seed), variant_index=index, paper=paper)
-    s = step_deltas(collect(root)[0]).iloc[0]
-    assert not s["beyond_spread"] and s["verdict"] == "opposite, within the seed spread"
-
-
-def test_steps_cli(tree, tmp_path, capsys):
-    from dimr_lab.cli import main
-
-    main(["table", str(tree), "--steps", "--format", "markdown"])
-    out = capsys.readouterr().out
-    assert "adaln → tdln" in out and "agrees, beyond the seed spread" in out
-    lone = tmp_path / "lone"
-    write_run(lone, "norm", "tdln", 0, metrics_for(3.0, 0), paper=NORM["tdln"][2])
-    with pytest.raises(SystemExit) as exit_:
-        main(["table", str(lone), "--steps"])
-    assert exit_.value.code == 2 and "no two variants with published numbers" in capsys.readouterr().err
+        sys.meta_path.insert(0, NoTorch())
+        from dimr_lab.table import render_table
+        root = {str(tree)!r}
+        assert "3.70" in render_table(root, "rich")
+        assert "adaln" in render_table(root, "markdown", steps=True)
+        render_table(root, "csv", plot={str(tmp_path / "p.png")!r}, curves={str(tmp_path / "c.png")!r})
+        assert "torch" not in sys.modules
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

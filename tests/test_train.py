@@ -72,8 +72,12 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def load_ckpt(run: Path) -> dict:
-    return torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+def load_ckpt(run: Path, name: str = "last.pt") -> dict:
+    return torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=True)
+
+
+def evals(run: Path) -> list[Path]:
+    return sorted((run / "evals").glob("step-*"))
 
 
 def assert_state_equal(a: dict, b: dict) -> None:
@@ -110,7 +114,7 @@ def test_sigkill_resume_is_bit_exact(tmp_path):
     assert ckpt.exists(), "the run ended before its first checkpoint"
     killed_at = load_ckpt(run)["step"]
     assert 0 < killed_at < 40, f"killed after step {killed_at}: too late to test resuming"
-    assert not (run / "metrics.json").exists()
+    assert not evals(run)
     subprocess.run(cli_cmd("train", spec, "--out", run, "--no-progress"), env=child_env(), check=True,
                    capture_output=True, timeout=300)
     a, b = load_ckpt(ref), load_ckpt(run)
@@ -177,7 +181,8 @@ def test_ddp_two_processes_match_one(tmp_path):
     la = [json.loads(x)["loss"] for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
     assert la == pytest.approx(lb, rel=1e-5)
-    assert (tmp_path / "two" / "metrics.json").exists()  # rank 0 finished the run
+    assert [p.name for p in evals(tmp_path / "two")] == [p.name for p in evals(tmp_path / "one")]
+    assert (evals(tmp_path / "two")[0] / "metrics.json").exists()  # the evaluation finished too
 
 
 # ---------------------------------------------------------------- refusals
@@ -188,7 +193,7 @@ def test_different_spec_is_refused(done_run, capsys):
     toml = tiny_spec_file(done_run.parent, steps=4, ckpt=2)
     assert cli("train", toml, "--out", done_run, "--set", "train.lr=0.5", "--no-progress") == 2
     err = capsys.readouterr().err
-    assert "different spec" in err and "train.lr" in err
+    assert "holds another run" in err and "train.lr" in err and err.count("\n") == 1
     assert (done_run / "spec.json").read_bytes() == before and spec["format"] == "dimr-lab-spec/1"
     # the same spec again: done already, nothing retrained
     mtime = (done_run / "checkpoints" / "last.pt").stat().st_mtime_ns
@@ -238,7 +243,7 @@ def test_mismatching_checkpoint_is_refused(tmp_path, capsys):
     state["format"] = "something-else"
     torch.save(state, ckpt)
     assert cli("sample", run, "--n", "2", "--out", tmp_path / "g.png") == 2
-    assert "not a dimr-lab/1 checkpoint" in capsys.readouterr().err
+    assert "not a dimr-lab checkpoint" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
@@ -248,7 +253,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()
     assert cli("sample", tmp_path, "--n", "2", "--out", tmp_path / "g.png") == 2
-    assert "not a run directory" in capsys.readouterr().err
+    assert "not a run folder" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- maths
@@ -298,19 +303,22 @@ def test_optimizer_groups_free_td_norms_biases():
 # ---------------------------------------------------------------- files and the sample command
 
 def test_run_files_have_the_keys(done_run):
-    assert {"spec.json", "log.jsonl", "loss.png", "samples.png", "metrics.json"} <= {p.name for p in done_run.iterdir()}
+    assert {"spec.json", "run.json", "log.jsonl", "loss.png", "checkpoints", "evals"} <= \
+        {p.name for p in done_run.iterdir()}
     row = json.loads((done_run / "log.jsonl").read_text().splitlines()[-1])
     assert {"step", "loss", "loss_branches", "lr", "images_per_s", "gmacs_per_s"} <= row.keys()
     assert len(row["loss_branches"]) == 2
-    m = json.loads((done_run / "metrics.json").read_text())
-    for key in ("fid", "kid", "sample_accuracy", "distortion_rate", "params", "gmacs", "train_images_per_s",
-                "steps", "wall_s", "eval", "versions", "git_commit"):
+    (ev,) = evals(done_run)
+    assert {"eval.json", "metrics.json", "samples.png"} <= {p.name for p in ev.iterdir()}
+    m = json.loads((ev / "metrics.json").read_text())
+    for key in ("params", "gmacs", "train_images_per_s", "step", "samples", "settings", "versions", "git_commit",
+                "git_dirty", "identity", "eval_hash", "sample_s"):
         assert key in m, key
-    assert m["steps"] == 4 and m["params"] > 0 and m["train_images_per_s"] > 0
-    assert {"samples", "sampler", "steps", "guidance_scale", "guidance_form", "ema", "extractor"} <= m["eval"].keys()
+    assert m["step"] == 4 and m["params"] > 0 and m["train_images_per_s"] > 0 and m["enabled"] is False
+    assert {"sampler", "steps", "guidance_scale", "guidance_form", "use_ema", "seed"} <= m["settings"]["sample"].keys()
     assert {"python", "torch", "dimr_lab"} <= m["versions"].keys()
     ckpt = load_ckpt(done_run)
-    assert ckpt["format"] == "dimr-lab/1" and ckpt["step"] == 4
+    assert ckpt["format"] == "dimr-lab/2" and ckpt["step"] == 4 and ckpt["identity"] == m["identity"]
     assert {"torch", "numpy", "python", "noise"} <= ckpt["rng"].keys()
     assert {"epoch", "index"} <= ckpt["data_position"].keys()
 
@@ -322,11 +330,11 @@ def test_sample_command_writes_png(done_run, tmp_path):
 
 
 def test_save_grid_accepts_both_layouts(tmp_path):
-    from dimr_lab.train.sampling import save_grid
+    from dimr_lab.images import write_grid
 
     imgs = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
-    save_grid(imgs, [0, 1, 2], tmp_path / "a.png", class_names=["a", "b", "c"])
-    save_grid(imgs.permute(0, 2, 3, 1), None, tmp_path / "b.png")
+    write_grid(imgs, tmp_path / "a.png", [0, 1, 2], class_names=["a", "b", "c"])
+    write_grid(imgs.permute(0, 2, 3, 1), tmp_path / "b.png")
     assert (tmp_path / "a.png").stat().st_size > 0 and (tmp_path / "b.png").stat().st_size > 0
 
 
@@ -351,10 +359,11 @@ def test_eval_results_reach_metrics(tmp_path, monkeypatch):
     assert seen["samples"].dtype == torch.uint8 and tuple(seen["samples"].shape) == (10, 3, 16, 16)
     assert torch.bincount(seen["labels"]).tolist() == [2, 2, 1, 1, 1, 1, 1, 1]
     assert seen["cache_dir"] == tmp_path / "cache"
-    disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    (ev,) = evals(tmp_path / "run")
+    disk = json.loads((ev / "metrics.json").read_text())
     assert disk["fid"] == m["fid"] == 12.5 and disk["kid"] == 0.25 and disk["sample_accuracy"] == 0.75
-    assert disk["eval"]["samples"] == 10 and "class_prob" not in disk
-    assert np.load(tmp_path / "run" / "eval_per_sample.npz")["class_prob"].shape == (10,)
+    assert disk["samples"] == 10 and "class_prob" not in disk
+    assert np.load(ev / "per_sample.npz")["class_prob"].shape == (10,)
 
 
 def test_samples_use_the_datasets_classes_when_the_network_has_more(tmp_path, monkeypatch):
@@ -371,6 +380,6 @@ def test_samples_use_the_datasets_classes_when_the_network_has_more(tmp_path, mo
     monkeypatch.setattr(dimr_lab.eval, "evaluate", fake_evaluate)
     spec = tiny_spec(tmp_path, steps=1, ckpt=1, overrides=[("eval.enabled", True), ("eval.samples", 12),
                                                            ("data.num_classes", 4)])
-    assert spec.model["num_classes"] == 8
+    assert spec.model.num_classes == 8
     train_run(spec, tmp_path / "run", progress=False)
     assert torch.bincount(seen["labels"]).tolist() == [3, 3, 3, 3]

@@ -30,7 +30,8 @@ from dimr_lab.cli import data_cmds, model_cmds, official_cmds, run_cmds, table_c
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: user errors become one line on stderr and exit status 2 (usage errors too, by click)."""
+    """Entry point: user errors and operating-system errors become one line on stderr and exit status 2
+    (usage errors too, by click); Ctrl-C is exit status 130 with one line."""
     from dimr_lab.errors import UserError
 
     try:
@@ -41,3 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except OSError as err:  # a full disk, a folder that became unwritable, a file that vanished, ...
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

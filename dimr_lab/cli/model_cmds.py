@@ -11,9 +11,9 @@ from dimr_lab.cli import app
 
 
 @app.command()
-def components(kind: Optional[str] = typer.Argument(None, help="norm, conditioning, block, mlp, attention, "
-                                                                "pos_embed, cascade or head")) -> None:
-    """List the registered components (by kind) with a one-line summary each."""
+def components(kind: Optional[str] = typer.Argument(None, help="a kind (norm, block, dataset, sampler, ...); "
+                                                                "none = every kind")) -> None:
+    """List the registered components (by kind) with a one-line summary and the spec keys each reads."""
     from rich.console import Console
     from rich.table import Table
 
@@ -23,11 +23,11 @@ def components(kind: Optional[str] = typer.Argument(None, help="norm, conditioni
     if kind is not None and kind not in KINDS:
         raise UserError(unknown_name_message("component kind", kind, KINDS))
     table = Table(title="dimr-lab components")
-    for col in ("kind", "name", "summary"):
-        table.add_column(col)
+    for col in ("kind", "name", "summary", "reads"):
+        table.add_column(col, overflow="fold")
     for registry in ([KINDS[kind]] if kind else KINDS.values()):
         for entry in registry.entries():
-            table.add_row(registry.kind, entry.name, entry.summary)
+            table.add_row(registry.kind, entry.name, entry.summary, ", ".join(entry.keys))
     Console().print(table)
 
 
@@ -44,13 +44,20 @@ def describe(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a model key, e.g. branches.0.depth=5"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (params, gmacs, branches, spec)"),
 ) -> None:
-    """Parameters (TD tensors count 4x, as the paper) and GMACs (one forward, batch 1), per branch and total."""
-    from dimr_lab.nn.describe import count
+    """Parameters (TD tensors count 4x, as the paper) and GMACs (one forward, batch 1), per branch and total.
+    Counts are remembered by the network's spec (shipped for presets and the ablation files), so a known
+    network is described without building it."""
+    from dimr_lab.spec.counts import lookup
     from dimr_lab.spec.presets import PAPER_SIZES
     from dimr_lab.spec.schema import to_dict
 
     spec = _load_model_spec(model, set_)
-    info = count(spec)
+    info = lookup(spec)
+    if info is None:  # not counted before: build it on the meta device, once
+        from dimr_lab.nn.describe import counts_for
+
+        info = counts_for(spec)
+    info = dict(info)
     paper = PAPER_SIZES.get(model) if not set_ else None
     if as_json:
         info["spec"] = to_dict(spec)

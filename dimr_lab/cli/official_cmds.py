@@ -14,14 +14,15 @@ from dimr_lab.cli import app
 def convert_official(
     src: str = typer.Argument(..., help="a state dict saved by the released DiMR code (e.g. its nnet_ema.pth)"),
     dst: str = typer.Argument(..., help="where to write the dimr-lab checkpoint (weights + resolved spec)"),
-    heads: int = typer.Option(16, "--heads", help="attention heads (not recorded in the weights)"),
+    heads: int = typer.Option(16, "--heads", min=1, help="attention heads (not recorded in the weights)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing destination"),
 ) -> None:
     """Convert released DiMR weights: infer the architecture from the tensors' shapes, write our checkpoint."""
     from rich.console import Console
 
     from dimr_lab.nn.official import convert_official as _convert
 
-    info = _convert(src, dst, heads=heads)
+    info = _convert(src, dst, heads=heads, force=force)
     spec = info["spec"]
     console = Console()
     console.print(f"[bold]{spec.name}[/bold]: {spec.image_size}x{spec.image_size}x{spec.in_channels}, "

@@ -1,6 +1,6 @@
-"""Commands: `dimr-lab run FILE` (an ablation, locally or on SLURM), `dimr-lab status DIR`, `dimr-lab cancel DIR`.
+"""Commands: `dimr-lab run FILE` (an ablation, locally or on SLURM), `status DIR`, `cancel DIR`, `logs RUN`.
 
-torch and submitit are imported inside the command bodies only.
+torch and submitit are imported inside the command bodies only; planning (and a dry run) needs neither.
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -25,27 +26,43 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False, soft_wrap=False)
 
 
-def _count(spec: Any) -> dict[str, Any] | None:
-    """params/GMACs of a run's network via dimr_lab.nn.describe.count, when that module exists."""
-    try:
-        from dimr_lab.nn.describe import count
-    except ImportError:
-        return None
-    from dimr_lab.spec.model_spec import resolve_model
-
-    model = resolve_model(spec.model, key="model")
-    try:
-        return count(model)
-    except (TypeError, AttributeError):
-        return count(spec.model)
-
-
 def _fmt_params(n: Any) -> str:
     return f"{n / 1e6:.2f}M" if isinstance(n, (int, float)) else "-"
 
 
 def _fmt_gmacs(g: Any) -> str:
     return f"{g:.3g}" if isinstance(g, (int, float)) else "-"
+
+
+def network_counts(runs: list[Any]) -> dict[str, dict[str, Any] | None]:
+    """params/GMACs of each distinct network of the runs, by model key: remembered counts first, each
+    network not known yet counted once."""
+    from dimr_lab.spec.counts import lookup, model_key
+
+    counts: dict[str, dict[str, Any] | None] = {}
+    for r in runs:
+        key = model_key(r.spec.model)
+        if key not in counts:
+            counts[key] = lookup(r.spec.model)
+            if counts[key] is None:  # a network not counted before: build it on the meta device once
+                from dimr_lab.nn.describe import counts_for
+
+                counts[key] = counts_for(r.spec.model)
+    return counts
+
+
+def _parse_list(text: str | None, what: str, *, ints: bool = False) -> list[Any] | None:
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise UserError(f"{what} {text!r}: expected a comma-separated list")
+    if ints:
+        try:
+            return [int(t) for t in items]
+        except ValueError:
+            raise UserError(f"{what} {text!r}: expected integers, e.g. 0,1,2") from None
+    return items
 
 
 @app.command("run")
@@ -57,6 +74,10 @@ def run_cmd(
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s",
                                              help="override: run-spec key (train.steps=10), slurm.KEY=V, "
                                                   "ablation.seeds=[0]; repeatable"),
+    only: Optional[str] = typer.Option(None, "--only", help="only these variants: NAME[,NAME]"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="these seeds instead of the file's: 0,1,2,3"),
+    eval_only: bool = typer.Option(False, "--eval-only", help="evaluate trained runs (with --set sample./eval. "
+                                                             "settings); train nothing"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (and the sbatch script); write nothing"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per run (with its resolved spec)"),
     jobs: int = typer.Option(0, "--jobs", "-j", help="local: runs trained at the same time, each with an equal "
@@ -64,8 +85,10 @@ def run_cmd(
     train_fn: str = typer.Option("", "--train-fn", hidden=True, help="module:function of the trainer (tests)"),
 ) -> None:
     """Run every variant x grid point x seed of an ablation; finished runs are skipped, others resumed."""
-    from dimr_lab.runner.ablation import expand, load_ablation, slurm_settings, split_overrides
-    from dimr_lab.runner.state import is_done
+    from dimr_lab.runner.plan import expand, split_overrides
+    from dimr_lab.spec.slurm import slurm_settings
+    from dimr_lab.spec.ablation import load_ablation
+    from dimr_lab.spec.preflight import check_files
     from dimr_lab.spec.schema import parse_overrides
 
     if executor not in EXECUTORS:
@@ -74,56 +97,33 @@ def run_cmd(
         raise UserError(f"--jobs {jobs}: must be >= 0 (0 = one run per CPU core, up to 8)")
     if results.exists() and not results.is_dir():
         raise UserError(f"--results {results}: exists and is not a folder")
-    run_over, slurm_upd, seeds = split_overrides(parse_overrides(set_))
+    run_over, slurm_upd, set_seeds = split_overrides(parse_overrides(set_))
     abl = load_ablation(file)
-    runs = expand(abl, profile, run_over, results=results, seeds=seeds)
+    runs = expand(abl, profile, run_over, results=results, seeds=_parse_list(seeds, "--seeds", ints=True) or set_seeds,
+                  only=_parse_list(only, "--only"))
     settings = slurm_settings(abl, profile, slurm_upd)
     ablation_dir = results.resolve() / abl.name
     out = _console()
 
-    if dry_run:
-        counts = {}
+    if dry_run:  # the plan, with what a real run would refuse (missing files) said beside it
+        problems = {}
         for r in runs:
-            key = json.dumps(r.spec.model, sort_keys=True)
-            if key not in counts:
-                counts[key] = _count(r.spec)
-        if as_json:
-            for r in runs:
-                c = counts[json.dumps(r.spec.model, sort_keys=True)] or {}
-                print(json.dumps({**r.info(), "run_dir": str(r.run_dir), "status": "done" if is_done(r.run_dir)
-                                  else "todo", "params": c.get("params"), "gmacs": c.get("gmacs")}, sort_keys=True))
-            return
-        from rich.table import Table
-
-        t = Table(title=f"{abl.name}: {len(runs)} runs (profile {profile}, executor {executor})")
-        t.add_column("run", overflow="fold")
-        for col in ("variant", "seed", "grid", "steps", "params", "GMACs", "state"):
-            t.add_column(col, overflow="fold")
-        for r in runs:
-            c = counts[json.dumps(r.spec.model, sort_keys=True)] or {}
-            t.add_row(r.run_dir.name, r.variant, str(r.seed),
-                      ", ".join(f"{k}={v}" for k, v in r.grid.items()) or "-", str(r.spec.train.steps),
-                      _fmt_params(c.get("params")), _fmt_gmacs(c.get("gmacs")),
-                      "done (skipped)" if is_done(r.run_dir) else "to run")
-        out.print(t)
-        out.print(f"folder: {ablation_dir}")
-        if not any(counts.values()):
-            out.print("(params/GMACs: dimr_lab.nn.describe is not available yet)")
-        if executor == "slurm":
-            from dimr_lab.runner.slurm import sbatch_script
-
-            todo = [r for r in runs if not is_done(r.run_dir)]
-            out.print(f"\n# sbatch script ({len(todo)} array tasks; submitit writes it at submission):")
-            print(sbatch_script(settings, abl.name, ablation_dir, len(todo)))
-        out.print("(dry run: nothing written)")
+            try:
+                check_files(r.spec, file=str(file))
+            except UserError as err:
+                problems[r.run_dir] = str(err)
+        _dry_run(out, abl, runs, settings, profile, executor, ablation_dir, as_json, eval_only, problems)
         return
+    for r in runs:  # files the runs read: before anything is written or submitted
+        check_files(r.spec, file=str(file))
 
     if executor == "slurm":
         if shutil.which("sbatch") is None:
             raise UserError("--executor slurm: sbatch is not on PATH (no SLURM client here)")
         from dimr_lab.runner.slurm import submit
 
-        res = submit(runs, settings, ablation=abl.name, ablation_dir=ablation_dir, train_fn=train_fn or None)
+        res = submit(runs, settings, ablation=abl.name, ablation_dir=ablation_dir, train_fn=train_fn or None,
+                     eval_only=eval_only)
         for r, job_id in res["submitted"]:
             _say(out, as_json, r, "submitted", job_id=job_id)
         for r, job_id in res["queued"]:
@@ -131,7 +131,7 @@ def run_cmd(
         for r in res["done"]:
             _say(out, as_json, r, "done (skipped)")
         for r in res["busy"]:
-            _say(out, as_json, r, "busy (another process trains it)")
+            _say(out, as_json, r, "busy (another process holds it)")
         if not as_json:
             out.print(f"{len(res['submitted'])} submitted, {len(res['queued'])} already queued, "
                       f"{len(res['done'])} done; follow with: dimr-lab status {ablation_dir}")
@@ -140,11 +140,12 @@ def run_cmd(
     if executor == "debug":
         from dimr_lab.runner.local import run_debug
 
-        outcomes = run_debug(runs, train_fn=train_fn or None)
+        outcomes = run_debug(runs, train_fn=train_fn or None, eval_only=eval_only)
     else:
         from dimr_lab.runner.local import run_local
 
-        outcomes = run_local(runs, jobs=jobs, train_fn=train_fn or None, show_progress=not as_json)
+        outcomes = run_local(runs, jobs=jobs, train_fn=train_fn or None, show_progress=not as_json,
+                             eval_only=eval_only)
     counts_by: dict[str, int] = {}
     for o in outcomes:
         counts_by[o.status] = counts_by.get(o.status, 0) + 1
@@ -153,28 +154,71 @@ def run_cmd(
     if not as_json:
         out.print(", ".join(f"{n} {s}" for s, n in sorted(counts_by.items())))
         _print_table(out, ablation_dir)
-    failed = counts_by.get("failed", 0) + counts_by.get("interrupted", 0)
-    if failed:
+    if counts_by.get("failed", 0) + counts_by.get("interrupted", 0):
         raise typer.Exit(1)
+
+
+def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, executor: str, ablation_dir: Path,
+             as_json: bool, eval_only: bool, problems: dict[Path, str]) -> None:
+    from dimr_lab.spec.counts import model_key
+    from dimr_lab.spec.schema import to_dict
+
+    counts = network_counts(runs)
+    if as_json:
+        for r in runs:
+            c = counts[model_key(r.spec.model)] or {}
+            print(json.dumps({**r.record().to_json(), "run_dir": str(r.run_dir),
+                              "status": "done" if r.is_done() else "todo", "params": c.get("params"),
+                              "gmacs": c.get("gmacs"), "network": model_key(r.spec.model),
+                              "eval_hash": r.spec.eval_hash(), "eval_steps": r.spec.eval_steps(),
+                              "problem": problems.get(r.run_dir)}, sort_keys=True))
+        if executor == "slurm":
+            print(json.dumps({"slurm": to_dict(settings)}, sort_keys=True))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{abl.name}: {len(runs)} runs (profile {profile}, executor {executor}"
+                    + (", evaluation only" if eval_only else "") + f"); {len(counts)} distinct networks")
+    t.add_column("run", overflow="fold")
+    for col in ("variant", "seed", "grid", "steps", "params", "GMACs", "state"):
+        t.add_column(col, overflow="fold")
+    for r in runs:
+        c = counts[model_key(r.spec.model)] or {}
+        t.add_row(r.run_dir.name, r.variant, str(r.seed),
+                  ", ".join(f"{k}={v}" for k, v in r.grid.items()) or "-", str(r.spec.train.steps),
+                  _fmt_params(c.get("params")), _fmt_gmacs(c.get("gmacs")),
+                  "done (skipped)" if r.is_done() else "to run")
+    out.print(t)
+    out.print(f"folder: {ablation_dir}")
+    for problem in sorted(set(problems.values())):
+        out.print(f"[yellow]a real run would stop here:[/] {problem}", markup=True)
+    if executor == "slurm":
+        from dimr_lab.runner.slurm import sbatch_script
+
+        todo = [r for r in runs if not r.is_done()]
+        out.print(f"\n# sbatch script ({len(todo)} array tasks; submitit writes it at submission):")
+        print(sbatch_script(settings, abl.name, ablation_dir, len(todo)))
+    out.print("(dry run: nothing written)")
 
 
 def _say(out: Any, as_json: bool, run: Any, status: str, **extra: Any) -> None:
     if as_json:
-        print(json.dumps({**run.info(), "run_dir": str(run.run_dir), "status": status, **extra}, sort_keys=True))
+        print(json.dumps({**run.record().to_json(), "run_dir": str(run.run_dir), "status": status, **extra},
+                         sort_keys=True))
     else:
         more = " ".join(f"{k}={v}" for k, v in extra.items())
         out.print(f"{status:>16}  {run.run_dir.name}  {more}")
 
 
 def _print_table(out: Any, ablation_dir: Path) -> None:
+    from dimr_lab.table import render_table
+
     try:
-        from dimr_lab.table import render_table
-    except ImportError:
-        out.print(f"(dimr-lab table is not available yet; results in {ablation_dir})")
+        rendered = render_table(ablation_dir, fmt="rich", on_warning=lambda line: None)
+    except UserError as err:
+        out.print(f"(no table: {err})")
         return
-    rendered = render_table(ablation_dir, fmt="rich")
-    if rendered is not None:
-        out.print(rendered)
+    out.print(rendered, markup=False)
 
 
 @app.command("status")
@@ -182,41 +226,68 @@ def status_cmd(
     directory: Path = typer.Argument(Path("results"), help="results folder, an ablation's folder or a run folder"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per run"),
     lines: int = typer.Option(8, "--lines", "-n", help="log lines shown for failed runs"),
+    watch: float = typer.Option(0.0, "--watch", "-w", help="redraw every SECONDS until interrupted (0: once)"),
 ) -> None:
-    """Each run's state: pending, running, done, or failed with the tail of its log."""
+    """Each run's state, step, loss, images/s and ETA (and SLURM job and node); failed runs with their log."""
     from dimr_lab.runner.status import collect
 
     if not directory.exists():
         raise UserError(f"{directory}: no such folder")
-    statuses = collect(directory)
+    if watch < 0:
+        raise UserError(f"--watch {watch}: must be >= 0 seconds")
     if as_json:
-        for s in statuses:
+        for s in collect(directory):
             print(json.dumps(s.as_dict(), sort_keys=True))
         return
-    out = _console()
-    if not statuses:
-        out.print(f"no runs under {directory}")
+    if not watch:
+        _console().print(_status_view(directory, collect(directory), lines))
         return
-    from rich.table import Table
+    from rich.live import Live
 
+    try:
+        with Live(_status_view(directory, collect(directory), lines), console=_console(), auto_refresh=False) as live:
+            while True:
+                time.sleep(watch)
+                live.update(_status_view(directory, collect(directory), lines), refresh=True)
+    except KeyboardInterrupt:
+        pass
+
+
+def _status_view(directory: Path, statuses: list[Any], lines: int) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from dimr_lab.runner.status import format_eta, summary
+
+    if not statuses:
+        return Text(f"no runs under {directory}")
     t = Table(title=str(directory))
-    for col in ("run", "state", "step", "job", "detail"):
+    for col in ("run", "state", "step", "loss", "img/s", "ETA", "job", "detail"):
         t.add_column(col, overflow="fold")
     style = {"done": "green", "running": "cyan", "pending": "yellow", "failed": "red"}
     for s in statuses:
-        rel = s.run_dir.relative_to(directory) if s.run_dir != directory else Path(s.run_dir.name)
+        try:
+            rel = s.run_dir.relative_to(directory)
+        except ValueError:
+            rel = Path(s.run_dir.name)
+        rel = rel if str(rel) != "." else Path(s.run_dir.name)
         step = f"{s.step if s.step is not None else '-'}/{s.steps if s.steps is not None else '?'}"
-        t.add_row(str(rel), f"[{style[s.state]}]{s.state}[/]", step, s.job_id or "-", s.detail)
-    out.print(t)
-    tally: dict[str, int] = {}
-    for s in statuses:
-        tally[s.state] = tally.get(s.state, 0) + 1
-    out.print(", ".join(f"{n} {k}" for k, n in sorted(tally.items())))
+        job = s.job_id or "-"
+        if s.node:
+            job += f" @{s.node}"
+        t.add_row(str(rel), f"[{style[s.state]}]{s.state}[/]", step,
+                  f"{s.loss:.4f}" if s.loss is not None else "-",
+                  f"{s.images_per_s:.0f}" if s.images_per_s is not None else "-", format_eta(s.eta_s), job,
+                  Text(s.detail))
+    parts: list[Any] = [t]
+    for ablation, tally in summary(statuses).items():
+        parts.append(Text(f"{ablation}: " + ", ".join(f"{n} {k}" for k, n in sorted(tally.items()))))
     for s in statuses:
         if s.state == "failed" and s.log_tail:
-            out.print(f"\n[red]{s.run_dir.name}[/]: last lines of its log")
-            for ln in s.log_tail[-lines:]:
-                out.print("  " + ln, markup=False)
+            parts.append(Text(f"\n{s.run_dir.name}: last lines of its log", style="red"))
+            parts.extend(Text("  " + ln) for ln in s.log_tail[-lines:])
+    return Group(*parts)
 
 
 @app.command("cancel")
@@ -238,3 +309,36 @@ def cancel_cmd(
     for item in res["local"]:
         out.print(f"stopping local run {item} (it checkpoints first)")
     sys.stdout.flush()
+
+
+@app.command("logs")
+def logs_cmd(
+    run_dir: Path = typer.Argument(..., help="a run folder"),
+    follow: bool = typer.Option(False, "--follow", "-f", help="keep printing what is appended"),
+    lines: int = typer.Option(20, "--lines", "-n", help="how many lines to start with"),
+) -> None:
+    """A run's output: its process log (local or SLURM), else its training log."""
+    from dimr_lab.rundir import LOG, OUTPUT_LOG, RunDir, is_run_folder, tail_lines
+    from dimr_lab.runner.slurm_logs import run_log_file
+
+    if not run_dir.is_dir() or not is_run_folder(run_dir):
+        raise UserError(f"{run_dir}: not a run folder (no run.json or spec.json)")
+    path = run_log_file(RunDir(run_dir)) or (run_dir / OUTPUT_LOG if (run_dir / OUTPUT_LOG).exists() else run_dir / LOG)
+    if not path.exists():
+        raise UserError(f"{run_dir}: no log yet")
+    for line in tail_lines(path, lines, nbytes=1 << 20):
+        print(line)
+    if not follow:
+        return
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            while True:
+                chunk = f.read()
+                if chunk:
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                    sys.stdout.flush()
+                else:
+                    time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass

@@ -1,35 +1,61 @@
-"""Command: `dimr-lab table DIR`, the paper-style table of a results tree."""
+"""Command: `dimr-lab table DIR`, the paper-style table of a results tree (and its step statistics and plots)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
 from dimr_lab.cli import app
 
+# kept here as text (not imported from dimr_lab.table) so `dimr-lab --help` never loads pandas
+COLUMNS_HELP = ("Optional columns, comma-separated: factors (labels that vary), seeds, params, gmacs, imgs "
+                "(train images/s), delta (Δ of the first metric to the base), paper (the paper's number of the "
+                "first metric), floor (FID floor), step (evaluation step and settings). Default: "
+                "factors,seeds,params,gmacs,delta,paper; '+imgs,floor' adds to the default.")
+METRICS_HELP = ("Metrics, comma-separated, the first one drives Δ, paper, --steps and the plots: fid, kid, isc, "
+                "precision, recall, sample_accuracy, distortion_rate, fid_floor, train_images_per_s, params_m, "
+                "gmacs. Default: fid and, where present, sample_accuracy.")
+
 
 @app.command("table")
 def table_cmd(
-    results_dir: Path = typer.Argument(..., help="A results folder: one ablation or a tree of them."),
-    fmt: str = typer.Option("rich", "--format", "-f", help="rich, markdown, latex or csv (raw numbers)."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG bar chart of FID per variant."),
+    results_dir: Path = typer.Argument(..., help="A results folder: one ablation, a tree of them, or a run."),
+    fmt: str = typer.Option("rich", "--format", "-f", help="rich, markdown, latex or csv (every column, raw numbers)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the table to FILE instead of stdout."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also write a PNG: a bar per variant (± std over "
+                                                              "seeds), the paper's numbers on their own axis."),
+    curves: Optional[Path] = typer.Option(None, "--curves", help="Also write a PNG of learning curves: the metric "
+                                                                  "vs training step and vs training compute."),
     steps: bool = typer.Option(False, "--steps", help="Instead: each step between consecutive variants with "
-                                                       "published rows, our FID change beside the paper's, "
-                                                       "sign agreement and whether ours is beyond the seed spread."),
+                                                       "published numbers (else each variant vs the baseline), "
+                                                       "paired by seed, Holm-adjusted, read against the paper."),
+    step: Optional[int] = typer.Option(None, "--step", help="Use the evaluations at this training step "
+                                                             "(default: each run's latest)."),
+    eval_filter: Optional[List[str]] = typer.Option(None, "--eval", help="Only evaluations with this setting, "
+                                                                         "KEY=VALUE (e.g. sample.guidance_scale"
+                                                                         "=1.5); repeatable."),
+    metrics: Optional[str] = typer.Option(None, "--metrics", help=METRICS_HELP),
+    columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP),
+    wide: bool = typer.Option(False, "--wide", help="Every metric, delta and paper column (no width limit)."),
+    test: str = typer.Option("t", "--test", help="--steps: p_holm from the paired t-test (t) or the exact "
+                                                 "sign-flip permutation test (perm)."),
 ) -> None:
-    """One row per variant: mean ± std over seeds, deltas to the base row, the paper's numbers beside ours."""
+    """One row per variant: mean ± std over seeds, deltas to the base variant, the paper's numbers beside ours."""
     # pandas and matplotlib load here only, so `dimr-lab --help` stays fast
+    from dimr_lab.atomic import atomic_write_text
     from dimr_lab.errors import UserError
     from dimr_lab.table import render_table
 
-    text = render_table(results_dir, fmt=fmt, plot=plot, steps=steps)
+    if out is not None and out.is_dir():
+        raise UserError(f"--out {out}: is a directory; give a file name")
+    text = render_table(results_dir, fmt=fmt, plot=plot, steps=steps, step=step, eval_filter=eval_filter,
+                        columns=columns, metrics=metrics, wide=wide, curves=curves, test=test)
     if out is None:
         typer.echo(text, nl=False)
         return
     try:
-        out.write_text(text, encoding="utf-8")
+        atomic_write_text(out, text)
     except OSError as err:
         raise UserError(f"cannot write {out}: {err.strerror or err}") from None

@@ -1,106 +1,172 @@
-"""Commands: train (one run: train, sample, evaluate; resumable) and sample (a grid from a run)."""
+"""Commands: train (one run: train, then evaluate; resumable, continuable), eval (evaluate a trained run),
+sample (a grid from a run), distortion (the low-fidelity samples of an evaluation)."""
 
 from __future__ import annotations
 
+import json
+import signal
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from dimr_lab.cli import app
 
+EXIT_INTERRUPTED = 130
+
+
+class _Stop:
+    """SIGINT, SIGTERM and SIGUSR1 (SLURM's notice) ask the work to stop at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
+            if sig is not None:
+                signal.signal(sig, self._set)
+
+    def _set(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now (the last checkpoint stays)
+        self.signum = signum
+        print(f"\n[dimr-lab] {signal.Signals(signum).name}: stopping at the next step boundary after a checkpoint "
+              f"(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+
+def _say_metrics(result: dict[str, Any], where: Path) -> str:
+    keys = ("sample_accuracy", "distortion_rate", "fid", "fid_floor", "kid", "step", "samples")
+    return ", ".join(f"{k}={result[k]:.4g}" if isinstance(result.get(k), float) else f"{k}={result.get(k)}"
+                     for k in keys if result.get(k) is not None)
+
 
 @app.command()
 def train(
     spec: Optional[Path] = typer.Argument(None, help="run spec TOML; none = the built-in default"),
-    out: Path = typer.Option(..., "--out", "-o", help="run directory (the same command on it again resumes)"),
+    out: Path = typer.Option(..., "--out", "-o", help="run directory (the same command on it again resumes; with "
+                                                      "a larger train.steps it continues)"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a spec key: section.key=value"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=0, help="CPU threads (train.threads; 0 = all)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="rich progress bar"),
 ) -> None:
-    """Train, sample and evaluate one run into OUT (resumes OUT; refuses a different spec)."""
-    import signal
-    import sys
-
+    """Train one run into OUT, then evaluate it (resumes OUT; refuses a folder holding another run)."""
     from dimr_lab.spec.run_spec import load_run_spec
     from dimr_lab.spec.schema import parse_overrides
 
-    run_spec = load_run_spec(spec, parse_overrides(set_))
+    overrides = parse_overrides(set_)
+    if threads is not None:
+        overrides.append(("train.threads", threads))
+    run_spec = load_run_spec(spec, overrides)
+    stop = _Stop()
     from dimr_lab.train.trainer import train_run
 
-    # SIGTERM / SIGUSR1 (SLURM preemption, time limits): checkpoint at the next step, then exit 143
-    stop = {"signal": None}
-
-    def _request_stop(signum, _frame):
-        stop["signal"] = signum
-
-    for sig in (signal.SIGTERM, getattr(signal, "SIGUSR1", None)):
-        if sig is not None:
-            signal.signal(sig, _request_stop)
-    result = train_run(run_spec, out, should_stop=lambda: stop["signal"] is not None, progress=progress)
+    result = train_run(run_spec, out, should_stop=stop, progress=progress)
     if result.get("interrupted"):
         print(f"stopped at step {result.get('step')}; checkpoint saved in {out}; run the same command to resume",
               file=sys.stderr)
-        raise typer.Exit(143)
+        raise typer.Exit(EXIT_INTERRUPTED)
     if "rank" in result:
         return
-    keys = ("sample_accuracy", "distortion_rate", "fid", "kid", "steps", "wall_s")
-    shown = ", ".join(f"{k}={result[k]:.4g}" if isinstance(result.get(k), float) else f"{k}={result.get(k)}"
-                      for k in keys if k in result)
-    print(f"done: {out}/metrics.json ({shown})")
+    print(f"done: {out} ({_say_metrics(result, out)})")
+
+
+@app.command("eval")
+def eval_cmd(
+    run_dir: Path = typer.Argument(..., help="a run folder (made by train or run)"),
+    step: Optional[int] = typer.Option(None, "--step", min=0, help="the checkpoint at this step (default: the last)"),
+    all_steps: bool = typer.Option(False, "--all-steps", help="every kept checkpoint and the last"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="sample.KEY=V or eval.KEY=V (e.g. "
+                                                                 "sample.guidance_scale=1.5, eval.samples=50000)"),
+    as_json: bool = typer.Option(False, "--json", help="print the metrics object(s), one per line"),
+) -> None:
+    """Evaluate a trained run's checkpoints without training; each evaluation lands in RUN_DIR/evals/ under a
+    name made of its step and settings, and a finished one is skipped."""
+    from dimr_lab.errors import UserError
+    from dimr_lab.eval.command import evaluate_run
+    from dimr_lab.spec.schema import parse_overrides
+
+    if step is not None and all_steps:
+        raise UserError("--step and --all-steps: give one of them")
+    stop = _Stop()
+    results = evaluate_run(run_dir, step=step, all_steps=all_steps, overrides=parse_overrides(set_),
+                           should_stop=stop, log=None if as_json else lambda line: print(line, file=sys.stderr))
+    interrupted = any(r.get("interrupted") for r in results)
+    for r in results:
+        if "rank" in r:
+            continue
+        if as_json:
+            print(json.dumps(r, sort_keys=True))
+        elif not r.get("interrupted"):
+            print(f"{r.get('eval_name')}: {_say_metrics(r, run_dir)}")
+    if interrupted:
+        print("stopped; the samples made so far are kept: run the same command to resume", file=sys.stderr)
+        raise typer.Exit(EXIT_INTERRUPTED)
 
 
 @app.command()
 def sample(
-    run_dir: Path = typer.Argument(..., help="a run directory (spec.json + checkpoints/last.pt)"),
+    run_dir: Path = typer.Argument(..., help="a run folder (spec.json + a checkpoint)"),
     n: int = typer.Option(64, "--n", min=1, help="number of samples (class-balanced labels)"),
     out: Path = typer.Option(Path("grid.png"), "--out", "-o", help="PNG to write"),
+    step: Optional[int] = typer.Option(None, "--step", min=0, help="the checkpoint at this step (default: the last)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="guidance scale (default: the run's)"),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="sampler steps (default: the run's)"),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="dpm_solver++, dpm_solver++_fast or ddim"),
-    order: Optional[int] = typer.Option(None, "--order", min=1, max=3, help="DPM-Solver++ order"),
-    seed: int = typer.Option(0, "--seed", help="seed of the starting noise"),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="a registered sampler (default: the run's)"),
+    order: Optional[int] = typer.Option(None, "--order", min=1, max=3, help="DPM-Solver order"),
+    seed: int = typer.Option(0, "--seed", min=0, help="seed of the starting noise"),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights (default) or the raw ones"),
-    batch_size: int = typer.Option(256, "--batch-size", min=1),
 ) -> None:
-    """Write a labelled grid of N samples from RUN_DIR's last checkpoint."""
+    """Write a labelled grid of N samples from RUN_DIR's checkpoint."""
+    import dataclasses
+    import math
+
+    import numpy as np
     import torch
 
-    from dimr_lab.train.sampling import class_balanced_labels, generate, load_run_model, save_grid, to_uint8
+    from dimr_lab.errors import UserError
+    from dimr_lab.eval.run import _class_names
+    from dimr_lab.eval.sampling import data_classes, generate, labels_for, load_run_model, to_uint8
+    from dimr_lab.images import write_grid
+    from dimr_lab.registry import SAMPLERS
 
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a directory; give a file name for the PNG")
+    if sampler is not None:
+        SAMPLERS.check(sampler, file="--sampler")
+    if guidance is not None and not math.isfinite(guidance):
+        raise UserError(f"--guidance {guidance}: must be a finite number")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, spec = load_run_model(run_dir, ema=ema, device=device)
-    # the dataset's classes where the spec names them (a network may have more label rows than it uses)
-    classes = min(spec.data.num_classes or model.spec.num_classes, model.spec.num_classes)
-    labels = class_balanced_labels(n, classes)
-    x = generate(model, spec, labels, seed=seed, batch_size=batch_size, sampler=sampler, steps=steps,
-                 order=order, guidance_scale=guidance)
-    class_names = _class_names(spec)
-    save_grid(to_uint8(x, spec.data), labels, out, class_names=class_names)
+    model, spec, _ = load_run_model(run_dir, step=step, ema=ema, device=device)
+    spec = dataclasses.replace(spec, sample=dataclasses.replace(spec.sample, seed=seed))
+    idx = np.arange(n)
+    labels = labels_for(idx, data_classes(spec))
+    x = generate(model, spec, idx, labels, sampler=sampler, steps=steps, order=order, guidance_scale=guidance)
+    write_grid(to_uint8(x, spec.data), out, labels.tolist(), _class_names(spec))
     print(f"wrote {out} ({n} samples)")
-
-
-def _class_names(spec) -> list[str] | None:
-    """The dataset's class names where cheap to know (built-in datasets), else None (numbers)."""
-    if spec.data.name == "shapes":
-        from dimr_lab.data.shapes import SHAPE_NAMES
-
-        return list(SHAPE_NAMES)
-    if spec.data.name == "digits":
-        return [str(i) for i in range(10)]
-    return None
 
 
 @app.command()
 def distortion(
-    run_dir: Path = typer.Argument(..., help="a finished run directory"),
-    threshold: Optional[float] = typer.Option(None, help="flag p(class) below this (default: the run's "
+    run_dir: Path = typer.Argument(..., help="a run folder (its newest evaluation) or an evaluation folder"),
+    threshold: Optional[float] = typer.Option(None, help="flag p(class) below this (default: the evaluation's "
                                                           "eval.distortion_threshold)"),
-    max_images: int = typer.Option(64, "--max", help="at most this many flagged samples in the grid"),
-    out: Optional[Path] = typer.Option(None, help="the grid PNG (default RUN_DIR/distortion.png)"),
+    max_images: int = typer.Option(64, "--max", min=1, help="at most this many flagged samples in the grid"),
+    out: Optional[Path] = typer.Option(None, help="the grid PNG (default: distortion.png in the evaluation)"),
 ) -> None:
     """The paper's low-fidelity detector: a grid of the samples the classifier flags, and their share."""
-    from dimr_lab.eval.distortion import distortion_report
+    from dimr_lab.eval.distortion import distortion_report, latest_evaluation_dir
+    from dimr_lab.eval.run import _class_names
+    from dimr_lab.rundir import EVAL_RECORD, RunDir, read_evaluation
+    from dimr_lab.spec.run_spec import load_run_spec
 
-    report = distortion_report(run_dir, threshold=threshold, max_images=max_images, out=out)
+    eval_dir = run_dir if (run_dir / EVAL_RECORD).is_file() else latest_evaluation_dir(run_dir)
+    run = RunDir(eval_dir.parent.parent)
+    spec = load_run_spec(run.spec_data(), file=str(run.spec_path))
+    ev = read_evaluation(eval_dir)
+    default = (ev.settings.get("eval") or {}).get("distortion_threshold", 0.5) if ev else 0.5
+    report = distortion_report(eval_dir, threshold=default if threshold is None else threshold,
+                               max_images=max_images, out=out, class_names=_class_names(spec))
     print(f"distortion rate {report['distortion_rate']:.3f} ({report['flagged']}/{report['samples']} samples "
           f"with p(class) < {report['threshold']})" + (f"; grid: {report['grid']}" if "grid" in report else ""))

@@ -51,3 +51,12 @@ class DigitsDataset(Dataset):
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, int(self.labels[i])
+
+
+def build(spec, split: str = "train", seed: int = 0) -> DigitsDataset:
+    """scikit-learn's digits at data.image_size (10 classes; a seeded train/test split)."""
+    from dimr_lab.errors import SpecError
+
+    if spec.num_classes not in (0, 10):
+        raise SpecError(f"digits has 10 classes, got {spec.num_classes} (use 0 or 10)", key="data.num_classes")
+    return DigitsDataset(spec.image_size or 32, seed=seed, split=split, flip=bool(spec.flip) and split == "train")

@@ -76,3 +76,14 @@ class FolderDataset(Dataset):
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, int(self.labels[i])
+
+
+def build(spec, split: str = "train", seed: int = 0) -> FolderDataset:
+    """An ImageFolder tree at data.root; one tree serves both splits (it has no held-out part of its own)."""
+    from dimr_lab.errors import SpecError
+
+    ds = FolderDataset(spec.root, spec.image_size or 32, flip=bool(spec.flip) and split == "train")
+    if spec.num_classes and spec.num_classes != ds.num_classes:
+        raise SpecError(f"is {spec.num_classes} but {spec.root} has {ds.num_classes} class folders",
+                        key="data.num_classes")
+    return ds

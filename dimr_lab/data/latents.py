@@ -198,3 +198,8 @@ def prepare_latents(src_folder, out_dir, *, vae, image_size: int = 256, batch_si
     }
     (out / META_FILE).write_text(json.dumps(meta, indent=1))
     return meta
+
+
+def build(spec, split: str = "train", seed: int = 0) -> LatentsDataset:
+    """Pre-extracted latents at data.root (flips are baked in by prepare-latents)."""
+    return LatentsDataset(spec.root, image_size=spec.image_size or None, num_classes=spec.num_classes, split=split)

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import Dataset
 
 PALETTES = ("contrast", "random")
+TEXTURES = ("none", "stripes")
 SHAPE_NAMES = ("circle", "square", "triangle", "cross", "ring", "bars", "diamond", "star")
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -52,14 +53,18 @@ def _masks(cls: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def render_shapes(indices: np.ndarray, image_size: int, num_classes: int, seed: int, stream: int,
                   size: tuple[float, float] = (0.38, 0.48), jitter: float = 0.2,
-                  palette: str = "contrast") -> torch.Tensor:
+                  palette: str = "contrast", texture: str = "none", period: float = 3.0) -> torch.Tensor:
     """uint8 images (N, 3, S, S) of the given indices; class = index % num_classes.
 
     size: the radius range as a fraction of the side; jitter: the share of the free room (where the
     whole shape stays inside) that the centre moves in, 0 = always centred; palette: 'contrast' (a light
-    shape on a dark ground) or 'random' (two random colours)."""
+    shape on a dark ground) or 'random' (two random colours); texture: 'stripes' fills the shape with hard
+    stripes `period` pixels apart at an angle set by the class (pi * class / num_classes) and a random
+    phase: detail finer than a patch, which a network must resolve below its token grid."""
     if palette not in PALETTES:
         raise ValueError(f"unknown palette {palette!r}; known: {', '.join(PALETTES)}")
+    if texture not in TEXTURES:
+        raise ValueError(f"unknown texture {texture!r}; known: {', '.join(TEXTURES)}")
     idx = np.asarray(indices, dtype=np.int64)
     s = image_size
     r = size[0] + (size[1] - size[0]) * _uniform(seed, stream, idx, 0)  # radius as a fraction of the side
@@ -86,7 +91,16 @@ def render_shapes(indices: np.ndarray, image_size: int, num_classes: int, seed: 
     cls = torch.from_numpy(idx % num_classes)
     mask = _masks(cls, u, v)  # (N, S, S)
     # hard select between two colours: exactly two pixel values per image, no anti-aliasing
-    return torch.where(mask[:, None], fg8[:, :, None, None], bg8[:, :, None, None])  # (N, 3, S, S)
+    out = torch.where(mask[:, None], fg8[:, :, None, None], bg8[:, :, None, None])  # (N, 3, S, S)
+    if texture == "stripes":
+        angle = torch.pi * cls.double() / num_classes  # (N,) the class sets the stripes' direction
+        phase = torch.from_numpy(2 * np.pi * _uniform(seed, stream, idx, 9))  # (N,)
+        px = torch.arange(s, dtype=torch.float64) + 0.5  # pixel centres, in pixels
+        proj = px[None, None, :] * angle.cos()[:, None, None] + px[None, :, None] * angle.sin()[:, None, None]
+        dark = torch.cos(2 * torch.pi * proj / float(period) + phase[:, None, None]) < 0  # (N, S, S)
+        mid8 = ((fg8.int() + bg8.int()) // 2).to(torch.uint8)  # (N, 3) the stripes' colour
+        out = torch.where((mask & dark)[:, None], mid8[:, :, None, None], out)
+    return out
 
 
 class ShapesDataset(Dataset):
@@ -97,7 +111,7 @@ class ShapesDataset(Dataset):
 
     def __init__(self, size: int, image_size: int = 32, num_classes: int = 8, *, seed: int = 0,
                  split: str = "train", flip: bool = False, shape_size: tuple[float, float] = (0.38, 0.48),
-                 jitter: float = 0.2, palette: str = "contrast"):
+                 jitter: float = 0.2, palette: str = "contrast", texture: str = "none", period: float = 3.0):
         if not 1 <= num_classes <= len(SHAPE_NAMES):
             from dimr_lab.errors import SpecError
 
@@ -108,7 +122,7 @@ class ShapesDataset(Dataset):
         stream = {"train": 0, "test": 1}[split]  # the test split draws from its own stream
         self.shape_size, self.jitter, self.palette = (float(shape_size[0]), float(shape_size[1])), float(jitter), palette
         self.images = torch.cat([render_shapes(np.arange(i, min(i + 1024, size)), image_size, num_classes, seed, stream,
-                                               self.shape_size, self.jitter, palette)
+                                               self.shape_size, self.jitter, palette, texture, period)
                                  for i in range(0, size, 1024)])  # (N, 3, S, S) uint8, chunked to bound memory
         self.labels = torch.arange(size) % num_classes  # (N,) balanced by construction
 
@@ -120,3 +134,11 @@ class ShapesDataset(Dataset):
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, int(self.labels[i])
+
+
+def build(spec, split: str = "train", seed: int = 0) -> ShapesDataset:
+    """The shapes of a DataSpec (the test split renders its own images from another stream)."""
+    return ShapesDataset(spec.train_size, spec.image_size or 32, spec.num_classes or len(SHAPE_NAMES), seed=seed,
+                         split=split, flip=bool(spec.flip) and split == "train", shape_size=tuple(spec.shape_size),
+                         jitter=spec.shape_jitter, palette=spec.shape_palette, texture=spec.texture,
+                         period=spec.texture_period)

@@ -70,17 +70,20 @@ def guidance_is_off(scale: float, form: str) -> bool:
 
 def guided_eps_fn(
     model_fn: Callable,
+    y: torch.Tensor | None = None,
     *,
     scale: float = 0.0,
     form: str = "uvit",
     schedule: str = "constant",
     power: float = 1.0,
     null_label: int | None = None,
-) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
-    """eps_fn(x, t, y) -> guided full-resolution eps; cond and uncond share one forward pass."""
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """eps_fn(x, t) -> guided full-resolution eps for labels y, t the schedule's time (B,) in [0, 1] (the
+    ramp's t, as the released eval.py); model_fn(x, t, y) -> eps or branch list. Conditional and
+    unconditional share one batched forward."""
     _check(form, schedule, power)
 
-    def cond_only(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def cond_only(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The conditional (or unconditional-model) full-resolution eps."""
         return last_output(model_fn(x, t, y))
 
@@ -88,17 +91,17 @@ def guided_eps_fn(
         return cond_only
     if null_label is None:
         raise UserError("classifier-free guidance needs null_label (the class index of the dropped label)")
+    if y is None:
+        raise UserError("classifier-free guidance needs class labels y")
 
-    def guided(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Guided eps: one batched forward of [conditional; unconditional]."""
-        if y is None:
-            raise UserError("classifier-free guidance needs class labels y")
         B = x.shape[0]
         x2 = torch.cat([x, x], dim=0)  # (2B, C, H, W)
         t2 = torch.cat([t, t], dim=0)  # (2B,)
         y2 = torch.cat([y, torch.full_like(y, int(null_label))], dim=0)  # (2B,)
         eps_c, eps_u = last_output(model_fn(x2, t2, y2)).split(B, dim=0)  # (B, C, H, W) each
-        s = guidance_scale_at(t, scale, form=form, schedule=schedule, power=power)  # (B,)
+        s = guidance_scale_at(t.float().cpu(), scale, form=form, schedule=schedule, power=power)  # (B,)
         s = s.to(device=x.device, dtype=eps_c.dtype).view((B,) + (1,) * (x.dim() - 1))  # (B, 1, 1, 1)
         if form == "uvit":
             return eps_c + s * (eps_c - eps_u)  # U-ViT: eps_c + s (eps_c - eps_u)

@@ -9,6 +9,10 @@ DPM-Solver-3 with data prediction (DPM-Solver++(3S) updates), steps grouped as 3
 or 2 (sampler 'dpm_solver++_fast' here). Its 'multistep' branch cannot run as released (it reads an
 unset `timesteps`). 'dpm_solver++' here is the multistep DPM-Solver++ of Lu et al. 2022 (orders 1-3).
 Coefficients are computed in float64 and applied as Python floats, so x keeps its dtype.
+
+Every sampler is `fn(eps_fn, x_T, schedule, *, steps, order, t_end, skip_type) -> x`, where
+`eps_fn(x, t)` takes the schedule's continuous time t (B,) float64 and returns the guided noise prediction
+(`sample` builds it: time input, labels, guidance); they are registered in `dimr_lab.catalog`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,6 @@ from dimr_lab.errors import UserError, unknown_name_message
 from .guidance import guided_eps_fn
 from .schedule import NoiseSchedule
 
-SAMPLERS = ("dpm_solver++", "dpm_solver++_fast", "ddim")
 SKIP_TYPES = ("time_uniform", "logSNR")
 
 
@@ -55,13 +58,12 @@ def time_grid(schedule: NoiseSchedule, steps: int, t_end: float = 1e-3, skip_typ
     return ts
 
 
-def _make_x0_fn(eps_fn: Callable, schedule: NoiseSchedule, y: torch.Tensor | None) -> Callable:
+def _make_x0_fn(eps_fn: Callable) -> Callable:
     """x0_fn(x, t) = (x - sigma_t eps) / alpha_t, the data prediction (DPM-Solver++ sec. 4)."""
 
     def x0_fn(x: torch.Tensor, c: _Coeffs) -> torch.Tensor:
         """Data prediction at time c.t."""
-        t_net = schedule.network_time(torch.full((x.shape[0],), c.t, dtype=torch.float64)).to(x.device)  # (B,)
-        eps = eps_fn(x, t_net, y)  # (B, C, H, W)
+        eps = eps_fn(x, torch.full((x.shape[0],), c.t, dtype=torch.float64, device=x.device))  # (B, C, H, W)
         return (x - c.sigma * eps) / c.alpha  # x0 = (x_t - sigma_t eps) / alpha_t
 
     return x0_fn
@@ -174,18 +176,47 @@ def ddim_steps(schedule: NoiseSchedule, steps: int, t_end: float = 1e-3) -> list
     return ns
 
 
-def _ddim(x, eps_fn, schedule, y, steps, t_end):
+def ddim(eps_fn: Callable, x: torch.Tensor, schedule: NoiseSchedule, *, steps: int, t_end: float = 1e-3,
+         order: int = 1, skip_type: str = "time_uniform") -> torch.Tensor:
     """DDIM, eta = 0, on the discrete steps from ddim_steps (Song et al. 2021, eq. 12 with sigma = 0)."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise UserError("DDIM runs on the integer steps of a discrete schedule (diffusion.schedule)")
     ns = ddim_steps(schedule, steps, t_end)
     abar = [1.0] + schedule.alphas_cumprod.tolist()  # abar[n]: 1-based step n, abar[0] = 1
     B = x.shape[0]
     for n, m in zip(ns, ns[1:]):
-        t_net = schedule.model_time(torch.full((B,), n, dtype=torch.long)).to(x.device)  # (B,) = n / N
-        eps = eps_fn(x, t_net, y)  # (B, C, H, W)
+        t = torch.full((B,), n / schedule.num_steps, dtype=torch.float64, device=x.device)  # (B,) = n / N
+        eps = eps_fn(x, t)  # (B, C, H, W)
         a_n, a_m = abar[n], abar[m]
         x0 = (x - math.sqrt(1 - a_n) * eps) / math.sqrt(a_n)  # predicted x0
         x = math.sqrt(a_m) * x0 + math.sqrt(1 - a_m) * eps  # x_m = sqrt(abar_m) x0 + sqrt(1 - abar_m) eps
     return x
+
+
+def _check(steps: int, order: int, t_end: float) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UserError(f"sampling steps must be a positive integer, got {steps!r}")
+    if order not in (1, 2, 3):
+        raise UserError(f"DPM-Solver order must be 1, 2 or 3, got {order!r}")
+    if not 0.0 < float(t_end) < 1.0:
+        raise UserError(f"t_end must lie in (0, 1), got {t_end!r}")
+
+
+def dpm_solver_pp_multistep(eps_fn: Callable, x_T: torch.Tensor, schedule: NoiseSchedule, *, steps: int,
+                            order: int = 3, t_end: float = 1e-3, skip_type: str = "time_uniform",
+                            lower_order_final: bool = True) -> torch.Tensor:
+    """Multistep DPM-Solver++ (data prediction) on `steps` intervals uniform in t or in log-SNR."""
+    _check(steps, order, t_end)
+    ts = time_grid(schedule, steps, float(t_end), skip_type)
+    return _dpm_multistep(x_T, _make_x0_fn(eps_fn), schedule, ts, order, lower_order_final)
+
+
+def dpm_solver_pp_fast(eps_fn: Callable, x_T: torch.Tensor, schedule: NoiseSchedule, *, steps: int,
+                       order: int = 3, t_end: float = 1e-3, skip_type: str = "time_uniform") -> torch.Tensor:
+    """Single-step DPM-Solver++ on a fine grid of `steps` intervals, orders 3..3 then 2/1 (DiMR's eval)."""
+    _check(steps, order, t_end)
+    ts = time_grid(schedule, steps, float(t_end), skip_type)
+    return _dpm_fast(x_T, _make_x0_fn(eps_fn), schedule, ts, order)
 
 
 @torch.no_grad()
@@ -200,34 +231,34 @@ def sample(
     schedule: NoiseSchedule,
     t_end: float = 1e-3,
     skip_type: str = "time_uniform",
-    lower_order_final: bool = True,
     guidance_scale: float = 0.0,
     guidance_form: str = "uvit",
     guidance_schedule: str = "constant",
     guidance_power: float = 1.0,
     null_label: int | None = None,
+    time_input: str = "discrete",
+    lower_order_final: bool = True,
 ) -> torch.Tensor:
-    """x at t_end from x_T ~ N(0, I) by the probability-flow ODE; model_fn(x, t, y) -> eps (or branch list)."""
+    """x at t_end from x_T ~ N(0, I) by the probability-flow ODE.
+
+    model_fn(x, t, y) -> eps (or the branch list, lowest resolution first), called with the network time
+    the `time_input` gives (and tau=... where it gives one); guidance in one batched forward."""
+    from dimr_lab.registry import SAMPLERS, TIME_INPUTS
+
     if sampler not in SAMPLERS:
-        raise UserError(unknown_name_message("sampler", sampler, SAMPLERS))
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise UserError(f"sampling steps must be a positive integer, got {steps!r}")
-    if order not in (1, 2, 3):
-        raise UserError(f"DPM-Solver order must be 1, 2 or 3, got {order!r}")
-    if not 0.0 < float(t_end) < 1.0:
-        raise UserError(f"t_end must lie in (0, 1), got {t_end!r}")
-    eps_fn = guided_eps_fn(
-        model_fn,
-        scale=guidance_scale,
-        form=guidance_form,
-        schedule=guidance_schedule,
-        power=guidance_power,
-        null_label=null_label,
-    )
-    if sampler == "ddim":
-        return _ddim(x_T, eps_fn, schedule, y, steps, float(t_end))
-    ts = time_grid(schedule, steps, float(t_end), skip_type)
-    x0_fn = _make_x0_fn(eps_fn, schedule, y)
-    if sampler == "dpm_solver++":
-        return _dpm_multistep(x_T, x0_fn, schedule, ts, order, lower_order_final)
-    return _dpm_fast(x_T, x0_fn, schedule, ts, order)
+        raise UserError(unknown_name_message("sampler", sampler, SAMPLERS.names()))
+    _check(steps, order, t_end)
+    if skip_type not in SKIP_TYPES:
+        raise UserError(unknown_name_message("skip type", skip_type, SKIP_TYPES))
+    to_net = TIME_INPUTS.get(time_input)
+
+    def net_fn(x: torch.Tensor, t: torch.Tensor, yy: torch.Tensor | None) -> torch.Tensor:
+        t_net, tau = to_net(schedule, t)
+        t_net = t_net.to(x.device)
+        return model_fn(x, t_net, yy) if tau is None else model_fn(x, t_net, yy, tau=tau.to(x.device))
+
+    eps_fn = guided_eps_fn(net_fn, y, scale=guidance_scale, form=guidance_form, schedule=guidance_schedule,
+                           power=guidance_power, null_label=null_label)
+    fn = SAMPLERS.get(sampler)
+    extra = {"lower_order_final": lower_order_final} if sampler == "dpm_solver++" else {}
+    return fn(eps_fn, x_T, schedule, steps=steps, order=order, t_end=float(t_end), skip_type=skip_type, **extra)

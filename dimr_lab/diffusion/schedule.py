@@ -22,12 +22,11 @@ Conventions (checked against the released DiMR code, train.py / eval.py / dpm_so
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-from dimr_lab.errors import UserError, unknown_name_message
-
-SCHEDULES = ("scaled_linear", "cosine")
+from dimr_lab.errors import UserError
 
 
 def scaled_linear_betas(num_steps: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
@@ -61,6 +60,7 @@ class NoiseSchedule:
         if betas.numel() < 2 or not bool(((betas > 0) & (betas < 1)).all()):
             raise UserError("a noise schedule needs at least 2 betas, each in (0, 1)")
         self.name = name
+        self.continuous = False
         self.num_steps = betas.numel()
         self.betas = betas  # (N,)
         self.alphas = 1.0 - betas  # (N,)
@@ -108,6 +108,21 @@ class NoiseSchedule:
         n = self._check_steps(n)
         return n.to(torch.float32) / self.num_steps  # (B,)
 
+    # ---- training: times as t = n / N ----
+
+    def sample_time(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n ~ U{1..N} (as released: torch.randint), returned as t = n / N: (B,) float64."""
+        n = torch.randint(1, self.num_steps + 1, (int(batch),), generator=generator)  # (B,)
+        return n.to(torch.float64) / self.num_steps
+
+    def steps_of(self, t: torch.Tensor) -> torch.Tensor:
+        """The integer steps n = t N of times on the grid t = n / N."""
+        return torch.round(torch.as_tensor(t, dtype=torch.float64) * self.num_steps).long()
+
+    def add_noise_at(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """add_noise at the steps n = t N (t from sample_time)."""
+        return self.add_noise(x0, eps, self.steps_of(t))
+
     # ---- continuous view (DPM-Solver) ----
 
     def marginal_log_mean_coeff(self, t: torch.Tensor) -> torch.Tensor:
@@ -138,16 +153,31 @@ class NoiseSchedule:
         yp = torch.flip(self.t_knots, [0]).to(lam.device)  # (N,)
         return _interp(log_alpha, xp, yp)  # (...,)
 
-    def network_time(self, t_cont: torch.Tensor) -> torch.Tensor:
-        """Network input for continuous time t_cont: t_cont itself (= n / N at the knots; see module doc)."""
-        return torch.as_tensor(t_cont, dtype=torch.float32)
 
 
-def build_schedule(name: str = "scaled_linear", num_steps: int = 1000) -> NoiseSchedule:
-    """The named schedule ('scaled_linear' as released, or 'cosine') with num_steps discrete steps."""
-    if name not in SCHEDULES:
-        raise UserError(unknown_name_message("noise schedule", name, SCHEDULES))
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2:
-        raise UserError(f"num_steps of a noise schedule must be an integer >= 2, got {num_steps!r}")
-    betas = scaled_linear_betas(num_steps) if name == "scaled_linear" else cosine_betas(num_steps)
-    return NoiseSchedule(betas, name=name)
+def scaled_linear(spec: Any) -> NoiseSchedule:
+    """The released latent schedule with diffusion.num_steps steps."""
+    return NoiseSchedule(scaled_linear_betas(_num_steps(spec)), name="scaled_linear")
+
+
+def cosine(spec: Any) -> NoiseSchedule:
+    """Nichol & Dhariwal's cosine schedule with diffusion.num_steps steps."""
+    return NoiseSchedule(cosine_betas(_num_steps(spec)), name="cosine")
+
+
+def _num_steps(spec: Any) -> int:
+    n = getattr(spec, "num_steps", spec)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise UserError(f"num_steps of a noise schedule must be an integer >= 2, got {n!r}")
+    return n
+
+
+def build_schedule(spec: Any = "scaled_linear", num_steps: int = 1000) -> Any:
+    """The schedule a DiffusionSpec names (registry: `dimr-lab components schedule`), or one by name."""
+    from dimr_lab.registry import SCHEDULES
+
+    if isinstance(spec, str):
+        from dimr_lab.spec.run_spec import DiffusionSpec
+
+        spec = DiffusionSpec(schedule=SCHEDULES.check(spec, key="diffusion.schedule"), num_steps=_num_steps(num_steps))
+    return SCHEDULES.get(spec.schedule)(spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -64,24 +65,31 @@ class SmallCNN(nn.Module):
         return torch.cat(out)  # (N, K)
 
 
-def classifier_identity(data_spec, seed: int = 0) -> dict:
-    """The dataset identity plus the recipe version: any change makes a new cache file."""
+def classifier_identity(data_spec, seed: int = 0, max_images: int | None = None) -> dict:
+    """The dataset identity plus the recipe version (and the subsample size of datasets read from disk):
+    any change makes a new cache file."""
     from dimr_lab.data import dataset_identity
+    from dimr_lab.registry import DATASETS
 
-    return {**dataset_identity(data_spec, seed), "recipe": FORMAT}
+    ident = {**dataset_identity(data_spec, seed), "recipe": FORMAT}
+    if not DATASETS.meta(data_spec.name, "procedural") and max_images:
+        ident["max_images"] = int(max_images)
+    return ident
 
 
-def cache_path(data_spec, cache_dir: str | Path, seed: int = 0) -> Path:
+def cache_path(data_spec, cache_dir: str | Path, seed: int = 0, max_images: int | None = None) -> Path:
     """classifier-<name>-<size>-<hash of the identity>.pt under cache_dir."""
-    ident = classifier_identity(data_spec, seed)
+    ident = classifier_identity(data_spec, seed, max_images)
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
     return Path(cache_dir).expanduser() / f"classifier-{data_spec.name}-{data_spec.image_size}-{digest}.pt"
 
 
 def load_classifier_file(path: str | Path, expect_identity: dict | None = None) -> SmallCNN:
     """A classifier from its cache file (weights_only); UserError on anything unexpected."""
+    from dimr_lab.nn.checkpoint import load_file
+
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = load_file(path, what="classifier file")
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT!r} file")
         cfg = blob["config"]
@@ -102,28 +110,47 @@ def load_classifier_file(path: str | Path, expect_identity: dict | None = None) 
     return model
 
 
-def _as_tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images (N, C, H, W) float in [-1, 1] and labels (N,) of a dataset, unflipped."""
+def _as_tensors(dataset, picks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, C, H, W) float in [-1, 1] and labels (N,) of a dataset (or of the picked items), unflipped.
+    Datasets on disk are read one item at a time (`load_uint8`), never all at once."""
     if hasattr(dataset, "images"):  # in-memory uint8 datasets: skip the per-item path
-        return dataset.images.float() / 127.5 - 1, dataset.labels.clone()
-    xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
-    return torch.stack(xs), torch.tensor(ys)
+        images, labels = dataset.images, dataset.labels
+        if picks is not None:
+            images, labels = images[picks], labels[picks]
+        return images.float() / 127.5 - 1, labels.clone()
+    picks = torch.arange(len(dataset)) if picks is None else picks
+    x = torch.stack([dataset.load_uint8(int(i)) for i in picks])  # (N, C, H, W) uint8
+    y = torch.tensor([int(dataset.labels[int(i)]) for i in picks])
+    return x.float() / 127.5 - 1, y
+
+
+def _spread(n_items: int, n: int, offset: float = 0.0) -> torch.Tensor:
+    """n indices spread evenly over 0..n_items-1 (every class of a sorted folder), shifted by `offset` of a step."""
+    n = min(n, n_items)
+    step = n_items / n
+    return ((torch.arange(n, dtype=torch.float64) + offset) * step).long().clamp(max=n_items - 1).unique()
 
 
 def train_classifier(data_spec, seed: int = 0, *, min_steps: int = 256, time_limit_s: float = TIME_LIMIT_S,
-                     log=None) -> SmallCNN:
-    """Train a SmallCNN on the train split (seeded), measure held-out accuracy on the test split."""
+                     max_images: int = 20000, log=None) -> SmallCNN:
+    """Train a SmallCNN on the train split (seeded), measure held-out accuracy on the test split. A dataset
+    read from disk trains on at most `max_images` evenly spread images and is tested on others."""
     from dataclasses import replace
 
     from dimr_lab.data import build_dataset
+    from dimr_lab.registry import DATASETS
 
-    if data_spec.name == "latents":
-        raise UserError("the classifier needs images: a 'latents' dataset has none (use inception-v3-compat)")
+    if not DATASETS.meta(data_spec.name, "classifier"):
+        raise UserError(f"the classifier needs images: a {data_spec.name!r} dataset has none (use inception-v3-compat)")
     spec = replace(data_spec, flip=False)
     train = build_dataset(spec, split="train", seed=seed)
-    test = build_dataset(replace(spec, train_size=min(spec.train_size, 1024)), split="test", seed=seed)
-    x, y = _as_tensors(train)  # (N, C, H, W), (N,)
-    xt, yt = _as_tensors(test)
+    if hasattr(train, "images"):
+        test = build_dataset(replace(spec, train_size=min(spec.train_size, 1024)), split="test", seed=seed)
+        x, y = _as_tensors(train, _spread(len(train), max_images) if len(train) > max_images else None)
+        xt, yt = _as_tensors(test)
+    else:  # one tree on disk: disjoint spreads for training and testing
+        x, y = _as_tensors(train, _spread(len(train), max_images))
+        xt, yt = _as_tensors(train, _spread(len(train), min(1024, max(1, len(train) // 10)), offset=0.5))
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -167,27 +194,40 @@ def train_classifier(data_spec, seed: int = 0, *, min_steps: int = 256, time_lim
 
 def _save(model: SmallCNN, identity: dict, path: Path) -> None:
     """Atomic write: a killed process leaves the old file or none, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from dimr_lab.nn.checkpoint import save_file
+
     blob = {
         "format": FORMAT, "identity": json.dumps(identity, sort_keys=True),
         "config": {"num_classes": model.num_classes, "resolution": model.resolution, "width": model.width},
         "state_dict": model.state_dict(), "accuracy": model.accuracy, "train_seconds": model.train_seconds,
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    save_file(blob, path, what="classifier file")
 
 
-def get_classifier(data_spec, cache_dir: str | Path, *, seed: int = 0, log=None) -> SmallCNN:
-    """The dataset's classifier: loaded from cache_dir, or trained once and cached; a bad cache is rebuilt."""
-    path = cache_path(data_spec, cache_dir, seed)
-    identity = classifier_identity(data_spec, seed)
-    if path.exists():
-        try:
-            return load_classifier_file(path, identity)
-        except UserError as err:
-            warnings.warn(f"{err}; retraining it", stacklevel=2)
-    model = train_classifier(data_spec, seed, log=log)
-    _save(model, identity, path)
-    model.identity, model.path = identity, path
-    return model
+def get_classifier(data_spec, cache_dir: str | Path, *, seed: int = 0, max_images: int = 20000,
+                   log=None) -> SmallCNN:
+    """The dataset's classifier: loaded from cache_dir, or trained once and cached (one process trains it
+    while others wait for the file); a bad cache is rebuilt."""
+    path = cache_path(data_spec, cache_dir, seed, max_images)
+    identity = classifier_identity(data_spec, seed, max_images)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise UserError(f"{path.parent}: cannot use the classifier cache ({err.strerror or err}); "
+                        f"set DIMR_LAB_CACHE to a writable folder") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            try:
+                return load_classifier_file(path, identity)
+            except UserError as err:
+                warnings.warn(f"{err}; retraining it", stacklevel=2)
+        if log:
+            log(f"training the {data_spec.name} classifier for evaluation (once; cached in {path.parent})")
+        model = train_classifier(data_spec, seed, max_images=max_images, log=log)
+        _save(model, identity, path)
+        model.identity, model.path = identity, path
+        return model
+    finally:
+        os.close(lock)

@@ -1,8 +1,13 @@
-"""evaluate(): FID, KID, IS, precision/recall via torch-fidelity, plus classifier accuracy and distortion rate."""
+"""evaluate(): FID, KID, IS, precision/recall via torch-fidelity, the dataset classifier's sample accuracy
+and distortion rate, and the evaluation's own floor (FID of real images against real images).
+
+The metrics are registered (`dimr-lab components metric`); each entry below says which torch-fidelity
+computation it takes part in.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +15,23 @@ import torch
 from torch.utils.data import Dataset
 
 from dimr_lab.errors import SpecError, UserError
+from dimr_lab.registry import METRICS
 
-METRICS = ("fid", "kid", "isc", "prc")
 INCEPTION = "inception-v3-compat"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A registered metric: its name and the torch-fidelity computation it needs (None: our own)."""
+
+    name: str
+    fidelity: str | None = None
+
+
+FID, KID, ISC, PRC = Metric("fid", "fid"), Metric("kid", "kid"), Metric("isc", "isc"), Metric("prc", "prc")
+SampleAccuracy, DistortionRate = Metric("sample_accuracy"), Metric("distortion_rate")
+FIDFloor = Metric("fid_floor")
+FIDELITY = ("fid", "kid", "isc", "prc")
 
 
 class _Uint8Images(Dataset):
@@ -36,20 +55,29 @@ def _as_uint8_images(x, what: str) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x  # (N, 3, H, W)
 
 
-def real_images_uint8(data_spec, n: int, *, seed: int = 0) -> torch.Tensor:
-    """Up to n real uint8 images (N, C, H, W) from the dataset's test split (the references for FID)."""
+def real_images_uint8(data_spec, n: int, *, seed: int = 0, part: int = 0) -> torch.Tensor:
+    """Up to n real uint8 images (N, C, H, W): part 0 is the reference set of FID (the test split's first n),
+    part 1 a second, disjoint real set of the same size (the next n, or the train split where the test
+    split is too small) for the evaluation's floor."""
     from dimr_lab.data import build_dataset
+    from dimr_lab.registry import DATASETS
 
-    if data_spec.name == "latents":
-        raise UserError("a 'latents' dataset has no images to compare with: pass real_images or eval.reference_stats")
-    if data_spec.name == "shapes":
-        ds = build_dataset(replace(data_spec, train_size=n, flip=False), split="test", seed=seed)
+    if DATASETS.meta(data_spec.name, "kind") != "pixels":
+        raise UserError(f"a {data_spec.name!r} dataset has no images to compare with: pass real_images or "
+                        f"set eval.reference_stats")
+    if DATASETS.meta(data_spec.name, "procedural"):
+        ds = build_dataset(replace(data_spec, train_size=2 * n, flip=False), split="test", seed=seed)
     else:
         ds = build_dataset(replace(data_spec, flip=False), split="test", seed=seed)
     if hasattr(ds, "images"):
-        return ds.images[:n]
-    pick = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().unique()  # spread over all classes
-    return torch.stack([ds.load_uint8(int(i)) for i in pick])
+        if len(ds.images) >= 2 * n or part == 0:
+            return ds.images[part * n:(part + 1) * n]
+        train = build_dataset(replace(data_spec, flip=False), split="train", seed=seed)
+        return train.images[:n]
+    # a folder: evenly spread picks (all classes), the floor's set shifted by half a step
+    count = min(n, len(ds) // 2)
+    pick = (torch.arange(count, dtype=torch.float64) * (len(ds) / count)).long() + (part * len(ds) // (2 * count))
+    return torch.stack([ds.load_uint8(int(i)) for i in pick.clamp(max=len(ds) - 1)])
 
 
 def _load_reference_stats(path: str) -> dict:
@@ -69,26 +97,9 @@ def _load_reference_stats(path: str) -> dict:
 
 def _extractor(eval_spec, classifier) -> tuple[str, str]:
     """(torch-fidelity extractor name, weights path) for eval.feature_extractor; clear errors, no downloads."""
-    if eval_spec.feature_extractor == "classifier":
-        if classifier is None:
-            raise SpecError("'classifier' needs an image dataset; with latents use 'inception-v3-compat'",
-                            key="eval.feature_extractor")
-        if eval_spec.reference_stats:
-            raise SpecError("holds Inception statistics: set eval.feature_extractor = 'inception-v3-compat'",
-                            key="eval.reference_stats")
-        from dimr_lab.eval.fidelity import register
+    from dimr_lab.registry import EXTRACTORS
 
-        return register(), str(classifier.path)
-    if eval_spec.feature_extractor == INCEPTION:
-        path = eval_spec.inception_weights
-        if not path:
-            raise UserError("eval.inception_weights is empty: torch-fidelity would download the Inception weights "
-                            "(weights-inception-2015-12-05-6726825d.pth), which is not possible here; set it to a "
-                            "local copy, or use eval.feature_extractor = 'classifier'")
-        if not Path(path).expanduser().is_file():
-            raise SpecError(f"Inception weights {path!r} not found", key="eval.inception_weights")
-        return INCEPTION, str(Path(path).expanduser())
-    raise SpecError(f"unknown extractor {eval_spec.feature_extractor!r}", key="eval.feature_extractor")
+    return EXTRACTORS.get(eval_spec.feature_extractor, key="eval.feature_extractor")(eval_spec, classifier)
 
 
 def evaluate(samples_uint8, labels, data_spec, eval_spec, *, cache_dir, real_images=None, seed: int = 0,
@@ -101,9 +112,8 @@ def evaluate(samples_uint8, labels, data_spec, eval_spec, *, cache_dir, real_ima
     if len(labels) != len(samples):
         raise UserError(f"{len(samples)} samples but {len(labels)} labels")
     wanted = list(dict.fromkeys(eval_spec.metrics))
-    for m in wanted:
-        if m not in METRICS:
-            raise SpecError(f"unknown metric {m!r}; known: {', '.join(METRICS)}", key="eval.metrics")
+    for i, m in enumerate(wanted):
+        METRICS.check(m, key=f"eval.metrics[{i}]")
     n = len(samples)
     out: dict = {"feature_extractor": eval_spec.feature_extractor, "num_samples": n, "metrics": wanted,
                  "skipped": {}, "distortion_threshold": float(eval_spec.distortion_threshold)}
@@ -111,10 +121,12 @@ def evaluate(samples_uint8, labels, data_spec, eval_spec, *, cache_dir, real_ima
 
     # the classifier judges every sample: accuracy and the low-fidelity detector
     classifier = None
-    if data_spec.name != "latents":
+    from dimr_lab.registry import DATASETS
+
+    if DATASETS.meta(data_spec.name, "classifier") and eval_spec.classifier:
         from dimr_lab.eval.classifier import get_classifier
 
-        classifier = get_classifier(data_spec, cache_dir, seed=seed, log=log)
+        classifier = get_classifier(data_spec, cache_dir, seed=seed, max_images=eval_spec.classifier_images, log=log)
         if labels.min() < 0 or labels.max() >= classifier.num_classes:
             raise UserError(f"labels must lie in 0..{classifier.num_classes - 1}")
         if cuda:
@@ -128,8 +140,9 @@ def evaluate(samples_uint8, labels, data_spec, eval_spec, *, cache_dir, real_ima
             classifier_accuracy=classifier.accuracy, classifier_path=str(classifier.path),
         )
     else:
-        out["skipped"].update(sample_accuracy="latents dataset: no image classifier",
-                              distortion_rate="latents dataset: no image classifier")
+        why = "eval.classifier is off" if DATASETS.meta(data_spec.name, "classifier") else \
+            f"{data_spec.name} dataset: no image classifier"
+        out["skipped"].update(sample_accuracy=why, distortion_rate=why)
 
     name, weights = _extractor(eval_spec, classifier)
     out["torch_fidelity_extractor"] = name
@@ -137,12 +150,12 @@ def evaluate(samples_uint8, labels, data_spec, eval_spec, *, cache_dir, real_ima
     if ref_stats is not None:
         out["reference"] = f"reference_stats:{eval_spec.reference_stats}"
 
-    need_real = [m for m in wanted if m in ("kid", "prc") or (m == "fid" and ref_stats is None)]
+    need_real = [m for m in wanted if m in ("kid", "prc", "fid_floor") or (m == "fid" and ref_stats is None)]
     real = None
     if need_real:
         if real_images is not None:
             real, source = _as_uint8_images(real_images, "real_images"), "given"
-        elif data_spec.name != "latents":
+        elif DATASETS.meta(data_spec.name, "kind") == "pixels":
             k = eval_spec.reference_samples or eval_spec.samples
             real, source = _as_uint8_images(real_images_uint8(data_spec, k, seed=seed), "real"), "test split"
         elif ref_stats is not None:
@@ -158,7 +171,7 @@ def evaluate(samples_uint8, labels, data_spec, eval_spec, *, cache_dir, real_ima
     out["num_real"] = 0 if real is None else len(real)
 
     kid_size = min(eval_spec.kid_subset_size, n, out["num_real"] or n)
-    flags = {m: m in wanted and (m not in ("kid", "prc") or real is not None) for m in METRICS}
+    flags = {m: m in wanted and (m not in ("kid", "prc") or real is not None) for m in FIDELITY}
     if flags["kid"] and kid_size < 2:
         flags["kid"], out["skipped"]["kid"] = False, "fewer than 2 images"
     fid_from_stats = flags["fid"] and ref_stats is not None
@@ -181,7 +194,23 @@ def evaluate(samples_uint8, labels, data_spec, eval_spec, *, cache_dir, real_ima
     out.update({short: float(res[long]) for long, short in keys.items() if long in res})
     if flags["kid"] or "kid" in out["skipped"]:
         out["kid_subset_size"] = kid_size
+    if "fid_floor" in wanted:
+        out.update(_fid_floor(real, data_spec, seed, real_images is not None, kwargs))
     return out
+
+
+def _fid_floor(real, data_spec, seed: int, given: bool, kwargs: dict) -> dict:
+    """FID between the reference images and a second real set of the same size: what the evaluation gives
+    a perfect model with this extractor and this many samples."""
+    import torch_fidelity
+
+    if real is None or given:
+        return {"fid_floor": None}
+    other = _as_uint8_images(real_images_uint8(data_spec, len(real), seed=seed, part=1), "real")
+    n = min(len(real), len(other))
+    res = torch_fidelity.calculate_metrics(input1=_Uint8Images(other[:n]), input2=_Uint8Images(real[:n]), fid=True,
+                                           **{**kwargs, "kid_subset_size": min(kwargs["kid_subset_size"], n)})
+    return {"fid_floor": float(res[torch_fidelity.KEY_METRIC_FID]), "fid_floor_samples": n}
 
 
 def _fid_against_stats(samples: torch.Tensor, ref: dict, kwargs: dict) -> dict:

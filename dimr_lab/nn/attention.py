@@ -15,12 +15,11 @@ from torch import nn
 from dimr_lab.registry import ATTENTION
 
 
-@ATTENTION.register("sdpa", "torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient / math)")
+
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v)
 
 
-@ATTENTION.register("math", "softmax(q k^T / sqrt(d)) v written out: the reference, slowest")
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, h, N, N)
     return scores.softmax(dim=-1) @ v  # (B, h, N, hd)
@@ -29,8 +28,6 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 _warned_xformers = False
 
 
-@ATTENTION.register("xformers", "xformers memory_efficient_attention on CUDA; elsewhere falls back to sdpa "
-                                "with a warning")
 def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     global _warned_xformers
     try:

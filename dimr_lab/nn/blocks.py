@@ -8,7 +8,7 @@ from torch import nn
 
 from dimr_lab.nn.attention import SelfAttention
 from dimr_lab.nn.time_dependent import Cond
-from dimr_lab.registry import BLOCKS, MLPS, NORMS
+from dimr_lab.registry import MLPS, NORMS
 
 
 def _residual(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
@@ -16,8 +16,6 @@ def _residual(x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor | None) -> to
 
 
 class Block(nn.Module):
-    uses_attention = False
-
     def __init__(self, spec, branch):  # ModelSpec, BranchSpec
         super().__init__()
         self.cond_dim = spec.time_embed_dim or spec.branches[0].width
@@ -29,10 +27,8 @@ class Block(nn.Module):
         return _residual(x, self.mlp(h), gate)
 
 
-@BLOCKS.register("transformer", "x += Attn(Norm(x)); x += MLP(Norm(x)): global attention, usable in any "
-                                "branch (a high-resolution one too)")
 class TransformerBlock(Block):
-    uses_attention = True
+    """x += Attn(Norm(x)); x += MLP(Norm(x)) on token sequences (B, N, d)."""
 
     def __init__(self, spec, branch):
         super().__init__(spec, branch)
@@ -46,8 +42,9 @@ class TransformerBlock(Block):
         return self._mlp(x, cond)
 
 
-@BLOCKS.register("convnext", "DiMR's ConvNeXt: x += DWConv_kxk(x) (no norm); x += MLP(Norm(x))")
 class ConvNeXtBlock(Block):
+    """DiMR's ConvNeXt: x += DWConv_kxk(x) (no norm); x += MLP(Norm(x)) on grids (B, H, W, d)."""
+
     def __init__(self, spec, branch):
         super().__init__(spec, branch)
         k = branch.kernel

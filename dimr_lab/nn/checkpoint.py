@@ -1,43 +1,101 @@
-"""Model checkpoints: weights plus the resolved model spec, loaded with `weights_only=True`.
+"""Checkpoints: the one reader and writer of torch files (weights_only=True on every load).
 
-Format "dimr-lab/1": {"format", "model_spec": dict, "model": state_dict, "ema": state_dict | None, ...};
-training checkpoints add optimizer, step and RNG states under other keys and load the same way.
+Format "dimr-lab/2": {"format", "model_spec": resolved dict, "model": state_dict, "ema": state_dict|None,
+"identity": the run's identity hash or None (a converted or exported network)}; a training checkpoint
+adds optimizer, scaler, step, rng, data_position, elapsed_s, world_size. "dimr-lab/1" files (no
+identity) still load. A checkpoint that names another run's identity is refused by that run.
 """
 
 from __future__ import annotations
 
+import errno
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dimr_lab.atomic import atomic_save
+from dimr_lab.atomic import atomic_write
 from dimr_lab.errors import SpecError, UserError
 
-FORMAT = "dimr-lab/1"
+FORMAT = "dimr-lab/2"
+READABLE = ("dimr-lab/1", FORMAT)
+TRAINING_KEYS = ("optimizer", "step", "rng", "data_position")
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The checkpoint dict; a missing, corrupt or foreign file is a UserError naming it."""
+def load_file(path: str | Path, *, what: str = "checkpoint") -> Any:
+    """torch.load(path, weights_only=True) on the CPU; a missing, truncated or foreign file (or one that
+    would need unpickling code) is one UserError naming it."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint")
+        raise UserError(f"{path}: no such {what}" + (" (a directory)" if path.is_dir() else ""))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unpickling errors, truncated zip archives, ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{path}: not a readable checkpoint ({first[:200]})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or "model" not in ckpt or "model_spec" not in ckpt:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling refused, truncated zip, not a torch file, I/O errors
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        if "Weights only load failed" in first or isinstance(err, (EOFError, pickle.UnpicklingError)):
+            first = "not a complete torch file loadable with weights_only=True"  # torch's own text spans a page
+        raise UserError(f"{path}: corrupt or unreadable {what} ({type(err).__name__}: {first[:200]})") from None
+
+
+def save_file(obj: Any, path: str | Path, *, what: str = "checkpoint") -> None:
+    """torch.save atomically (the old file or the new one, never half); a full or read-only disk is one
+    UserError, with the previous file intact and no temporary left behind."""
+    try:
+        atomic_write(path, lambda f: torch.save(obj, f))
+    except OSError as err:
+        reason = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        raise UserError(f"{path}: cannot write the {what} ({reason}); the previous one is intact") from None
+    except RuntimeError as err:  # torch wraps write failures of its zip writer
+        if "No space left" in str(err) or "file write failed" in str(err):
+            raise UserError(f"{path}: cannot write the {what} (no space left on the device?); the previous one "
+                            f"is intact") from None
+        raise
+
+
+def read_checkpoint(path: str | Path, *, identity: str | None = None, model_spec: dict[str, Any] | None = None,
+                    training: bool = False) -> dict[str, Any]:
+    """A checkpoint dict, checked: format, keys (training ones when `training`), the run it belongs to
+    (`identity`) and the model spec; any problem is a UserError naming the file."""
+    path = Path(path)
+    ckpt = load_file(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in READABLE or "model" not in ckpt \
+            or "model_spec" not in ckpt:
         raise UserError(f"{path}: not a dimr-lab checkpoint (expected format {FORMAT!r} with model and model_spec; "
                         f"released DiMR weights convert with `dimr-lab convert-official`)")
+    if training:
+        missing = [k for k in ("ema", *TRAINING_KEYS) if k not in ckpt]
+        if missing:
+            raise UserError(f"{path}: not a training checkpoint (lacks {', '.join(missing)})")
+    held = ckpt.get("identity")
+    if identity is not None and held is not None and held != identity:
+        raise UserError(f"{path}: checkpoint of another run (identity {held}, this run is {identity}); "
+                        f"move it away or use another folder")
+    if model_spec is not None and ckpt["model_spec"] != model_spec:
+        raise UserError(f"{path}: checkpoint was written for a different model spec than this run's")
     return ckpt
 
 
-def save_model(path: str | Path, model: torch.nn.Module, *, ema: torch.nn.Module | None = None, **extra: Any) -> None:
+def write_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write a checkpoint dict (adds the format tag)."""
+    save_file({"format": FORMAT, **payload}, path)
+
+
+def model_payload(model: torch.nn.Module, *, ema: torch.nn.Module | None = None,
+                  identity: str | None = None, **extra: Any) -> dict[str, Any]:
+    """What a model checkpoint holds: the resolved spec, the weights, optionally the EMA weights."""
     from dimr_lab.spec.schema import to_dict
 
-    atomic_save({"format": FORMAT, "model_spec": to_dict(model.spec), "model": model.state_dict(),
-                 "ema": ema.state_dict() if ema is not None else None, **extra}, path)
+    return {"model_spec": to_dict(model.spec), "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "identity": identity, **extra}
+
+
+def load_weights(model: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
+    """load_state_dict with a one-line UserError when the tensors do not fit the network."""
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as err:
+        raise UserError(f"{path}: weights do not fit the model spec ({str(err).splitlines()[0][:200]})") from None
 
 
 def load_model(path: str | Path, *, ema: bool = True) -> torch.nn.Module:
@@ -51,9 +109,5 @@ def load_model(path: str | Path, *, ema: bool = True) -> torch.nn.Module:
     except SpecError as err:
         raise UserError(f"{path}: its model spec is invalid: {err}") from None
     model = build_model(spec)
-    state = ckpt["ema"] if ema and ckpt.get("ema") else ckpt["model"]
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise UserError(f"{path}: weights do not match its model spec ({str(err).splitlines()[0]})") from None
+    load_weights(model, ckpt["ema"] if ema and ckpt.get("ema") else ckpt["model"], path)
     return model.eval()

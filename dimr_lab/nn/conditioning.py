@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from dimr_lab.nn.layers import timestep_embedding
-from dimr_lab.registry import CONDITIONING
 
 
 class Conditioning(nn.Module):
@@ -28,7 +27,6 @@ class Conditioning(nn.Module):
         return None
 
 
-@CONDITIONING.register("norm", "DiMR: time only through time-dependent norms; class as a token in attention branches")
 class NormConditioning(Conditioning):
     def __init__(self, num_classes: int, dims: list[int], attention: list[bool], vector_dim: int):
         super().__init__(num_classes, dims, attention, vector_dim)
@@ -41,7 +39,6 @@ class NormConditioning(Conditioning):
         return self.class_embed[key](y)[:, None] if key in self.class_embed else None  # (B, 1, d)
 
 
-@CONDITIONING.register("token", "U-ViT: time and class as tokens in attention branches (sinusoidal time code)")
 class TokenConditioning(NormConditioning):
     def tokens(self, branch: int, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         cls = super().tokens(branch, t, y)
@@ -51,7 +48,6 @@ class TokenConditioning(NormConditioning):
         return torch.cat([time, cls], dim=1)  # (B, 2, d)
 
 
-@CONDITIONING.register("adaln", "DiT: an MLP time embedding plus a class embedding, read by adaLN norms")
 class AdaLNConditioning(Conditioning):
     freq_dim = 256
 

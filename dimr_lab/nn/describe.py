@@ -79,3 +79,15 @@ def count(spec: Any, *, device: str = "meta") -> dict[str, Any]:
     shared = total - sum(r["params"] for r in rows)
     return {"name": spec.name, "params": total, "gmacs": macs["macs"] / 1e9, "td_params": td,
             "shared_params": shared, "branches": rows, "output_sizes": spec.output_sizes()}
+
+
+def counts_for(model: Any) -> dict[str, Any]:
+    """The count of a network: remembered (dimr_lab.spec.counts), or counted now and remembered."""
+    from dimr_lab.spec.counts import FIELDS, lookup, remember
+
+    found = lookup(model)
+    if found is not None:
+        return found
+    info = {k: v for k, v in count(model).items() if k in FIELDS}
+    remember(model, info)
+    return info

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from dimr_lab.nn.time_dependent import Cond
-from dimr_lab.registry import CASCADES, HEADS, NORMS
+from dimr_lab.registry import NORMS
 
 
 def pixel_shuffle_channels_last(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -18,11 +18,9 @@ def pixel_shuffle_channels_last(x: torch.Tensor, r: int) -> torch.Tensor:
 
 
 class Cascade(nn.Module):
-    uses_features = True
+    """Features of the branch below -> an addition to this branch's input embedding."""
 
 
-@CASCADES.register("dimr", "concat the lower branch's input and every block output -> Norm -> Linear -> "
-                           "pixel shuffle -> Norm, added to the next branch's input (DiMR Sec. 3.2)")
 class DiMRCascade(Cascade):
     def __init__(self, spec, in_dim: int, dim: int, ratio: int, cond_dim: int):
         super().__init__()
@@ -36,10 +34,7 @@ class DiMRCascade(Cascade):
         return self.norm_out(pixel_shuffle_channels_last(x, self.ratio), cond)[0]  # (B, h*r, w*r, d)
 
 
-@CASCADES.register("none", "branches do not share features (each sees only the noisy input)")
 class NoCascade(Cascade):
-    uses_features = False
-
     def __init__(self, spec, in_dim: int, dim: int, ratio: int, cond_dim: int):
         super().__init__()
 
@@ -48,11 +43,9 @@ class NoCascade(Cascade):
 
 
 class Head(nn.Module):
-    unpatchify = False
+    """A branch's features -> its noise prediction (B, C, h, w)."""
 
 
-@HEADS.register("conv", "Norm -> Conv kxk at the branch's own resolution (DiMR: low branches predict "
-                        "down-sampled noise)")
 class ConvHead(Head):
     def __init__(self, spec, branch, cond_dim: int):
         super().__init__()
@@ -64,10 +57,7 @@ class ConvHead(Head):
         return self.conv(self.norm(x, cond)[0].permute(0, 3, 1, 2))  # (B, C, h, w)
 
 
-@HEADS.register("unpatchify", "Norm -> Linear to p*p*C -> unpatchify to the input resolution (DiT)")
 class UnpatchifyHead(Head):
-    unpatchify = True
-
     def __init__(self, spec, branch, cond_dim: int):
         super().__init__()
         self.patch, self.channels = branch.patch, spec.out_channels
@@ -81,7 +71,6 @@ class UnpatchifyHead(Head):
         return x.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, h * p, w * p)
 
 
-@HEADS.register("unpatchify_conv", "Norm -> Linear -> unpatchify -> Conv 3x3 (U-ViT)")
 class UnpatchifyConvHead(UnpatchifyHead):
     def __init__(self, spec, branch, cond_dim: int):
         super().__init__(spec, branch, cond_dim)

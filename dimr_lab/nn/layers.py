@@ -8,10 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dimr_lab.registry import MLPS, POS_EMBEDS
 
 
-@MLPS.register("mlp", "Linear -> GELU -> Linear (ViT/U-ViT/DiT)")
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -21,7 +19,6 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(x)))
 
 
-@MLPS.register("glu", "gated: W2(GELU(W0 x) * W1 x) (DiMR)")
 class GLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -39,7 +36,6 @@ class PosEmbed(nn.Module):
         self.height, self.width = height, width
 
 
-@POS_EMBEDS.register("learned", "a learned table of H*W rows (DiMR, U-ViT)")
 class LearnedPosEmbed(PosEmbed):
     def __init__(self, height: int, width: int, dim: int):
         super().__init__(height, width, dim)
@@ -64,7 +60,6 @@ def sincos_2d(height: int, width: int, dim: int) -> torch.Tensor:
     return torch.cat([cols, rows], dim=-1).float()  # (H, W, dim)
 
 
-@POS_EMBEDS.register("sincos", "fixed 2-D sine-cosine code (DiT), no parameters")
 class SinCosPosEmbed(PosEmbed):
     def __init__(self, height: int, width: int, dim: int):
         super().__init__(height, width, dim)
@@ -74,7 +69,6 @@ class SinCosPosEmbed(PosEmbed):
         return x + self.code[: x.shape[1], : x.shape[2]].to(x.dtype)
 
 
-@POS_EMBEDS.register("none", "no position code (convolutions see position through padding)")
 class NoPosEmbed(PosEmbed):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x

@@ -14,11 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dimr_lab.nn import components  # noqa: F401  (registers the built-in components)
 from dimr_lab.nn.time_dependent import Cond, TimeDependentParameter, collect, evaluate_all, time_to_tau
 from dimr_lab.registry import BLOCKS, CASCADES, CONDITIONING, HEADS, POS_EMBEDS
 from dimr_lab.spec.model_spec import ModelSpec, resolve_model
-from dimr_lab.spec.schema import to_dict
 
 
 class Branch(nn.Module):
@@ -28,12 +26,12 @@ class Branch(nn.Module):
         super().__init__()
         b = spec.branches[index]
         self.downsample, self.width = b.downsample, b.width
-        self.uses_attention = BLOCKS.get(b.block).uses_attention
+        self.uses_attention = BLOCKS.meta(b.block, "uses_attention")
         cond_dim = spec.time_embed_dim or spec.branches[0].width
         self.patch_embed = nn.Conv2d(spec.in_channels, b.width, b.patch, stride=b.patch)
         self.pos_embed = POS_EMBEDS.get(spec.pos_embed)(resolution, resolution, b.width)
         self.cascade = None
-        if lower_feature_dim is not None and CASCADES.get(spec.cascade).uses_features:
+        if lower_feature_dim is not None and CASCADES.meta(spec.cascade, "uses_features"):
             self.cascade = CASCADES.get(spec.cascade)(spec, lower_feature_dim, b.width, ratio, cond_dim)
         n = b.depth // 2 * 2 + 1 if spec.long_skip else b.depth  # in, middle, out blocks (U-ViT)
         self.blocks = nn.ModuleList([BLOCKS.get(b.block)(spec, b) for _ in range(n)])
@@ -92,7 +90,7 @@ class MultiResolutionNet(nn.Module):
         self.spec = spec
         self.null_label = spec.num_classes
         dims = [b.width for b in spec.branches]
-        attention = [BLOCKS.get(b.block).uses_attention for b in spec.branches]
+        attention = [BLOCKS.meta(b.block, "uses_attention") for b in spec.branches]
         self.conditioning = CONDITIONING.get(spec.conditioning)(
             spec.num_classes, dims, attention, spec.time_embed_dim or dims[0])
         res = spec.resolutions()
@@ -105,19 +103,30 @@ class MultiResolutionNet(nn.Module):
         self.apply(_init_weights)
         self._td = collect(self)
 
+    def compile_blocks(self, **kwargs: Any) -> None:
+        """Regional compilation: torch.compile each block in place. Blocks of one kind and shape share one
+        compiled graph, so compile time grows with the kinds of blocks, not the depth."""
+        for branch in self.branches:
+            for block in branch.blocks:
+                block.compile(**kwargs)
+
     def set_checkpointing(self, enabled: bool) -> None:
         """Activation checkpointing of every block: less memory, one more forward in backward."""
         self.spec.checkpointing = enabled
         for branch in self.branches:
             branch.checkpointing = enabled
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None,
+                tau: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """x (B, C, H, W), t (B,) or a scalar in [0, 1] (time tokens and adaLN embed 1000 t), y (B,) labels
+        (null_label for guidance), tau (B,): what TD tensors read (default tau = 2t - 1, the released
+        latent path); -> every branch's noise prediction, lowest resolution first."""
         B = x.shape[0]
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(B) \
             if not torch.is_tensor(t) or t.numel() == 1 else t.float()
         if y is None:
             y = torch.full((B,), self.null_label, dtype=torch.long, device=x.device)
-        tau = time_to_tau(t)  # (B,)
+        tau = time_to_tau(t) if tau is None else tau.to(device=x.device, dtype=torch.float32).reshape(-1)  # (B,)
         if tau.numel() > 1 and not torch.compiler.is_compiling() and bool((tau == tau[0]).all()):
             tau = tau[:1]  # one time for the batch: TD tensors broadcast
         cond = Cond(t=t, tau=tau, y=y, td=evaluate_all(self._td, tau), vector=self.conditioning.vector(t, y))
@@ -128,9 +137,6 @@ class MultiResolutionNet(nn.Module):
             out, lower = branch(x, cond, lower, self.conditioning.tokens(i, t, y), keep)
             outputs.append(out)
         return outputs  # [(B, C, s_k, s_k)], lowest resolution first
-
-    def resolved_spec(self) -> dict[str, Any]:
-        return to_dict(self.spec)
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -145,14 +151,12 @@ def _init_weights(m: nn.Module) -> None:
 
 def build_model(spec: Any) -> MultiResolutionNet:
     """A network from a ModelSpec, a spec dict (optionally with `preset`), a preset name or a TOML path."""
-    if not isinstance(spec, ModelSpec):
-        spec = resolve_model(spec)
-    return MultiResolutionNet(spec)
+    return MultiResolutionNet(resolve_model(spec))
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float, no_decay: str = "td_norms_biases") -> list[dict]:
     """AdamW groups. 'td_norms_biases': TD w/b, norm parameters, biases, embeddings decay-free;
-    'td_only': only TD w/b decay-free (as the released code)."""
+    'td_only': only TD w/b decay-free (as the released DiMR code); 'none': everything decays (U-ViT)."""
     free_ids: set[int] = set()
     for module in model.modules():
         if isinstance(module, TimeDependentParameter):
@@ -167,8 +171,10 @@ def optimizer_param_groups(model: nn.Module, weight_decay: float, no_decay: str 
         for name, p in model.named_parameters():
             if name.endswith(".bias") and p.dim() == 1:
                 free_ids.add(id(p))
+    elif no_decay == "none":  # U-ViT decays every parameter
+        free_ids = set()
     elif no_decay != "td_only":
-        raise ValueError(f"no_decay must be 'td_norms_biases' or 'td_only', got {no_decay!r}")
+        raise ValueError(f"no_decay must be 'td_norms_biases', 'td_only' or 'none', got {no_decay!r}")
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if id(p) not in free_ids]
     free = [p for p in params if id(p) in free_ids]

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dimr_lab.nn.time_dependent import Cond, TimeDependentParameter
-from dimr_lab.registry import NORMS
 
 
 def _per_sample(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -27,14 +26,13 @@ def _rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Norm(nn.Module):
-    condition = "none"
+    """`norm(x, cond) -> (x_normed, gate or None)` on channels-last features (..., d)."""
 
     def __init__(self, dim: int, cond_dim: int = 0):
         super().__init__()
         self.dim = dim
 
 
-@NORMS.register("layernorm", "LayerNorm with learned scale and shift (U-ViT)")
 class LayerNorm(Norm):
     def __init__(self, dim: int, cond_dim: int = 0):
         super().__init__(dim)
@@ -44,7 +42,6 @@ class LayerNorm(Norm):
         return self.norm(x), None
 
 
-@NORMS.register("rmsnorm", "RMSNorm with a learned scale")
 class RMSNorm(Norm):
     def __init__(self, dim: int, cond_dim: int = 0):
         super().__init__(dim)
@@ -54,10 +51,7 @@ class RMSNorm(Norm):
         return _rms_normalize(x, 1e-8) * self.scale, None
 
 
-@NORMS.register("tdln", "time-dependent LayerNorm (DiMR): LN(x) * gamma(t) + beta(t), 8d parameters")
 class TDLayerNorm(Norm):
-    condition = "time"
-
     def __init__(self, dim: int, cond_dim: int = 0):
         super().__init__(dim)
         self.weight = TimeDependentParameter((dim,), nn.init.ones_)
@@ -71,10 +65,7 @@ class TDLayerNorm(Norm):
         return torch.addcmul(_per_sample(beta, x), _per_sample(gamma, x), x), None
 
 
-@NORMS.register("tdrmsnorm", "time-dependent RMSNorm (DiMR's blocks): x / rms(x) * gamma(t), 4d parameters")
 class TDRMSNorm(Norm):
-    condition = "time"
-
     def __init__(self, dim: int, cond_dim: int = 0):
         super().__init__(dim)
         self.scale = TimeDependentParameter((dim,), nn.init.ones_)
@@ -85,7 +76,6 @@ class TDRMSNorm(Norm):
 
 
 class _AdaLNBase(Norm):
-    condition = "vector"
     chunks = 2
 
     def __init__(self, dim: int, cond_dim: int = 0):
@@ -104,13 +94,11 @@ class _AdaLNBase(Norm):
         return self.norm(x) * (1 + scale) + shift, [_per_sample(m, x) for m in mods[2:]]
 
 
-@NORMS.register("adaln", "adaptive LayerNorm: shift and scale regressed from time+class (DiT without gates)")
 class AdaLN(_AdaLNBase):
     def forward(self, x: torch.Tensor, cond: Cond) -> tuple[torch.Tensor, None]:
         return self._modulate(x, cond)[0], None
 
 
-@NORMS.register("adaln_zero", "adaLN-Zero (DiT): shift, scale and a zero-initialised residual gate per norm")
 class AdaLNZero(_AdaLNBase):
     chunks = 3
 

@@ -344,31 +344,30 @@ def official_config(spec: Any) -> dict[str, Any]:
 
 
 def load_official(src: str | Path) -> dict[str, torch.Tensor]:
-    """A released checkpoint's state dict (torch.load with weights_only=True); UserError if unreadable."""
-    src = Path(src)
-    if not src.is_file():
-        raise UserError(f"{src}: no such file")
-    try:
-        obj = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{src}: not a readable checkpoint ({first[:200]})") from None
-    return unwrap_state_dict(obj, source=str(src))
+    """A released checkpoint's state dict (loaded with weights_only=True); UserError if unreadable."""
+    from dimr_lab.nn.checkpoint import load_file
+
+    return unwrap_state_dict(load_file(src, what="released checkpoint"), source=str(src))
 
 
-def convert_official(src: str | Path, dst: str | Path, heads: int = 16) -> dict[str, Any]:
-    """Convert a released checkpoint into ours (weights + resolved spec, atomically); returns a summary."""
-    from dimr_lab.atomic import atomic_save
-    from dimr_lab.nn.checkpoint import FORMAT
+def convert_official(src: str | Path, dst: str | Path, heads: int = 16, *, force: bool = False) -> dict[str, Any]:
+    """Convert a released checkpoint into ours (weights + resolved spec, atomically); returns a summary.
+    An existing destination is refused unless `force`."""
+    from dimr_lab.nn.checkpoint import write_checkpoint
     from dimr_lab.spec.schema import to_dict
 
+    dst = Path(dst)
+    if dst.is_dir():
+        raise UserError(f"{dst}: is a directory; give the checkpoint's file name (e.g. {dst}/dimr_xl_2r.pt)")
+    if dst.exists() and not force:
+        raise UserError(f"{dst}: exists; refusing to overwrite it (use --force to replace it)")
     sd = load_official(src)
     try:
         spec, state = convert_official_state_dict(sd, heads)
     except UserError as err:
         raise UserError(f"{src}: {err}") from None
-    atomic_save({"format": FORMAT, "model_spec": to_dict(spec), "model": state, "ema": None,
-                 "source": {"kind": "released DiMR state dict", "path": str(src), "heads": heads}}, dst)
+    write_checkpoint(dst, {"model_spec": to_dict(spec), "model": state, "ema": None, "identity": None,
+                           "source": {"kind": "released DiMR state dict", "path": str(src), "heads": heads}})
     td = sum(v.numel() for k, v in state.items() if re.search(r"\.(p0|p1|w|b)$", k))
     return {"spec": spec, "params": sum(v.numel() for v in state.values()), "td_params": td,
             "tensors": len(state), "dst": str(dst)}

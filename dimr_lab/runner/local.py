@@ -1,9 +1,9 @@
 """Run planned runs on this machine: one after another or N at a time, each in its own process.
 
-Finished runs (metrics.json) are skipped and never touched; unfinished ones are resumed by the trainer
-from their last checkpoint; a run another process is training (its .lock is held) is left alone.
-run.json is written (atomically) before a run starts; local.json records the process and its outcome;
-output.log keeps the process's output. A rich display shows every active run's step.
+Finished runs (every evaluation they ask for is written) are skipped and never touched; unfinished ones
+are resumed (or continued, or only evaluated) by the trainer; a run another process holds (its .lock) is
+left alone. run.json is written (atomically, under the run's lock) before a run starts; local.json records
+the process and its outcome; output.log keeps the process's output. A rich display shows each active run.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from dimr_lab.runner.ablation import PlannedRun
-from dimr_lab.runner.state import (LOCAL_INFO, OUTPUT_LOG, atomic_write_json, is_done, is_locked, last_step,
-                                   read_json, tail, write_run_info)
-from dimr_lab.runner.worker import (DEFAULT_TRAIN_FN, EXIT_BUSY, EXIT_DONE, EXIT_INTERRUPTED, resolve_train_fn,
-                                    train_one)
+from dimr_lab.rundir import (LOCAL, OUTPUT_LOG, RunBusy, RunDir, is_locked, run_lock, tail_lines,
+                             try_read_json_object, write_json)
+from dimr_lab.runner.plan import PlannedRun
+from dimr_lab.runner.worker import (DEFAULT_TRAIN_FN, EVAL_FN, EXIT_BUSY, EXIT_DONE, EXIT_INTERRUPTED,
+                                    resolve_train_fn, train_one)
 
 POLL_S = 0.5
 
@@ -37,29 +37,48 @@ class Outcome:
 
 
 def _local_info(run_dir: Path, **fields: Any) -> None:
-    path = run_dir / LOCAL_INFO
-    old = read_json(path) or {}
-    atomic_write_json(path, {**old, **fields})
+    path = run_dir / LOCAL
+    old = try_read_json_object(path) or {}
+    write_json(path, {**old, **fields})
 
 
-def prepare(runs: list[PlannedRun], *, executor: str) -> tuple[list[PlannedRun], list[PlannedRun]]:
-    """(to do, already done); writes run.json of every unfinished run."""
-    todo, done = [], []
+def write_record(run: PlannedRun, executor: str) -> None:
+    """run.json of a planned run, under the run's lock (RunBusy when another process holds it); the first
+    'created' time is kept."""
+    folder = run.folder
+    with run_lock(run.run_dir, purpose="plan"):
+        record = run.record(executor)
+        if folder.record_path.exists():
+            try:
+                record.created = folder.read_record().created or record.created
+            except Exception:  # a damaged run.json is replaced by the planned one
+                pass
+        folder.write_record(record)
+
+
+def prepare(runs: list[PlannedRun], *, executor: str) -> tuple[list[PlannedRun], list[PlannedRun], list[PlannedRun]]:
+    """(to do, already done, busy); writes run.json of every unfinished run that no other process holds."""
+    todo, done, busy = [], [], []
     for r in runs:
-        if is_done(r.run_dir):
+        if r.is_done():
             done.append(r)
             continue
-        r.run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_info(r.run_dir, r.info(), executor=executor)
+        try:
+            write_record(r, executor)
+        except RunBusy:
+            busy.append(r)
+            continue
         todo.append(r)
-    return todo, done
+    return todo, done, busy
 
 
-def run_debug(runs: list[PlannedRun], *, train_fn: str | Callable[..., Any] | None = None) -> list[Outcome]:
+def run_debug(runs: list[PlannedRun], *, train_fn: str | Callable[..., Any] | None = None,
+              eval_only: bool = False) -> list[Outcome]:
     """In this process, one after another, no display; exceptions propagate (for debugging)."""
-    fn = resolve_train_fn(train_fn)
-    todo, done = prepare(runs, executor="debug")
+    fn = resolve_train_fn(EVAL_FN if eval_only else train_fn)
+    todo, done, busy = prepare(runs, executor="debug")
     out = [Outcome(r, "skipped", detail="done before") for r in done]
+    out += [Outcome(r, "busy", detail="another process holds it") for r in busy]
     for r in todo:
         t0 = time.time()
         code, _ = train_one(r.run_dir, fn)
@@ -68,7 +87,7 @@ def run_debug(runs: list[PlannedRun], *, train_fn: str | Callable[..., Any] | No
     return out
 
 
-def _spawn(run: PlannedRun, train_fn: str, threads: int | None) -> subprocess.Popen:
+def _spawn(run: PlannedRun, train_fn: str, threads: int | None, mode: str = "train") -> subprocess.Popen:
     env = dict(os.environ)
     if threads:
         env.setdefault("OMP_NUM_THREADS", str(threads))
@@ -78,7 +97,7 @@ def _spawn(run: PlannedRun, train_fn: str, threads: int | None) -> subprocess.Po
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start on {socket.gethostname()} ===\n".encode())
         log.flush()
         proc = subprocess.Popen([sys.executable, "-m", "dimr_lab.runner.worker", str(run.run_dir),
-                                 "--train-fn", train_fn], stdout=log, stderr=subprocess.STDOUT,
+                                 "--train-fn", train_fn, "--mode", mode], stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env)
     finally:
         log.close()
@@ -93,7 +112,7 @@ def usable_cores() -> int:
 
 
 def run_local(runs: list[PlannedRun], *, jobs: int = 1, train_fn: str | None = None, console: Any = None,
-              show_progress: bool = True) -> list[Outcome]:
+              show_progress: bool = True, eval_only: bool = False) -> list[Outcome]:
     """Train every unfinished run, `jobs` processes at a time (0: one per core, up to 8); one Outcome per run."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -107,28 +126,29 @@ def run_local(runs: list[PlannedRun], *, jobs: int = 1, train_fn: str | None = N
     # images per second in all than one run on every core (2 cores: about 1.5x, BENCHMARKS.md)
     jobs = min(8, cores) if int(jobs) == 0 else max(1, int(jobs))
     threads = max(1, cores // jobs) if jobs > 1 else None
-    todo, done = prepare(runs, executor="local")
+    todo, done, busy = prepare(runs, executor="local")
     outcomes: dict[Path, Outcome] = {r.run_dir: Outcome(r, "skipped", detail="done before") for r in done}
+    outcomes.update({r.run_dir: Outcome(r, "busy", detail="another process holds it") for r in busy})
     queue = list(todo)
     active: dict[Path, tuple[PlannedRun, subprocess.Popen, float, Any]] = {}
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, disable=not show_progress, transient=False)
-    overall = progress.add_task(f"runs ({len(done)} done before)", total=len(runs), completed=len(done))
+    overall = progress.add_task(f"runs ({len(done)} done before)", total=len(runs), completed=len(done) + len(busy))
 
     def finish(run_dir: Path) -> None:
         run, proc, t0, task = active.pop(run_dir)
         code = proc.returncode
         seconds = time.time() - t0
-        if code == EXIT_DONE and is_done(run_dir):
+        if code == EXIT_DONE and run.is_done():
             status, detail = "done", ""
         elif code == EXIT_INTERRUPTED:
-            status, detail = "interrupted", f"checkpointed at step {last_step(run_dir)}; rerun to resume"
+            status, detail = "interrupted", f"checkpointed at step {RunDir(run_dir).trained_step()}; rerun to resume"
         elif code == EXIT_BUSY:
             status, detail = "busy", "another process is training it"
         else:
             status = "failed"
-            detail = "\n".join(tail(run_dir / OUTPUT_LOG, 6))
+            detail = "\n".join(tail_lines(run_dir / OUTPUT_LOG, 6))
         _local_info(run_dir, state=status, ended=time.time(), returncode=code)
         outcomes[run_dir] = Outcome(run, status, seconds, detail)
         progress.remove_task(task)
@@ -149,7 +169,7 @@ def run_local(runs: list[PlannedRun], *, jobs: int = 1, train_fn: str | None = N
             while queue or active:
                 while queue and len(active) < jobs:
                     run = queue.pop(0)
-                    if is_done(run.run_dir):
+                    if run.is_done():
                         outcomes[run.run_dir] = Outcome(run, "skipped", detail="done meanwhile")
                         progress.advance(overall)
                         continue
@@ -159,10 +179,11 @@ def run_local(runs: list[PlannedRun], *, jobs: int = 1, train_fn: str | None = N
                         progress.advance(overall)
                         continue
                     task = progress.add_task(f"  {run.run_dir.name}", total=max(1, run.spec.train.steps))
-                    active[run.run_dir] = (run, _spawn(run, train_fn, threads), time.time(), task)
+                    active[run.run_dir] = (run, _spawn(run, train_fn, threads, "eval" if eval_only else "train"),
+                                           time.time(), task)
                 for run_dir in list(active):
                     run, proc, _, task = active[run_dir]
-                    step = last_step(run_dir)
+                    step = RunDir(run_dir).last_logged_step()
                     if step is not None:
                         progress.update(task, completed=min(step, run.spec.train.steps))
                     if proc.poll() is not None:

@@ -24,10 +24,10 @@ from typing import Any
 
 import submitit
 
-from dimr_lab.runner.ablation import PlannedRun, SlurmSettings
-from dimr_lab.runner.state import (SLURM_INFO, atomic_write_json, is_done, is_locked, read_json,
-                                   write_run_info)
-from dimr_lab.runner.worker import (DEFAULT_TRAIN_FN, EXIT_BUSY, EXIT_INTERRUPTED, StopFlag, load_planned_spec,
+from dimr_lab.rundir import SLURM, RunBusy, is_locked, try_read_json_object, write_json
+from dimr_lab.runner.plan import PlannedRun
+from dimr_lab.spec.slurm import SlurmSettings
+from dimr_lab.runner.worker import (DEFAULT_TRAIN_FN, EVAL_FN, EXIT_BUSY, EXIT_INTERRUPTED, StopFlag,
                                     resolve_train_fn, train_one)
 
 SUBMITIT_DIR = ".submitit"
@@ -50,7 +50,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.lock_wait_s = lock_wait_s
 
     def __call__(self, run_dir: str) -> dict[str, Any]:
-        from dimr_lab.runner.distributed import setup_env_from_slurm
+        from dimr_lab.dist import setup_env_from_slurm
 
         # SLURM's task variables are the truth here: RANK/WORLD_SIZE/... exported from the submitting shell
         # (sbatch passes its environment on) must not leak into the job
@@ -65,16 +65,14 @@ class TrainJob(submitit.helpers.Checkpointable):
         print(f"[dimr-lab] {run_dir}: rank {rank}/{os.environ.get('WORLD_SIZE', '1')} "
               f"job {os.environ.get('SLURM_JOB_ID')} restart {os.environ.get('SLURM_RESTART_COUNT', '0')}",
               flush=True)
-        if rank == 0:
-            code, result = train_one(Path(run_dir), fn, stop, lock_wait_s=self.lock_wait_s)
-            if code == EXIT_BUSY:
-                raise RuntimeError(f"{run_dir}: another process holds the run's lock")
-        else:
-            if is_done(Path(run_dir)):
-                return {"done": True}
-            spec, _ = load_planned_spec(Path(run_dir))
-            result = fn(spec, Path(run_dir), should_stop=stop)
-            code = EXIT_INTERRUPTED if isinstance(result, dict) and result.get("interrupted") else 0
+        deadline = time.monotonic() + self.lock_wait_s
+        while True:  # a requeued task may start while its predecessor is still letting go of the lock
+            code, result = train_one(Path(run_dir), fn, stop)
+            if code != EXIT_BUSY or rank != 0 or time.monotonic() > deadline:
+                break
+            time.sleep(5)
+        if code == EXIT_BUSY:
+            raise RuntimeError(f"{run_dir}: another process holds the run's lock")
         if code == EXIT_INTERRUPTED:
             if stop.signum == usr_sig and callable(submitit_handler):
                 # timeout or preemption notice: checkpoint() + requeue + exit (rank 0; no-op elsewhere)
@@ -125,13 +123,14 @@ def sbatch_script(settings: SlurmSettings, ablation: str, ablation_dir: Path, n_
 
 
 def latest_job(run_dir: Path) -> dict[str, Any] | None:
-    info = read_json(Path(run_dir) / SLURM_INFO)
+    info = try_read_json_object(Path(run_dir) / SLURM)
     jobs = info.get("jobs") if isinstance(info, dict) else None
-    return jobs[-1] if isinstance(jobs, list) and jobs and isinstance(jobs[-1], dict) else None
+    job = jobs[-1] if isinstance(jobs, list) and jobs and isinstance(jobs[-1], dict) else None
+    return job if job is not None and isinstance(job.get("job_id"), str) else None
 
 
 def submit(runs: list[PlannedRun], settings: SlurmSettings, *, ablation: str, ablation_dir: Path,
-           train_fn: str | None = None) -> dict[str, list[Any]]:
+           train_fn: str | None = None, eval_only: bool = False) -> dict[str, list[Any]]:
     """Submit every unfinished, not already queued run as one job array.
     Returns {"submitted": [(run, job_id)], "done": [run], "queued": [(run, job_id)], "busy": [run]}."""
     out: dict[str, list[Any]] = {"submitted": [], "done": [], "queued": [], "busy": []}
@@ -139,7 +138,7 @@ def submit(runs: list[PlannedRun], settings: SlurmSettings, *, ablation: str, ab
     prior = {r.run_dir: latest_job(r.run_dir) for r in runs}
     states = job_states([j["job_id"] for j in prior.values() if j])
     for r in runs:
-        if is_done(r.run_dir):
+        if r.is_done():
             out["done"].append(r)
             continue
         job = prior[r.run_dir]
@@ -152,16 +151,26 @@ def submit(runs: list[PlannedRun], settings: SlurmSettings, *, ablation: str, ab
         todo.append(r)
     if not todo:
         return out
+    from dimr_lab.runner.local import write_record
+
+    ready = []
     for r in todo:
-        r.run_dir.mkdir(parents=True, exist_ok=True)
-        write_run_info(r.run_dir, r.info(), executor="slurm")
+        try:
+            write_record(r, "slurm")
+            ready.append(r)
+        except RunBusy:
+            out["busy"].append(r)
+    todo = ready
+    if not todo:
+        return out
     executor = submitit.SlurmExecutor(folder=submitit_folder(ablation_dir), max_num_timeout=settings.max_requeues)
     executor.update_parameters(**executor_parameters(settings, ablation))
-    jobs = executor.map_array(TrainJob(train_fn or DEFAULT_TRAIN_FN), [str(r.run_dir) for r in todo])
+    fn = EVAL_FN if eval_only else (train_fn or DEFAULT_TRAIN_FN)
+    jobs = executor.map_array(TrainJob(fn), [str(r.run_dir) for r in todo])
     now = time.time()
     for r, job in zip(todo, jobs):
-        path = r.run_dir / SLURM_INFO
-        info = read_json(path) or {}
+        path = r.run_dir / SLURM
+        info = try_read_json_object(path) or {}
         history = info.get("jobs") if isinstance(info.get("jobs"), list) else []
         job_id = str(job.job_id)
         base, _, task = job_id.partition("_")
@@ -171,7 +180,7 @@ def submit(runs: list[PlannedRun], settings: SlurmSettings, *, ablation: str, ab
             "stderr": str(job.paths.stderr), "nodes": settings.nodes,
             "tasks": settings.nodes * settings.tasks_per_node,
         })
-        atomic_write_json(path, {"jobs": history})
+        write_json(path, {"jobs": history})
         out["submitted"].append((r, job_id))
     return out
 
@@ -184,42 +193,43 @@ def _run(cmd: list[str]) -> str | None:
     return res.stdout if res.returncode == 0 else None
 
 
-def job_states(job_ids: list[str]) -> dict[str, str]:
+def job_states(job_ids: list[str], *, with_nodes: bool = False) -> dict[str, Any]:
     """SLURM state (PENDING, RUNNING, COMPLETED, FAILED, ...) of each job id ('123' or '123_4'), from squeue
-    for live jobs and sacct for the rest; ids SLURM no longer knows are left out."""
+    for live jobs and sacct for the rest; ids SLURM no longer knows are left out. With `with_nodes`, each
+    value is (state, node list)."""
     ids = sorted({str(j) for j in job_ids if j})
     if not ids:
         return {}
-    states: dict[str, str] = {}
-    whole: dict[str, str] = {}   # array job id -> state of records that stand for several tasks
+    states: dict[str, tuple[str, str]] = {}
+    whole: dict[str, tuple[str, str]] = {}   # array job id -> state of records that stand for several tasks
     bases = sorted({i.split("_")[0] for i in ids})
-    sacct = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State", "-j", ",".join(bases)])
+    sacct = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State,NodeList", "-j", ",".join(bases)])
     for line in (sacct or "").splitlines():
         parts = line.strip().split("|")
         if len(parts) < 2 or not parts[0]:
             continue
         jid, state = parts[0], (parts[1].split()[0] if parts[1] else "UNKNOWN")
+        node = parts[2] if len(parts) > 2 and parts[2] not in ("", "None assigned") else ""
         m = re.fullmatch(r"(\d+)_\[([0-9,\-]+)(?:%\d+)?\]", jid)
         if m:  # a pending (or never started) range of array tasks: 123_[2-4%2]
             for part in m.group(2).split(","):
                 lo, _, hi = part.partition("-")
                 for k in range(int(lo), int(hi or lo) + 1):
-                    states.setdefault(f"{m.group(1)}_{k}", state)
+                    states.setdefault(f"{m.group(1)}_{k}", (state, node))
         elif jid.isdigit():
-            states[jid] = state
-            whole[jid] = state
+            states[jid] = whole[jid] = (state, node)
         else:
-            states[jid] = state
-    squeue = _run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(bases)])
+            states[jid] = (state, node)
+    squeue = _run(["squeue", "-h", "-r", "-o", "%i|%T|%N", "-j", ",".join(bases)])
     for line in (squeue or "").splitlines():
         parts = line.strip().split("|")
-        if len(parts) == 2 and parts[0]:
-            states[parts[0]] = parts[1]
+        if len(parts) >= 2 and parts[0]:
+            states[parts[0]] = (parts[1], parts[2] if len(parts) > 2 else "")
     for i in ids:  # array tasks sacct only lists as the array's own record (e.g. cancelled before starting)
         base, _, task = i.partition("_")
         if task and i not in states and base in whole:
             states[i] = whole[base]
-    return {i: states[i] for i in ids if i in states}
+    return {i: (states[i] if with_nodes else states[i][0]) for i in ids if i in states}
 
 
 def cancel_jobs(job_ids: list[str]) -> None:

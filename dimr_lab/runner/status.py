@@ -1,7 +1,9 @@
 """Every run's state under a folder (pending, running, done, failed) and cancelling what is queued.
 
-Local runs are read from their files (metrics.json, local.json, .lock); SLURM runs from slurm.json
-plus squeue/sacct. A failed run carries the tail of its log.
+A run folder made by `dimr-lab run` or by `dimr-lab train` is read through dimr_lab.rundir: its planned
+spec, checkpoint index, evaluations and log; local runs also from local.json and the folder's lock, SLURM
+runs from slurm.json plus squeue/sacct. Odd or damaged files make a run 'failed' with the reason, never a
+crash. A failed run carries the tail of its log.
 """
 
 from __future__ import annotations
@@ -10,15 +12,18 @@ import os
 import shutil
 import signal
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dimr_lab.runner.state import (LOCAL_INFO, OUTPUT_LOG, RUN_INFO, SLURM_INFO, find_runs, is_done, is_locked,
-                                   last_step, pid_alive, read_json, tail)
+from dimr_lab.errors import UserError
+from dimr_lab.rundir import (LOCAL, OUTPUT_LOG, RunDir, find_runs, is_locked, pid_alive, tail_lines,
+                             try_read_json_object)
 
 LIVE_SLURM = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD",
               "SUSPENDED", "STOPPED", "RESIZING", "RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
+PENDING_SLURM = LIVE_SLURM - {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
 
 
 @dataclass
@@ -26,120 +31,190 @@ class RunStatus:
     run_dir: Path
     state: str                      # pending | running | done | failed
     detail: str = ""
+    ablation: str = ""
     step: int | None = None
     steps: int | None = None
+    loss: float | None = None
+    images_per_s: float | None = None
+    eta_s: float | None = None
     job_id: str | None = None
+    node: str | None = None
     slurm_state: str | None = None
     executor: str | None = None
     log_tail: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"run_dir": str(self.run_dir), "run": self.run_dir.name, "state": self.state, "detail": self.detail,
-                "step": self.step, "steps": self.steps, "job_id": self.job_id, "slurm_state": self.slurm_state,
-                "executor": self.executor, "log_tail": self.log_tail}
+        return {"run_dir": str(self.run_dir), "run": self.run_dir.name, "ablation": self.ablation,
+                "state": self.state, "detail": self.detail, "step": self.step, "steps": self.steps,
+                "loss": self.loss, "images_per_s": self.images_per_s, "eta_s": self.eta_s, "job_id": self.job_id,
+                "node": self.node, "slurm_state": self.slurm_state, "executor": self.executor,
+                "log_tail": self.log_tail}
 
 
-def _latest_job(run_dir: Path) -> dict[str, Any] | None:
-    info = read_json(run_dir / SLURM_INFO)
-    jobs = info.get("jobs") if isinstance(info, dict) else None
-    return jobs[-1] if isinstance(jobs, list) and jobs and isinstance(jobs[-1], dict) else None
-
-
-def _slurm_states(job_ids: list[str]) -> dict[str, str] | None:
+def _slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
     if not job_ids:
         return {}
     if shutil.which("sacct") is None and shutil.which("squeue") is None:
         return None
     from dimr_lab.runner.slurm import job_states  # imports submitit
 
-    return job_states(job_ids)
+    return job_states(job_ids, with_nodes=True)
+
+
+def _planned(run: RunDir) -> tuple[Any | None, str, str]:
+    """(the planned RunSpec or None, ablation, the reason it could not be read)."""
+    from dimr_lab.spec.run_spec import load_run_spec
+
+    ablation = ""
+    try:
+        if run.record_path.exists():
+            record = run.read_record()
+            ablation = record.ablation
+            return load_run_spec(record.spec, file=str(run.record_path)), ablation, ""
+        return load_run_spec(run.read_spec_document(), file=str(run.spec_path)), ablation, ""
+    except UserError as err:
+        return None, ablation, str(err)
 
 
 def collect(root: Path) -> list[RunStatus]:
     """The state of every run folder at or under `root`."""
+    from dimr_lab.runner.slurm import latest_job
+
     root = Path(root)
     dirs = find_runs(root)
-    jobs = {d: _latest_job(d) for d in dirs}
-    slurm_states = _slurm_states([j["job_id"] for j in jobs.values() if j and j.get("job_id")])
-    out = []
-    for d in dirs:
-        info = read_json(d / RUN_INFO) or {}
-        steps = None
-        try:
-            steps = int(info["spec"]["train"]["steps"])
-        except (KeyError, TypeError, ValueError):
-            pass
-        st = _one(d, jobs[d], slurm_states, info)
-        st.step, st.steps = last_step(d), steps
-        if st.state == "done" and steps is not None:
-            st.step = steps if st.step is None else st.step
-        out.append(st)
-    return out
+    jobs = {d: latest_job(d) for d in dirs}
+    slurm = _slurm_states([j["job_id"] for j in jobs.values() if j])
+    return [_one(RunDir(d), jobs[d], slurm) for d in dirs]
 
 
-def _one(d: Path, job: dict[str, Any] | None, slurm_states: dict[str, str] | None, info: dict) -> RunStatus:
-    local = read_json(d / LOCAL_INFO)
-    executor = info.get("executor")
-    if is_done(d):
-        if read_json(d / "metrics.json") is None:
-            return RunStatus(d, "failed", "metrics.json is not valid JSON (corrupt)", executor=executor)
-        return RunStatus(d, "done", executor=executor, job_id=job.get("job_id") if job else None)
-    use_slurm = job is not None and not (isinstance(local, dict) and
-                                         float(local.get("started") or 0) > float(job.get("submitted") or 0))
+def _progress(st: RunStatus, run: RunDir, spec: Any) -> None:
+    """Step, loss, speed and ETA from the checkpoint index and the log's last row."""
+    rows = run.log_rows(tail_bytes=16384)
+    last = rows[-1] if rows else {}
+    st.step = run.trained_step()
+    logged = last.get("step") if isinstance(last.get("step"), int) else None
+    if logged is not None and (st.step is None or logged > st.step):
+        st.step = logged
+    st.loss = last.get("loss") if isinstance(last.get("loss"), (int, float)) else None
+    speed = last.get("images_per_s")
+    st.images_per_s = float(speed) if isinstance(speed, (int, float)) and speed > 0 else None
+    if spec is not None:
+        st.steps = spec.train.steps
+        if st.images_per_s and st.step is not None and st.state in ("running", "pending"):
+            st.eta_s = max(0, st.steps - st.step) * spec.train.batch_size / st.images_per_s
+
+
+def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, str]] | None) -> RunStatus:
+    from dimr_lab.runner.worker import pending_evaluations
+
+    d = run.path
+    spec, ablation, problem = _planned(run)
+    st = RunStatus(d, "pending", ablation=ablation)
+    if spec is None:
+        legacy = run.evaluations()
+        if legacy and all(e.done for e in legacy):
+            st.state = "done"
+            return st
+        st.state, st.detail = "failed", problem
+        return st
+    _progress(st, run, spec)
+    bad = [e for e in run.evaluations() if e.problem]
+    pending = pending_evaluations(spec, d)
+    if not pending:
+        st.state = "done"
+        st.step = spec.train.steps
+        return st
+    if bad:
+        st.state, st.detail = "failed", bad[0].problem
+        return st
+    local = try_read_json_object(d / LOCAL)
+    use_slurm = job is not None and not (isinstance(local, dict) and _num(local.get("started")) > _num(job.get("submitted")))
     if use_slurm:
-        job_id = str(job.get("job_id"))
-        logs = [Path(p) for p in (job.get("stderr"), job.get("stdout")) if p]
-        if slurm_states is None:
-            return RunStatus(d, "pending", "SLURM commands unavailable here; state unknown", job_id=job_id,
-                             executor="slurm")
-        sstate = slurm_states.get(job_id)
-        if sstate is None:
-            return RunStatus(d, "failed", "SLURM no longer knows the job and there is no metrics.json",
-                             job_id=job_id, executor="slurm", log_tail=_tail_logs(logs))
-        if sstate in {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD",
-                      "SUSPENDED", "STOPPED", "RESIZING"}:
-            return RunStatus(d, "pending", f"queued ({sstate})", job_id=job_id, slurm_state=sstate, executor="slurm")
-        if sstate in {"RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}:
-            return RunStatus(d, "running", sstate, job_id=job_id, slurm_state=sstate, executor="slurm")
-        detail = (f"job ended {sstate} without metrics.json" if sstate == "COMPLETED" else f"job {sstate}")
-        return RunStatus(d, "failed", detail, job_id=job_id, slurm_state=sstate, executor="slurm",
-                         log_tail=_tail_logs(logs))
+        return _from_slurm(st, job, slurm)
+    st.executor = "local" if isinstance(local, dict) else ("train" if not run.record_path.exists() or
+                                                           _record_executor(run) == "train" else None)
+    if is_locked(d):
+        st.state, st.detail = "running", _holder(d)
+        return st
     if isinstance(local, dict):
-        state = local.get("state")
-        same_host = local.get("host") == socket.gethostname()
-        if is_locked(d):
-            return RunStatus(d, "running", f"pid {local.get('pid')} on {local.get('host')}", executor="local")
+        state, pid, host = local.get("state"), local.get("pid"), local.get("host")
         if state == "running":
-            if not same_host:
-                return RunStatus(d, "running", f"on {local.get('host')} (cannot check from here)", executor="local")
-            pid = local.get("pid")
-            if isinstance(pid, int) and pid_alive(pid) and _is_worker(pid, d):
-                return RunStatus(d, "running", f"pid {pid}", executor="local")
-            return RunStatus(d, "failed", "its process is gone (killed?); rerun to resume from the checkpoint",
-                             executor="local", log_tail=tail(d / OUTPUT_LOG))
+            if host != socket.gethostname():
+                st.state, st.detail = "running", f"on {host} (cannot check from here)"
+                return st
+            if pid_alive(pid) and _is_worker(pid, d):
+                st.state, st.detail = "running", f"pid {pid}"
+                return st
+            st.state, st.detail = "failed", "its process is gone (killed?); rerun to resume from the checkpoint"
+            st.log_tail = tail_lines(d / OUTPUT_LOG)
+            return st
         if state == "interrupted":
-            return RunStatus(d, "pending", "interrupted after a checkpoint; rerun to resume", executor="local")
+            st.detail = "interrupted after a checkpoint; rerun to resume"
+            return st
         if state in ("failed", "done"):
-            why = f"exit status {local.get('returncode')}" if state == "failed" else "ended without metrics.json"
-            return RunStatus(d, "failed", why, executor="local", log_tail=tail(d / OUTPUT_LOG))
-    has_ckpt = (d / "checkpoints" / "last.pt").exists()
-    return RunStatus(d, "pending", "has a checkpoint; rerun to resume" if has_ckpt else "not started",
-                     executor=executor)
+            rc = local.get("returncode")
+            st.state = "failed"
+            st.detail = f"exit status {rc}" if state == "failed" else "ended without its evaluations"
+            st.log_tail = tail_lines(d / OUTPUT_LOG)
+            return st
+    st.detail = "has a checkpoint; rerun to resume" if run.trained_step() is not None else "not started"
+    return st
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def _record_executor(run: RunDir) -> str:
+    try:
+        return run.read_record().executor
+    except UserError:
+        return ""
+
+
+def _holder(d: Path) -> str:
+    from dimr_lab.rundir import lock_holder
+
+    return lock_holder(d)
+
+
+def _from_slurm(st: RunStatus, job: dict[str, Any], slurm: dict[str, tuple[str, str]] | None) -> RunStatus:
+    st.executor, st.job_id = "slurm", str(job.get("job_id"))
+    logs = [Path(p) for p in (job.get("stderr"), job.get("stdout")) if isinstance(p, str) and p]
+    if slurm is None:
+        st.detail = "SLURM commands unavailable here; state unknown"
+        return st
+    found = slurm.get(st.job_id)
+    if found is None:
+        st.state, st.detail = "failed", "SLURM no longer knows the job and its evaluations are missing"
+        st.log_tail = _tail_logs(logs)
+        return st
+    st.slurm_state, st.node = found
+    if st.slurm_state in PENDING_SLURM:
+        st.detail = f"queued ({st.slurm_state})"
+    elif st.slurm_state in LIVE_SLURM:
+        st.state, st.detail = "running", st.slurm_state
+    else:
+        st.state = "failed"
+        st.detail = (f"job ended {st.slurm_state} without its evaluations" if st.slurm_state == "COMPLETED"
+                     else f"job {st.slurm_state}")
+        st.log_tail = _tail_logs(logs)
+    return st
 
 
 def _tail_logs(paths: list[Path]) -> list[str]:
     for p in paths:
-        lines = tail(p, 8)
+        lines = tail_lines(p, 8)
         if lines:
             return lines
     return []
 
 
-def _is_worker(pid: int, run_dir: Path) -> bool:
+def _is_worker(pid: Any, run_dir: Path) -> bool:
     """Whether pid is a dimr-lab worker training run_dir (guards against pid reuse)."""
     try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
+        cmd = Path(f"/proc/{int(pid)}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError, TypeError, OverflowError):
         return False
     args = [c.decode(errors="replace") for c in cmd]
     return "dimr_lab.runner.worker" in args and str(run_dir) in args
@@ -159,9 +234,31 @@ def cancel(root: Path) -> dict[str, list[str]]:
     for s in statuses:
         if s.executor != "local" or s.state != "running":
             continue
-        local = read_json(s.run_dir / LOCAL_INFO) or {}
+        local = try_read_json_object(s.run_dir / LOCAL) or {}
         pid = local.get("pid")
-        if local.get("host") == socket.gethostname() and isinstance(pid, int) and _is_worker(pid, s.run_dir):
-            os.kill(pid, signal.SIGTERM)
+        if local.get("host") == socket.gethostname() and pid_alive(pid) and _is_worker(pid, s.run_dir):
+            os.kill(int(pid), signal.SIGTERM)
             out["local"].append(f"{s.run_dir.name} (pid {pid})")
     return out
+
+
+def summary(statuses: list[RunStatus]) -> dict[str, dict[str, int]]:
+    """Per ablation: how many runs are in each state."""
+    out: dict[str, dict[str, int]] = {}
+    for s in statuses:
+        tally = out.setdefault(s.ablation or "(single runs)", {})
+        tally[s.state] = tally.get(s.state, 0) + 1
+    return out
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def watch_interval(seconds: float) -> None:
+    time.sleep(seconds)

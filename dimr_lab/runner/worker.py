@@ -1,10 +1,12 @@
-"""Train one planned run from its folder: `python -m dimr_lab.runner.worker RUN_DIR [--train-fn MOD:FN]`.
+"""Train or evaluate one planned run from its folder:
+`python -m dimr_lab.runner.worker RUN_DIR [--mode train|eval] [--train-fn MOD:FN]`.
 
-Reads the resolved spec from RUN_DIR/run.json, holds RUN_DIR/.lock, and calls the trainer
-(`train_run(spec, out_dir, should_stop=...)`), which runs or resumes the run. SIGINT/SIGTERM ask the
-trainer to stop at the next step boundary (it saves a checkpoint first).
-Exit status: 0 done (metrics.json written), 3 interrupted (resumable), 4 another process holds the
-run, 1 the trainer failed (traceback on stderr), 2 a bad run folder.
+Reads the resolved spec from RUN_DIR/run.json and calls the trainer (`train_run(spec, run_dir,
+should_stop=...)`, which takes the folder's lock, resumes or continues the run, and evaluates it) or,
+with `--mode eval`, only the evaluations (the run must have trained). SIGINT/SIGTERM ask it to stop at
+the next step boundary (it saves a checkpoint first).
+Exit status: 0 done (its evaluations written), 3 interrupted (resumable), 4 another process holds the
+run, 1 the trainer failed (traceback on stderr), 2 a bad run folder or spec.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Callable
 from dimr_lab.errors import UserError
 
 DEFAULT_TRAIN_FN = "dimr_lab.train.trainer:train_run"
+EVAL_FN = "dimr_lab.eval.command:evaluate_planned"
 EXIT_DONE, EXIT_FAILED, EXIT_BAD, EXIT_INTERRUPTED, EXIT_BUSY = 0, 1, 2, 3, 4
 
 
@@ -44,15 +47,28 @@ def resolve_train_fn(ref: str | Callable[..., Any] | None) -> Callable[..., Any]
     return fn  # type: ignore[return-value]
 
 
-def load_planned_spec(run_dir: Path):
-    """The resolved RunSpec stored in run_dir/run.json (validated again)."""
-    from dimr_lab.runner.state import RUN_INFO, read_json
+def load_planned_spec(run_dir: Path) -> tuple[Any, Any]:
+    """(RunSpec, RunRecord) of a planned run folder (run.json, validated again)."""
+    from dimr_lab.rundir import RunDir
     from dimr_lab.spec.run_spec import load_run_spec
 
-    info = read_json(Path(run_dir) / RUN_INFO)
-    if not isinstance(info, dict) or not isinstance(info.get("spec"), dict):
-        raise UserError(f"{run_dir}: no readable {RUN_INFO} with a resolved spec (plan the run with dimr-lab run)")
-    return load_run_spec(info["spec"], file=str(Path(run_dir) / RUN_INFO)), info
+    run = RunDir(run_dir)
+    record = run.read_record()
+    return load_run_spec(record.spec, file=str(run.record_path)), record
+
+
+def pending_evaluations(spec: Any, run_dir: Path) -> list[int]:
+    """Steps whose evaluation with the spec's settings has not finished."""
+    from dimr_lab.rundir import RunDir
+
+    run = RunDir(run_dir)
+    ehash = spec.eval_hash()
+    out = []
+    for step in spec.eval_steps():
+        ev = run.find_evaluation(step, ehash)
+        if ev is None or not ev.done:
+            out.append(step)
+    return out
 
 
 class StopFlag:
@@ -71,25 +87,26 @@ class StopFlag:
         self.signum = signum
 
 
-def train_one(run_dir: Path, train_fn: Callable[..., Any], should_stop: Callable[[], bool] | None = None,
-              *, lock_wait_s: float = 0.0) -> tuple[int, dict | None]:
-    """Train (or resume) the run in run_dir under its lock: (exit status, trainer result)."""
-    from dimr_lab.runner.state import is_done, run_lock
+def train_one(run_dir: Path, train_fn: Callable[..., Any], should_stop: Callable[[], bool] | None = None
+              ) -> tuple[int, dict | None]:
+    """Train (or resume, continue, evaluate) the run in run_dir: (exit status, trainer result)."""
+    from dimr_lab.rundir import RunBusy
 
     run_dir = Path(run_dir)
-    if is_done(run_dir):
-        return EXIT_DONE, None
     spec, _ = load_planned_spec(run_dir)
-    with run_lock(run_dir, wait_s=lock_wait_s) as got:
-        if not got:
-            return EXIT_BUSY, None
-        if is_done(run_dir):
-            return EXIT_DONE, None
+    if not pending_evaluations(spec, run_dir):
+        return EXIT_DONE, None
+    try:
         result = train_fn(spec, run_dir, should_stop=should_stop)
+    except RunBusy:
+        return EXIT_BUSY, None
     if isinstance(result, dict) and result.get("interrupted"):
         return EXIT_INTERRUPTED, result
-    if not is_done(run_dir):
-        raise RuntimeError(f"the trainer returned without writing {run_dir / 'metrics.json'}")
+    if isinstance(result, dict) and "rank" in result:
+        return EXIT_DONE, result
+    if pending_evaluations(spec, run_dir):
+        raise RuntimeError(f"the trainer returned without the evaluations {pending_evaluations(spec, run_dir)} "
+                           f"of {run_dir}")
     return EXIT_DONE, result if isinstance(result, dict) else None
 
 
@@ -97,12 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dimr_lab.runner.worker")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--train-fn", default=DEFAULT_TRAIN_FN)
+    p.add_argument("--mode", choices=("train", "eval"), default="train")
     args = p.parse_args(argv)
     stop = StopFlag()
     signal.signal(signal.SIGINT, stop.set)
     signal.signal(signal.SIGTERM, stop.set)
     try:
-        fn = resolve_train_fn(args.train_fn)
+        fn = resolve_train_fn(EVAL_FN if args.mode == "eval" else args.train_fn)
         code, _ = train_one(args.run_dir, fn, stop)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

@@ -51,7 +51,7 @@ class ModelSpec:
     name: str = field("custom", help="a label; presets set their own")
     in_channels: int = field(3, min=1)
     out_channels: int = field(0, min=0, help="0 = in_channels (2x for a learned variance is allowed)")
-    image_size: int = field(32, min=1, help="side of the input (pixels or latents)")
+    image_size: int = field(32, min=1, max=8192, help="side of the input (pixels or latents)")
     num_classes: int = field(1000, min=0, help="class labels 0..num_classes-1; num_classes is the null label")
     conditioning: str = field("norm", choices=CONDITIONING)
     norm: str = field("tdrmsnorm", choices=NORMS, help="norm inside every block")
@@ -71,6 +71,7 @@ class ModelSpec:
     branches: list[BranchSpec] = field(default_factory=lambda: [BranchSpec()])
 
     def validate(self) -> None:
+        """Raise a SpecError for a network that cannot be built; changes nothing."""
         if not self.branches:
             raise SpecError("needs at least one branch", key="branches")
         res = []
@@ -80,31 +81,41 @@ class ModelSpec:
                 raise SpecError(f"image_size {self.image_size} is not divisible by downsample {b.downsample} "
                                 f"x patch {b.patch}", key=f"branches[{i}]")
             res.append(side // b.patch)
-            if BLOCKS.get(b.block).uses_attention and not b.heads:
-                b.heads = max(1, b.width // 64)
-                while b.width % b.heads:
-                    b.heads -= 1
-            if not b.mlp_width:
-                b.mlp_width = (2 if self.mlp == "glu" else 4) * b.width
+            multiple = POS_EMBEDS.meta(self.pos_embed, "width_multiple")
+            if b.width % multiple:
+                raise SpecError(f"position embedding {self.pos_embed!r} needs every branch width divisible by "
+                                f"{multiple}, got {b.width}", key=f"branches[{i}].width")
         for i in range(1, len(res)):
             if res[i] % res[i - 1] or res[i] <= res[i - 1]:
                 raise SpecError(f"branch resolutions must grow by an integer ratio, lowest first; got {res}",
                                 key=f"branches[{i}]")
-        norm_needs = {NORMS.get(self.norm).condition, NORMS.get(self.outer_norm).condition}
-        if self.pos_embed == "sincos" and any(b.width % 4 for b in self.branches):
-            raise SpecError("sincos position embedding needs every branch width divisible by 4", key="pos_embed")
-        if "vector" in norm_needs and self.conditioning != "adaln":
+        inner, outer = NORMS.meta(self.norm, "condition"), NORMS.meta(self.outer_norm, "condition")
+        provides_vector = CONDITIONING.meta(self.conditioning, "vector")
+        if "vector" in (inner, outer) and not provides_vector:
             raise SpecError(f"norm {self.norm!r}/{self.outer_norm!r} needs a condition vector: "
                             f"set conditioning = 'adaln'", key="conditioning")
-        if self.conditioning == "adaln" and NORMS.get(self.norm).condition != "vector":
-            raise SpecError(f"conditioning 'adaln' needs an adaLN norm in the blocks "
+        if provides_vector and inner != "vector":
+            raise SpecError(f"conditioning {self.conditioning!r} needs an adaLN norm in the blocks "
                             f"(adaln, adaln_zero), got {self.norm!r}", key="norm")
-        if self.conditioning == "norm" and "time" not in norm_needs:
+        if self.conditioning == "norm" and "time" not in (inner, outer):
             raise SpecError(f"conditioning 'norm' reads time through time-dependent norms, but norm "
                             f"{self.norm!r} and outer_norm {self.outer_norm!r} are not (use tdln or tdrmsnorm, "
                             f"or conditioning 'token')", key="conditioning")
-        if not self.out_channels:
-            self.out_channels = self.in_channels
+
+    def resolve(self) -> "ModelSpec":
+        """A copy with every default filled in (heads, MLP widths, out_channels): what the network builds.
+        Resolving a resolved spec changes nothing, so its dict hashes stably."""
+        out = copy.deepcopy(self)
+        for b in out.branches:
+            if BLOCKS.meta(b.block, "uses_attention") and not b.heads:
+                b.heads = max(1, b.width // 64)
+                while b.width % b.heads:
+                    b.heads -= 1
+            if not b.mlp_width:
+                b.mlp_width = MLPS.meta(out.mlp, "default_ratio") * b.width
+        if not out.out_channels:
+            out.out_channels = out.in_channels
+        return out
 
     def resolutions(self) -> list[int]:
         """Token grid side of each branch, lowest first."""
@@ -114,17 +125,33 @@ class ModelSpec:
         """Side of each branch's noise prediction."""
         out = []
         for b, r in zip(self.branches, self.resolutions()):
-            out.append(r * b.patch if HEADS.get(self.head).unpatchify else r)
+            out.append(r * b.patch if HEADS.meta(self.head, "unpatchify") else r)
         return out
 
 
-def resolve_model(data: dict[str, Any] | str, *, file: str | None = None, key: str = "",
+def resolve_model(data: "dict[str, Any] | str | ModelSpec", *, file: str | None = None, key: str = "",
                   overrides: list[tuple[str, Any]] | None = None) -> ModelSpec:
-    """A ModelSpec from a dict (with an optional `preset`) or a preset name or a TOML path, with dotted
-    overrides (`branches.0.depth`) applied on top."""
-    from dimr_lab.spec.presets import PRESETS
+    """A resolved ModelSpec from a dict (with an optional `preset`), a preset name, a TOML path or a
+    ModelSpec, with dotted overrides (`branches.0.depth`) applied on top: an error in the base names its
+    file, one the overrides bring in names `--set`."""
     from dimr_lab.spec.schema import set_dotted
 
+    raw, file = _raw_model(data, file, key)
+    spec = _build(raw, file, key)
+    if overrides:
+        raw = copy.deepcopy(raw)
+        for dotted, value in overrides:
+            set_dotted(raw, dotted.removeprefix("model."), value, file="--set")
+        spec = _build(raw, "--set", key)
+    return spec
+
+
+def _raw_model(data: Any, file: str | None, key: str) -> tuple[dict[str, Any], str | None]:
+    """(the model table as plain data, the file it came from)."""
+    from dimr_lab.spec.presets import PRESETS
+
+    if isinstance(data, ModelSpec):
+        data = to_dict(data)
     if isinstance(data, str):
         if data in PRESETS:
             data = {"preset": data}
@@ -137,9 +164,14 @@ def resolve_model(data: dict[str, Any] | str, *, file: str | None = None, key: s
                             file=file, key=key or None)
     if not isinstance(data, dict):
         raise SpecError(f"expected a table or a preset name, got {data!r}", file=file, key=key or None)
+    return copy.deepcopy(data), file
+
+
+def _build(data: dict[str, Any], file: str | None, key: str) -> ModelSpec:
+    """Merge a preset with the table's own keys, validate, resolve."""
+    from dimr_lab.spec.presets import PRESETS
+
     data = copy.deepcopy(data)
-    for dotted, value in overrides or []:
-        set_dotted(data, dotted.removeprefix("model."), value, file="--set")
     preset = data.pop("preset", None)
     if preset is not None:
         if not isinstance(preset, str) or preset not in PRESETS:
@@ -168,8 +200,9 @@ def resolve_model(data: dict[str, Any] | str, *, file: str | None = None, key: s
                 raise SpecError(f"expected a table, got {patch!r}", file=file, key=f"{where}.{index}")
             merged_branches[int(index)].update(patch)
         data["branches"] = merged_branches
-    return from_dict(ModelSpec, data, file=file, prefix=key)
+    return from_dict(ModelSpec, data, file=file, prefix=key).resolve()
 
 
-def model_spec_dict(spec: ModelSpec) -> dict[str, Any]:
-    return to_dict(spec)
+def parse_model(value: Any, file: str | None, key: str) -> ModelSpec:
+    """The `model` field of a run spec: a table (with an optional preset) or a preset name."""
+    return resolve_model(value, file=file, key=key)

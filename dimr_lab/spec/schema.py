@@ -3,12 +3,19 @@
 Each spec section is a dataclass whose fields carry their types and defaults; `from_dict` refuses
 unknown keys (naming the closest known key), wrong types and values outside `choices`, and
 `to_dict` gives back plain JSON-serialisable data so a resolved spec round-trips.
-Fields may declare metadata: `choices` (allowed values or a Registry), `min`, `max`, `help`.
+Fields may declare metadata: `choices` (allowed values or a Registry; for a list, each element),
+`min`, `max`, `help`, `parser` (a function (value, file, key) -> value for a field that is its own
+small language, such as a model spec), `nonfinite` (NaN and inf are refused everywhere else: `nan < lo`
+is false, so a range check alone lets them through).
+Validation never changes the object it checks: `validate()` hooks raise or return None.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import stat
 import tomllib
 import types
 import typing
@@ -20,10 +27,14 @@ from dimr_lab.errors import SpecError, UserError, closest
 T = TypeVar("T")
 
 
+MAX_SPEC_BYTES = 4 * 1024 * 1024  # a spec is a few kB; anything near this is not a spec
+
+
 def field(default: Any = dataclasses.MISSING, *, choices: Any = None, min: float | None = None,
-          max: float | None = None, help: str = "", default_factory: Any = dataclasses.MISSING) -> Any:
+          max: float | None = None, help: str = "", default_factory: Any = dataclasses.MISSING,
+          parser: Any = None, nonfinite: bool = False) -> Any:
     """A dataclass field with validation metadata."""
-    meta = {"choices": choices, "min": min, "max": max, "help": help}
+    meta = {"choices": choices, "min": min, "max": max, "help": help, "parser": parser, "nonfinite": nonfinite}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -51,6 +62,9 @@ def _coerce(value: Any, tp: Any, key: str, file: str | None) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # Optional[X]: X's own error says what is wrong
+            return _coerce(value, real[0], key, file)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -78,7 +92,10 @@ def _coerce(value: Any, tp: Any, key: str, file: str | None) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecError(f"expected a number, got {value!r}", file=file, key=key)
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise SpecError(f"{value!r} is too large for a number", file=file, key=key) from None
     if tp is str:
         if not isinstance(value, str):
             raise SpecError(f"expected a string, got {value!r}", file=file, key=key)
@@ -90,20 +107,36 @@ def _coerce(value: Any, tp: Any, key: str, file: str | None) -> Any:
     raise TypeError(f"unsupported spec type {tp!r}")
 
 
+def _check_finite(value: Any, key: str, file: str | None) -> None:
+    """NaN and inf anywhere in a value (nested lists and tables too) are refused."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SpecError(f"must be a finite number, got {value!r}", file=file, key=key)
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(v, f"{key}[{i}]", file)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, f"{key}.{k}", file)
+
+
 def _check_meta(value: Any, meta: typing.Mapping[str, Any], key: str, file: str | None) -> None:
     if value is None:
         return
+    if not meta.get("nonfinite"):
+        _check_finite(value, key, file)
+    items = value if isinstance(value, list) else [value]
     choices = meta.get("choices")
     if choices is not None:
-        if hasattr(choices, "check"):  # a Registry
-            choices.check(value, file=file, key=key)
-        elif value not in choices:
-            hint = closest(str(value), [str(c) for c in choices])
-            allowed = ", ".join(repr(c) for c in choices)
-            raise SpecError(f"{value!r} is not allowed; allowed: {allowed}"
-                            + (f" (did you mean {hint!r}?)" if hint else ""), file=file, key=key)
+        for i, v in enumerate(items):
+            where = f"{key}[{i}]" if isinstance(value, list) else key
+            if hasattr(choices, "check"):  # a Registry
+                choices.check(v, file=file, key=where)
+            elif v not in choices:
+                hint = closest(str(v), [str(c) for c in choices])
+                allowed = ", ".join(repr(c) for c in choices)
+                raise SpecError(f"{v!r} is not allowed; allowed: {allowed}"
+                                + (f" (did you mean {hint!r}?)" if hint else ""), file=file, key=where)
     lo, hi = meta.get("min"), meta.get("max")
-    items = value if isinstance(value, list) else [value]
     for v in items:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             if lo is not None and v < lo:
@@ -128,7 +161,10 @@ def from_dict(cls: type[T], data: Any, *, file: str | None = None, prefix: str =
     kwargs = {}
     for name, f in fields.items():
         key = f"{prefix}.{name}" if prefix else name
-        if name in data:
+        parser = f.metadata.get("parser")
+        if name in data and parser is not None:
+            value = parser(data[name], file, key)
+        elif name in data:
             value = _coerce(data[name], hints[name], key, file)
         elif f.default is not dataclasses.MISSING:
             value = f.default
@@ -159,20 +195,43 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """Parse a TOML file; a missing or malformed file is a UserError naming it."""
+def read_small_file(path: str | Path, *, what: str = "file", limit: int = MAX_SPEC_BYTES) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; anything else (missing, a directory, a FIFO,
+    a device such as /dev/zero, too large, unreadable) is one UserError naming it. Never blocks on a FIFO."""
     path = Path(path)
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        st = os.stat(path)
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a TOML file") from None
-    except tomllib.TOMLDecodeError as err:
-        raise UserError(f"{path}: not valid TOML: {err}") from None
+    except NotADirectoryError:
+        raise UserError(f"{path}: no such file (a part of the path is not a folder)") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it ({err.strerror or err})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise UserError(f"{path}: is a directory, expected a {what}")
+    if not stat.S_ISREG(st.st_mode):
+        raise UserError(f"{path}: not a regular file (a device, FIFO or socket), expected a {what}")
+    if st.st_size > limit:
+        raise UserError(f"{path}: {st.st_size} bytes is too large for a {what} (at most {limit})")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it ({err.strerror or err})") from None
+    if len(data) > limit:
+        raise UserError(f"{path}: too large for a {what} (at most {limit} bytes)")
+    return data
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file; a missing, odd or malformed file is a UserError naming it."""
+    data = read_small_file(path, what="TOML file")
+    try:
+        return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise UserError(f"{path}: not valid TOML: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{path}: not valid TOML: {err}") from None
 
 
 def parse_value(text: str) -> Any:

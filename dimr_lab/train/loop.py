@@ -1,7 +1,9 @@
-"""Pieces of the training loop with no side effects: LR schedule, EMA, resumable batch order."""
+"""Pieces of the training loop with no side effects: learning-rate schedules, EMA, resumable batch order,
+every RNG state of a checkpoint."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterator
 
 import numpy as np
@@ -33,16 +35,74 @@ def lr_at(step: int, lr: float, warmup_steps: int) -> float:
     return lr * min(step / warmup_steps, 1.0)
 
 
+def lr_constant(step: int, train: Any) -> float:
+    """The released schedule (train.lr_schedule = 'constant'): warm-up, then train.lr; the total steps do
+    not enter, so a run can be continued."""
+    return lr_at(step, train.lr, train.warmup_steps)
+
+
+def lr_cosine(step: int, train: Any) -> float:
+    """Warm-up, then cosine decay from train.lr to train.lr_min at train.steps."""
+    if step < train.warmup_steps:
+        return lr_at(step, train.lr, train.warmup_steps)
+    span = max(1, train.steps - train.warmup_steps)
+    frac = min(1.0, (step - train.warmup_steps) / span)
+    return train.lr_min + 0.5 * (train.lr - train.lr_min) * (1 + math.cos(math.pi * frac))
+
+
+def learning_rate(step: int, train: Any) -> float:
+    """The learning rate of update `step` under train.lr_schedule (registry: `dimr-lab components lr_schedule`)."""
+    from dimr_lab.registry import LR_SCHEDULES
+
+    return LR_SCHEDULES.get(train.lr_schedule)(step, train)
+
+
+def ema_decay_at(update: int, decay: float, warmup: bool) -> float:
+    """The EMA decay of update number `update` (0-based): min(decay, (1 + n) / (10 + n)) with warm-up
+    (TensorFlow's ExponentialMovingAverage num_updates rule), else decay."""
+    return min(decay, (1.0 + update) / (10.0 + update)) if warmup else decay
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model on parameters (fp32 copy); buffers are copied."""
-    src = dict(model.named_parameters())
-    for name, p_ema in ema.named_parameters():
-        p = src[name].detach().to(p_ema.dtype)
-        p_ema.lerp_(p, 1.0 - decay)  # = decay * ema + (1 - decay) * p
-    src_buf = dict(model.named_buffers())
-    for name, b_ema in ema.named_buffers():
-        b_ema.copy_(src_buf[name])
+    """ema <- decay * ema + (1 - decay) * model on parameters (fp32 copy) in one foreach op; buffers are copied."""
+    ema_params = list(ema.parameters())
+    params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # = decay * ema + (1 - decay) * p
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)
+
+
+def get_rng_state(noise: torch.Generator) -> dict[str, Any]:
+    """Every RNG state as tensors/plain types (weights_only-loadable)."""
+    import random
+
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": torch.tensor(py_state[1], dtype=torch.int64),
+                   "gauss_next": py_state[2]},
+        "noise": noise.get_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any], noise: torch.Generator) -> None:
+    """Restore what get_rng_state captured."""
+    import random
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"]))
+    noise.set_state(state["noise"])
 
 
 class BatchOrder:
@@ -107,14 +167,17 @@ class _RankBatches(torch.utils.data.Sampler):
 
 def batch_iterator(dataset: Any, order: BatchOrder, rank: int, world_size: int,
                    num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's batches from the order's current position onwards (workers keep the same order)."""
+    """This rank's batches from the order's position now (taken at the call, not at the first batch)
+    onwards; workers keep the same order."""
     if num_workers <= 0:
         local = order.copy()
-        while True:
-            idx = rank_slice(local.next(), rank, world_size)
-            yield collate([dataset[int(i)] for i in idx])
-    else:
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=_RankBatches(order, rank, world_size),
-                                             num_workers=num_workers, collate_fn=collate,
-                                             persistent_workers=False)
-        yield from loader
+
+        def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            while True:
+                idx = rank_slice(local.next(), rank, world_size)
+                yield collate([dataset[int(i)] for i in idx])
+
+        return batches()
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=_RankBatches(order, rank, world_size),
+                                         num_workers=num_workers, collate_fn=collate, persistent_workers=False)
+    return iter(loader)

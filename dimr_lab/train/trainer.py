@@ -1,34 +1,36 @@
-"""One run: train (resumable, DDP-aware), then a sample grid, evaluation and metrics.json.
+"""One run: train (resumable, DDP-aware, continuable to more steps), then evaluate the steps it asks for.
 
-Run directory:
-    spec.json            the resolved spec (refuses a different one)
-    checkpoints/last.pt  model, EMA, optimizer, step, every RNG state, data position (atomic)
-    log.jsonl            one line every train.log_every steps
-    loss.png, samples.png
-    metrics.json         written last (atomic): its presence means the run is done
+    train_run(spec, out_dir)     # the same call again resumes; with a larger train.steps it continues
+
+The run folder's layout is dimr_lab.rundir's. Before anything is written the spec is checked against
+the filesystem and the machine (files, memory); then, under the folder's lock, the folder is claimed:
+a folder holding another run (another identity) is refused, never overwritten. Every step's diffusion
+maths comes from dimr_lab.diffusion.training; evaluations from dimr_lab.eval.run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
-import math
-import os
 import random
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from dimr_lab import dist as distributed
 from dimr_lab.errors import UserError
+from dimr_lab.nn.checkpoint import read_checkpoint, write_checkpoint
+from dimr_lab.rundir import (CheckpointIndex, RunDir, RunRecord, remove_stale_temporaries, run_lock)
 from dimr_lab.spec.schema import to_dict
-from dimr_lab.atomic import atomic_save, atomic_write_text
-from dimr_lab.train.checkpoint import FORMAT, get_rng_state, load_checkpoint, set_rng_state
-from dimr_lab.train.loop import BatchOrder, batch_iterator, build_optimizer, ema_update, lr_at
-from dimr_lab.train.runinfo import check_spec_file, git_commit, spec_document, versions
+from dimr_lab.train.loop import (BatchOrder, batch_iterator, build_optimizer, ema_decay_at, ema_update,
+                                 get_rng_state, learning_rate, set_rng_state)
 
 # forward + backward of a training step costs about 3x the forward multiply-accumulates
 TRAIN_MACS_PER_FORWARD = 3.0
@@ -36,95 +38,158 @@ TRAIN_MACS_PER_FORWARD = 3.0
 DATA_SEED = 0
 
 
-def cache_dir() -> Path:
-    """Where trained evaluation classifiers are cached: $DIMR_LAB_CACHE or ~/.cache/dimr-lab."""
-    return Path(os.environ.get("DIMR_LAB_CACHE") or Path.home() / ".cache" / "dimr-lab")
-
-
-def train_run(spec: Any, out_dir: Path, *, should_stop: Callable[[], bool] | None = None,
-              progress: bool = True) -> dict[str, Any]:
-    """Train, sample and evaluate one run in out_dir (resuming it if started); the metrics dict.
+def train_run(spec: Any, out_dir: Path, *, should_stop: Callable[[], bool] | None = None, progress: bool = True,
+              record: RunRecord | None = None, evaluate: bool = True) -> dict[str, Any]:
+    """Train what is left of the run in out_dir, then evaluate spec.eval_steps(); the last step's metrics.
 
     Returns {"interrupted": True, "step": s} when should_stop() or train.time_limit_s stopped it (after
-    a checkpoint), {"rank": r} on ranks other than 0, else the metrics written to metrics.json.
-    """
-    from dimr_lab.train.distributed import cleanup_distributed, setup_distributed
+    a checkpoint), {"rank": r} on ranks other than 0, else the metrics of the last step's evaluation."""
+    from dimr_lab.spec.preflight import check_files, check_out_dir
 
-    out_dir = Path(out_dir)
-    dist = setup_distributed()
+    run = RunDir(check_out_dir(out_dir))
+    check_files(spec)
+    configure_threads(spec.train.threads)
+    info = distributed.setup()
     try:
-        run = _Run(spec, out_dir, dist, should_stop, progress)
-        result = run.run()
+        from dimr_lab.spec.preflight import check_processes
+
+        check_processes(spec, info.world_size)
+        check_memory(spec, info)
+        with run_lock(run.path) if info.main else contextlib.nullcontext():
+            if info.main:
+                claim(run, spec, record)
+            distributed.barrier(info)
+            trainer = Trainer(spec, run, info, should_stop, progress)
+            stopped = trainer.fit()
+            if stopped is not None:
+                return stopped
+            if not evaluate:
+                return {"rank": info.rank} if not info.main else {"step": trainer.step}
+            return trainer.evaluate_all()
     finally:
-        cleanup_distributed(dist)  # before sampling: the other ranks are done
-    return result if result is not None else run.finish()
+        distributed.cleanup(info)
 
 
-class _Run:
-    """State of one train_run call (kept in one object so the steps read top to bottom)."""
+def configure_threads(threads: int) -> None:
+    """train.threads > 0: this many CPU threads for torch's operators."""
+    if threads > 0:
+        torch.set_num_threads(threads)
 
-    def __init__(self, spec: Any, out_dir: Path, dist: Any, should_stop: Callable[[], bool] | None,
-                 progress: bool):
-        self.spec, self.out_dir, self.dist = spec, out_dir, dist
-        self.rank, self.world, self.device = dist.rank, dist.world_size, dist.device
-        self.should_stop, self.progress = should_stop, progress and dist.rank == 0
+
+def check_memory(spec: Any, info: distributed.DistInfo) -> None:
+    """Refuse, with the figure, a network and batch that cannot fit the device (before any allocation)."""
+    from dimr_lab.nn.describe import counts_for
+    from dimr_lab.spec.preflight import available_memory, memory_estimate
+
+    c = counts_for(spec.model) or {}
+    need = memory_estimate(int(c.get("params") or 0), spec.train.batch_size // info.world_size, c.get("gmacs"))
+    if info.device.type == "cuda":
+        have, _ = torch.cuda.mem_get_info(info.device)
+        where = f"GPU {info.device}"
+    else:
+        have, where = available_memory(), "this machine"
+    if have is not None and need > have:
+        raise UserError(f"the network ({(c.get('params') or 0) / 1e6:.1f}M parameters) and a batch of "
+                        f"{spec.train.batch_size // info.world_size} need at least {need / 2**30:.1f} GiB to train; "
+                        f"{where} has {have / 2**30:.1f} GiB available (model.*, train.batch_size)")
+
+
+def claim(run: RunDir, spec: Any, record: RunRecord | None) -> None:
+    """Make run.path this run's folder (rank 0, under the lock): refuse another run's folder, remove what
+    interrupted writes left, write spec.json (and run.json for a folder `train` makes)."""
+    from dimr_lab.spec.run_spec import load_run_spec
+
+    identity = spec.identity_hash()
+    run.path.mkdir(parents=True, exist_ok=True)
+    for folder in (run.path, run.checkpoints):
+        remove_stale_temporaries(folder)
+    if run.spec_path.exists():
+        try:
+            held = load_run_spec(run.read_spec_document(), file=str(run.spec_path))
+        except UserError:
+            raise UserError(f"{run.spec_path}: not a dimr-lab spec file this version reads; refusing to overwrite "
+                            f"it (use another --out)") from None
+        if held.identity_hash() != identity:
+            raise UserError(f"{run.path}: holds another run ({_identity_diff(held, spec)}); refusing to overwrite "
+                            f"it: use another --out")
+    idx = run.index()
+    if idx is not None and idx.identity != identity:
+        raise UserError(f"{run.index_path}: the checkpoints belong to another run (identity {idx.identity}, this "
+                        f"run is {identity}); refusing to use them")
+    if run.record_path.exists():
+        held_record = run.read_record()
+        if held_record.identity != identity:
+            raise UserError(f"{run.record_path}: this folder was planned for another run (identity "
+                            f"{held_record.identity}, this one is {identity})")
+    else:
+        rec = record or RunRecord(spec=to_dict(spec), identity=identity, variant=run.path.name,
+                                  seed=spec.train.seed, executor="train", created=time.time())
+        run.write_record(rec)
+    run.write_spec_document(to_dict(spec), identity)
+
+
+def _identity_diff(held: Any, mine: Any) -> str:
+    """'differs in train.lr, model.norm' (and why train.steps matters where it does)."""
+    a, b = held.identity(), mine.identity()
+    keys = sorted(_diff(a, b))
+    shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+    why = ""
+    if keys == ["train.steps"]:
+        why = (f"; train.steps is part of its identity because train.lr_schedule = "
+               f"{mine.train.lr_schedule!r} depends on the total: a longer run is another run")
+    return f"differs in {shown}{why}"
+
+
+def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    return [] if a == b else [prefix or "(top level)"]
+
+
+class Trainer:
+    """The state of one train_run (one object, so the steps read top to bottom)."""
+
+    def __init__(self, spec: Any, run: RunDir, info: distributed.DistInfo,
+                 should_stop: Callable[[], bool] | None, progress: bool):
+        self.spec, self.run, self.info = spec, run, info
+        self.rank, self.world, self.device = info.rank, info.world_size, info.device
+        self.should_stop, self.progress = should_stop, progress and info.main
+        self.identity = spec.identity_hash()
         self.t0 = time.perf_counter()
-        self.ckpt_path = out_dir / "checkpoints" / "last.pt"
-        self.log_path = out_dir / "log.jsonl"
+        self.kept = set(spec.kept_steps())
+        self.step, self.elapsed_before = 0, 0.0
+        self.last_loss: float | None = None
+        self.session_steps = 0
 
-    # ---------------------------------------------------------------- top level
+    # ------------------------------------------------------------------------------------------ build
 
-    def run(self) -> dict[str, Any] | None:
-        """Train what is left; the result dict, or None when rank 0 should go on to finish()."""
-        spec, out_dir = self.spec, self.out_dir
-        resolved = to_dict(spec)
-        check_spec_file(out_dir, resolved)  # every rank checks, so every rank raises alike
-        if (out_dir / "metrics.json").is_file():
-            return json.loads((out_dir / "metrics.json").read_text())  # done: nothing to redo
-        if self.world > 1 and spec.train.batch_size % self.world:
-            raise UserError(f"train.batch_size {spec.train.batch_size} does not divide over {self.world} processes")
-        if self.rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(out_dir / "spec.json", json.dumps(spec_document(resolved), indent=2) + "\n")
-        self._barrier()
-        self._build()
-        resumed = self._resume()
-        if self.rank == 0:
-            self._trim_log(self.step if resumed else 0)
-        stopped = self._train()
-        if stopped:
-            return {"interrupted": True, "step": self.step}
-        if self.rank != 0:
-            return {"rank": self.rank}
-        return None
-
-    # ---------------------------------------------------------------- setup
-
-    def _build(self) -> None:
+    def build(self) -> None:
         from dimr_lab.data import build_dataset
-        from dimr_lab.diffusion.loss import default_loss_weights
         from dimr_lab.diffusion.schedule import build_schedule
+        from dimr_lab.diffusion.training import loss_weights
         from dimr_lab.nn.network import build_model
+        from dimr_lab.registry import DATASETS
 
         spec, tr = self.spec, self.spec.train
-        # seed everything a step might touch; the draws that matter come from self.noise below
+        # seed everything a step might touch; the draws that matter come from self.noise
         torch.manual_seed(tr.seed)
-        np.random.seed(tr.seed)
+        np.random.seed(tr.seed % 2**32)
         random.seed(tr.seed)
-        # the trainer flips pixel images itself from its own generator (same on every rank, checkpointed);
+        # the trainer flips pixel images itself (from its own generator: the same on every rank, checkpointed);
         # latents datasets hold their flips baked in
-        data_spec = dataclasses.replace(spec.data, flip=False)
-        self.dataset = build_dataset(data_spec, split="train", seed=DATA_SEED)
-        self.flip = bool(spec.data.flip) and getattr(self.dataset, "kind", "pixels") == "pixels"
+        self.dataset = build_dataset(dataclasses.replace(spec.data, flip=False), split="train", seed=DATA_SEED)
+        self.flip = bool(spec.data.flip) and DATASETS.meta(spec.data.name, "kind") == "pixels"
+        ds_classes = int(getattr(self.dataset, "num_classes", 0))
+        if ds_classes > spec.model.num_classes:
+            raise UserError(f"the dataset has {ds_classes} classes but model.num_classes is {spec.model.num_classes}")
+        channels = int(getattr(self.dataset, "channels", spec.model.in_channels))
+        if channels != spec.model.in_channels:
+            raise UserError(f"the data has {channels} channels but model.in_channels is {spec.model.in_channels}")
         self.model = build_model(spec.model).to(self.device)
-        mspec = self.model.spec
-        self.num_classes = int(mspec.num_classes)
-        self.null_label = int(getattr(self.model, "null_label", self.num_classes))
-        if getattr(self.dataset, "num_classes", self.num_classes) > self.num_classes:
-            raise UserError(f"the dataset has {self.dataset.num_classes} classes but model.num_classes is "
-                            f"{self.num_classes}")
-        # samples are drawn for the dataset's classes (a network may have more label rows than it uses)
-        self.data_classes = int(getattr(self.dataset, "num_classes", self.num_classes))
+        self.null_label = int(self.model.null_label)
         if tr.activation_checkpointing:
             self.model.set_checkpointing(True)
         self.ema = copy.deepcopy(self.model).float().eval().requires_grad_(False)  # fp32 EMA copy
@@ -133,35 +198,45 @@ class _Run:
         cuda = self.device.type == "cuda"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tr.precision) if cuda else None
         self.scaler = torch.amp.GradScaler("cuda") if cuda and tr.precision == "fp16" else None
-        self.schedule = build_schedule(spec.diffusion.schedule, spec.diffusion.num_steps)
-        k = len(mspec.branches)
-        if spec.diffusion.loss_weights:
-            if len(spec.diffusion.loss_weights) != k:
-                raise UserError(f"diffusion.loss_weights has {len(spec.diffusion.loss_weights)} entries, the "
-                                f"model has {k} branches")
-            weights = list(spec.diffusion.loss_weights)
-            if not spec.diffusion.multiscale_loss:
-                weights = [0.0] * (k - 1) + [weights[-1]]
-        else:
-            weights = default_loss_weights(k, spec.diffusion.multiscale_loss)
-        self.loss_weights = weights
+        self.schedule = build_schedule(spec.diffusion)
+        self.weights = loss_weights(spec.diffusion, len(spec.model.branches))
         self.noise = torch.Generator().manual_seed(tr.seed)  # CPU: the same numbers on any device
         self.order = BatchOrder(len(self.dataset), tr.batch_size, tr.seed)
-        self.step, self.elapsed_before = 0, 0.0
         self.fwd = self.model
+        if tr.compile:
+            self.model.compile_blocks()
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.fwd = DDP(self.model, device_ids=[self.device.index] if cuda else None)
-        if tr.compile and cuda:
-            self.fwd = torch.compile(self.fwd)
 
-    def _resume(self) -> bool:
-        """Load checkpoints/last.pt if present; a bad one is a UserError naming it, before any training."""
-        if not self.ckpt_path.exists():
+    # ----------------------------------------------------------------------------------------- resume
+
+    def resume(self) -> bool:
+        """Load the newest usable checkpoint; a damaged last.pt falls back to the newest kept one (warning)."""
+        run = self.run
+        candidates = [run.last_checkpoint] if run.last_checkpoint.exists() else []
+        idx = run.index()
+        kept = sorted((idx.kept if idx else []), reverse=True)
+        candidates += [run.kept_checkpoint(s) for s in kept if run.kept_checkpoint(s).exists()]
+        if not candidates:
             return False
-        path = self.ckpt_path
-        ckpt = load_checkpoint(path, model_spec=self.spec.model)
+        first_error = None
+        for path in candidates:
+            try:
+                self._load(path)
+            except UserError as err:
+                first_error = first_error or err
+                continue
+            if path != candidates[0]:
+                warnings.warn(f"{first_error}; resuming from the kept checkpoint {path.name} (step {self.step})",
+                              stacklevel=2)
+                print(f"warning: {first_error}; resuming from {path.name} (step {self.step})", file=sys.stderr)
+            return True
+        raise first_error  # type: ignore[misc]
+
+    def _load(self, path: Path) -> None:
+        ckpt = read_checkpoint(path, identity=self.identity, model_spec=to_dict(self.spec.model), training=True)
         try:
             self.model.load_state_dict(ckpt["model"])
             self.ema.load_state_dict(ckpt["ema"])
@@ -170,91 +245,91 @@ class _Run:
                 self.scaler.load_state_dict(ckpt["scaler"])
             set_rng_state(ckpt["rng"], self.noise)
             pos = ckpt["data_position"]
-            self.order = BatchOrder(len(self.dataset), self.spec.train.batch_size, self.spec.train.seed,
-                                    int(pos["epoch"]), int(pos["index"]))
+            order = BatchOrder(len(self.dataset), self.spec.train.batch_size, self.spec.train.seed,
+                               int(pos["epoch"]), int(pos["index"]))
             step = int(ckpt["step"])
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
             raise UserError(f"{path}: checkpoint does not match this run ({type(err).__name__}: "
                             f"{str(err).splitlines()[0][:200] if str(err) else ''}); delete it to start over") from None
-        if not 0 <= step <= self.spec.train.steps:
-            raise UserError(f"{path}: checkpoint step {step} is outside 0..train.steps={self.spec.train.steps}")
-        self.step, self.elapsed_before = step, float(ckpt.get("elapsed_s", 0.0))
-        return True
+        self.order, self.step = order, step
+        self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
 
-    # ---------------------------------------------------------------- training
+    # ------------------------------------------------------------------------------------------ train
 
-    def _draw(self, batch: int, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-        """The random numbers of one global batch, in a fixed order from the checkpointed generator."""
-        g = self.noise
-        # same order as dimr_lab.diffusion.loss.training_targets (n, eps, drop), then the flips
-        n = torch.randint(1, self.schedule.num_steps + 1, (batch,), generator=g)  # (B,) step in 1..N
-        eps = torch.randn((batch, *shape), generator=g)  # (B, C, H, W)
-        drop = torch.rand(batch, generator=g) < self.spec.diffusion.label_drop  # (B,) -> null label
-        flip = torch.rand(batch, generator=g) < 0.5 if self.flip else torch.zeros(batch, dtype=torch.bool)
-        return {"n": n, "eps": eps, "drop": drop, "flip": flip}
+    def fit(self) -> dict[str, Any] | None:
+        """Train to train.steps; None when done, {"interrupted": True, "step"} when stopped early."""
+        target = self.spec.train.steps
+        self.build()
+        resumed = self.resume()
+        if self.step > target:
+            if self.run.checkpoint_for(target) is None:
+                raise UserError(f"{self.run.path}: trained to step {self.step} already; step {target} was not kept "
+                                f"(kept: {', '.join(map(str, self.run.available_steps())) or 'none'})")
+            return None
+        if self.info.main:
+            self._trim_log(self.step if resumed else 0)
+        if self.step == target:
+            if not resumed:
+                self.save_checkpoint()  # train.steps = 0: the initial network, for evaluation
+            return None
+        return self._train()
 
-    def _train(self) -> bool:
-        """Run the steps left; True if stopped early (after saving a checkpoint)."""
-        tr, dev = self.spec.train, self.device
-        B = tr.batch_size
-        per = B // self.world
+    def _train(self) -> dict[str, Any] | None:
+        from dimr_lab.diffusion.training import draw, training_loss
+
+        tr = self.spec.train
+        B, per = tr.batch_size, tr.batch_size // self.world
         lo, hi = self.rank * per, (self.rank + 1) * per
         x_shape = tuple(self.dataset[0][0].shape)  # (C, H, W)
         batches = batch_iterator(self.dataset, self.order, self.rank, self.world, self.spec.data.num_workers)
         gmacs = self._gmacs()
-        self.session_t0, self.session_steps = time.perf_counter(), 0
+        self.session_t0 = time.perf_counter()
         win_t, win_steps = time.perf_counter(), 0
-        win_loss = torch.zeros(1 + len(self.loss_weights), dtype=torch.float64)
+        win_loss = torch.zeros(1 + len(self.weights), dtype=torch.float64, device=self.device)
         bar = self._progress_bar()
         self.fwd.train()
         try:
             while self.step < tr.steps:
                 if self._stop_requested():
-                    self._save_checkpoint()
-                    return True
+                    self.save_checkpoint()
+                    return {"interrupted": True, "step": self.step}
                 self.order.next()  # the position the checkpoint records (the iterator reads the same batch)
                 x0, y = next(batches)  # (b, C, H, W), (b,)
-                r = self._draw(B, x_shape)
-                x0, y = x0.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                flip = r["flip"][lo:hi].to(dev)  # (b,)
-                x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)  # random horizontal flips
-                eps, n = r["eps"][lo:hi].to(dev), r["n"][lo:hi].to(dev)  # (b, C, H, W), (b,)
-                x_t = self.schedule.add_noise(x0, eps, n)  # (b, C, H, W) = sqrt(abar) x0 + sqrt(1-abar) eps
-                t = self.schedule.model_time(n)  # (b,) t = n / N
-                y_in = torch.where(r["drop"][lo:hi].to(dev), torch.full_like(y, self.null_label), y)  # (b,)
-                loss, per_branch = self._step(x_t, t, y_in, eps)
+                draws = draw(self.schedule, B, x_shape, label_drop=self.spec.diffusion.label_drop, flip=self.flip,
+                             generator=self.noise).slice(lo, hi)
+                x0, y = x0.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                self._set_lr()
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    loss, per_branch = training_loss(self.fwd, self.schedule, self.spec.diffusion.time_input, x0, y,
+                                                     draws, self.weights, self.null_label)
+                self._update(loss)
                 self.step += 1
                 self.session_steps += 1
                 win_steps += 1
-                win_loss += torch.stack([loss.detach().double().cpu()] +
-                                        [p.detach().double().cpu() for p in per_branch])
-                if self.step % tr.log_every == 0 or self.step == tr.steps:
+                win_loss += torch.stack([loss.detach(), *[p.detach() for p in per_branch]]).double()  # no sync
+                if self.step % tr.log_every == 0 or self.step == tr.steps or self.session_steps == 1:
                     now = time.perf_counter()
                     self._log(win_loss / win_steps, B * win_steps / (now - win_t), gmacs)
                     win_t, win_steps = now, 0
                     win_loss.zero_()
                 if bar is not None:
-                    bar[0].update(bar[1], completed=self.step, loss=self.last_loss)
-                if self.step % tr.checkpoint_every == 0 or self.step == tr.steps:
-                    self._save_checkpoint()
+                    bar[0].update(bar[1], completed=self.step, loss=self._loss_text())
+                if self.step % tr.checkpoint_every == 0 or self.step == tr.steps or self.step in self.kept:
+                    self.save_checkpoint()
         finally:
             if bar is not None:
                 bar[0].stop()
-        return False
+        self.train_images_per_s = B * self.session_steps / max(1e-9, time.perf_counter() - self.session_t0)
+        return None
 
-    def _step(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-              eps: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """One optimizer update at self.step; (loss, per-branch losses) of this rank's slice."""
-        from dimr_lab.diffusion.loss import diffusion_loss
-
-        tr = self.spec.train
-        lr = lr_at(self.step, tr.lr, tr.warmup_steps)
+    def _set_lr(self) -> None:
+        lr = learning_rate(self.step, self.spec.train)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            outputs = self.fwd(x_t, t, y)  # [(b, C, h_k, w_k)] lowest resolution first
-        # L = sum_k c_k mean((out_k - r_k avgpool_{r_k}(eps))^2)  (multi-scale loss, unit-variance targets)
-        loss, per_branch = diffusion_loss(outputs, eps, self.loss_weights)
+
+    def _update(self, loss: torch.Tensor) -> None:
+        """Backward, clip, optimizer step, EMA."""
+        tr = self.spec.train
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -268,87 +343,87 @@ class _Run:
             if tr.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
             self.optimizer.step()
-        ema_update(self.ema, self.model, tr.ema_decay)
-        return loss, per_branch
+        ema_update(self.ema, self.model, ema_decay_at(self.step, tr.ema_decay, tr.ema_warmup))
 
     def _stop_requested(self) -> bool:
         """should_stop() or the time limit, agreed over all ranks."""
         limit = self.spec.train.time_limit_s
         stop = bool(self.should_stop and self.should_stop())
         stop = stop or (limit > 0 and time.perf_counter() - self.t0 > limit)
-        if self.world > 1:
-            flag = torch.tensor([float(stop)], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop = bool(flag.item() > 0)
-        return stop
+        return distributed.any_flag(self.info, stop)
 
     def _gmacs(self) -> float | None:
-        """Forward multiply-accumulates of one image (GMACs), None if it cannot be counted."""
-        if not hasattr(self, "_describe"):
-            try:
-                from dimr_lab.nn.describe import count
+        from dimr_lab.nn.describe import counts_for
 
-                self._describe = count(self.spec.model)
-            except Exception:  # the counter is informative only; never fails a run
-                self._describe = {"params": sum(p.numel() for p in self.model.parameters()), "gmacs": None}
-        return self._describe.get("gmacs")
+        try:
+            self._counts = counts_for(self.spec.model) or {}
+        except Exception:  # informative only: never fails a run
+            self._counts = {}
+        return self._counts.get("gmacs")
 
-    # ---------------------------------------------------------------- files
+    # ------------------------------------------------------------------------------------------ files
 
-    def _barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def _save_checkpoint(self) -> None:
-        """Rank 0 writes checkpoints/last.pt atomically."""
-        if self.rank == 0:
-            atomic_save({
-                "format": FORMAT,
-                "model_spec": self.spec.model,
-                "model": self.model.state_dict(),
-                "ema": self.ema.state_dict(),
+    def save_checkpoint(self) -> None:
+        """Rank 0 writes checkpoints/last.pt atomically, links a kept step, then updates the index."""
+        if self.info.main:
+            run = self.run
+            write_checkpoint(run.last_checkpoint, {
+                "model_spec": to_dict(self.spec.model), "identity": self.identity,
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "step": self.step,
-                "rng": get_rng_state(self.noise),
-                "data_position": self.order.state(),
-                "elapsed_s": self.elapsed_before + time.perf_counter() - self.t0,
-                "world_size": self.world,
-            }, self.ckpt_path)
-        self._barrier()
+                "step": self.step, "rng": get_rng_state(self.noise), "data_position": self.order.state(),
+                "elapsed_s": self.elapsed_before + time.perf_counter() - self.t0, "world_size": self.world,
+            })
+            idx = run.index()
+            kept = set(idx.kept) if idx else set()
+            if self.step in self.kept:
+                target = run.kept_checkpoint(self.step)
+                with contextlib.suppress(FileExistsError):
+                    target.unlink(missing_ok=True)
+                    try:
+                        target.hardlink_to(run.last_checkpoint)  # the same bytes, no copy
+                    except OSError:
+                        import shutil
+
+                        shutil.copyfile(run.last_checkpoint, target)
+                kept.add(self.step)
+            CheckpointIndex(self.step, sorted(s for s in kept if run.kept_checkpoint(s).exists()),
+                            self.identity).write(run.index_path)
+        distributed.barrier(self.info)
 
     def _trim_log(self, step: int) -> None:
-        """Keep the log lines up to `step` (those after the checkpoint will be written again)."""
-        if not self.log_path.exists():
-            return
-        keep = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut by a kill
-        atomic_write_text(self.log_path, "".join(f"{line}\n" for line in keep))
+        """Keep the log rows up to `step` (those after the checkpoint are written again)."""
+        from dimr_lab.atomic import atomic_write_text
 
-    last_loss = float("nan")
+        if not self.run.log_path.exists():
+            return
+        rows = [r for r in self.run.log_rows() if isinstance(r.get("step"), int) and r["step"] <= step]
+        atomic_write_text(self.run.log_path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def _loss_text(self) -> str:
+        return "-" if self.last_loss is None else f"{self.last_loss:.4f}"
 
     def _log(self, means: torch.Tensor, images_per_s: float, gmacs: float | None) -> None:
-        """Append one line to log.jsonl (rank 0; losses averaged over ranks and the window)."""
+        """Append one row to log.jsonl (rank 0; losses averaged over ranks and the window)."""
         if self.world > 1:
-            means = means.to(self.device)
             torch.distributed.all_reduce(means)
-            means = means.cpu() / self.world
+            means = means / self.world
+        means = means.cpu()
         self.last_loss = float(means[0])
-        if self.rank != 0:
+        if not self.info.main:
             return
         row = {"step": self.step, "epoch": self.order.epoch, "loss": float(means[0]),
                "loss_branches": [float(v) for v in means[1:]],
-               "lr": lr_at(self.step - 1, self.spec.train.lr, self.spec.train.warmup_steps),
+               "lr": learning_rate(self.step - 1, self.spec.train),
                "images_per_s": images_per_s,
                "gmacs_per_s": TRAIN_MACS_PER_FORWARD * gmacs * images_per_s if gmacs else None,
                "elapsed_s": self.elapsed_before + time.perf_counter() - self.t0}
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.run.log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as err:
+            raise UserError(f"{self.run.log_path}: cannot append to the log ({err.strerror or err})") from None
 
     def _progress_bar(self) -> Any:
         """(rich Progress, task id) on rank 0 when asked, else None."""
@@ -357,115 +432,42 @@ class _Run:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
             TimeRemainingColumn
 
-        bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                       TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("ETA"),
-                       TimeRemainingColumn())
-        task = bar.add_task("train", total=self.spec.train.steps, completed=self.step, loss=float("nan"))
+        bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                       TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        task = bar.add_task("train", total=self.spec.train.steps, completed=self.step, loss=self._loss_text())
         bar.start()
         return bar, task
 
-    # ---------------------------------------------------------------- after training
+    # --------------------------------------------------------------------------------------- evaluate
 
-    def finish(self) -> dict[str, Any]:
-        """Loss curve, sample grid, evaluation and metrics.json (rank 0)."""
-        from dimr_lab.train.sampling import class_balanced_labels, generate, save_grid, to_uint8
+    def evaluate_all(self) -> dict[str, Any]:
+        """Evaluate every step the spec asks for (done ones are skipped); the last step's metrics."""
+        from dimr_lab.eval.run import evaluate_step, train_summary
+        from dimr_lab.images import write_figure
 
-        spec, out = self.spec, self.out_dir
-        train_s = time.perf_counter() - self.t0
-        images_per_s = (spec.train.batch_size * self.session_steps / (time.perf_counter() - self.session_t0)
-                        if self.session_steps else self._logged_images_per_s())
-        plot_loss(self.log_path, out / "loss.png")
-        model = self.ema if spec.sample.use_ema else self.model
-        model.eval()
-        class_names = getattr(self.dataset, "class_names", None)
-        t = time.perf_counter()
-        labels = class_balanced_labels(spec.sample.grid_size, self.data_classes)
-        grid = generate(model, spec, labels, seed=spec.sample.seed, batch_size=spec.eval.batch_size)
-        save_grid(to_uint8(grid, spec.data), labels, out / "samples.png", class_names=class_names)
-        sample_s = time.perf_counter() - t
-        t = time.perf_counter()
-        results: dict[str, Any] = {}
-        if spec.eval.enabled:
-            from dimr_lab.eval import evaluate
-
-            labels = class_balanced_labels(spec.eval.samples, self.data_classes)
-            # a seed apart from the grid's, so the evaluated samples are not the grid's again
-            x = generate(model, spec, labels, seed=spec.sample.seed + 1, batch_size=spec.eval.batch_size)
-            images = to_uint8(x, spec.data)
-            results = dict(evaluate(images, labels, spec.data, spec.eval, cache_dir=cache_dir(), seed=DATA_SEED))
-            per_sample = {k: np.asarray(results.pop(k)) for k in list(results)
-                          if isinstance(results[k], (np.ndarray, torch.Tensor))}
-            if per_sample:  # the samples with their class probabilities: `dimr-lab distortion` reads them
-                np.savez_compressed(out / "eval_per_sample.npz", labels=labels.numpy(), images=images.numpy(),
-                                    **per_sample)
-                from dimr_lab.eval.distortion import distortion_report
-
-                distortion_report(out)
-            results.setdefault("kid", results.get("kid_mean"))
-            results.setdefault("isc", results.get("isc_mean"))
-        eval_s = time.perf_counter() - t
-        self._gmacs()
-        desc = self._describe
-        metrics = {key: results.get(key) for key in ("fid", "kid", "isc", "precision", "recall",
-                                                     "sample_accuracy", "distortion_rate")}
-        metrics.update({k: v for k, v in results.items() if k not in metrics})
-        metrics.update({
-            "params": desc.get("params"), "gmacs": desc.get("gmacs"),
-            "train_images_per_s": images_per_s, "steps": self.step,
-            "final_loss": self._last_logged("loss"),
-            "wall_s": self.elapsed_before + train_s + sample_s + eval_s,
-            "train_s": self.elapsed_before + train_s, "sample_s": sample_s, "eval_s": eval_s,
-            "eval": {"enabled": spec.eval.enabled, "samples": spec.eval.samples if spec.eval.enabled else 0,
-                     "sampler": spec.sample.sampler, "steps": spec.sample.steps, "order": spec.sample.order,
-                     "guidance_scale": spec.sample.guidance_scale, "guidance_form": spec.sample.guidance_form,
-                     "guidance_schedule": spec.sample.guidance_schedule, "ema": spec.sample.use_ema,
-                     "extractor": spec.eval.feature_extractor, "seed": spec.sample.seed + 1},
-            "device": str(self.device), "world_size": self.world,
-            "versions": versions(), **{f"git_{k}": v for k, v in git_commit().items()},
-        })
-        atomic_write_text(out / "metrics.json", json.dumps(_jsonable(metrics), indent=2) + "\n")
+        if self.info.main:
+            plot_loss(self.run.log_rows(), self.run.path / "loss.png", write_figure)
+        self.model.eval()
+        del self.optimizer  # sampling needs the memory more
+        metrics: dict[str, Any] = {}
+        for step in self.spec.eval_steps():
+            if self.run.checkpoint_for(step) is None:
+                raise UserError(f"{self.run.path}: no checkpoint at step {step} to evaluate")
+            res = evaluate_step(self.spec, self.run, step, info=self.info, should_stop=self.should_stop,
+                                log=self._say if self.progress else None,
+                                train_info=train_summary(self.run, step, self.spec))
+            if res is None:
+                return {"interrupted": True, "step": self.step, "evaluating": step}
+            metrics = res
         return metrics
 
-    def _logged_rows(self) -> list[dict[str, Any]]:
-        rows = []
-        if self.log_path.exists():
-            for line in self.log_path.read_text().splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    pass
-        return rows
-
-    def _last_logged(self, key: str) -> Any:
-        rows = self._logged_rows()
-        return rows[-1].get(key) if rows else None
-
-    def _logged_images_per_s(self) -> float | None:
-        """Mean images/s over the log (when this session trained no step)."""
-        vals = [r["images_per_s"] for r in self._logged_rows() if r.get("images_per_s")]
-        return sum(vals) / len(vals) if vals else None
+    def _say(self, line: str) -> None:
+        print(f"[dimr-lab] {line}", file=sys.stderr, flush=True)
 
 
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types (tensors and numpy scalars to numbers; NaN/inf to None)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        obj = obj.item() if obj.numel() == 1 else obj.tolist()
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def plot_loss(log_path: Path, png: Path) -> None:
-    """Loss (total and per branch) against step from log.jsonl, as a PNG (matplotlib Agg)."""
-    if not Path(log_path).exists():
-        return
-    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+def plot_loss(rows: list[dict[str, Any]], png: Path, write_figure: Callable) -> None:
+    """Loss (total and per branch) against step, as a PNG; markers where the log has few rows."""
+    rows = [r for r in rows if isinstance(r.get("step"), int) and isinstance(r.get("loss"), (int, float))]
     if not rows:
         return
     import matplotlib
@@ -474,17 +476,16 @@ def plot_loss(log_path: Path, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in rows]
+    style = {"marker": "o", "markersize": 3} if len(rows) < 20 else {}
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    ax.plot(steps, [r["loss"] for r in rows], label="total", color="black")
-    for k in range(len(rows[0].get("loss_branches", []))):
-        ax.plot(steps, [r["loss_branches"][k] for r in rows], label=f"branch {k}", alpha=0.7)
+    ax.plot(steps, [r["loss"] for r in rows], label="total", color="black", **style)
+    for k in range(len(rows[0].get("loss_branches") or [])):
+        ax.plot(steps, [(r.get("loss_branches") or [None] * (k + 1))[k] for r in rows], label=f"branch {k}",
+                alpha=0.7, **style)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png.with_name(f".{png.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
+    write_figure(fig, png)

@@ -1,0 +1,75 @@
+"""Paper-style tables over a results tree: one row per variant, mean ± std over seeds, deltas to the base
+variant, the paper's numbers beside ours; paired-by-seed statistics of each step; bar and learning-curve plots.
+
+    collect      run folders -> runs frame (one evaluation per run)      collect.py
+    aggregate    runs -> one row per variant and grid point              aggregate.py
+    step_statistics  paired statistics of each step, Holm, verdicts     steps.py
+    format_table compact/wide text tables (rich, markdown, latex, csv)   columns.py, render.py
+    plot_metric, plot_curves                                             plots.py
+    paper_row    the published numbers                                   paper.py
+
+Never imports torch: tables are made on machines without it (tests/test_table.py checks).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from dimr_lab.errors import UserError, unknown_name_message
+from dimr_lab.table.aggregate import aggregate
+from dimr_lab.table.collect import collect, collect_curves, parse_eval_filter
+from dimr_lab.table.columns import (DEFAULT_COLUMNS, DEFAULT_METRICS, FORMATS, OPTIONAL_COLUMNS, format_table,
+                                    parse_columns, parse_metrics)
+from dimr_lab.table.paper import PAPER_COLUMNS, paper_row, paper_table, paper_tables
+from dimr_lab.table.plots import plot_curves, plot_metric
+from dimr_lab.table.steps import STEP_COLUMNS, TESTS, format_steps, step_statistics
+from dimr_lab.table.values import quiet
+
+__all__ = ["render_table", "collect", "collect_curves", "aggregate", "format_table", "format_steps",
+           "step_statistics", "plot_metric", "plot_curves", "paper_row", "paper_table", "paper_tables",
+           "PAPER_COLUMNS", "FORMATS", "OPTIONAL_COLUMNS", "DEFAULT_COLUMNS", "DEFAULT_METRICS", "STEP_COLUMNS",
+           "TESTS"]
+
+
+def _warn_stderr(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr)
+
+
+def render_table(results_dir: str | Path, fmt: str = "rich", plot: str | Path | None = None,
+                 on_warning: Callable[[str], None] | None = None, steps: bool = False, step: int | None = None,
+                 eval_filter: Iterable[Any] | None = None, columns: Any = None, metrics: Any = None,
+                 wide: bool = False, curves: str | Path | None = None, test: str = "t") -> str:
+    """collect + aggregate + format_table (or step_statistics with steps=True), plus the plots asked for;
+    warning lines go to on_warning (default: stderr, prefixed 'warning: ')."""
+    # every argument is checked before the (slow) walk over the results tree
+    if fmt not in FORMATS:
+        raise UserError(unknown_name_message("table format", fmt, FORMATS))
+    if test not in TESTS:
+        raise UserError(unknown_name_message("test", test, TESTS))
+    chosen, _ = parse_metrics(metrics), parse_columns(columns)
+    pairs = parse_eval_filter(eval_filter)
+    warn = on_warning or _warn_stderr
+    with quiet():
+        runs, warnings = collect(results_dir, step=step, eval_filter=pairs)
+        for line in warnings:
+            warn(line)
+        if runs.empty:
+            raise UserError(f"no finished runs under {results_dir}")
+        table = aggregate(runs, on_warning=warn)
+        first = (chosen or ["fid"])[0]
+        if plot is not None:
+            plot_metric(table, plot, metric=first)
+        if curves is not None:
+            found, more = collect_curves(results_dir, eval_filter=pairs)
+            for line in more:
+                if line not in warnings:
+                    warn(line)
+            plot_curves(found if not found.empty else runs, curves, metric=first)
+        if steps:
+            stats = step_statistics(runs, metric=first, test=test)
+            if stats.empty:
+                raise UserError(f"no two variants to compare under {results_dir}")
+            return format_steps(stats, fmt)
+        return format_table(table, fmt, metrics=chosen, columns=columns, wide=wide, step_given=step is not None)

@@ -1,0 +1,195 @@
+"""Paired statistics of the steps of an ablation: consecutive variants with published numbers (or each variant
+against the baseline when none has one), paired by seed, Holm-adjusted, read against the paper's sign."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pandas as pd
+
+from dimr_lab import stats
+from dimr_lab.errors import UserError, unknown_name_message
+from dimr_lab.table.aggregate import base_variant
+from dimr_lab.table.paper import PAPER_OF
+from dimr_lab.table.render import Section, render
+from dimr_lab.table.values import LABELS, decimals, fixed, is_missing, quietly
+
+TESTS = {"t": "p_t", "perm": "p_perm"}
+ALPHA = 0.05
+# `dimr-lab table --steps --format csv`: these columns first, in this order
+STEP_COLUMNS = ("ablation", "profile", "grid", "step", "n", "from_mean", "to_mean", "diff", "t_lo", "t_hi",
+                "boot_lo", "boot_hi", "p_perm", "p_t", "p_holm", "paper_diff", "verdict", "fid_floor", "detectable")
+EXTRA_COLUMNS = ("title", "metric", "test", "from_variant", "to_variant", "data_key", "sd_diff", "note")
+NOT_COMPARED = "not compared"
+
+
+def _variant_order(group: pd.DataFrame) -> list[str]:
+    """Variants in table order: variant_index, then name."""
+    first = group.groupby("variant", sort=False)["variant_index"].min()
+    return sorted(first.index, key=lambda v: (math.isnan(first[v]), 0 if math.isnan(first[v]) else first[v], v))
+
+
+def _pairs(group: pd.DataFrame, paper_col: str | None) -> list[tuple[str, str]]:
+    """The steps of one ablation/profile/grid: between consecutive published variants, else each variant
+    against the baseline."""
+    order = _variant_order(group)
+    if paper_col is not None and paper_col in group and group[paper_col].notna().any():
+        published = [v for v in order if group.loc[group["variant"] == v, paper_col].notna().any()]
+        return list(zip(published, published[1:]))
+    base = base_variant(group)
+    if base not in order:
+        return []
+    return [(base, v) for v in order if v != base]
+
+
+def _published(group: pd.DataFrame, variant: str, paper_col: str | None) -> float:
+    if paper_col is None or paper_col not in group:
+        return math.nan
+    values = group.loc[group["variant"] == variant, paper_col].dropna()
+    return float(values.iloc[0]) if len(values) else math.nan
+
+
+def _step(group: pd.DataFrame, a: str, b: str, metric: str, paper_col: str | None) -> dict[str, Any]:
+    """One step a -> b: runs paired by seed within the same data (seeds present in both)."""
+    left, right = group[group["variant"] == a], group[group["variant"] == b]
+    paper_diff = _published(group, b, paper_col) - _published(group, a, paper_col)
+    row: dict[str, Any] = {"from_variant": a, "to_variant": b, "step": f"{a} → {b}",
+                           "paper_diff": None if math.isnan(paper_diff) else paper_diff, "note": ""}
+    keys_a, keys_b = set(left["data_key"]), set(right["data_key"])
+    if not keys_a & keys_b:
+        row.update(n=0, verdict=NOT_COMPARED, data_key=" vs ".join(sorted(keys_a) + sorted(keys_b)),
+                   note=f"different data ({', '.join(sorted(keys_a))} vs {', '.join(sorted(keys_b))}): not compared")
+        return row
+    # a pair is one seed evaluated at the same step, each run with its own planned settings (or the same
+    # departure from them), on the same data: anything else is not the architectural change alone
+    keys = ["seed", "data_key", "step", "eval_label"]
+    cols = [*keys, metric, "fid_floor"]
+    paired = left[cols].merge(right[cols], on=keys, suffixes=("_a", "_b"))
+    common = set(left["seed"]) & set(right["seed"])
+    found = stats.compare(paired[f"{metric}_a"].to_numpy(float), paired[f"{metric}_b"].to_numpy(float), paper_diff)
+    kept = paired[paired[f"{metric}_a"].notna() & paired[f"{metric}_b"].notna()]
+    floors = pd.concat([kept["fid_floor_a"], kept["fid_floor_b"]]).dropna()
+    row.update({k: found[k] for k in ("n", "diff", "t_lo", "t_hi", "boot_lo", "boot_hi", "p_perm", "p_t", "sd_diff",
+                                      "detectable")})
+    row.update(from_mean=found["mean_a"], to_mean=found["mean_b"], data_key=", ".join(sorted(keys_a & keys_b)),
+               fid_floor=float(floors.mean()) if metric == "fid" and len(floors) else math.nan)
+    if len(paired) < len(common):
+        row["note"] = (f"{len(common) - len(paired)} of {len(common)} seeds not paired: evaluated at another "
+                       f"step, with other settings or on other data")
+    if found["n"] == 0:
+        row["note"] = "no seed with a value in both"
+    return row
+
+
+@quietly
+def step_statistics(runs: pd.DataFrame, metric: str = "fid", test: str = "t") -> pd.DataFrame:
+    """Every step of every ablation/profile/grid with paired-by-seed statistics of `metric` (see
+    dimr_lab.stats), p_holm from `test` ("t": paired t, "perm": exact sign flip) over the steps read
+    together, and the verdict against the paper's difference."""
+    if test not in TESTS:
+        raise UserError(unknown_name_message("test", test, TESTS))
+    if runs.empty or metric not in runs:
+        return pd.DataFrame(columns=[*STEP_COLUMNS, *EXTRA_COLUMNS])
+    paper_col = PAPER_OF.get(metric)
+    records = []
+    for (ablation, profile, grid), group in runs.groupby(["ablation", "profile", "grid"], sort=False):
+        steps = [_step(group, a, b, metric, paper_col) for a, b in _pairs(group, paper_col)]
+        # Holm over the comparable steps of this table; a step across datasets is no test
+        tested = [i for i, s in enumerate(steps) if s.get("verdict") != NOT_COMPARED]
+        judged = stats.compare_steps([steps[i] for i in tested], alpha=ALPHA, p_key=TESTS[test]) if tested else []
+        for i, s in zip(tested, judged):
+            steps[i] = s
+        for s in steps:
+            s.update(ablation=ablation, title=group["title"].iloc[0], profile=profile, grid=grid, metric=metric,
+                     test=test)
+            records.append(s)
+    out = pd.DataFrame.from_records(records)
+    for col in (*STEP_COLUMNS, *EXTRA_COLUMNS):
+        if col not in out:
+            out[col] = math.nan
+    return out[[*STEP_COLUMNS, *EXTRA_COLUMNS]]
+
+
+# ------------------------------------------------------------------------------------ text
+
+def _interval(diff: Any, lo: Any, hi: Any, places: int) -> str:
+    """'-11.8 [-52.6, +29.0]' (the interval left out when one seed gives none)."""
+    if is_missing(diff):
+        return ""
+    ci = "" if is_missing(lo) else f" [{fixed(lo, places, sign=True)}, {fixed(hi, places, sign=True)}]"
+    return fixed(diff, places, sign=True) + ci
+
+
+def _p(value: Any) -> str:
+    return "" if is_missing(value) else (f"{value:.3f}" if value >= 0.001 else f"{value:.1e}")
+
+
+def step_sections(found: pd.DataFrame) -> list[Section]:
+    """One section per ablation: each step's means, diff [95% t interval], p_holm, the paper's diff, verdict."""
+    out = []
+    for ablation, rows in found.groupby("ablation", sort=False):
+        metric = rows["metric"].iloc[0]
+        name = LABELS.get(metric, metric)
+        places = decimals(pd.concat([rows["from_mean"], rows["to_mean"]]))
+        columns: list[tuple[str, list[str]]] = []
+        if rows["profile"].nunique() > 1:
+            columns.append(("Profile", list(rows["profile"])))
+        if (rows["grid"] != "{}").any():
+            columns.append(("Grid", [_grid_text(g) for g in rows["grid"]]))
+        columns.append(("Step", list(rows["step"])))
+        n_text = len(columns)
+        columns += [
+            ("n", ["" if is_missing(n) else str(int(n)) for n in rows["n"]]),
+            (f"{name} from → to", [f"{fixed(a, places)} → {fixed(b, places)}" if not is_missing(a) else ""
+                                   for a, b in zip(rows["from_mean"], rows["to_mean"])]),
+            (f"Δ{name} [95% CI]", [_interval(d, lo, hi, places) for d, lo, hi in
+                                   zip(rows["diff"], rows["t_lo"], rows["t_hi"])]),
+            ("p_holm", [_p(p) for p in rows["p_holm"]]),
+            ("Paper Δ", [fixed(p, 2, sign=True) for p in rows["paper_diff"]]),
+            ("Verdict", list(rows["verdict"])),
+        ]
+        if rows["fid_floor"].notna().any():
+            columns.append(("FID floor", [fixed(f, decimals(rows["fid_floor"])) for f in rows["fid_floor"]]))
+        kept = [(h, c) for i, (h, c) in enumerate(columns) if i < n_text or any(c)]
+        notes = [f"{name}, paired by seed"] + sorted({n for n in rows["note"].fillna("") if n})
+        header = [h for h, _ in kept]
+        out.append(Section(title=f"Steps: {rows['title'].iloc[0]}", key=ablation, header=header,
+                           rows=[list(r) for r in zip(*(c for _, c in kept))], n_text=n_text, notes=notes,
+                           left=(header.index("Verdict"),)))
+    return out
+
+
+def _grid_text(grid: str) -> str:
+    try:
+        return " ".join(f"{k}={v}" for k, v in sorted(json.loads(grid).items()))
+    except (TypeError, ValueError, AttributeError):
+        return str(grid)
+
+
+def step_legend(found: pd.DataFrame) -> str:
+    """The paragraph under the steps tables: pairing, test, Holm family size, the sign-flip p floor."""
+    test = found["test"].iloc[0]
+    tested = found[found["verdict"] != NOT_COMPARED]
+    sizes = sorted({int(k) for k in tested.groupby(["ablation", "profile", "grid"]).size()})
+    ns = sorted({int(n) for n in tested["n"].dropna() if n > 0})
+    k = ", ".join(map(str, sizes)) or "0"
+    floors = "; ".join(f"with n = {n} seeds the exact sign-flip p cannot be below 2/2^{n} = {2 / 2 ** n:.3g}"
+                       for n in ns)
+    which = "the paired t-test (p_t)" if test == "t" else "the exact sign-flip permutation test (p_perm)"
+    return (f"Paired by seed: each step compares the two variants' runs of the same seed (seeds present in "
+            f"both, on the same data), diff = to - from with its 95% t interval (the csv adds the bootstrap "
+            f"interval, p_perm, p_t and the detectable effect). p_holm: {which}, Holm-adjusted over the "
+            f"k = {k} steps of each ablation, profile and grid point read together. Verdict: agrees or "
+            f"disagrees with the paper's sign when p_holm < {ALPHA} and the interval excludes 0, else "
+            f"inconclusive (no published sign: the paper has no number for one side). "
+            + (floors[0].upper() + floors[1:] + "." if floors else ""))
+
+
+@quietly
+def format_steps(found: pd.DataFrame, fmt: str = "rich") -> str:
+    """The step statistics as text: csv (every column, raw numbers) or a compact rich/markdown/latex table."""
+    if fmt == "csv":
+        return found.to_csv(index=False)
+    return render(step_sections(found), fmt, step_legend(found))

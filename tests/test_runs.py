@@ -1,0 +1,210 @@
+"""A run's life after training: continued to more steps, kept checkpoints, evaluated again without training,
+evaluations shared by processes and resumed after a stop; the one training-step path."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dimr_lab.spec.run_spec import load_run_spec
+from conftest import cli
+
+TINY = [("model.preset", "dimr_tiny_2r"), ("model.branches", [{"width": 32, "depth": 2, "heads": 2},
+                                                               {"width": 16, "depth": 1}]),
+        ("data.train_size", 96), ("train.batch_size", 8), ("train.lr", 1e-3), ("train.warmup_steps", 3),
+        ("train.ema_decay", 0.9), ("train.log_every", 1), ("sample.steps", 2), ("sample.grid_size", 4),
+        ("eval.enabled", False)]
+
+
+def spec(steps: int, *more):
+    return load_run_spec(None, [*TINY, ("train.steps", steps), ("train.checkpoint_every", 2), *more])
+
+
+def ckpt(run: Path, name: str = "last.pt") -> dict:
+    return torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=True)
+
+
+def same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def train(s, out, **kw):
+    from dimr_lab.train.trainer import train_run
+
+    return train_run(s, out, progress=False, **kw)
+
+
+def test_a_run_continued_to_2n_equals_one_trained_to_2n(tmp_path):
+    train(spec(6), tmp_path / "direct")
+    train(spec(3), tmp_path / "cont")
+    first = json.loads((tmp_path / "cont" / "spec.json").read_text())["identity"]
+    train(spec(6), tmp_path / "cont")  # the same command with more steps continues the run
+    assert json.loads((tmp_path / "cont" / "spec.json").read_text())["identity"] == first
+    a, b = ckpt(tmp_path / "direct"), ckpt(tmp_path / "cont")
+    assert a["step"] == b["step"] == 6
+    same_state(a["model"], b["model"])
+    same_state(a["ema"], b["ema"])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        same_state(sa, sb)
+    assert torch.equal(a["rng"]["noise"], b["rng"]["noise"]) and a["data_position"] == b["data_position"]
+    # both steps are evaluated (the run's end at 3 stays), the losses line up row for row
+    assert sorted(p.name.split("-")[1] for p in (tmp_path / "cont" / "evals").iterdir()) == ["00000003", "00000006"]
+    la = [json.loads(x)["loss"] for x in (tmp_path / "direct" / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (tmp_path / "cont" / "log.jsonl").read_text().splitlines()]
+    assert la == lb
+
+
+def test_a_schedule_over_the_total_refuses_to_continue(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(spec(3, ("train.lr_schedule", "cosine")), out)
+    before = (out / "checkpoints" / "last.pt").read_bytes()
+    import tomli_w
+
+    from dimr_lab.spec.schema import to_dict
+
+    toml = tmp_path / "longer.toml"
+    toml.write_text(tomli_w.dumps(to_dict(spec(6, ("train.lr_schedule", "cosine")))))
+    code, _, err = cli(["train", toml, "--out", out, "--no-progress"], capsys)
+    assert code == 2 and "train.steps is part of its identity" in err and "cosine" in err
+    assert (out / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_kept_checkpoints_and_fewer_steps_than_trained(tmp_path):
+    out = tmp_path / "run"
+    train(spec(6, ("train.keep_checkpoints", [2]), ("train.keep_every", 3)), out)
+    idx = json.loads((out / "checkpoints" / "index.json").read_text())
+    assert idx["last"] == 6 and idx["kept"] == [2, 3, 6]
+    assert ckpt(out, "step-00000002.pt")["step"] == 2 and ckpt(out, "step-00000003.pt")["step"] == 3
+    # asking for 3 steps of a run trained to 6 evaluates the kept step 3, and trains nothing
+    mtime = (out / "checkpoints" / "last.pt").stat().st_mtime_ns
+    train(spec(3, ("train.keep_checkpoints", [2]), ("train.keep_every", 3)), out)
+    assert (out / "checkpoints" / "last.pt").stat().st_mtime_ns == mtime
+    assert any(p.name.startswith("step-00000003-") for p in (out / "evals").iterdir())
+    from dimr_lab.errors import UserError
+
+    with pytest.raises(UserError, match="step 5 was not kept"):
+        train(spec(5), out)
+
+
+def _sweep_run(tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    train(spec(4, ("eval.enabled", True), ("eval.samples", 24), ("eval.batch_size", 8),
+               ("eval.metrics", ["fid", "sample_accuracy"]), ("sample.guidance_scale", 1.0)), out)
+    return out
+
+
+def test_eval_sweeps_guidance_without_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
+    out = _sweep_run(tmp_path)
+    checkpoints = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
+    (own,) = list((out / "evals").iterdir())
+    own_metrics = json.loads((own / "metrics.json").read_text())
+    rows = []
+    for s in (0.0, 1.0, 2.0):
+        code, stdout, err = cli(["eval", out, "--set", f"sample.guidance_scale={s}", "--json"], capsys)
+        assert code == 0, err
+        rows += [json.loads(line) for line in stdout.splitlines()]
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} == checkpoints  # nothing trained
+    assert len(list((out / "evals").iterdir())) == 3  # 0 and 2 are new; 1.0 is the run's own, skipped
+    same = [r for r in rows if r["settings"]["sample"]["guidance_scale"] == 1.0]
+    assert same == [own_metrics]
+    assert {r["settings"]["sample"]["guidance_scale"] for r in rows} == {0.0, 1.0, 2.0}
+    # only sample.* / eval.* may change
+    code, _, err = cli(["eval", out, "--set", "train.lr=0.1"], capsys)
+    assert code == 2 and "--set: train.lr" in err
+
+
+def _eval_worker(rank: int, world: int, port: int, run: str, cache: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DIMR_LAB_CACHE=cache)
+    torch.set_num_threads(1)
+    from dimr_lab.eval.command import evaluate_run
+
+    evaluate_run(run, overrides=[("eval.samples", 20), ("sample.seed", 5)])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(300)
+def test_two_process_evaluation_equals_one_and_a_stopped_one_resumes(tmp_path, monkeypatch):
+    import shutil
+
+    from dimr_lab.eval.command import evaluate_run
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DIMR_LAB_CACHE", str(cache))
+    one = _sweep_run(tmp_path)
+    two = tmp_path / "two"
+    shutil.copytree(one, two)
+    (one_metrics,) = evaluate_run(one, overrides=[("eval.samples", 20), ("sample.seed", 5)])
+    torch.multiprocessing.spawn(_eval_worker, args=(2, _free_port(), str(two), str(cache)), nprocs=2, join=True)
+    name = one_metrics["eval_name"]
+    a, b = (np.load(r / "evals" / name / "per_sample.npz") for r in (one, two))
+    assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["labels"], b["labels"])
+    two_metrics = json.loads((two / "evals" / name / "metrics.json").read_text())
+    assert two_metrics["world_size"] == 2 and two_metrics["fid"] == one_metrics["fid"]
+    # stopped after its first chunk, then run again: the same samples and metrics
+    three = tmp_path / "three"
+    shutil.copytree(one, three, ignore=shutil.ignore_patterns(name))
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] >= 1
+
+    (first,) = evaluate_run(three, overrides=[("eval.samples", 20), ("sample.seed", 5)], should_stop=stop)
+    assert first.get("interrupted") and len(list((three / "evals" / name / "chunks").iterdir())) == 1
+    (again,) = evaluate_run(three, overrides=[("eval.samples", 20), ("sample.seed", 5)])
+    c = np.load(three / "evals" / name / "per_sample.npz")
+    assert np.array_equal(a["images"], c["images"]) and again["fid"] == one_metrics["fid"]
+    assert again["sampled_now"] == 20 - 8 and not (three / "evals" / name / "chunks").exists()
+
+
+def test_the_trainer_uses_the_diffusion_packages_loss(tmp_path):
+    """The first logged loss of a run equals dimr_lab.diffusion.training_loss on the same batch and draws."""
+    from dimr_lab.data import build_dataset
+    from dimr_lab.diffusion import draw, loss_weights, training_loss
+    from dimr_lab.diffusion.schedule import build_schedule
+    from dimr_lab.nn.network import build_model
+    from dimr_lab.train.loop import BatchOrder, collate
+
+    for extra in ([], [("diffusion.schedule", "vp_linear"), ("diffusion.time_input", "vp_logsnr")]):
+        s = spec(1, ("train.seed", 3), *extra)
+        out = tmp_path / f"run{len(extra)}"
+        train(s, out)
+        logged = json.loads((out / "log.jsonl").read_text().splitlines()[0])["loss"]
+        torch.manual_seed(3)
+        import dataclasses
+
+        ds = build_dataset(dataclasses.replace(s.data, flip=False), split="train")
+        model = build_model(s.model)
+        x0, y = collate([ds[int(i)] for i in BatchOrder(len(ds), 8, 3).next()])
+        schedule = build_schedule(s.diffusion)
+        draws = draw(schedule, 8, tuple(x0.shape[1:]), label_drop=s.diffusion.label_drop, flip=True,
+                     generator=torch.Generator().manual_seed(3))
+        loss, _ = training_loss(model, schedule, s.diffusion.time_input, x0, y, draws,
+                                loss_weights(s.diffusion, 2), model.null_label)
+        assert float(loss.detach()) == pytest.approx(logged, rel=1e-6), extra
+
+
+def test_another_runs_checkpoint_is_refused(tmp_path, capsys):
+    from dimr_lab.errors import UserError
+
+    train(spec(2), tmp_path / "a")
+    train(spec(2, ("train.lr", 5e-4)), tmp_path / "b")
+    (tmp_path / "b" / "checkpoints" / "index.json").unlink()
+    (tmp_path / "a" / "checkpoints" / "last.pt").replace(tmp_path / "b" / "checkpoints" / "last.pt")
+    with pytest.raises(UserError, match="checkpoint of another run"):
+        train(spec(4, ("train.lr", 5e-4)), tmp_path / "b")
