@@ -383,3 +383,36 @@ def test_samples_use_the_datasets_classes_when_the_network_has_more(tmp_path, mo
     assert spec.model.num_classes == 8
     train_run(spec, tmp_path / "run", progress=False)
     assert torch.bincount(seen["labels"]).tolist() == [3, 3, 3, 3]
+
+
+def test_thread_governor_gives_a_busy_core_away_and_takes_it_back(monkeypatch):
+    """train.threads = 0: every core while others are idle, one fewer per core other processes keep busy."""
+    import dimr_lab.train.threads as th
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(th, "usable_cores", lambda: 2)
+    samples = iter([])
+    clock = {"t": 0.0}
+
+    def fake_sample(self):
+        busy, total, own = next(samples)
+        return busy, total, own, clock["t"]
+
+    monkeypatch.setattr(th.ThreadGovernor, "_sample", fake_sample)
+    monkeypatch.setattr(th.time, "sleep", lambda s: None)
+    set_to = []
+    monkeypatch.setattr(th.torch, "set_num_threads", lambda n: set_to.append(n))
+    monkeypatch.setattr(th.torch, "get_num_threads", lambda: set_to[-1] if set_to else 2)
+    # start: over 100 jiffies of 2 cores, others used 95 (one core): one thread
+    samples = iter([(0, 0, 0), (95, 200, 0)])
+    gov = th.ThreadGovernor(0, every_s=5.0)
+    assert gov.threads == 1 and set_to == [1]
+    # 5 s later the other process is gone: this run used its core alone -> both cores again
+    clock["t"] = 6.0
+    samples = iter([(95 + 100, 200 + 200, 100)])
+    assert gov.tick() == 2 and set_to == [1, 2]
+    # an explicit count is kept whatever the load
+    samples = iter([])
+    assert th.ThreadGovernor(3).threads == 3 and set_to[-1] == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert not th.ThreadGovernor(0).auto

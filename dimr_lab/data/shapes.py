@@ -129,6 +129,11 @@ class ShapesDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items idx at once, unflipped: the same numbers as stacking dataset[i] (one gather, not many)."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return self.images[idx].float() / 127.5 - 1, self.labels[idx].long()  # (B, C, S, S), (B,)
+
     def __getitem__(self, i: int):
         x = self.images[i].float() / 127.5 - 1  # (3, S, S) in [-1, 1]
         if self.flip and torch.rand(()) < 0.5:

@@ -51,7 +51,9 @@ class Branch(nn.Module):
         x = images
         if self.downsample > 1:
             x = F.interpolate(x, size=(x.shape[2] // self.downsample, x.shape[3] // self.downsample), mode="area")
-        x = self.pos_embed(self.patch_embed(x).permute(0, 2, 3, 1))  # (B, h, w, d)
+        # channels-last in memory, not just in shape: a permuted NCHW tensor would keep every op of the branch
+        # (the depthwise convolutions above all) on strided channels-first data
+        x = self.pos_embed(self.patch_embed(x).permute(0, 2, 3, 1).contiguous())  # (B, h, w, d)
         if self.cascade is not None and lower is not None:
             x = x + self.cascade(lower, cond)
         B, h, w, d = x.shape

@@ -172,10 +172,13 @@ def batch_iterator(dataset: Any, order: BatchOrder, rank: int, world_size: int,
     if num_workers <= 0:
         local = order.copy()
 
+        gather = getattr(dataset, "batch", None)  # in-memory datasets: one indexing op per batch
+
         def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             while True:
                 idx = rank_slice(local.next(), rank, world_size)
-                yield collate([dataset[int(i)] for i in idx])
+                yield gather(idx) if gather is not None and not dataset.flip else \
+                    collate([dataset[int(i)] for i in idx])
 
         return batches()
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=_RankBatches(order, rank, world_size),

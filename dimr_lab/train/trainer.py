@@ -48,7 +48,6 @@ def train_run(spec: Any, out_dir: Path, *, should_stop: Callable[[], bool] | Non
 
     run = RunDir(check_out_dir(out_dir))
     check_files(spec)
-    configure_threads(spec.train.threads)
     info = distributed.setup()
     try:
         from dimr_lab.spec.preflight import check_processes
@@ -68,12 +67,6 @@ def train_run(spec: Any, out_dir: Path, *, should_stop: Callable[[], bool] | Non
             return trainer.evaluate_all()
     finally:
         distributed.cleanup(info)
-
-
-def configure_threads(threads: int) -> None:
-    """train.threads > 0: this many CPU threads for torch's operators."""
-    if threads > 0:
-        torch.set_num_threads(threads)
 
 
 def check_memory(spec: Any, info: distributed.DistInfo) -> None:
@@ -163,6 +156,9 @@ class Trainer:
         self.step, self.elapsed_before = 0, 0.0
         self.last_loss: float | None = None
         self.session_steps = 0
+        from dimr_lab.train.threads import ThreadGovernor
+
+        self.threads = ThreadGovernor(spec.train.threads, enabled=info.device.type == "cpu")
 
     # ------------------------------------------------------------------------------------------ build
 
@@ -293,6 +289,7 @@ class Trainer:
                 if self._stop_requested():
                     self.save_checkpoint()
                     return {"interrupted": True, "step": self.step}
+                self.threads.tick()
                 self.order.next()  # the position the checkpoint records (the iterator reads the same batch)
                 x0, y = next(batches)  # (b, C, H, W), (b,)
                 draws = draw(self.schedule, B, x_shape, label_drop=self.spec.diffusion.label_drop, flip=self.flip,
@@ -416,7 +413,7 @@ class Trainer:
         row = {"step": self.step, "epoch": self.order.epoch, "loss": float(means[0]),
                "loss_branches": [float(v) for v in means[1:]],
                "lr": learning_rate(self.step - 1, self.spec.train),
-               "images_per_s": images_per_s,
+               "images_per_s": images_per_s, "threads": self.threads.threads,
                "gmacs_per_s": TRAIN_MACS_PER_FORWARD * gmacs * images_per_s if gmacs else None,
                "elapsed_s": self.elapsed_before + time.perf_counter() - self.t0}
         try:
