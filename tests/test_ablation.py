@@ -345,3 +345,33 @@ paper = { table = "imagenet256", model = "DiMR-XL/2R", epochs = 800 }
     f.write_text(f.read_text().replace("[variant.profile.tiny]", "[variant.profile.tiyn]"))
     with pytest.raises(SpecError, match="no \\[profile.tiyn\\].*did you mean 'tiny'"):
         load_ablation(f)
+
+
+def test_profiles_include_recipes_extend_each_other_and_have_their_own_seeds(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    write(tmp_path / "recipes", '[train]\nlr = 5e-4\nwarmup_steps = 7\n[slurm]\ngpus_per_node = 2\n', "r.toml")
+    text = GOOD.replace('[grid]\n"train.lr" = [1e-3, 3e-4]\n', "").replace('[profile.paper]', '''[profile.small]
+extends = "tiny"
+include = "recipes/r.toml"
+seeds = [4, 5, 6]
+"train.warmup_steps" = 9
+
+[profile.paper]''').replace('"model.norm" = "tdln"\n', '"model.norm" = "tdln"\n[variant.profile.tiny]\n"train.lr" = 1e-3\n', 1)
+    abl = load_ablation(write(tmp_path, text))
+    small = expand(abl, "small", results=tmp_path / "r")
+    assert {r.seed for r in small} == {4, 5, 6} and {r.seed for r in expand(abl, "tiny", results=tmp_path)} == {0, 1}
+    assert len(small) == 2 * 3
+    by = {r.variant: r.spec for r in small}
+    # tiny's batch size, the recipe's lr, the profile's own warm-up; b's tiny-profile lr (a variant
+    # override of the extended profile) beats the recipe
+    assert by["a"].train.batch_size == 8 and by["a"].train.lr == 5e-4 and by["a"].train.warmup_steps == 9
+    assert by["b"].train.lr == 1e-3
+    assert slurm_settings(abl, "small").gpus_per_node == 2
+    bad = text.replace('extends = "tiny"', 'extends = "tinny"')
+    with pytest.raises(SpecError, match="did you mean 'tiny'"):
+        load_ablation(write(tmp_path, bad))
+    cyc = text.replace('[profile.tiny]', '[profile.tiny]\nextends = "small"')
+    with pytest.raises(SpecError, match="cycle"):
+        load_ablation(write(tmp_path, cyc))
+    with pytest.raises(SpecError, match="include"):
+        load_ablation(write(tmp_path, text.replace("recipes/r.toml", "recipes/none.toml")))

@@ -90,7 +90,7 @@ def expand(abl: Ablation, profile: str = DEFAULT_PROFILE, overrides: list[tuple[
            only: list[str] | None = None) -> list[PlannedRun]:
     """variants x grid points x seeds -> planned runs, every spec resolved and validated."""
     file = str(abl.file)
-    seeds = check_seeds(seeds, file="--set", key="ablation.seeds") if seeds is not None else list(abl.seeds)
+    seeds = check_seeds(seeds, file="--set", key="ablation.seeds") if seeds is not None else abl.seeds_for(profile)
     overrides = list(overrides or [])
     for k, _ in overrides:
         if k == "train.seed":

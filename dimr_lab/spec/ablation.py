@@ -25,6 +25,11 @@
 
     [profile.tiny]                         # named sets of dotted overrides; --profile picks one
     "train.steps" = 300                    # ("slurm.KEY" entries set [slurm] KEY under this profile)
+    [profile.paper]
+    include = "recipes/imagenet64.toml"    # a run-spec file (or a list) applied first: one recipe, many files
+    [profile.small]
+    extends = "tiny"                       # tiny's overrides (and every [variant.profile.tiny]) first
+    seeds = [0, 1, 2, 3, 4, 5]             # this profile's own seeds
 
     [slurm]                                # launcher settings for --executor slurm (dimr_lab.spec.slurm)
     partition = "gpu"
@@ -222,8 +227,10 @@ class Ablation:
     variants: list[Variant]
     grid: list[tuple[str, list[Any]]]
     profiles: dict[str, list[tuple[str, Any]]]
-    slurm: dict[str, Any]                                 # raw [slurm] (validated by runner.slurm_settings)
+    slurm: dict[str, Any]                                 # raw [slurm] (validated by spec.slurm)
     profile_slurm: dict[str, dict[str, Any]] = dc_field(default_factory=dict)   # "slurm.X" keys of profiles
+    profile_parent: dict[str, str] = dc_field(default_factory=dict)             # profile -> the one it extends
+    profile_seeds: dict[str, list[int]] = dc_field(default_factory=dict)        # profile -> its own seeds
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -233,6 +240,21 @@ class Ablation:
 
     def profile_names(self) -> list[str]:
         return sorted(self.profiles) or [DEFAULT_PROFILE]
+
+    def profile_chain(self, profile: str) -> list[str]:
+        """The profile and the ones it extends, the root first."""
+        self.profile_items(profile)
+        chain = [profile]
+        while chain[-1] in self.profile_parent:
+            chain.append(self.profile_parent[chain[-1]])
+        return chain[::-1]
+
+    def seeds_for(self, profile: str) -> list[int]:
+        """The profile's own seeds (or those of the profile it extends), else [ablation].seeds."""
+        for p in reversed(self.profile_chain(profile)):
+            if p in self.profile_seeds:
+                return list(self.profile_seeds[p])
+        return list(self.seeds)
 
     def profile_items(self, profile: str) -> list[tuple[str, Any]]:
         if profile in self.profiles:
@@ -282,7 +304,27 @@ def _load_base(raw: Any, *, file: str, ablation_path: Path) -> tuple[dict[str, A
     return data, base_file
 
 
-def _variants(raw: Any, *, file: str) -> list[Variant]:
+def _included(ref: Any, *, file: str, key: str, ablation_path: Path) -> list[tuple[str, Any]]:
+    """A profile's `include = "recipe.toml"` (or a list of them): run-spec TOML files, relative to the
+    ablation file, read as dotted overrides applied before the profile's own keys. One recipe shared by
+    several ablation files is written once."""
+    if ref is None:
+        return []
+    refs = ref if isinstance(ref, list) else [ref]
+    items: list[tuple[str, Any]] = []
+    for i, r in enumerate(refs):
+        where = f"{key}[{i}]" if isinstance(ref, list) else key
+        if not isinstance(r, str) or not r:
+            raise SpecError(f"expected a path to a recipe (.toml), got {r!r}", file=file, key=where)
+        path = Path(r) if Path(r).is_absolute() else ablation_path.parent / r
+        try:
+            items += flatten(load_toml(path))
+        except UserError as err:
+            raise SpecError(str(err), file=file, key=where) from None
+    return items
+
+
+def _variants(raw: Any, *, file: str, ablation_path: Path) -> list[Variant]:
     if raw is None:
         raise SpecError("no [[variant]] tables: an ablation needs at least one variant", file=file, key="variant")
     if not isinstance(raw, list) or not all(isinstance(v, dict) for v in raw):
@@ -308,7 +350,11 @@ def _variants(raw: Any, *, file: str) -> list[Variant]:
         check_override_keys(overrides, file=file, where=f"variant {name!r}")
         profiles = {}
         for pname, ptable in keys.profile.items():
-            items = flatten(_table(ptable, file=file, key=f"{where}.profile.{pname}"))
+            ptable = dict(_table(ptable, file=file, key=f"{where}.profile.{pname}"))
+            items = _included(ptable.pop("include", None), file=file, key=f"{where}.profile.{pname}.include",
+                              ablation_path=ablation_path)
+            # one job array runs every variant: a recipe's [slurm] applies through a profile, not a variant
+            items = [(k, v) for k, v in items if not k.startswith("slurm.")] + flatten(ptable)
             check_override_keys(items, file=file, where=f"variant {name!r} profile.{pname}")
             profiles[pname] = items
         out.append(Variant(name, overrides, dict(keys.factors), keys.description, profiles,
@@ -332,7 +378,7 @@ def load_ablation(path: str | Path, *, check: bool = True) -> Ablation:
     header = from_dict(Header, _table(data["ablation"], file=file, key="ablation"), file=file, prefix="ablation")
     name = check_name(header.name, file=file, key="ablation.name", what="ablation name")
     seeds = check_seeds(header.seeds, file=file, key="ablation.seeds")
-    variants = _variants(data.get("variant"), file=file)
+    variants = _variants(data.get("variant"), file=file, ablation_path=path)
     names = [v.name for v in variants]
     baseline = header.baseline or names[0]
     if baseline not in names:
@@ -351,12 +397,42 @@ def load_ablation(path: str | Path, *, check: bool = True) -> Ablation:
 
     profiles: dict[str, list[tuple[str, Any]]] = {}
     profile_slurm: dict[str, dict[str, Any]] = {}
-    for pname, ptable in _table(data.get("profile"), file=file, key="profile").items():
+    parents: dict[str, str] = {}
+    own_seeds: dict[str, list[int]] = {}
+    raw_profiles = _table(data.get("profile"), file=file, key="profile")
+    for pname, ptable in raw_profiles.items():
         check_name(pname, file=file, key=f"profile.{pname}", what="profile name")
-        items = flatten(_table(ptable, file=file, key=f"profile.{pname}"))
+        ptable = dict(_table(ptable, file=file, key=f"profile.{pname}"))
+        parent = ptable.pop("extends", None)
+        if parent is not None:
+            if not isinstance(parent, str) or parent not in raw_profiles or parent == pname:
+                hint = closest(str(parent), [p for p in raw_profiles if p != pname])
+                raise SpecError(f"extends {parent!r}: no such other profile in this file"
+                                + (f" (did you mean {hint!r}?)" if hint else ""), file=file,
+                                key=f"profile.{pname}.extends")
+            parents[pname] = parent
+        if "seeds" in ptable:
+            own_seeds[pname] = check_seeds(ptable.pop("seeds"), file=file, key=f"profile.{pname}.seeds")
+        items = _included(ptable.pop("include", None), file=file, key=f"profile.{pname}.include", ablation_path=path)
+        items += flatten(ptable)
         check_override_keys(items, file=file, where=f"profile.{pname}")
         profile_slurm[pname] = {k[len("slurm."):]: v for k, v in items if k.startswith("slurm.")}
         profiles[pname] = [(k, v) for k, v in items if not k.startswith("slurm.")]
+    for pname in parents:  # an extended profile's overrides come first; no cycles
+        chain, p = [pname], pname
+        while p in parents:
+            p = parents[p]
+            if p in chain:
+                raise SpecError(f"profiles extend each other in a cycle: {' -> '.join(chain + [p])}", file=file,
+                                key=f"profile.{pname}.extends")
+            chain.append(p)
+    for pname in profiles:
+        chain, p = [], pname
+        while p in parents:
+            p = parents[p]
+            chain.append(p)
+        profile_slurm[pname] = {k: v for c in reversed(chain) for k, v in profile_slurm[c].items()} | \
+            profile_slurm[pname]
     for i, v in enumerate(variants):
         for pname in v.profiles:
             if pname not in profiles:
@@ -369,7 +445,8 @@ def load_ablation(path: str | Path, *, check: bool = True) -> Ablation:
     abl = Ablation(file=path, name=name, title=header.title, description=header.description, seeds=seeds,
                    baseline=baseline, paper_table=paper_table, paper_rows=paper_rows_, base=base, base_file=base_file,
                    variants=variants, grid=grid, profiles=profiles,
-                   slurm=_table(data.get("slurm"), file=file, key="slurm"), profile_slurm=profile_slurm)
+                   slurm=_table(data.get("slurm"), file=file, key="slurm"), profile_slurm=profile_slurm,
+                   profile_parent=parents, profile_seeds=own_seeds)
     if check:
         from dimr_lab.spec.slurm import slurm_settings
 
@@ -417,9 +494,11 @@ def grid_points(abl: Ablation) -> list[dict[str, Any]]:
 
 
 def variant_layers(abl: Ablation, v: Variant, profile: str, point: dict[str, Any] | None = None) -> list[Layer]:
-    """base <- [profile.P] <- variant <- [variant.profile.P] <- grid point, as labelled layers."""
-    return [(f"profile.{profile}", abl.profile_items(profile)), (f"variant {v.name!r}", v.overrides),
-            (f"variant {v.name!r} profile.{profile}", v.profiles.get(profile, [])),
+    """base <- [profile.P] (the profiles it extends first) <- variant <- [variant.profile.P] (likewise)
+    <- grid point, as labelled layers."""
+    chain = abl.profile_chain(profile)
+    return [*((f"profile.{p}", abl.profile_items(p)) for p in chain), (f"variant {v.name!r}", v.overrides),
+            *((f"variant {v.name!r} profile.{p}", v.profiles.get(p, [])) for p in chain),
             ("grid", list((point or {}).items()))]
 
 
@@ -455,8 +534,9 @@ def _join(label: str | None, key: str | None) -> str | None:
 def validate_profiles(abl: Ablation) -> None:
     """Resolve every profile x variant x grid point (the base alone first, so its errors name it)."""
     for profile in abl.profile_names():
-        resolve(abl, [(f"profile.{profile}", abl.profile_items(profile))])
+        chain = [(f"profile.{p}", abl.profile_items(p)) for p in abl.profile_chain(profile)]
+        resolve(abl, chain)
         for v in abl.variants:
             resolve(abl, variant_layers(abl, v, profile))
         for point in grid_points(abl):
-            resolve(abl, [(f"profile.{profile}", abl.profile_items(profile)), ("grid", list(point.items()))])
+            resolve(abl, chain + [("grid", list(point.items()))])
