@@ -207,9 +207,49 @@ def bench_model(model: torch.nn.Module, *, batch: int, image_size: int, in_chann
     return result
 
 
+def bench_sampling(model: torch.nn.Module, *, batch: int, image_size: int, in_channels: int, num_classes: int,
+                   dtype: str, device: torch.device, nfe: int, guidance: float, repeats: int = 2) -> dict[str, Any]:
+    """Images/s of the sampler (DPM-Solver++ on the released discrete schedule, `nfe` network evaluations per
+    sample; with guidance, conditional and unconditional share one batched forward): the median of
+    `repeats` full sampling runs of `batch` images after one untimed run."""
+    from dimr_lab.diffusion.samplers import sample
+    from dimr_lab.diffusion.schedule import build_schedule
+
+    sched = build_schedule("scaled_linear", 1000)
+    amp = DTYPES[dtype] if dtype != "float32" else None
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, in_channels, image_size, image_size, generator=g).to(device)
+    y = torch.randint(0, max(1, num_classes), (batch,), generator=g).to(device)
+
+    def net(xx, t, yy, tau=None):
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            return model(xx, t, yy, tau=tau)[-1].float()
+
+    def run() -> None:
+        with torch.no_grad():
+            sample(net, x, y, sampler="dpm_solver++", steps=nfe, order=2, schedule=sched, guidance_scale=guidance,
+                   null_label=num_classes)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    per = statistics.median(times)
+    forwards = nfe * (2 if guidance else 1)
+    return {"nfe": nfe, "guidance": guidance, "images_per_s": batch / per, "forward_images_per_s": batch * forwards / per,
+            "seconds": per}
+
+
 def bench(spec: Any, *, batch: int = 8, dtype: str = "float32", device: str = "cpu", steps: int = 5,
-          warmup: int = 2, checkpointing: bool = False, compile: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Build the network of `spec` (ModelSpec, dict, preset or TOML) and benchmark it."""
+          warmup: int = 2, checkpointing: bool = False, compile: bool = False, seed: int = 0,
+          sample_nfe: int = 0, sample_guidance: float = 1.5) -> dict[str, Any]:
+    """Build the network of `spec` (ModelSpec, dict, preset or TOML) and benchmark it: training steps, forward
+    passes, and with `sample_nfe` the sampler with and without guidance. `compile` compiles each block
+    (regional compilation) and reports how long the first steps took."""
     from dimr_lab.nn.describe import count_macs
     from dimr_lab.nn.network import build_model
     from dimr_lab.spec.model_spec import ModelSpec, resolve_model
@@ -228,10 +268,20 @@ def bench(spec: Any, *, batch: int = 8, dtype: str = "float32", device: str = "c
     torch.manual_seed(seed)
     model = build_model(spec).to(device)
     model.set_checkpointing(checkpointing)
-    runner: torch.nn.Module = torch.compile(model) if compile else model
-    result = bench_model(runner, batch=batch, image_size=spec.image_size, in_channels=spec.in_channels,
+    if compile:
+        model.compile_blocks()
+    t0 = time.perf_counter()
+    result = bench_model(model, batch=batch, image_size=spec.image_size, in_channels=spec.in_channels,
                          num_classes=spec.num_classes, dtype=dtype, device=device, steps=steps, warmup=warmup,
                          macs_per_image=macs, baseline_mib=baseline, seed=seed)
+    result["wall_s"] = time.perf_counter() - t0
+    if sample_nfe:
+        model.eval()
+        dev = torch.device(device)
+        kw = dict(batch=batch, image_size=spec.image_size, in_channels=spec.in_channels,
+                  num_classes=spec.num_classes, dtype=dtype, device=dev, nfe=sample_nfe)
+        result["sampling"] = [bench_sampling(model, guidance=0.0, **kw),
+                              bench_sampling(model, guidance=sample_guidance, **kw)]
     params = sum(p.numel() for p in model.parameters())
     return {"model": spec.name, "params": params, "gmacs_per_image": macs / 1e9, "batch": batch, "dtype": dtype,
             "device": device, "threads": torch.get_num_threads(), "checkpointing": checkpointing,

@@ -344,3 +344,53 @@ def test_float32_attention_under_autocast_and_on_meta():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, t, y)
     assert seen == [torch.float32] and all(torch.isfinite(o).all() for o in out)
+
+
+def test_export_to_safetensors_and_load_back_through_dimr_lab_and_timm(tmp_path, capsys):
+    import timm
+
+    import dimr_lab
+    import dimr_lab.nn.timm_models  # noqa: F401
+    from conftest import cli
+    from dimr_lab.spec.run_spec import load_run_spec
+    from dimr_lab.train.trainer import train_run
+
+    spec = load_run_spec(None, [("train.steps", 2), ("eval.enabled", False), ("sample.steps", 2),
+                                ("sample.grid_size", 2), ("data.train_size", 64), ("train.batch_size", 8)])
+    train_run(spec, tmp_path / "run", progress=False)
+    out = tmp_path / "tiny.safetensors"
+    code, _, err = cli(["export", tmp_path / "run", "--out", out], capsys)
+    assert code == 0, err
+    assert cli(["export", tmp_path / "run", "--out", out], capsys)[0] == 2  # no silent overwrite
+    ckpt = dimr_lab.load_model(tmp_path / "run" / "checkpoints" / "last.pt")  # EMA weights
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([0.3, 0.7]), torch.tensor([1, 2])
+    with torch.no_grad():
+        want = ckpt(x, t, y)
+        for model in (dimr_lab.load_model(out),
+                      timm.create_model("dimr_tiny_3r", pretrained=True, pretrained_cfg_overlay={"file": str(out)}),
+                      timm.create_model("dimr_tiny_3r", pretrained=True,
+                                        pretrained_cfg_overlay={"file": str(tmp_path / "run/checkpoints/last.pt")}),
+                      timm.create_model("dimr_tiny_3r", checkpoint_path=str(out)).eval()):
+            assert all(torch.equal(a, b) for a, b in zip(want, model(x, t, y)))
+    with pytest.raises(Exception, match="no weights in timm's hub"):
+        timm.create_model("dimr_tiny_3r", pretrained=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_compiled_blocks_agree_with_the_eager_network():
+    """Regional compilation (`compile_blocks`) changes no result beyond float rounding, forward and backward."""
+    import copy
+
+    torch.manual_seed(0)
+    eager = build_model({"preset": "dimr_tiny_2r", "branches": [{"width": 16, "depth": 1, "heads": 2},
+                                                                  {"width": 8, "depth": 1}]})
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks()
+    x, t, y = torch.randn(4, 3, 16, 16), torch.rand(4), torch.randint(0, 8, (4,))
+    outs = [sum(o.square().mean() for o in m(x, t, y)) for m in (eager, compiled)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for o in outs:
+        o.backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)

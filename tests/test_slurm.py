@@ -207,3 +207,55 @@ def test_cancel_queued(tmp_path, capsys, job_env):
         assert any(s["slurm_state"] == "CANCELLED" for s in st), st
     finally:
         _scancel_all([results])
+
+
+EVAL_ONLY = """
+[ablation]
+name = "evalonly"
+seeds = [0, 1]
+[base]
+"model.preset" = "dimr_tiny_2r"
+"model.branches" = [{ width = 16, depth = 1, heads = 2 }, { width = 8, depth = 1 }]
+"data.train_size" = 64
+"train.steps" = 2
+"train.batch_size" = 8
+"sample.steps" = 2
+"sample.grid_size" = 2
+"eval.samples" = 8
+"eval.batch_size" = 8
+"eval.metrics" = ["sample_accuracy"]
+[[variant]]
+name = "a"
+[[variant]]
+name = "b"
+"train.lr" = 1e-3
+"""
+
+
+def test_eval_only_evaluates_every_run_as_an_array(tmp_path, capsys, job_env):
+    job_env.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
+    abl = tmp_path / "evalonly.toml"
+    abl.write_text(EVAL_ONLY)
+    results = tmp_path / "results"
+    code, out, err = cli(["run", abl, "--results", results, "--executor", "debug"], capsys)
+    assert code == 0, err
+    dirs = run_dirs(results, "evalonly")
+    checkpoints = {d: (d / "checkpoints" / "last.pt").read_bytes() for d in dirs}
+    try:
+        code, out, err = cli(["run", abl, "--results", results, "--executor", "slurm", "--eval-only", "--set",
+                              "eval.samples=16", "--json"], capsys)
+        assert code == 0, err
+        sub = [json.loads(x) for x in out.splitlines()]
+        assert [s["status"] for s in sub] == ["submitted"] * 4
+        assert len({s["job_id"].split("_")[0] for s in sub}) == 1  # one array
+        _wait(lambda: all(len(list(d.glob("evals/*/metrics.json"))) == 2 for d in dirs), WAIT,
+              "the evaluation array to finish")
+    finally:
+        _scancel_all([results])
+    for d in dirs:
+        assert (d / "checkpoints" / "last.pt").read_bytes() == checkpoints[d]  # nothing trained
+        samples = sorted(json.loads(m.read_text())["samples"] for m in d.glob("evals/*/metrics.json"))
+        assert samples == [8, 16]
+    # an untrained run is refused by --eval-only with one line
+    code, out, err = cli(["run", abl, "--results", tmp_path / "other", "--executor", "debug", "--eval-only"], capsys)
+    assert code != 0

@@ -45,10 +45,14 @@ def bench(
     steps: int = typer.Option(5, "--steps", help="timed steps (the median is reported)"),
     warmup: int = typer.Option(2, "--warmup", help="untimed steps first"),
     checkpointing: bool = typer.Option(False, "--checkpointing", help="activation checkpointing of every block"),
-    compile_: bool = typer.Option(False, "--compile", help="torch.compile the model"),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile each block (regional compilation)"),
+    sample_nfe: int = typer.Option(0, "--sample-nfe", min=0, help="also time the sampler at this many network "
+                                                                  "evaluations per sample, with and without guidance"),
+    guidance: float = typer.Option(1.5, "--guidance", help="the guidance scale of the guided sampling timing"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
-    """Training-step images/s (forward + backward + AdamW), forward images/s, peak memory, TFLOP/s and MFU."""
+    """Training-step images/s (forward + backward + AdamW), forward images/s, peak memory, TFLOP/s and MFU;
+    sampling images/s with --sample-nfe."""
     from dimr_lab.bench import DTYPES, bench as _bench
     from dimr_lab.cli.model_cmds import _load_model_spec
     from dimr_lab.errors import UserError
@@ -59,7 +63,7 @@ def bench(
         raise UserError(f"--device must be cpu or cuda, got {device!r}")
     spec = _load_model_spec(model, set_)
     info = _bench(spec, batch=batch, dtype=dtype, device=device, steps=steps, warmup=warmup,
-                  checkpointing=checkpointing, compile=compile_)
+                  checkpointing=checkpointing, compile=compile_, sample_nfe=sample_nfe, sample_guidance=guidance)
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -81,6 +85,9 @@ def bench(
     table.add_row("forward", fmt(info["forward_s"], ".3f"), fmt(info["forward_cpu_s"], ".3f"),
                   fmt(info["forward_images_per_s"]), fmt(info.get("forward_tflops"), ".3f"),
                   fmt(info.get("forward_mfu"), ".1%"), fmt(info["forward_peak_memory_mib"], ".0f"))
+    for row in info.get("sampling", []):
+        table.add_row(f"sample {row['nfe']} NFE" + (f", guidance {row['guidance']}" if row["guidance"] else ""),
+                      fmt(row["seconds"], ".3f"), "-", fmt(row["images_per_s"]), "-", "-", "-")
     console = Console()
     console.print(table)
     console.print(f"train = forward + backward + AdamW step; forward without gradients; medians of {steps} steps "

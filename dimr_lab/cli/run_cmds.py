@@ -73,7 +73,7 @@ def run_cmd(
     results: Path = typer.Option(Path("results"), "--results", "-r", help="results folder"),
     set_: Optional[List[str]] = typer.Option(None, "--set", "-s",
                                              help="override: run-spec key (train.steps=10), slurm.KEY=V, "
-                                                  "ablation.seeds=[0]; repeatable"),
+                                                  "ablation.seeds=[0]; key=a,b,c makes a grid; repeatable"),
     only: Optional[str] = typer.Option(None, "--only", help="only these variants: NAME[,NAME]"),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="these seeds instead of the file's: 0,1,2,3"),
     eval_only: bool = typer.Option(False, "--eval-only", help="evaluate trained runs (with --set sample./eval. "
@@ -85,8 +85,8 @@ def run_cmd(
     train_fn: str = typer.Option("", "--train-fn", hidden=True, help="module:function of the trainer (tests)"),
 ) -> None:
     """Run every variant x grid point x seed of an ablation; finished runs are skipped, others resumed."""
-    from dimr_lab.runner.plan import expand, split_overrides
-    from dimr_lab.spec.slurm import slurm_settings
+    from dimr_lab.runner.plan import expand, grid_overrides, split_overrides
+    from dimr_lab.spec.slurm import resolve_slurm
     from dimr_lab.spec.ablation import load_ablation
     from dimr_lab.spec.preflight import check_files
     from dimr_lab.spec.schema import parse_overrides
@@ -97,11 +97,12 @@ def run_cmd(
         raise UserError(f"--jobs {jobs}: must be >= 0 (0 = one run per CPU core, up to 8)")
     if results.exists() and not results.is_dir():
         raise UserError(f"--results {results}: exists and is not a folder")
-    run_over, slurm_upd, set_seeds = split_overrides(parse_overrides(set_))
+    plain, grid = grid_overrides(set_)
+    run_over, slurm_upd, set_seeds = split_overrides(parse_overrides(plain))
     abl = load_ablation(file)
     runs = expand(abl, profile, run_over, results=results, seeds=_parse_list(seeds, "--seeds", ints=True) or set_seeds,
-                  only=_parse_list(only, "--only"))
-    settings = slurm_settings(abl, profile, slurm_upd)
+                  only=_parse_list(only, "--only"), grid=grid)
+    settings, sources = resolve_slurm(abl, profile, slurm_upd)
     ablation_dir = results.resolve() / abl.name
     out = _console()
 
@@ -112,7 +113,7 @@ def run_cmd(
                 check_files(r.spec, file=str(file))
             except UserError as err:
                 problems[r.run_dir] = str(err)
-        _dry_run(out, abl, runs, settings, profile, executor, ablation_dir, as_json, eval_only, problems)
+        _dry_run(out, abl, runs, settings, profile, executor, ablation_dir, as_json, eval_only, problems, sources)
         return
     for r in runs:  # files the runs read: before anything is written or submitted
         check_files(r.spec, file=str(file))
@@ -159,7 +160,7 @@ def run_cmd(
 
 
 def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, executor: str, ablation_dir: Path,
-             as_json: bool, eval_only: bool, problems: dict[Path, str]) -> None:
+             as_json: bool, eval_only: bool, problems: dict[Path, str], sources: dict[str, str]) -> None:
     from dimr_lab.spec.counts import model_key
     from dimr_lab.spec.schema import to_dict
 
@@ -173,7 +174,7 @@ def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, e
                               "eval_hash": r.spec.eval_hash(), "eval_steps": r.spec.eval_steps(),
                               "problem": problems.get(r.run_dir)}, sort_keys=True))
         if executor == "slurm":
-            print(json.dumps({"slurm": to_dict(settings)}, sort_keys=True))
+            print(json.dumps({"slurm": to_dict(settings), "slurm_sources": sources}, sort_keys=True))
         return
     from rich.table import Table
 
@@ -197,7 +198,7 @@ def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, e
 
         todo = [r for r in runs if not r.is_done()]
         out.print(f"\n# sbatch script ({len(todo)} array tasks; submitit writes it at submission):")
-        print(sbatch_script(settings, abl.name, ablation_dir, len(todo)))
+        print(sbatch_script(settings, abl.name, ablation_dir, len(todo), sources))
     out.print("(dry run: nothing written)")
 
 

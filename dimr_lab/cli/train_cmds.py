@@ -170,3 +170,32 @@ def distortion(
                                max_images=max_images, out=out, class_names=_class_names(spec))
     print(f"distortion rate {report['distortion_rate']:.3f} ({report['flagged']}/{report['samples']} samples "
           f"with p(class) < {report['threshold']})" + (f"; grid: {report['grid']}" if "grid" in report else ""))
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="a run folder"),
+    out: Path = typer.Option(..., "--out", "-o", help="the file to write (.safetensors)"),
+    step: Optional[int] = typer.Option(None, "--step", min=0, help="the checkpoint at this step (default: the last)"),
+    fmt: str = typer.Option("safetensors", "--format", help="safetensors (weights + the resolved spec as metadata)"),
+    ema: bool = typer.Option(True, "--ema/--raw", help="the EMA weights (default) or the raw ones"),
+    force: bool = typer.Option(False, "--force", help="replace an existing file"),
+) -> None:
+    """Export a run's network: its weights and resolved model spec, loadable by dimr_lab.load_model and timm."""
+    from dimr_lab.errors import UserError
+    from dimr_lab.eval.sampling import load_run_model
+    from dimr_lab.nn.checkpoint import export_safetensors
+    from dimr_lab.spec.schema import to_dict
+
+    if fmt != "safetensors":
+        raise UserError(f"--format {fmt!r}: allowed: safetensors")
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a directory; give a file name")
+    if out.exists() and not force:
+        raise UserError(f"--out {out}: exists; refusing to overwrite it (use --force)")
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out {out}: name it *.safetensors")
+    model, spec, at = load_run_model(run_dir, step=step, ema=ema)
+    export_safetensors(out, to_dict(model.spec), model.state_dict(), identity=spec.identity_hash(), step=at,
+                       weights="ema" if ema else "raw", run=str(run_dir))
+    print(f"wrote {out} ({model.spec.name}, step {at}, {'EMA' if ema else 'raw'} weights)")

@@ -156,6 +156,8 @@ def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistIn
     t1 = time.perf_counter()
     results: dict[str, Any] = {}
     if spec.eval.enabled:
+        if log is not None:
+            log(f"evaluating {n} samples of step {step} ({', '.join(spec.eval.metrics)})")
         results = dict(evaluate(images_t, labels_t, spec.data, spec.eval, cache_dir=cache_dir(), seed=0, log=log))
         per_sample = {k: np.asarray(results.pop(k)) for k in list(results) if isinstance(results[k], np.ndarray)}
         buf = io.BytesIO()

@@ -98,11 +98,66 @@ def load_weights(model: torch.nn.Module, state: dict[str, Any], path: str | Path
         raise UserError(f"{path}: weights do not fit the model spec ({str(err).splitlines()[0][:200]})") from None
 
 
+SAFETENSORS_FORMAT = "dimr-lab/2 safetensors"
+
+
+def export_safetensors(path: str | Path, model_spec: dict[str, Any], state: dict[str, torch.Tensor],
+                       **meta: Any) -> None:
+    """Weights as safetensors (no pickle at all), with the resolved model spec and `meta` as metadata."""
+    import json
+
+    from safetensors.torch import save as st_save
+
+    from dimr_lab.atomic import atomic_write
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    metadata = {"format": SAFETENSORS_FORMAT, "model_spec": json.dumps(model_spec, sort_keys=True),
+                **{k: json.dumps(v) for k, v in meta.items()}}
+    try:
+        atomic_write(path, lambda f: f.write(st_save(tensors, metadata=metadata)))
+    except OSError as err:
+        raise UserError(f"{path}: cannot write the export ({err.strerror or err})") from None
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(metadata with model_spec parsed, tensors) of a dimr-lab safetensors export; UserError otherwise."""
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # truncated or foreign files
+        raise UserError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0][:200]})") from None
+    if meta.get("format") != SAFETENSORS_FORMAT or "model_spec" not in meta:
+        raise UserError(f"{path}: not a dimr-lab export (its metadata has no model spec)")
+    try:
+        meta = {k: json.loads(v) if k != "format" else v for k, v in meta.items()}
+    except ValueError:
+        raise UserError(f"{path}: its metadata is not JSON") from None
+    return meta, tensors
+
+
 def load_model(path: str | Path, *, ema: bool = True) -> torch.nn.Module:
-    """The network of a checkpoint, with its EMA weights when present and `ema` is set."""
+    """The network of a checkpoint (with its EMA weights when present and `ema` is set) or of a safetensors
+    export (the weights it holds)."""
     from dimr_lab.nn.network import build_model
     from dimr_lab.spec.model_spec import resolve_model
 
+    if str(path).endswith(".safetensors"):
+        meta, tensors = read_safetensors(path)
+        try:
+            spec = resolve_model(meta["model_spec"], file=str(path), key="model_spec")
+        except SpecError as err:
+            raise UserError(f"{path}: its model spec is invalid: {err}") from None
+        model = build_model(spec)
+        load_weights(model, tensors, path)
+        return model.eval()
     ckpt = read_checkpoint(path)
     try:
         spec = resolve_model(ckpt["model_spec"], file=str(path), key="model_spec")

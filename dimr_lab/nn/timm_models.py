@@ -1,7 +1,14 @@
 """Every preset in timm's registry: `import dimr_lab.nn.timm_models` then `timm.create_model("dimr_xl_2r")`.
 
 Keyword arguments to create_model override model-spec keys (`timm.create_model("dimr_tiny_2r",
-num_classes=10)`); timm's `pretrained` is refused (no hub weights: use `dimr_lab.load_model`).
+num_classes=10)`). Weights from a local file, never a hub:
+
+    timm.create_model("dimr_tiny_3r", pretrained=True, pretrained_cfg_overlay=dict(file="run/checkpoints/last.pt"))
+    timm.create_model("dimr_tiny_3r", checkpoint_path="export.safetensors")   # timm's own loader
+
+With `pretrained=True` the network is the file's own (its recorded spec; EMA weights of a training
+checkpoint); `checkpoint_path` loads a state dict into the preset's network through timm (a dimr-lab
+export holds the EMA weights; a training checkpoint gives timm its raw 'model' weights).
 """
 
 from __future__ import annotations
@@ -13,15 +20,33 @@ from timm.models import register_model
 from dimr_lab.spec.presets import PRESETS
 
 
+def _weights_file(pretrained_cfg: Any, overlay: Any) -> str | None:
+    for cfg in (overlay, pretrained_cfg):
+        if isinstance(cfg, dict) and cfg.get("file"):
+            return str(cfg["file"])
+        file = getattr(cfg, "file", None)
+        if file:
+            return str(file)
+    return None
+
+
 def _factory(name: str) -> Callable[..., Any]:
     def create(pretrained: bool = False, **kwargs: Any) -> Any:
         from dimr_lab.errors import UserError
         from dimr_lab.nn.network import build_model
 
+        pretrained_cfg, overlay = kwargs.pop("pretrained_cfg", None), kwargs.pop("pretrained_cfg_overlay", None)
+        kwargs.pop("cache_dir", None)
         if pretrained:
-            raise UserError(f"{name}: no pretrained weights in timm's hub; use dimr_lab.load_model(PATH)")
-        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-            kwargs.pop(key, None)
+            file = _weights_file(pretrained_cfg, overlay)
+            if file is None:
+                raise UserError(f"{name}: no weights in timm's hub; give a local checkpoint or export with "
+                                f"pretrained_cfg_overlay=dict(file=PATH) (or checkpoint_path=PATH)")
+            if kwargs:
+                raise UserError(f"{name}: pretrained=True builds the file's own network; drop {sorted(kwargs)}")
+            from dimr_lab.nn.checkpoint import load_model
+
+            return load_model(file)
         return build_model({"preset": name, **kwargs})
 
     create.__name__ = name

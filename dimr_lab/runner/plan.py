@@ -65,6 +65,33 @@ class PlannedRun:
         return not self.pending_evaluations()
 
 
+def grid_overrides(items: list[str] | None) -> tuple[list[str], list[tuple[str, list[Any]]]]:
+    """Split `--set` items into plain ones and grids: `key=a,b,c` (not a TOML value, with commas) is the
+    values a, b, c of a grid over key, each read as a TOML value ('1e-3,3e-4' -> [0.001, 0.0003]); quote a
+    string that holds commas ('key="a,b"'). slurm.* keys are never grids."""
+    import tomllib
+
+    from dimr_lab.spec.schema import parse_value
+
+    plain, grid = [], []
+    for item in items or []:
+        key, eq, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        is_toml = True
+        try:
+            tomllib.loads(f"v = {raw}")
+        except tomllib.TOMLDecodeError:
+            is_toml = False
+        if eq and not is_toml and "," in raw and not key.startswith(("slurm.", "ablation.")):
+            values = [parse_value(v.strip()) for v in raw.split(",") if v.strip()]
+            if len({repr(v) for v in values}) != len(values):
+                raise SpecError(f"duplicate values in {raw!r}", file="--set", key=key)
+            grid.append((key, values))
+        else:
+            plain.append(item)
+    return plain, grid
+
+
 def split_overrides(overrides: list[tuple[str, Any]] | None) -> tuple[list[tuple[str, Any]], dict[str, Any],
                                                                        list[int] | None]:
     """--set items -> (run-spec overrides, slurm settings, seeds): keys `slurm.X` set [slurm] X and
@@ -86,9 +113,10 @@ def split_overrides(overrides: list[tuple[str, Any]] | None) -> tuple[list[tuple
 
 
 def expand(abl: Ablation, profile: str = DEFAULT_PROFILE, overrides: list[tuple[str, Any]] | None = None, *,
-           results: str | Path = "results", seeds: list[int] | None = None,
-           only: list[str] | None = None) -> list[PlannedRun]:
-    """variants x grid points x seeds -> planned runs, every spec resolved and validated."""
+           results: str | Path = "results", seeds: list[int] | None = None, only: list[str] | None = None,
+           grid: list[tuple[str, list[Any]]] | None = None) -> list[PlannedRun]:
+    """variants x grid points (the file's x `grid`, e.g. from `--set key=a,b`) x seeds -> planned runs,
+    every spec resolved and validated."""
     file = str(abl.file)
     seeds = check_seeds(seeds, file="--set", key="ablation.seeds") if seeds is not None else abl.seeds_for(profile)
     overrides = list(overrides or [])
@@ -114,7 +142,7 @@ def expand(abl: Ablation, profile: str = DEFAULT_PROFILE, overrides: list[tuple[
     runs: list[PlannedRun] = []
     for v in variants:
         index = abl.variants.index(v)
-        for point in grid_points(abl):
+        for point in grid_points(abl, grid):
             layers = variant_layers(abl, v, profile, point)
             if overrides:
                 resolve(abl, layers + [("--set", overrides)])

@@ -83,27 +83,41 @@ class TrainJob(submitit.helpers.Checkpointable):
 
 
 def executor_parameters(settings: SlurmSettings, ablation: str) -> dict[str, Any]:
-    """[slurm] -> submitit.SlurmExecutor parameters (sbatch flags)."""
+    """[slurm] -> submitit.SlurmExecutor parameters (sbatch flags); options submitit has no name for pass
+    through its additional_parameters."""
     p: dict[str, Any] = {
         "job_name": settings.job_name or f"dimr-{ablation}",
-        "time": settings.time_min,
+        "time": settings.minutes(),
         "nodes": settings.nodes,
         "ntasks_per_node": settings.tasks_per_node,
         "array_parallelism": settings.array_parallelism,
         "signal_delay_s": settings.signal_delay_s,
+        "wckey": settings.wckey,
     }
-    if settings.gpus_per_node:
-        p["gpus_per_node"] = settings.gpus_per_node
-    if settings.cpus_per_task:
-        p["cpus_per_task"] = settings.cpus_per_task
+    for key in ("gpus_per_node", "gpus_per_task", "cpus_per_task", "cpus_per_gpu"):
+        if getattr(settings, key):
+            p[key] = getattr(settings, key)
     if settings.mem_gb:
         mem = settings.mem_gb
         p["mem"] = f"{int(mem)}GB" if mem == int(mem) else f"{int(mem * 1024)}MB"
-    for key in ("partition", "account", "qos", "constraint", "exclude"):
+    for key in ("partition", "account", "qos", "constraint", "exclude", "mem", "mem_per_gpu", "mem_per_cpu", "gres",
+                "nodelist", "dependency", "comment", "mail_type", "mail_user"):
         if getattr(settings, key):
             p[key] = getattr(settings, key)
+    if settings.exclusive:
+        p["exclusive"] = True
     if settings.setup:
         p["setup"] = list(settings.setup)
+    if settings.srun_args:
+        p["srun_args"] = list(settings.srun_args)
+    extra = dict(settings.additional)
+    if settings.reservation:
+        extra["reservation"] = settings.reservation
+    for line in settings.sbatch_lines:
+        key, _, value = line.strip()[2:].partition("=")
+        extra[key] = value if value else True
+    if extra:
+        p["additional_parameters"] = extra
     return p
 
 
@@ -111,15 +125,23 @@ def submitit_folder(ablation_dir: Path) -> Path:
     return Path(ablation_dir).resolve() / SUBMITIT_DIR / "%j"
 
 
-def sbatch_script(settings: SlurmSettings, ablation: str, ablation_dir: Path, n_tasks: int) -> str:
-    """The sbatch script submitit would submit for an array of n_tasks runs (writes nothing)."""
+def sbatch_script(settings: SlurmSettings, ablation: str, ablation_dir: Path, n_tasks: int,
+                  sources: dict[str, str] | None = None) -> str:
+    """The sbatch script submitit would submit for an array of n_tasks runs (writes nothing), preceded by
+    where each setting came from when `sources` is given."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     folder = submitit_folder(ablation_dir)
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
     params = executor_parameters(settings, ablation)
-    return _make_sbatch_string(command=command, folder=folder, map_count=max(1, n_tasks) if n_tasks > 1 else None,
-                               **params)
+    script = _make_sbatch_string(command=command, folder=folder, map_count=max(1, n_tasks) if n_tasks > 1 else None,
+                                 **params)
+    if not sources:
+        return script
+    head = ["# where the settings came from:"] + [f"#   slurm.{k} = {getattr(settings, k)!r}  <- {src}"
+                                                  for k, src in sorted(sources.items())]
+    lines = script.splitlines()
+    return "\n".join(lines[:1] + head + lines[1:]) + "\n"
 
 
 def latest_job(run_dir: Path) -> dict[str, Any] | None:

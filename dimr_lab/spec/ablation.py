@@ -448,12 +448,12 @@ def load_ablation(path: str | Path, *, check: bool = True) -> Ablation:
                    slurm=_table(data.get("slurm"), file=file, key="slurm"), profile_slurm=profile_slurm,
                    profile_parent=parents, profile_seeds=own_seeds)
     if check:
-        from dimr_lab.spec.slurm import slurm_settings
+        from dimr_lab.spec.slurm import resolve_slurm
 
-        slurm_settings(abl, "", {}, file=file)
+        resolve_slurm(abl, None, file=file)
         for pname in profile_slurm:
             if profile_slurm[pname]:
-                slurm_settings(abl, pname, {}, file=file)
+                resolve_slurm(abl, pname, file=file)
         validate_profiles(abl)
     return abl
 
@@ -485,12 +485,14 @@ def _paper_rows(paper: PaperRows | None, names: list[str], *, file: str) -> tupl
 Layer = tuple[str, list[tuple[str, Any]]]
 
 
-def grid_points(abl: Ablation) -> list[dict[str, Any]]:
-    """Every point of [grid] (one empty point without a grid)."""
-    if not abl.grid:
+def grid_points(abl: Ablation, extra: list[tuple[str, list[Any]]] | None = None) -> list[dict[str, Any]]:
+    """Every point of [grid] x the extra grid (from the command line); one empty point without a grid."""
+    grid = list(abl.grid) + [(k, v) for k, v in (extra or []) if k not in dict(abl.grid)]
+    grid = [(k, dict(extra or []).get(k, v)) for k, v in grid]
+    if not grid:
         return [{}]
-    keys = [k for k, _ in abl.grid]
-    return [dict(zip(keys, combo)) for combo in itertools.product(*(vals for _, vals in abl.grid))]
+    keys = [k for k, _ in grid]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(vals for _, vals in grid))]
 
 
 def variant_layers(abl: Ablation, v: Variant, profile: str, point: dict[str, Any] | None = None) -> list[Layer]:

@@ -159,6 +159,9 @@ def _raw_model(data: Any, file: str | None, key: str) -> tuple[dict[str, Any], s
             file = data
             raw = load_toml(data)
             data = raw.get("model", raw)
+            if not data:
+                raise SpecError("no model in it: expected a [model] table (or model keys at the top level)",
+                                file=file)
         else:
             raise SpecError(unknown_name_message("model preset", data, PRESETS) + " (or a .toml path)",
                             file=file, key=key or None)

@@ -149,6 +149,14 @@ class EvalSpec:
     kid_subset_size: int = field(100, min=2)
 
 
+@dataclass
+class TrackSpec:
+    tensorboard: bool = field(False, help="TensorBoard event files in <run>/tensorboard")
+    wandb: bool = field(False, help="a wandb run (offline unless wandb_mode = 'online')")
+    wandb_project: str = field("dimr-lab")
+    wandb_mode: str = field("offline", choices=("offline", "online", "disabled"))
+
+
 # keys that leave the trained weights as they are: not part of a run's identity
 OUTSIDE_IDENTITY = {
     "data": ("num_workers",),
@@ -166,6 +174,7 @@ class RunSpec:
     train: TrainSpec = field(default_factory=TrainSpec)
     sample: SampleSpec = field(default_factory=SampleSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
+    track: TrackSpec = field(default_factory=TrackSpec)
 
     # -------------------------------------------------------------------------------------- checks
 

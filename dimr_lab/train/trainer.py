@@ -14,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import os
 import random
 import sys
 import time
@@ -46,8 +47,11 @@ def train_run(spec: Any, out_dir: Path, *, should_stop: Callable[[], bool] | Non
     a checkpoint), {"rank": r} on ranks other than 0, else the metrics of the last step's evaluation."""
     from dimr_lab.spec.preflight import check_files, check_out_dir
 
+    from dimr_lab.train.tracking import check_available
+
     run = RunDir(check_out_dir(out_dir))
     check_files(spec)
+    check_available(spec.track)
     info = distributed.setup()
     try:
         from dimr_lab.spec.preflight import check_processes
@@ -59,12 +63,15 @@ def train_run(spec: Any, out_dir: Path, *, should_stop: Callable[[], bool] | Non
                 claim(run, spec, record)
             distributed.barrier(info)
             trainer = Trainer(spec, run, info, should_stop, progress)
-            stopped = trainer.fit()
-            if stopped is not None:
-                return stopped
-            if not evaluate:
-                return {"rank": info.rank} if not info.main else {"step": trainer.step}
-            return trainer.evaluate_all()
+            try:
+                stopped = trainer.fit()
+                if stopped is not None:
+                    return stopped
+                if not evaluate:
+                    return {"rank": info.rank} if not info.main else {"step": trainer.step}
+                return trainer.evaluate_all()
+            finally:
+                trainer.tracker.close()
     finally:
         distributed.cleanup(info)
 
@@ -95,6 +102,8 @@ def claim(run: RunDir, spec: Any, record: RunRecord | None) -> None:
     identity = spec.identity_hash()
     run.path.mkdir(parents=True, exist_ok=True)
     for folder in (run.path, run.checkpoints):
+        if folder.exists() and not os.access(folder, os.W_OK | os.X_OK):
+            raise UserError(f"{folder}: not writable; the run could not save its checkpoints")
         remove_stale_temporaries(folder)
     if run.spec_path.exists():
         try:
@@ -157,8 +166,14 @@ class Trainer:
         self.last_loss: float | None = None
         self.session_steps = 0
         from dimr_lab.train.threads import ThreadGovernor
+        from dimr_lab.train.tracking import Tracker
 
         self.threads = ThreadGovernor(spec.train.threads, enabled=info.device.type == "cpu")
+        record = None
+        if info.main and run.record_path.exists():
+            with contextlib.suppress(UserError):
+                record = run.read_record()
+        self.tracker = Tracker(spec, run.path, record, enabled=info.main)
 
     # ------------------------------------------------------------------------------------------ build
 
@@ -228,6 +243,8 @@ class Trainer:
                 warnings.warn(f"{first_error}; resuming from the kept checkpoint {path.name} (step {self.step})",
                               stacklevel=2)
                 print(f"warning: {first_error}; resuming from {path.name} (step {self.step})", file=sys.stderr)
+            if self.info.main:
+                self._settle_checkpoints(path)
             return True
         raise first_error  # type: ignore[misc]
 
@@ -375,19 +392,32 @@ class Trainer:
             idx = run.index()
             kept = set(idx.kept) if idx else set()
             if self.step in self.kept:
-                target = run.kept_checkpoint(self.step)
-                with contextlib.suppress(FileExistsError):
-                    target.unlink(missing_ok=True)
-                    try:
-                        target.hardlink_to(run.last_checkpoint)  # the same bytes, no copy
-                    except OSError:
-                        import shutil
-
-                        shutil.copyfile(run.last_checkpoint, target)
+                self._link_kept()
                 kept.add(self.step)
             CheckpointIndex(self.step, sorted(s for s in kept if run.kept_checkpoint(s).exists()),
                             self.identity).write(run.index_path)
         distributed.barrier(self.info)
+
+    def _settle_checkpoints(self, loaded: Path) -> None:
+        """After a kill between writing last.pt, linking its kept copy and updating the index: make the
+        index and the kept files agree with the checkpoint the run resumed from."""
+        run = self.run
+        if loaded == run.last_checkpoint and self.step in self.kept and not run.kept_checkpoint(self.step).exists():
+            self._link_kept()
+        kept = sorted(s for s in self.kept | {int(p.name[5:13]) for p in run.checkpoints.glob("step-*.pt")
+                                              if p.name[5:13].isdigit()} if run.kept_checkpoint(s).exists())
+        CheckpointIndex(self.step, kept, self.identity).write(run.index_path)
+
+    def _link_kept(self) -> None:
+        run = self.run
+        target = run.kept_checkpoint(self.step)
+        target.unlink(missing_ok=True)
+        try:
+            target.hardlink_to(run.last_checkpoint)  # the same bytes, no copy
+        except OSError:
+            import shutil
+
+            shutil.copyfile(run.last_checkpoint, target)
 
     def _trim_log(self, step: int) -> None:
         """Keep the log rows up to `step` (those after the checkpoint are written again)."""
@@ -421,6 +451,9 @@ class Trainer:
                 f.write(json.dumps(row) + "\n")
         except OSError as err:
             raise UserError(f"{self.run.log_path}: cannot append to the log ({err.strerror or err})") from None
+        from dimr_lab.train.tracking import train_row_scalars
+
+        self.tracker.scalars(self.step, train_row_scalars(row))
 
     def _progress_bar(self) -> Any:
         """(rich Progress, task id) on rank 0 when asked, else None."""
@@ -450,13 +483,36 @@ class Trainer:
         for step in self.spec.eval_steps():
             if self.run.checkpoint_for(step) is None:
                 raise UserError(f"{self.run.path}: no checkpoint at step {step} to evaluate")
-            res = evaluate_step(self.spec, self.run, step, info=self.info, should_stop=self.should_stop,
-                                log=self._say if self.progress else None,
-                                train_info=train_summary(self.run, step, self.spec))
+            bar = self._phase_bar(f"sampling (step {step})")
+            try:
+                res = evaluate_step(self.spec, self.run, step, info=self.info, should_stop=self.should_stop,
+                                    log=self._say if self.progress else None,
+                                    progress=(lambda done, total: bar[0].update(bar[1], completed=done, total=total))
+                                    if bar else None, train_info=train_summary(self.run, step, self.spec))
+            finally:
+                if bar is not None:
+                    bar[0].stop()
             if res is None:
                 return {"interrupted": True, "step": self.step, "evaluating": step}
+            if self.info.main and "rank" not in res:
+                from dimr_lab.train.tracking import eval_scalars
+
+                self.tracker.scalars(step, eval_scalars(res))
+                self.tracker.image(step, "eval/samples", Path(self.run.eval_dir(step, self.spec.eval_hash())) /
+                                   "samples.png")
             metrics = res
         return metrics
+
+    def _phase_bar(self, name: str) -> Any:
+        """A progress bar for a phase after training (rank 0, when asked)."""
+        if not self.progress:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn(name), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        task = bar.add_task(name, total=None)
+        bar.start()
+        return bar, task
 
     def _say(self, line: str) -> None:
         print(f"[dimr-lab] {line}", file=sys.stderr, flush=True)

@@ -1,0 +1,225 @@
+"""Every GPU measurement in one go, for a lent device machine (about 8 minutes on one H100/H200):
+
+    python scripts/gpu_suite.py --out $OUT [--official PATH] [--budget-s 480]
+    python scripts/gpu_suite.py --out /tmp/smoke --smoke          # the same steps on the CPU, tiny sizes
+
+1. Training step, bf16 autocast, batch 64, of DiMR-XL/2R, G/2R, XL/3R and DiT-XL/2: eager and with compiled
+   blocks (compile time stated), images/s, TFLOP/s, MFU, peak memory (`dimr-lab bench`).
+2. Sampling images/s of XL/2R at 250 NFE with and without guidance (the FID-50K bill).
+3. The released DiMR code side by side with ours in one run (scripts/bench_official.py: as it ships,
+   without its block recomputation, ours), when --official (or $DIMR_OFFICIAL_SRC) names a checkout.
+4. torch.profiler's top operators of one XL/2R training step and one sampling step, with the share of
+   matmul, attention, depthwise convolution, norms, elementwise and optimizer time.
+5. The `gpu` profile of the evidence ablations (Table 2 first), as long as the budget lasts.
+Each step's output is a JSON file in --out, and summary.md collects them for BENCHMARKS.md. A step that
+fails is recorded with its error and the suite goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODELS = ["dimr_xl_2r", "dimr_g_2r", "dimr_xl_3r", "dit_xl_2"]
+CATEGORIES = [  # (category, substrings of profiler op names), first match wins
+    ("attention", ("attention", "sdpa", "flash", "efficient_attention", "softmax")),
+    ("depthwise conv", ("conv", "cudnn")),
+    ("matmul", ("mm", "gemm", "matmul", "linear", "addmm", "cutlass", "sm90", "sm80")),
+    ("norms", ("norm", "rsqrt")),
+    ("optimizer", ("adam", "foreach", "lerp")),
+    ("elementwise", ("mul", "add", "gelu", "sigmoid", "silu", "copy", "cat", "div", "sub", "pow", "elementwise",
+                     "vectorized", "reduce", "sum", "mean", "where", "fill", "clone", "neg", "exp")),
+]
+
+
+def categorize(name: str) -> str:
+    low = name.lower()
+    for cat, keys in CATEGORIES:
+        if any(k in low for k in keys):
+            return cat
+    return "other"
+
+
+class Suite:
+    def __init__(self, out: Path, budget_s: float, smoke: bool):
+        self.out, self.t0, self.budget_s, self.smoke = out, time.monotonic(), budget_s, smoke
+        self.results: dict[str, object] = {}
+        out.mkdir(parents=True, exist_ok=True)
+
+    def left(self) -> float:
+        return self.budget_s - (time.monotonic() - self.t0)
+
+    def step(self, name: str, fn) -> None:
+        if self.left() <= 0:
+            self.results[name] = {"skipped": "budget spent"}
+            return
+        t0 = time.monotonic()
+        try:
+            res = fn()
+            self.results[name] = {"seconds": round(time.monotonic() - t0, 1), "result": res}
+        except Exception as err:  # record and go on: one failed measurement must not cost the others
+            self.results[name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-3000:]}
+        (self.out / f"{name}.json").write_text(json.dumps(self.results[name], indent=1, default=str))
+        print(f"[gpu_suite] {name}: {'error' if 'error' in self.results[name] else 'ok'} "
+              f"({time.monotonic() - t0:.0f} s, {self.left():.0f} s left)", flush=True)
+
+
+def bench_models(s: Suite, device: str, dtype: str, batch: int) -> None:
+    from dimr_lab.bench import bench
+
+    models = ["dimr_tiny_2r", "dit_tiny_4"] if s.smoke else MODELS
+    for name in models:
+        for compiled in (False, True):
+            if s.smoke and compiled:
+                continue
+            key = f"train_{name}_{'compiled' if compiled else 'eager'}"
+            nfe = (2 if s.smoke else 250) if name in ("dimr_xl_2r", "dimr_tiny_2r") and not compiled else 0
+            s.step(key, lambda n=name, c=compiled, f=nfe: bench(n, batch=batch, dtype=dtype, device=device,
+                                                               steps=2 if s.smoke else 10, warmup=1 if s.smoke else 3,
+                                                               compile=c, sample_nfe=f, sample_guidance=1.4))
+
+
+def profile_step(s: Suite, device: str, dtype: str, batch: int) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from dimr_lab.nn.network import build_model
+
+    name = "dimr_tiny_2r" if s.smoke else "dimr_xl_2r"
+    dev = torch.device(device)
+    model = build_model(name).to(dev)
+    spec = model.spec
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    x = torch.randn(batch, spec.in_channels, spec.image_size, spec.image_size, device=dev)
+    t = torch.rand(batch, device=dev)
+    y = torch.randint(0, spec.num_classes, (batch,), device=dev)
+    amp = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+
+    def train_step():
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            loss = sum(o.float().square().mean() for o in model(x, t, y))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sample_step():
+        with torch.no_grad(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, spec.num_classes)]))
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    for label, fn in (("profile_train_step", train_step), ("profile_sampling_step", sample_step)):
+        def run(fn=fn):
+            for _ in range(2):
+                fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            with profile(activities=acts) as prof:
+                fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+            attr = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+            rows = sorted(prof.key_averages(), key=lambda e: getattr(e, attr, 0), reverse=True)
+            total = sum(getattr(e, attr, 0) for e in rows) or 1
+            shares: dict[str, float] = {}
+            for e in rows:
+                c = categorize(e.key)
+                shares[c] = shares.get(c, 0) + getattr(e, attr, 0) / total
+            top = [{"op": e.key, "ms": getattr(e, attr, 0) / 1e3, "calls": e.count, "category": categorize(e.key)}
+                   for e in rows[:25]]
+            return {"model": name, "batch": batch, "dtype": dtype, "time": attr, "total_ms": total / 1e3,
+                    "shares": dict(sorted(shares.items(), key=lambda kv: -kv[1])), "top": top}
+        s.step(label, run)
+
+
+def released(s: Suite, official: str | None, device: str, dtype: str, batch: int) -> None:
+    if not official:
+        s.results["released_side_by_side"] = {"skipped": "no checkout of the released code (--official)"}
+        return
+    out = s.out / "released.json"
+    depth = ["--t-depth", "2", "--c-depth", "2"] if s.smoke else ["--t-depth", "39", "--c-depth", "20"]
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_official.py"), "--official", official, "--device", device,
+           "--dtype", dtype, "--batch", str(batch), *depth, "--steps", "2" if s.smoke else "10", "--warmup", "1",
+           "--repeats", "1", "--configs", "released,released-nockpt,ours", "--json", str(out)]
+    s.step("released_side_by_side", lambda: (subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                                             timeout=max(60, s.left())),
+                                             json.loads(out.read_text()))[1])
+
+
+def gpu_profile(s: Suite) -> None:
+    for abl in ("table2_components", "tdln_vs_adaln"):
+        cmd = [sys.executable, "-m", "dimr_lab", "run", str(ROOT / "ablations" / f"{abl}.toml"), "--profile", "gpu",
+               "--results", str(s.out / "results"), "--json", "--jobs", "8"]
+        if s.smoke:
+            cmd += ["--seeds", "0", "--only", "dimr", "--set", "train.steps=2",
+                    "--set", "eval.steps=[]", "--set", "eval.samples=8", "--set", "eval.batch_size=8",
+                    "--set", "data.train_size=64", "--set", "train.batch_size=4", "--set", "train.precision=fp32"]
+            if abl != "table2_components":
+                continue
+
+        def run(cmd=cmd):
+            t0 = time.monotonic()
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, s.left()))
+            return {"exit": proc.returncode, "seconds": time.monotonic() - t0,
+                    "runs": [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")][-40:],
+                    "stderr": proc.stderr[-2000:]}
+        s.step(f"gpu_profile_{abl}", run)
+
+
+def summary(s: Suite) -> str:
+    lines = ["# GPU suite", "", f"{time.strftime('%Y-%m-%d %H:%M')}; {s.budget_s - s.left():.0f} s", ""]
+    lines += ["| measurement | model | img/s | TFLOP/s | MFU | peak MiB | compile/first steps s |", "|---|---|---|---|---|---|---|"]
+    for key, v in s.results.items():
+        r = v.get("result") if isinstance(v, dict) else None
+        if key.startswith("train_") and isinstance(r, dict):
+            lines.append(f"| {key} | {r.get('model')} | {r.get('train_images_per_s', 0):.1f} | "
+                         f"{r.get('train_tflops') or 0:.1f} | {r.get('mfu') or 0:.1%} | {r.get('peak_memory_mib') or 0:.0f} | "
+                         f"{r.get('wall_s', 0):.0f} |")
+            for row in r.get("sampling", []):
+                lines.append(f"| sampling {row['nfe']} NFE, guidance {row['guidance']} | {r.get('model')} | "
+                             f"{row['images_per_s']:.2f} | | | | |")
+        elif isinstance(v, dict) and ("error" in v or "skipped" in v):
+            lines.append(f"| {key} | {v.get('error') or v.get('skipped')} | | | | | |")
+    for key in ("profile_train_step", "profile_sampling_step"):
+        r = (s.results.get(key) or {}).get("result")
+        if r:
+            lines += ["", f"## {key} ({r['model']}, batch {r['batch']}, {r['dtype']}): {r['total_ms']:.1f} ms", ""]
+            lines += [f"- {k}: {v:.1%}" for k, v in r["shares"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--official", default=os.environ.get("DIMR_OFFICIAL_SRC"))
+    p.add_argument("--budget-s", type=float, default=480.0)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (checks the script itself)")
+    p.add_argument("--skip", default="", help="comma-separated steps to skip: bench,profile,released,gpu_profile")
+    args = p.parse_args()
+    device, dtype, batch = ("cpu", "float32", 2) if args.smoke else ("cuda", "bfloat16", 64)
+    s = Suite(args.out, args.budget_s, args.smoke)
+    skip = set(args.skip.split(","))
+    if "bench" not in skip:
+        bench_models(s, device, dtype, batch)
+    if "profile" not in skip:
+        profile_step(s, device, dtype, batch)
+    if "released" not in skip:
+        released(s, args.official, device, dtype, batch)
+    if "gpu_profile" not in skip:
+        gpu_profile(s)
+    (args.out / "summary.md").write_text(summary(s))
+    (args.out / "all.json").write_text(json.dumps(s.results, indent=1, default=str))
+    print(summary(s))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Run folders that hold under bad values, odd files and damage: every case gets one line, exit status 2,
+nothing written; state read from damaged folders is never a traceback. (Kills, full disks and races:
+test_faults.py.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import cli
+
+TINY = ["--set", "train.steps=2", "--set", "eval.enabled=false", "--set", "sample.steps=2", "--set",
+        "sample.grid_size=2", "--set", "data.train_size=64", "--set", "train.batch_size=8", "--no-progress"]
+
+
+def one_line_exit_2(code: int, out: str, err: str, fragment: str) -> None:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2, (out, err)
+    assert len(lines) == 1 and "Traceback" not in err + out, err
+    assert fragment in err, err
+
+
+# every check a run can make before training is made before anything is written
+BEFORE_TRAINING = [
+    (["--set", "train.batch_size=5000"], "larger than the dataset"),
+    (["--set", "data.num_classes=9"], "data.num_classes"),
+    (["--set", "model.num_classes=4"], "model.num_classes"),
+    (["--set", "diffusion.loss_weights=[1.0, 2.0]"], "diffusion.loss_weights: has 2 entries"),
+    (["--set", "model.in_channels=1"], "model.in_channels"),
+    (["--set", "train.seed=4294967296"], "train.seed: must be <= 4294967295"),
+    (["--set", "train.lr=nan"], "train.lr: must be a finite number"),
+    (["--set", "train.ema_decay=nan"], "train.ema_decay: must be a finite number"),
+    (["--set", "sample.guidance_scale=inf"], "sample.guidance_scale: must be a finite number"),
+    (["--set", "diffusion.label_drop=nan"], "diffusion.label_drop: must be a finite number"),
+    (["--set", "model.branches.0.width=400000"], "need at least"),
+    (["--set", "eval.metrics=[\"fdi\"]", "--set", "eval.enabled=true"], "unknown metric 'fdi'"),
+    (["--set", "eval.feature_extractor=\"inception-v3-compat\"", "--set", "eval.enabled=true"],
+     "eval.inception_weights"),
+    (["--set", "eval.reference_stats=\"/nope.npz\"", "--set", "eval.enabled=true"], "eval.reference_stats"),
+    (["--set", "eval.steps=[100]"], "beyond train.steps"),
+    (["--set", "data.name=\"folder\""], "data.root"),
+    (["--set", "sample.sampler=\"ddim\"", "--set", "diffusion.schedule=\"vp_linear\""], "needs a discrete schedule"),
+    (["--set", "diffusion.label_drop=0.0", "--set", "sample.guidance_scale=2.0"], "never trained"),
+    (["--set", "train.nosuch=1"], "--set: train.nosuch"),
+]
+
+
+@pytest.mark.parametrize("args,fragment", BEFORE_TRAINING, ids=[f[1][:30] for f in BEFORE_TRAINING])
+def test_a_bad_run_is_refused_before_anything_is_written(args, fragment, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, o, e = cli(["train", "--out", out, *TINY, *args], capsys)
+    one_line_exit_2(code, o, e, fragment)
+    assert not out.exists()
+
+
+def test_odd_output_folders_are_one_line(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    one_line_exit_2(*cli(["train", "--out", f, *TINY], capsys), "exists and is not a folder")
+    one_line_exit_2(*cli(["train", "--out", f / "run", *TINY], capsys), "is not a folder")
+    if os.geteuid() != 0:  # root writes anywhere: a read-only folder stops only others
+        ro = tmp_path / "ro"
+        ro.mkdir(mode=0o555)
+        one_line_exit_2(*cli(["train", "--out", ro / "run", *TINY], capsys), "not writable")
+
+
+@pytest.mark.parametrize("special", ["/dev/zero", "fifo", "dir"])
+def test_spec_paths_that_are_not_regular_files_are_refused_at_once(special, tmp_path, capsys):
+    path = {"/dev/zero": Path("/dev/zero"), "fifo": tmp_path / "spec.toml", "dir": tmp_path}[special]
+    if special == "fifo":
+        os.mkfifo(path)
+    t0 = time.monotonic()
+    code, o, e = cli(["train", path, "--out", tmp_path / "run"], capsys)
+    one_line_exit_2(code, o, e, str(path))
+    assert time.monotonic() - t0 < 60  # no read of an endless device, no wait on a FIFO
+    code, o, e = cli(["describe", str(path)], capsys)
+    assert code == 2
+
+
+def test_describe_of_an_empty_file_is_an_error_not_the_default_network(tmp_path, capsys):
+    empty = tmp_path / "m.toml"
+    empty.write_text("")
+    one_line_exit_2(*cli(["describe", empty], capsys), "no model in it")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from dimr_lab.spec.run_spec import load_run_spec
+    from dimr_lab.train.trainer import train_run
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    spec = load_run_spec(None, [("train.steps", 2), ("eval.enabled", False), ("sample.steps", 2),
+                                ("sample.grid_size", 2), ("data.train_size", 64), ("train.batch_size", 8)])
+    train_run(spec, out, progress=False)
+    return spec, out
+
+
+def test_an_empty_metrics_file_is_not_done_and_is_made_again(trained, tmp_path):
+    import shutil
+
+    from dimr_lab.runner.worker import pending_evaluations
+    from dimr_lab.train.trainer import train_run
+
+    spec, src = trained
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    (metrics,) = run.glob("evals/*/metrics.json")
+    metrics.write_bytes(b"")
+    assert pending_evaluations(spec, run) == [2]  # a runner would not skip it
+    train_run(spec, run, progress=False)
+    assert json.loads(metrics.read_text())["step"] == 2 and pending_evaluations(spec, run) == []
+
+
+def test_leftover_temporaries_are_removed_when_a_run_starts(trained, tmp_path):
+    import shutil
+
+    from dimr_lab.train.trainer import train_run
+
+    spec, src = trained
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    junk = [run / "checkpoints" / ".last.pt.abc123.tmp", run / ".spec.json.x.tmp"]
+    for j in junk:
+        j.write_bytes(b"half a file")
+    train_run(spec, run, progress=False)
+    assert not any(j.exists() for j in junk)
+
+
+def test_status_table_and_cancel_read_odd_json_without_crashing(trained, tmp_path, capsys):
+    import shutil
+
+    spec, src = trained
+    root = tmp_path / "results" / "abl"
+    odd = {"local.json": {"state": "running", "pid": 10**20, "host": os.uname().nodename, "started": "soon"},
+           "run.json": None}
+    for i, (name, content) in enumerate([("local.json", odd["local.json"]), ("run.json", {"profile": {"x": 1}}),
+                                         ("log.jsonl", None), ("slurm.json", {"jobs": [{"job_id": 12}]})]):
+        run = root / f"r{i}"
+        shutil.copytree(src, run)
+        if name == "run.json":
+            rec = json.loads((run / "run.json").read_text())
+            rec.update(content)
+            (run / "run.json").write_text(json.dumps(rec))
+        elif name == "log.jsonl":
+            with open(run / "log.jsonl", "ab") as f:
+                f.write(b"\xff\xfe not utf-8 \n{\"step\": \n")
+        else:
+            (run / name).write_text(json.dumps(content))
+    for argv in (["status", root], ["status", root, "--json"], ["cancel", root], ["table", root],
+                 ["logs", root / "r2"]):
+        code, o, e = cli(argv, capsys)
+        assert code in (0, 2) and "Traceback" not in o + e, (argv, e)
+    code, o, e = cli(["status", root, "--json"], capsys)
+    states = {json.loads(x)["run"]: json.loads(x) for x in o.splitlines()}
+    assert states["r0"]["state"] == "failed"  # a pid that cannot exist: its process is gone
+    assert states["r1"]["state"] == "failed" and "profile" in states["r1"]["detail"]
+
+
+def test_files_follow_the_umask(tmp_path):
+    from dimr_lab.atomic import atomic_write_text
+
+    old = os.umask(0o002)
+    try:
+        atomic_write_text(tmp_path / "a.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o664
+
+
+@pytest.mark.timeout(600)
+def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID"):
+        env.pop(k, None)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", "from dimr_lab.cli import main; main()", "train", "--out", str(run),
+                             "--set", "train.steps=100000", "--set", "eval.enabled=false", "--no-progress"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (run / "log.jsonl").exists():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 130 and "run the same command to resume" in err and "Traceback" not in err, err
+    assert (run / "checkpoints" / "last.pt").is_file()

@@ -1,0 +1,73 @@
+"""Tracking: a tiny run with TensorBoard and wandb (offline) on writes what their own readers parse."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from dimr_lab.spec.run_spec import load_run_spec
+
+
+def _tiny(track):
+    return load_run_spec(None, [("train.steps", 4), ("train.log_every", 2), ("eval.samples", 16), ("eval.batch_size", 8),
+                                ("eval.metrics", ["sample_accuracy"]), ("sample.steps", 2), ("sample.grid_size", 4),
+                                ("data.train_size", 64), ("train.batch_size", 8), *track])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="the tracking extra is not installed")
+def test_tensorboard_event_files_have_the_training_and_evaluation_tags(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dimr_lab.train.trainer import train_run
+
+    monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
+    train_run(_tiny([("track.tensorboard", True)]), tmp_path / "run", progress=False)
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/loss_branch0", "train/lr", "train/images_per_s", "eval/sample_accuracy"} <= scalars
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 4]
+    assert "eval/samples" in acc.Tags()["images"]
+
+
+def wandb_records(path):
+    """The protobuf records of a wandb offline run file: its ':W&B' header, then LevelDB's log format (32 KiB
+    blocks of chunks, each with a 7-byte header: crc, length, type), each record a wandb Record message."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    block = 32768
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:8]
+    pos, buf = 7, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        buf += data[pos + 7: pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(buf)
+            buf = b""
+            yield rec
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="the tracking extra is not installed")
+def test_wandb_offline_run_records_the_runs_history(tmp_path, monkeypatch):
+    from dimr_lab.train.trainer import train_run
+
+    monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
+    train_run(_tiny([("track.wandb", True)]), tmp_path / "run", progress=False)
+    (store,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    keys, group = set(), None
+    for rec in wandb_records(store):
+        if rec.HasField("history"):
+            keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
+        if rec.HasField("run"):
+            group = rec.run.run_group
+    assert {"train/loss", "train/loss_branch0", "eval/sample_accuracy"} <= keys
+    assert group == "single runs"
