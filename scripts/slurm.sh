@@ -88,6 +88,7 @@ slurm_conf() {
   if [ "$ACCT" = 1 ]; then
     acct="AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
+AccountingStoreFlags=job_comment
 JobAcctGatherType=jobacct_gather/linux"
   else
     acct="AccountingStorageType=accounting_storage/none

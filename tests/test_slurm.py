@@ -259,3 +259,24 @@ def test_eval_only_evaluates_every_run_as_an_array(tmp_path, capsys, job_env):
     # an untrained run is refused by --eval-only with one line
     code, out, err = cli(["run", abl, "--results", tmp_path / "other", "--executor", "debug", "--eval-only"], capsys)
     assert code != 0
+
+
+def test_a_pass_through_setting_reaches_sacct(tmp_path, capsys, job_env):
+    abl = write_ablation(tmp_path, seeds="[0]", steps=2, ckpt=2)
+    results = tmp_path / "results"
+    try:
+        code, out, err = cli(["run", abl, "--results", results, "--executor", "slurm", "--train-fn", STANDIN,
+                              "--only", "a", "--set", 'slurm.comment="dimr pass-through"', "--set",
+                              'slurm.additional={ wckey = "dimrtest" }', "--set", 'slurm.time="0:02:00"', "--json"],
+                             capsys)
+        assert code == 0, err
+        (job,) = [json.loads(x)["job_id"] for x in out.splitlines()]
+
+        def recorded():
+            res = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,Comment,Timelimit", "-j", job.split("_")[0]],
+                                 capture_output=True, text=True, timeout=30).stdout
+            return res if "dimr pass-through" in res else None
+        res = _wait(recorded, WAIT, "sacct to show the comment")
+        assert "00:02:00" in res
+    finally:
+        _scancel_all([results])

@@ -179,6 +179,9 @@ def resolve_slurm(abl: Any, profile: str | None = "tiny", updates: dict[str, Any
     for label, where, prefix, values in layers:
         if not values:
             continue
+        for a, b in (("time", "time_min"), ("time_min", "time")):  # two spellings of one limit: the later layer's wins
+            if a in values and b not in values:
+                data.pop(b, None)
         data.update(values)
         from_dict(SlurmSettings, data, file=where, prefix=prefix)
         sources.update({k: label for k in values})

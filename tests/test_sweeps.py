@@ -1,0 +1,142 @@
+"""A cluster researcher's loop without a cluster: SLURM settings as written on a cluster (defaults, layers,
+provenance, validation), sweeps from the command line, status of running runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import cli
+from dimr_lab.spec.slurm import parse_time
+
+ROOT = Path(__file__).resolve().parents[1]
+FILE = ROOT / "ablations" / "tdln_vs_adaln.toml"
+
+
+@pytest.mark.parametrize("text,minutes", [("90", 90), ("1:30", 2), ("01:30:00", 90), ("2-00:00:00", 2880),
+                                          ("1-12", 2160), ("0-00:30", 30), (45, 45)])
+def test_slurm_time_formats(text, minutes):
+    assert parse_time(text) == minutes
+
+
+def dry(capsys, tmp_path, *args):
+    code, out, err = cli(["run", FILE, "--dry-run", "--executor", "slurm", "--results", tmp_path / "r", *args], capsys)
+    return code, out, err
+
+
+def sbatch_lines(out: str) -> dict[str, str]:
+    lines = {}
+    for ln in out.splitlines():
+        if ln.startswith("#SBATCH --"):
+            key, _, value = ln[len("#SBATCH --"):].partition("=")
+            lines[key] = value
+    return lines
+
+
+def test_user_defaults_then_file_then_profile_then_set(tmp_path, capsys, monkeypatch):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[slurm]\npartition = "gpu"\naccount = "lab"\ntime = "2-00:00:00"\nqos = "normal"\n'
+                   'additional = { hint = "nomultithread" }\n')
+    monkeypatch.setenv("DIMR_LAB_CONFIG", str(cfg))
+    code, out, err = dry(capsys, tmp_path, "--set", "slurm.qos=high", "--set", 'slurm.comment="sweep 1"',
+                         "--set", 'slurm.sbatch_lines=["--exclusive"]', "--set", 'slurm.srun_args=["--cpu-bind=none"]')
+    assert code == 0, err
+    sb = sbatch_lines(out)
+    # the user's partition and account; the file's time limit (time_min = 30) beats the user's default
+    assert sb["partition"] == "gpu" and sb["account"] == "lab" and sb["qos"] == "high" and sb["time"] == "30"
+    assert sb["comment"] in ("'sweep 1'", "sweep 1") and sb["hint"] == "nomultithread" and "exclusive" in sb
+    assert sb["cpus-per-task"] == "1" and sb["array"] == "0-14%2"  # from the file's [slurm]
+    assert "--cpu-bind=none" in out
+    assert "slurm.partition = 'gpu'  <- user config" in out and "slurm.qos = 'high'  <- --set" in out
+    assert "slurm.array_parallelism = 2  <- " in out and "tdln_vs_adaln.toml [slurm]" in out
+    # a profile's slurm.* entries sit between the file and --set
+    code, out, err = dry(capsys, tmp_path, "--profile", "paper")
+    sb = sbatch_lines(out)
+    assert sb["gpus-per-node"] == "8" and sb["ntasks-per-node"] == "8" and sb["partition"] == "gpu"
+    assert sb["time"] == "2880" and "[profile.paper]" in out
+    code, out, err = dry(capsys, tmp_path, "--set", 'slurm.time="1:00:00"')
+    assert sbatch_lines(out)["time"] == "60"
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--set", 'slurm.time="2 days"'], "is not a SLURM time"),
+    (["--set", 'slurm.time="25:61:00:00"'], "is not a SLURM time"),
+    (["--set", "slurm.gpus_per_node=4"], "4 GPUs per node but 1 task(s) per node"),
+    (["--set", "slurm.gpus_per_node=2", "--set", "slurm.tasks_per_node=4"], "2 task(s) would have no GPU"),
+    (["--set", 'slurm.mem="lots"'], "not a SLURM memory size"),
+    (["--set", 'slurm.sbatch_lines=["#SBATCH --x"]'], "expected an sbatch option"),
+    (["--set", "slurm.partion=gpu"], "did you mean 'partition'"),
+])
+def test_bad_slurm_settings_are_one_line(args, fragment, tmp_path, capsys):
+    code, out, err = dry(capsys, tmp_path, *args)
+    assert code == 2 and fragment in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_a_bad_user_config_names_its_file(tmp_path, capsys, monkeypatch):
+    cfg = tmp_path / "config.toml"
+    cfg.write_text('[slurm]\ntime = "whenever"\n')
+    monkeypatch.setenv("DIMR_LAB_CONFIG", str(cfg))
+    code, out, err = dry(capsys, tmp_path)
+    assert code == 2 and str(cfg) in err and "slurm.time" in err
+
+
+def plan(capsys, tmp_path, *args) -> list[dict]:
+    code, out, err = cli(["run", FILE, "--dry-run", "--json", "--results", tmp_path / "r", *args], capsys)
+    assert code == 0, err
+    return [json.loads(x) for x in out.splitlines() if '"run_dir"' in x]
+
+
+def test_only_seeds_and_a_grid_from_the_command_line_plan_exactly_these_runs(tmp_path, capsys):
+    runs = plan(capsys, tmp_path, "--only", "tdln,adaln", "--seeds", "0,1,2,3", "--set", "train.lr=1e-3,3e-4",
+                "--set", "model.mlp=mlp,glu")
+    got = sorted((r["variant"], r["seed"], r["grid"]["train.lr"], r["grid"]["model.mlp"]) for r in runs)
+    want = sorted((v, s, lr, mlp) for v in ("tdln", "adaln") for s in range(4) for lr in (1e-3, 3e-4)
+                  for mlp in ("mlp", "glu"))
+    assert got == want
+    assert all(r["spec"]["train"]["lr"] == r["grid"]["train.lr"] for r in runs)
+    assert len({r["run_dir"] for r in runs}) == len(runs)
+    # a quoted value with a comma is one value, not a grid
+    runs = plan(capsys, tmp_path, "--only", "tdln", "--seeds", "0", "--set", 'data.root="a,b"')
+    assert len(runs) == 1 and runs[0]["spec"]["data"]["root"] == "a,b"
+
+
+def test_rerunning_a_sweep_skips_what_is_done(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = ["run", FILE, "--results", tmp_path / "r", "--only", "tdln", "--seeds", "0,1", "--set", "train.lr=1e-3,3e-4",
+            "--train-fn", "test_runner:standin_train", "--json", "--executor", "debug"]
+    code, out, err = cli(args, capsys)
+    assert code == 0, err
+    assert [json.loads(x)["status"] for x in out.splitlines()] == ["done"] * 4
+    code, out, err = cli(args, capsys)
+    assert [json.loads(x)["status"] for x in out.splitlines()] == ["skipped"] * 4
+
+
+def test_status_reports_step_loss_and_eta_of_a_running_local_run(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", "from dimr_lab.cli import main; main()", "train", "--out", str(run),
+                             "--set", "train.steps=100000", "--set", "train.log_every=2", "--set", "eval.enabled=false",
+                             "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        st = None
+        while time.monotonic() < deadline:
+            code, out, err = cli(["status", run, "--json"], capsys)
+            st = json.loads(out.splitlines()[0]) if out.strip() else None
+            if st and st["state"] == "running" and (st["step"] or 0) >= 4 and st["eta_s"]:
+                break
+            time.sleep(1)
+        assert st and st["state"] == "running" and st["loss"] > 0 and st["images_per_s"] > 0, st
+        assert st["steps"] == 100000 and st["eta_s"] > 0 and "pid" in st["detail"]
+        code, out, err = cli(["logs", run, "--lines", "2"], capsys)
+        assert code == 0 and '"loss"' in out
+    finally:
+        proc.kill()
+        proc.wait()
