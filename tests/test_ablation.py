@@ -342,7 +342,16 @@ paper = { table = "imagenet256", model = "DiMR-XL/2R", epochs = 800 }
     assert paper["big"].paper == {"table": "imagenet256", "model": "DiMR-XL/2R", "epochs": 800}
     assert tiny["small"].paper == {"table": "table2_ablation_imagenet64", "row": 5}
 
-    f.write_text(f.read_text().replace("[variant.profile.tiny]", "[variant.profile.tiyn]"))
+    text = f.read_text()
+    f.write_text(text.replace("epochs = 800 }", "epochs = 800, epochs_at = { 500000 = 400 } }"))
+    assert load_ablation(f).variants[1].paper["epochs_at"] == {"500000": 400}
+    for bad, match in (("{ 500000 = 600 }", "epochs_at.500000.*no model 'DiMR-XL/2R' with 600 epochs"),
+                       ('{ x = 400 }', "epochs_at.x.*not a training step"),
+                       ('{ 5 = "400" }', "epochs_at.5.*expected an integer")):
+        f.write_text(text.replace("epochs = 800 }", f"epochs = 800, epochs_at = {bad} }}"))
+        with pytest.raises(SpecError, match=match):
+            load_ablation(f)
+    f.write_text(text.replace("[variant.profile.tiny]", "[variant.profile.tiyn]"))
     with pytest.raises(SpecError, match="no \\[profile.tiyn\\].*did you mean 'tiny'"):
         load_ablation(f)
 

@@ -176,6 +176,22 @@ def test_paper_columns(tree):
     assert cells["tdln (base)"][paper] == "5.21" and cells["ln_token"][paper] == ""
 
 
+def test_paper_rows_follow_the_evaluated_step(tmp_path):
+    """epochs_at maps an earlier training step to its own published row (the 400-epoch numbers of a run
+    trained to 800 epochs); every other step shows the final row."""
+    ref = {"table": "imagenet256", "model": "DiMR-XL/2R", "epochs": 800, "epochs_at": {"500000": 400}}
+    folder = write_run(tmp_path, "main", "xl", 0, metrics_for(3.0), step=1_000_000, paper=ref)
+    add_eval(folder, 500_000, metrics_for(4.0), make_spec(0))
+    add_eval(folder, 200_000, metrics_for(9.0), make_spec(0))
+    curves, warnings = collect_curves(tmp_path)
+    assert warnings == []
+    by_step = {int(r["step"]): (r["paper_fid"], r["paper_ref"]) for _, r in curves.iterrows()}
+    assert by_step[500_000] == (1.77, "imagenet256 DiMR-XL/2R (400 ep)")
+    assert by_step[1_000_000] == (1.70, "imagenet256 DiMR-XL/2R (800 ep)")
+    assert by_step[200_000] == (1.70, "imagenet256 DiMR-XL/2R (800 ep)")
+    assert row(aggregate(collect(tmp_path, step=500_000)[0]), "xl", "main")["paper_fid"] == 1.77
+
+
 def test_grid_points_are_compared_at_the_same_point(tmp_path):
     for variant, offset in (("base", 0.0), ("other", 1.0)):
         for lr, fid in ((1e-3, 3.0), (3e-4, 4.0)):

@@ -16,6 +16,7 @@
     name = "adaln_zero"                    # ^[A-Za-z0-9][A-Za-z0-9_.-]*$, unique
     factors = { norm = "adaLN-Zero" }      # optional labels for the table
     paper = { table = "imagenet256", model = "DiMR-XL/2R", epochs = 800 }   # optional: this row's own
+    #   (epochs_at = { 500000 = 400 } shows the 400-epoch row beside the evaluation at step 500000)
     "model.norm" = "adaln_zero"            # everything else: dotted overrides of the base
     [variant.profile.tiny]                 # optional: this variant's overrides under one profile
     "model.preset" = "dimr_tiny_3r"
@@ -131,6 +132,8 @@ class PaperRef:
     row: int = field(0, min=0)
     model: str = field("")
     epochs: int = field(0, min=0)
+    epochs_at: dict = field(default_factory=dict,
+                            help="published rows at earlier training steps: { STEP = EPOCHS }, e.g. { 500000 = 400 }")
 
     def validate(self) -> None:
         tables = paper_tables()
@@ -152,6 +155,17 @@ class PaperRef:
                 raise SpecError(f"{self.table} has no model {self.model!r}"
                                 + (f" with {self.epochs} epochs" if self.epochs else "")
                                 + (f" (did you mean {hint!r}?)" if hint else ""), key="model")
+        if self.epochs_at and not (self.model and self.epochs):
+            raise SpecError("epochs_at needs a model and its final epochs", key="epochs_at")
+        for step, epochs in self.epochs_at.items():
+            key = f"epochs_at.{step}"
+            if not (step.isdigit() and int(step) > 0):
+                raise SpecError(f"{step!r} is not a training step (a positive integer)", key=key)
+            if isinstance(epochs, bool) or not isinstance(epochs, int):
+                raise SpecError(f"expected an integer (epochs), got {epochs!r}", key=key)
+            if not any(r.get("model") in (self.model, f"{self.model} ({epochs} epochs)")
+                       and r.get("epochs", str(epochs)) == str(epochs) for r in rows):
+                raise SpecError(f"{self.table} has no model {self.model!r} with {epochs} epochs", key=key)
 
     def ref(self) -> dict[str, Any]:
         """The reference as run.json keeps it."""
@@ -162,6 +176,8 @@ class PaperRef:
             out["model"] = self.model
             if self.epochs:
                 out["epochs"] = self.epochs
+            if self.epochs_at:
+                out["epochs_at"] = {str(int(k)): v for k, v in sorted(self.epochs_at.items(), key=lambda kv: int(kv[0]))}
         return out
 
 

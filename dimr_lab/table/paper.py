@@ -39,6 +39,21 @@ def paper_table(name: str) -> pd.DataFrame:
         return pd.read_csv(fh)
 
 
+def at_step(ref: Any, step: Any) -> Any:
+    """The reference for one evaluated step: `epochs_at` names the published rows of earlier steps (the
+    paper's 400-epoch numbers of a run trained to 800); any other step takes the final row."""
+    if not isinstance(ref, dict) or not isinstance(ref.get("epochs_at"), dict):
+        return ref
+    out = {k: v for k, v in ref.items() if k != "epochs_at"}
+    try:
+        epochs = ref["epochs_at"].get(str(int(step)))
+    except (TypeError, ValueError, OverflowError):  # a NaN step: the run's own, final row
+        epochs = None
+    if epochs is not None:
+        out["epochs"] = epochs
+    return out
+
+
 def paper_row(ref: Any) -> dict[str, Any]:
     """The published numbers for a run.json `paper` reference ({table, row} or {table, model[, epochs]})."""
     if not isinstance(ref, dict) or not isinstance(ref.get("table"), str):
@@ -79,17 +94,19 @@ def attach_paper(runs: pd.DataFrame) -> list[str]:
     warns once and leaves them empty."""
     warnings = []
     values: dict[str, list[Any]] = {col: [] for col in ("paper_ref", *PAPER_COLUMNS.values())}
-    looked_up: dict[str, dict[str, Any]] = {}
-    for ref, folder in zip(runs["paper"], runs["folder"]):
+    looked_up: dict[tuple[str, Any], dict[str, Any]] = {}
+    for ref, folder, step in zip(runs["paper"], runs["folder"], runs["step"]):
         found: dict[str, Any] = {}
         if isinstance(ref, str) and ref:
-            if ref not in looked_up:
+            if (ref, step) not in looked_up:
                 try:
-                    looked_up[ref] = paper_row(json.loads(ref))
+                    looked_up[ref, step] = paper_row(at_step(json.loads(ref), step))
                 except UserError as err:
-                    looked_up[ref] = {}
-                    warnings.append(f"{folder}: paper reference {ref}: {err}")
-            found = looked_up[ref]
+                    looked_up[ref, step] = {}
+                    line = f"{folder}: paper reference {ref}: {err}"
+                    if line not in warnings:
+                        warnings.append(line)
+            found = looked_up[ref, step]
         for col in values:
             values[col].append(found.get(col, None if col == "paper_ref" else math.nan))
     for col, column in values.items():
