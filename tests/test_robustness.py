@@ -154,6 +154,8 @@ def test_status_table_and_cancel_read_odd_json_without_crashing(trained, tmp_pat
                 f.write(b"\xff\xfe not utf-8 \n{\"step\": \n")
         else:
             (run / name).write_text(json.dumps(content))
+        if name == "local.json":  # unfinished, so its state comes from local.json (a finished run is done)
+            shutil.rmtree(run / "evals")
     for argv in (["status", root], ["status", root, "--json"], ["cancel", root], ["table", root],
                  ["logs", root / "r2"]):
         code, o, e = cli(argv, capsys)

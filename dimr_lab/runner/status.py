@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from dimr_lab.errors import UserError
-from dimr_lab.rundir import (LOCAL, OUTPUT_LOG, RunDir, find_runs, is_locked, pid_alive, tail_lines,
+from dimr_lab.rundir import (LOCAL, OUTPUT_LOG, RECORD_VERSION, RunDir, find_runs, is_locked, pid_alive, tail_lines,
                              try_read_json_object)
 
 LIVE_SLURM = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD",
@@ -111,7 +111,11 @@ def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, st
     spec, ablation, problem = _planned(run)
     st = RunStatus(d, "pending", ablation=ablation)
     if spec is None:
-        legacy = run.evaluations()
+        # a folder of an older version whose spec no longer loads still shows its finished metrics; a
+        # damaged record of this version is a failure, whatever else the folder holds
+        record = try_read_json_object(run.record_path)
+        current = isinstance(record, dict) and record.get("version") == RECORD_VERSION
+        legacy = [] if current else run.evaluations()
         if legacy and all(e.done for e in legacy):
             st.state = "done"
             return st
