@@ -93,7 +93,8 @@ def test_override_order_and_profiles(tmp_path):
     assert all(r.spec.train.batch_size == 4 and r.seed == 7 for r in runs) and len(runs) == 4
     s = slurm_settings(abl, "paper", slurm)
     assert s.partition == "gpu" and s.gpus_per_node == 8
-    assert slurm_settings(abl, "tiny", {}).gpus_per_node == 0
+    assert s.tasks() == 8  # tasks_per_node not given: one process per GPU
+    assert slurm_settings(abl, "tiny", {}).gpus_per_node == 0 and slurm_settings(abl, "tiny", {}).tasks() == 1
 
 
 def test_folder_names_follow_what_a_run_trains(tmp_path):

@@ -89,7 +89,7 @@ def executor_parameters(settings: SlurmSettings, ablation: str) -> dict[str, Any
         "job_name": settings.job_name or f"dimr-{ablation}",
         "time": settings.minutes(),
         "nodes": settings.nodes,
-        "ntasks_per_node": settings.tasks_per_node,
+        "ntasks_per_node": settings.node_tasks(),
         "array_parallelism": settings.array_parallelism,
         "signal_delay_s": settings.signal_delay_s,
         "wckey": settings.wckey,
@@ -200,7 +200,7 @@ def submit(runs: list[PlannedRun], settings: SlurmSettings, *, ablation: str, ab
             "job_id": job_id, "array_job_id": base, "array_task_id": int(task) if task.isdigit() else None,
             "submitted": now, "folder": str(job.paths.folder), "stdout": str(job.paths.stdout),
             "stderr": str(job.paths.stderr), "nodes": settings.nodes,
-            "tasks": settings.nodes * settings.tasks_per_node,
+            "tasks": settings.tasks(),
         })
         write_json(path, {"jobs": history})
         out["submitted"].append((r, job_id))

@@ -68,7 +68,7 @@ class SlurmSettings:
     nodes: int = field(1, min=1)
     gpus_per_node: int = field(0, min=0)
     gpus_per_task: int = field(0, min=0)
-    tasks_per_node: int = field(1, min=1, help="one process per GPU for DDP")
+    tasks_per_node: int = field(0, min=0, help="processes per node; 0 = one per GPU of gpus_per_node (DDP), else 1")
     cpus_per_task: int = field(0, min=0, help="0 = the cluster's default")
     cpus_per_gpu: int = field(0, min=0)
     mem_gb: float = field(0.0, min=0.0, help="memory per node in GB (0 = the cluster's default); or `mem`")
@@ -111,12 +111,13 @@ class SlurmSettings:
                 raise SpecError(str(err), key=key) from None
         if self.mem and self.mem_gb:
             raise SpecError("give mem or mem_gb, not both", key="mem")
-        gpus = self.gpus_per_node or self.gpus_per_task * self.tasks_per_node
+        tasks = self.node_tasks()
+        gpus = self.gpus_per_node or self.gpus_per_task * tasks
         if self.gpus_per_node and self.gpus_per_task:
             raise SpecError("give gpus_per_node or gpus_per_task, not both", key="gpus_per_task")
-        if self.gpus_per_node and self.gpus_per_node != self.tasks_per_node:
-            idle = self.gpus_per_node - self.tasks_per_node
-            raise SpecError(f"{self.gpus_per_node} GPUs per node but {self.tasks_per_node} task(s) per node: one "
+        if self.gpus_per_node and self.gpus_per_node != tasks:
+            idle = self.gpus_per_node - tasks
+            raise SpecError(f"{self.gpus_per_node} GPUs per node but {tasks} task(s) per node: one "
                             f"process drives one GPU, so " + (f"{idle} GPU(s) would idle" if idle > 0 else
                                                               f"{-idle} task(s) would have no GPU")
                             + f"; set slurm.tasks_per_node = {self.gpus_per_node}", key="tasks_per_node")
@@ -134,8 +135,12 @@ class SlurmSettings:
     def minutes(self) -> int:
         return parse_time(self.time) if self.time else self.time_min
 
+    def node_tasks(self) -> int:
+        """Processes per node: `tasks_per_node`, or one per GPU of `gpus_per_node` when it is 0."""
+        return self.tasks_per_node or self.gpus_per_node or 1
+
     def tasks(self) -> int:
-        return self.nodes * self.tasks_per_node
+        return self.nodes * self.node_tasks()
 
 
 # ---------------------------------------------------------------------------------------- user defaults
