@@ -205,6 +205,17 @@ def test_grid_points_are_compared_at_the_same_point(tmp_path):
     assert len(stats) == 2 and set(stats["grid"]) == {'{"train.lr": 0.001}', '{"train.lr": 0.0003}'}
 
 
+def test_each_profile_is_its_own_block_of_rows_with_its_own_base(tmp_path):
+    for profile, scale in (("tiny", 10.0), ("small", 1.0)):
+        for index, variant in enumerate(("base", "other")):
+            write_run(tmp_path, "p", variant, 0, metrics_for(scale * (1 + index)), profile=profile, baseline="base",
+                      variant_index=index)
+    table = aggregate(collect(tmp_path)[0])
+    assert list(zip(table["profile"], table["variant"])) == [("small", "base"), ("small", "other"),
+                                                             ("tiny", "base"), ("tiny", "other")]
+    assert list(table["fid_delta"]) == pytest.approx([0.0, 1.0, 0.0, 10.0])
+
+
 def test_missing_and_non_numeric_metric_is_nan_with_warning_and_seed_count(tmp_path):
     for seed, fid in enumerate([60.0, "n/a", 62.4]):
         write_run(tmp_path, "abl", "v", seed, metrics_for(fid, seed))

@@ -87,7 +87,7 @@ def aggregate(runs: pd.DataFrame, *, on_warning: Callable[[str], None] | None = 
         row["_order"] = (len(index) == 0, index.min() if len(index) else 0, variant, _grid_sort_key(grid))
         row["_base"] = _first(group["base_variant"])
         rows.append(row)
-    rows.sort(key=lambda r: (r["ablation"], r["_order"]))
+    rows.sort(key=lambda r: (r["ablation"], str(r["profile"]), r["_order"]))  # each profile its own block
     table = pd.DataFrame(rows)
     integer_columns(table, labels)
     _add_deltas(table)
