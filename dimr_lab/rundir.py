@@ -169,6 +169,7 @@ class RunRecord:
     ablation_file: str = ""
     executor: str = ""
     created: float = 0.0
+    reused_from: str = ""                # <ablation>/<folder> whose trained state was copied here (runner.reuse)
     version: int = RECORD_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -182,7 +183,7 @@ class RunRecord:
             "variant": (str, ""), "variant_index": (int, 0), "seed": (int, 0), "grid": (dict, {}),
             "factors": (dict, {}), "paper": (dict, None), "baseline": (str, ""), "profile": (str, ""),
             "ablation_file": (str, ""), "executor": (str, ""), "created": ((int, float), 0.0),
-            "version": (int, 1),
+            "reused_from": (str, ""), "version": (int, 1),
         }
         values = {k: _typed(data, k, kind, default, path) for k, (kind, default) in kinds.items()}
         if values["spec"] is None:

@@ -378,3 +378,73 @@ def test_jobs_zero_runs_one_single_threaded_run_per_core(tmp_path, monkeypatch, 
     runs = expand(load_ablation(write_ablation(tmp_path, name="abl2")), results=tmp_path / "r1")
     local.run_local(runs, jobs=0, train_fn=STANDIN, show_progress=False)
     assert seen == [2] * len(runs), "16 cores: 8 runs at a time, 2 threads each"
+
+
+def test_a_run_another_ablation_trained_is_reused_not_trained_again(tmp_path, capsys, standin_env):
+    results = tmp_path / "results"
+    one = write_ablation(tmp_path, name="one", seeds="[0]")
+    assert cli(["run", one, "--results", results, "--train-fn", STANDIN], capsys)[0] == 0
+    (src_a, src_b) = run_dirs(results, "one")
+    # a second ablation sharing variant a (same identity) and a variant of its own
+    two = tmp_path / "two.toml"
+    two.write_text(one.read_text().replace('name = "one"', 'name = "two"')
+                   .replace('name = "b"', 'name = "c"').replace('"model.norm" = "layernorm"', '"model.norm" = "rmsnorm"'))
+    code, out, err = cli(["run", two, "--results", results, "--train-fn", STANDIN, "--dry-run", "--json"], capsys)
+    plan = {json.loads(x)["variant"]: json.loads(x) for x in out.splitlines() if '"run_dir"' in x}
+    assert plan["a"]["reuse"] == f"one/{src_a.name}" and plan["c"]["reuse"] is None
+    assert not (results / "two").exists()  # a dry run writes nothing
+
+    code, out, err = cli(["run", two, "--results", results, "--train-fn", STANDIN, "--json"], capsys)
+    assert code == 0, err
+    said = [json.loads(x) for x in out.splitlines()]
+    reused = [x for x in said if x["status"] == "reused"]
+    assert [(x["variant"], x["source"], x["step"]) for x in reused] == [("a", f"one/{src_a.name}", 6)]
+    a2 = results / "two" / src_a.name
+    record = json.loads((a2 / "run.json").read_text())
+    assert record["ablation"] == "two" and record["reused_from"] == f"one/{src_a.name}"
+    # the copy is the trained state, not a new training: same log, weights and evaluation
+    assert (a2 / "log.jsonl").read_bytes() == (src_a / "log.jsonl").read_bytes()
+    assert (a2 / "checkpoints" / "last.pt").read_bytes() == (src_a / "checkpoints" / "last.pt").read_bytes()
+    assert final_metrics(a2).read_bytes() == final_metrics(src_a).read_bytes()
+    assert not (a2 / "local.json").exists() or json.loads((a2 / "local.json").read_text()).get("state") != "running"
+    assert [d.name.split("-")[0] for d in run_dirs(results, "two")] == ["a", "c"]
+    assert not [p for p in (results / "two").iterdir() if p.name.startswith(".")]  # no temporary left
+    # the source is untouched
+    assert json.loads((src_a / "run.json").read_text())["ablation"] == "one"
+
+    # more steps: the copy continues where the source stopped and ends where a direct run ends
+    code, out, err = cli(["run", two, "--results", results / "x", "--train-fn", STANDIN, "--set", "train.steps=9",
+                          "--only", "a", "--json"], capsys)
+    assert code == 0 and not [x for x in map(json.loads, out.splitlines()) if x["status"] == "reused"]
+    longer = tmp_path / "three.toml"
+    longer.write_text(two.read_text().replace('name = "two"', 'name = "three"'))
+    code, out, err = cli(["run", longer, "--results", results, "--train-fn", STANDIN, "--set", "train.steps=9",
+                          "--only", "a", "--json"], capsys)
+    assert code == 0, err
+    assert [x["status"] for x in map(json.loads, out.splitlines())][:1] == ["reused"]
+    (a3,) = run_dirs(results, "three")
+    (direct,) = run_dirs(results / "x", "two")
+    assert json.loads(final_metrics(a3).read_text())["w"] == json.loads(final_metrics(direct).read_text())["w"]
+    assert {"event": "resumed", "from": 6, "restart": None} in \
+        [json.loads(x) for x in (a3 / "log.jsonl").read_text().splitlines()]
+    assert json.loads(final_metrics(src_a).read_text())["step"] == 6  # the source did not move on
+
+
+def test_reuse_is_off_with_no_reuse_and_never_takes_a_longer_run(tmp_path, capsys, standin_env):
+    results = tmp_path / "results"
+    one = write_ablation(tmp_path, name="one", seeds="[0]", steps=8)
+    assert cli(["run", one, "--results", results, "--train-fn", STANDIN, "--only", "a"], capsys)[0] == 0
+    two = tmp_path / "two.toml"
+    two.write_text(one.read_text().replace('name = "one"', 'name = "two"'))
+    # the source went past this plan's end (8 > 6 steps): trained here from the start
+    code, out, err = cli(["run", two, "--results", results, "--train-fn", STANDIN, "--set", "train.steps=6",
+                          "--only", "a", "--json"], capsys)
+    assert code == 0 and [x["status"] for x in map(json.loads, out.splitlines())] == ["done"]
+    three = tmp_path / "three.toml"
+    three.write_text(one.read_text().replace('name = "one"', 'name = "three"'))
+    code, out, err = cli(["run", three, "--results", results, "--train-fn", STANDIN, "--only", "a", "--no-reuse",
+                          "--json"], capsys)
+    assert code == 0 and [x["status"] for x in map(json.loads, out.splitlines())] == ["done"]
+    (a3,) = run_dirs(results, "three")
+    assert json.loads((a3 / "run.json").read_text())["reused_from"] == ""
+    assert not any(json.loads(x).get("event") == "resumed" for x in (a3 / "log.jsonl").read_text().splitlines())

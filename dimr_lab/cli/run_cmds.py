@@ -82,6 +82,9 @@ def run_cmd(
     as_json: bool = typer.Option(False, "--json", help="one JSON object per run (with its resolved spec)"),
     jobs: int = typer.Option(0, "--jobs", "-j", help="local: runs trained at the same time, each with an equal "
                                                      "share of the CPU threads; 0 = one per core, up to 8"),
+    reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="copy a trained run of the same identity (what "
+                                                                "it trains) from another ablation under --results "
+                                                                "instead of training it again"),
     train_fn: str = typer.Option("", "--train-fn", hidden=True, help="module:function of the trainer (tests)"),
 ) -> None:
     """Run every variant x grid point x seed of an ablation; finished runs are skipped, others resumed."""
@@ -113,10 +116,17 @@ def run_cmd(
                 check_files(r.spec, file=str(file))
             except UserError as err:
                 problems[r.run_dir] = str(err)
-        _dry_run(out, abl, runs, settings, profile, executor, ablation_dir, as_json, eval_only, problems, sources)
+        _dry_run(out, abl, runs, settings, profile, executor, ablation_dir, as_json, eval_only, problems, sources,
+                 results.resolve() if reuse else None)
         return
     for r in runs:  # files the runs read: before anything is written or submitted
         check_files(r.spec, file=str(file))
+    if reuse:
+        from dimr_lab.runner.reuse import reuse_runs
+
+        for r, source in reuse_runs(runs, results.resolve(), executor):
+            _say(out, as_json, r, "reused", source=str(source.path.relative_to(results.resolve())),
+                 step=source.step)
 
     if executor == "slurm":
         if shutil.which("sbatch") is None:
@@ -160,16 +170,28 @@ def run_cmd(
 
 
 def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, executor: str, ablation_dir: Path,
-             as_json: bool, eval_only: bool, problems: dict[Path, str], sources: dict[str, str]) -> None:
+             as_json: bool, eval_only: bool, problems: dict[Path, str], sources: dict[str, str],
+             reuse_root: Path | None) -> None:
+    from dimr_lab.runner.reuse import find_source
     from dimr_lab.spec.counts import model_key
     from dimr_lab.spec.schema import to_dict
 
     counts = network_counts(runs)
+    state = {}
+    for r in runs:
+        source = None
+        if r.is_done():
+            state[r.run_dir] = ("done", None)
+            continue
+        if reuse_root is not None and not (r.run_dir / "spec.json").exists():
+            source = find_source(reuse_root, r.run_dir, r.identity, r.spec.train.steps)
+        state[r.run_dir] = ("todo", None if source is None else str(source.path.relative_to(reuse_root)))
     if as_json:
         for r in runs:
             c = counts[model_key(r.spec.model)] or {}
             print(json.dumps({**r.record().to_json(), "run_dir": str(r.run_dir),
-                              "status": "done" if r.is_done() else "todo", "params": c.get("params"),
+                              "status": state[r.run_dir][0], "reuse": state[r.run_dir][1],
+                              "params": c.get("params"),
                               "gmacs": c.get("gmacs"), "network": model_key(r.spec.model),
                               "eval_hash": r.spec.eval_hash(), "eval_steps": r.spec.eval_steps(),
                               "problem": problems.get(r.run_dir)}, sort_keys=True))
@@ -188,7 +210,8 @@ def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, e
         t.add_row(r.run_dir.name, r.variant, str(r.seed),
                   ", ".join(f"{k}={v}" for k, v in r.grid.items()) or "-", str(r.spec.train.steps),
                   _fmt_params(c.get("params")), _fmt_gmacs(c.get("gmacs")),
-                  "done (skipped)" if r.is_done() else "to run")
+                  "done (skipped)" if state[r.run_dir][0] == "done" else
+                  (f"reuse {state[r.run_dir][1]}" if state[r.run_dir][1] else "to run"))
     out.print(t)
     out.print(f"folder: {ablation_dir}")
     for problem in sorted(set(problems.values())):
@@ -196,7 +219,7 @@ def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, e
     if executor == "slurm":
         from dimr_lab.runner.slurm import sbatch_script
 
-        todo = [r for r in runs if not r.is_done()]
+        todo = [r for r in runs if state[r.run_dir][0] != "done"]
         out.print(f"\n# sbatch script ({len(todo)} array tasks; submitit writes it at submission):")
         print(sbatch_script(settings, abl.name, ablation_dir, len(todo), sources))
     out.print("(dry run: nothing written)")

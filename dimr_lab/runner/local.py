@@ -50,7 +50,9 @@ def write_record(run: PlannedRun, executor: str) -> None:
         record = run.record(executor)
         if folder.record_path.exists():
             try:
-                record.created = folder.read_record().created or record.created
+                old = folder.read_record()
+                record.created = old.created or record.created
+                record.reused_from = record.reused_from or old.reused_from
             except Exception:  # a damaged run.json is replaced by the planned one
                 pass
         folder.write_record(record)

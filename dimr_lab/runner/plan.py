@@ -38,6 +38,7 @@ class PlannedRun:
     baseline: str = ""
     ablation_file: str = ""
     variant_index: int = 0  # the variant's place in the file (the table keeps that order)
+    reused_from: str = ""   # set when the runner copied a trained folder of the same identity (runner.reuse)
 
     @property
     def name(self) -> str:
@@ -52,7 +53,8 @@ class PlannedRun:
         return RunRecord(spec=to_dict(self.spec), identity=self.identity, ablation=self.ablation, title=self.title,
                          variant=self.variant, variant_index=self.variant_index, seed=self.seed, grid=self.grid,
                          factors=self.factors, paper=self.paper, baseline=self.baseline, profile=self.profile,
-                         ablation_file=self.ablation_file, executor=executor, created=time.time())
+                         ablation_file=self.ablation_file, executor=executor, created=time.time(),
+                         reused_from=self.reused_from)
 
     def pending_evaluations(self) -> list[int]:
         """The steps whose evaluation (with this run's settings) has not finished."""

@@ -1,0 +1,130 @@
+"""Reuse a trained run of the same identity from elsewhere in the results folder.
+
+A run's identity hashes what it trains (model, data, diffusion, recipe, seed), so two ablations that share
+a row (Table 2's multi-branch adaLN-Zero row is the norm ablation's adaLN-Zero variant) plan folders with the
+same identity under different ablations. Training it twice gives bit-identical weights on the CPU; instead
+the runner copies the trained folder (checkpoints, log, evaluations) into the new place and records where
+it came from (`reused_from` in run.json). What the new run asks for beyond the copy (more steps, other
+evaluation settings) is then trained or evaluated as for any resumed run.
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from dimr_lab.rundir import (CHECKPOINTS, EVALS, LOG, LOSS_PLOT, SPEC, RunBusy, RunDir, is_run_folder, run_lock)
+
+# what a copy takes: the trained state and its evaluations; not the runner's own files (run.json is planned
+# anew, local.json/slurm.json/output.log belong to the processes that trained the source, .lock to nobody)
+COPIED = (SPEC, LOG, LOSS_PLOT, CHECKPOINTS, EVALS)
+
+
+@dataclass
+class Source:
+    path: Path
+    step: int        # the source's last checkpoint
+
+
+def find_source(results: Path, run_dir: Path, identity: str, steps: int) -> Source | None:
+    """The trained folder under `results/<ablation>/` with this identity, not `run_dir`, whose last checkpoint
+    is at most `steps` (more is not reused: its last checkpoint would be past the planned end); the furthest
+    trained one wins, then the name."""
+    best: Source | None = None
+    try:
+        ablations = sorted(p for p in Path(results).iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        return None
+    for ablation in ablations:
+        for cand in sorted(ablation.glob(f"*-{identity}")):
+            if cand.resolve() == Path(run_dir).resolve() or not is_run_folder(cand):
+                continue
+            folder = RunDir(cand)
+            index = folder.index()
+            if index is None or index.identity != identity or not folder.last_checkpoint.is_file():
+                continue
+            try:
+                if _identity_of(folder) != identity:
+                    continue
+            except (OSError, ValueError, AttributeError):  # a damaged source is simply not reused
+                continue
+            if 0 < index.last <= steps and (best is None or index.last > best.step):
+                best = Source(cand, index.last)
+    return best
+
+
+def _identity_of(folder: RunDir) -> str:
+    import json
+
+    return str(json.loads(folder.spec_path.read_text()).get("identity", ""))
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """A hard link where the file system allows (checkpoints are never rewritten in place: saves replace
+    them by rename), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def reuse(results: Path, run_dir: Path, identity: str, steps: int) -> Source | None:
+    """Copy a trained folder of this identity into `run_dir` when `run_dir` holds no trained state yet.
+
+    The copy is made in a hidden sibling folder and renamed into place, under the source's lock (a source
+    being trained right now is skipped), so `run_dir` either holds the whole copy or nothing of it."""
+    run_dir = Path(run_dir)
+    if RunDir(run_dir).index() is not None or (run_dir / SPEC).exists():
+        return None
+    source = find_source(results, run_dir, identity, steps)
+    if source is None:
+        return None
+    tmp = run_dir.parent / f".{run_dir.name}.reuse-{os.getpid()}"
+    try:
+        with run_lock(source.path, purpose="reuse"):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for name in COPIED:
+                src = source.path / name
+                if src.is_dir():
+                    shutil.copytree(src, tmp / name, copy_function=_copy_file,
+                                    ignore=shutil.ignore_patterns("chunks", ".*.tmp"))
+                elif src.is_file():
+                    _copy_file(src, tmp / name)
+        if run_dir.exists():  # planned before (run.json, a lock file): move the copy in beside them
+            if any(p.name in COPIED for p in run_dir.iterdir()):
+                return None
+            for name in COPIED:  # checkpoints first: a folder with weights and no spec.json resumes from them
+                if (tmp / name).exists():
+                    os.rename(tmp / name, run_dir / name)
+        else:
+            os.rename(tmp, run_dir)
+        return source
+    except RunBusy:
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp)
+
+
+def reuse_runs(runs: list, results: Path, executor: str) -> list[tuple[object, Source]]:
+    """Fill each unfinished planned run with nothing trained yet from a trained folder of its identity
+    elsewhere under `results`; writes run.json of each filled run (with `reused_from`)."""
+    from dimr_lab.runner.local import write_record
+
+    filled = []
+    for r in runs:
+        if r.is_done():
+            continue
+        source = reuse(results, r.run_dir, r.identity, r.spec.train.steps)
+        if source is None:
+            continue
+        r.reused_from = str(source.path.relative_to(Path(results)))
+        write_record(r, executor)
+        filled.append((r, source))
+    return filled
