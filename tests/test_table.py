@@ -463,6 +463,16 @@ def test_steps_against_the_baseline_without_published_numbers(tree):
     assert "cannot be below 2/2^3 = 0.25" in " ".join(text.split())
 
 
+def test_a_variant_without_a_published_number_is_compared_with_the_baseline(tree):
+    stats = step_statistics(collect(tree)[0])
+    got = dict(zip(stats["step"], stats["verdict"]))
+    assert set(got) == {"adaln → tdln", "tdln → ln_token"}, got  # published step + the unpublished variant
+    assert got["tdln → ln_token"] == "no published sign"
+    # Holm runs over both comparisons read together
+    raw = sorted(stats["p_t"])
+    assert stats["p_holm"].min() == pytest.approx(min(1.0, 2 * raw[0]))
+
+
 def test_rows_on_different_data_are_not_compared(tmp_path):
     runs = collect(paired_tree(tmp_path, [5.0, 5.1, 4.9], (1, 3), image_sizes=(16, 32)))[0]
     assert set(runs["data_key"]) == {"shapes:16:16", "shapes:32:32"}
@@ -488,7 +498,7 @@ def test_steps_csv_columns(tree, capsys):
     assert code == 0 and err == ""
     steps = pd.read_csv(io.StringIO(out))
     assert list(steps.columns[:len(STEP_COLUMNS)]) == list(STEP_COLUMNS)
-    assert list(steps["step"]) == ["adaln → tdln"] and steps["n"].iloc[0] == 3
+    assert list(steps["step"]) == ["adaln → tdln", "tdln → ln_token"] and steps["n"].iloc[0] == 3
     assert steps["paper_diff"].iloc[0] == pytest.approx(5.21 - 7.91)
 
 

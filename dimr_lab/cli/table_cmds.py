@@ -29,7 +29,8 @@ def table_cmd(
     curves: Optional[Path] = typer.Option(None, "--curves", help="Also write a PNG of learning curves: the metric "
                                                                   "vs training step and vs training compute."),
     steps: bool = typer.Option(False, "--steps", help="Instead: each step between consecutive variants with "
-                                                       "published numbers (else each variant vs the baseline), "
+                                                       "published numbers, and each unpublished variant vs the "
+                                                       "baseline, "
                                                        "paired by seed, Holm-adjusted, read against the paper."),
     step: Optional[int] = typer.Option(None, "--step", help="Use the evaluations at this training step "
                                                              "(default: each run's latest)."),

@@ -32,16 +32,17 @@ def _variant_order(group: pd.DataFrame) -> list[str]:
 
 
 def _pairs(group: pd.DataFrame, paper_col: str | None) -> list[tuple[str, str]]:
-    """The steps of one ablation/profile/grid: between consecutive published variants, else each variant
-    against the baseline."""
+    """The steps of one ablation/profile/grid: between consecutive published variants, and each variant
+    without a published number against the baseline (every variant when none is published)."""
     order = _variant_order(group)
+    published = []
     if paper_col is not None and paper_col in group and group[paper_col].notna().any():
         published = [v for v in order if group.loc[group["variant"] == v, paper_col].notna().any()]
-        return list(zip(published, published[1:]))
+    pairs = list(zip(published, published[1:]))
     base = base_variant(group)
-    if base not in order:
-        return []
-    return [(base, v) for v in order if v != base]
+    if base in order:
+        pairs += [(base, v) for v in order if v != base and v not in published]
+    return pairs
 
 
 def _published(group: pd.DataFrame, variant: str, paper_col: str | None) -> float:
