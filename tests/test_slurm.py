@@ -275,8 +275,10 @@ def test_a_pass_through_setting_reaches_sacct(tmp_path, capsys, job_env):
         def recorded():
             res = subprocess.run(["sacct", "-n", "-P", "-X", "-o", "JobID,Comment,Timelimit", "-j", job.split("_")[0]],
                                  capture_output=True, text=True, timeout=30).stdout
-            return res if "dimr pass-through" in res else None
-        res = _wait(recorded, WAIT, "sacct to show the comment")
+            # the comment can reach the database before the time limit does: wait for both fields
+            fields = res.strip().split("\n")[0].split("|") if res.strip() else []
+            return res if len(fields) >= 3 and "dimr pass-through" in fields[1] and fields[2] else None
+        res = _wait(recorded, WAIT, "sacct to show the comment and the time limit")
         assert "00:02:00" in res
     finally:
         _scancel_all([results])
