@@ -337,6 +337,15 @@ class RunDir:
             steps.add(idx.last)
         return sorted(steps)
 
+    def kept_on_disk(self) -> list[int]:
+        """Steps of the kept checkpoint files present (whatever the index says)."""
+        steps = []
+        for p in self.checkpoints.glob("step-*.pt"):
+            digits = p.name[len("step-"):-len(".pt")]
+            if digits.isdigit() and p.name == kept_name(int(digits)):
+                steps.append(int(digits))
+        return sorted(steps)
+
     def checkpoint_for(self, step: int) -> Path | None:
         """The checkpoint file holding `step`: a kept one, or last.pt when it is at that step."""
         if self.kept_checkpoint(step).exists():

@@ -416,6 +416,7 @@ def test_a_run_another_ablation_trained_is_reused_not_trained_again(tmp_path, ca
     code, out, err = cli(["run", two, "--results", results / "x", "--train-fn", STANDIN, "--set", "train.steps=9",
                           "--only", "a", "--json"], capsys)
     assert code == 0 and not [x for x in map(json.loads, out.splitlines()) if x["status"] == "reused"]
+    source_log = (src_a / "log.jsonl").read_bytes()
     longer = tmp_path / "three.toml"
     longer.write_text(two.read_text().replace('name = "two"', 'name = "three"'))
     code, out, err = cli(["run", longer, "--results", results, "--train-fn", STANDIN, "--set", "train.steps=9",
@@ -428,6 +429,7 @@ def test_a_run_another_ablation_trained_is_reused_not_trained_again(tmp_path, ca
     assert {"event": "resumed", "from": 6, "restart": None} in \
         [json.loads(x) for x in (a3 / "log.jsonl").read_text().splitlines()]
     assert json.loads(final_metrics(src_a).read_text())["step"] == 6  # the source did not move on
+    assert (src_a / "log.jsonl").read_bytes() == source_log  # nor did its log (a copy, not a link)
 
 
 def test_reuse_is_off_with_no_reuse_and_never_takes_a_longer_run(tmp_path, capsys, standin_env):

@@ -18,7 +18,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from dimr_lab.rundir import (CHECKPOINTS, EVALS, LOG, LOSS_PLOT, SPEC, RunBusy, RunDir, is_run_folder, run_lock)
+from dimr_lab.rundir import (CHECKPOINTS, EVALS, LOG, LOSS_PLOT, SPEC, RunBusy, RunDir, is_run_folder, run_lock,
+                             try_read_json_object)
 
 # what a copy takes: the trained state and its evaluations; not the runner's own files (run.json is planned
 # anew, local.json/slurm.json/output.log belong to the processes that trained the source, .lock to nobody)
@@ -48,36 +49,32 @@ def find_source(results: Path, run_dir: Path, identity: str, steps: int) -> Sour
             index = folder.index()
             if index is None or index.identity != identity or not folder.last_checkpoint.is_file():
                 continue
-            try:
-                if _identity_of(folder) != identity:
-                    continue
-            except (OSError, ValueError, AttributeError):  # a damaged source is simply not reused
+            doc = try_read_json_object(folder.spec_path)  # a damaged source is simply not reused
+            if doc is None or doc.get("identity") != identity:
                 continue
             if 0 < index.last <= steps and (best is None or index.last > best.step):
                 best = Source(cand, index.last)
     return best
 
 
-def _identity_of(folder: RunDir) -> str:
-    import json
-
-    return str(json.loads(folder.spec_path.read_text()).get("identity", ""))
-
-
 def _copy_file(src: Path, dst: Path) -> None:
-    """A hard link where the file system allows (checkpoints are never rewritten in place: saves replace
-    them by rename), else a copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    """Checkpoints as hard links where the file system allows (they are never rewritten in place: saves
+    replace them by rename); every other file as a copy (the log is appended to in place, so a link would
+    let the two runs write into each other's log)."""
+    if Path(src).suffix == ".pt":
+        with contextlib.suppress(OSError):
+            os.link(src, dst)
+            return
+    shutil.copy2(src, dst)
 
 
 def reuse(results: Path, run_dir: Path, identity: str, steps: int) -> Source | None:
     """Copy a trained folder of this identity into `run_dir` when `run_dir` holds no trained state yet.
 
-    The copy is made in a hidden sibling folder and renamed into place, under the source's lock (a source
-    being trained right now is skipped), so `run_dir` either holds the whole copy or nothing of it."""
+    The copy is made in a hidden sibling folder under the source's lock (a source being trained right now
+    is skipped), then renamed into place: a new `run_dir` holds the whole copy or nothing of it; into a
+    folder planned before (run.json only) the parts move one by one, checkpoints first, so a kill between
+    them leaves a folder that resumes from those checkpoints."""
     run_dir = Path(run_dir)
     if RunDir(run_dir).index() is not None or (run_dir / SPEC).exists():
         return None

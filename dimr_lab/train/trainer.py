@@ -404,8 +404,7 @@ class Trainer:
         run = self.run
         if loaded == run.last_checkpoint and self.step in self.kept and not run.kept_checkpoint(self.step).exists():
             self._link_kept()
-        kept = sorted(s for s in self.kept | {int(p.name[5:13]) for p in run.checkpoints.glob("step-*.pt")
-                                              if p.name[5:13].isdigit()} if run.kept_checkpoint(s).exists())
+        kept = sorted(s for s in self.kept | set(run.kept_on_disk()) if run.kept_checkpoint(s).exists())
         CheckpointIndex(self.step, kept, self.identity).write(run.index_path)
 
     def _link_kept(self) -> None:
