@@ -1,6 +1,6 @@
 """CPU training throughput of the built-in default run, side by side: this tree against another checkout.
 
-    .venv/bin/python scripts/bench_cpu.py --baseline /tmp/base [--steps 120] [--repeats 3]
+    .venv/bin/python scripts/bench_cpu.py --baseline /tmp/base [--steps 120] [--repeats 3] [--compile]
 
 Each measurement is a fresh `dimr-lab train` of the default spec (evaluation off) in a subprocess importing
 the tree under test; trees alternate within every repeat, so both see the same machine state. Modes:
@@ -9,6 +9,9 @@ the tree under test; trees alternate within every repeat, so both see the same m
   default        no thread setting (the tree's own default)
   jobs           two 1-thread runs at once (what `run --jobs 0` does on 2 cores): their summed images/s
   default+busy   the default beside a second, busy 1-thread training process
+With --compile, this tree is measured a second time with train.compile = true (the whole network compiled
+on the CPU): the training rate leaves the compilation out, the CPU-second rate of 1-thread runs counts it
+(with inductor's cache as the machine has it: cold on the first compiled run, warm after).
 Reported: the median over repeats of the training images/s (log.jsonl rows after the first), and for
 1-thread runs the CPU-time rate (images per CPU-second), which waiting for a core does not change.
 """
@@ -30,10 +33,11 @@ PY = sys.executable
 CODE = "from dimr_lab.cli import main; main()"
 
 
-def train_cmd(out: Path, steps: int) -> list[str]:
+def train_cmd(out: Path, steps: int, extra: tuple[str, ...] = ()) -> list[str]:
+    sets = [x for kv in extra for x in ("--set", kv)]
     return [PY, "-c", CODE, "train", "--out", str(out), "--set", f"train.steps={steps}", "--set",
             "eval.enabled=false", "--set", "train.log_every=20", "--set", "train.checkpoint_every=100000",
-            "--no-progress"]
+            "--no-progress", *sets]
 
 
 def env_for(tree: Path, threads: int | None) -> dict[str, str]:
@@ -50,31 +54,31 @@ def rate(out: Path) -> float:
     return statistics.median(r["images_per_s"] for r in rows)
 
 
-def one(tree: Path, threads: int | None, steps: int, tmp: Path) -> tuple[float, float]:
+def one(tree: Path, threads: int | None, steps: int, tmp: Path, extra: tuple[str, ...] = ()) -> tuple[float, float]:
     """(images/s, images per CPU-second) of one run."""
     out = tmp / f"run-{time.monotonic_ns()}"
     t0 = os.times()
-    subprocess.run(train_cmd(out, steps), env=env_for(tree, threads), cwd=tree, check=True, capture_output=True)
+    subprocess.run(train_cmd(out, steps, extra), env=env_for(tree, threads), cwd=tree, check=True, capture_output=True)
     t1 = os.times()
     cpu = (t1.children_user - t0.children_user) + (t1.children_system - t0.children_system)
     return rate(out), 32 * steps / cpu
 
 
-def jobs(tree: Path, steps: int, tmp: Path) -> float:
+def jobs(tree: Path, steps: int, tmp: Path, extra: tuple[str, ...] = ()) -> float:
     outs = [tmp / f"job{i}-{time.monotonic_ns()}" for i in range(2)]
-    procs = [subprocess.Popen(train_cmd(o, steps), env=env_for(tree, 1), cwd=tree, stdout=subprocess.DEVNULL,
+    procs = [subprocess.Popen(train_cmd(o, steps, extra), env=env_for(tree, 1), cwd=tree, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL) for o in outs]
     for p in procs:
         p.wait()
     return sum(rate(o) for o in outs)
 
 
-def beside_busy(tree: Path, steps: int, tmp: Path) -> float:
+def beside_busy(tree: Path, steps: int, tmp: Path, extra: tuple[str, ...] = ()) -> float:
     busy = subprocess.Popen(train_cmd(tmp / f"busy-{time.monotonic_ns()}", 10**6), env=env_for(tree, 1), cwd=tree,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(8)  # the busy run is past its start-up
-        return one(tree, None, steps, tmp)[0]
+        return one(tree, None, steps, tmp, extra)[0]
     finally:
         busy.kill()
         busy.wait()
@@ -86,31 +90,38 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--modes", default="1,2,default,jobs,busy")
+    p.add_argument("--compile", action="store_true", help="also this tree with train.compile = true")
     args = p.parse_args()
-    trees = {"baseline": args.baseline.resolve(), "this": HERE}
+    trees = {"baseline": (args.baseline.resolve(), ()), "this": (HERE, ())}
+    if args.compile:
+        trees["this, compiled"] = (HERE, ("train.compile=true",))
     modes = args.modes.split(",")
     res: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp_:
         tmp = Path(tmp_)
         for rep in range(args.repeats):
             for mode in modes:
-                for name, tree in (list(trees.items()) if rep % 2 == 0 else list(trees.items())[::-1]):
+                for name, (tree, extra) in (list(trees.items()) if rep % 2 == 0 else list(trees.items())[::-1]):
                     if mode in ("1", "2", "default"):
-                        ips, cpu = one(tree, None if mode == "default" else int(mode), args.steps, tmp)
+                        ips, cpu = one(tree, None if mode == "default" else int(mode), args.steps, tmp, extra)
                         res.setdefault((mode, name), []).append(ips)
                         if mode == "1":
                             res.setdefault(("1 (per CPU-s)", name), []).append(cpu)
                     elif mode == "jobs":
-                        res.setdefault((mode, name), []).append(jobs(tree, args.steps, tmp))
+                        res.setdefault((mode, name), []).append(jobs(tree, args.steps, tmp, extra))
                     elif mode == "busy":
-                        res.setdefault(("default beside a busy run", name), []).append(beside_busy(tree, args.steps, tmp))
+                        res.setdefault(("default beside a busy run", name), []).append(beside_busy(tree, args.steps, tmp, extra))
                     print(f"repeat {rep} {mode} {name}: {res[(mode if mode != 'busy' else 'default beside a busy run', name)][-1]:.0f}",
                           file=sys.stderr, flush=True)
     load = os.getloadavg()
-    print(f"| mode | baseline img/s | this img/s | ratio |\n|---|---|---|---|")
+    others = [n for n in trees if n != "baseline"]
+    print("| mode | baseline img/s | " + " | ".join(f"{n} img/s | ratio" for n in others) + " |")
+    print("|---|---|" + "---|---|" * len(others))
     for mode in dict.fromkeys(m for m, _ in res):
-        b, t = statistics.median(res[(mode, "baseline")]), statistics.median(res[(mode, "this")])
-        print(f"| {mode} | {b:.0f} | {t:.0f} | {t / b:.2f}x |")
+        b = statistics.median(res[(mode, "baseline")])
+        cells = [f"{statistics.median(res[(mode, n)]):.0f} | {statistics.median(res[(mode, n)]) / b:.2f}x"
+                 for n in others]
+        print(f"| {mode} | {b:.0f} | " + " | ".join(cells) + " |")
     print(f"\nmedians of {args.repeats} repeats, {args.steps} steps each; load average at the end {load[0]:.2f}")
     return 0
 

@@ -394,3 +394,61 @@ def test_compiled_blocks_agree_with_the_eager_network():
         o.backward()
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_opaque_depthwise_convolution_is_the_convolution_bit_for_bit():
+    """The custom operator the CPU compile path uses gives nn.Conv2d's numbers, forward and backward."""
+    from dimr_lab.nn.depthwise import depthwise_conv2d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 6, 7, padding=3, groups=6)
+    x = torch.randn(3, 5, 5, 6, requires_grad=True)  # (B, H, W, d)
+    go = torch.randn(3, 5, 5, 6)
+    want = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    want.backward(go)
+    grads = [x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()]
+    for p in (x, conv.weight, conv.bias):
+        p.grad = None
+    got = depthwise_conv2d(x, conv.weight, conv.bias, 3)
+    got.backward(go)
+    assert torch.equal(got, want)
+    for a, b in zip((x.grad, conv.weight.grad, conv.bias.grad), grads):
+        assert torch.equal(a, b)
+    torch.library.opcheck(torch.ops.dimr_lab.depthwise_conv2d.default, (x.detach(), conv.weight.detach(),
+                                                                         conv.bias.detach(), 3))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_whole_network_compiled_on_the_cpu_agrees_with_the_eager_network():
+    """`train.compile` on the CPU (compile_network: the whole network, opaque depthwise convolutions)
+    changes no result beyond float rounding, forward and backward; the eager network is left as it was."""
+    torch.manual_seed(0)
+    eager = build_model({"preset": "dimr_tiny_2r", "branches": [{"width": 16, "depth": 1, "heads": 2},
+                                                                  {"width": 8, "depth": 1}]})
+    twin = copy.deepcopy(eager)
+    compiled = twin.compile_network("cpu")
+    assert compiled is not twin and all(b.opaque_conv for b in twin.branches[1].blocks)
+    assert not any(getattr(m, "opaque_conv", False) for m in eager.modules())
+    x, t, y = torch.randn(4, 3, 16, 16), torch.rand(4), torch.randint(0, 8, (4,))
+    outs = [sum(o.square().mean() for o in m(x, t, y)) for m in (eager, compiled)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for o in outs:
+        o.backward()
+    for (name, a), b in zip(eager.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert twin.state_dict().keys() == eager.state_dict().keys()  # checkpoints hold the plain names
+
+
+def test_compile_on_the_cpu_without_a_cpp_compiler_is_one_clear_error(monkeypatch):
+    import shutil
+
+    from dimr_lab.spec.preflight import check_compiler
+    from dimr_lab.spec.run_spec import load_run_spec
+
+    spec = load_run_spec(None, [("train.compile", True)])
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(SpecError, match="train.compile: torch.compile on the CPU needs a C\\+\\+ compiler"):
+        check_compiler(spec, torch.device("cpu"))
+    check_compiler(spec, torch.device("cuda"))  # the GPU path does not ask for one
+    check_compiler(load_run_spec(None, []), torch.device("cpu"))  # nor does the eager path

@@ -416,3 +416,27 @@ def test_thread_governor_gives_a_busy_core_away_and_takes_it_back(monkeypatch):
     assert th.ThreadGovernor(3).threads == 3 and set_to[-1] == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert not th.ThreadGovernor(0).auto
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_compiled_training_on_the_cpu_follows_the_eager_run(tmp_path):
+    """train.compile = true on the CPU (the whole network compiled) trains the same run as the eager path
+    within float rounding: the same losses step by step, checkpoints with the plain parameter names."""
+    from dimr_lab.train.trainer import train_run
+
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for name, compile_ in (("eager", False), ("compiled", True)):
+        train_run(tiny_spec(tmp_path, steps=4, ckpt=4, overrides=[("train.compile", compile_)]), tmp_path / name,
+                  progress=False)
+    la, lb = ([json.loads(x)["loss"] for x in (tmp_path / n / "log.jsonl").read_text().splitlines()]
+              for n in ("eager", "compiled"))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the compiled run did compile
+    assert len(la) == len(lb) == 4
+    assert la == pytest.approx(lb, rel=1e-4, abs=1e-6)
+    a, b = load_ckpt(tmp_path / "eager"), load_ckpt(tmp_path / "compiled")
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-3, atol=1e-5, msg=k)

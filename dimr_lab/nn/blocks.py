@@ -49,7 +49,13 @@ class ConvNeXtBlock(Block):
         super().__init__(spec, branch)
         k = branch.kernel
         self.dwconv = nn.Conv2d(branch.width, branch.width, k, padding=k // 2, groups=branch.width)
+        self.opaque_conv = False  # set by MultiResolutionNet.compile_network on the CPU (nn/depthwise.py)
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
-        x = x + self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, d)
-        return self._mlp(x, cond)
+        if self.opaque_conv:
+            from dimr_lab.nn.depthwise import depthwise_conv2d
+
+            h = depthwise_conv2d(x.contiguous(), self.dwconv.weight, self.dwconv.bias, self.dwconv.padding[0])
+        else:
+            h = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, d)
+        return self._mlp(x + h, cond)

@@ -80,6 +80,16 @@ def check_processes(spec: Any, world_size: int) -> None:
                         key="train.batch_size")
 
 
+def check_compiler(spec: Any, device: Any) -> None:
+    """train.compile on the CPU generates C++: a C++ compiler must be on PATH (the GPU path needs none here)."""
+    import shutil
+
+    if spec.train.compile and getattr(device, "type", str(device)) == "cpu" and not any(
+            shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise SpecError("torch.compile on the CPU needs a C++ compiler (g++, c++ or clang++) on PATH and none "
+                        "was found; install one or set train.compile = false", key="train.compile")
+
+
 def memory_estimate(params: int, batch_size: int, gmacs: float | None) -> int:
     """A lower bound of the bytes one training process needs: float32 weights, gradients, two AdamW
     moments and the EMA copy (20 bytes a parameter), plus activations of the order of the forward's

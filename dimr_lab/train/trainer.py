@@ -54,9 +54,10 @@ def train_run(spec: Any, out_dir: Path, *, should_stop: Callable[[], bool] | Non
     check_available(spec.track)
     info = distributed.setup()
     try:
-        from dimr_lab.spec.preflight import check_processes
+        from dimr_lab.spec.preflight import check_compiler, check_processes
 
         check_processes(spec, info.world_size)
+        check_compiler(spec, info.device)
         check_memory(spec, info)
         with run_lock(run.path) if info.main else contextlib.nullcontext():
             if info.main:
@@ -214,8 +215,10 @@ class Trainer:
         self.noise = torch.Generator().manual_seed(tr.seed)  # CPU: the same numbers on any device
         self.order = BatchOrder(len(self.dataset), tr.batch_size, tr.seed)
         self.fwd = self.model
-        if tr.compile:
-            self.model.compile_blocks()
+        if tr.compile and self.world > 1:
+            self.model.compile_blocks()  # regional: DDP wraps the network itself
+        elif tr.compile:
+            self.fwd = self.model.compile_network(self.device)  # GPUs: each block; the CPU: the whole network
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
