@@ -376,24 +376,31 @@ def test_export_to_safetensors_and_load_back_through_dimr_lab_and_timm(tmp_path,
         timm.create_model("dimr_tiny_3r", pretrained=True)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_compiled_blocks_agree_with_the_eager_network():
-    """Regional compilation (`compile_blocks`) changes no result beyond float rounding, forward and backward."""
-    import copy
-
+def _small_dimr():
     torch.manual_seed(0)
-    eager = build_model({"preset": "dimr_tiny_2r", "branches": [{"width": 16, "depth": 1, "heads": 2},
-                                                                  {"width": 8, "depth": 1}]})
-    compiled = copy.deepcopy(eager)
-    compiled.compile_blocks()
+    return build_model({"preset": "dimr_tiny_2r", "branches": [{"width": 16, "depth": 1, "heads": 2},
+                                                                 {"width": 8, "depth": 1}]})
+
+
+def _assert_same_loss_and_grads(eager, compiled, compiled_params) -> None:
+    """One forward and backward of both: the same loss and gradients within float rounding."""
     x, t, y = torch.randn(4, 3, 16, 16), torch.rand(4), torch.randint(0, 8, (4,))
     outs = [sum(o.square().mean() for o in m(x, t, y)) for m in (eager, compiled)]
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
     for o in outs:
         o.backward()
-    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+    for (name, a), b in zip(eager.named_parameters(), compiled_params):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_compiled_blocks_agree_with_the_eager_network():
+    """Regional compilation (`compile_blocks`) changes no result beyond float rounding, forward and backward."""
+    eager = _small_dimr()
+    compiled = copy.deepcopy(eager)
+    compiled.compile_blocks()
+    _assert_same_loss_and_grads(eager, compiled, compiled.parameters())
 
 
 def test_opaque_depthwise_convolution_is_the_convolution_bit_for_bit():
@@ -423,20 +430,12 @@ def test_opaque_depthwise_convolution_is_the_convolution_bit_for_bit():
 def test_whole_network_compiled_on_the_cpu_agrees_with_the_eager_network():
     """`train.compile` on the CPU (compile_network: the whole network, opaque depthwise convolutions)
     changes no result beyond float rounding, forward and backward; the eager network is left as it was."""
-    torch.manual_seed(0)
-    eager = build_model({"preset": "dimr_tiny_2r", "branches": [{"width": 16, "depth": 1, "heads": 2},
-                                                                  {"width": 8, "depth": 1}]})
+    eager = _small_dimr()
     twin = copy.deepcopy(eager)
     compiled = twin.compile_network("cpu")
     assert compiled is not twin and all(b.opaque_conv for b in twin.branches[1].blocks)
     assert not any(getattr(m, "opaque_conv", False) for m in eager.modules())
-    x, t, y = torch.randn(4, 3, 16, 16), torch.rand(4), torch.randint(0, 8, (4,))
-    outs = [sum(o.square().mean() for o in m(x, t, y)) for m in (eager, compiled)]
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
-    for o in outs:
-        o.backward()
-    for (name, a), b in zip(eager.named_parameters(), twin.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same_loss_and_grads(eager, compiled, twin.parameters())
     assert twin.state_dict().keys() == eager.state_dict().keys()  # checkpoints hold the plain names
 
 
