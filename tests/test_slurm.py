@@ -141,11 +141,13 @@ def test_requeue_mid_training_resumes_to_the_same_weights(tmp_path, job_env, how
             subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
         else:
             subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
-        # a requeued job waits ~2 minutes (BeginTime) before it may start again: let it start now
+        # a requeued job waits ~2 minutes (BeginTime) before it may start again: let it start in a few
+        # seconds. Not at once: slurmd revokes the first run's credential as it cleans up, and a restart
+        # within that moment is killed ("Job credential revoked"; seen once under load)
         def released():
             st = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
             if "PENDING" in st:
-                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30)
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+5"], timeout=30)
                 return True
             return False
         _wait(released, 30, "the requeued job to be pending")
