@@ -1,6 +1,6 @@
 """CPU training throughput of the built-in default run, side by side: this tree against another checkout.
 
-    .venv/bin/python scripts/bench_cpu.py --baseline /tmp/base [--steps 120] [--repeats 3] [--compile]
+    .venv/bin/python scripts/bench_cpu.py --baseline /tmp/base [--also /tmp/prev] [--steps 120] [--repeats 3] [--compile]
 
 Each measurement is a fresh `dimr-lab train` of the default spec (evaluation off) in a subprocess importing
 the tree under test; trees alternate within every repeat, so both see the same machine state. Modes:
@@ -9,7 +9,8 @@ the tree under test; trees alternate within every repeat, so both see the same m
   default        no thread setting (the tree's own default)
   jobs           two 1-thread runs at once (what `run --jobs 0` does on 2 cores): their summed images/s
   default+busy   the default beside a second, busy 1-thread training process
-With --compile, this tree is measured a second time with train.compile = true (the whole network compiled
+`--also` adds more checkouts (say, the commit before a change), measured beside the others in the same
+repeats and reported against the baseline like this tree. With --compile, this tree is measured a second time with train.compile = true (the whole network compiled
 on the CPU): the training rate leaves the compilation out, the CPU-second rate of 1-thread runs counts it
 (with inductor's cache as the machine has it: cold on the first compiled run, warm after).
 Reported: the median over repeats of the training images/s (log.jsonl rows after the first), and for
@@ -87,12 +88,17 @@ def beside_busy(tree: Path, steps: int, tmp: Path, extra: tuple[str, ...] = ()) 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--baseline", type=Path, required=True, help="another checkout of dimr-lab (e.g. a git worktree)")
+    p.add_argument("--also", type=Path, action="append", default=[],
+                   help="another checkout measured beside (repeatable), e.g. the commit before a change")
     p.add_argument("--steps", type=int, default=120)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--modes", default="1,2,default,jobs,busy")
     p.add_argument("--compile", action="store_true", help="also this tree with train.compile = true")
     args = p.parse_args()
-    trees = {"baseline": (args.baseline.resolve(), ()), "this": (HERE, ())}
+    trees = {"baseline": (args.baseline.resolve(), ())}
+    for path in args.also:
+        trees[path.resolve().name] = (path.resolve(), ())
+    trees["this"] = (HERE, ())
     if args.compile:
         trees["this, compiled"] = (HERE, ("train.compile=true",))
     modes = args.modes.split(",")

@@ -403,14 +403,15 @@ def test_compiled_blocks_agree_with_the_eager_network():
     _assert_same_loss_and_grads(eager, compiled, compiled.parameters())
 
 
-def test_opaque_depthwise_convolution_is_the_convolution_bit_for_bit():
-    """The custom operator the CPU compile path uses gives nn.Conv2d's numbers, forward and backward."""
+def test_depthwise_operator_is_the_convolution_with_the_bias_gradient_summed_in_another_order():
+    """The ConvNeXt depthwise operator of the CPU path gives nn.Conv2d's forward, input gradient and weight
+    gradient bit for bit; the bias gradient is the same sum within float rounding."""
     from dimr_lab.nn.depthwise import depthwise_conv2d
 
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(6, 6, 7, padding=3, groups=6)
-    x = torch.randn(3, 5, 5, 6, requires_grad=True)  # (B, H, W, d)
-    go = torch.randn(3, 5, 5, 6)
+    conv = torch.nn.Conv2d(16, 16, 7, padding=3, groups=16)
+    x = torch.randn(4, 9, 9, 16, requires_grad=True)  # (B, H, W, d)
+    go = torch.randn(4, 9, 9, 16)
     want = conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     want.backward(go)
     grads = [x.grad.clone(), conv.weight.grad.clone(), conv.bias.grad.clone()]
@@ -419,22 +420,64 @@ def test_opaque_depthwise_convolution_is_the_convolution_bit_for_bit():
     got = depthwise_conv2d(x, conv.weight, conv.bias, 3)
     got.backward(go)
     assert torch.equal(got, want)
-    for a, b in zip((x.grad, conv.weight.grad, conv.bias.grad), grads):
-        assert torch.equal(a, b)
+    assert torch.equal(x.grad, grads[0]) and torch.equal(conv.weight.grad, grads[1])
+    torch.testing.assert_close(conv.bias.grad, grads[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(conv.bias.grad, go.sum((0, 1, 2)))
     torch.library.opcheck(torch.ops.dimr_lab.depthwise_conv2d.default, (x.detach(), conv.weight.detach(),
                                                                          conv.bias.detach(), 3))
+    # the flop counter (describe, MFU) counts the operator's forward as the module's, and its backward as
+    # twice that (torch's own formula for a grouped convolution's weight gradient ignores the groups)
+    counts = {}
+    for name, f in (("module", lambda: conv(x.permute(0, 3, 1, 2))), ("op", lambda: depthwise_conv2d(
+            x, conv.weight, conv.bias, 3).permute(0, 3, 1, 2))):
+        counter = torch.utils.flop_counter.FlopCounterMode(display=False)
+        with counter:
+            out = f()
+        counts[name] = counter.get_total_flops()
+        with counter:  # counts afresh
+            out.permute(0, 2, 3, 1).backward(go)
+        counts[name + " backward"] = counter.get_total_flops()
+    assert counts["op"] == counts["module"] == 2 * 4 * 9 * 9 * 16 * 7 * 7
+    assert counts["op backward"] == 2 * counts["op"]
+
+
+def test_convnext_block_on_the_cpu_uses_the_depthwise_operator_and_nn_conv2d_under_autocast(monkeypatch):
+    """Eager CPU blocks go through the operator (same forward as the module); under CPU autocast they keep
+    nn.Conv2d, which autocast casts (the operator would see mixed dtypes)."""
+    from dimr_lab.nn import blocks
+
+    net = _small_dimr()
+    block = next(b for b in net.modules() if isinstance(b, blocks.ConvNeXtBlock))
+    calls = []
+    real = blocks.depthwise_conv2d
+    monkeypatch.setattr(blocks, "depthwise_conv2d", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 3, 16, 16)
+    t = torch.rand(2)
+    y = torch.randint(0, 8, (2,))
+    with torch.no_grad():
+        plain = net(x, t, y)
+        n_blocks = sum(isinstance(b, blocks.ConvNeXtBlock) for b in net.modules())
+        assert len(calls) == n_blocks > 0
+        feats = torch.randn(2, 8, 8, block.dwconv.in_channels)
+        assert torch.equal(block.dwconv(feats.permute(0, 3, 1, 2)).permute(0, 2, 3, 1),
+                           real(feats, block.dwconv.weight, block.dwconv.bias, block.dwconv.padding[0]))
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = net(x, t, y)
+    assert not calls
+    for a, b in zip(plain, mixed):
+        assert a.shape == b.shape and torch.isfinite(b).all()
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_whole_network_compiled_on_the_cpu_agrees_with_the_eager_network():
     """`train.compile` on the CPU (compile_network: the whole network, opaque depthwise convolutions)
-    changes no result beyond float rounding, forward and backward; the eager network is left as it was."""
+    changes no result beyond float rounding, forward and backward."""
     eager = _small_dimr()
     twin = copy.deepcopy(eager)
     compiled = twin.compile_network("cpu")
-    assert compiled is not twin and all(b.opaque_conv for b in twin.branches[1].blocks)
-    assert not any(getattr(m, "opaque_conv", False) for m in eager.modules())
+    assert compiled is not twin
     _assert_same_loss_and_grads(eager, compiled, twin.parameters())
     assert twin.state_dict().keys() == eager.state_dict().keys()  # checkpoints hold the plain names
 

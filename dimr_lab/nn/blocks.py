@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from dimr_lab.nn.attention import SelfAttention
+from dimr_lab.nn.depthwise import depthwise_conv2d
 from dimr_lab.nn.time_dependent import Cond
 from dimr_lab.registry import MLPS, NORMS
 
@@ -49,12 +50,10 @@ class ConvNeXtBlock(Block):
         super().__init__(spec, branch)
         k = branch.kernel
         self.dwconv = nn.Conv2d(branch.width, branch.width, k, padding=k // 2, groups=branch.width)
-        self.opaque_conv = False  # set by MultiResolutionNet.compile_network on the CPU (nn/depthwise.py)
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
-        if self.opaque_conv:
-            from dimr_lab.nn.depthwise import depthwise_conv2d
-
+        if x.device.type == "cpu" and not torch.is_autocast_enabled("cpu"):
+            # one operator with a cheaper backward, opaque to torch.compile (nn/depthwise.py); same weights
             h = depthwise_conv2d(x.contiguous(), self.dwconv.weight, self.dwconv.bias, self.dwconv.padding[0])
         else:
             h = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, d)

@@ -116,13 +116,10 @@ class MultiResolutionNet(nn.Module):
         """What `train.compile` does on `device`: on GPUs, compile each block (`compile_blocks`, seconds
         for XL/2R) and return the network; on the CPU, return the whole network compiled, where the Python
         between DiMR-tiny's small operators costs more than the operators (the ConvNeXt depthwise
-        convolutions become opaque operators that keep their fast layout: nn/depthwise.py)."""
+        convolutions stay opaque operators that keep their fast layout: nn/depthwise.py)."""
         if torch.device(device).type != "cpu":
             self.compile_blocks(**kwargs)
             return self
-        for module in self.modules():
-            if hasattr(module, "opaque_conv"):
-                module.opaque_conv = True
         return torch.compile(self, **kwargs)
 
     def set_checkpointing(self, enabled: bool) -> None:
