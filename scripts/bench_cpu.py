@@ -10,9 +10,10 @@ the tree under test; trees alternate within every repeat, so both see the same m
   jobs           two 1-thread runs at once (what `run --jobs 0` does on 2 cores): their summed images/s
   default+busy   the default beside a second, busy 1-thread training process
 `--also` adds more checkouts (say, the commit before a change), measured beside the others in the same
-repeats and reported against the baseline like this tree. With --compile, this tree is measured a second time with train.compile = true (the whole network compiled
-on the CPU): the training rate leaves the compilation out, the CPU-second rate of 1-thread runs counts it
-(with inductor's cache as the machine has it: cold on the first compiled run, warm after).
+repeats and reported against the baseline like this tree. With --compile, this tree is measured a second
+time with train.compile = true (the whole network compiled on the CPU): the training rate leaves the
+compilation out, the CPU-second rate of 1-thread runs counts it (with inductor's cache as the machine has
+it: cold on the first compiled run, warm after).
 Reported: the median over repeats of the training images/s (log.jsonl rows after the first), and for
 1-thread runs the CPU-time rate (images per CPU-second), which waiting for a core does not change.
 """
@@ -97,7 +98,10 @@ def main() -> int:
     args = p.parse_args()
     trees = {"baseline": (args.baseline.resolve(), ())}
     for path in args.also:
-        trees[path.resolve().name] = (path.resolve(), ())
+        name = path.resolve().name
+        if name in trees or name.startswith("this"):
+            p.error(f"--also {path}: its folder name {name!r} is taken; name the checkouts apart")
+        trees[name] = (path.resolve(), ())
     trees["this"] = (HERE, ())
     if args.compile:
         trees["this, compiled"] = (HERE, ("train.compile=true",))
