@@ -403,6 +403,49 @@ def test_compiled_blocks_agree_with_the_eager_network():
     _assert_same_loss_and_grads(eager, compiled, compiled.parameters())
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_regional_compilation_compiles_each_kind_of_block_once_not_each_block_of_the_depth():
+    """Seven Transformer blocks and three ConvNeXt blocks compile into two graphs, one per kind, and no block
+    falls back to eager: a block's TD tensors are numbered inside the block, so no guard differs by depth."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = build_model({"preset": "dimr_tiny_2r", "branches": [{"width": 16, "depth": 6, "heads": 2},
+                                                                  {"width": 8, "depth": 2}]})
+    eager = copy.deepcopy(model)
+    assert len(model.branches[0].blocks) == 7 and len(model.branches[1].blocks) == 3
+    slots = [b.td_slots for br in model.branches for b in br.blocks]
+    assert all(s is not None for s in slots) and len(set(slots)) == len(slots)  # each block its own window
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model.compile_blocks()
+    _assert_same_loss_and_grads(eager, model, model.parameters())
+    counters = torch._dynamo.utils.counters
+    assert counters["stats"]["unique_graphs"] == 2
+    assert counters["frames"]["total"] == counters["frames"]["ok"]
+
+
+def test_a_block_reads_its_own_td_tensors_through_its_window():
+    """Numbering TD tensors inside each block changes no output: every block still reads its own values."""
+    from dimr_lab.nn.time_dependent import Cond, time_to_tau
+
+    torch.manual_seed(0)
+    model = build_model(TINY_2R)
+    _randomise_td(model)
+    t = torch.tensor([0.1, 0.7])
+    tau = time_to_tau(t)
+    cond = Cond(t=t, tau=tau, y=None, td=evaluate_all(model._td, tau))
+    for branch in model.branches:
+        for block in branch.blocks:
+            start, end = block.td_slots
+            inside = [m for m in block.modules() if isinstance(m, TimeDependentParameter)]
+            assert [m.index for m in inside] == list(range(end - start))
+            seen = cond.window(block.td_slots)
+            for m in inside:
+                torch.testing.assert_close(m(seen), m.evaluate(tau))
+
+
 def test_depthwise_operator_is_the_convolution_with_the_bias_gradient_summed_in_another_order():
     """The ConvNeXt depthwise operator of the CPU path gives nn.Conv2d's forward, input gradient and weight
     gradient bit for bit; the bias gradient is the same sum within float rounding."""

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dimr_lab.nn.time_dependent import Cond, TimeDependentParameter, collect, evaluate_all, time_to_tau
+from dimr_lab.nn.time_dependent import Cond, TimeDependentParameter, collect, evaluate_all, localize, time_to_tau
 from dimr_lab.registry import BLOCKS, CASCADES, CONDITIONING, HEADS, POS_EMBEDS
 from dimr_lab.spec.model_spec import ModelSpec, resolve_model
 
@@ -42,6 +42,7 @@ class Branch(nn.Module):
         self.checkpointing = spec.checkpointing
 
     def _run(self, block: nn.Module, x: torch.Tensor, cond: Cond) -> torch.Tensor:
+        cond = cond.window(block.td_slots)  # the block's own TD tensors, numbered as in every block of its kind
         if self.checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, cond, use_reentrant=False)
         return block(x, cond)
@@ -104,6 +105,9 @@ class MultiResolutionNet(nn.Module):
             lower = branch.feature_dim
         self.apply(_init_weights)
         self._td = collect(self)
+        for branch in self.branches:
+            for block in branch.blocks:
+                block.td_slots = localize(block)
 
     def compile_blocks(self, **kwargs: Any) -> None:
         """Regional compilation: torch.compile each block in place. Blocks of one kind and shape share one

@@ -30,7 +30,7 @@ class TimeDependentParameter(nn.Module):
         self.p1 = nn.Parameter(value.clone())
         self.w = nn.Parameter(torch.zeros(shape))  # no weight decay (optimizer_param_groups)
         self.b = nn.Parameter(torch.zeros(shape))
-        self.index = -1  # slot in Cond.td, assigned by the network
+        self.index = -1  # slot in Cond.td (in its block's window inside a block), assigned by the network
 
     def forward(self, cond: "Cond") -> torch.Tensor:
         """theta(tau) for this forward: (T, *shape), T = 1 (shared time) or batch size."""
@@ -56,6 +56,12 @@ class Cond:
     td: list[torch.Tensor] = field(default_factory=list)
     vector: torch.Tensor | None = None   # (B, D) adaLN condition (time + class embedding)
 
+    def window(self, slots: tuple[int, int] | None) -> "Cond":
+        """The Cond a block sees: its own TD tensors only, numbered from 0 (see `localize`)."""
+        if slots is None:
+            return self
+        return Cond(t=self.t, tau=self.tau, y=self.y, td=self.td[slots[0]:slots[1]], vector=self.vector)
+
 
 def time_to_tau(t: torch.Tensor) -> torch.Tensor:
     """tau = log_snr / 4 with the released code's log_snr = 8t - 4."""
@@ -68,6 +74,22 @@ def collect(module: nn.Module) -> list[TimeDependentParameter]:
     for i, p in enumerate(params):
         p.index = i
     return params
+
+
+def localize(scope: nn.Module) -> tuple[int, int] | None:
+    """Renumber the TD tensors below `scope` (numbered by `collect`) from 0 and return their slots in Cond.td,
+    (start, end), or None when it has none. A block then reads the same indices as every block of its kind:
+    torch.compile guards on integer attributes of modules, so global slots would compile each block of a
+    depth on its own (and past the recompile limit run the rest eagerly)."""
+    params = [m for m in scope.modules() if isinstance(m, TimeDependentParameter)]
+    if not params:
+        return None
+    start = params[0].index
+    if [p.index for p in params] != list(range(start, start + len(params))):
+        raise ValueError("the TD tensors of a block must be numbered in order by collect() first")
+    for i, p in enumerate(params):
+        p.index = i
+    return start, start + len(params)
 
 
 def evaluate_all(params: list[TimeDependentParameter], tau: torch.Tensor) -> list[torch.Tensor]:
