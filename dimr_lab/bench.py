@@ -270,12 +270,18 @@ def bench(spec: Any, *, batch: int = 8, dtype: str = "float32", device: str = "c
     model = build_model(spec).to(device)
     model.set_checkpointing(checkpointing)
     if compile:
+        from torch._dynamo.utils import counters
+
+        counters.clear()
         model = model.compile_network(device)
     t0 = time.perf_counter()
     result = bench_model(model, batch=batch, image_size=spec.image_size, in_channels=spec.in_channels,
                          num_classes=spec.num_classes, dtype=dtype, device=device, steps=steps, warmup=warmup,
                          macs_per_image=macs, baseline_mib=baseline, seed=seed)
     result["wall_s"] = time.perf_counter() - t0
+    if compile:  # graphs compiled, and code that fell back to eager (recompile limit, errors)
+        result["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
+        result["compile_fallbacks"] = int(counters["frames"]["total"] - counters["frames"]["ok"])
     if sample_nfe:
         model.eval()
         dev = torch.device(device)

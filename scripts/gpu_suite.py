@@ -176,18 +176,19 @@ def gpu_profile(s: Suite) -> None:
 
 def summary(s: Suite) -> str:
     lines = ["# GPU suite", "", f"{time.strftime('%Y-%m-%d %H:%M')}; {s.budget_s - s.left():.0f} s", ""]
-    lines += ["| measurement | model | img/s | TFLOP/s | MFU | peak MiB | compile/first steps s |", "|---|---|---|---|---|---|---|"]
+    lines += ["| measurement | model | img/s | TFLOP/s | MFU | peak MiB | compile/first steps s | graphs (eager left) |",
+              "|---|---|---|---|---|---|---|---|"]
     for key, v in s.results.items():
         r = v.get("result") if isinstance(v, dict) else None
         if key.startswith("train_") and isinstance(r, dict):
             lines.append(f"| {key} | {r.get('model')} | {r.get('train_images_per_s', 0):.1f} | "
                          f"{r.get('train_tflops') or 0:.1f} | {r.get('mfu') or 0:.1%} | {r.get('peak_memory_mib') or 0:.0f} | "
-                         f"{r.get('wall_s', 0):.0f} |")
+                         f"{r.get('wall_s', 0):.0f} | {r.get('compiled_graphs', '-')} ({r.get('compile_fallbacks', '-')}) |")
             for row in r.get("sampling", []):
                 lines.append(f"| sampling {row['nfe']} NFE, guidance {row['guidance']} | {r.get('model')} | "
-                             f"{row['images_per_s']:.2f} | | | | |")
+                             f"{row['images_per_s']:.2f} | | | | | |")
         elif isinstance(v, dict) and ("error" in v or "skipped" in v):
-            lines.append(f"| {key} | {v.get('error') or v.get('skipped')} | | | | | |")
+            lines.append(f"| {key} | {v.get('error') or v.get('skipped')} | | | | | | |")
     for key in ("profile_train_step", "profile_sampling_step"):
         r = (s.results.get(key) or {}).get("result")
         if r:

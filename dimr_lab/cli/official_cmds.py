@@ -92,3 +92,6 @@ def bench(
     console.print(table)
     console.print(f"train = forward + backward + AdamW step; forward without gradients; medians of {steps} steps "
                   f"after {warmup}. Memory: {info['memory_measure']}.")
+    if compile_:
+        console.print(f"compiled: {info['compiled_graphs']} graphs, {info['compile_fallbacks']} frames left eager; "
+                      f"{info['wall_s']:.1f} s for the warm-up and timed steps, compilation included")

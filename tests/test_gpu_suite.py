@@ -1,0 +1,48 @@
+"""scripts/gpu_suite.py, the one script a lent GPU machine runs: its --smoke mode takes every step on the CPU at
+tiny sizes, so a broken step shows here rather than in the device's few minutes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_gpu_suite_smoke_takes_every_step_and_writes_the_summary(tmp_path):
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "DIMR_OFFICIAL_SRC"}
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_suite.py"), "--out", str(out), "--smoke"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "all.json").read_text())
+    assert set(results) == {"train_dimr_tiny_2r_eager", "train_dit_tiny_4_eager", "profile_train_step",
+                            "profile_sampling_step", "released_side_by_side", "gpu_profile_table2_components"}
+    failed = {k: v["error"] for k, v in results.items() if "error" in v}
+    assert not failed, failed
+    assert "no checkout" in results["released_side_by_side"]["skipped"]
+    for key in ("train_dimr_tiny_2r_eager", "train_dit_tiny_4_eager"):
+        r = results[key]["result"]
+        assert r["train_images_per_s"] > 0 and r["forward_images_per_s"] > 0 and not r["compile"]
+        assert (out / f"{key}.json").exists()
+    sampling = results["train_dimr_tiny_2r_eager"]["result"]["sampling"]
+    assert [row["guidance"] for row in sampling] == [0.0, 1.4] and all(row["images_per_s"] > 0 for row in sampling)
+    for key in ("profile_train_step", "profile_sampling_step"):
+        shares = results[key]["result"]["shares"]
+        assert abs(sum(shares.values()) - 1.0) < 1e-6 and shares.get("matmul", 0) > 0
+    gpu = results["gpu_profile_table2_components"]["result"]
+    assert gpu["exit"] == 0 and gpu["runs"], gpu["stderr"]
+    metrics = list((out / "results" / "table2_components").glob("*/evals/*/metrics.json"))
+    assert metrics and all("fid" in json.loads(m.read_text()) for m in metrics)
+    summary = (out / "summary.md").read_text()
+    assert "| train_dimr_tiny_2r_eager | DiMR-tiny/2R |" in summary and "## profile_train_step" in summary
+    header = next(line for line in summary.splitlines() if line.startswith("| measurement"))
+    row = next(line for line in summary.splitlines() if line.startswith("| train_dit_tiny_4_eager"))
+    assert header.count("|") == row.count("|")  # every row fills the table's columns
