@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -278,6 +279,31 @@ def test_ema_update_maths():
         torch.testing.assert_close(v, 0.9 * e0[k] + 0.1 * model.state_dict()[k])
     ema_update(ema, model, 0.0)  # decay 0 copies
     assert_state_equal(ema.state_dict(), model.state_dict())
+
+
+def test_the_trainers_ema_follows_in_place_updates_of_the_model():
+    """The EMA object gathers its parameter lists once: it must see every optimizer step and a loaded state."""
+    from dimr_lab.train.loop import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = copy.deepcopy(model).requires_grad_(False)
+    step, opt = EMA(ema, model), torch.optim.AdamW(model.parameters(), lr=0.1)
+    want = {k: v.clone() for k, v in ema.state_dict().items()}
+    for i in range(3):
+        model(torch.randn(5, 3)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        step.update(0.5)
+        for k, v in model.state_dict().items():
+            want[k] = 0.5 * want[k] + 0.5 * v if v.is_floating_point() and "running" not in k else v.clone()
+        got = ema.state_dict()
+        assert got.keys() == want.keys() and all(torch.allclose(got[k].double(), want[k].double()) for k in want)
+    model.load_state_dict({k: torch.zeros_like(v) for k, v in model.state_dict().items()})
+    step.update(0.0)
+    assert all(not v.any() for v in ema.state_dict().values())
+    with pytest.raises(ValueError, match="EMA of"):
+        EMA(torch.nn.Linear(3, 4), model)
 
 
 def test_optimizer_groups_free_td_norms_biases():

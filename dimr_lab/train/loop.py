@@ -63,14 +63,31 @@ def ema_decay_at(update: int, decay: float, warmup: bool) -> float:
     return min(decay, (1.0 + update) / (10.0 + update)) if warmup else decay
 
 
-@torch.no_grad()
+class EMA:
+    """ema <- decay * ema + (1 - decay) * model on parameters (fp32 copy) in one foreach op; buffers are copied.
+    The parameter lists are gathered once (gathering them every step cost a tiny network's step more than the
+    update itself): the model's parameters must stay the same tensors, updated in place, as optimizers and
+    load_state_dict do."""
+
+    def __init__(self, ema: nn.Module, model: nn.Module):
+        self.ema_params = list(ema.parameters())
+        self.params = [p.detach() for p in model.parameters()]
+        if len(self.params) != len(self.ema_params):
+            raise ValueError(f"EMA of {len(self.ema_params)} parameters for a model of {len(self.params)}")
+        self.cast = any(p.dtype != e.dtype for p, e in zip(self.params, self.ema_params))
+        self.buffers = list(zip(ema.buffers(), model.buffers()))
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        params = [p.to(e.dtype) for p, e in zip(self.params, self.ema_params)] if self.cast else self.params
+        torch._foreach_lerp_(self.ema_params, params, 1.0 - decay)  # = decay * ema + (1 - decay) * p
+        for b_ema, b in self.buffers:
+            b_ema.copy_(b)
+
+
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model on parameters (fp32 copy) in one foreach op; buffers are copied."""
-    ema_params = list(ema.parameters())
-    params = [p.detach().to(e.dtype) for p, e in zip(model.parameters(), ema_params)]
-    torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # = decay * ema + (1 - decay) * p
-    for b_ema, b in zip(ema.buffers(), model.buffers()):
-        b_ema.copy_(b)
+    """One EMA update (EMA(ema, model).update(decay)); a training loop keeps the EMA object instead."""
+    EMA(ema, model).update(decay)
 
 
 def get_rng_state(noise: torch.Generator) -> dict[str, Any]:

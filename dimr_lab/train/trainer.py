@@ -30,7 +30,7 @@ from dimr_lab.errors import UserError
 from dimr_lab.nn.checkpoint import read_checkpoint, write_checkpoint
 from dimr_lab.rundir import (CheckpointIndex, RunDir, RunRecord, remove_stale_temporaries, run_lock)
 from dimr_lab.spec.schema import to_dict
-from dimr_lab.train.loop import (BatchOrder, batch_iterator, build_optimizer, ema_decay_at, ema_update,
+from dimr_lab.train.loop import (EMA, BatchOrder, batch_iterator, build_optimizer, ema_decay_at,
                                  get_rng_state, learning_rate, set_rng_state)
 
 # forward + backward of a training step costs about 3x the forward multiply-accumulates
@@ -205,6 +205,7 @@ class Trainer:
         if tr.activation_checkpointing:
             self.model.set_checkpointing(True)
         self.ema = copy.deepcopy(self.model).float().eval().requires_grad_(False)  # fp32 EMA copy
+        self.ema_step = EMA(self.ema, self.model)
         self.optimizer = build_optimizer(self.model, lr=tr.lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay,
                                          no_decay=tr.no_decay)
         cuda = self.device.type == "cuda"
@@ -360,7 +361,7 @@ class Trainer:
             if tr.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), tr.grad_clip)
             self.optimizer.step()
-        ema_update(self.ema, self.model, ema_decay_at(self.step, tr.ema_decay, tr.ema_warmup))
+        self.ema_step.update(ema_decay_at(self.step, tr.ema_decay, tr.ema_warmup))
 
     def _stop_requested(self) -> bool:
         """should_stop() or the time limit, agreed over all ranks."""
