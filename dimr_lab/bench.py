@@ -249,7 +249,7 @@ def bench(spec: Any, *, batch: int = 8, dtype: str = "float32", device: str = "c
           sample_nfe: int = 0, sample_guidance: float = 1.5) -> dict[str, Any]:
     """Build the network of `spec` (ModelSpec, dict, preset or TOML) and benchmark it: training steps, forward
     passes, and with `sample_nfe` the sampler with and without guidance. `compile` compiles as
-    `train.compile` does (each block on GPUs, the whole network on the CPU) and reports how long the first
+    `train.compile` does (each block: one graph per kind of block) and reports how long the first
     steps took."""
     from dimr_lab.nn.describe import count_macs
     from dimr_lab.nn.network import build_model
@@ -273,7 +273,7 @@ def bench(spec: Any, *, batch: int = 8, dtype: str = "float32", device: str = "c
         from torch._dynamo.utils import counters
 
         counters.clear()
-        model = model.compile_network(device)
+        model.compile_blocks()
     t0 = time.perf_counter()
     result = bench_model(model, batch=batch, image_size=spec.image_size, in_channels=spec.in_channels,
                          num_classes=spec.num_classes, dtype=dtype, device=device, steps=steps, warmup=warmup,

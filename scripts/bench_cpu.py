@@ -11,7 +11,7 @@ the tree under test; trees alternate within every repeat, so both see the same m
   default+busy   the default beside a second, busy 1-thread training process
 `--also` adds more checkouts (say, the commit before a change), measured beside the others in the same
 repeats and reported against the baseline like this tree. With --compile, this tree is measured a second
-time with train.compile = true (the whole network compiled on the CPU): the training rate leaves the
+time with train.compile = true (each block compiled): the training rate leaves the
 compilation out, the CPU-second rate of 1-thread runs counts it (with inductor's cache as the machine has
 it: cold on the first compiled run, warm after).
 Reported: the median over repeats of the training images/s (log.jsonl rows after the first), and for

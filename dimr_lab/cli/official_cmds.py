@@ -45,7 +45,7 @@ def bench(
     steps: int = typer.Option(5, "--steps", help="timed steps (the median is reported)"),
     warmup: int = typer.Option(2, "--warmup", help="untimed steps first"),
     checkpointing: bool = typer.Option(False, "--checkpointing", help="activation checkpointing of every block"),
-    compile_: bool = typer.Option(False, "--compile", help="torch.compile as train.compile does: each block on GPUs, the whole network on the CPU"),
+    compile_: bool = typer.Option(False, "--compile", help="torch.compile as train.compile does: each block, one graph per kind"),
     sample_nfe: int = typer.Option(0, "--sample-nfe", min=0, help="also time the sampler at this many network "
                                                                   "evaluations per sample, with and without guidance"),
     guidance: float = typer.Option(1.5, "--guidance", help="the guidance scale of the guided sampling timing"),

@@ -110,21 +110,14 @@ class MultiResolutionNet(nn.Module):
                 block.td_slots = localize(block)
 
     def compile_blocks(self, **kwargs: Any) -> None:
-        """Regional compilation: torch.compile each block in place. Blocks of one kind and shape share one
-        compiled graph, so compile time grows with the kinds of blocks, not the depth."""
+        """Regional compilation, what `train.compile` does on every device: torch.compile each block in place.
+        Blocks of one kind and shape share one compiled graph, so compile time grows with the kinds of blocks,
+        not the depth. On the CPU it also trains DiMR-tiny as fast as the whole network compiled, which took
+        three times as long to compile (BENCHMARKS.md); the ConvNeXt depthwise convolutions stay opaque
+        operators there (nn/depthwise.py)."""
         for branch in self.branches:
             for block in branch.blocks:
                 block.compile(**kwargs)
-
-    def compile_network(self, device: torch.device | str, **kwargs: Any) -> nn.Module:
-        """What `train.compile` does on `device`: on GPUs, compile each block (`compile_blocks`, seconds
-        for XL/2R) and return the network; on the CPU, return the whole network compiled, where the Python
-        between DiMR-tiny's small operators costs more than the operators (the ConvNeXt depthwise
-        convolutions stay opaque operators that keep their fast layout: nn/depthwise.py)."""
-        if torch.device(device).type != "cpu":
-            self.compile_blocks(**kwargs)
-            return self
-        return torch.compile(self, **kwargs)
 
     def set_checkpointing(self, enabled: bool) -> None:
         """Activation checkpointing of every block: less memory, one more forward in backward."""

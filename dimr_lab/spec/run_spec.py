@@ -87,8 +87,8 @@ class TrainSpec:
     grad_clip: float = field(0.0, min=0.0, help="0 = no clipping")
     precision: str = field("fp32", choices=("fp32", "bf16", "fp16"), help="autocast dtype on GPUs")
     activation_checkpointing: bool = field(False)
-    compile: bool = field(False, help="torch.compile: each block on GPUs (regional compilation), the whole "
-                                      "network on the CPU (needs a C++ compiler)")
+    compile: bool = field(False, help="torch.compile of each block (regional compilation: one graph per "
+                                      "kind of block; on the CPU it needs a C++ compiler)")
     seed: int = field(0, min=0, max=MAX_SEED)
     checkpoint_every: int = field(1000, min=1)
     keep_checkpoints: list[int] = field(default_factory=list, min=1,

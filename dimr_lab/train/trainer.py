@@ -216,10 +216,8 @@ class Trainer:
         self.noise = torch.Generator().manual_seed(tr.seed)  # CPU: the same numbers on any device
         self.order = BatchOrder(len(self.dataset), tr.batch_size, tr.seed)
         self.fwd = self.model
-        if tr.compile and self.world > 1:
-            self.model.compile_blocks()  # regional: DDP wraps the network itself
-        elif tr.compile:
-            self.fwd = self.model.compile_network(self.device)  # GPUs: each block; the CPU: the whole network
+        if tr.compile:
+            self.model.compile_blocks()  # regional: one graph per kind of block (DDP wraps the network itself)
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
