@@ -23,7 +23,8 @@ def test_gpu_suite_smoke_takes_every_step_and_writes_the_summary(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "all.json").read_text())
-    assert set(results) == {"train_dimr_tiny_2r_eager", "train_dit_tiny_4_eager", "profile_train_step",
+    assert set(results) == {"train_dimr_tiny_2r_eager", "train_dimr_tiny_2r_compiled", "train_dit_tiny_4_eager",
+                            "profile_train_step",
                             "profile_sampling_step", "released_side_by_side", "gpu_profile_table2_components"}
     failed = {k: v["error"] for k, v in results.items() if "error" in v}
     assert not failed, failed
@@ -31,7 +32,13 @@ def test_gpu_suite_smoke_takes_every_step_and_writes_the_summary(tmp_path):
     for key in ("train_dimr_tiny_2r_eager", "train_dit_tiny_4_eager"):
         r = results[key]["result"]
         assert r["train_images_per_s"] > 0 and r["forward_images_per_s"] > 0 and not r["compile"]
+        assert "compiled_graphs" not in r
         assert (out / f"{key}.json").exists()
+    compiled = results["train_dimr_tiny_2r_compiled"]["result"]
+    assert compiled["compile"] and compiled["train_images_per_s"] > 0
+    # two kinds of block (5 Transformer and 3 ConvNeXt blocks), with and without gradients: at most 4 graphs,
+    # and no block left eager
+    assert 2 <= compiled["compiled_graphs"] <= 4 and compiled["compile_fallbacks"] == 0
     sampling = results["train_dimr_tiny_2r_eager"]["result"]["sampling"]
     assert [row["guidance"] for row in sampling] == [0.0, 1.4] and all(row["images_per_s"] > 0 for row in sampling)
     for key in ("profile_train_step", "profile_sampling_step"):
