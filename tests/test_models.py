@@ -395,19 +395,10 @@ def _assert_same_loss_and_grads(eager, compiled, compiled_params) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_compiled_blocks_agree_with_the_eager_network():
-    """Regional compilation (`compile_blocks`) changes no result beyond float rounding, forward and backward."""
-    eager = _small_dimr()
-    compiled = copy.deepcopy(eager)
-    compiled.compile_blocks()
-    _assert_same_loss_and_grads(eager, compiled, compiled.parameters())
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
 def test_regional_compilation_compiles_each_kind_of_block_once_not_each_block_of_the_depth():
-    """Seven Transformer blocks and three ConvNeXt blocks compile into two graphs, one per kind, and no block
-    falls back to eager: a block's TD tensors are numbered inside the block, so no guard differs by depth."""
+    """Regional compilation (`compile_blocks`) changes no result beyond float rounding, forward and backward,
+    and seven Transformer blocks and three ConvNeXt blocks compile into two graphs, one per kind, none left
+    eager: a block's TD tensors are numbered inside the block, so no guard differs by depth."""
     import torch._dynamo
 
     torch.manual_seed(0)

@@ -270,14 +270,15 @@ def test_lr_warmup_linear_then_constant(done_run):
 
 
 def test_ema_update_maths():
-    from dimr_lab.train.loop import ema_update
+    from dimr_lab.train.loop import EMA
 
     model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     e0 = {k: v.clone() for k, v in ema.state_dict().items()}
-    ema_update(ema, model, 0.9)
+    step = EMA(ema, model)
+    step.update(0.9)
     for k, v in ema.state_dict().items():
         torch.testing.assert_close(v, 0.9 * e0[k] + 0.1 * model.state_dict()[k])
-    ema_update(ema, model, 0.0)  # decay 0 copies
+    step.update(0.0)  # decay 0 copies
     assert_state_equal(ema.state_dict(), model.state_dict())
 
 
@@ -290,7 +291,7 @@ def test_the_trainers_ema_follows_in_place_updates_of_the_model():
     ema = copy.deepcopy(model).requires_grad_(False)
     step, opt = EMA(ema, model), torch.optim.AdamW(model.parameters(), lr=0.1)
     want = {k: v.clone() for k, v in ema.state_dict().items()}
-    for i in range(3):
+    for _ in range(3):
         model(torch.randn(5, 3)).square().sum().backward()
         opt.step()
         opt.zero_grad()

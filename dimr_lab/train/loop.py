@@ -85,11 +85,6 @@ class EMA:
             b_ema.copy_(b)
 
 
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """One EMA update (EMA(ema, model).update(decay)); a training loop keeps the EMA object instead."""
-    EMA(ema, model).update(decay)
-
-
 def get_rng_state(noise: torch.Generator) -> dict[str, Any]:
     """Every RNG state as tensors/plain types (weights_only-loadable)."""
     import random
