@@ -73,19 +73,29 @@ class Suite:
               f"({time.monotonic() - t0:.0f} s, {self.left():.0f} s left)", flush=True)
 
 
-def bench_models(s: Suite, device: str, dtype: str, batch: int) -> None:
+def bench_one(s: Suite, name: str, compiled: bool, device: str, dtype: str, batch: int, sample_nfe: int) -> None:
+    """One training benchmark (eager or compiled blocks); XL/2R (tiny/2R in the smoke run) also samples."""
     from dimr_lab.bench import bench
 
-    models = ["dimr_tiny_2r", "dit_tiny_4"] if s.smoke else MODELS
-    for name in models:
-        for compiled in (False, True):
-            if s.smoke and compiled and name != "dimr_tiny_2r":
-                continue  # the smoke run compiles one network: seconds on the CPU
-            key = f"train_{name}_{'compiled' if compiled else 'eager'}"
-            nfe = (2 if s.smoke else 250) if name in ("dimr_xl_2r", "dimr_tiny_2r") and not compiled else 0
-            s.step(key, lambda n=name, c=compiled, f=nfe: bench(n, batch=batch, dtype=dtype, device=device,
-                                                               steps=2 if s.smoke else 10, warmup=1 if s.smoke else 3,
-                                                               compile=c, sample_nfe=f, sample_guidance=1.4))
+    key = f"train_{name}_{'compiled' if compiled else 'eager'}"
+    nfe = sample_nfe if name in ("dimr_xl_2r", "dimr_tiny_2r") else 0
+    s.step(key, lambda: bench(name, batch=batch, dtype=dtype, device=device, steps=2 if s.smoke else 10,
+                              warmup=1 if s.smoke else 3, compile=compiled, sample_nfe=nfe, sample_guidance=1.4))
+
+
+def plan(s: Suite) -> list[tuple[str, bool]]:
+    """(model, compiled) in the order of what matters most, so that a short budget loses the least: XL/2R
+    eager and compiled first, then the other networks eager, then their compiled runs."""
+    if s.smoke:
+        return [("dimr_tiny_2r", False), ("dimr_tiny_2r", True), ("dit_tiny_4", False)]
+    return [("dimr_xl_2r", False), ("dimr_xl_2r", True)]
+
+
+def plan_rest(s: Suite) -> list[tuple[str, bool]]:
+    if s.smoke:
+        return []
+    rest = [m for m in MODELS if m != "dimr_xl_2r"]
+    return [(m, False) for m in rest] + [(m, True) for m in rest]
 
 
 def profile_step(s: Suite, device: str, dtype: str, batch: int) -> None:
@@ -154,10 +164,10 @@ def released(s: Suite, official: str | None, device: str, dtype: str, batch: int
                                              json.loads(out.read_text()))[1])
 
 
-def gpu_profile(s: Suite) -> None:
+def gpu_profile(s: Suite, seeds: str = "") -> None:
     for abl in ("table2_components", "tdln_vs_adaln"):
         cmd = [sys.executable, "-m", "dimr_lab", "run", str(ROOT / "ablations" / f"{abl}.toml"), "--profile", "gpu",
-               "--results", str(s.out / "results"), "--json", "--jobs", "8"]
+               "--results", str(s.out / "results"), "--json", "--jobs", "8"] + (["--seeds", seeds] if seeds else [])
         if s.smoke:
             cmd += ["--seeds", "0", "--only", "dimr", "--set", "train.steps=2",
                     "--set", "eval.steps=[]", "--set", "eval.samples=8", "--set", "eval.batch_size=8",
@@ -174,8 +184,22 @@ def gpu_profile(s: Suite) -> None:
         s.step(f"gpu_profile_{abl}", run)
 
 
+def environment(device: str) -> dict:
+    """What the numbers were measured on: the device, torch, and the commit (clean or not) of this code."""
+    import platform
+
+    import torch
+
+    from dimr_lab.provenance import git_commit
+
+    gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    return {"device": gpu, "torch": torch.__version__, "cpus": os.cpu_count(), **git_commit()}
+
+
 def summary(s: Suite) -> str:
-    lines = ["# GPU suite", "", f"{time.strftime('%Y-%m-%d %H:%M')}; {s.budget_s - s.left():.0f} s", ""]
+    env = s.results.get("environment", {}).get("result", {})
+    lines = ["# GPU suite", "", f"{time.strftime('%Y-%m-%d %H:%M')}; {s.budget_s - s.left():.0f} s; "
+             + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     lines += ["| measurement | model | img/s | TFLOP/s | MFU | peak MiB | compile/first steps s | graphs (eager left) |",
               "|---|---|---|---|---|---|---|---|"]
     for key, v in s.results.items():
@@ -185,10 +209,22 @@ def summary(s: Suite) -> str:
                          f"{r.get('train_tflops') or 0:.1f} | {r.get('mfu') or 0:.1%} | {r.get('peak_memory_mib') or 0:.0f} | "
                          f"{r.get('wall_s', 0):.0f} | {r.get('compiled_graphs', '-')} ({r.get('compile_fallbacks', '-')}) |")
             for row in r.get("sampling", []):
-                lines.append(f"| sampling {row['nfe']} NFE, guidance {row['guidance']} | {r.get('model')} | "
-                             f"{row['images_per_s']:.2f} | | | | | |")
+                at250 = row["images_per_s"] * row["nfe"] / 250  # one network call per NFE: the cost scales with NFE
+                lines.append(f"| sampling {'compiled' if r.get('compile') else 'eager'}, guidance {row['guidance']}: "
+                             f"{row['images_per_s']:.2f} img/s at {row['nfe']} NFE = {at250:.2f} at 250 NFE, "
+                             f"{row['forward_images_per_s']:.0f} forward img/s | {r.get('model')} | | | | | | |")
         elif isinstance(v, dict) and ("error" in v or "skipped" in v):
             lines.append(f"| {key} | {v.get('error') or v.get('skipped')} | | | | | | |")
+    rel = (s.results.get("released_side_by_side") or {}).get("result")
+    if isinstance(rel, dict) and rel.get("summary"):
+        batch = rel.get("batch") or (2 if s.smoke else 64)
+        lines += ["", f"## The released code side by side (XL/2R widths, batch {batch}, one process each)", "",
+                  "| configuration | img/s | TFLOP/s | MFU | peak MiB |", "|---|---|---|---|---|"]
+        for cfg, r in rel["summary"].items():
+            lines.append(f"| {cfg} | {batch / r['train_step_s']:.1f} | {r.get('train_tflops') or 0:.1f} | "
+                         f"{r.get('mfu') or 0:.1%} | {r.get('peak_memory_mib') or 0:.0f} |")
+        if rel.get("equivalence"):
+            lines.append(f"\nequivalence (float32): {json.dumps(rel['equivalence'])}")
     for key in ("profile_train_step", "profile_sampling_step"):
         r = (s.results.get(key) or {}).get("result")
         if r:
@@ -204,18 +240,27 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=480.0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (checks the script itself)")
     p.add_argument("--skip", default="", help="comma-separated steps to skip: bench,profile,released,gpu_profile")
+    p.add_argument("--sample-nfe", type=int, default=25,
+                   help="NFE of the timed sampling runs; the summary scales images/s to 250 NFE (one call per NFE)")
+    p.add_argument("--gpu-seeds", default="", help="seeds of the gpu profile's runs (default: the profile's)")
     args = p.parse_args()
     device, dtype, batch = ("cpu", "float32", 2) if args.smoke else ("cuda", "bfloat16", 64)
     s = Suite(args.out, args.budget_s, args.smoke)
     skip = set(args.skip.split(","))
+    nfe = 2 if args.smoke else args.sample_nfe
+    s.step("environment", lambda: environment(device))
     if "bench" not in skip:
-        bench_models(s, device, dtype, batch)
-    if "profile" not in skip:
-        profile_step(s, device, dtype, batch)
+        for name, compiled in plan(s):
+            bench_one(s, name, compiled, device, dtype, batch, nfe)
     if "released" not in skip:
         released(s, args.official, device, dtype, batch)
+    if "profile" not in skip:
+        profile_step(s, device, dtype, batch)
+    if "bench" not in skip:
+        for name, compiled in plan_rest(s):
+            bench_one(s, name, compiled, device, dtype, batch, nfe)
     if "gpu_profile" not in skip:
-        gpu_profile(s)
+        gpu_profile(s, args.gpu_seeds)
     (args.out / "summary.md").write_text(summary(s))
     (args.out / "all.json").write_text(json.dumps(s.results, indent=1, default=str))
     print(summary(s))

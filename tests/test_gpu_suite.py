@@ -23,7 +23,7 @@ def test_gpu_suite_smoke_takes_every_step_and_writes_the_summary(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "all.json").read_text())
-    assert set(results) == {"train_dimr_tiny_2r_eager", "train_dimr_tiny_2r_compiled", "train_dit_tiny_4_eager",
+    assert set(results) == {"environment", "train_dimr_tiny_2r_eager", "train_dimr_tiny_2r_compiled", "train_dit_tiny_4_eager",
                             "profile_train_step",
                             "profile_sampling_step", "released_side_by_side", "gpu_profile_table2_components"}
     failed = {k: v["error"] for k, v in results.items() if "error" in v}
@@ -39,8 +39,11 @@ def test_gpu_suite_smoke_takes_every_step_and_writes_the_summary(tmp_path):
     # two kinds of block (5 Transformer and 3 ConvNeXt blocks), with and without gradients: at most 4 graphs,
     # and no block left eager
     assert 2 <= compiled["compiled_graphs"] <= 4 and compiled["compile_fallbacks"] == 0
-    sampling = results["train_dimr_tiny_2r_eager"]["result"]["sampling"]
-    assert [row["guidance"] for row in sampling] == [0.0, 1.4] and all(row["images_per_s"] > 0 for row in sampling)
+    for key in ("train_dimr_tiny_2r_eager", "train_dimr_tiny_2r_compiled"):  # sampling eager and compiled
+        sampling = results[key]["result"]["sampling"]
+        assert [row["guidance"] for row in sampling] == [0.0, 1.4] and all(row["images_per_s"] > 0 for row in sampling)
+    env = results["environment"]["result"]
+    assert env["commit"] and len(env["commit"]) == 40 and env["torch"]  # the commit the numbers were taken at
     for key in ("profile_train_step", "profile_sampling_step"):
         shares = results[key]["result"]["shares"]
         assert abs(sum(shares.values()) - 1.0) < 1e-6 and shares.get("matmul", 0) > 0
@@ -50,6 +53,7 @@ def test_gpu_suite_smoke_takes_every_step_and_writes_the_summary(tmp_path):
     assert metrics and all("fid" in json.loads(m.read_text()) for m in metrics)
     summary = (out / "summary.md").read_text()
     assert "| train_dimr_tiny_2r_eager | DiMR-tiny/2R |" in summary and "## profile_train_step" in summary
+    assert "sampling compiled, guidance 1.4:" in summary and " at 250 NFE" in summary
     header = next(line for line in summary.splitlines() if line.startswith("| measurement"))
     row = next(line for line in summary.splitlines() if line.startswith("| train_dit_tiny_4_eager"))
     assert header.count("|") == row.count("|")  # every row fills the table's columns
