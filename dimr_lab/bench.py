@@ -272,6 +272,9 @@ def bench(spec: Any, *, batch: int = 8, dtype: str = "float32", device: str = "c
     if compile:
         from torch._dynamo.utils import counters
 
+        # a fresh dynamo state: graphs of an earlier network in this process would count against this one's
+        # recompile limit (per code object, so shared by every network's blocks) and leave its blocks eager
+        torch._dynamo.reset()
         counters.clear()
         model.compile_blocks()
     t0 = time.perf_counter()

@@ -159,9 +159,12 @@ def released(s: Suite, official: str | None, device: str, dtype: str, batch: int
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_official.py"), "--official", official, "--device", device,
            "--dtype", dtype, "--batch", str(batch), *depth, "--steps", "2" if s.smoke else "10", "--warmup", "1",
            "--repeats", "1", "--configs", "released,released-nockpt,ours", "--json", str(out)]
-    s.step("released_side_by_side", lambda: (subprocess.run(cmd, check=True, capture_output=True, text=True,
-                                                             timeout=max(60, s.left())),
-                                             json.loads(out.read_text()))[1])
+    def run():
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(60, s.left()))
+        if proc.returncode:  # the reason is in the script's own output: keep it with the record
+            raise RuntimeError(f"exit {proc.returncode}: {proc.stdout[-1500:]} {proc.stderr[-1500:]}")
+        return {**json.loads(out.read_text()), "batch": batch, "log": proc.stdout[-3000:]}
+    s.step("released_side_by_side", run)
 
 
 def gpu_profile(s: Suite, seeds: str = "") -> None:
@@ -242,6 +245,8 @@ def main() -> int:
     p.add_argument("--skip", default="", help="comma-separated steps to skip: bench,profile,released,gpu_profile")
     p.add_argument("--sample-nfe", type=int, default=25,
                    help="NFE of the timed sampling runs; the summary scales images/s to 250 NFE (one call per NFE)")
+    p.add_argument("--bench", default="",
+                   help="the training benchmarks to take instead of the plan, e.g. dimr_g_2r:compiled,dit_xl_2:eager")
     p.add_argument("--gpu-seeds", default="", help="seeds of the gpu profile's runs (default: the profile's)")
     args = p.parse_args()
     device, dtype, batch = ("cpu", "float32", 2) if args.smoke else ("cuda", "bfloat16", 64)
@@ -249,14 +254,18 @@ def main() -> int:
     skip = set(args.skip.split(","))
     nfe = 2 if args.smoke else args.sample_nfe
     s.step("environment", lambda: environment(device))
+    chosen = [(m.split(":")[0], m.endswith(":compiled")) for m in args.bench.split(",") if m]
+    if chosen and "released" not in skip:  # a rerun of chosen measurements: the released code first
+        released(s, args.official, device, dtype, batch)
+        skip.add("released")
     if "bench" not in skip:
-        for name, compiled in plan(s):
+        for name, compiled in chosen or plan(s):
             bench_one(s, name, compiled, device, dtype, batch, nfe)
     if "released" not in skip:
         released(s, args.official, device, dtype, batch)
     if "profile" not in skip:
         profile_step(s, device, dtype, batch)
-    if "bench" not in skip:
+    if "bench" not in skip and not chosen:
         for name, compiled in plan_rest(s):
             bench_one(s, name, compiled, device, dtype, batch, nfe)
     if "gpu_profile" not in skip:
