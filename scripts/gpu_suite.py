@@ -49,6 +49,18 @@ def categorize(name: str) -> str:
     return "other"
 
 
+def free_device_memory() -> None:
+    """Hand cached GPU memory back: a step's networks stay in the caching allocator after it returns, and
+    the released-code benchmark runs in child processes (on an H200 it failed after XL/2R's benchmarks had
+    run in this process, and ran when it came first)."""
+    import gc
+
+    torch = sys.modules.get("torch")
+    gc.collect()
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class Suite:
     def __init__(self, out: Path, budget_s: float, smoke: bool):
         self.out, self.t0, self.budget_s, self.smoke = out, time.monotonic(), budget_s, smoke
@@ -68,6 +80,7 @@ class Suite:
             self.results[name] = {"seconds": round(time.monotonic() - t0, 1), "result": res}
         except Exception as err:  # record and go on: one failed measurement must not cost the others
             self.results[name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-3000:]}
+        free_device_memory()  # the next step (a child process, too) gets the whole GPU
         (self.out / f"{name}.json").write_text(json.dumps(self.results[name], indent=1, default=str))
         print(f"[gpu_suite] {name}: {'error' if 'error' in self.results[name] else 'ok'} "
               f"({time.monotonic() - t0:.0f} s, {self.left():.0f} s left)", flush=True)
@@ -137,7 +150,10 @@ def profile_step(s: Suite, device: str, dtype: str, batch: int) -> None:
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
             attr = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-            rows = sorted(prof.key_averages(), key=lambda e: getattr(e, attr, 0), reverse=True)
+            # operator rows only: a kernel's device time is counted once, under the operator that launched it
+            # (the kernels' own rows would count it a second time, under names that say less)
+            ops = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+            rows = sorted(ops, key=lambda e: getattr(e, attr, 0), reverse=True)
             total = sum(getattr(e, attr, 0) for e in rows) or 1
             shares: dict[str, float] = {}
             for e in rows:
