@@ -516,3 +516,7 @@ def test_compile_on_the_cpu_without_a_cpp_compiler_is_one_clear_error(monkeypatc
         check_compiler(spec, torch.device("cpu"))
     check_compiler(spec, torch.device("cuda"))  # the GPU path does not ask for one
     check_compiler(load_run_spec(None, []), torch.device("cpu"))  # nor does the eager path
+    compiled_eval = load_run_spec(None, [("eval.compile", True)])
+    check_compiler(compiled_eval, torch.device("cpu"))  # training eagerly: train.compile is the key checked
+    with pytest.raises(SpecError, match="eval.compile: torch.compile on the CPU needs a C\\+\\+ compiler"):
+        check_compiler(compiled_eval, torch.device("cpu"), keys=("train.compile", "eval.compile"))

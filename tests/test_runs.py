@@ -172,6 +172,35 @@ def test_two_process_evaluation_equals_one_and_a_stopped_one_resumes(tmp_path, m
     assert again["sampled_now"] == 20 - 8 and not (three / "evals" / name / "chunks").exists()
 
 
+@pytest.mark.timeout(300)
+def test_a_compiled_evaluation_samples_what_the_eager_one_does(tmp_path, monkeypatch):
+    """eval.compile compiles the sampling network's blocks (the GPU suite measured it faster on an H200): the
+    same evaluation (its name leaves the setting out, as it does the batch size), samples equal to the eager
+    ones within float rounding, and every kind of block compiled."""
+    import shutil
+
+    from torch._dynamo.utils import counters
+
+    from dimr_lab.eval.command import evaluate_run
+
+    monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
+    eager = _sweep_run(tmp_path)
+    compiled = tmp_path / "compiled"
+    shutil.copytree(eager, compiled, ignore=shutil.ignore_patterns("evals"))
+    settings = [("eval.samples", 20), ("sample.seed", 5)]
+    (a,) = evaluate_run(eager, overrides=settings)
+    torch._dynamo.reset()
+    counters.clear()
+    (b,) = evaluate_run(compiled, overrides=[*settings, ("eval.compile", True)])
+    assert counters["stats"]["unique_graphs"] >= 2 and counters["frames"]["total"] == counters["frames"]["ok"]
+    assert a["eval_name"] == b["eval_name"]
+    x, y = (np.load(r / "evals" / a["eval_name"] / "per_sample.npz") for r in (eager, compiled))
+    assert np.array_equal(x["labels"], y["labels"])
+    diff = np.abs(x["images"].astype(int) - y["images"].astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.05  # uint8 levels: rounding, not another sampler
+    assert b["fid"] == pytest.approx(a["fid"], rel=0.02)
+
+
 def test_the_trainer_uses_the_diffusion_packages_loss(tmp_path):
     """The first logged loss of a run equals dimr_lab.diffusion.training_loss on the same batch and draws."""
     from dimr_lab.data import build_dataset

@@ -100,6 +100,10 @@ def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistIn
     done = read_evaluation(d) if d.is_dir() else None
     if done is not None and done.done:
         return done.metrics
+    if spec.eval.compile:  # before anything is written
+        from dimr_lab.spec.preflight import check_compiler
+
+        check_compiler(spec, info.device, keys=("eval.compile",))
     settings = eval_settings(spec)
     chunks = d / CHUNKS
     if info.main:
@@ -111,6 +115,8 @@ def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistIn
 
     device = info.device
     model, _, ckpt_step = load_run_model(run.path, step=step, ema=spec.sample.use_ema, device=device)
+    if spec.eval.compile:
+        model.compile_blocks()  # one graph per kind of block; guidance's doubled batch is one shape
     n = spec.eval.samples if spec.eval.enabled else spec.sample.grid_size
     size = spec.eval.batch_size
     bounds = [(s, min(s + size, n)) for s in range(0, n, size)]

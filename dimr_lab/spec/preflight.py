@@ -80,14 +80,18 @@ def check_processes(spec: Any, world_size: int) -> None:
                         key="train.batch_size")
 
 
-def check_compiler(spec: Any, device: Any) -> None:
-    """train.compile on the CPU generates C++: a C++ compiler must be on PATH (the GPU path needs none here)."""
+def check_compiler(spec: Any, device: Any, keys: tuple[str, ...] = ("train.compile",)) -> None:
+    """torch.compile on the CPU generates C++: where one of `keys` (train.compile, eval.compile) asks for it,
+    a C++ compiler must be on PATH (the GPU path needs none here)."""
     import shutil
 
-    if spec.train.compile and getattr(device, "type", str(device)) == "cpu" and not any(
-            shutil.which(c) for c in ("g++", "c++", "clang++")):
-        raise SpecError("torch.compile on the CPU needs a C++ compiler (g++, c++ or clang++) on PATH and none "
-                        "was found; install one or set train.compile = false", key="train.compile")
+    if getattr(device, "type", str(device)) != "cpu" or any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return
+    for key in keys:
+        section, name = key.split(".")
+        if getattr(getattr(spec, section), name):
+            raise SpecError("torch.compile on the CPU needs a C++ compiler (g++, c++ or clang++) on PATH and none "
+                            f"was found; install one or set {key} = false", key=key)
 
 
 def memory_estimate(params: int, batch_size: int, gmacs: float | None) -> int:

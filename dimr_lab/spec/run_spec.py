@@ -130,6 +130,8 @@ class EvalSpec:
     enabled: bool = field(True)
     samples: int = field(1000, min=1, max=10_000_000)
     batch_size: int = field(250, min=1, max=100_000)
+    compile: bool = field(False, help="torch.compile each block of the sampling network (regional, as "
+                                      "train.compile); samples agree with eager ones within float rounding")
     labels: str = field("balanced", choices=LABEL_RULES,
                         help="labels of the evaluated samples: 'balanced' (sample i asks for class i mod K) or "
                              "'frequency' (i.i.d. in proportion to the training set's class counts, as U-ViT's "
@@ -164,7 +166,8 @@ OUTSIDE_IDENTITY = {
     "train": ("checkpoint_every", "keep_checkpoints", "keep_every", "log_every", "threads", "time_limit_s"),
 }
 # keys that do not change an evaluation's samples or metrics: not part of its name
-OUTSIDE_EVAL_IDENTITY = {"eval": ("enabled", "batch_size", "steps"), "sample": ("grid_size",)}
+# (eval.compile and eval.batch_size change samples by float rounding only, as the device does)
+OUTSIDE_EVAL_IDENTITY = {"eval": ("enabled", "batch_size", "compile", "steps"), "sample": ("grid_size",)}
 
 
 @dataclass
