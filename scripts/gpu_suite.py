@@ -8,9 +8,11 @@
 2. Sampling images/s of XL/2R at 250 NFE with and without guidance (the FID-50K bill).
 3. The released DiMR code side by side with ours in one run (scripts/bench_official.py: as it ships,
    without its block recomputation, ours), when --official (or $DIMR_OFFICIAL_SRC) names a checkout.
-4. torch.profiler's top operators of one XL/2R training step and one sampling step, with the share of
-   matmul, attention, depthwise convolution, norms, elementwise and optimizer time.
-5. The `gpu` profile of the evidence ablations (Table 2 first), as long as the budget lasts.
+4. torch.profiler's top kernels of one XL/2R training step and one sampling step, eager and with compiled
+   blocks, with the share of matmul, attention, depthwise convolution, norms, elementwise and optimizer time.
+5. The `gpu` profile of the evidence ablations (Table 2 first), as long as the budget lasts. Steps 1-4 take
+   about 7 minutes on an H200, so the ablations need a call of their own:
+   `--skip bench,profile,released --budget-s 480`.
 Each step's output is a JSON file in --out, and summary.md collects them for BENCHMARKS.md. A step that
 fails is recorded with its error and the suite goes on.
 """
@@ -32,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 MODELS = ["dimr_xl_2r", "dimr_g_2r", "dimr_xl_3r", "dit_xl_2"]
 CATEGORIES = [  # (category, substrings of profiler op names), first match wins
     ("attention", ("attention", "sdpa", "flash", "efficient_attention", "softmax")),
-    ("depthwise conv", ("conv", "cudnn")),
+    ("depthwise conv", ("conv", "cudnn", "dgrad", "wgrad")),
     ("matmul", ("mm", "gemm", "matmul", "linear", "addmm", "cutlass", "sm90", "sm80")),
     ("norms", ("norm", "rsqrt")),
     ("optimizer", ("adam", "foreach", "lerp")),
@@ -111,7 +113,10 @@ def plan_rest(s: Suite) -> list[tuple[str, bool]]:
     return [(m, False) for m in rest] + [(m, True) for m in rest]
 
 
-def profile_step(s: Suite, device: str, dtype: str, batch: int) -> None:
+def profile_step(s: Suite, device: str, dtype: str, batch: int, compiled: bool = False) -> None:
+    """torch.profiler over one training step and one sampling step (eager, or with compiled blocks). Shares
+    come from the device's own rows: kernels on a GPU (each kernel counted once, under its own name, which
+    is how inductor's fused kernels show), operators on the CPU."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -119,9 +124,13 @@ def profile_step(s: Suite, device: str, dtype: str, batch: int) -> None:
 
     name = "dimr_tiny_2r" if s.smoke else "dimr_xl_2r"
     dev = torch.device(device)
+    cuda = dev.type == "cuda"
     model = build_model(name).to(dev)
+    if compiled:
+        torch._dynamo.reset()
+        model.compile_blocks()
     spec = model.spec
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     x = torch.randn(batch, spec.in_channels, spec.image_size, spec.image_size, device=dev)
     t = torch.rand(batch, device=dev)
     y = torch.randint(0, spec.num_classes, (batch,), device=dev)
@@ -138,22 +147,29 @@ def profile_step(s: Suite, device: str, dtype: str, batch: int) -> None:
         with torch.no_grad(), torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
             model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, spec.num_classes)]))
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    suffix = "_compiled" if compiled else ""
     for label, fn in (("profile_train_step", train_step), ("profile_sampling_step", sample_step)):
         def run(fn=fn):
             for _ in range(2):
                 fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(3):
+                fn()
+            sync()
+            step_ms = (time.perf_counter() - t0) / 3 * 1e3  # without the profiler
             with profile(activities=acts) as prof:
                 fn()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-            attr = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-            # operator rows only: a kernel's device time is counted once, under the operator that launched it
-            # (the kernels' own rows would count it a second time, under names that say less)
-            ops = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
-            rows = sorted(ops, key=lambda e: getattr(e, attr, 0), reverse=True)
+                sync()
+            attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+            rows = sorted((e for e in prof.key_averages() if e.device_type == kind),
+                          key=lambda e: getattr(e, attr, 0), reverse=True)
             total = sum(getattr(e, attr, 0) for e in rows) or 1
             shares: dict[str, float] = {}
             for e in rows:
@@ -161,9 +177,10 @@ def profile_step(s: Suite, device: str, dtype: str, batch: int) -> None:
                 shares[c] = shares.get(c, 0) + getattr(e, attr, 0) / total
             top = [{"op": e.key, "ms": getattr(e, attr, 0) / 1e3, "calls": e.count, "category": categorize(e.key)}
                    for e in rows[:25]]
-            return {"model": name, "batch": batch, "dtype": dtype, "time": attr, "total_ms": total / 1e3,
+            return {"model": name, "batch": batch, "dtype": dtype, "compiled": compiled, "time": attr,
+                    "rows": "kernels" if cuda else "operators", "total_ms": total / 1e3, "step_ms": step_ms,
                     "shares": dict(sorted(shares.items(), key=lambda kv: -kv[1])), "top": top}
-        s.step(label, run)
+        s.step(label + suffix, run)
 
 
 def released(s: Suite, official: str | None, device: str, dtype: str, batch: int) -> None:
@@ -244,10 +261,12 @@ def summary(s: Suite) -> str:
                          f"{r.get('mfu') or 0:.1%} | {r.get('peak_memory_mib') or 0:.0f} |")
         if rel.get("equivalence"):
             lines.append(f"\nequivalence (float32): {json.dumps(rel['equivalence'])}")
-    for key in ("profile_train_step", "profile_sampling_step"):
+    for key in ("profile_train_step", "profile_sampling_step", "profile_train_step_compiled",
+                "profile_sampling_step_compiled"):
         r = (s.results.get(key) or {}).get("result")
         if r:
-            lines += ["", f"## {key} ({r['model']}, batch {r['batch']}, {r['dtype']}): {r['total_ms']:.1f} ms", ""]
+            lines += ["", f"## {key} ({r['model']}, batch {r['batch']}, {r['dtype']}): {r['total_ms']:.1f} ms of "
+                          f"{r['rows']} in a {r['step_ms']:.1f} ms step", ""]
             lines += [f"- {k}: {v:.1%}" for k, v in r["shares"].items()]
     return "\n".join(lines) + "\n"
 
@@ -281,6 +300,7 @@ def main() -> int:
         released(s, args.official, device, dtype, batch)
     if "profile" not in skip:
         profile_step(s, device, dtype, batch)
+        profile_step(s, device, dtype, batch, compiled=True)
     if "bench" not in skip and not chosen:
         for name, compiled in plan_rest(s):
             bench_one(s, name, compiled, device, dtype, batch, nfe)

@@ -24,8 +24,9 @@ def test_gpu_suite_smoke_takes_every_step_and_writes_the_summary(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "all.json").read_text())
     assert set(results) == {"environment", "train_dimr_tiny_2r_eager", "train_dimr_tiny_2r_compiled", "train_dit_tiny_4_eager",
-                            "profile_train_step",
-                            "profile_sampling_step", "released_side_by_side", "gpu_profile_table2_components"}
+                            "profile_train_step", "profile_sampling_step", "profile_train_step_compiled",
+                            "profile_sampling_step_compiled", "released_side_by_side",
+                            "gpu_profile_table2_components"}
     failed = {k: v["error"] for k, v in results.items() if "error" in v}
     assert not failed, failed
     assert "no checkout" in results["released_side_by_side"]["skipped"]
@@ -44,9 +45,11 @@ def test_gpu_suite_smoke_takes_every_step_and_writes_the_summary(tmp_path):
         assert [row["guidance"] for row in sampling] == [0.0, 1.4] and all(row["images_per_s"] > 0 for row in sampling)
     env = results["environment"]["result"]
     assert env["commit"] and len(env["commit"]) == 40 and env["torch"]  # the commit the numbers were taken at
-    for key in ("profile_train_step", "profile_sampling_step"):
-        shares = results[key]["result"]["shares"]
-        assert abs(sum(shares.values()) - 1.0) < 1e-6 and shares.get("matmul", 0) > 0
+    for key in ("profile_train_step", "profile_sampling_step", "profile_train_step_compiled",
+                "profile_sampling_step_compiled"):
+        r = results[key]["result"]
+        assert abs(sum(r["shares"].values()) - 1.0) < 1e-6 and r["shares"].get("matmul", 0) > 0
+        assert r["step_ms"] > 0 and r["compiled"] == key.endswith("_compiled")
     gpu = results["gpu_profile_table2_components"]["result"]
     assert gpu["exit"] == 0 and gpu["runs"], gpu["stderr"]
     metrics = list((out / "results" / "table2_components").glob("*/evals/*/metrics.json"))
