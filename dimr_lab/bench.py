@@ -240,23 +240,25 @@ def bench_sampling(model: torch.nn.Module, *, batch: int, image_size: int, in_ch
         times.append(time.perf_counter() - t0)
     per = statistics.median(times)
     forwards = nfe * (2 if guidance else 1)
-    return {"nfe": nfe, "guidance": guidance, "images_per_s": batch / per, "forward_images_per_s": batch * forwards / per,
+    return {"nfe": nfe, "guidance": guidance, "batch": batch, "images_per_s": batch / per, "forward_images_per_s": batch * forwards / per,
             "seconds": per}
 
 
 def bench(spec: Any, *, batch: int = 8, dtype: str = "float32", device: str = "cpu", steps: int = 5,
           warmup: int = 2, checkpointing: bool = False, compile: bool = False, seed: int = 0,
-          sample_nfe: int = 0, sample_guidance: float = 1.5) -> dict[str, Any]:
+          sample_nfe: int = 0, sample_guidance: float = 1.5, sample_batch: int = 0) -> dict[str, Any]:
     """Build the network of `spec` (ModelSpec, dict, preset or TOML) and benchmark it: training steps, forward
-    passes, and with `sample_nfe` the sampler with and without guidance. `compile` compiles as
+    passes, and with `sample_nfe` the sampler with and without guidance (`sample_batch` images at a time;
+    0 = `batch`; with guidance each network call takes twice as many). `compile` compiles as
     `train.compile` does (each block: one graph per kind of block) and reports how long the first
     steps took."""
     from dimr_lab.nn.describe import count_macs
     from dimr_lab.nn.network import build_model
     from dimr_lab.spec.model_spec import ModelSpec, resolve_model
 
-    if batch < 1 or steps < 1 or warmup < 0:
-        raise UserError(f"need batch >= 1, steps >= 1, warmup >= 0 (got {batch}, {steps}, {warmup})")
+    if batch < 1 or steps < 1 or warmup < 0 or sample_batch < 0:
+        raise UserError(f"need batch >= 1, steps >= 1, warmup >= 0, sample batch >= 0 (got {batch}, {steps}, "
+                        f"{warmup}, {sample_batch})")
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
     spec = spec if isinstance(spec, ModelSpec) else resolve_model(spec)
@@ -288,7 +290,7 @@ def bench(spec: Any, *, batch: int = 8, dtype: str = "float32", device: str = "c
     if sample_nfe:
         model.eval()
         dev = torch.device(device)
-        kw = dict(batch=batch, image_size=spec.image_size, in_channels=spec.in_channels,
+        kw = dict(batch=sample_batch or batch, image_size=spec.image_size, in_channels=spec.in_channels,
                   num_classes=spec.num_classes, dtype=dtype, device=dev, nfe=sample_nfe)
         result["sampling"] = [bench_sampling(model, guidance=0.0, **kw),
                               bench_sampling(model, guidance=sample_guidance, **kw)]

@@ -88,14 +88,27 @@ class Suite:
               f"({time.monotonic() - t0:.0f} s, {self.left():.0f} s left)", flush=True)
 
 
-def bench_one(s: Suite, name: str, compiled: bool, device: str, dtype: str, batch: int, sample_nfe: int) -> None:
+def bench_one(s: Suite, name: str, compiled: bool, device: str, dtype: str, batch: int, sample_nfe: int,
+              sample_batch: int = 0) -> None:
     """One training benchmark (eager or compiled blocks); XL/2R (tiny/2R in the smoke run) also samples."""
     from dimr_lab.bench import bench
 
     key = f"train_{name}_{'compiled' if compiled else 'eager'}"
     nfe = sample_nfe if name in ("dimr_xl_2r", "dimr_tiny_2r") else 0
     s.step(key, lambda: bench(name, batch=batch, dtype=dtype, device=device, steps=2 if s.smoke else 10,
-                              warmup=1 if s.smoke else 3, compile=compiled, sample_nfe=nfe, sample_guidance=1.4))
+                              warmup=1 if s.smoke else 3, compile=compiled, sample_nfe=nfe, sample_guidance=1.4,
+                              sample_batch=sample_batch))
+
+
+def bench_sampling_batch(s: Suite, device: str, dtype: str, batch: int, nfe: int) -> None:
+    """XL/2R's sampler with compiled blocks at an evaluation's batch (the paper profiles sample 500 at a time):
+    a larger batch keeps the GPU busier than the training batch does."""
+    from dimr_lab.bench import bench
+
+    name = "dimr_tiny_2r" if s.smoke else "dimr_xl_2r"
+    s.step(f"sampling_{name}_batch{batch}_compiled",
+           lambda: bench(name, batch=2, dtype=dtype, device=device, steps=1, warmup=0, compile=True,
+                         sample_nfe=nfe, sample_guidance=1.4, sample_batch=batch))
 
 
 def plan(s: Suite) -> list[tuple[str, bool]]:
@@ -240,13 +253,16 @@ def summary(s: Suite) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for key, v in s.results.items():
         r = v.get("result") if isinstance(v, dict) else None
-        if key.startswith("train_") and isinstance(r, dict):
-            lines.append(f"| {key} | {r.get('model')} | {r.get('train_images_per_s', 0):.1f} | "
-                         f"{r.get('train_tflops') or 0:.1f} | {r.get('mfu') or 0:.1%} | {r.get('peak_memory_mib') or 0:.0f} | "
-                         f"{r.get('wall_s', 0):.0f} | {r.get('compiled_graphs', '-')} ({r.get('compile_fallbacks', '-')}) |")
+        if key.startswith(("train_", "sampling_")) and isinstance(r, dict):
+            if key.startswith("train_"):  # a sampling_ step trains two steps only to compile: no row of its own
+                lines.append(f"| {key} | {r.get('model')} | {r.get('train_images_per_s', 0):.1f} | "
+                             f"{r.get('train_tflops') or 0:.1f} | {r.get('mfu') or 0:.1%} | "
+                             f"{r.get('peak_memory_mib') or 0:.0f} | {r.get('wall_s', 0):.0f} | "
+                             f"{r.get('compiled_graphs', '-')} ({r.get('compile_fallbacks', '-')}) |")
             for row in r.get("sampling", []):
                 at250 = row["images_per_s"] * row["nfe"] / 250  # one network call per NFE: the cost scales with NFE
-                lines.append(f"| sampling {'compiled' if r.get('compile') else 'eager'}, guidance {row['guidance']}: "
+                lines.append(f"| sampling {'compiled' if r.get('compile') else 'eager'}, batch {row['batch']}, "
+                             f"guidance {row['guidance']}: "
                              f"{row['images_per_s']:.2f} img/s at {row['nfe']} NFE = {at250:.2f} at 250 NFE, "
                              f"{row['forward_images_per_s']:.0f} forward img/s | {r.get('model')} | | | | | | |")
         elif isinstance(v, dict) and ("error" in v or "skipped" in v):
@@ -282,6 +298,8 @@ def main() -> int:
                    help="NFE of the timed sampling runs; the summary scales images/s to 250 NFE (one call per NFE)")
     p.add_argument("--bench", default="",
                    help="the training benchmarks to take instead of the plan, e.g. dimr_g_2r:compiled,dit_xl_2:eager")
+    p.add_argument("--sample-batch", type=int, default=250,
+                   help="the batch of the second sampling measurement (compiled XL/2R)")
     p.add_argument("--gpu-seeds", default="", help="seeds of the gpu profile's runs (default: the profile's)")
     args = p.parse_args()
     device, dtype, batch = ("cpu", "float32", 2) if args.smoke else ("cuda", "bfloat16", 64)
@@ -296,6 +314,8 @@ def main() -> int:
     if "bench" not in skip:
         for name, compiled in chosen or plan(s):
             bench_one(s, name, compiled, device, dtype, batch, nfe)
+    if "bench" not in skip and not chosen and nfe:
+        bench_sampling_batch(s, device, dtype, 4 if args.smoke else args.sample_batch, nfe)
     if "released" not in skip:
         released(s, args.official, device, dtype, batch)
     if "profile" not in skip:

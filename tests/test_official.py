@@ -298,8 +298,12 @@ def test_bench_json_for_a_tiny_preset(capsys):
     from dimr_lab.cli import main
 
     main(["bench", "dimr_tiny_2r", "--batch", "1", "--steps", "1", "--warmup", "0", "--json",
-          "--set", "branches.0.depth=1", "--set", "branches.1.depth=1", "--set", "attention_fp32=true"])
+          "--set", "branches.0.depth=1", "--set", "branches.1.depth=1", "--set", "attention_fp32=true",
+          "--sample-nfe", "1", "--sample-batch", "3"])
     info = json.loads(capsys.readouterr().out)
+    # the sampler at its own batch, with and without guidance (guided calls carry both halves: 2 x 3 images)
+    assert [(r["batch"], r["guidance"]) for r in info["sampling"]] == [(3, 0.0), (3, 1.5)]
+    assert info["sampling"][1]["forward_images_per_s"] == pytest.approx(2 * info["sampling"][1]["images_per_s"])
     for key in ("train_images_per_s", "forward_images_per_s", "peak_memory_mib", "train_step_s", "forward_s",
                 "train_tflops", "params", "gmacs_per_image", "memory_measure"):
         assert key in info, key

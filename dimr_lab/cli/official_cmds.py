@@ -49,6 +49,7 @@ def bench(
     sample_nfe: int = typer.Option(0, "--sample-nfe", min=0, help="also time the sampler at this many network "
                                                                   "evaluations per sample, with and without guidance"),
     guidance: float = typer.Option(1.5, "--guidance", help="the guidance scale of the guided sampling timing"),
+    sample_batch: int = typer.Option(0, "--sample-batch", min=0, help="images sampled at a time (0 = --batch)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Training-step images/s (forward + backward + AdamW), forward images/s, peak memory, TFLOP/s and MFU;
@@ -63,7 +64,8 @@ def bench(
         raise UserError(f"--device must be cpu or cuda, got {device!r}")
     spec = _load_model_spec(model, set_)
     info = _bench(spec, batch=batch, dtype=dtype, device=device, steps=steps, warmup=warmup,
-                  checkpointing=checkpointing, compile=compile_, sample_nfe=sample_nfe, sample_guidance=guidance)
+                  checkpointing=checkpointing, compile=compile_, sample_nfe=sample_nfe, sample_guidance=guidance,
+                  sample_batch=sample_batch)
     if as_json:
         print(json.dumps(info, indent=2))
         return
@@ -86,7 +88,8 @@ def bench(
                   fmt(info["forward_images_per_s"]), fmt(info.get("forward_tflops"), ".3f"),
                   fmt(info.get("forward_mfu"), ".1%"), fmt(info["forward_peak_memory_mib"], ".0f"))
     for row in info.get("sampling", []):
-        table.add_row(f"sample {row['nfe']} NFE" + (f", guidance {row['guidance']}" if row["guidance"] else ""),
+        table.add_row(f"sample {row['nfe']} NFE, batch {row['batch']}"
+                      + (f", guidance {row['guidance']}" if row["guidance"] else ""),
                       fmt(row["seconds"], ".3f"), "-", fmt(row["images_per_s"]), "-", "-", "-")
     console = Console()
     console.print(table)
