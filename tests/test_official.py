@@ -311,6 +311,22 @@ def test_bench_json_for_a_tiny_preset(capsys):
     assert info["device"] == "cpu" and info["dtype"] == "float32" and info["peak_tflops"] is None
 
 
+@pytest.mark.timeout(300)
+def test_bench_compiles_a_second_network_in_the_same_process(monkeypatch):
+    """Every network's blocks share their forward's code object, and torch.compile's recompile limit counts
+    graphs per code object: a second compiled benchmark in one process (the GPU suite takes several) must
+    start from a fresh state, not inherit the first one's graphs and run eager. The limit is lowered here so
+    that two tiny networks reach it."""
+    from dimr_lab.bench import bench
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    first = {"preset": "dimr_tiny_2r", "branches": [{"depth": 1}, {"depth": 1}]}
+    second = {"preset": "dimr_tiny_2r", "branches": [{"depth": 1, "width": 48, "heads": 2}, {"depth": 1, "width": 24}]}
+    for spec in (first, second):
+        r = bench(spec, batch=2, steps=1, warmup=0, compile=True)
+        assert r["compiled_graphs"] >= 2 and r["compile_fallbacks"] == 0, r
+
+
 def test_bench_refuses_bad_flags(capsys):
     assert "--dtype" in _cli(["bench", "dimr_tiny_2r", "--dtype", "float64"], capsys)
     assert "dimr_tiny_2r" in _cli(["bench", "dimr_tiny_2q"], capsys)
