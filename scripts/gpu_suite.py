@@ -5,7 +5,8 @@
 
 1. Training step, bf16 autocast, batch 64, of DiMR-XL/2R, G/2R, XL/3R and DiT-XL/2: eager and with compiled
    blocks (compile time stated), images/s, TFLOP/s, MFU, peak memory (`dimr-lab bench`).
-2. Sampling images/s of XL/2R at 250 NFE with and without guidance (the FID-50K bill).
+2. Sampling images/s of XL/2R with and without guidance (the FID-50K bill), timed over --sample-nfe NFE and
+   scaled to 250 (one network call per NFE): eager at the training batch, compiled at an evaluation's.
 3. The released DiMR code side by side with ours in one run (scripts/bench_official.py: as it ships,
    without its block recomputation, ours), when --official (or $DIMR_OFFICIAL_SRC) names a checkout.
 4. torch.profiler's top kernels of one XL/2R training step and one sampling step, eager and with compiled
@@ -95,20 +96,11 @@ def bench_one(s: Suite, name: str, compiled: bool, device: str, dtype: str, batc
 
     key = f"train_{name}_{'compiled' if compiled else 'eager'}"
     nfe = sample_nfe if name in ("dimr_xl_2r", "dimr_tiny_2r") else 0
+    # eager XL/2R samples at the training batch (64, as the earlier measurements did), compiled XL/2R at an
+    # evaluation's batch (`--sample-batch`): what FID-50K runs at
     s.step(key, lambda: bench(name, batch=batch, dtype=dtype, device=device, steps=2 if s.smoke else 10,
                               warmup=1 if s.smoke else 3, compile=compiled, sample_nfe=nfe, sample_guidance=1.4,
-                              sample_batch=sample_batch))
-
-
-def bench_sampling_batch(s: Suite, device: str, dtype: str, batch: int, nfe: int) -> None:
-    """XL/2R's sampler with compiled blocks at an evaluation's batch (the paper profiles sample 500 at a time):
-    a larger batch keeps the GPU busier than the training batch does."""
-    from dimr_lab.bench import bench
-
-    name = "dimr_tiny_2r" if s.smoke else "dimr_xl_2r"
-    s.step(f"sampling_{name}_batch{batch}_compiled",
-           lambda: bench(name, batch=2, dtype=dtype, device=device, steps=1, warmup=0, compile=True,
-                         sample_nfe=nfe, sample_guidance=1.4, sample_batch=batch))
+                              sample_batch=sample_batch if compiled else 0))
 
 
 def plan(s: Suite) -> list[tuple[str, bool]]:
@@ -253,12 +245,11 @@ def summary(s: Suite) -> str:
               "|---|---|---|---|---|---|---|---|"]
     for key, v in s.results.items():
         r = v.get("result") if isinstance(v, dict) else None
-        if key.startswith(("train_", "sampling_")) and isinstance(r, dict):
-            if key.startswith("train_"):  # a sampling_ step trains two steps only to compile: no row of its own
-                lines.append(f"| {key} | {r.get('model')} | {r.get('train_images_per_s', 0):.1f} | "
-                             f"{r.get('train_tflops') or 0:.1f} | {r.get('mfu') or 0:.1%} | "
-                             f"{r.get('peak_memory_mib') or 0:.0f} | {r.get('wall_s', 0):.0f} | "
-                             f"{r.get('compiled_graphs', '-')} ({r.get('compile_fallbacks', '-')}) |")
+        if key.startswith("train_") and isinstance(r, dict):
+            lines.append(f"| {key} | {r.get('model')} | {r.get('train_images_per_s', 0):.1f} | "
+                         f"{r.get('train_tflops') or 0:.1f} | {r.get('mfu') or 0:.1%} | "
+                         f"{r.get('peak_memory_mib') or 0:.0f} | {r.get('wall_s', 0):.0f} | "
+                         f"{r.get('compiled_graphs', '-')} ({r.get('compile_fallbacks', '-')}) |")
             for row in r.get("sampling", []):
                 at250 = row["images_per_s"] * row["nfe"] / 250  # one network call per NFE: the cost scales with NFE
                 lines.append(f"| sampling {'compiled' if r.get('compile') else 'eager'}, batch {row['batch']}, "
@@ -294,12 +285,12 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=480.0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (checks the script itself)")
     p.add_argument("--skip", default="", help="comma-separated steps to skip: bench,profile,released,gpu_profile")
-    p.add_argument("--sample-nfe", type=int, default=25,
+    p.add_argument("--sample-nfe", type=int, default=10,
                    help="NFE of the timed sampling runs; the summary scales images/s to 250 NFE (one call per NFE)")
     p.add_argument("--bench", default="",
                    help="the training benchmarks to take instead of the plan, e.g. dimr_g_2r:compiled,dit_xl_2:eager")
     p.add_argument("--sample-batch", type=int, default=250,
-                   help="the batch of the second sampling measurement (compiled XL/2R)")
+                   help="the sampling batch of compiled XL/2R (eager samples at the training batch, 64)")
     p.add_argument("--gpu-seeds", default="", help="seeds of the gpu profile's runs (default: the profile's)")
     args = p.parse_args()
     device, dtype, batch = ("cpu", "float32", 2) if args.smoke else ("cuda", "bfloat16", 64)
@@ -313,9 +304,7 @@ def main() -> int:
         skip.add("released")
     if "bench" not in skip:
         for name, compiled in chosen or plan(s):
-            bench_one(s, name, compiled, device, dtype, batch, nfe)
-    if "bench" not in skip and not chosen and nfe:
-        bench_sampling_batch(s, device, dtype, 4 if args.smoke else args.sample_batch, nfe)
+            bench_one(s, name, compiled, device, dtype, batch, nfe, 4 if args.smoke else args.sample_batch)
     if "released" not in skip:
         released(s, args.official, device, dtype, batch)
     if "profile" not in skip:
