@@ -312,19 +312,22 @@ def test_bench_json_for_a_tiny_preset(capsys):
 
 
 @pytest.mark.timeout(300)
-def test_bench_compiles_a_second_network_in_the_same_process(monkeypatch):
+def test_bench_compiles_a_second_network_in_the_same_process():
     """Every network's blocks share their forward's code object, and torch.compile's recompile limit counts
     graphs per code object: a second compiled benchmark in one process (the GPU suite takes several) must
     start from a fresh state, not inherit the first one's graphs and run eager. The limit is lowered here so
     that two tiny networks reach it."""
     from dimr_lab.bench import bench
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     first = {"preset": "dimr_tiny_2r", "branches": [{"depth": 1}, {"depth": 1}]}
     second = {"preset": "dimr_tiny_2r", "branches": [{"depth": 1, "width": 48, "heads": 2}, {"depth": 1, "width": 24}]}
-    for spec in (first, second):
-        r = bench(spec, batch=2, steps=1, warmup=0, compile=True)
-        assert r["compiled_graphs"] >= 2 and r["compile_fallbacks"] == 0, r
+    limit = torch._dynamo.config.recompile_limit
+    # torch's own patch (monkeypatch's undo would leave the config module's alias broken for later tests)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for spec in (first, second):
+            r = bench(spec, batch=2, steps=1, warmup=0, compile=True)
+            assert r["compiled_graphs"] >= 2 and r["compile_fallbacks"] == 0, r
+    assert torch._dynamo.config.recompile_limit == limit
 
 
 def test_bench_refuses_bad_flags(capsys):
