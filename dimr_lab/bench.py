@@ -98,11 +98,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn: Callable[[], Any], steps: int, warmup: int, device: torch.device) -> tuple[list[float], list[float]]:
-    """Wall-clock and process CPU seconds of each timed call."""
+def _timed(fn: Callable[[], Any], steps: int, warmup: int,
+           device: torch.device) -> tuple[list[float], list[float], list[float]]:
+    """Wall-clock and process CPU seconds of each timed call, and wall-clock seconds of each warm-up call."""
+    warm = []
     for _ in range(warmup):
+        start = time.perf_counter()
         fn()
-    _sync(device)
+        _sync(device)
+        warm.append(time.perf_counter() - start)
     wall, cpu = [], []
     for _ in range(steps):
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -110,7 +114,7 @@ def _timed(fn: Callable[[], Any], steps: int, warmup: int, device: torch.device)
         _sync(device)
         wall.append(time.perf_counter() - start)
         cpu.append(time.process_time() - start_cpu)
-    return wall, cpu
+    return wall, cpu, warm
 
 
 class _Memory:
@@ -160,9 +164,9 @@ def bench_model(model: torch.nn.Module, *, batch: int, image_size: int, in_chann
                 call(model, x, t_in, y)
 
         memory.start()
-        times, cpu = _timed(fwd, steps, warmup, device)
+        times, cpu, warm = _timed(fwd, steps, warmup, device)
         peak, exact = memory.stop()
-        result.update(forward_s=statistics.median(times), forward_times_s=times,
+        result.update(forward_s=statistics.median(times), forward_times_s=times, forward_warmup_s=warm,
                       forward_cpu_s=statistics.median(cpu),
                       forward_images_per_s=batch / statistics.median(times),
                       forward_peak_memory_mib=peak, forward_memory_exact=exact)
@@ -183,9 +187,9 @@ def bench_model(model: torch.nn.Module, *, batch: int, image_size: int, in_chann
             opt.zero_grad(set_to_none=True)
 
         memory.start()
-        times, cpu = _timed(step, steps, warmup, device)
+        times, cpu, warm = _timed(step, steps, warmup, device)
         peak, exact = memory.stop()
-        result.update(train_step_s=statistics.median(times), train_times_s=times,
+        result.update(train_step_s=statistics.median(times), train_times_s=times, train_warmup_s=warm,
                       train_cpu_s=statistics.median(cpu),
                       train_images_per_s=batch / statistics.median(times),
                       peak_memory_mib=peak, memory_exact=exact)
@@ -284,6 +288,11 @@ def bench(spec: Any, *, batch: int = 8, dtype: str = "float32", device: str = "c
                          num_classes=spec.num_classes, dtype=dtype, device=device, steps=steps, warmup=warmup,
                          macs_per_image=macs, baseline_mib=baseline, seed=seed)
     result["wall_s"] = time.perf_counter() - t0
+    # the warm-up calls' time beyond the steady calls': compilation when compiled (with the first calls' own
+    # one-off costs, such as allocator growth and kernel selection, which an eager run shows too)
+    result["first_calls_extra_s"] = sum(
+        sum(result.get(f"{phase}_warmup_s", [])) - len(result.get(f"{phase}_warmup_s", [])) * result[key]
+        for phase, key in (("forward", "forward_s"), ("train", "train_step_s")) if key in result)
     if compile:  # graphs compiled, and code that fell back to eager (recompile limit, errors)
         result["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
         result["compile_fallbacks"] = int(counters["frames"]["total"] - counters["frames"]["ok"])

@@ -241,14 +241,14 @@ def summary(s: Suite) -> str:
     env = s.results.get("environment", {}).get("result", {})
     lines = ["# GPU suite", "", f"{time.strftime('%Y-%m-%d %H:%M')}; {s.budget_s - s.left():.0f} s; "
              + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
-    lines += ["| measurement | model | img/s | TFLOP/s | MFU | peak MiB | compile/first steps s | graphs (eager left) |",
+    lines += ["| measurement | model | img/s | TFLOP/s | MFU | peak MiB | warm-up beyond steady s | graphs (eager left) |",
               "|---|---|---|---|---|---|---|---|"]
     for key, v in s.results.items():
         r = v.get("result") if isinstance(v, dict) else None
         if key.startswith("train_") and isinstance(r, dict):
             lines.append(f"| {key} | {r.get('model')} | {r.get('train_images_per_s', 0):.1f} | "
                          f"{r.get('train_tflops') or 0:.1f} | {r.get('mfu') or 0:.1%} | "
-                         f"{r.get('peak_memory_mib') or 0:.0f} | {r.get('wall_s', 0):.0f} | "
+                         f"{r.get('peak_memory_mib') or 0:.0f} | {r.get('first_calls_extra_s', 0):.1f} | "
                          f"{r.get('compiled_graphs', '-')} ({r.get('compile_fallbacks', '-')}) |")
             for row in r.get("sampling", []):
                 at250 = row["images_per_s"] * row["nfe"] / 250  # one network call per NFE: the cost scales with NFE

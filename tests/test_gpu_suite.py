@@ -37,6 +37,7 @@ def test_gpu_suite_smoke_takes_every_step_and_writes_the_summary(tmp_path):
         assert (out / f"{key}.json").exists()
     compiled = results["train_dimr_tiny_2r_compiled"]["result"]
     assert compiled["compile"] and compiled["train_images_per_s"] > 0
+    assert compiled["first_calls_extra_s"] > 0 and len(compiled["train_warmup_s"]) == 1  # tracing took time
     # two kinds of block (5 Transformer and 3 ConvNeXt blocks), with and without gradients: at most 4 graphs,
     # and no block left eager
     assert 2 <= compiled["compiled_graphs"] <= 4 and compiled["compile_fallbacks"] == 0

@@ -97,4 +97,5 @@ def bench(
                   f"after {warmup}. Memory: {info['memory_measure']}.")
     if compile_:
         console.print(f"compiled: {info['compiled_graphs']} graphs, {info['compile_fallbacks']} frames left eager; "
-                      f"{info['wall_s']:.1f} s for the warm-up and timed steps, compilation included")
+                      f"the warm-up calls took {info['first_calls_extra_s']:.1f} s more than steady ones "
+                      f"(compilation); {info['wall_s']:.1f} s in all for the warm-up and timed calls")
