@@ -254,8 +254,8 @@ def bench(spec: Any, *, batch: int = 8, dtype: str = "float32", device: str = "c
     """Build the network of `spec` (ModelSpec, dict, preset or TOML) and benchmark it: training steps, forward
     passes, and with `sample_nfe` the sampler with and without guidance (`sample_batch` images at a time;
     0 = `batch`; with guidance each network call takes twice as many). `compile` compiles as
-    `train.compile` does (each block: one graph per kind of block) and reports how long the first
-    steps took."""
+    `train.compile` does (each block: one graph per kind of block) and reports the graphs, the frames left
+    eager and `first_calls_extra_s`, the warm-up calls' time beyond the steady calls' (compilation)."""
     from dimr_lab.nn.describe import count_macs
     from dimr_lab.nn.network import build_model
     from dimr_lab.spec.model_spec import ModelSpec, resolve_model

@@ -293,12 +293,17 @@ def main() -> int:
                    help="the sampling batch of compiled XL/2R (eager samples at the training batch, 64)")
     p.add_argument("--gpu-seeds", default="", help="seeds of the gpu profile's runs (default: the profile's)")
     args = p.parse_args()
+    chosen = []
+    for entry in filter(None, args.bench.split(",")):
+        name, _, mode = entry.partition(":")
+        if mode not in ("eager", "compiled"):
+            p.error(f"--bench {entry!r}: write MODEL:eager or MODEL:compiled")
+        chosen.append((name, mode == "compiled"))
     device, dtype, batch = ("cpu", "float32", 2) if args.smoke else ("cuda", "bfloat16", 64)
     s = Suite(args.out, args.budget_s, args.smoke)
     skip = set(args.skip.split(","))
     nfe = 2 if args.smoke else args.sample_nfe
     s.step("environment", lambda: environment(device))
-    chosen = [(m.split(":")[0], m.endswith(":compiled")) for m in args.bench.split(",") if m]
     if chosen and "released" not in skip:  # a rerun of chosen measurements: the released code first
         released(s, args.official, device, dtype, batch)
         skip.add("released")

@@ -469,3 +469,18 @@ def test_compiled_training_on_the_cpu_follows_the_eager_run(tmp_path):
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+def test_a_missing_compiler_for_the_evaluation_stops_training_before_it_starts(tmp_path, monkeypatch):
+    """eval.compile on the CPU without a C++ compiler: train_run evaluates after training, so the preflight
+    refuses before step 0 (one line naming eval.compile), not after the training it would waste."""
+    import shutil
+
+    from dimr_lab.errors import SpecError
+    from dimr_lab.train.trainer import train_run
+
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    spec = tiny_spec(tmp_path, overrides=[("eval.compile", True)])
+    with pytest.raises(SpecError, match="eval.compile: torch.compile on the CPU needs a C\\+\\+ compiler"):
+        train_run(spec, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "log.jsonl").exists()

@@ -57,7 +57,8 @@ def train_run(spec: Any, out_dir: Path, *, should_stop: Callable[[], bool] | Non
         from dimr_lab.spec.preflight import check_compiler, check_processes
 
         check_processes(spec, info.world_size)
-        check_compiler(spec, info.device)
+        # evaluations follow training in this call: a missing compiler for either is found before step 0
+        check_compiler(spec, info.device, keys=("train.compile", "eval.compile") if evaluate else ("train.compile",))
         check_memory(spec, info)
         with run_lock(run.path) if info.main else contextlib.nullcontext():
             if info.main:
