@@ -400,3 +400,34 @@ def test_sample_errors():
         sample(m, x, y, sampler="ddim", steps=1000, schedule=SCHED)  # 1000 steps to t_end = 1/N: 999 fit
     with pytest.raises(UserError, match="null_label"):
         sample(m, x, y, steps=5, schedule=SCHED, guidance_scale=0.4)
+
+
+@pytest.mark.parametrize("time_input,schedule_name", [("discrete", "scaled_linear"), ("vp_logsnr", "vp_linear")])
+def test_a_training_step_and_every_sampler_read_nothing_back_from_the_device(time_input, schedule_name):
+    """No host syncs: on the meta device no value can be read back (`bool`, `.item()`, `.tolist()` raise), so a
+    training step (loss and backward) and every sampler with guidance running there read nothing back from the
+    device at any step, as a GPU then never stalls the host between steps."""
+    from dimr_lab.diffusion.training import training_loss
+    from dimr_lab.nn.network import build_model
+    from dimr_lab.registry import SAMPLERS
+
+    spec = {"in_channels": 3, "image_size": 16, "num_classes": 5, "norm": "tdln", "outer_norm": "tdln",
+            "branches": [{"block": "transformer", "width": 32, "depth": 1, "heads": 2, "patch": 2},
+                         {"block": "convnext", "width": 16, "depth": 1, "patch": 1, "kernel": 3}]}
+    schedule = build_schedule(schedule_name)
+    model = build_model(spec).to("meta")
+    x0 = torch.empty(4, 3, 16, 16, device="meta")
+    y = torch.zeros(4, dtype=torch.long, device="meta")
+    draws = draw(schedule, 4, (3, 16, 16), label_drop=0.1, flip=True, generator=torch.Generator().manual_seed(0))
+    loss, _ = training_loss(model, schedule, time_input, x0, y, draws, [1.0, 1.0], 5)
+    loss.backward()
+    assert loss.device.type == "meta" and all(p.grad is not None for p in model.parameters())
+    ran = []
+    for name in SAMPLERS.names():
+        if SAMPLERS.meta(name, "needs_discrete") and schedule_name == "vp_linear":
+            continue
+        out = sample(model, torch.empty_like(x0), y, sampler=name, steps=4, order=2, schedule=schedule,
+                     guidance_scale=1.5, guidance_schedule="power_cosine", null_label=5, time_input=time_input)
+        assert out.shape == x0.shape and out.device.type == "meta"
+        ran.append(name)
+    assert len(ran) >= 3

@@ -161,6 +161,27 @@ def _ddp_worker(rank: int, world: int, port: int, spec_path: str, out: str) -> N
     train_run(load_run_spec(spec_path), Path(out), progress=False)
 
 
+class _RankOneStopsFrom:
+    """should_stop for a DDP worker: only rank 1 asks to stop, from its `n`th call on (picklable for spawn)."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return int(os.environ["RANK"]) == 1 and self.calls >= self.n
+
+
+def _ddp_stop_worker(rank: int, world: int, port: int, spec_path: str, out: str, results) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from dimr_lab.train.trainer import train_run
+
+    results.put((rank, train_run(load_run_spec(spec_path), Path(out), should_stop=_RankOneStopsFrom(2),
+                                 progress=False)))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -184,6 +205,25 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert la == pytest.approx(lb, rel=1e-5)
     assert [p.name for p in evals(tmp_path / "two")] == [p.name for p in evals(tmp_path / "one")]
     assert (evals(tmp_path / "two")[0] / "metrics.json").exists()  # the evaluation finished too
+
+
+@pytest.mark.timeout(300)
+def test_ddp_ranks_agree_on_a_stop_at_the_same_step_without_asking_every_step(tmp_path):
+    """One rank asks to stop after its first step; the ranks agree only every STOP_CHECK_EVERY steps (agreeing
+    is a host sync), so both stop together at that step with one checkpoint, and resuming finishes the run."""
+    from dimr_lab.train.trainer import STOP_CHECK_EVERY, train_run
+
+    steps = STOP_CHECK_EVERY + 2
+    spec_path = tiny_spec_file(tmp_path, steps=steps, ckpt=steps)
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.SimpleQueue()
+    torch.multiprocessing.spawn(_ddp_stop_worker, args=(2, _free_port(), str(spec_path), str(tmp_path / "two"),
+                                                        results), nprocs=2, join=True)
+    got = dict(results.get() for _ in range(2))
+    assert got[0] == got[1] == {"interrupted": True, "step": STOP_CHECK_EVERY}
+    assert load_ckpt(tmp_path / "two")["step"] == STOP_CHECK_EVERY
+    train_run(load_run_spec(spec_path), tmp_path / "two", progress=False)  # one process resumes it to the end
+    assert load_ckpt(tmp_path / "two")["step"] == steps
 
 
 # ---------------------------------------------------------------- refusals

@@ -101,7 +101,7 @@ def guided_eps_fn(
         t2 = torch.cat([t, t], dim=0)  # (2B,)
         y2 = torch.cat([y, torch.full_like(y, int(null_label))], dim=0)  # (2B,)
         eps_c, eps_u = last_output(model_fn(x2, t2, y2)).split(B, dim=0)  # (B, C, H, W) each
-        s = guidance_scale_at(t.float().cpu(), scale, form=form, schedule=schedule, power=power)  # (B,)
+        s = guidance_scale_at(t.float(), scale, form=form, schedule=schedule, power=power)  # (B,), on t's device
         s = s.to(device=x.device, dtype=eps_c.dtype).view((B,) + (1,) * (x.dim() - 1))  # (B, 1, 1, 1)
         if form == "uvit":
             return eps_c + s * (eps_c - eps_u)  # U-ViT: eps_c + s (eps_c - eps_u)

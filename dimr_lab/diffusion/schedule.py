@@ -77,11 +77,13 @@ class NoiseSchedule:
     # ---- discrete view (training, DDIM) ----
 
     def _check_steps(self, n: torch.Tensor) -> torch.Tensor:
-        """n as an int64 tensor, checked to lie in 1..N."""
+        """n as an int64 tensor, checked to lie in 1..N where its values are on the CPU (reading them back
+        from a GPU would stall the host every training step; training draws its steps on the CPU and they
+        are checked there, before they move)."""
         n = torch.as_tensor(n)
         if n.dtype.is_floating_point or n.dtype == torch.bool:
             raise UserError(f"diffusion steps must be integers in 1..{self.num_steps}, got dtype {n.dtype}")
-        if n.numel() and (int(n.min()) < 1 or int(n.max()) > self.num_steps):
+        if n.numel() and n.device.type == "cpu" and (int(n.min()) < 1 or int(n.max()) > self.num_steps):
             raise UserError(f"diffusion steps must lie in 1..{self.num_steps}, got {int(n.min())}..{int(n.max())}")
         return n.long()
 

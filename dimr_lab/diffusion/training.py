@@ -127,8 +127,8 @@ def model_inputs(schedule: Any, time_input: str | Callable, x0: torch.Tensor, y:
     flip = draws.flip.to(dev)
     x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)  # random horizontal flips
     eps = draws.eps.to(device=dev, dtype=x0.dtype)  # (B, C, H, W)
+    x_t = schedule.add_noise_at(x0, eps, draws.t)  # (B, C, H, W) = alpha_t x0 + sigma_t eps; t checked on the CPU
     t = draws.t.to(dev)  # (B,)
-    x_t = schedule.add_noise_at(x0, eps, t)  # (B, C, H, W) = alpha_t x0 + sigma_t eps
     to_net = TIME_INPUTS.get(time_input) if isinstance(time_input, str) else time_input
     t_net, tau = to_net(schedule, t)  # what the network is given as time
     y_in = None

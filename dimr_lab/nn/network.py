@@ -136,8 +136,12 @@ class MultiResolutionNet(nn.Module):
         if y is None:
             y = torch.full((B,), self.null_label, dtype=torch.long, device=x.device)
         tau = time_to_tau(t) if tau is None else tau.to(device=x.device, dtype=torch.float32).reshape(-1)  # (B,)
-        if tau.numel() > 1 and not torch.compiler.is_compiling() and bool((tau == tau[0]).all()):
-            tau = tau[:1]  # one time for the batch: TD tensors broadcast
+        # one time for the whole batch (a sampler's step): TD tensors evaluated once and broadcast. Looked for
+        # on the CPU only: reading the answer back from a GPU would stall the host every step (training
+        # times differ per image anyway), and per-image TD values are the same numbers
+        if tau.numel() > 1 and tau.device.type == "cpu" and not torch.compiler.is_compiling() \
+                and bool((tau == tau[0]).all()):
+            tau = tau[:1]
         cond = Cond(t=t, tau=tau, y=y, td=evaluate_all(self._td, tau), vector=self.conditioning.vector(t, y))
         outputs, lower = [], None
         last = len(self.branches) - 1

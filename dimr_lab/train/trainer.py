@@ -37,6 +37,8 @@ from dimr_lab.train.loop import (EMA, BatchOrder, batch_iterator, build_optimize
 TRAIN_MACS_PER_FORWARD = 3.0
 # the dataset (and its evaluation classifier) is the same whatever train.seed: seeds vary the training only
 DATA_SEED = 0
+# with several processes, how often (in steps) the ranks agree on a stop request or the time limit
+STOP_CHECK_EVERY = 10
 
 
 def train_run(spec: Any, out_dir: Path, *, should_stop: Callable[[], bool] | None = None, progress: bool = True,
@@ -363,7 +365,11 @@ class Trainer:
         self.ema_step.update(ema_decay_at(self.step, tr.ema_decay, tr.ema_warmup))
 
     def _stop_requested(self) -> bool:
-        """should_stop() or the time limit, agreed over all ranks."""
+        """should_stop() or the time limit, agreed over all ranks: with several processes every
+        STOP_CHECK_EVERY steps of this session only, since agreeing reads a value back from the device
+        (a host sync) and every rank must ask at the same steps."""
+        if self.world > 1 and self.session_steps % STOP_CHECK_EVERY:
+            return False
         limit = self.spec.train.time_limit_s
         stop = bool(self.should_stop and self.should_stop())
         stop = stop or (limit > 0 and time.perf_counter() - self.t0 > limit)
