@@ -127,7 +127,7 @@ def test_cpu_and_gpu_profiles_train_every_variant_at_micro_size(path, profile, t
 
     micro = [("train.steps", 2), ("train.checkpoint_every", 1), ("data.train_size", 64), ("eval.enabled", False),
              ("eval.steps", []), ("sample.grid_size", 2), ("sample.steps", 2), ("train.batch_size", 4),
-             ("train.precision", "fp32")]
+             ("train.precision", "fp32"), ("train.compile", False)]  # compiled blocks: tests/test_models.py
     runs = expand(load_ablation(path), profile, micro, results=tmp_path, seeds=[0])
     assert {r.variant for r in runs} == {v.name for v in load_ablation(path).variants}
     for run in runs:
