@@ -26,6 +26,7 @@ from dimr_lab.spec.run_spec import load_run_spec
 from dimr_lab.spec.schema import set_dotted, to_dict
 from dimr_lab.table import (STEP_COLUMNS, aggregate, collect, collect_curves, format_table, paper_row, render_table,
                             step_statistics)
+from dimr_lab.table.collect import Damaged
 
 PNG = b"\x89PNG\r\n\x1a\n"
 _FOLDERS = itertools.count()
@@ -260,9 +261,39 @@ def test_odd_json_values_never_crash(tmp_path):
     for what in ("fid=True", "kid=[1, 2]", "precision=", "recall='0.5'", "variant_index", str(bad_record),
                  str(bad_spec), "not valid JSON"):
         assert what in text, what
+    with pytest.raises(UserError, match="--skip-damaged") as err:  # damaged files stop the table: one line
+        render_table(tmp_path, "rich", on_warning=lambda line: None)
+    assert "\n" not in str(err.value)
     for fmt in ("rich", "markdown", "latex", "csv"):
-        assert render_table(tmp_path, fmt, on_warning=lambda line: None)
+        assert render_table(tmp_path, fmt, on_warning=lambda line: None, skip_damaged=True)
     assert isinstance(step_statistics(runs), pd.DataFrame)  # odd and fine sit at different grid points
+
+
+def test_a_damaged_latest_evaluation_is_not_replaced_by_an_earlier_step(tmp_path):
+    """The final table compares the runs' last evaluations: a run whose last one does not read is left out
+    (and named), never shown at an earlier step among the others' later ones."""
+    for seed in range(3):
+        folder = write_run(tmp_path, "abl", "v", seed, metrics_for(50.0 + seed, seed), step=600)
+        add_eval(folder, 1200, metrics_for(30.0 + seed, seed), make_spec(seed))
+    latest = sorted((folder / "evals").iterdir())[-1]
+    (latest / "metrics.json").write_text('{"fid": 3')
+    runs, warnings = collect(tmp_path)
+    assert list(runs["step"]) == [1200, 1200] and list(runs["fid"]) == [30.0, 31.0]
+    assert any(isinstance(w, Damaged) and str(folder) in w and "not replaced by step 600" in w for w in warnings)
+    with pytest.raises(UserError, match="not valid JSON"):
+        render_table(tmp_path, "csv", on_warning=lambda line: None)
+    assert "v" in render_table(tmp_path, "csv", on_warning=lambda line: None, skip_damaged=True)
+
+
+def test_eval_filters_name_known_settings_and_an_empty_table_says_why_in_one_line(tmp_path):
+    for seed in range(2):
+        write_run(tmp_path, "abl", "v", seed, metrics_for(50.0 + seed, seed), step=600)
+    with pytest.raises(UserError, match="unknown --eval sample.* key 'guidance'.*guidance_scale"):
+        render_table(tmp_path, eval_filter=["sample.guidance=1"])
+    with pytest.raises(UserError) as err:
+        render_table(tmp_path, step=1234, on_warning=lambda line: pytest.fail(line))
+    assert "no finished runs" in str(err.value) and "no finished evaluation at step 1234 (finished: 600)" in str(err.value)
+    assert "and 1 more warnings" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_unfinished_runs_warn(tree):
@@ -551,3 +582,10 @@ def test_the_table_layer_never_imports_torch(tree, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_an_interval_end_near_zero_never_reads_zero():
+    from dimr_lab.table.steps import _interval
+
+    assert _interval(-2.3, -4.61, -0.032, 1) == "-2.3 [-4.6, -0.032]"
+    assert _interval(-2.3, -4.61, 0.0, 1) == "-2.3 [-4.6, +0.0]" and _interval(1.0, 0.5, 1.5, 1) == "+1.0 [+0.5, +1.5]"

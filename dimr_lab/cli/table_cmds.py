@@ -42,6 +42,8 @@ def table_cmd(
     wide: bool = typer.Option(False, "--wide", help="Every metric, delta and paper column (no width limit)."),
     test: str = typer.Option("t", "--test", help="--steps: p_holm from the paired t-test (t) or the exact "
                                                  "sign-flip permutation test (perm)."),
+    skip_damaged: bool = typer.Option(False, "--skip-damaged", help="Leave out runs whose record or metrics "
+                                                                     "file does not read (default: stop on them)."),
 ) -> None:
     """One row per variant: mean ± std over seeds, deltas to the base variant, the paper's numbers beside ours."""
     # pandas and matplotlib load here only, so `dimr-lab --help` stays fast
@@ -52,7 +54,8 @@ def table_cmd(
     if out is not None and out.is_dir():
         raise UserError(f"--out {out}: is a directory; give a file name")
     text = render_table(results_dir, fmt=fmt, plot=plot, steps=steps, step=step, eval_filter=eval_filter,
-                        columns=columns, metrics=metrics, wide=wide, curves=curves, test=test)
+                        columns=columns, metrics=metrics, wide=wide, curves=curves, test=test,
+                        skip_damaged=skip_damaged)
     if out is None:
         typer.echo(text, nl=False)
         return

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 
 from dimr_lab.errors import UserError, unknown_name_message
 from dimr_lab.table.aggregate import aggregate
-from dimr_lab.table.collect import collect, collect_curves, parse_eval_filter
+from dimr_lab.table.collect import Damaged, collect, collect_curves, parse_eval_filter
 from dimr_lab.table.columns import (DEFAULT_COLUMNS, DEFAULT_METRICS, FORMATS, OPTIONAL_COLUMNS, format_table,
                                     parse_columns, parse_metrics)
 from dimr_lab.table.paper import PAPER_COLUMNS, paper_row, paper_table, paper_tables
@@ -40,9 +40,11 @@ def _warn_stderr(line: str) -> None:
 def render_table(results_dir: str | Path, fmt: str = "rich", plot: str | Path | None = None,
                  on_warning: Callable[[str], None] | None = None, steps: bool = False, step: int | None = None,
                  eval_filter: Iterable[Any] | None = None, columns: Any = None, metrics: Any = None,
-                 wide: bool = False, curves: str | Path | None = None, test: str = "t") -> str:
+                 wide: bool = False, curves: str | Path | None = None, test: str = "t",
+                 skip_damaged: bool = False) -> str:
     """collect + aggregate + format_table (or step_statistics with steps=True), plus the plots asked for;
-    warning lines go to on_warning (default: stderr, prefixed 'warning: ')."""
+    warning lines go to on_warning (default: stderr, prefixed 'warning: '). A damaged record or metrics file
+    stops it (UserError) unless skip_damaged, which leaves those runs out with a warning."""
     # every argument is checked before the (slow) walk over the results tree
     if fmt not in FORMATS:
         raise UserError(unknown_name_message("table format", fmt, FORMATS))
@@ -53,10 +55,16 @@ def render_table(results_dir: str | Path, fmt: str = "rich", plot: str | Path | 
     warn = on_warning or _warn_stderr
     with quiet():
         runs, warnings = collect(results_dir, step=step, eval_filter=pairs)
+        damaged = [w for w in warnings if isinstance(w, Damaged)]
+        if damaged and not skip_damaged:
+            more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+            raise UserError(f"{damaged[0]}{more}; --skip-damaged makes the table without the runs it names")
+        if runs.empty:  # one line: the first reason and how many more
+            why = f": {warnings[0]}" + (f" (and {len(warnings) - 1} more warnings)" if len(warnings) > 1 else "") \
+                if warnings else ""
+            raise UserError(f"no finished runs under {results_dir}{why}")
         for line in warnings:
             warn(line)
-        if runs.empty:
-            raise UserError(f"no finished runs under {results_dir}")
         table = aggregate(runs, on_warning=warn)
         first = (chosen or ["fid"])[0]
         if plot is not None:

@@ -5,25 +5,31 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
 
-from dimr_lab.errors import UserError
+from dimr_lab.errors import UserError, unknown_name_message
 from dimr_lab.rundir import Evaluation, RunDir, RunRecord, find_runs
-from dimr_lab.spec.run_spec import OUTSIDE_EVAL_IDENTITY, RunSpec, load_run_spec
+from dimr_lab.spec.run_spec import OUTSIDE_EVAL_IDENTITY, EvalSpec, RunSpec, SampleSpec, load_run_spec
 from dimr_lab.table.paper import attach_paper
 from dimr_lab.table.values import METRICS, flatten, integer_columns, number, quietly, scalar, short
 
 EVAL_SECTIONS = ("sample", "eval")
+_SECTION_TYPES = {"sample": SampleSpec, "eval": EvalSpec}
 # columns every runs frame has, in this order (factor.* and grid.* follow the ids, paper_* the rest)
 ID_COLUMNS = ("ablation", "title", "profile", "variant", "variant_index", "seed", "base_variant", "grid",
               "folder", "paper")
 RUN_COLUMNS = ("step", "images_seen", "eval_hash", "eval_label", "data_key", "git_commit", "git_dirty")
 # keys of one run's plan: another folder with the same key and a newer evaluation supersedes it
 PLAN_KEY = ["ablation", "profile", "variant", "grid", "seed"]
+
+
+class Damaged(str):
+    """A warning about a damaged file (a record or metrics file that does not read): `table` stops on it
+    unless told to leave such runs out."""
 
 
 @dataclass
@@ -60,6 +66,10 @@ def parse_eval_filter(items: Iterable[Any] | None) -> list[tuple[str, Any]]:
         if key.split(".", 1)[0] not in EVAL_SECTIONS or "." not in key:
             raise UserError(f"--eval {key}: evaluation settings are sample.* or eval.* keys "
                             f"(e.g. sample.guidance_scale)")
+        section, name = key.split(".", 1)
+        known = sorted(f.name for f in fields(_SECTION_TYPES[section]))
+        if name not in known:
+            raise UserError(unknown_name_message(f"--eval {section}.* key", name, known))
         pairs.append((key, value))
     return pairs
 
@@ -121,7 +131,7 @@ def _read_run(folder: Path, warnings: list[str]) -> Run | None:
             record = RunRecord(spec=rd.read_spec_document(), identity="", variant=folder.name)
         spec = load_run_spec(record.spec, file=str(rd.record_path))
     except UserError as err:
-        warnings.append(f"skipped {folder}: {err}")
+        warnings.append(Damaged(f"skipped {folder}: {err}"))
         return None
     if not 0 <= record.seed < 2**63:
         warnings.append(f"skipped {folder}: seed {record.seed} is not a usable seed")
@@ -133,7 +143,7 @@ def _finished(run: Run, warnings: list[str], pairs: list[tuple[str, Any]]) -> li
     """The run's finished evaluations matching the filter; broken ones and an unfinished run are warned about."""
     for ev in run.evaluations:
         if ev.problem:
-            warnings.append(f"{run.folder}: evaluation {ev.name}: {ev.problem}")
+            warnings.append(Damaged(f"{run.folder}: evaluation {ev.name}: {ev.problem}"))
     done = [ev for ev in run.evaluations if ev.done]
     if not done:
         pending = [ev.name for ev in run.evaluations if not ev.done and not ev.problem]
@@ -162,6 +172,11 @@ def _choose(run: Run, step: int | None, pairs: list[tuple[str, Any]], warnings: 
         return None
     if step is None:
         step = max(ev.step for ev in done)
+        broken = [ev for ev in run.evaluations if ev.problem and ev.step > step]
+        if broken:  # its latest evaluation does not read: an earlier step would stand in for it unseen
+            warnings.append(Damaged(f"skipped {run.folder}: its latest evaluation ({broken[-1].name}) is damaged; "
+                                    f"not replaced by step {step}"))
+            return None
     here = [ev for ev in done if ev.step == step]
     if not here:
         steps = ", ".join(str(s) for s in sorted({ev.step for ev in done}))

@@ -55,7 +55,8 @@ def _published(group: pd.DataFrame, variant: str, paper_col: str | None) -> floa
 def _step(group: pd.DataFrame, a: str, b: str, metric: str, paper_col: str | None) -> dict[str, Any]:
     """One step a -> b: runs paired by seed within the same data (seeds present in both)."""
     left, right = group[group["variant"] == a], group[group["variant"] == b]
-    paper_diff = _published(group, b, paper_col) - _published(group, a, paper_col)
+    # the published numbers carry two decimals: their difference is rounded so float noise never shows
+    paper_diff = round(_published(group, b, paper_col) - _published(group, a, paper_col), 10)
     row: dict[str, Any] = {"from_variant": a, "to_variant": b, "step": f"{a} → {b}",
                            "paper_diff": None if math.isnan(paper_diff) else paper_diff, "note": ""}
     keys_a, keys_b = set(left["data_key"]), set(right["data_key"])
@@ -119,8 +120,15 @@ def _interval(diff: Any, lo: Any, hi: Any, places: int) -> str:
     """'-11.8 [-52.6, +29.0]' (the interval left out when one seed gives none)."""
     if is_missing(diff):
         return ""
-    ci = "" if is_missing(lo) else f" [{fixed(lo, places, sign=True)}, {fixed(hi, places, sign=True)}]"
+    ci = "" if is_missing(lo) else f" [{_bound(lo, places)}, {_bound(hi, places)}]"
     return fixed(diff, places, sign=True) + ci
+
+
+def _bound(value: float, places: int) -> str:
+    """An interval's end: fixed decimals, or two significant figures where those would read 0 (an end at
+    -0.03 beside a verdict that needs the interval to exclude 0 must not read -0.0)."""
+    text = fixed(value, places, sign=True)
+    return f"{value:+.2g}" if float(text) == 0 and value != 0 else text
 
 
 def _p(value: Any) -> str:
