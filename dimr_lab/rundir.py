@@ -245,6 +245,11 @@ class Evaluation:
     def done(self) -> bool:
         return self.metrics is not None
 
+    def serves(self, enabled: bool) -> bool:
+        """Finished, and with metrics where `enabled` (eval.enabled) asks for them: an evaluation made with
+        evaluation off (a sample grid only) shares its name with the full one, which it does not stand for."""
+        return self.done and not (enabled and self.metrics.get("enabled") is False)
+
 
 # ------------------------------------------------------------------------------------------- a folder
 
@@ -354,6 +359,22 @@ class RunDir:
         if idx is not None and idx.last == step and self.last_checkpoint.exists():
             return self.last_checkpoint
         return None
+
+    def outputs_without_checkpoint(self, first_checkpoint_step: int) -> str | None:
+        """Why this folder cannot go on, or None: it holds a trained run's outputs (finished evaluations, or
+        a log past the step of the run's first checkpoint) but no checkpoint to train on or evaluate from,
+        as a committed results/ tree does. Starting over there would cut its log back to step 0 and train
+        again over what it holds; a run killed before its first checkpoint has neither and starts over."""
+        if self.last_checkpoint.exists() or self.kept_on_disk():
+            return None
+        done = sorted({e.step for e in self.evaluations() if e.done})
+        logged = self.last_logged_step()
+        if not done and (logged is None or logged <= first_checkpoint_step):
+            return None
+        held = (f"evaluations at step {', '.join(map(str, done))}" if done else f"a log to step {logged}")
+        return (f"{self.path}: holds a trained run's outputs ({held}) but no checkpoint to train on or evaluate "
+                f"from (results folders keep outputs only); run it where its checkpoints are, or move the folder "
+                f"away to train it again from step 0")
 
     # evaluations
     def evaluations(self) -> list[Evaluation]:

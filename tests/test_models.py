@@ -279,6 +279,12 @@ def test_spec_errors_name_the_key_and_what_is_allowed(patch, message):
     assert str(err.value).startswith("spec.toml: model")
 
 
+def info_3r_gmacs() -> float:
+    from dimr_lab.nn.describe import count
+
+    return count({"preset": "dimr_tiny_3r"})["gmacs"]
+
+
 def test_describe_cli_json_and_errors(capsys):
     from dimr_lab.cli import main
 
@@ -286,6 +292,9 @@ def test_describe_cli_json_and_errors(capsys):
     info = json.loads(capsys.readouterr().out)
     assert isinstance(info["params"], int) and isinstance(info["gmacs"], float)
     assert info["params"] == sum(b["params"] for b in info["branches"]) + info["shared_params"]
+    main(["describe", "dimr_tiny_3r"])  # a tiny network's GMACs to three figures, never '0.0'
+    text = capsys.readouterr().out
+    assert f"{info_3r_gmacs():.3g}" in text and " 0.0 " not in text
     for argv in (["describe", "dimr_tiny_2q"], ["describe", "dimr_tiny_2r", "--set", "norm=foo"],
                  ["describe", "missing.toml"], ["components", "norms"]):
         with pytest.raises(SystemExit) as exit_:

@@ -194,3 +194,15 @@ def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path):
     err = err.decode()
     assert proc.returncode == 130 and "run the same command to resume" in err and "Traceback" not in err, err
     assert (run / "checkpoints" / "last.pt").is_file()
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["train", "--threads", "-1"], "'--threads'"),
+    (["train", "--bogus"], "No such option: --bogus"),
+    (["bogus"], "No such command 'bogus'"),
+    (["table"], "Missing argument"),
+])
+def test_usage_errors_are_one_line_naming_the_help(argv, fragment, capsys):
+    code, out, err = cli(argv, capsys)
+    one_line_exit_2(code, out, err, fragment)
+    assert f"'dimr-lab {argv[0]} --help'" in err or "'dimr-lab --help'" in err

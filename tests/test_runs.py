@@ -237,3 +237,86 @@ def test_another_runs_checkpoint_is_refused(tmp_path, capsys):
     (tmp_path / "a" / "checkpoints" / "last.pt").replace(tmp_path / "b" / "checkpoints" / "last.pt")
     with pytest.raises(UserError, match="checkpoint of another run"):
         train(spec(4, ("train.lr", 5e-4)), tmp_path / "b")
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under root but the folder lock's holder line."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+            and p.name != ".lock"}
+
+
+@pytest.mark.timeout(300)  # were the refusal gone, the run would train for minutes: fail, do not hang
+def test_committed_outputs_without_checkpoints_are_refused_not_trained_over(tmp_path, capsys):
+    """A committed run (outputs, no checkpoints) asked for a new evaluation: starting over would cut its log
+    back to step 0 and train over it. `run` (and --eval-only) refuse in one line, exit 2, before writing;
+    the dry run says so beside the run."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    src = next((root / "results" / "tdln_vs_adaln").glob("tdln-s0-*"))
+    shutil.copytree(src, tmp_path / "tdln_vs_adaln" / src.name)
+    before = _tree_bytes(tmp_path)
+    args = ["run", root / "ablations" / "tdln_vs_adaln.toml", "--profile", "small", "--set", "sample.steps=10",
+            "--only", "tdln", "--seeds", "0", "-r", tmp_path]
+    for extra in ([], ["--eval-only"]):
+        code, out, err = cli([*args, *extra], capsys)
+        assert code == 2 and err.count("\n") == 1 and "no checkpoint" in err and src.name in err, err
+        assert _tree_bytes(tmp_path) == before
+    code, out, err = cli([*args, "--dry-run", "--json"], capsys)
+    (row,) = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and row["status"] == "no checkpoint" and "no checkpoint" in row["problem"]
+    assert _tree_bytes(tmp_path) == before
+    # the same settings it was made with: done, nothing to do
+    code, out, err = cli(args[:4] + args[6:] + ["--json"], capsys)
+    assert code == 0 and json.loads(out.splitlines()[0])["status"] == "skipped"
+
+
+def test_train_refuses_outputs_without_checkpoints_but_restarts_a_run_killed_before_its_first(tmp_path):
+    from dimr_lab.errors import UserError
+
+    train(spec(4), tmp_path / "run")
+    log = (tmp_path / "run" / "log.jsonl").read_bytes()
+    removed = [p.unlink() for p in (tmp_path / "run" / "checkpoints").iterdir()]
+    assert removed
+    with pytest.raises(UserError, match="no checkpoint to train on"):
+        train(spec(6), tmp_path / "run")
+    assert (tmp_path / "run" / "log.jsonl").read_bytes() == log
+    # killed before its first checkpoint (step 2): a log to step 1 and nothing else starts over
+    train(spec(1, ("train.checkpoint_every", 2), ("eval.steps", [])), tmp_path / "early", evaluate=False)
+    for p in (tmp_path / "early" / "checkpoints").iterdir():
+        p.unlink()
+    assert train(spec(4), tmp_path / "early") is not None
+    assert ckpt(tmp_path / "early")["step"] == 4
+
+
+def test_an_evaluation_made_with_evaluation_off_does_not_stand_for_the_full_one(tmp_path, capsys, monkeypatch):
+    """eval.enabled is not in an evaluation's name, so a sample grid made with it off sits where the full
+    evaluation goes: it stays done for specs with evaluation off, and is replaced by the metrics when asked."""
+    from dimr_lab.runner.worker import pending_evaluations
+
+    monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
+    full = [("eval.samples", 24), ("eval.batch_size", 8), ("eval.metrics", ["fid", "sample_accuracy"])]
+    off = spec(2, *full)  # TINY: eval.enabled = false
+    train(off, tmp_path / "run")
+    (grid,) = list((tmp_path / "run" / "evals").iterdir())
+    assert json.loads((grid / "metrics.json").read_text())["enabled"] is False
+    assert pending_evaluations(off, tmp_path / "run") == []
+    on = spec(2, *full, ("eval.enabled", True))
+    assert on.eval_hash() == off.eval_hash() and pending_evaluations(on, tmp_path / "run") == [2]
+    code, out, err = cli(["eval", tmp_path / "run", "--json"], capsys)  # the run's own spec: evaluation off
+    assert code == 0 and "eval.enabled=true" in err and json.loads(out)["enabled"] is False
+    code, out, err = cli(["eval", tmp_path / "run", "--set", "eval.enabled=true", "--json"], capsys)
+    got = json.loads(out)
+    assert code == 0 and got["enabled"] is True and got["fid"] is not None and got["sample_accuracy"] is not None
+    assert list((tmp_path / "run" / "evals").iterdir()) == [grid]
+    assert json.loads((grid / "metrics.json").read_text()) == got and pending_evaluations(on, tmp_path / "run") == []
+
+
+def test_evaluating_a_damaged_checkpoint_writes_nothing(tmp_path, capsys):
+    train(spec(2), tmp_path / "run")
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    before = _tree_bytes(tmp_path / "run")
+    code, _, err = cli(["eval", tmp_path / "run", "--set", "sample.steps=3"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "last.pt" in err, err
+    assert _tree_bytes(tmp_path / "run") == before

@@ -102,6 +102,19 @@ def test_only_seeds_and_a_grid_from_the_command_line_plan_exactly_these_runs(tmp
     # a quoted value with a comma is one value, not a grid
     runs = plan(capsys, tmp_path, "--only", "tdln", "--seeds", "0", "--set", 'data.root="a,b"')
     assert len(runs) == 1 and runs[0]["spec"]["data"]["root"] == "a,b"
+    # a grid over a list-valued key: split at the commas between the lists only
+    runs = plan(capsys, tmp_path, "--only", "tdln", "--seeds", "0", "--set", "train.betas=[0.9,0.99],[0.9,0.95]")
+    assert sorted(r["spec"]["train"]["betas"][1] for r in runs) == [0.95, 0.99]
+
+
+@pytest.mark.parametrize("args,where", [(["--set", "train.betas=0.9,0.99"], "--set: train.betas: expected list"),
+                                        (["--set", "train.steps=10,abc"], "--set: train.steps: expected an integer"),
+                                        (["--seeds", "0,0"], "--seeds: duplicate seeds"),
+                                        (["--profile", "small", "--set", "sample.skip_type=logSNR"],
+                                         "--set: sample.skip_type: sampler 'dpm_solver_fast' does not read")])
+def test_command_line_grid_and_seed_errors_name_the_command_line(args, where, tmp_path, capsys):
+    code, out, err = cli(["run", FILE, "--dry-run", "--results", tmp_path / "r", *args], capsys)
+    assert code == 2 and err.count("\n") == 1 and where in err and str(FILE.name) not in err, err
 
 
 def test_rerunning_a_sweep_skips_what_is_done(tmp_path, capsys, monkeypatch):

@@ -31,14 +31,30 @@ from dimr_lab.cli import data_cmds, model_cmds, official_cmds, run_cmds, table_c
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors and operating-system errors become one line on stderr and exit status 2
-    (usage errors too, by click); Ctrl-C is exit status 130 with one line."""
+    (click's usage errors too, with the command's --help named); Ctrl-C is exit status 130."""
+    try:  # newer typer carries its own copy of click
+        from typer._click.exceptions import UsageError
+    except ImportError:  # pragma: no cover - typer on click itself
+        from click.exceptions import UsageError
+
     from dimr_lab.errors import UserError
 
     try:
-        app(args=argv, prog_name="dimr-lab")
+        # not standalone: click's usage errors come here to be said in one line, like every other error
+        code = app(args=argv, prog_name="dimr-lab", standalone_mode=False)
+        if isinstance(code, int) and code:  # typer.Exit(N) from a command
+            sys.exit(code)
     except SystemExit as exit_:
-        if exit_.code not in (0, None):  # click's usage errors (2) and explicit failures pass through
+        if exit_.code not in (0, None):  # explicit failures pass through
             raise
+    except UsageError as err:
+        command = err.ctx.command_path if err.ctx is not None else "dimr-lab"
+        if err.format_message():  # empty after no arguments, where the help has been shown
+            print(f"error: {err.format_message()} (see '{command} --help')", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)

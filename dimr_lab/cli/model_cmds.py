@@ -74,11 +74,16 @@ def describe(
         table.add_column(col, justify="right")
     for row in info["branches"]:
         table.add_row(str(row["branch"]), row["block"], str(row["width"]), str(row["blocks"]), row["tokens"],
-                      str(row["patch"]), f"{row['params'] / 1e6:.2f}M", f"{row['gmacs']:.2f}")
+                      str(row["patch"]), f"{row['params'] / 1e6:.2f}M", _gmacs_text(row["gmacs"]))
     table.add_row("shared", "", "", "", "", "", f"{info['shared_params'] / 1e6:.2f}M", "")
     total_p = f"{info['params'] / 1e6:.2f}M" + (f" (paper {paper[0] / 1e6:.2f}M)" if paper else "")
-    total_g = f"{info['gmacs']:.1f}" + (f" (paper {paper[1]})" if paper and paper[1] else "")
+    total_g = _gmacs_text(info["gmacs"]) + (f" (paper {paper[1]})" if paper and paper[1] else "")
     table.add_row("total", "", "", "", "", "", total_p, total_g, style="bold")
     console = Console()
     console.print(table)
     console.print(f"time-dependent parameters: {info['td_params'] / 1e6:.3f}M; outputs {info['output_sizes']}")
+
+
+def _gmacs_text(g: float) -> str:
+    """GMACs to three significant figures, so tiny networks do not read 0.0 (1.2e-5 -> '1.2e-05')."""
+    return f"{g:.1f}" if g >= 100 else f"{g:.3g}"

@@ -103,24 +103,36 @@ def run_cmd(
     plain, grid = grid_overrides(set_)
     run_over, slurm_upd, set_seeds = split_overrides(parse_overrides(plain))
     abl = load_ablation(file)
-    runs = expand(abl, profile, run_over, results=results, seeds=_parse_list(seeds, "--seeds", ints=True) or set_seeds,
+    given = _parse_list(seeds, "--seeds", ints=True)
+    if given is not None:
+        from dimr_lab.spec.ablation import check_seeds
+
+        given = check_seeds(given, file=None, key="--seeds")
+    runs = expand(abl, profile, run_over, results=results, seeds=given or set_seeds,
                   only=_parse_list(only, "--only"), grid=grid)
     settings, sources = resolve_slurm(abl, profile, slurm_upd)
     ablation_dir = results.resolve() / abl.name
     out = _console()
 
-    if dry_run:  # the plan, with what a real run would refuse (missing files) said beside it
+    if dry_run:  # the plan, with what a real run would refuse (missing files, no checkpoint) said beside it
         problems = {}
         for r in runs:
             try:
                 check_files(r.spec, file=str(file))
             except UserError as err:
                 problems[r.run_dir] = str(err)
+            blocked = r.cannot_continue()
+            if blocked:
+                problems.setdefault(r.run_dir, blocked)
         _dry_run(out, abl, runs, settings, profile, executor, ablation_dir, as_json, eval_only, problems, sources,
                  results.resolve() if reuse else None)
         return
     for r in runs:  # files the runs read: before anything is written or submitted
         check_files(r.spec, file=str(file))
+    blocked = [msg for msg in (r.cannot_continue() for r in runs) if msg]
+    if blocked:  # a trained run's outputs without its checkpoints: starting over would train over them
+        more = f" (and {len(blocked) - 1} more run{'s' if len(blocked) > 2 else ''} alike)" if len(blocked) > 1 else ""
+        raise UserError(blocked[0] + more)
     if reuse:
         from dimr_lab.runner.reuse import reuse_runs
 
@@ -183,6 +195,9 @@ def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, e
         if r.is_done():
             state[r.run_dir] = ("done", None)
             continue
+        if r.cannot_continue():
+            state[r.run_dir] = ("no checkpoint", None)
+            continue
         if reuse_root is not None and not (r.run_dir / "spec.json").exists():
             source = find_source(reuse_root, r.run_dir, r.identity, r.spec.train.steps)
         state[r.run_dir] = ("todo", None if source is None else str(source.path.relative_to(reuse_root)))
@@ -211,6 +226,7 @@ def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, e
                   ", ".join(f"{k}={v}" for k, v in r.grid.items()) or "-", str(r.spec.train.steps),
                   _fmt_params(c.get("params")), _fmt_gmacs(c.get("gmacs")),
                   "done (skipped)" if state[r.run_dir][0] == "done" else
+                  "no checkpoint (refused)" if state[r.run_dir][0] == "no checkpoint" else
                   (f"reuse {state[r.run_dir][1]}" if state[r.run_dir][1] else "to run"))
     out.print(t)
     out.print(f"folder: {ablation_dir}")

@@ -93,6 +93,9 @@ def eval_cmd(
     results = evaluate_run(run_dir, step=step, all_steps=all_steps, overrides=parse_overrides(set_),
                            should_stop=stop, log=None if as_json else lambda line: print(line, file=sys.stderr))
     interrupted = any(r.get("interrupted") for r in results)
+    if any(r.get("enabled") is False for r in results):
+        print("note: evaluation is off in this run's spec (eval.enabled = false): a sample grid only; "
+              "--set eval.enabled=true computes the metrics", file=sys.stderr)
     for r in results:
         if "rank" in r:
             continue

@@ -98,12 +98,16 @@ def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistIn
     ehash = spec.eval_hash()
     d = run.eval_dir(step, ehash)
     done = read_evaluation(d) if d.is_dir() else None
-    if done is not None and done.done:
+    if done is not None and done.serves(spec.eval.enabled):
         return done.metrics
+    # a sample grid made with evaluation off is replaced by the full evaluation (its metrics.json, at the end)
     if spec.eval.compile:  # before anything is written
         from dimr_lab.spec.preflight import check_compiler
 
         check_compiler(spec, info.device, keys=("eval.compile",))
+    device = info.device
+    # the checkpoint is read before anything is written: a damaged one leaves no evaluation folder behind
+    model, _, ckpt_step = load_run_model(run.path, step=step, ema=spec.sample.use_ema, device=device)
     settings = eval_settings(spec)
     chunks = d / CHUNKS
     if info.main:
@@ -113,8 +117,6 @@ def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistIn
         write_eval_record(d, step, ehash, settings, str(run.checkpoint_for(step) or ""))
     distributed.barrier(info)
 
-    device = info.device
-    model, _, ckpt_step = load_run_model(run.path, step=step, ema=spec.sample.use_ema, device=device)
     if spec.eval.compile:
         model.compile_blocks()  # one graph per kind of block; guidance's doubled batch is one shape
     n = spec.eval.samples if spec.eval.enabled else spec.sample.grid_size

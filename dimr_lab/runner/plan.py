@@ -66,6 +66,30 @@ class PlannedRun:
         """Trained to its steps and every evaluation it asks for has parsing metrics."""
         return not self.pending_evaluations()
 
+    def cannot_continue(self) -> str | None:
+        """Why this run, not done, cannot go on in its folder (RunDir.outputs_without_checkpoint), or None."""
+        if not self.run_dir.is_dir() or self.is_done():
+            return None
+        return self.folder.outputs_without_checkpoint(self.spec.first_checkpoint_step())
+
+
+def split_top_level(text: str) -> list[str]:
+    """text split at the commas outside brackets, braces and quotes: '[1,2],[3,4]' -> ['[1,2]', '[3,4]']."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
 
 def grid_overrides(items: list[str] | None) -> tuple[list[str], list[tuple[str, list[Any]]]]:
     """Split `--set` items into plain ones and grids: `key=a,b,c` (not a TOML value, with commas) is the
@@ -85,7 +109,7 @@ def grid_overrides(items: list[str] | None) -> tuple[list[str], list[tuple[str, 
         except tomllib.TOMLDecodeError:
             is_toml = False
         if eq and not is_toml and "," in raw and not key.startswith(("slurm.", "ablation.")):
-            values = [parse_value(v.strip()) for v in raw.split(",") if v.strip()]
+            values = [parse_value(v.strip()) for v in split_top_level(raw) if v.strip()]
             if len({repr(v) for v in values}) != len(values):
                 raise SpecError(f"duplicate values in {raw!r}", file="--set", key=key)
             grid.append((key, values))
@@ -127,6 +151,9 @@ def expand(abl: Ablation, profile: str = DEFAULT_PROFILE, overrides: list[tuple[
             raise SpecError("train.seed is set per run from the seeds; use --seeds or --set ablation.seeds=[0,1]",
                             file="--set", key=k)
     abl.profile_items(profile)  # an unknown profile fails here
+    for key, values in grid or []:  # a grid from `--set key=a,b`: its values' errors name --set, not the file
+        for value in values:
+            resolve(abl, [("--set", [(key, value)])])
     variants = list(abl.variants)
     if only:
         names = [v.name for v in variants]

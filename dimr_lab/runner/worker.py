@@ -66,7 +66,7 @@ def pending_evaluations(spec: Any, run_dir: Path) -> list[int]:
     out = []
     for step in spec.eval_steps():
         ev = run.find_evaluation(step, ehash)
-        if ev is None or not ev.done:
+        if ev is None or not ev.serves(spec.eval.enabled):
             out.append(step)
     return out
 

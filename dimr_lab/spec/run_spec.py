@@ -217,6 +217,11 @@ class RunSpec:
         if SAMPLERS.meta(s.sampler, "needs_discrete") and SCHEDULES.meta(diff.schedule, "continuous"):
             raise SpecError(f"sampler {s.sampler!r} needs a discrete schedule; diffusion.schedule is "
                             f"{diff.schedule!r}", key="sample.sampler")
+        if s.skip_type != SampleSpec.__dataclass_fields__["skip_type"].default \
+                and "sample.skip_type" not in SAMPLERS.entry(s.sampler).keys:
+            # a setting the sampler never reads would name a new evaluation of the same samples
+            raise SpecError(f"sampler {s.sampler!r} does not read sample.skip_type (its time grid is its own; "
+                            f"`dimr-lab components sampler` lists what each reads)", key="sample.skip_type")
         orders = SAMPLERS.meta(s.sampler, "orders")
         if s.order not in orders:
             raise SpecError(f"sampler {s.sampler!r} takes orders {', '.join(map(str, orders))}, got {s.order}",
@@ -286,6 +291,10 @@ class RunSpec:
     def eval_steps(self) -> list[int]:
         """The training steps this spec evaluates: eval.steps and the last one, increasing."""
         return sorted({*self.eval.steps, self.train.steps})
+
+    def first_checkpoint_step(self) -> int:
+        """The step of a run's first checkpoint: checkpoint_every, a kept step or the last, whichever comes first."""
+        return min([self.train.checkpoint_every, self.train.steps, *(s for s in self.kept_steps() if s >= 1)])
 
     def kept_steps(self) -> list[int]:
         """Steps whose checkpoints are kept: train.keep_checkpoints, eval.steps, multiples of keep_every."""

@@ -64,6 +64,9 @@ def train_run(spec: Any, out_dir: Path, *, should_stop: Callable[[], bool] | Non
         check_memory(spec, info)
         with run_lock(run.path) if info.main else contextlib.nullcontext():
             if info.main:
+                blocked = run.outputs_without_checkpoint(spec.first_checkpoint_step())
+                if blocked:
+                    raise UserError(blocked)
                 claim(run, spec, record)
             distributed.barrier(info)
             trainer = Trainer(spec, run, info, should_stop, progress)
