@@ -101,7 +101,8 @@ def standin_train(spec, out_dir, *, should_stop=None):
                 check = float(t.item())
             metrics = {"fid": float(((w - target) ** 2).sum()), "kid": 0.0, "sample_accuracy": 1.0,
                        "distortion_rate": 0.0, "params": 4, "gmacs": 0.0, "train_images_per_s": 1.0,
-                       "step": step, "steps": step, "w": w.tolist(), "world_size": world, "allreduce_check": check}
+                       "step": step, "steps": step, "w": w.tolist(), "world_size": world, "allreduce_check": check,
+                       "compile_threads": os.environ.get("TORCHINDUCTOR_COMPILE_THREADS")}
             if rank == 0:
                 for s in spec.eval_steps():
                     d = run.eval_dir(s, spec.eval_hash())
@@ -378,6 +379,9 @@ def test_jobs_zero_runs_one_single_threaded_run_per_core(tmp_path, monkeypatch, 
     runs = expand(load_ablation(write_ablation(tmp_path, name="abl2")), results=tmp_path / "r1")
     local.run_local(runs, jobs=0, train_fn=STANDIN, show_progress=False)
     assert seen == [2] * len(runs), "16 cores: 8 runs at a time, 2 threads each"
+    # torch.compile's worker pool gets the same share
+    got = {json.loads(p.read_text())["compile_threads"] for p in (tmp_path / "r1").rglob("metrics.json")}
+    assert got == {"2"}
 
 
 def test_a_run_another_ablation_trained_is_reused_not_trained_again(tmp_path, capsys, standin_env):

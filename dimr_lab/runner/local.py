@@ -94,6 +94,8 @@ def _spawn(run: PlannedRun, train_fn: str, threads: int | None, mode: str = "tra
     if threads:
         env.setdefault("OMP_NUM_THREADS", str(threads))
         env.setdefault("MKL_NUM_THREADS", str(threads))
+        # torch.compile's worker pool too: each run compiles with its share of the cores, not a pool of all
+        env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(threads))
     log = open(run.run_dir / OUTPUT_LOG, "ab")
     try:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start on {socket.gethostname()} ===\n".encode())
