@@ -65,3 +65,19 @@ def test_gpu_suite_smoke_takes_every_step_and_writes_the_summary(tmp_path):
     header = next(line for line in summary.splitlines() if line.startswith("| measurement"))
     row = next(line for line in summary.splitlines() if line.startswith("| train_dit_tiny_4_eager"))
     assert header.count("|") == row.count("|")  # every row fills the table's columns
+
+
+@pytest.mark.timeout(300)
+def test_count_ops_counts_a_training_steps_operators(tmp_path):
+    """scripts/count_ops.py (the gpu profile's operator counts in its recipe and BENCHMARKS.md), eagerly: the
+    deeper network runs more operators, and an unknown variant is one clear line."""
+    script = [sys.executable, str(ROOT / "scripts" / "count_ops.py"), str(ROOT / "ablations" / "table2_components.toml"),
+              "--profile", "tiny", "--batch", "4", "--eager-only"]
+    proc = subprocess.run([*script, "--variants", "uvit,dimr", "--json"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["variant"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert set(rows) == {"uvit", "dimr"} and rows["uvit"]["batch"] == 4
+    assert 50 < rows["uvit"]["eager"] < rows["dimr"]["eager"]
+    proc = subprocess.run([*script, "--variants", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 1 and "no variant" in proc.stderr and "Traceback" not in proc.stderr
