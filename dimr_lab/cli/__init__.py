@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors and operating-system errors become one line on stderr and exit status 2
     (click's usage errors too, with the command's --help named); Ctrl-C is exit status 130."""
     try:  # newer typer carries its own copy of click
-        from typer._click.exceptions import UsageError
+        from typer._click.exceptions import ClickException, UsageError
     except ImportError:  # pragma: no cover - typer on click itself
-        from click.exceptions import UsageError
+        from click.exceptions import ClickException, UsageError
 
     from dimr_lab.errors import UserError
 
@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
         command = err.ctx.command_path if err.ctx is not None else "dimr-lab"
         if err.format_message():  # empty after no arguments, where the help has been shown
             print(f"error: {err.format_message()} (see '{command} --help')", file=sys.stderr)
+        sys.exit(2)
+    except ClickException as err:  # click's other errors about what was given (a file option, ...)
+        print(f"error: {err.format_message()}", file=sys.stderr)
         sys.exit(2)
     except typer.Abort:
         print("interrupted", file=sys.stderr)
