@@ -10,9 +10,16 @@ Pairs where either run is missing (None/NaN) are dropped.
 
 Estimate.  The effect is the mean difference mean(d).  Its 95% interval is the
 Student-t interval mean(d) +/- t_{0.975, n-1} * sd(d) / sqrt(n); a percentile
-bootstrap of the mean is reported beside it as a check that needs no normality.
+bootstrap of the mean is reported beside it.  With few seeds the bootstrap is
+narrower than the t interval by construction (about 0.7x at n = 6: it uses
+z rather than t and sd with 1/n), so it can confirm a sign but is no check on
+the t interval's width.
 
-Tests.  The main p-value is the paired sign-flip (permutation) test: under H0
+Tests.  Two p-values.  The paired t-test p (identical to scipy.stats.ttest_rel)
+drives the table's verdicts by default (`dimr-lab table --steps --test t`); it
+leans on the differences being roughly normal.  The paired sign-flip
+(permutation) test (`--test perm`; `compare_steps` defaults to it) needs no
+normality: under H0
 "A and B are exchangeable within a seed", each d_s is equally likely to carry
 either sign, so the observed |mean(d)| is compared with |mean| over all 2^n
 sign patterns.  It assumes no normality and is exact for small n (all patterns
@@ -21,13 +28,12 @@ the observed pattern and its mirror image always count, so the smallest
 attainable p is 2 / 2^n.  With 3 seeds p >= 0.25, so a 3-seed comparison can
 NEVER be significant at alpha = 0.05 with this test, however large the effect
 (the same holds up to 5 seeds, p >= 0.0625); 6 seeds give p >= 0.03125, and
-after Holm over k steps the floor is k * 2 / 2^n for the smallest p.  The
-paired t-test p-value (identical to scipy.stats.ttest_rel) is reported too; it
-can be smaller for few seeds, but only by leaning on normality of the
-differences.
+after Holm over k steps the floor is k * 2 / 2^n for the smallest p.  The t
+test's p can be smaller for few seeds, but only by leaning on normality.
 
-Multiplicity.  The steps of one ablation table are read together, so their
-p-values are adjusted with Holm's step-down procedure, which controls the
+Multiplicity.  The steps of one ablation, profile and grid point at one
+evaluation point (training step) are read together, so their p-values are
+adjusted with Holm's step-down procedure, which controls the
 family-wise error rate (the chance of any false "significant" among the steps)
 at alpha, uniformly more powerful than plain Bonferroni.
 
@@ -35,7 +41,8 @@ Verdict.  A step is significant when its Holm-adjusted p < alpha AND its
 t interval excludes 0; it then "agrees" with the paper when the signs of the
 measured and the published difference match, else "disagrees".  Anything else
 is "inconclusive"; `detectable_effect` says how large a difference n seeds
-could have resolved (paired t-test, two-sided, given alpha and power).
+could have resolved (paired t-test, two-sided, given alpha and power, before
+Holm's correction: a verdict among k steps needs more).
 """
 
 from __future__ import annotations

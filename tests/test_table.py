@@ -514,6 +514,16 @@ def test_rows_on_different_data_are_not_compared(tmp_path):
     assert "different data" in render_table(tmp_path, "markdown", steps=True)
 
 
+def test_a_seed_on_one_side_only_is_named_in_the_steps_note(tmp_path):
+    for seed in range(4):
+        write_run(tmp_path, "abl", "a", seed, metrics_for(50.0 + seed, seed), variant_index=0)
+        if seed != 3:
+            write_run(tmp_path, "abl", "b", seed, metrics_for(40.0 + seed, seed), variant_index=1)
+    s = step_statistics(collect(tmp_path)[0]).iloc[0]
+    assert s["n"] == 3 and s["from_mean"] == pytest.approx(51.0) and "seed 3 of a without a partner" in s["note"]
+    assert "seed 3 of a without a partner" in render_table(tmp_path, "markdown", steps=True)
+
+
 def test_steps_pair_runs_at_the_same_step_only(tmp_path):
     for seed in range(3):
         write_run(tmp_path, "abl", "a", seed, metrics_for(50.0 + seed, seed), variant_index=0)

@@ -28,6 +28,11 @@ OPTIONAL_COLUMNS = {
     "step": "the evaluation's step and settings",
 }
 DEFAULT_COLUMNS = ("factors", "seeds", "params", "gmacs", "delta", "paper")
+# under a table that shows published numbers beside ours: they are not the same measurement
+PAPER_LEGEND = ("Paper columns: the published numbers, measured with the paper's protocol (Inception features, "
+                "50K samples, the paper's data and scale). Ours are measured with each run's own extractor, "
+                "sample count and data (the FID floor in the title is that evaluation's real-against-real "
+                "value): compare the signs and order of differences, not the values.")
 PAPER_LABELS = {"paper_fid": "Paper FID", "paper_is": "Paper IS", "paper_precision": "Paper prec.",
                 "paper_recall": "Paper rec.", "paper_params_m": "Paper params (M)", "paper_gflops": "Paper GFLOPs",
                 "paper_distortion_rate": "Paper distortion"}
@@ -191,4 +196,6 @@ def format_table(table: pd.DataFrame, fmt: str = "rich", *, metrics: Any = None,
     if fmt == "csv":
         return table.to_csv(index=False)
     found = sections(table, metrics=metrics, columns=columns, wide=wide, step_given=step_given)
-    return render(found, fmt, fit=None if wide else FIT)
+    papers = set(PAPER_LABELS.values())
+    legend = PAPER_LEGEND if any(h in papers for sec in found for h in sec.header) else ""
+    return render(found, fmt, legend, fit=None if wide else FIT)

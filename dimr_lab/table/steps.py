@@ -77,9 +77,16 @@ def _step(group: pd.DataFrame, a: str, b: str, metric: str, paper_col: str | Non
                                       "detectable")})
     row.update(from_mean=found["mean_a"], to_mean=found["mean_b"], data_key=", ".join(sorted(keys_a & keys_b)),
                fid_floor=float(floors.mean()) if metric == "fid" and len(floors) else math.nan)
+    notes = []
     if len(paired) < len(common):
-        row["note"] = (f"{len(common) - len(paired)} of {len(common)} seeds not paired: evaluated at another "
-                       f"step, with other settings or on other data")
+        notes.append(f"{len(common) - len(paired)} of {len(common)} seeds not paired: evaluated at another "
+                     f"step, with other settings or on other data")
+    only = {v: sorted(set(side["seed"]) - common) for v, side in ((a, left), (b, right))}
+    for v, seeds in only.items():
+        if seeds:  # a seed on one side only is left out of the step: said, since the means shown are the pairs'
+            notes.append(f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} of {v} "
+                         f"without a partner, left out")
+    row["note"] = "; ".join(notes)
     if found["n"] == 0:
         row["note"] = "no seed with a value in both"
     return row
@@ -189,7 +196,8 @@ def step_legend(found: pd.DataFrame) -> str:
     which = "the paired t-test (p_t)" if test == "t" else "the exact sign-flip permutation test (p_perm)"
     return (f"Paired by seed: each step compares the two variants' runs of the same seed (seeds present in "
             f"both, on the same data), diff = to - from with its 95% t interval (the csv adds the bootstrap "
-            f"interval, p_perm, p_t and the detectable effect). p_holm: {which}, Holm-adjusted over the "
+            f"interval, p_perm, p_t and the detectable effect: the true difference the paired t test finds "
+            f"with 80% power at 5% before Holm's correction). p_holm: {which}, Holm-adjusted over the "
             f"k = {k} steps of each ablation, profile and grid point read together. Verdict: agrees or "
             f"disagrees with the paper's sign when p_holm < {ALPHA} and the interval excludes 0, else "
             f"inconclusive (no published sign: the paper has no number for one side). "
