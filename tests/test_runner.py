@@ -21,6 +21,13 @@ TESTS = Path(__file__).resolve().parent
 STANDIN = "test_runner:standin_train"
 
 
+def standin_bad_setting(spec, out_dir, *, should_stop=None):
+    """A trainer that finds a bad setting on the node (as a missing file there would be)."""
+    from dimr_lab.errors import SpecError
+
+    raise SpecError("no such folder on this node", file=str(out_dir), key="data.root")
+
+
 def standin_train(spec, out_dir, *, should_stop=None):
     """A tiny deterministic 'training': SGD on a linear regression, checkpointed, resumable bit-exactly, with
     the trainer's contract: the run folder's lock, its identity check, checkpoints/index.json, and the

@@ -269,7 +269,8 @@ def test_a_pass_through_setting_reaches_sacct(tmp_path, capsys, job_env):
     try:
         code, out, err = cli(["run", abl, "--results", results, "--executor", "slurm", "--train-fn", STANDIN,
                               "--only", "a", "--set", 'slurm.comment="dimr pass-through"', "--set",
-                              'slurm.additional={ wckey = "dimrtest" }', "--set", 'slurm.time="0:02:00"', "--json"],
+                              'slurm.additional={ wckey = "dimrtest" }', "--set", 'slurm.time="0:02:00"',
+                              "--set", "slurm.signal_delay_s=30", "--json"],
                              capsys)
         assert code == 0, err
         (job,) = [json.loads(x)["job_id"] for x in out.splitlines()]
@@ -282,5 +283,71 @@ def test_a_pass_through_setting_reaches_sacct(tmp_path, capsys, job_env):
             return res if len(fields) >= 3 and "dimr pass-through" in fields[1] and fields[2] else None
         res = _wait(recorded, WAIT, "sacct to show the comment and the time limit")
         assert "00:02:00" in res
+    finally:
+        _scancel_all([results])
+
+
+def test_a_refused_submission_is_one_line_and_leaves_nothing(tmp_path, capsys, job_env):
+    abl = write_ablation(tmp_path, seeds="[0]", steps=2, ckpt=2)
+    results = tmp_path / "results"
+    code, out, err = cli(["run", abl, "--results", results, "--executor", "slurm", "--train-fn", STANDIN,
+                          "--only", "a", "--set", "slurm.partition=nosuch"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "sbatch refused" in err and "nosuch" in err, err
+    assert "Traceback" not in err + out
+    assert not results.exists() or not any(p.is_file() for p in results.rglob("*")), list(results.rglob("*"))
+
+
+def test_queued_jobs_survive_an_unanswering_squeue_and_cancel_finds_every_job(tmp_path, capsys, job_env):
+    """A run with a job still queued is never submitted again while squeue does not answer (it cannot be told
+    from a gone job); the dry run shows it queued; cancel reaches every job a run's history records."""
+    abl = write_ablation(tmp_path, seeds="[0]", steps=2, ckpt=2)
+    results = tmp_path / "results"
+    args = ["run", abl, "--results", results, "--executor", "slurm", "--train-fn", STANDIN, "--only", "a",
+            "--set", 'slurm.additional={ begin = "now+600" }']
+    try:
+        code, out, err = cli([*args, "--json"], capsys)
+        assert code == 0, err
+        (job,) = [json.loads(x)["job_id"] for x in out.splitlines()]
+        (run,) = run_dirs(results)
+        code, out, err = cli([*args, "--dry-run", "--json"], capsys)
+        assert [json.loads(x)["status"] for x in out.splitlines() if '"run_dir"' in x] == ["queued"]
+        fake = tmp_path / "bin"
+        fake.mkdir()
+        (fake / "squeue").write_text('#!/bin/sh\necho "squeue: error: Socket timed out" >&2\nexit 1\n')
+        (fake / "squeue").chmod(0o755)
+        path = os.environ["PATH"]
+        job_env.setenv("PATH", f"{fake}{os.pathsep}{path}")
+        code, out, err = cli(args, capsys)
+        assert code == 2 and "squeue did not answer" in err and "nothing submitted" in err, err
+        assert [j["job_id"] for j in json.loads((run / "slurm.json").read_text())["jobs"]] == [job]
+        code, out, err = cli(["cancel", results], capsys)
+        assert code == 2 and "none cancelled" in err
+        job_env.setenv("PATH", path)
+        # a second job recorded before the first (as a lost answer once made): cancel reaches both
+        history = json.loads((run / "slurm.json").read_text())
+        history["jobs"].append({**history["jobs"][0], "job_id": "999999999"})
+        (run / "slurm.json").write_text(json.dumps(history))
+        code, out, err = cli(["cancel", results], capsys)
+        assert code == 0 and job in out, out
+        _wait(lambda: _sacct(job.split("_")[0]).get(job, "").startswith("CANCELLED") or None, 60, "the cancel")
+    finally:
+        _scancel_all([results])
+
+
+def test_a_bad_setting_found_on_the_node_is_one_line_in_the_jobs_log(tmp_path, capsys, job_env):
+    abl = write_ablation(tmp_path, seeds="[0]", steps=2, ckpt=2)
+    results = tmp_path / "results"
+    try:
+        code, out, err = cli(["run", abl, "--results", results, "--executor", "slurm", "--only", "a",
+                              "--train-fn", "test_runner:standin_bad_setting", "--json"], capsys)
+        assert code == 0, err
+
+        def failed():
+            code, out, _ = cli(["status", results, "--json"], capsys)
+            (st,) = [json.loads(x) for x in out.splitlines()]
+            return st if st["state"] == "failed" else None
+        st = _wait(failed, WAIT, "the job to fail")
+        tail = "\n".join(st["log_tail"])
+        assert "error: " in tail and "data.root: no such folder on this node" in tail and "Traceback" not in tail
     finally:
         _scancel_all([results])

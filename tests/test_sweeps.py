@@ -70,10 +70,36 @@ def test_user_defaults_then_file_then_profile_then_set(tmp_path, capsys, monkeyp
     (["--set", 'slurm.mem="lots"'], "not a SLURM memory size"),
     (["--set", 'slurm.sbatch_lines=["#SBATCH --x"]'], "expected an sbatch option"),
     (["--set", "slurm.partion=gpu"], "did you mean 'partition'"),
+    (["--set", "slurm.signal_delay_s=7200"], "not shorter than the time limit (30 min)"),
+    (["--set", 'slurm.gres="gpu:a100:8"'], "gres gives 8 GPUs per node but there are 1 task(s) per node"),
+    (["--set", 'slurm.sbatch_lines=["--time=10"]'], "--time is checked or set by dimr-lab"),
+    (["--set", 'slurm.sbatch_lines=["--output=/tmp/x"]'], "--output is checked or set by dimr-lab"),
+    (["--set", "slurm.additional={ no-kill = false }"], "false is no sbatch value"),
 ])
 def test_bad_slurm_settings_are_one_line(args, fragment, tmp_path, capsys):
     code, out, err = dry(capsys, tmp_path, *args)
     assert code == 2 and fragment in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_slurm_time_as_a_number_and_gpus_from_gres(tmp_path, capsys):
+    code, out, err = dry(capsys, tmp_path, "--set", "slurm.time=90")
+    assert code == 0 and sbatch_lines(out)["time"] == "90", err
+    code, out, err = dry(capsys, tmp_path, "--set", 'slurm.gres="gpu:a100:4"', "--set", "slurm.tasks_per_node=0",
+                         "--set", "train.batch_size=32")
+    assert code == 0 and sbatch_lines(out)["ntasks-per-node"] == "4", err  # one process per GPU gres asks for
+    # a limit given one way replaces the other spelling's source line, and empty settings are not listed
+    code, out, err = dry(capsys, tmp_path, "--set", 'slurm.time="1:00:00"')
+    assert "slurm.time = '1:00:00'  <- --set" in out and "slurm.time_min =" not in out and "slurm.setup" not in out
+
+
+def test_a_batch_that_does_not_divide_over_the_jobs_processes_is_refused_before_submitting(tmp_path, capsys):
+    args = ["run", FILE, "--executor", "slurm", "--results", tmp_path / "r", "--only", "tdln", "--seeds", "0",
+            "--set", "train.batch_size=33", "--set", "slurm.tasks_per_node=2"]
+    code, out, err = cli([*args, "--dry-run", "--json"], capsys)
+    (row,) = [json.loads(x) for x in out.splitlines() if '"run_dir"' in x]
+    assert code == 0 and "33 does not divide over 2 processes" in row["problem"]
+    code, out, err = cli(args, capsys)
+    assert code == 2 and "33 does not divide over 2 processes of a job" in err and not (tmp_path / "r").exists()
 
 
 def test_a_bad_user_config_names_its_file(tmp_path, capsys, monkeypatch):
@@ -153,3 +179,22 @@ def test_status_reports_step_loss_and_eta_of_a_running_local_run(tmp_path, capsy
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_slurm_run_cancelled_after_a_checkpoint_is_pending_not_failed(tmp_path):
+    from dimr_lab.runner.status import RunStatus, _from_slurm
+
+    job = {"job_id": "7_0", "stdout": str(tmp_path / "none.out")}
+    st = _from_slurm(RunStatus(tmp_path, "pending"), job, {"7_0": ("CANCELLED", "")}, trained=40)
+    assert st.state == "pending" and "cancelled after a checkpoint (step 40); rerun to resume" in st.detail
+    st = _from_slurm(RunStatus(tmp_path, "pending"), job, {"7_0": ("CANCELLED", "")}, trained=None)
+    assert st.state == "failed" and st.detail == "job CANCELLED"  # nothing to resume from
+    st = _from_slurm(RunStatus(tmp_path, "pending"), job, None)
+    assert st.state == "pending" and "state unknown" in st.detail
+
+
+def test_finished_runs_show_no_eta():
+    from dimr_lab.runner.status import collect
+
+    statuses = collect(ROOT / "results" / "tdln_vs_adaln")
+    assert statuses and all(s.state == "done" and s.eta_s is None for s in statuses)

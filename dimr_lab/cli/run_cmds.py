@@ -119,6 +119,8 @@ def run_cmd(
         for r in runs:
             try:
                 check_files(r.spec, file=str(file))
+                if executor == "slurm":
+                    _check_job_processes(r, settings)
             except UserError as err:
                 problems[r.run_dir] = str(err)
             blocked = r.cannot_continue()
@@ -127,8 +129,10 @@ def run_cmd(
         _dry_run(out, abl, runs, settings, profile, executor, ablation_dir, as_json, eval_only, problems, sources,
                  results.resolve() if reuse else None)
         return
-    for r in runs:  # files the runs read: before anything is written or submitted
+    for r in runs:  # files the runs read, and a batch the job's processes share: before anything is written
         check_files(r.spec, file=str(file))
+        if executor == "slurm":
+            _check_job_processes(r, settings)
     blocked = [msg for msg in (r.cannot_continue() for r in runs) if msg]
     if blocked:  # a trained run's outputs without its checkpoints: starting over would train over them
         more = f" (and {len(blocked) - 1} more run{'s' if len(blocked) > 2 else ''} alike)" if len(blocked) > 1 else ""
@@ -181,6 +185,36 @@ def run_cmd(
         raise typer.Exit(1)
 
 
+def _queued_jobs(runs: list[Any]) -> dict[Path, str]:
+    """run folder -> its SLURM job still queued or running (what `submit` would leave alone)."""
+    import shutil
+
+    from dimr_lab.runner.slurm import latest_job
+
+    prior = {r.run_dir: latest_job(r.run_dir) for r in runs if r.run_dir.is_dir()}
+    prior = {d: j for d, j in prior.items() if j}
+    if not prior or shutil.which("squeue") is None:
+        return {}
+    from dimr_lab.runner.slurm import PENDING_STATES, RUNNING_STATES, job_states
+
+    states = job_states([j["job_id"] for j in prior.values()]) or {}
+    return {d: j["job_id"] for d, j in prior.items() if states.get(j["job_id"]) in PENDING_STATES | RUNNING_STATES}
+
+
+def _check_job_processes(run: Any, settings: Any) -> None:
+    """The global batch divides over the job's processes (slurm nodes x tasks per node), said before
+    submitting rather than on the node after the queue."""
+    from dimr_lab.errors import SpecError
+    from dimr_lab.spec.preflight import check_processes
+
+    try:
+        check_processes(run.spec, settings.tasks())
+    except SpecError as err:
+        raise SpecError(f"{err.message} of a job with slurm.nodes = {settings.nodes} and "
+                        f"{settings.node_tasks()} task(s) per node", file=f"run {run.run_dir.name}",
+                        key=err.key) from None
+
+
 def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, executor: str, ablation_dir: Path,
              as_json: bool, eval_only: bool, problems: dict[Path, str], sources: dict[str, str],
              reuse_root: Path | None) -> None:
@@ -190,10 +224,14 @@ def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, e
 
     counts = network_counts(runs)
     state = {}
+    queued = _queued_jobs(runs) if executor == "slurm" else {}
     for r in runs:
         source = None
         if r.is_done():
             state[r.run_dir] = ("done", None)
+            continue
+        if r.run_dir in queued:  # a real run leaves it to its job
+            state[r.run_dir] = ("queued", queued[r.run_dir])
             continue
         if r.cannot_continue():
             state[r.run_dir] = ("no checkpoint", None)
@@ -227,6 +265,7 @@ def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, e
                   _fmt_params(c.get("params")), _fmt_gmacs(c.get("gmacs")),
                   "done (skipped)" if state[r.run_dir][0] == "done" else
                   "no checkpoint (refused)" if state[r.run_dir][0] == "no checkpoint" else
+                  f"queued (job {state[r.run_dir][1]})" if state[r.run_dir][0] == "queued" else
                   (f"reuse {state[r.run_dir][1]}" if state[r.run_dir][1] else "to run"))
     out.print(t)
     out.print(f"folder: {ablation_dir}")
@@ -235,7 +274,7 @@ def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, e
     if executor == "slurm":
         from dimr_lab.runner.slurm import sbatch_script
 
-        todo = [r for r in runs if state[r.run_dir][0] != "done"]
+        todo = [r for r in runs if state[r.run_dir][0] not in ("done", "queued")]
         out.print(f"\n# sbatch script ({len(todo)} array tasks; submitit writes it at submission):")
         print(sbatch_script(settings, abl.name, ablation_dir, len(todo), sources))
     out.print("(dry run: nothing written)")

@@ -12,6 +12,8 @@ Job ids go to run_dir/slurm.json; submitit's pickles and logs to <results>/<abla
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import os
 import re
 import shlex
@@ -20,14 +22,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import submitit
 
+from dimr_lab.errors import UserError
 from dimr_lab.rundir import SLURM, RunBusy, is_locked, try_read_json_object, write_json
 from dimr_lab.runner.plan import PlannedRun
 from dimr_lab.spec.slurm import SlurmSettings
-from dimr_lab.runner.worker import (DEFAULT_TRAIN_FN, EVAL_FN, EXIT_BUSY, EXIT_INTERRUPTED, StopFlag,
+from dimr_lab.runner.worker import (DEFAULT_TRAIN_FN, EVAL_FN, EXIT_BAD, EXIT_BUSY, EXIT_INTERRUPTED, StopFlag,
                                     resolve_train_fn, train_one)
 
 SUBMITIT_DIR = ".submitit"
@@ -67,7 +70,11 @@ class TrainJob(submitit.helpers.Checkpointable):
               flush=True)
         deadline = time.monotonic() + self.lock_wait_s
         while True:  # a requeued task may start while its predecessor is still letting go of the lock
-            code, result = train_one(Path(run_dir), fn, stop)
+            try:
+                code, result = train_one(Path(run_dir), fn, stop)
+            except UserError as err:  # a bad setting or file found on the node: one line in the job's log
+                print(f"error: {err}", file=sys.stderr, flush=True)
+                sys.exit(EXIT_BAD)
             if code != EXIT_BUSY or rank != 0 or time.monotonic() > deadline:
                 break
             time.sleep(5)
@@ -151,6 +158,14 @@ def latest_job(run_dir: Path) -> dict[str, Any] | None:
     return job if job is not None and isinstance(job.get("job_id"), str) else None
 
 
+def all_jobs(run_dir: Path) -> list[str]:
+    """Every job id slurm.json records for a run, oldest first."""
+    info = try_read_json_object(Path(run_dir) / SLURM)
+    jobs = info.get("jobs") if isinstance(info, dict) else None
+    return [j["job_id"] for j in (jobs if isinstance(jobs, list) else [])
+            if isinstance(j, dict) and isinstance(j.get("job_id"), str)]
+
+
 def submit(runs: list[PlannedRun], settings: SlurmSettings, *, ablation: str, ablation_dir: Path,
            train_fn: str | None = None, eval_only: bool = False) -> dict[str, list[Any]]:
     """Submit every unfinished, not already queued run as one job array.
@@ -158,7 +173,11 @@ def submit(runs: list[PlannedRun], settings: SlurmSettings, *, ablation: str, ab
     out: dict[str, list[Any]] = {"submitted": [], "done": [], "queued": [], "busy": []}
     todo = []
     prior = {r.run_dir: latest_job(r.run_dir) for r in runs}
-    states = job_states([j["job_id"] for j in prior.values() if j])
+    asked = [j["job_id"] for j in prior.values() if j]
+    states = job_states(asked)
+    if states is None:  # cannot tell a queued run from a gone one: submitting again could run it twice
+        raise UserError(f"squeue did not answer, so whether the {len(asked)} earlier job(s) of these runs are "
+                        f"still queued is unknown; nothing submitted: try again when SLURM answers")
     for r in runs:
         if r.is_done():
             out["done"].append(r)
@@ -175,6 +194,9 @@ def submit(runs: list[PlannedRun], settings: SlurmSettings, *, ablation: str, ab
         return out
     from dimr_lab.runner.local import write_record
 
+    # what a refused submission must leave as it was: folders made here, records rewritten here
+    made = {r.run_dir for r in todo if not r.run_dir.exists()}
+    records = {r.run_dir: r.folder.record_path.read_bytes() for r in todo if r.folder.record_path.is_file()}
     ready = []
     for r in todo:
         try:
@@ -185,10 +207,25 @@ def submit(runs: list[PlannedRun], settings: SlurmSettings, *, ablation: str, ab
     todo = ready
     if not todo:
         return out
-    executor = submitit.SlurmExecutor(folder=submitit_folder(ablation_dir), max_num_timeout=settings.max_requeues)
+    folder = submitit_folder(ablation_dir)
+    base = folder.parent  # <ablation>/.submitit: submitit files of every job
+    before = set(base.rglob("*")) if base.exists() else set()
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=settings.max_requeues)
     executor.update_parameters(**executor_parameters(settings, ablation))
     fn = EVAL_FN if eval_only else (train_fn or DEFAULT_TRAIN_FN)
-    jobs = executor.map_array(TrainJob(fn), [str(r.run_dir) for r in todo])
+    try:
+        with _stderr_captured() as captured:  # sbatch's own complaint goes into the one line below
+            jobs = executor.map_array(TrainJob(fn), [str(r.run_dir) for r in todo])
+    except (submitit.core.utils.FailedJobError, subprocess.SubprocessError, OSError) as err:
+        _undo_submission(todo, made, records, base, before)
+        text = captured.get("text", "") + "\n" + str(err)
+        said = list(dict.fromkeys(ln.strip().replace("sbatch: error: ", "") for ln in text.splitlines()
+                                  if "error" in ln.lower() and ln.strip()))
+        raise UserError(f"sbatch refused the job array ({'; '.join(said[:2]) or str(err).strip()[:300]}); "
+                        f"nothing submitted (`run ... --executor slurm --dry-run` shows the slurm.* settings)"
+                        ) from None
+    if captured.get("text"):
+        sys.stderr.write(captured["text"])
     now = time.time()
     for r, job in zip(todo, jobs):
         path = r.run_dir / SLURM
@@ -207,6 +244,56 @@ def submit(runs: list[PlannedRun], settings: SlurmSettings, *, ablation: str, ab
     return out
 
 
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[dict[str, str]]:
+    """Collect what this process and its children write to file descriptor 2 (sbatch's messages, which
+    submitit lets through) into the yielded dict's "text"."""
+    import tempfile
+
+    import io
+
+    out: dict[str, str] = {}
+    sys.stderr.flush()
+    saved = os.dup(2)
+    python_level = io.StringIO()  # what Python code writes to sys.stderr where that is not file descriptor 2
+    with tempfile.TemporaryFile() as tmp, contextlib.redirect_stderr(python_level):
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out["text"] = tmp.read().decode(errors="replace") + python_level.getvalue()
+
+
+def _undo_submission(todo: list[PlannedRun], made: set[Path], records: dict[Path, bytes], folder: Path,
+                     before: set[Path]) -> None:
+    """After sbatch refused: remove the run folders and submitit files this call made, and put back the
+    run records it rewrote."""
+    import shutil
+
+    for r in todo:
+        if r.run_dir in made:
+            shutil.rmtree(r.run_dir, ignore_errors=True)
+        elif r.run_dir in records:
+            r.folder.record_path.write_bytes(records[r.run_dir])
+        else:
+            r.folder.record_path.unlink(missing_ok=True)
+    if folder.exists():
+        for p in sorted(set(folder.rglob("*")) - before, key=lambda p: len(p.parts), reverse=True):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        if not before:
+            shutil.rmtree(folder, ignore_errors=True)
+    try:  # the ablation's folder too, when nothing else is in it
+        folder.parent.rmdir()
+    except OSError:
+        pass
+
+
 def _run(cmd: list[str]) -> str | None:
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
@@ -215,10 +302,11 @@ def _run(cmd: list[str]) -> str | None:
     return res.stdout if res.returncode == 0 else None
 
 
-def job_states(job_ids: list[str], *, with_nodes: bool = False) -> dict[str, Any]:
+def job_states(job_ids: list[str], *, with_nodes: bool = False) -> dict[str, Any] | None:
     """SLURM state (PENDING, RUNNING, COMPLETED, FAILED, ...) of each job id ('123' or '123_4'), from squeue
     for live jobs and sacct for the rest; ids SLURM no longer knows are left out. With `with_nodes`, each
-    value is (state, node list)."""
+    value is (state, node list). None when squeue does not answer (a timeout, slurmctld down): then which
+    jobs are still queued is unknown, and nothing may be read as gone."""
     ids = sorted({str(j) for j in job_ids if j})
     if not ids:
         return {}
@@ -242,8 +330,15 @@ def job_states(job_ids: list[str], *, with_nodes: bool = False) -> dict[str, Any
             states[jid] = whole[jid] = (state, node)
         else:
             states[jid] = (state, node)
-    squeue = _run(["squeue", "-h", "-r", "-o", "%i|%T|%N", "-j", ",".join(bases)])
-    for line in (squeue or "").splitlines():
+    # this user's live jobs, filtered here: `squeue -j` fails for ids slurmctld has forgotten, which would
+    # read like squeue not answering
+    squeue = _run(["squeue", "-h", "-r", "-o", "%i|%T|%N", "-u", getpass.getuser()])
+    if squeue is None:
+        return None
+    wanted = set(bases)
+    for line in squeue.splitlines():
+        if line.split("|", 1)[0].split("_", 1)[0] not in wanted:
+            continue
         parts = line.strip().split("|")
         if len(parts) >= 2 and parts[0]:
             states[parts[0]] = (parts[1], parts[2] if len(parts) > 2 else "")

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from dimr_lab.errors import UserError
-from dimr_lab.rundir import (LOCAL, OUTPUT_LOG, RECORD_VERSION, RunDir, find_runs, is_locked, pid_alive, tail_lines,
-                             try_read_json_object)
+from dimr_lab.rundir import (LOCAL, OUTPUT_LOG, RECORD_VERSION, SLURM, RunDir, find_runs, is_locked, pid_alive,
+                             tail_lines, try_read_json_object)
 
 LIVE_SLURM = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD",
               "SUSPENDED", "STOPPED", "RESIZING", "RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
@@ -84,7 +84,11 @@ def collect(root: Path) -> list[RunStatus]:
     dirs = find_runs(root)
     jobs = {d: latest_job(d) for d in dirs}
     slurm = _slurm_states([j["job_id"] for j in jobs.values() if j])
-    return [_one(RunDir(d), jobs[d], slurm) for d in dirs]
+    out = [_one(RunDir(d), jobs[d], slurm) for d in dirs]
+    for st in out:  # an ETA means something only for a run that is still to finish
+        if st.state not in ("running", "pending"):
+            st.eta_s = None
+    return out
 
 
 def _progress(st: RunStatus, run: RunDir, spec: Any) -> None:
@@ -134,7 +138,7 @@ def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, st
     local = try_read_json_object(d / LOCAL)
     use_slurm = job is not None and not (isinstance(local, dict) and _num(local.get("started")) > _num(job.get("submitted")))
     if use_slurm:
-        return _from_slurm(st, job, slurm)
+        return _from_slurm(st, job, slurm, run.trained_step())
     st.executor = "local" if isinstance(local, dict) else ("train" if not run.record_path.exists() or
                                                            _record_executor(run) == "train" else None)
     if is_locked(d):
@@ -182,11 +186,12 @@ def _holder(d: Path) -> str:
     return lock_holder(d)
 
 
-def _from_slurm(st: RunStatus, job: dict[str, Any], slurm: dict[str, tuple[str, str]] | None) -> RunStatus:
+def _from_slurm(st: RunStatus, job: dict[str, Any], slurm: dict[str, tuple[str, str]] | None,
+                trained: int | None = None) -> RunStatus:
     st.executor, st.job_id = "slurm", str(job.get("job_id"))
     logs = [Path(p) for p in (job.get("stderr"), job.get("stdout")) if isinstance(p, str) and p]
     if slurm is None:
-        st.detail = "SLURM commands unavailable here; state unknown"
+        st.detail = "SLURM did not answer (or has no commands here); state unknown"
         return st
     found = slurm.get(st.job_id)
     if found is None:
@@ -198,6 +203,8 @@ def _from_slurm(st: RunStatus, job: dict[str, Any], slurm: dict[str, tuple[str, 
         st.detail = f"queued ({st.slurm_state})"
     elif st.slurm_state in LIVE_SLURM:
         st.state, st.detail = "running", st.slurm_state
+    elif st.slurm_state.startswith("CANCELLED") and trained:  # `dimr-lab cancel`: the task checkpointed first
+        st.detail = f"cancelled after a checkpoint (step {trained}); rerun to resume"
     else:
         st.state = "failed"
         st.detail = (f"job ended {st.slurm_state} without its evaluations" if st.slurm_state == "COMPLETED"
@@ -229,12 +236,6 @@ def cancel(root: Path) -> dict[str, list[str]]:
     under root (on this host) to checkpoint and stop (SIGTERM). Returns what was cancelled."""
     out: dict[str, list[str]] = {"slurm": [], "local": []}
     statuses = collect(root)
-    job_ids = [s.job_id for s in statuses if s.job_id and s.slurm_state in LIVE_SLURM]
-    if job_ids:
-        from dimr_lab.runner.slurm import cancel_jobs
-
-        cancel_jobs(job_ids)
-        out["slurm"] = job_ids
     for s in statuses:
         if s.executor != "local" or s.state != "running":
             continue
@@ -243,7 +244,27 @@ def cancel(root: Path) -> dict[str, list[str]]:
         if local.get("host") == socket.gethostname() and pid_alive(pid) and _is_worker(pid, s.run_dir):
             os.kill(int(pid), signal.SIGTERM)
             out["local"].append(f"{s.run_dir.name} (pid {pid})")
+    # every job a run's history records, not only its latest: an earlier one may still be queued
+    recorded = sorted({j for s in statuses for j in _recorded_jobs(s.run_dir)})
+    if recorded:
+        from dimr_lab.runner.slurm import cancel_jobs, job_states
+
+        states = job_states(recorded)
+        if states is None:
+            stopped = f"local runs asked to stop: {len(out['local'])}; " if out["local"] else ""
+            raise UserError(f"{stopped}squeue did not answer, so which SLURM jobs are still queued is unknown; "
+                            f"none cancelled: try again when SLURM answers")
+        job_ids = [j for j in recorded if states.get(j) in LIVE_SLURM]
+        if job_ids:
+            cancel_jobs(job_ids)
+            out["slurm"] = job_ids
     return out
+
+
+def _recorded_jobs(run_dir: Path) -> list[str]:
+    from dimr_lab.runner.slurm import all_jobs
+
+    return all_jobs(run_dir) if (run_dir / SLURM).exists() else []
 
 
 def summary(statuses: list[RunStatus]) -> dict[str, dict[str, int]]:

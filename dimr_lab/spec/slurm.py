@@ -63,7 +63,8 @@ class SlurmSettings:
     partition: str = field("", help="'' = the cluster's default partition")
     account: str = field("")
     qos: str = field("")
-    time: str = field("", help="time limit of one array task in SLURM's formats (2-00:00:00, 90, 1:30:00)")
+    time: str = field("", help="time limit of one array task in SLURM's formats (2-00:00:00, 90, 1:30:00)",
+                      parser=lambda v, file, key: str(v) if isinstance(v, int) and not isinstance(v, bool) else v)
     time_min: int = field(60, min=1, help="time limit in minutes, when `time` is not given")
     nodes: int = field(1, min=1)
     gpus_per_node: int = field(0, min=0)
@@ -123,6 +124,31 @@ class SlurmSettings:
                             + f"; set slurm.tasks_per_node = {self.gpus_per_node}", key="tasks_per_node")
         if gpus and self.gres and "gpu" in self.gres:
             raise SpecError("GPUs are given twice (gres and gpus_per_node/gpus_per_task)", key="gres")
+        gres_gpus = self.gres_gpus()
+        if gres_gpus and gres_gpus != tasks:
+            raise SpecError(f"gres gives {gres_gpus} GPUs per node but there are {tasks} task(s) per node: one "
+                            f"process drives one GPU; set slurm.tasks_per_node = {gres_gpus} (or 0)",
+                            key="tasks_per_node")
+        if self.signal_delay_s >= 60 * self.minutes():
+            raise SpecError(f"{self.signal_delay_s} s is not shorter than the time limit ({self.minutes()} min): "
+                            f"every task would be told to checkpoint and requeue as it starts",
+                            key="signal_delay_s")
+        # what the checks above rely on, and what dimr-lab itself reads back (the log, the array, the signal)
+        own = {"time", "time-min", "nodes", "ntasks-per-node", "ntasks", "gpus-per-node", "gpus-per-task", "gpus",
+               "gres", "mem", "mem-per-gpu", "mem-per-cpu", "job-name", "output", "error", "array", "signal",
+               "open-mode"}
+        for i, line in enumerate(self.sbatch_lines):
+            name = line.strip()[2:].split("=", 1)[0]
+            if name in own:  # it would silently beat the validated setting (or the log dimr-lab reads)
+                raise SpecError(f"{line!r}: --{name} is checked or set by dimr-lab (slurm.* settings); set it "
+                                f"there", key=f"sbatch_lines[{i}]")
+        for k, v in self.additional.items():
+            if str(k).replace("_", "-") in own:
+                raise SpecError(f"--{k} is checked or set by dimr-lab (slurm.* settings); set it there",
+                                key=f"additional.{k}")
+            if v is False:
+                raise SpecError("false is no sbatch value: leave the option out (true writes the bare flag)",
+                                key=f"additional.{k}")
         for i, line in enumerate(self.sbatch_lines):
             if not re.fullmatch(r"--[A-Za-z][A-Za-z0-9_-]*(=\S.*)?", line.strip()) or "\n" in line:
                 raise SpecError(f"{line!r}: expected an sbatch option such as '--hint=nomultithread'",
@@ -135,9 +161,17 @@ class SlurmSettings:
     def minutes(self) -> int:
         return parse_time(self.time) if self.time else self.time_min
 
+    def gres_gpus(self) -> int:
+        """GPUs per node that `gres` asks for (gpu:8, gpu:a100:8; 0 without GPUs there)."""
+        for part in self.gres.split(","):
+            fields = part.strip().split(":")
+            if fields[0] == "gpu":
+                return int(fields[-1]) if len(fields) > 1 and fields[-1].isdigit() else 1
+        return 0
+
     def node_tasks(self) -> int:
-        """Processes per node: `tasks_per_node`, or one per GPU of `gpus_per_node` when it is 0."""
-        return self.tasks_per_node or self.gpus_per_node or 1
+        """Processes per node: `tasks_per_node`, or one per GPU (gpus_per_node or gres) when it is 0."""
+        return self.tasks_per_node or self.gpus_per_node or self.gres_gpus() or 1
 
     def tasks(self) -> int:
         return self.nodes * self.node_tasks()
@@ -187,9 +221,10 @@ def resolve_slurm(abl: Any, profile: str | None = "tiny", updates: dict[str, Any
         for a, b in (("time", "time_min"), ("time_min", "time")):  # two spellings of one limit: the later layer's wins
             if a in values and b not in values:
                 data.pop(b, None)
+                sources.pop(b, None)  # and the replaced spelling no longer says where it came from
         data.update(values)
         from_dict(SlurmSettings, data, file=where, prefix=prefix)
-        sources.update({k: label for k in values})
+        sources.update({k: label for k, v in values.items() if v not in ([], {}, "")})
     return from_dict(SlurmSettings, data, file=file, prefix="slurm"), sources
 
 
