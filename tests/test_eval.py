@@ -171,3 +171,35 @@ def test_inception_with_local_weights_and_reference_stats(cache, real, tmp_path,
     assert res["torch_fidelity_extractor"] == "inception-v3-compat" and res["reference"] == f"reference_stats:{ref}"
     assert np.isfinite(res["fid"]) and res["fid"] > 0 and res["num_real"] == 0
     assert "sample_accuracy" in res, "the classifier still judges the samples"
+
+
+def test_inception_score_of_few_samples_is_not_one_image_per_split(cache, real):
+    """With under 100 samples IS takes fewer splits: ten split into one image each would score exactly 1."""
+    images, labels = real
+    res = evaluate(images[:12], labels[:12], DATA, EvalSpec(samples=12, batch_size=12, metrics=["isc"]),
+                   cache_dir=cache)
+    assert res["isc_mean"] > 3  # 12 real images of 8 classes, one split
+
+
+def test_classifier_cache_names_the_image_cap_and_records_its_epochs(cache, tmp_path):
+    big = replace(DATA, train_size=50000)
+    assert clf.cache_path(big, tmp_path, max_images=1000) != clf.cache_path(big, tmp_path, max_images=20000)
+    # a cap above the training split changes nothing, so it names nothing
+    assert clf.cache_path(DATA, tmp_path, max_images=4096) == clf.cache_path(DATA, tmp_path, max_images=20000)
+    model = get_classifier(DATA, cache)
+    done, planned = model.epochs
+    assert done == planned >= 4  # the 16-pixel shapes classifier trains to its end
+    cut = clf.train_classifier(replace(DATA, train_size=512), time_limit_s=0.0)
+    assert cut.epochs[0] == 1 and cut.epochs[1] > 1  # stopped by the time limit, and it says so
+
+
+@pytest.mark.parametrize("over,fragment", [
+    ([("eval.samples", 3)], "3 samples are too few for prc (at least 4)"),
+    ([("eval.samples", 1), ("eval.metrics", ["fid"])], "1 samples are too few for fid (at least 2)"),
+    ([("eval.metrics", ["fid", "fid_floor"]), ("eval.reference_samples", 512)], "fid_floor is measured at"),
+])
+def test_evaluation_settings_that_cannot_be_computed_are_refused(over, fragment):
+    from dimr_lab.spec.run_spec import load_run_spec
+
+    with pytest.raises(SpecError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        load_run_spec(None, over)

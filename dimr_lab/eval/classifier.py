@@ -72,7 +72,8 @@ def classifier_identity(data_spec, seed: int = 0, max_images: int | None = None)
     from dimr_lab.registry import DATASETS
 
     ident = {**dataset_identity(data_spec, seed), "recipe": FORMAT}
-    if not DATASETS.meta(data_spec.name, "procedural") and max_images:
+    # the images it trains on: a cap on them changes it wherever the training split is larger than the cap
+    if max_images and (not DATASETS.meta(data_spec.name, "procedural") or data_spec.train_size > max_images):
         ident["max_images"] = int(max_images)
     return ident
 
@@ -106,6 +107,8 @@ def load_classifier_file(path: str | Path, expect_identity: dict | None = None) 
     model.identity, model.path = identity, Path(path)
     model.accuracy = float(blob.get("accuracy", float("nan")))
     model.train_seconds = float(blob.get("train_seconds", float("nan")))
+    epochs = blob.get("epochs")
+    model.epochs = [int(e) for e in epochs] if isinstance(epochs, list) and len(epochs) == 2 else None  # older files
     model.requires_grad_(False).eval()
     return model
 
@@ -182,8 +185,12 @@ def train_classifier(data_spec, seed: int = 0, *, min_steps: int = 256, time_lim
             if log:
                 log(f"classifier epoch {epoch + 1}/{epochs} loss {loss.item():.3f}")
             if time.perf_counter() - start > time_limit_s:
+                if log:
+                    log(f"classifier: time limit ({time_limit_s:.0f} s) after {epoch + 1} of {epochs} epochs; "
+                        f"metrics.json records it (classifier_epochs)")
                 break
     model.eval()
+    model.epochs = [epoch + 1, epochs]  # trained, planned: fewer trained = stopped by the time limit
     with torch.no_grad():
         pred = torch.cat([model.features(b)[1].argmax(-1) for b in xt.split(512)])
     model.accuracy = float((pred == yt).float().mean())
@@ -200,6 +207,7 @@ def _save(model: SmallCNN, identity: dict, path: Path) -> None:
         "format": FORMAT, "identity": json.dumps(identity, sort_keys=True),
         "config": {"num_classes": model.num_classes, "resolution": model.resolution, "width": model.width},
         "state_dict": model.state_dict(), "accuracy": model.accuracy, "train_seconds": model.train_seconds,
+        "epochs": list(getattr(model, "epochs", []) or []),
     }
     save_file(blob, path, what="classifier file")
 

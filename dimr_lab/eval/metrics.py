@@ -55,10 +55,11 @@ def _as_uint8_images(x, what: str) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x  # (N, 3, H, W)
 
 
-def real_images_uint8(data_spec, n: int, *, seed: int = 0, part: int = 0) -> torch.Tensor:
+def real_images_uint8(data_spec, n: int, *, seed: int = 0, part: int = 0, floor: bool = True) -> torch.Tensor:
     """Up to n real uint8 images (N, C, H, W): part 0 is the reference set of FID (the test split's first n),
     part 1 a second, disjoint real set of the same size (the next n, or the train split where the test
-    split is too small) for the evaluation's floor."""
+    split is too small) for the evaluation's floor. floor=False: no floor set will be drawn (a folder's
+    reference may then take the whole split rather than half of it)."""
     from dimr_lab.data import build_dataset
     from dimr_lab.registry import DATASETS
 
@@ -74,8 +75,9 @@ def real_images_uint8(data_spec, n: int, *, seed: int = 0, part: int = 0) -> tor
             return ds.images[part * n:(part + 1) * n]
         train = build_dataset(replace(data_spec, flip=False), split="train", seed=seed)
         return train.images[:n]
-    # a folder: evenly spread picks (all classes), the floor's set shifted by half a step
-    count = min(n, len(ds) // 2)
+    # a folder: evenly spread picks (all classes), the floor's set shifted by half a step; without a floor
+    # the reference may take the whole split
+    count = min(n, len(ds) // 2 if floor or part else len(ds))
     pick = (torch.arange(count, dtype=torch.float64) * (len(ds) / count)).long() + (part * len(ds) // (2 * count))
     return torch.stack([ds.load_uint8(int(i)) for i in pick.clamp(max=len(ds) - 1)])
 
@@ -138,6 +140,7 @@ def evaluate(samples_uint8, labels, data_spec, eval_spec, *, cache_dir, real_ima
             distortion_rate=float((class_prob < eval_spec.distortion_threshold).float().mean()),
             class_prob=class_prob.numpy().astype(np.float32), pred=prob.argmax(1).numpy(),
             classifier_accuracy=classifier.accuracy, classifier_path=str(classifier.path),
+            classifier_epochs=getattr(classifier, "epochs", None),  # [trained, planned]: fewer = its time limit
         )
     else:
         why = "eval.classifier is off" if DATASETS.meta(data_spec.name, "classifier") else \
@@ -157,7 +160,8 @@ def evaluate(samples_uint8, labels, data_spec, eval_spec, *, cache_dir, real_ima
             real, source = _as_uint8_images(real_images, "real_images"), "given"
         elif DATASETS.meta(data_spec.name, "kind") == "pixels":
             k = eval_spec.reference_samples or eval_spec.samples
-            real, source = _as_uint8_images(real_images_uint8(data_spec, k, seed=seed), "real"), "test split"
+            real, source = _as_uint8_images(real_images_uint8(data_spec, k, seed=seed,
+                                                              floor="fid_floor" in wanted), "real"), "test split"
         elif ref_stats is not None:
             for m in need_real:
                 out["skipped"][m] = "needs real images (pass real_images)"
@@ -168,6 +172,8 @@ def evaluate(samples_uint8, labels, data_spec, eval_spec, *, cache_dir, real_ima
                             "set eval.reference_stats")
         if real is not None:
             out.setdefault("reference", source)
+            if ref_stats is not None:  # FID is against the statistics; these real images serve KID and prc
+                out["reference_kid_prc"] = source
     out["num_real"] = 0 if real is None else len(real)
 
     kid_size = min(eval_spec.kid_subset_size, n, out["num_real"] or n)
@@ -178,7 +184,8 @@ def evaluate(samples_uint8, labels, data_spec, eval_spec, *, cache_dir, real_ima
     if fid_from_stats:
         flags["fid"] = False
     kwargs = dict(feature_extractor=name, feature_extractor_weights_path=weights, cuda=cuda,
-                  batch_size=eval_spec.batch_size, kid_subset_size=kid_size, isc_splits=min(10, n),
+                  # IS over 10 splits, fewer with under 100 samples: a split of one image always scores 1
+                  batch_size=eval_spec.batch_size, kid_subset_size=kid_size, isc_splits=max(1, min(10, n // 10)),
                   cache=False, verbose=False, save_cpu_ram=True, rng_seed=seed)
     res = {}
     if any(flags.values()):

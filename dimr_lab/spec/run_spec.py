@@ -253,6 +253,21 @@ class RunSpec:
                                 key=f"eval.metrics[{i}]")
         if len(set(ev.metrics)) != len(ev.metrics):
             raise SpecError(f"duplicate metrics in {ev.metrics}", key="eval.metrics")
+        # what each metric needs of the sample count (an evaluation that cannot compute one would fail only
+        # after all its samples were made): FID a covariance, precision/recall k = 3 neighbours and the sample
+        least = {"fid": 2, "fid_floor": 2, "prc": 4}
+        short = [m for m in ev.metrics if ev.enabled and ev.samples < least.get(m, 0)]
+        if short:
+            raise SpecError(f"{ev.samples} samples are too few for {', '.join(short)} (at least "
+                            f"{max(least[m] for m in short)})", key="eval.samples")
+        if "fid_floor" in ev.metrics and ev.reference_stats:
+            raise SpecError("fid_floor compares real images of the local test split, while FID here is against "
+                            "eval.reference_stats: the floor would belong to another reference; leave it out",
+                            key="eval.metrics")
+        if "fid_floor" in ev.metrics and ev.reference_samples not in (0, ev.samples):
+            raise SpecError(f"fid_floor is measured at the reference's count, {ev.reference_samples}, not at the "
+                            f"{ev.samples} samples FID uses; set eval.reference_samples = 0 (= eval.samples)",
+                            key="eval.reference_samples")
 
     def resolve(self) -> "RunSpec":
         """A copy with data.image_size following the model (the one default the sections share)."""
