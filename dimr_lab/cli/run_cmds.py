@@ -114,7 +114,7 @@ def run_cmd(
     ablation_dir = results.resolve() / abl.name
     out = _console()
 
-    if dry_run:  # the plan, with what a real run would refuse (missing files, no checkpoint) said beside it
+    if dry_run:  # the plan, with what a real run would refuse said beside it (no checkpoint: _dry_run)
         problems = {}
         for r in runs:
             try:
@@ -123,9 +123,6 @@ def run_cmd(
                     _check_job_processes(r, settings)
             except UserError as err:
                 problems[r.run_dir] = str(err)
-            blocked = r.cannot_continue()
-            if blocked:
-                problems.setdefault(r.run_dir, blocked)
         _dry_run(out, abl, runs, settings, profile, executor, ablation_dir, as_json, eval_only, problems, sources,
                  results.resolve() if reuse else None)
         return
@@ -185,22 +182,6 @@ def run_cmd(
         raise typer.Exit(1)
 
 
-def _queued_jobs(runs: list[Any]) -> dict[Path, str]:
-    """run folder -> its SLURM job still queued or running (what `submit` would leave alone)."""
-    import shutil
-
-    from dimr_lab.runner.slurm import latest_job
-
-    prior = {r.run_dir: latest_job(r.run_dir) for r in runs if r.run_dir.is_dir()}
-    prior = {d: j for d, j in prior.items() if j}
-    if not prior or shutil.which("squeue") is None:
-        return {}
-    from dimr_lab.runner.slurm import PENDING_STATES, RUNNING_STATES, job_states
-
-    states = job_states([j["job_id"] for j in prior.values()]) or {}
-    return {d: j["job_id"] for d, j in prior.items() if states.get(j["job_id"]) in PENDING_STATES | RUNNING_STATES}
-
-
 def _check_job_processes(run: Any, settings: Any) -> None:
     """The global batch divides over the job's processes (slurm nodes x tasks per node), said before
     submitting rather than on the node after the queue."""
@@ -224,17 +205,23 @@ def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, e
 
     counts = network_counts(runs)
     state = {}
-    queued = _queued_jobs(runs) if executor == "slurm" else {}
+    queued: dict[Path, str] = {}
+    if executor == "slurm" and shutil.which("squeue") is not None:
+        from dimr_lab.runner.slurm import live_jobs
+
+        queued = live_jobs(runs) or {}  # what `submit` would leave to its job (unknown: nothing)
     for r in runs:
         source = None
         if r.is_done():
             state[r.run_dir] = ("done", None)
             continue
-        if r.run_dir in queued:  # a real run leaves it to its job
+        if r.run_dir in queued:
             state[r.run_dir] = ("queued", queued[r.run_dir])
             continue
-        if r.cannot_continue():
+        blocked = r.cannot_continue()
+        if blocked:
             state[r.run_dir] = ("no checkpoint", None)
+            problems.setdefault(r.run_dir, blocked)
             continue
         if reuse_root is not None and not (r.run_dir / "spec.json").exists():
             source = find_source(reuse_root, r.run_dir, r.identity, r.spec.train.steps)

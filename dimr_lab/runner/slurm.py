@@ -166,25 +166,32 @@ def all_jobs(run_dir: Path) -> list[str]:
             if isinstance(j, dict) and isinstance(j.get("job_id"), str)]
 
 
+def live_jobs(runs: list[PlannedRun]) -> dict[Path, str] | None:
+    """Run folder -> its latest job where that is still queued or running; None when squeue does not answer
+    (then a queued run cannot be told from a gone one)."""
+    prior = {r.run_dir: job for r in runs if (job := latest_job(r.run_dir))}
+    states = job_states([j["job_id"] for j in prior.values()])
+    if states is None:
+        return None
+    return {d: j["job_id"] for d, j in prior.items() if states.get(j["job_id"]) in PENDING_STATES | RUNNING_STATES}
+
+
 def submit(runs: list[PlannedRun], settings: SlurmSettings, *, ablation: str, ablation_dir: Path,
            train_fn: str | None = None, eval_only: bool = False) -> dict[str, list[Any]]:
     """Submit every unfinished, not already queued run as one job array.
     Returns {"submitted": [(run, job_id)], "done": [run], "queued": [(run, job_id)], "busy": [run]}."""
     out: dict[str, list[Any]] = {"submitted": [], "done": [], "queued": [], "busy": []}
     todo = []
-    prior = {r.run_dir: latest_job(r.run_dir) for r in runs}
-    asked = [j["job_id"] for j in prior.values() if j]
-    states = job_states(asked)
-    if states is None:  # cannot tell a queued run from a gone one: submitting again could run it twice
-        raise UserError(f"squeue did not answer, so whether the {len(asked)} earlier job(s) of these runs are "
-                        f"still queued is unknown; nothing submitted: try again when SLURM answers")
+    live = live_jobs(runs)
+    if live is None:  # submitting again could run a queued run twice
+        raise UserError("squeue did not answer, so whether these runs' earlier jobs are still queued is unknown; "
+                        "nothing submitted: try again when SLURM answers")
     for r in runs:
         if r.is_done():
             out["done"].append(r)
             continue
-        job = prior[r.run_dir]
-        if job and states.get(job["job_id"]) in PENDING_STATES | RUNNING_STATES:
-            out["queued"].append((r, job["job_id"]))
+        if r.run_dir in live:
+            out["queued"].append((r, live[r.run_dir]))
             continue
         if is_locked(r.run_dir):
             out["busy"].append(r)
@@ -248,9 +255,8 @@ def submit(runs: list[PlannedRun], settings: SlurmSettings, *, ablation: str, ab
 def _stderr_captured() -> Iterator[dict[str, str]]:
     """Collect what this process and its children write to file descriptor 2 (sbatch's messages, which
     submitit lets through) into the yielded dict's "text"."""
-    import tempfile
-
     import io
+    import tempfile
 
     out: dict[str, str] = {}
     sys.stderr.flush()

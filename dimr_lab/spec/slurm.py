@@ -138,24 +138,22 @@ class SlurmSettings:
                "gres", "mem", "mem-per-gpu", "mem-per-cpu", "job-name", "output", "error", "array", "signal",
                "open-mode"}
         for i, line in enumerate(self.sbatch_lines):
+            if not re.fullmatch(r"--[A-Za-z][A-Za-z0-9_-]*(=\S.*)?", line.strip()) or "\n" in line:
+                raise SpecError(f"{line!r}: expected an sbatch option such as '--hint=nomultithread'",
+                                key=f"sbatch_lines[{i}]")
             name = line.strip()[2:].split("=", 1)[0]
             if name in own:  # it would silently beat the validated setting (or the log dimr-lab reads)
                 raise SpecError(f"{line!r}: --{name} is checked or set by dimr-lab (slurm.* settings); set it "
                                 f"there", key=f"sbatch_lines[{i}]")
         for k, v in self.additional.items():
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", str(k)) or not isinstance(v, (str, int, float, bool)):
+                raise SpecError(f"an sbatch option name and a string, number or true, got {k!r} = {v!r}",
+                                key=f"additional.{k}")
             if str(k).replace("_", "-") in own:
                 raise SpecError(f"--{k} is checked or set by dimr-lab (slurm.* settings); set it there",
                                 key=f"additional.{k}")
             if v is False:
                 raise SpecError("false is no sbatch value: leave the option out (true writes the bare flag)",
-                                key=f"additional.{k}")
-        for i, line in enumerate(self.sbatch_lines):
-            if not re.fullmatch(r"--[A-Za-z][A-Za-z0-9_-]*(=\S.*)?", line.strip()) or "\n" in line:
-                raise SpecError(f"{line!r}: expected an sbatch option such as '--hint=nomultithread'",
-                                key=f"sbatch_lines[{i}]")
-        for k, v in self.additional.items():
-            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", str(k)) or not isinstance(v, (str, int, float, bool)):
-                raise SpecError(f"an sbatch option name and a string, number or true, got {k!r} = {v!r}",
                                 key=f"additional.{k}")
 
     def minutes(self) -> int:
