@@ -12,6 +12,14 @@ EXTRAS="digits"
 [ "${1:-}" = "--test" ] && EXTRAS="digits,test"
 stamp=".venv/.dimr-lab-setup-$(sha1sum pyproject.toml | cut -c1-12)-${EXTRAS}"
 if [ ! -e "$stamp" ]; then
+  # torch's CUDA build with its libraries takes about 6 GiB: say so before pip fails half-way.
+  if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    free_kib=$(df -Pk .venv | awk 'NR == 2 {print $4}')
+    if [ -n "$free_kib" ] && [ "$free_kib" -lt $((7 * 1024 * 1024)) ]; then
+      echo "setup.sh: $(pwd)/.venv needs about 7 GiB free for torch and its libraries; $((free_kib / 1024)) MiB left" >&2
+      exit 2
+    fi
+  fi
   .venv/bin/python -m pip install -q --disable-pip-version-check $TORCH_SPEC 2>&1 | grep -v '^WARNING: Location' || true
   .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${EXTRAS}]" 2>&1 | grep -v '^WARNING: Location' || true
   .venv/bin/python -c "import torch, torchvision, timm, torch_fidelity, submitit, dimr_lab" 
