@@ -94,8 +94,8 @@ TIME_INPUTS.add("discrete", "dimr_lab.diffusion.time_input:discrete",
                 "t = n/N; TD norms read tau = 2t - 1 (released latent path: log_snr = 8t - 4, tau = log_snr/4); "
                 "time tokens embed 1000 t")
 TIME_INPUTS.add("vp_logsnr", "dimr_lab.diffusion.time_input:vp_logsnr",
-                "released pixel path: TD norms read tau = ln SNR(t) / 4 (DiMR sde.py, SNR clamped to "
-                "[1e-12, 1e6]); time tokens embed 999 t (U-ViT sde.py ScoreModel)")
+                "released pixel path: TD norms read tau = ln SNR(t) / 4 (DiMR sde.py: its two clamps leave "
+                "the SNR in [1e-6, 1e6]); time tokens embed 999 t (U-ViT sde.py ScoreModel)")
 
 SAMPLERS.add("dpm_solver++", "dimr_lab.diffusion.samplers:dpm_solver_pp_multistep",
              "multistep DPM-Solver++ (data prediction), orders 1-3, lower orders at the end below 10 steps",

@@ -1,7 +1,7 @@
 """Run folders: the one module that knows their layout, their records and how their state is read.
 
 torch-free: the runner, `status`, `table`, `eval` and the trainer all read and write run folders through
-this module, so its writers and readers cannot drift apart (tests/test_rundir.py ties them).
+this module, so its writers and readers cannot drift apart (tests/test_runs.py, test_runner.py and test_eval.py write and read them through it).
 
     <run>/
       run.json              RunRecord: the resolved spec, its identity hash, who planned the run

@@ -60,6 +60,12 @@ def test_a_run_continued_to_2n_equals_one_trained_to_2n(tmp_path):
     la = [json.loads(x)["loss"] for x in (tmp_path / "direct" / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (tmp_path / "cont" / "log.jsonl").read_text().splitlines()]
     assert la == lb
+    # the record and `status` follow the continued run (they kept saying step 3 of 3)
+    from dimr_lab.runner.status import collect
+
+    assert json.loads((tmp_path / "cont" / "run.json").read_text())["spec"]["train"]["steps"] == 6
+    (st,) = collect(tmp_path / "cont")
+    assert (st.state, st.step, st.steps) == ("done", 6, 6)
 
 
 def test_a_schedule_over_the_total_refuses_to_continue(tmp_path, capsys):

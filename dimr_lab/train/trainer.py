@@ -130,6 +130,10 @@ def claim(run: RunDir, spec: Any, record: RunRecord | None) -> None:
         if held_record.identity != identity:
             raise UserError(f"{run.record_path}: this folder was planned for another run (identity "
                             f"{held_record.identity}, this one is {identity})")
+        if record is None and held_record.spec != to_dict(spec):
+            # `train` continuing a run (a larger train.steps, or a setting outside the identity): the record
+            # says what the folder now holds, so `status` and the runner read the spec being trained
+            run.write_record(dataclasses.replace(held_record, spec=to_dict(spec)))
     else:
         rec = record or RunRecord(spec=to_dict(spec), identity=identity, variant=run.path.name,
                                   seed=spec.train.seed, executor="train", created=time.time())
