@@ -76,19 +76,23 @@ def reference(tmp_path_factory, env):
 
 
 def state(run: Path) -> dict:
-    """What must be identical: final weights, EMA, optimizer state, every evaluation's metrics."""
+    """What must be identical: final weights, EMA, optimizer state, every evaluation's metrics, the log's
+    rows (steps and losses: a resumed window of the loss average holds the steps before the checkpoint)."""
     ckpt = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
     evals = {}
     for m in sorted(run.glob("evals/*/metrics.json")):
         data = json.loads(m.read_text())
         evals[m.parent.name] = {k: data.get(k) for k in ("fid", "sample_accuracy", "step", "samples")}
-    return {"step": ckpt["step"], "model": ckpt["model"], "ema": ckpt["ema"],
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    log = [(r["step"], r["loss"], r["loss_branches"]) for r in rows]
+    return {"step": ckpt["step"], "model": ckpt["model"], "ema": ckpt["ema"], "log": log,
             "opt": [v for s in ckpt["optimizer"]["state"].values() for v in s.values()], "evals": evals,
             "kept": sorted(p.name for p in (run / "checkpoints").glob("step-*.pt"))}
 
 
 def assert_same(a: dict, b: dict, why: str) -> None:
     assert a["step"] == b["step"] and a["evals"] == b["evals"] and a["kept"] == b["kept"], why
+    assert a["log"] == b["log"], why
     for k in ("model", "ema"):
         for name in a[k]:
             assert torch.equal(a[k][name], b[k][name]), f"{why}: {k} {name}"

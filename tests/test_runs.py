@@ -68,6 +68,51 @@ def test_a_run_continued_to_2n_equals_one_trained_to_2n(tmp_path):
     assert (st.state, st.step, st.steps) == ("done", 6, 6)
 
 
+def test_a_resumed_run_logs_the_rows_of_an_uninterrupted_one(tmp_path):
+    # rows every 4 steps; stopped after step 6, in the middle of a window, and resumed
+    more = (("train.log_every", 4),)
+    train(spec(10, *more), tmp_path / "direct")
+    asked = iter(range(100))
+    stopped = train(spec(10, *more), tmp_path / "cont", should_stop=lambda: next(asked) == 6)
+    assert stopped == {"interrupted": True, "step": 6}
+    train(spec(10, *more), tmp_path / "cont")
+
+    def rows(run):
+        return [(r["step"], r["loss"], r["loss_branches"])
+                for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())]
+
+    assert [r[0] for r in rows(tmp_path / "direct")] == [1, 4, 8, 10]
+    assert rows(tmp_path / "cont") == rows(tmp_path / "direct")
+
+
+def test_a_refused_continuation_leaves_the_records_as_they_were(tmp_path, capsys):
+    out = tmp_path / "run"
+    train(spec(6), out)
+    before = {p: (out / p).read_bytes() for p in ("run.json", "spec.json", "log.jsonl")}
+    from dimr_lab.errors import UserError
+
+    with pytest.raises(UserError, match="step 5 was not kept"):
+        train(spec(5), out)
+    assert {p: (out / p).read_bytes() for p in before} == before
+
+
+def test_tensorboard_drops_what_a_killed_session_logged_after_its_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, tb = tmp_path / "run", ("track.tensorboard", True)
+    train(spec(6, tb, ("train.keep_checkpoints", [4]), ("train.checkpoint_every", 4)), out)
+    # as if killed after logging step 6 but before its checkpoint: last.pt is step 4's again
+    (out / "checkpoints" / "last.pt").unlink()
+    (out / "checkpoints" / "last.pt").write_bytes((out / "checkpoints" / "step-00000004.pt").read_bytes())
+    index = json.loads((out / "checkpoints" / "index.json").read_text())
+    (out / "checkpoints" / "index.json").write_text(json.dumps({**index, "last": 4}))
+    train(spec(6, tb, ("train.keep_checkpoints", [4]), ("train.checkpoint_every", 4)), out)
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    assert steps == sorted(set(steps)) and steps[-2:] == [5, 6], steps
+
+
 def test_a_schedule_over_the_total_refuses_to_continue(tmp_path, capsys):
     out = tmp_path / "run"
     train(spec(3, ("train.lr_schedule", "cosine")), out)

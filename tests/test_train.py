@@ -287,6 +287,28 @@ def test_mismatching_checkpoint_is_refused(tmp_path, capsys):
     assert "not a dimr-lab checkpoint" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage", ["numpy keys a list", "noise state a string", "window of strings"])
+def test_a_checkpoint_with_odd_contents_is_one_line(tmp_path, capsys, damage):
+    toml, run = _interrupted_run(tmp_path)
+    ckpt = run / "checkpoints" / "last.pt"
+    state = torch.load(ckpt, weights_only=True)
+    if damage == "numpy keys a list":
+        state["rng"]["numpy"]["keys"] = [1, 2, 3]
+    elif damage == "noise state a string":
+        state["rng"]["noise"] = "x"
+    else:  # an odd loss window is ignored (the window starts empty), never a failure
+        state["log_window"] = {"loss": ["a"], "steps": "b"}
+    torch.save(state, ckpt)
+    before = _snapshot(run)
+    code = cli("train", toml, "--out", run, "--no-progress")
+    err = capsys.readouterr().err
+    if damage == "window of strings":
+        assert code == 0, err
+        return
+    assert code == 2 and str(ckpt) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert _snapshot(run) == before
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     toml, run = _interrupted_run(tmp_path)
     (run / "checkpoints" / "last.pt").unlink()

@@ -41,9 +41,9 @@ class Tracker:
         track = spec.track
         check_available(track)
         if track.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self.tb_dir = str(Path(run_dir) / "tensorboard")
+            self._tb: Any = None
+            self._purge_step: int | None = None
             self.writers.append("tensorboard")
         if track.wandb:
             import wandb
@@ -59,6 +59,21 @@ class Tracker:
                                  config={"spec": to_dict(spec), "seed": spec.train.seed,
                                          "variant": getattr(record, "variant", ""), "ablation": ablation})
             self.writers.append("wandb")
+
+    def resume_at(self, step: int) -> None:
+        """Training goes on after `step`: TensorBoard drops the events a killed session wrote after it (the
+        log's rows after the checkpoint are written again). wandb keeps the first value it got for a step
+        and ignores the repeats."""
+        if "tensorboard" in self.writers and step > 0 and self._tb is None:
+            self._purge_step = step + 1
+
+    @property
+    def tb(self) -> Any:
+        if self._tb is None:  # opened on first use, so that resume_at can set what to purge
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=self.tb_dir, purge_step=self._purge_step)
+        return self._tb
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         values = {k: float(v) for k, v in values.items() if isinstance(v, (int, float))}
@@ -84,8 +99,8 @@ class Tracker:
             self.wb.log({tag: wandb.Image(arr)}, step=step)
 
     def close(self) -> None:
-        if "tensorboard" in self.writers:
-            self.tb.close()
+        if "tensorboard" in self.writers and self._tb is not None:
+            self._tb.close()
         if "wandb" in self.writers:
             self.wb.finish()
         self.writers = []

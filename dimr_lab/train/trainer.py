@@ -18,7 +18,6 @@ import os
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -67,9 +66,11 @@ def train_run(spec: Any, out_dir: Path, *, should_stop: Callable[[], bool] | Non
                 blocked = run.outputs_without_checkpoint(spec.first_checkpoint_step())
                 if blocked:
                     raise UserError(blocked)
-                claim(run, spec, record)
+                commit = claim(run, spec, record)
+            else:
+                commit = None
             distributed.barrier(info)
-            trainer = Trainer(spec, run, info, should_stop, progress)
+            trainer = Trainer(spec, run, info, should_stop, progress, on_start=commit)
             try:
                 stopped = trainer.fit()
                 if stopped is not None:
@@ -101,9 +102,11 @@ def check_memory(spec: Any, info: distributed.DistInfo) -> None:
                         f"{where} has {have / 2**30:.1f} GiB available (model.*, train.batch_size)")
 
 
-def claim(run: RunDir, spec: Any, record: RunRecord | None) -> None:
-    """Make run.path this run's folder (rank 0, under the lock): refuse another run's folder, remove what
-    interrupted writes left, write spec.json (and run.json for a folder `train` makes)."""
+def claim(run: RunDir, spec: Any, record: RunRecord | None) -> Callable[[], None]:
+    """Make run.path this run's folder (rank 0, under the lock): refuse another run's folder and remove what
+    interrupted writes left. Returns what writes spec.json (and run.json for a folder `train` makes, or the
+    continued spec into its record), called once the checkpoint has loaded and the step asked for is
+    reachable, so that a refused command leaves the records as they were."""
     from dimr_lab.spec.run_spec import load_run_spec
 
     identity = spec.identity_hash()
@@ -125,20 +128,24 @@ def claim(run: RunDir, spec: Any, record: RunRecord | None) -> None:
     if idx is not None and idx.identity != identity:
         raise UserError(f"{run.index_path}: the checkpoints belong to another run (identity {idx.identity}, this "
                         f"run is {identity}); refusing to use them")
+    held_record = None
     if run.record_path.exists():
         held_record = run.read_record()
         if held_record.identity != identity:
             raise UserError(f"{run.record_path}: this folder was planned for another run (identity "
                             f"{held_record.identity}, this one is {identity})")
-        if record is None and held_record.spec != to_dict(spec):
+
+    def commit() -> None:
+        if held_record is None:
+            run.write_record(record or RunRecord(spec=to_dict(spec), identity=identity, variant=run.path.name,
+                                                 seed=spec.train.seed, executor="train", created=time.time()))
+        elif record is None and held_record.spec != to_dict(spec):
             # `train` continuing a run (a larger train.steps, or a setting outside the identity): the record
             # says what the folder now holds, so `status` and the runner read the spec being trained
             run.write_record(dataclasses.replace(held_record, spec=to_dict(spec)))
-    else:
-        rec = record or RunRecord(spec=to_dict(spec), identity=identity, variant=run.path.name,
-                                  seed=spec.train.seed, executor="train", created=time.time())
-        run.write_record(rec)
-    run.write_spec_document(to_dict(spec), identity)
+        run.write_spec_document(to_dict(spec), identity)
+
+    return commit
 
 
 def _identity_diff(held: Any, mine: Any) -> str:
@@ -166,8 +173,9 @@ class Trainer:
     """The state of one train_run (one object, so the steps read top to bottom)."""
 
     def __init__(self, spec: Any, run: RunDir, info: distributed.DistInfo,
-                 should_stop: Callable[[], bool] | None, progress: bool):
+                 should_stop: Callable[[], bool] | None, progress: bool, on_start: Callable[[], None] | None = None):
         self.spec, self.run, self.info = spec, run, info
+        self.on_start = on_start
         self.rank, self.world, self.device = info.rank, info.world_size, info.device
         self.should_stop, self.progress = should_stop, progress and info.main
         self.identity = spec.identity_hash()
@@ -176,6 +184,11 @@ class Trainer:
         self.step, self.elapsed_before = 0, 0.0
         self.last_loss: float | None = None
         self.session_steps = 0
+        # the log's averaging window (sum of the step losses, steps) since the last row; checkpointed, so a
+        # resumed run writes the rows an uninterrupted one writes
+        self.win_loss: torch.Tensor | None = None
+        self.win_steps = 0
+        self._saved_window: tuple[list[float], int] | None = None
         from dimr_lab.train.threads import ThreadGovernor
         from dimr_lab.train.tracking import Tracker
 
@@ -252,9 +265,8 @@ class Trainer:
                 first_error = first_error or err
                 continue
             if path != candidates[0]:
-                warnings.warn(f"{first_error}; resuming from the kept checkpoint {path.name} (step {self.step})",
-                              stacklevel=2)
-                print(f"warning: {first_error}; resuming from {path.name} (step {self.step})", file=sys.stderr)
+                print(f"warning: {first_error}; resuming from the kept checkpoint {path.name} (step {self.step})",
+                      file=sys.stderr)
             if self.info.main:
                 self._settle_checkpoints(path)
             return True
@@ -273,11 +285,16 @@ class Trainer:
             order = BatchOrder(len(self.dataset), self.spec.train.batch_size, self.spec.train.seed,
                                int(pos["epoch"]), int(pos["index"]))
             step = int(ckpt["step"])
-        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
             raise UserError(f"{path}: checkpoint does not match this run ({type(err).__name__}: "
                             f"{str(err).splitlines()[0][:200] if str(err) else ''}); delete it to start over") from None
         self.order, self.step = order, step
         self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+        window = ckpt.get("log_window")  # absent from checkpoints of earlier versions: the window starts empty
+        self._saved_window = None
+        if isinstance(window, dict) and isinstance(window.get("steps"), int) and window["steps"] > 0 \
+                and isinstance(window.get("loss"), list) and all(isinstance(v, float) for v in window["loss"]):
+            self._saved_window = (window["loss"], window["steps"])
 
     # ------------------------------------------------------------------------------------------ train
 
@@ -290,8 +307,11 @@ class Trainer:
             if self.run.checkpoint_for(target) is None:
                 raise UserError(f"{self.run.path}: trained to step {self.step} already; step {target} was not kept "
                                 f"(kept: {', '.join(map(str, self.run.available_steps())) or 'none'})")
-            return None
+            return None  # a kept step of a longer run: evaluated, nothing trained; the records keep the longer run
+        if self.on_start is not None:
+            self.on_start()
         if self.info.main:
+            self.tracker.resume_at(self.step if resumed else 0)
             self._trim_log(self.step if resumed else 0)
         if self.step == target:
             if not resumed:
@@ -309,8 +329,12 @@ class Trainer:
         batches = batch_iterator(self.dataset, self.order, self.rank, self.world, self.spec.data.num_workers)
         gmacs = self._gmacs()
         self.session_t0 = time.perf_counter()
-        win_t, win_steps = time.perf_counter(), 0
-        win_loss = torch.zeros(1 + len(self.weights), dtype=torch.float64, device=self.device)
+        win_t = time.perf_counter()
+        self.win_loss = torch.zeros(1 + len(self.weights), dtype=torch.float64, device=self.device)
+        if self._saved_window is not None and len(self._saved_window[0]) == self.win_loss.numel():
+            self.win_loss.copy_(torch.tensor(self._saved_window[0], dtype=torch.float64))
+            self.win_steps = self._saved_window[1]
+        win_loss = self.win_loss
         bar = self._progress_bar()
         self.fwd.train()
         try:
@@ -331,12 +355,14 @@ class Trainer:
                 self._update(loss)
                 self.step += 1
                 self.session_steps += 1
-                win_steps += 1
+                self.win_steps += 1
                 win_loss += torch.stack([loss.detach(), *[p.detach() for p in per_branch]]).double()  # no sync
-                if self.step % tr.log_every == 0 or self.step == tr.steps or self.session_steps == 1:
+                if self.step % tr.log_every == 0 or self.step == tr.steps or self.step == 1:
                     now = time.perf_counter()
-                    self._log(win_loss / win_steps, B * win_steps / (now - win_t), gmacs)
-                    win_t, win_steps = now, 0
+                    # images/s over this session's part of the window (a resumed window began before it)
+                    self._log(win_loss / self.win_steps,
+                              B * min(self.win_steps, self.session_steps) / (now - win_t), gmacs)
+                    win_t, self.win_steps = now, 0
                     win_loss.zero_()
                 if bar is not None:
                     bar[0].update(bar[1], completed=self.step, loss=self._loss_text())
@@ -395,6 +421,13 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Rank 0 writes checkpoints/last.pt atomically, links a kept step, then updates the index."""
+        window = None
+        if self.win_loss is not None and self.win_steps:
+            sums = self.win_loss.clone()
+            if self.world > 1:  # every rank calls this: the window's mean over ranks, as _log takes it
+                torch.distributed.all_reduce(sums)
+                sums = sums / self.world
+            window = {"loss": [float(v) for v in sums.cpu()], "steps": self.win_steps}
         if self.info.main:
             run = self.run
             write_checkpoint(run.last_checkpoint, {
@@ -404,6 +437,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "step": self.step, "rng": get_rng_state(self.noise), "data_position": self.order.state(),
                 "elapsed_s": self.elapsed_before + time.perf_counter() - self.t0, "world_size": self.world,
+                "log_window": window,
             })
             idx = run.index()
             kept = set(idx.kept) if idx else set()
@@ -429,10 +463,12 @@ class Trainer:
         target.unlink(missing_ok=True)
         try:
             target.hardlink_to(run.last_checkpoint)  # the same bytes, no copy
-        except OSError:
+        except OSError:  # no hard links here: a copy, written whole before it takes the name
             import shutil
 
-            shutil.copyfile(run.last_checkpoint, target)
+            tmp = target.with_name(f".{target.name}.copy.tmp")  # the name remove_stale_temporaries clears
+            shutil.copyfile(run.last_checkpoint, tmp)
+            os.replace(tmp, target)
 
     def _trim_log(self, step: int) -> None:
         """Keep the log rows up to `step` (those after the checkpoint are written again)."""
