@@ -507,6 +507,24 @@ def test_thread_governor_gives_a_busy_core_away_and_takes_it_back(monkeypatch):
     assert not th.ThreadGovernor(0).auto
 
 
+def test_thread_governor_reads_only_the_cores_it_may_run_on(tmp_path):
+    """On a node shared by pinning, cores outside this process's affinity do not count as load."""
+    import dimr_lab.train.threads as th
+
+    stat = tmp_path / "stat"
+    # user nice system idle iowait ...: cpu0 and cpu1 idle, cpu2 and cpu3 fully busy
+    stat.write_text("cpu  400 0 0 400 0 0 0\n"
+                    "cpu0 0 0 0 200 0 0 0\ncpu1 0 0 0 200 0 0 0\n"
+                    "cpu2 200 0 0 0 0 0 0\ncpu3 200 0 0 0 0 0 0\n"
+                    "intr 12345\nctxt 678\n")
+    assert th._total_busy_jiffies(None, str(stat)) == (400.0, 800.0)
+    assert th._total_busy_jiffies(frozenset({0, 1}), str(stat)) == (0.0, 400.0)
+    assert th._total_busy_jiffies(frozenset({1, 3}), str(stat)) == (200.0, 400.0)
+    assert th._total_busy_jiffies(frozenset({7}), str(stat)) is None  # no line for it: unknown, not idle
+    stat.write_text("garbage\n")
+    assert th._total_busy_jiffies(None, str(stat)) is None
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_compiled_training_on_the_cpu_follows_the_eager_run(tmp_path):

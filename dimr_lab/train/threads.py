@@ -5,7 +5,8 @@ and one core fewer for each core other processes keep busy, re-checked every few
 OpenMP's spinning barriers: a small network's operators synchronise their threads thousands of times a
 second, so a thread that has to wait for a core held by another process stalls every operator (measured
 here: a 2-thread run beside a busy 1-thread process trained at a quarter of its quiet rate; BENCHMARKS.md).
-Busy cores are read from /proc/stat minus this process's own CPU time (Linux; elsewhere every core).
+Busy cores are read from /proc/stat's lines for the cores this process may run on (its affinity), minus
+this process's own CPU time (Linux; elsewhere every core).
 """
 
 from __future__ import annotations
@@ -16,15 +17,32 @@ import time
 import torch
 
 
-def _total_busy_jiffies() -> tuple[float, float] | None:
-    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+def _total_busy_jiffies(cpus: frozenset[int] | None = None, stat: str = "/proc/stat") -> tuple[float, float] | None:
+    """(busy, total) jiffies since boot of the CPUs this process may run on (`cpus`; None: all), from
+    /proc/stat's per-CPU lines: on a node shared through CPU pinning (SLURM, taskset) the load of cores
+    this process cannot use is no reason to give up threads."""
+    busy = total = 0.0
+    found = False
     try:
-        with open("/proc/stat") as f:
-            fields = [float(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
+        with open(stat) as f:
+            for line in f:
+                name, *values = line.split()
+                if not name.startswith("cpu") or name == "cpu":
+                    if found:
+                        break
+                    continue
+                if cpus is not None and int(name[3:]) not in cpus:
+                    continue
+                fields = [float(v) for v in values]
+                idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+                busy, total, found = busy + sum(fields) - idle, total + sum(fields), True
+    except (OSError, ValueError, IndexError):
         return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
-    return sum(fields) - idle, sum(fields)
+    return (busy, total) if found else None
+
+
+def _allowed_cpus() -> frozenset[int] | None:
+    return frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
 
 def _own_jiffies() -> float:
@@ -41,6 +59,7 @@ class ThreadGovernor:
 
     def __init__(self, requested: int = 0, *, every_s: float = 5.0, enabled: bool = True):
         self.cores = usable_cores()
+        self.cpus = _allowed_cpus()
         if not enabled:  # GPU runs: the CPU threads only feed the device
             requested = torch.get_num_threads()
         self.auto = requested == 0 and "OMP_NUM_THREADS" not in os.environ
@@ -53,7 +72,7 @@ class ThreadGovernor:
             self._set(self._free_cores(probe_s=0.3))
 
     def _sample(self) -> tuple[float, float, float, float] | None:
-        busy = _total_busy_jiffies()
+        busy = _total_busy_jiffies(self.cpus)
         return None if busy is None else (*busy, _own_jiffies(), time.monotonic())
 
     def _others_busy(self, a: tuple, b: tuple) -> float:
