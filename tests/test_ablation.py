@@ -203,6 +203,8 @@ MALFORMED = [
     (BASE.replace('name = "v"', 'name = "../../escape"'), [], "variant name '../../escape' is not allowed"),
     (BASE.replace('name = "v"', 'name = "a/b"'), [], "variant name 'a/b' is not allowed"),
     (BASE.replace('name = "v"', 'name = "/tmp/abs"'), [], "is not allowed"),
+    (BASE.replace('name = "v"', 'name = "ok\\n"'), [], "is not allowed"),  # $ matched before a last newline
+    (BASE.replace('name = "x"', 'name = "x\\n"'), [], "is not allowed"),
     (BASE.replace('name = "v"', 'name = ""'), [], "must not be empty"),
     (BASE.replace('name = "v"', "name = 3"), [], "expected a string"),
     (BASE + '[[variant]]\nname = "v"\n', [], "duplicate variant name 'v'"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import re
 import subprocess
 import sys
 
@@ -339,6 +340,15 @@ def test_per_branch_overrides_of_a_preset():
         resolve_model({**TINY_2R, "branches": {"0": {"width": 8}}})
 
 
+def test_set_reaches_into_a_model_given_as_a_preset_name():
+    """`model = "dimr_tiny_3r"` in a run spec takes `--set model.norm=...` (it said 'model is not a table')."""
+    from dimr_lab.spec.run_spec import load_run_spec
+
+    spec = load_run_spec({"model": "dimr_tiny_3r"}, [("model.norm", "layernorm"), ("model.branches.0.depth", 3)])
+    assert spec.model.norm == "layernorm" and spec.model.branches[0].depth == 3
+    assert spec.model.branches[1].width == PRESETS["dimr_tiny_3r"]["branches"][1]["width"]
+
+
 def test_float32_attention_under_autocast_and_on_meta():
     """attention_fp32 attends in float32 under bf16 autocast, and still counts."""
     from dimr_lab.nn.describe import count
@@ -383,6 +393,36 @@ def test_export_to_safetensors_and_load_back_through_dimr_lab_and_timm(tmp_path,
             assert all(torch.equal(a, b) for a, b in zip(want, model(x, t, y)))
     with pytest.raises(Exception, match="no weights in timm's hub"):
         timm.create_model("dimr_tiny_3r", pretrained=True)
+
+
+def test_weights_that_do_not_fit_are_named(tmp_path):
+    """load_model names the tensors that keep a file from loading, and reads a stored spec only as a table."""
+    from safetensors.torch import save_file
+
+    import dimr_lab
+    from dimr_lab.errors import UserError
+    from dimr_lab.nn.checkpoint import SAFETENSORS_FORMAT
+    from dimr_lab.spec.schema import to_dict
+
+    model = _small_dimr()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": SAFETENSORS_FORMAT, "model_spec": json.dumps(to_dict(model.spec))}
+    first, second = list(state)[:2]
+    cases = {
+        "missing": ({k: v for k, v in state.items() if k != first}, f"missing {first}"),
+        "extra": ({**state, "stray.weight": torch.zeros(2)}, "unexpected stray.weight"),
+        "shape": ({**state, second: torch.zeros(3, 3)}, f"{second} is (3, 3) where the network has"),
+    }
+    for name, (tensors, fragment) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(path), metadata=meta)
+        with pytest.raises(UserError, match=re.escape(fragment)):
+            dimr_lab.load_model(path)
+    (tmp_path / "x.toml").write_text('[model]\npreset = "dimr_tiny_2r"\n')
+    path = tmp_path / "named.safetensors"
+    save_file(state, str(path), metadata={**meta, "model_spec": json.dumps("x.toml")})
+    with pytest.raises(UserError, match="its model spec is not a table"):
+        dimr_lab.load_model(path)
 
 
 def _small_dimr():

@@ -104,6 +104,11 @@ def test_wrapped_and_prefixed_state_dicts_convert_the_same():
                     {"nnet_ema": official}):
         spec2, state2 = convert_official_state_dict(wrapped, heads=4)
         assert to_dict(spec2) == to_dict(spec) and all(torch.equal(state2[k], state[k]) for k in state)
+    # a file holding the raw and the EMA weights converts the EMA ones, whichever key comes first
+    raw = {k: v * 2 for k, v in official.items()}
+    for both in ({"nnet": raw, "nnet_ema": official}, {"model": raw, "ema": official, "step": 3}):
+        _, state2 = convert_official_state_dict(both, heads=4)
+        assert all(torch.equal(state2[k], state[k]) for k in state)
 
 
 def test_converter_refuses_what_it_cannot_place():
@@ -288,7 +293,18 @@ def test_convert_official_cli_errors(tmp_path, capsys):
     main(["convert-official", str(good), str(tmp_path / "o.pt"), "--heads", "4", "--force"])
     assert dimr_lab.load_model(tmp_path / "o.pt").spec.branches[0].heads == 4
     assert "is a directory" in _cli(["convert-official", good, tmp_path, "--heads", "4"], capsys)
+    # NaN weights (a diverged or damaged file) are refused, naming the tensor
+    state = to_official_state_dict(model)
+    name = next(iter(state))
+    state[name] = torch.full_like(state[name], float("nan"))
+    torch.save({"nnet_ema": state}, tmp_path / "nan.pth")
+    err = _cli(["convert-official", tmp_path / "nan.pth", tmp_path / "nan.pt", "--heads", "4"], capsys)
+    assert f"tensor {name!r} holds NaN" in err and not (tmp_path / "nan.pt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # the summary says which entry of a wrapped file was converted
+    torch.save({"nnet": to_official_state_dict(model), "nnet_ema": to_official_state_dict(model)}, tmp_path / "b.pth")
+    main(["convert-official", str(tmp_path / "b.pth"), str(tmp_path / "b.pt"), "--heads", "4"])
+    assert "'nnet_ema' entry, its EMA weights" in " ".join(capsys.readouterr().out.split())
 
 
 # ----------------------------------------------------------------------------------------------- bench

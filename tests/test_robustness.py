@@ -50,6 +50,8 @@ BEFORE_TRAINING = [
     (["--set", "sample.sampler=\"ddim\"", "--set", "diffusion.schedule=\"vp_linear\""], "needs a discrete schedule"),
     (["--set", "diffusion.label_drop=0.0", "--set", "sample.guidance_scale=2.0"], "never trained"),
     (["--set", "train.nosuch=1"], "--set: train.nosuch"),
+    (["--set", "data.name=\"digits\"", "--set", "data.num_classes=5"], "only procedural datasets make fewer"),
+    (["--set", "model.out_channels=6"], "model.out_channels: is 6"),
 ]
 
 
@@ -58,6 +60,24 @@ def test_a_bad_run_is_refused_before_anything_is_written(args, fragment, tmp_pat
     out = tmp_path / "run"
     code, o, e = cli(["train", "--out", out, *TINY, *args], capsys)
     one_line_exit_2(code, o, e, fragment)
+    assert not out.exists()
+
+
+def test_latents_without_their_vae_are_refused_before_training(tmp_path, capsys):
+    """Even with evaluation off a run ends with a sample grid, decoded through data.vae: found at once."""
+    import numpy as np
+
+    root = tmp_path / "lat"
+    root.mkdir()
+    for i in range(8):
+        pair = np.empty(2, dtype=object)
+        pair[0], pair[1] = np.zeros((8, 16, 16), np.float32), np.int64(i % 2)
+        np.save(root / f"{i}.npy", pair)
+    out = tmp_path / "run"
+    code, o, e = cli(["train", "--out", out, *TINY, "--set", 'data.name="latents"', "--set", f'data.root="{root}"',
+                      "--set", "data.num_classes=2", "--set", "model.in_channels=4",
+                      "--set", 'eval.feature_extractor="inception-v3-compat"', "--set", 'eval.metrics=["fid"]'], capsys)
+    one_line_exit_2(code, o, e, "data.vae: latent samples become images")
     assert not out.exists()
 
 

@@ -309,6 +309,57 @@ def test_a_checkpoint_with_odd_contents_is_one_line(tmp_path, capsys, damage):
     assert _snapshot(run) == before
 
 
+def test_a_run_refused_while_building_leaves_no_folder(tmp_path, capsys):
+    """A failure found only once the data is read (three class folders, two label rows) leaves nothing."""
+    from PIL import Image
+
+    for c in ("a", "b", "c"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), (40 * i, 80, 120)).save(tmp_path / "imgs" / c / f"{i}.png")
+    toml = tiny_spec_file(tmp_path)
+    out = tmp_path / "new" / "run"
+    code = cli("train", toml, "--out", out, "--no-progress", "--set", 'data.name="folder"',
+               "--set", f'data.root="{tmp_path / "imgs"}"', "--set", "model.num_classes=2")
+    err = capsys.readouterr().err
+    assert code == 2 and "3 classes" in err, err
+    assert not out.exists()
+    # a folder that was there before keeps being there (only what this call made goes)
+    out.mkdir()
+    assert cli("train", toml, "--out", out, "--no-progress", "--set", 'data.name="folder"',
+               "--set", f'data.root="{tmp_path / "imgs"}"',
+               "--set", "model.num_classes=2") == 2
+    assert out.is_dir()
+
+
+def test_a_diverged_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path, monkeypatch):
+    """A NaN loss stops the run with one line; no checkpoint of the diverged weights replaces the last one."""
+    import dimr_lab.diffusion.training as training
+    from dimr_lab.errors import UserError
+    from dimr_lab.train.trainer import train_run
+
+    real, calls = training.training_loss, {"n": 0}
+
+    def diverging(*args, **kwargs):
+        loss, per = real(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan"), per) if calls["n"] > 3 else (loss, per)
+
+    monkeypatch.setattr(training, "training_loss", diverging)
+    spec = tiny_spec(tmp_path, steps=8, ckpt=2, overrides=[("train.log_every", 3)])
+    with pytest.raises(UserError, match=r"training loss is nan by step 4 \(before its checkpoint\); the "
+                                        r"checkpoint of step 2 is kept"):
+        train_run(spec, tmp_path / "run", progress=False)
+    assert load_ckpt(tmp_path / "run")["step"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 3]
+    # found at a log row too (rows every step, checkpoints every 4)
+    calls["n"] = 0
+    spec = tiny_spec(tmp_path, steps=8, ckpt=4, overrides=[("train.log_every", 1)])
+    with pytest.raises(UserError, match="training loss is nan by step 4 \\(log.jsonl\\); no checkpoint"):
+        train_run(spec, tmp_path / "run2", progress=False)
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     toml, run = _interrupted_run(tmp_path)
     (run / "checkpoints" / "last.pt").unlink()

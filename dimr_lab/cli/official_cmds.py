@@ -32,7 +32,9 @@ def convert_official(
         console.print(f"  branch {i}: {b.block}, width {b.width}, {b.depth // 2 * 2 + 1} blocks, MLP {b.mlp_width}, "
                       f"{res}x{res} tokens (patch {b.patch}), {extra}, out kernel {b.out_kernel}")
     console.print(f"{info['params'] / 1e6:.2f}M parameters ({info['td_params'] / 1e6:.3f}M time-dependent) "
-                  f"in {info['tensors']} tensors -> {info['dst']}")
+                  f"in {info['tensors']} tensors"
+                  + (f" (the file's {info['key']!r} entry{', its EMA weights' if 'ema' in info['key'] else ''})"
+                     if info["key"] else "") + f" -> {info['dst']}")
 
 
 @app.command()

@@ -90,12 +90,35 @@ def model_payload(model: torch.nn.Module, *, ema: torch.nn.Module | None = None,
             "ema": ema.state_dict() if ema is not None else None, "identity": identity, **extra}
 
 
+def weights_mismatch(model: torch.nn.Module, state: Any) -> str:
+    """What keeps `state` from loading into `model`, naming the tensors ('' when nothing does)."""
+    if not isinstance(state, dict):
+        return f"expected a dict of tensors, got {type(state).__name__}"
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shapes = [f"{k} is {tuple(v.shape)} where the network has {tuple(own[k].shape)}" for k, v in state.items()
+              if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    odd = [k for k, v in state.items() if k in own and not isinstance(v, torch.Tensor)]
+
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    parts = ([f"missing {some(missing)}"] if missing else []) + ([f"unexpected {some(extra)}"] if extra else []) \
+        + shapes[:2] + ([f"not tensors: {some(odd)}"] if odd else [])
+    return "; ".join(parts)
+
+
 def load_weights(model: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
-    """load_state_dict with a one-line UserError when the tensors do not fit the network."""
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, KeyError, TypeError) as err:
-        raise UserError(f"{path}: weights do not fit the model spec ({str(err).splitlines()[0][:200]})") from None
+    """load_state_dict with a one-line UserError naming the tensors that do not fit the network."""
+    why = weights_mismatch(model, state)
+    if not why:
+        try:
+            model.load_state_dict(state)
+            return
+        except (RuntimeError, KeyError, TypeError) as err:
+            why = str(err).splitlines()[0][:200]
+    raise UserError(f"{path}: weights do not fit the model spec ({why})")
 
 
 SAFETENSORS_FORMAT = "dimr-lab/2 safetensors"
@@ -149,20 +172,21 @@ def load_model(path: str | Path, *, ema: bool = True) -> torch.nn.Module:
     from dimr_lab.nn.network import build_model
     from dimr_lab.spec.model_spec import resolve_model
 
-    if str(path).endswith(".safetensors"):
-        meta, tensors = read_safetensors(path)
+    def stored_spec(data: Any) -> Any:
+        # the resolved spec as a table, never a file name or preset to look up from wherever this runs
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: its model spec is not a table (a {type(data).__name__})")
         try:
-            spec = resolve_model(meta["model_spec"], file=str(path), key="model_spec")
+            return resolve_model(data, file=str(path), key="model_spec")
         except SpecError as err:
             raise UserError(f"{path}: its model spec is invalid: {err}") from None
-        model = build_model(spec)
+
+    if str(path).endswith(".safetensors"):
+        meta, tensors = read_safetensors(path)
+        model = build_model(stored_spec(meta["model_spec"]))
         load_weights(model, tensors, path)
         return model.eval()
     ckpt = read_checkpoint(path)
-    try:
-        spec = resolve_model(ckpt["model_spec"], file=str(path), key="model_spec")
-    except SpecError as err:
-        raise UserError(f"{path}: its model spec is invalid: {err}") from None
-    model = build_model(spec)
+    model = build_model(stored_spec(ckpt["model_spec"]))
     load_weights(model, ckpt["ema"] if ema and ckpt.get("ema") else ckpt["model"], path)
     return model.eval()

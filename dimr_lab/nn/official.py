@@ -41,7 +41,9 @@ _NORM_KEYS = {  # our norm name -> [(released suffix, our suffix)] below `...nor
     "tdln": [(f"{n}.{o}", f"{n}.{u}") for n in ("weight", "bias") for o, u in TD_PARTS.items()],
     "rmsnorm": [("scale", "scale")],
 }
-_WRAPPERS = ("state_dict", "model", "nnet", "nnet_ema", "ema", "module", "net", "network")
+# where a checkpoint wraps its tensors; the EMA weights first: a file holding both is sampled from its EMA,
+# as the released evaluation does (nnet_ema.pth)
+_WRAPPERS = ("nnet_ema", "ema", "state_dict", "model", "nnet", "module", "net", "network")
 _PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -110,12 +112,16 @@ def _check_representable(spec: Any) -> None:
 # released -> ours
 
 
-def unwrap_state_dict(obj: Any, *, source: str = "state dict") -> dict[str, torch.Tensor]:
-    """The flat tensor dict inside a checkpoint (a bare state dict or one wrapped under a usual key),
-    without a DataParallel `module.` or torch.compile `_orig_mod.` prefix."""
+def unwrap_state_dict(obj: Any, *, source: str = "state dict", took: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The flat tensor dict inside a checkpoint (a bare state dict or one wrapped under a usual key, the
+    keys it went through appended to `took`), without a DataParallel `module.` or torch.compile `_orig_mod.`
+    prefix."""
     for _ in range(3):
         if isinstance(obj, dict) and obj and not all(torch.is_tensor(v) for v in obj.values()):
-            inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict) and obj[k]), None)
+            key = next((k for k in _WRAPPERS if isinstance(obj.get(k), dict) and obj[k]), None)
+            inner = None if key is None else obj[key]
+            if key is not None and took is not None:
+                took.append(key)
             if inner is None:
                 odd = next(k for k, v in obj.items() if not torch.is_tensor(v))
                 raise UserError(f"{source}: not a state dict of tensors (key {odd!r} holds a "
@@ -343,11 +349,16 @@ def official_config(spec: Any) -> dict[str, Any]:
 # files
 
 
-def load_official(src: str | Path) -> dict[str, torch.Tensor]:
-    """A released checkpoint's state dict (loaded with weights_only=True); UserError if unreadable."""
+def load_official(src: str | Path, took: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """A released checkpoint's state dict (loaded with weights_only=True); UserError if unreadable or if a
+    tensor holds NaN or inf (a diverged or damaged file, which would convert and sample noise)."""
     from dimr_lab.nn.checkpoint import load_file
 
-    return unwrap_state_dict(load_file(src, what="released checkpoint"), source=str(src))
+    sd = unwrap_state_dict(load_file(src, what="released checkpoint"), source=str(src), took=took)
+    bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise UserError(f"{src}: tensor {bad!r} holds NaN or inf values; refusing to convert it")
+    return sd
 
 
 def convert_official(src: str | Path, dst: str | Path, heads: int = 16, *, force: bool = False) -> dict[str, Any]:
@@ -361,13 +372,15 @@ def convert_official(src: str | Path, dst: str | Path, heads: int = 16, *, force
         raise UserError(f"{dst}: is a directory; give the checkpoint's file name (e.g. {dst}/dimr_xl_2r.pt)")
     if dst.exists() and not force:
         raise UserError(f"{dst}: exists; refusing to overwrite it (use --force to replace it)")
-    sd = load_official(src)
+    took: list[str] = []
+    sd = load_official(src, took)
     try:
         spec, state = convert_official_state_dict(sd, heads)
     except UserError as err:
         raise UserError(f"{src}: {err}") from None
     write_checkpoint(dst, {"model_spec": to_dict(spec), "model": state, "ema": None, "identity": None,
-                           "source": {"kind": "released DiMR state dict", "path": str(src), "heads": heads}})
+                           "source": {"kind": "released DiMR state dict", "path": str(src), "heads": heads,
+                                      "key": ".".join(took)}})
     td = sum(v.numel() for k, v in state.items() if re.search(r"\.(p0|p1|w|b)$", k))
     return {"spec": spec, "params": sum(v.numel() for v in state.values()), "td_params": td,
-            "tensors": len(state), "dst": str(dst)}
+            "tensors": len(state), "dst": str(dst), "key": ".".join(took)}

@@ -55,7 +55,7 @@ from dimr_lab.errors import SpecError, UserError, closest, unknown_name_message
 from dimr_lab.spec.run_spec import MAX_SEED
 from dimr_lab.spec.schema import field, from_dict, load_toml, set_dotted
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 MAX_NAME = 80
 BUILTIN_BASE = "default"
 DEFAULT_PROFILE = "tiny"

@@ -50,7 +50,8 @@ class BranchSpec:
 class ModelSpec:
     name: str = field("custom", help="a label; presets set their own")
     in_channels: int = field(3, min=1)
-    out_channels: int = field(0, min=0, help="0 = in_channels (2x for a learned variance is allowed)")
+    out_channels: int = field(0, min=0, help="0 = in_channels; 2x (a learned variance, as DiT's) builds for "
+                              "describe and bench, training takes in_channels")
     image_size: int = field(32, min=1, max=8192, help="side of the input (pixels or latents)")
     num_classes: int = field(1000, min=0, help="class labels 0..num_classes-1; num_classes is the null label")
     conditioning: str = field("norm", choices=CONDITIONING)

@@ -13,8 +13,9 @@ from dimr_lab.errors import SpecError, UserError
 from dimr_lab.registry import DATASETS
 
 
-def check_files(spec: Any, *, file: str | None = None) -> None:
-    """Every file and folder the spec names exists and looks right; one SpecError naming the key otherwise."""
+def check_files(spec: Any, *, file: str | None = None, samples: bool = True) -> None:
+    """Every file and folder the spec names exists and looks right; one SpecError naming the key otherwise.
+    `samples`: the command ends with samples as images (a run's sample grid, an evaluation)."""
     d, ev = spec.data, spec.eval
     if "data.root" in DATASETS.entry(d.name).keys:
         root = Path(d.root).expanduser()
@@ -24,10 +25,10 @@ def check_files(spec: Any, *, file: str | None = None) -> None:
             raise SpecError(f"{d.root!r} is not a folder", file=file, key="data.root")
     if d.vae and not Path(d.vae).expanduser().is_dir():
         raise SpecError(f"{d.vae!r} is not a folder (a diffusers AutoencoderKL)", file=file, key="data.vae")
-    if DATASETS.meta(d.name, "kind") == "latents" and ev.enabled and not d.vae \
-            and ev.feature_extractor == "inception-v3-compat":
-        raise SpecError("evaluating latents needs their VAE to decode samples into images: set data.vae",
-                        file=file, key="data.vae")
+    if DATASETS.meta(d.name, "kind") == "latents" and samples and not d.vae:
+        # found now, not after training: even with eval.enabled = false a run ends with a sample grid
+        raise SpecError("latent samples become images (the sample grid, the evaluation) through the VAE that "
+                        "encoded them: set data.vae to its diffusers AutoencoderKL folder", file=file, key="data.vae")
     if not ev.enabled:
         return
     if ev.feature_extractor == "inception-v3-compat":

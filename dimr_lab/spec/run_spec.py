@@ -191,6 +191,10 @@ class RunSpec:
         if d.image_size and m.image_size != d.image_size:
             raise SpecError(f"the network takes {m.image_size}x{m.image_size} inputs (model.image_size) but "
                             f"data.image_size is {d.image_size}: set both", key="data.image_size")
+        if m.out_channels and m.out_channels != m.in_channels:
+            raise SpecError(f"is {m.out_channels}; training predicts the noise, with model.in_channels = "
+                            f"{m.in_channels} channels (0 or {m.in_channels}; a learned variance, as DiT's 2x, is "
+                            f"for `describe` and `bench` only)", key="model.out_channels")
         data = DATASETS.entry(d.name)
         if data["kind"] == "pixels" and m.in_channels != data["channels"]:
             raise SpecError(f"dataset {d.name!r} has {data['channels']} channels but model.in_channels is "
@@ -201,6 +205,9 @@ class RunSpec:
         if data["classes"] and d.num_classes > data["classes"]:
             raise SpecError(f"dataset {d.name!r} has {data['classes']} classes, got {d.num_classes}",
                             key="data.num_classes")
+        if data["classes"] and not data["procedural"] and d.num_classes not in (0, data["classes"]):
+            raise SpecError(f"dataset {d.name!r} has {data['classes']} classes, got {d.num_classes} (use 0 or "
+                            f"{data['classes']}; only procedural datasets make fewer)", key="data.num_classes")
         if classes and classes > m.num_classes:
             raise SpecError(f"the data has {classes} classes but the network has label rows for "
                             f"{m.num_classes} (model.num_classes)", key="model.num_classes")
@@ -347,6 +354,8 @@ def load_run_spec(data: dict[str, Any] | str | Path | None = None, overrides: li
     spec = from_dict(RunSpec, data, file=file)
     if overrides:
         for key, value in overrides:
+            if key.startswith("model.") and isinstance(data.get("model"), str):
+                data["model"] = {"preset": data["model"]}  # `model = "<preset>"`: a table to set keys in
             set_dotted(data, key, value, file=overrides_source)
         spec = from_dict(RunSpec, data, file=overrides_source)
     return spec.resolve()

@@ -20,7 +20,7 @@ from typing import Any
 from dimr_lab.errors import SpecError
 from dimr_lab.spec.schema import field, from_dict, load_toml, to_dict
 
-_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?\Z")
 
 
 def parse_time(value: Any) -> int:

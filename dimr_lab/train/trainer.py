@@ -14,6 +14,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -46,12 +47,36 @@ def train_run(spec: Any, out_dir: Path, *, should_stop: Callable[[], bool] | Non
 
     Returns {"interrupted": True, "step": s} when should_stop() or train.time_limit_s stopped it (after
     a checkpoint), {"rank": r} on ranks other than 0, else the metrics of the last step's evaluation."""
-    from dimr_lab.spec.preflight import check_files, check_out_dir
+    from dimr_lab.spec.preflight import check_out_dir
+
+    run = RunDir(check_out_dir(out_dir))
+    made_folder = not run.path.exists() and int(os.environ.get("RANK", "0") or 0) == 0
+    try:
+        return _train_run(spec, run, should_stop=should_stop, progress=progress, record=record, evaluate=evaluate)
+    except BaseException:
+        if made_folder:
+            _remove_if_only_lock(run.path)
+        raise
+
+
+def _remove_if_only_lock(folder: Path) -> None:
+    """A folder this call made and left with nothing but its lock (a refusal or failure before the first
+    record): removed, so that a refused command leaves no trace."""
+    from dimr_lab.rundir import LOCK
+
+    with contextlib.suppress(OSError):
+        if {p.name for p in folder.iterdir()} <= {LOCK}:
+            (folder / LOCK).unlink(missing_ok=True)
+            folder.rmdir()
+
+
+def _train_run(spec: Any, run: RunDir, *, should_stop: Callable[[], bool] | None, progress: bool,
+               record: RunRecord | None, evaluate: bool) -> dict[str, Any]:
+    from dimr_lab.spec.preflight import check_files
 
     from dimr_lab.train.tracking import check_available
 
-    run = RunDir(check_out_dir(out_dir))
-    check_files(spec)
+    check_files(spec, samples=evaluate)
     check_available(spec.track)
     info = distributed.setup()
     try:
@@ -428,6 +453,7 @@ class Trainer:
                 torch.distributed.all_reduce(sums)
                 sums = sums / self.world
             window = {"loss": [float(v) for v in sums.cpu()], "steps": self.win_steps}
+            self._check_finite(window["loss"][0], "before its checkpoint")
         if self.info.main:
             run = self.run
             write_checkpoint(run.last_checkpoint, {
@@ -490,6 +516,7 @@ class Trainer:
         means = means.cpu()
         self.last_loss = float(means[0])
         if not self.info.main:
+            self._check_finite(self.last_loss, "log.jsonl")
             return
         row = {"step": self.step, "epoch": self.order.epoch, "loss": float(means[0]),
                "loss_branches": [float(v) for v in means[1:]],
@@ -505,6 +532,17 @@ class Trainer:
         from dimr_lab.train.tracking import train_row_scalars
 
         self.tracker.scalars(self.step, train_row_scalars(row))
+        self._check_finite(self.last_loss, "log.jsonl")
+
+    def _check_finite(self, mean_loss: float, where: str) -> None:
+        """Stop a run whose loss went NaN or inf (with fp16's loss scaling a step may overflow and be
+        skipped, so there the check is left to the scaler): no checkpoint of the diverged weights is
+        written, the last one stays."""
+        if self.scaler is None and not math.isfinite(mean_loss):
+            idx = self.run.index() if self.info.main else None
+            kept = f"the checkpoint of step {idx.last} is kept" if idx else "no checkpoint was written"
+            raise UserError(f"{self.run.path}: the training loss is {mean_loss} by step {self.step} ({where}); "
+                            f"{kept}: lower train.lr, set train.grad_clip, or check the data for NaN")
 
     def _progress_bar(self) -> Any:
         """(rich Progress, task id) on rank 0 when asked, else None."""
