@@ -249,6 +249,70 @@ def test_latents_released_layout(tmp_path):
         build_dataset(DataSpec(name="latents", root=str(tmp_path / "none")))
 
 
+def test_latent_labels_are_checked_against_the_classes(tmp_path):
+    """A label >= num_classes indexed past the label table after step 1 (IndexError), and one equal to it
+    trained silently as the null label: each item read checks it, 0.npy and meta.json at construction."""
+    write_released_layout(tmp_path / "lat")  # labels 0, 1, 2, 0
+    ds = build_dataset(DataSpec(name="latents", root=str(tmp_path / "lat"), num_classes=2), split="test")
+    assert ds[1][1] == 1 and ds[3][1] == 0
+    with pytest.raises(UserError, match=r"2\.npy: label 2 is outside 0\.\.1 \(data\.num_classes = 2\)"):
+        ds[2]  # the null label of a 2-class network
+    (tmp_path / "lat" / "meta.json").write_text(json.dumps({"num_classes": 2}))
+    with pytest.raises(UserError, match=r"label 2 is outside 0\.\.1 \(num_classes of .*meta\.json = 2\)"):
+        build_dataset(DataSpec(name="latents", root=str(tmp_path / "lat")))[2]
+    with pytest.raises(SpecError, match=r"data\.num_classes: is 3 but .*meta\.json says the latents have 2"):
+        build_dataset(DataSpec(name="latents", root=str(tmp_path / "lat"), num_classes=3))
+    (tmp_path / "lat" / "meta.json").unlink()
+    pair = np.load(tmp_path / "lat" / "0.npy", allow_pickle=True)
+    pair[1] = np.int64(7)
+    np.save(tmp_path / "lat" / "0.npy", pair)
+    with pytest.raises(UserError, match=r"0\.npy: label 7 is outside 0\.\.2"):
+        build_dataset(DataSpec(name="latents", root=str(tmp_path / "lat"), num_classes=3))
+
+
+def _damage_item(root, name, change):
+    pair = np.load(root / name, allow_pickle=True)
+    change(pair)
+    np.save(root / name, pair)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda r: np.save(r / "3.npy", np.array([np.zeros((8, 4, 4), np.float32), np.int64(0)], dtype=object)),
+     r"3\.npy: moments of shape \(8, 4, 4\), but 0\.npy's are \(8, 8, 8\)"),
+    (lambda r: _damage_item(r, "2.npy", lambda p: p[0].__setitem__((0, 0, 0), np.inf)), r"2\.npy: moments hold NaN or inf"),
+    (lambda r: _damage_item(r, "1.npy", lambda p: p.__setitem__(1, 1.0)), r"1\.npy: not a latent file.*integer label"),
+])
+def test_odd_latent_items_are_one_line(tmp_path, damage, message):
+    """An item that does not fit the dataset: a moments shape other than 0.npy's (collate's torch.stack raised
+    RuntimeError), non-finite moments (trained to a NaN loss), a float label."""
+    write_released_layout(tmp_path / "lat")
+    damage(tmp_path / "lat")
+    ds = build_dataset(DataSpec(name="latents", root=str(tmp_path / "lat"), num_classes=3))
+    with pytest.raises(UserError, match=message):
+        [ds[i] for i in range(len(ds))]
+
+
+@pytest.mark.parametrize("meta,message", [
+    ('{"num_classes": "two"}', r"meta\.json: num_classes is 'two'; expected a positive integer"),
+    ("[1, 2]", r"meta\.json: expected a JSON object .*got a list"),
+    ('{"num_classes": 3, "count": 5}', r"meta\.json: count is 5 but the folder holds 4 latent files"),
+    ('{"num_classes": 3, "scale_factor": NaN}', r"meta\.json: scale_factor is nan; expected a finite number > 0"),
+    ('{"num_classes": 3, "scale_factor": "x"}', r"meta\.json: scale_factor is 'x'"),
+    ('{"num_classes": 3, "classes": "abc"}', r"meta\.json: classes is 'abc'; expected a list"),
+    (None, r"0\.npy: not a latent file.*integer label.*float32 of shape \(8, 8, 8\)"),
+], ids=["classes-str", "list", "count", "scale-nan", "scale-str", "names-str", "float-array"])
+def test_odd_latents_folders_are_one_line(tmp_path, meta, message):
+    """meta.json's values (num_classes "two" raised ValueError, a list AttributeError) and a 0.npy that is a
+    plain float array (int() of its second row raised TypeError) are refused at construction."""
+    write_released_layout(tmp_path / "lat")
+    if meta is None:
+        np.save(tmp_path / "lat" / "0.npy", np.zeros((2, 8, 8, 8), np.float32))
+    else:
+        (tmp_path / "lat" / "meta.json").write_text(meta)
+    with pytest.raises(UserError, match=message):
+        build_dataset(DataSpec(name="latents", root=str(tmp_path / "lat"), num_classes=3 if meta is None else 0))
+
+
 def tiny_vae():
     """A randomly initialised AutoencoderKL small enough for a unit test (downsamples by 2, no download)."""
     diffusers = pytest.importorskip("diffusers", reason="prepare_latents needs the optional 'latents' extra (diffusers)")

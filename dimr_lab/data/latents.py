@@ -11,6 +11,7 @@ We add a `meta.json` sidecar (class names, sizes, scale); the released layout ha
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import pickle
@@ -56,7 +57,8 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
 
 def load_latent_file(path: Path) -> tuple[np.ndarray, int]:
     """(moments (2C, h, w) float32, label) of one `{idx}.npy` file (an object array, read without pickle's
-    freedom to import anything)."""
+    freedom to import anything). The label must be an integer: a float or an array in its place is a file of
+    another layout, and int() would truncate the one and fail on the other."""
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -67,10 +69,44 @@ def load_latent_file(path: Path) -> tuple[np.ndarray, int]:
                 pair = _ArrayOnlyUnpickler(f).load()
             else:
                 pair = np.fromfile(f, dtype=dtype).reshape(shape)
-        moments, label = pair[0], pair[1]
+        moments, label = pair[0], np.asarray(pair[1])
+        if len(pair) != 2 or label.ndim != 0 or label.dtype.kind not in "iu":
+            raise ValueError(f"expected 2 objects, the second an integer label; got {len(pair)}, the second "
+                             f"{label.dtype} of shape {label.shape}")
+        moments = np.asarray(moments, dtype=np.float32)
     except Exception as err:  # truncated, foreign or unsafe files
         raise UserError(f"{path}: not a latent file of the (moments, label) layout ({err})") from None
-    return np.asarray(moments, dtype=np.float32), int(label)
+    return moments, int(label)
+
+
+def _read_meta(root: Path) -> dict:
+    """meta.json of a latents folder ({} when absent), its values checked: a wrong one is one line naming it."""
+    path = root / META_FILE
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{path}: unreadable ({err})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: expected a JSON object (as prepare-latents writes), got a {type(meta).__name__}")
+
+    def positive_int(key: str, allowed: str = "a positive integer") -> None:
+        value = meta.get(key)
+        if key in meta and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UserError(f"{path}: {key} is {value!r}; expected {allowed}")
+
+    positive_int("num_classes")
+    positive_int("count", "a positive integer, the number of latent files")
+    if "scale_factor" in meta:
+        scale = meta["scale_factor"]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise UserError(f"{path}: scale_factor is {scale!r}; expected a finite number > 0 (0.18215 for "
+                            f"Stable Diffusion's VAE)")
+    classes = meta.get("classes")
+    if "classes" in meta and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise UserError(f"{path}: classes is {classes!r:.80}; expected a list of class names")
+    return meta
 
 
 class LatentsDataset(Dataset):
@@ -85,35 +121,55 @@ class LatentsDataset(Dataset):
             raise SpecError(f"latents folder {str(root)!r} does not exist or is not a directory", key=key)
         self.root, self.split = root, split
         self.length = _count_files(root)
-        meta = {}
-        if (root / META_FILE).is_file():
-            try:
-                meta = json.loads((root / META_FILE).read_text())
-            except (OSError, ValueError) as err:
-                raise UserError(f"{root / META_FILE}: unreadable ({err})") from err
-        self.meta = meta
-        moments, _ = load_latent_file(root / "0.npy")
-        if moments.ndim != 3 or moments.shape[0] % 2:
-            raise UserError(f"{root / '0.npy'}: moments of shape {moments.shape}, expected (2C, h, w)")
+        self.meta = meta = _read_meta(root)
+        if "count" in meta and meta["count"] != self.length:
+            raise UserError(f"{root / META_FILE}: count is {meta['count']} but the folder holds {self.length} latent "
+                            f"files (0.npy..{self.length - 1}.npy); a copy or an extraction is incomplete")
+        if num_classes and "num_classes" in meta and num_classes != meta["num_classes"]:
+            raise SpecError(f"is {num_classes} but {root / META_FILE} says the latents have {meta['num_classes']} "
+                            f"classes", key="data.num_classes")
+        if num_classes:
+            self.num_classes, self._classes_key = num_classes, "data.num_classes"
+        elif "num_classes" in meta:
+            self.num_classes, self._classes_key = meta["num_classes"], f"num_classes of {root / META_FILE}"
+        else:
+            raise SpecError(f"{root} has no {META_FILE}; set data.num_classes (1000 for ImageNet)",
+                            key="data.num_classes")
+        moments, label = load_latent_file(root / "0.npy")
+        if moments.ndim != 3 or moments.shape[0] % 2 or moments.shape[1] != moments.shape[2]:
+            raise UserError(f"{root / '0.npy'}: moments of shape {moments.shape}, expected (2C, h, h)")
+        # the first file sets the shape every item must have (the network's input)
+        self.moments_shape = moments.shape
         self.channels, self.image_size = moments.shape[0] // 2, moments.shape[-1]
+        self.item_shape = (self.channels, self.image_size, self.image_size)  # an item's x, known without a draw
+        self._check(root / "0.npy", moments, label)
         if image_size is not None and image_size != self.image_size:
             raise SpecError(f"is {image_size} but the latents in {root} are {self.image_size}x{self.image_size}",
                             key="data.image_size")
         self.scale_factor = float(meta.get("scale_factor", SCALE_FACTOR))
-        if num_classes:
-            self.num_classes = num_classes
-        elif "num_classes" in meta:
-            self.num_classes = int(meta["num_classes"])
-        else:
-            raise SpecError(f"{root} has no {META_FILE}; set data.num_classes (1000 for ImageNet)",
-                            key="data.num_classes")
         self.class_names = tuple(meta.get("classes", [str(i) for i in range(self.num_classes)]))
+
+    def _check(self, path: Path, moments: np.ndarray, label: int) -> None:
+        """Refuse, in one line, a file that does not fit the dataset: a label outside the classes indexes past
+        the network's label table (and at num_classes trains as the null label), moments of another shape than
+        the first file's cannot be stacked into a batch, and NaN or inf trains to NaN. Checked on every read:
+        a folder of a million files is not scanned up front."""
+        if moments.shape != self.moments_shape:
+            raise UserError(f"{path}: moments of shape {moments.shape}, but 0.npy's are {self.moments_shape}; every "
+                            f"file of a latents folder must have the same shape")
+        if not 0 <= label < self.num_classes:
+            raise UserError(f"{path}: label {label} is outside 0..{self.num_classes - 1} "
+                            f"({self._classes_key} = {self.num_classes})")
+        if not np.isfinite(moments).all():
+            raise UserError(f"{path}: moments hold NaN or inf; expected finite values (re-extract this file)")
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, i: int):
-        moments, label = load_latent_file(self.root / f"{i}.npy")
+        path = self.root / f"{i}.npy"
+        moments, label = load_latent_file(path)
+        self._check(path, moments, label)
         mean, logvar = torch.from_numpy(moments).chunk(2, dim=0)  # (C, h, w) each
         if self.split == "train":
             # a fresh posterior sample each time, as the released training does
