@@ -210,6 +210,26 @@ def test_folder_errors(tmp_path):
         build_dataset(DataSpec(), split="val")
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_broken_image_is_one_line_with_dataloader_workers_too(tmp_path, workers):
+    """A worker's UserError reached the main process re-raised by torch with the worker's traceback in its
+    message (~25 lines); it now comes out as the same one line as without workers."""
+    from dimr_lab.train.loop import BatchOrder, batch_iterator
+
+    root = write_folder(tmp_path / "imgs")
+    ds = build_dataset(DataSpec(name="folder", root=str(root), image_size=16))
+    x, y = next(batch_iterator(ds, BatchOrder(len(ds), 6, seed=0), 0, 1, num_workers=workers))
+    x0, y0 = next(batch_iterator(ds, BatchOrder(len(ds), 6, seed=0), 0, 1, num_workers=0))
+    assert torch.equal(x, x0) and torch.equal(y, y0), "healthy batches are what they were"
+    (root / "ant" / "1.png").write_bytes(b"not a png")
+    batches = batch_iterator(ds, BatchOrder(len(ds), 6, seed=0), 0, 1, num_workers=workers)
+    with pytest.raises(UserError) as err:
+        next(batches)
+    assert str(err.value) == f"{root / 'ant' / '1.png'}: cannot read image (cannot identify image file " \
+                             f"{str(root / 'ant' / '1.png')!r})"
+    del batches
+
+
 # ---- latents ------------------------------------------------------------------------------------
 
 
