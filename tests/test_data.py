@@ -210,6 +210,37 @@ def test_folder_errors(tmp_path):
         build_dataset(DataSpec(), split="val")
 
 
+def test_folder_reads_16_bit_grayscale_at_its_brightness(tmp_path):
+    """A 16-bit grayscale PNG (mode I;16) came out white: convert("RGB") clips its values at 255."""
+    from PIL import Image
+
+    (tmp_path / "imgs" / "gray").mkdir(parents=True)
+    levels = np.array([0, 64, 128, 255]) * 257  # 8-bit levels in 16 bits
+    Image.fromarray(np.repeat(levels, 4)[None].repeat(16, 0).astype(np.uint16)).save(tmp_path / "imgs" / "gray" / "a.png")
+    ds = build_dataset(DataSpec(name="folder", root=str(tmp_path / "imgs"), image_size=16))
+    with Image.open(ds.files[0]) as im:
+        assert im.mode == "I;16"
+    x = ds.load_uint8(0)  # (3, 16, 16)
+    assert x[:, 0, ::4].tolist() == [[0, 64, 128, 255]] * 3
+    # mode I (how older Pillows opened 16-bit PNGs): the same scale
+    from dimr_lab.data.folder import to_rgb
+
+    assert np.asarray(to_rgb(Image.fromarray(np.array([[0, 32896, 65535]], np.int32)))).tolist() == \
+        [[[0, 0, 0], [128, 128, 128], [255, 255, 255]]]
+
+
+def test_an_image_over_pillows_pixel_limit_is_one_line(tmp_path, monkeypatch):
+    """Pillow's DecompressionBombError (an image over Image.MAX_IMAGE_PIXELS, e.g. 20000x20000) is not an
+    OSError: it was a traceback and exit status 1. A limit of 100 pixels stands in for a 400-megapixel file."""
+    from PIL import Image
+
+    root = write_folder(tmp_path / "imgs")
+    ds = build_dataset(DataSpec(name="folder", root=str(root), image_size=16))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(UserError, match=r"ant/0\.png: cannot read image \(Image size \(960 pixels\) exceeds limit"):
+        ds[0]
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_broken_image_is_one_line_with_dataloader_workers_too(tmp_path, workers):
     """A worker's UserError reached the main process re-raised by torch with the worker's traceback in its
