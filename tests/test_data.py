@@ -216,7 +216,8 @@ def test_folder_reads_16_bit_grayscale_at_its_brightness(tmp_path):
 
     (tmp_path / "imgs" / "gray").mkdir(parents=True)
     levels = np.array([0, 64, 128, 255]) * 257  # 8-bit levels in 16 bits
-    Image.fromarray(np.repeat(levels, 4)[None].repeat(16, 0).astype(np.uint16)).save(tmp_path / "imgs" / "gray" / "a.png")
+    image = np.repeat(levels, 4)[None].repeat(16, 0).astype(np.uint16)  # (16, 16): four bands of 4 columns
+    Image.fromarray(image).save(tmp_path / "imgs" / "gray" / "a.png")
     ds = build_dataset(DataSpec(name="folder", root=str(tmp_path / "imgs"), image_size=16))
     with Image.open(ds.files[0]) as im:
         assert im.mode == "I;16"
@@ -330,7 +331,8 @@ def _damage_item(root, name, change):
 @pytest.mark.parametrize("damage,message", [
     (lambda r: np.save(r / "3.npy", np.array([np.zeros((8, 4, 4), np.float32), np.int64(0)], dtype=object)),
      r"3\.npy: moments of shape \(8, 4, 4\), but 0\.npy's are \(8, 8, 8\)"),
-    (lambda r: _damage_item(r, "2.npy", lambda p: p[0].__setitem__((0, 0, 0), np.inf)), r"2\.npy: moments hold NaN or inf"),
+    (lambda r: _damage_item(r, "2.npy", lambda p: p[0].__setitem__((0, 0, 0), np.inf)),
+     r"2\.npy: moments hold NaN or inf"),
     (lambda r: _damage_item(r, "1.npy", lambda p: p.__setitem__(1, 1.0)), r"1\.npy: not a latent file.*integer label"),
 ])
 def test_odd_latent_items_are_one_line(tmp_path, damage, message):
@@ -397,6 +399,45 @@ def test_prepare_latents_round_trip(tmp_path):
     assert [ds[i][1] for i in range(8)] == [images[i][1] for i in range(4)] * 2
     with pytest.raises(UserError, match="already holds latent files"):
         prepare_latents(src, tmp_path / "lat", vae=vae, image_size=16, batch_size=4)
+
+
+def test_prepare_latents_writes_all_or_nothing(tmp_path, capsys):
+    """A broken image half-way left the files before it and no meta.json, and the next attempt refused the
+    folder ("already holds latent files"): the files are now written into a temporary sibling and renamed at
+    the end, so a failure leaves nothing (not even the parents it made) and the same command can run again."""
+    from dimr_lab.atomic import _umask
+    from dimr_lab.cli import main
+    from dimr_lab.data import prepare_latents
+
+    vae = tiny_vae()
+    src = write_folder(tmp_path / "imgs")
+    good = (src / "cat" / "2.png").read_bytes()
+    (src / "cat" / "2.png").write_bytes(b"not a png")  # the last image: batches 1 and 2 of 3 encode first
+    out = tmp_path / "new" / "deeper" / "lat"
+    with pytest.raises(UserError, match=r"cat/2\.png: cannot read image"):
+        prepare_latents(src, out, vae=vae, image_size=16, batch_size=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"], "no output, parents or temporary folder left"
+    vae.save_pretrained(tmp_path / "vae")
+    with pytest.raises(SystemExit) as exc:
+        main(["prepare-latents", str(src), str(out), "--vae", str(tmp_path / "vae"), "--image-size", "16"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "cat/2.png: cannot read image" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "vae"]
+    (src / "cat" / "2.png").write_bytes(good)
+    out.mkdir(parents=True)  # an empty folder is taken as well as a new one
+    meta = prepare_latents(src, out, vae=vae, image_size=16, batch_size=2)
+    assert meta["count"] == 12 and sorted(p.name for p in out.parent.iterdir()) == ["lat"]
+    assert len(build_dataset(DataSpec(name="latents", root=str(out)))) == 12
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask(), "the umask's permissions, not a temporary's 0700"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="other: is not empty"):
+        prepare_latents(src, tmp_path / "other", vae=vae, image_size=16)
+    with torch.no_grad():
+        vae.encoder.conv_in.weight[0, 0, 0, 0] = float("nan")  # a VAE that encodes to NaN: refused, nothing left
+    with pytest.raises(UserError, match=r"ant/0\.png \.\. .*ant/1\.png: the VAE encodes these images to NaN"):
+        prepare_latents(src, tmp_path / "nan", vae=vae, image_size=16, batch_size=2)
+    assert not (tmp_path / "nan").exists() and not list(tmp_path.glob(".nan*"))
 
 
 def test_prepare_latents_cli(tmp_path, capsys):

@@ -15,6 +15,8 @@ import math
 import os
 import re
 import pickle
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -216,43 +218,73 @@ def decode_latents(z: torch.Tensor, data_spec, *, batch_size: int = 16) -> torch
     return torch.cat(out).clamp(-1, 1)  # (N, 3, H, W)
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost of path and its parents that does not exist (None when path exists)."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            return missing
+        missing = p
+    return missing
+
+
 @torch.no_grad()
 def prepare_latents(src_folder, out_dir, *, vae, image_size: int = 256, batch_size: int = 32,
                     flip: bool = True) -> dict:
-    """Encode an ImageFolder tree into out_dir in the released latents layout; returns the meta dict."""
+    """Encode an ImageFolder tree into out_dir in the released latents layout; returns the meta dict.
+
+    All or nothing: the files are written into a temporary sibling folder, renamed onto out_dir once meta.json
+    is in it, so a broken image half-way (or Ctrl-C) leaves no half-filled out_dir to refuse the next attempt.
+    A killed process leaves only the hidden `.OUT.partial-*` sibling, which no reader or later run looks at."""
+    from dimr_lab.atomic import _umask
     from dimr_lab.data.folder import FolderDataset
 
     data = FolderDataset(src_folder, image_size, flip=False, key="SRC")
     vae = _load_vae(vae)
     out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    if any(_NPY.match(name) for name in os.listdir(out)):
-        raise UserError(f"{out}: already holds latent files; choose an empty folder")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    vae = vae.to(device).eval()
-    dtype = next(vae.parameters()).dtype
-    idx = 0
-    for start in range(0, len(data), batch_size):
-        items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
-        x = torch.stack([im for im, _ in items])  # (B, 3, S, S) in [-1, 1]
-        y = torch.tensor([lb for _, lb in items])  # (B,)
-        if flip:
-            x, y = torch.cat([x, x.flip(-1)]), torch.cat([y, y])  # (2B, 3, S, S): originals then flips
-        # the posterior's raw parameters: mean and log-variance stacked on channels
-        moments = vae.encode(x.to(device, dtype)).latent_dist.parameters.float().cpu().numpy()  # (B', 2C, h, w)
-        for m, lb in zip(moments, y.tolist()):
-            pair = np.empty(2, dtype=object)  # an explicit object pair: numpy no longer builds ragged arrays
-            pair[0], pair[1] = m, np.int64(lb)
-            np.save(out / f"{idx}.npy", pair)
-            idx += 1
-    meta = {
-        "format": "dimr-lab latents 1 (released DiMR/U-ViT layout)",
-        "count": idx, "num_classes": data.num_classes, "classes": list(data.class_names),
-        "image_size": image_size, "latent_size": int(moments.shape[-1]), "channels": int(moments.shape[1] // 2),
-        "flip": flip, "scale_factor": float(getattr(getattr(vae, "config", None), "scaling_factor", SCALE_FACTOR)),
-        "source": str(Path(src_folder).expanduser().resolve()),
-    }
-    (out / META_FILE).write_text(json.dumps(meta, indent=1))
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a folder; choose a new or empty folder")
+    if out.is_dir() and (names := os.listdir(out)):
+        if any(_NPY.match(name) or name == META_FILE for name in names):
+            raise UserError(f"{out}: already holds latent files; choose a new or empty folder")
+        raise UserError(f"{out}: is not empty ({len(names)} entries); choose a new or empty folder")
+    created = _first_missing(out.parent)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # a shared dataset folder, not mkdtemp's 0700
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        vae = vae.to(device).eval()
+        dtype = next(vae.parameters()).dtype
+        idx = 0
+        for start in range(0, len(data), batch_size):
+            items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+            x = torch.stack([im for im, _ in items])  # (B, 3, S, S) in [-1, 1]
+            y = torch.tensor([lb for _, lb in items])  # (B,)
+            if flip:
+                x, y = torch.cat([x, x.flip(-1)]), torch.cat([y, y])  # (2B, 3, S, S): originals then flips
+            # the posterior's raw parameters: mean and log-variance stacked on channels
+            moments = vae.encode(x.to(device, dtype)).latent_dist.parameters.float().cpu().numpy()  # (B', 2C, h, w)
+            if not np.isfinite(moments).all():  # a reader would refuse the files: stop here, naming the images
+                raise UserError(f"{data.files[start]} .. {data.files[start + len(items) - 1]}: the VAE encodes "
+                                f"these images to NaN or inf")
+            for m, lb in zip(moments, y.tolist()):
+                pair = np.empty(2, dtype=object)  # an explicit object pair: numpy no longer builds ragged arrays
+                pair[0], pair[1] = m, np.int64(lb)
+                np.save(tmp / f"{idx}.npy", pair)
+                idx += 1
+        meta = {
+            "format": "dimr-lab latents 1 (released DiMR/U-ViT layout)",
+            "count": idx, "num_classes": data.num_classes, "classes": list(data.class_names),
+            "image_size": image_size, "latent_size": int(moments.shape[-1]), "channels": int(moments.shape[1] // 2),
+            "flip": flip, "scale_factor": float(getattr(getattr(vae, "config", None), "scaling_factor", SCALE_FACTOR)),
+            "source": str(Path(src_folder).expanduser().resolve()),
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        os.rename(tmp, out)  # onto a missing or an empty folder
+    except BaseException:
+        shutil.rmtree(created or tmp, ignore_errors=True)
+        raise
     return meta
 
 
