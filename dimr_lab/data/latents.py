@@ -143,7 +143,6 @@ class LatentsDataset(Dataset):
         # the first file sets the shape every item must have (the network's input)
         self.moments_shape = moments.shape
         self.channels, self.image_size = moments.shape[0] // 2, moments.shape[-1]
-        self.item_shape = (self.channels, self.image_size, self.image_size)  # an item's x, known without a draw
         self._check(root / "0.npy", moments, label)
         if image_size is not None and image_size != self.image_size:
             raise SpecError(f"is {image_size} but the latents in {root} are {self.image_size}x{self.image_size}",
