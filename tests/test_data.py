@@ -210,6 +210,58 @@ def test_folder_errors(tmp_path):
         build_dataset(DataSpec(), split="val")
 
 
+def test_folder_reads_16_bit_grayscale_at_its_brightness(tmp_path):
+    """A 16-bit grayscale PNG (mode I;16) came out white: convert("RGB") clips its values at 255."""
+    from PIL import Image
+
+    (tmp_path / "imgs" / "gray").mkdir(parents=True)
+    levels = np.array([0, 64, 128, 255]) * 257  # 8-bit levels in 16 bits
+    image = np.repeat(levels, 4)[None].repeat(16, 0).astype(np.uint16)  # (16, 16): four bands of 4 columns
+    Image.fromarray(image).save(tmp_path / "imgs" / "gray" / "a.png")
+    ds = build_dataset(DataSpec(name="folder", root=str(tmp_path / "imgs"), image_size=16))
+    with Image.open(ds.files[0]) as im:
+        assert im.mode == "I;16"
+    x = ds.load_uint8(0)  # (3, 16, 16)
+    assert x[:, 0, ::4].tolist() == [[0, 64, 128, 255]] * 3
+    # mode I (how older Pillows opened 16-bit PNGs): the same scale
+    from dimr_lab.data.folder import to_rgb
+
+    assert np.asarray(to_rgb(Image.fromarray(np.array([[0, 32896, 65535]], np.int32)))).tolist() == \
+        [[[0, 0, 0], [128, 128, 128], [255, 255, 255]]]
+
+
+def test_an_image_over_pillows_pixel_limit_is_one_line(tmp_path, monkeypatch):
+    """Pillow's DecompressionBombError (an image over Image.MAX_IMAGE_PIXELS, e.g. 20000x20000) is not an
+    OSError: it was a traceback and exit status 1. A limit of 100 pixels stands in for a 400-megapixel file."""
+    from PIL import Image
+
+    root = write_folder(tmp_path / "imgs")
+    ds = build_dataset(DataSpec(name="folder", root=str(root), image_size=16))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(UserError, match=r"ant/0\.png: cannot read image \(Image size \(960 pixels\) exceeds limit"):
+        ds[0]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_broken_image_is_one_line_with_dataloader_workers_too(tmp_path, workers):
+    """A worker's UserError reached the main process re-raised by torch with the worker's traceback in its
+    message (~25 lines); it now comes out as the same one line as without workers."""
+    from dimr_lab.train.loop import BatchOrder, batch_iterator
+
+    root = write_folder(tmp_path / "imgs")
+    ds = build_dataset(DataSpec(name="folder", root=str(root), image_size=16))
+    x, y = next(batch_iterator(ds, BatchOrder(len(ds), 6, seed=0), 0, 1, num_workers=workers))
+    x0, y0 = next(batch_iterator(ds, BatchOrder(len(ds), 6, seed=0), 0, 1, num_workers=0))
+    assert torch.equal(x, x0) and torch.equal(y, y0), "healthy batches are what they were"
+    (root / "ant" / "1.png").write_bytes(b"not a png")
+    batches = batch_iterator(ds, BatchOrder(len(ds), 6, seed=0), 0, 1, num_workers=workers)
+    with pytest.raises(UserError) as err:
+        next(batches)
+    assert str(err.value) == f"{root / 'ant' / '1.png'}: cannot read image (cannot identify image file " \
+                             f"{str(root / 'ant' / '1.png')!r})"
+    del batches
+
+
 # ---- latents ------------------------------------------------------------------------------------
 
 
@@ -249,6 +301,71 @@ def test_latents_released_layout(tmp_path):
         build_dataset(DataSpec(name="latents", root=str(tmp_path / "none")))
 
 
+def test_latent_labels_are_checked_against_the_classes(tmp_path):
+    """A label >= num_classes indexed past the label table after step 1 (IndexError), and one equal to it
+    trained silently as the null label: each item read checks it, 0.npy and meta.json at construction."""
+    write_released_layout(tmp_path / "lat")  # labels 0, 1, 2, 0
+    ds = build_dataset(DataSpec(name="latents", root=str(tmp_path / "lat"), num_classes=2), split="test")
+    assert ds[1][1] == 1 and ds[3][1] == 0
+    with pytest.raises(UserError, match=r"2\.npy: label 2 is outside 0\.\.1 \(data\.num_classes = 2\)"):
+        ds[2]  # the null label of a 2-class network
+    (tmp_path / "lat" / "meta.json").write_text(json.dumps({"num_classes": 2}))
+    with pytest.raises(UserError, match=r"label 2 is outside 0\.\.1 \(num_classes of .*meta\.json = 2\)"):
+        build_dataset(DataSpec(name="latents", root=str(tmp_path / "lat")))[2]
+    with pytest.raises(SpecError, match=r"data\.num_classes: is 3 but .*meta\.json says the latents have 2"):
+        build_dataset(DataSpec(name="latents", root=str(tmp_path / "lat"), num_classes=3))
+    (tmp_path / "lat" / "meta.json").unlink()
+    pair = np.load(tmp_path / "lat" / "0.npy", allow_pickle=True)
+    pair[1] = np.int64(7)
+    np.save(tmp_path / "lat" / "0.npy", pair)
+    with pytest.raises(UserError, match=r"0\.npy: label 7 is outside 0\.\.2"):
+        build_dataset(DataSpec(name="latents", root=str(tmp_path / "lat"), num_classes=3))
+
+
+def _damage_item(root, name, change):
+    pair = np.load(root / name, allow_pickle=True)
+    change(pair)
+    np.save(root / name, pair)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda r: np.save(r / "3.npy", np.array([np.zeros((8, 4, 4), np.float32), np.int64(0)], dtype=object)),
+     r"3\.npy: moments of shape \(8, 4, 4\), but 0\.npy's are \(8, 8, 8\)"),
+    (lambda r: _damage_item(r, "2.npy", lambda p: p[0].__setitem__((0, 0, 0), np.inf)),
+     r"2\.npy: moments hold NaN or inf"),
+    (lambda r: _damage_item(r, "1.npy", lambda p: p.__setitem__(1, 1.0)), r"1\.npy: not a latent file.*integer label"),
+])
+def test_odd_latent_items_are_one_line(tmp_path, damage, message):
+    """An item that does not fit the dataset: a moments shape other than 0.npy's (collate's torch.stack raised
+    RuntimeError), non-finite moments (trained to a NaN loss), a float label."""
+    write_released_layout(tmp_path / "lat")
+    damage(tmp_path / "lat")
+    ds = build_dataset(DataSpec(name="latents", root=str(tmp_path / "lat"), num_classes=3))
+    with pytest.raises(UserError, match=message):
+        [ds[i] for i in range(len(ds))]
+
+
+@pytest.mark.parametrize("meta,message", [
+    ('{"num_classes": "two"}', r"meta\.json: num_classes is 'two'; expected a positive integer"),
+    ("[1, 2]", r"meta\.json: expected a JSON object .*got a list"),
+    ('{"num_classes": 3, "count": 5}', r"meta\.json: count is 5 but the folder holds 4 latent files"),
+    ('{"num_classes": 3, "scale_factor": NaN}', r"meta\.json: scale_factor is nan; expected a finite number > 0"),
+    ('{"num_classes": 3, "scale_factor": "x"}', r"meta\.json: scale_factor is 'x'"),
+    ('{"num_classes": 3, "classes": "abc"}', r"meta\.json: classes is 'abc'; expected a list"),
+    (None, r"0\.npy: not a latent file.*integer label.*float32 of shape \(8, 8, 8\)"),
+], ids=["classes-str", "list", "count", "scale-nan", "scale-str", "names-str", "float-array"])
+def test_odd_latents_folders_are_one_line(tmp_path, meta, message):
+    """meta.json's values (num_classes "two" raised ValueError, a list AttributeError) and a 0.npy that is a
+    plain float array (int() of its second row raised TypeError) are refused at construction."""
+    write_released_layout(tmp_path / "lat")
+    if meta is None:
+        np.save(tmp_path / "lat" / "0.npy", np.zeros((2, 8, 8, 8), np.float32))
+    else:
+        (tmp_path / "lat" / "meta.json").write_text(meta)
+    with pytest.raises(UserError, match=message):
+        build_dataset(DataSpec(name="latents", root=str(tmp_path / "lat"), num_classes=3 if meta is None else 0))
+
+
 def tiny_vae():
     """A randomly initialised AutoencoderKL small enough for a unit test (downsamples by 2, no download)."""
     diffusers = pytest.importorskip("diffusers", reason="prepare_latents needs the optional 'latents' extra (diffusers)")
@@ -282,6 +399,45 @@ def test_prepare_latents_round_trip(tmp_path):
     assert [ds[i][1] for i in range(8)] == [images[i][1] for i in range(4)] * 2
     with pytest.raises(UserError, match="already holds latent files"):
         prepare_latents(src, tmp_path / "lat", vae=vae, image_size=16, batch_size=4)
+
+
+def test_prepare_latents_writes_all_or_nothing(tmp_path, capsys):
+    """A broken image half-way left the files before it and no meta.json, and the next attempt refused the
+    folder ("already holds latent files"): the files are now written into a temporary sibling and renamed at
+    the end, so a failure leaves nothing (not even the parents it made) and the same command can run again."""
+    from dimr_lab.atomic import _umask
+    from dimr_lab.cli import main
+    from dimr_lab.data import prepare_latents
+
+    vae = tiny_vae()
+    src = write_folder(tmp_path / "imgs")
+    good = (src / "cat" / "2.png").read_bytes()
+    (src / "cat" / "2.png").write_bytes(b"not a png")  # the last image: batches 1 and 2 of 3 encode first
+    out = tmp_path / "new" / "deeper" / "lat"
+    with pytest.raises(UserError, match=r"cat/2\.png: cannot read image"):
+        prepare_latents(src, out, vae=vae, image_size=16, batch_size=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs"], "no output, parents or temporary folder left"
+    vae.save_pretrained(tmp_path / "vae")
+    with pytest.raises(SystemExit) as exc:
+        main(["prepare-latents", str(src), str(out), "--vae", str(tmp_path / "vae"), "--image-size", "16"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "cat/2.png: cannot read image" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["imgs", "vae"]
+    (src / "cat" / "2.png").write_bytes(good)
+    out.mkdir(parents=True)  # an empty folder is taken as well as a new one
+    meta = prepare_latents(src, out, vae=vae, image_size=16, batch_size=2)
+    assert meta["count"] == 12 and sorted(p.name for p in out.parent.iterdir()) == ["lat"]
+    assert len(build_dataset(DataSpec(name="latents", root=str(out)))) == 12
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask(), "the umask's permissions, not a temporary's 0700"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="other: is not empty"):
+        prepare_latents(src, tmp_path / "other", vae=vae, image_size=16)
+    with torch.no_grad():
+        vae.encoder.conv_in.weight[0, 0, 0, 0] = float("nan")  # a VAE that encodes to NaN: refused, nothing left
+    with pytest.raises(UserError, match=r"ant/0\.png \.\. .*ant/1\.png: the VAE encodes these images to NaN"):
+        prepare_latents(src, tmp_path / "nan", vae=vae, image_size=16, batch_size=2)
+    assert not (tmp_path / "nan").exists() and not list(tmp_path.glob(".nan*"))
 
 
 def test_prepare_latents_cli(tmp_path, capsys):
@@ -345,3 +501,53 @@ def test_decode_latents_through_the_data_vae(tmp_path):
     torch.testing.assert_close(images, ref, rtol=1e-4, atol=1e-5)
     with pytest.raises(SpecError, match="data.vae"):
         decode_latents(z, DataSpec(name="latents"))
+
+
+LATENTS_RUN = """
+[model]
+preset = "dimr_tiny_2r"
+image_size = 8
+in_channels = 4
+num_classes = 3
+branches = [{width = 16, depth = 1, heads = 2}, {width = 8, depth = 1}]
+[data]
+name = "latents"
+root = "ROOT"
+num_classes = 3
+num_workers = 0
+[train]
+steps = STEPS
+batch_size = 2
+threads = 1
+lr = 1e-3
+warmup_steps = 1
+checkpoint_every = 100
+[eval]
+enabled = false
+feature_extractor = "inception-v3-compat"
+metrics = ["fid"]
+"""
+
+
+def test_a_resumed_latents_run_is_bit_exact(tmp_path):
+    """The trainer read dataset[0] for the input shape at every session start, and a latents item draws its
+    posterior sample from the global RNG: a run trained 2 + 2 steps ended elsewhere than one trained 4."""
+    from dimr_lab.spec.run_spec import load_run_spec
+    from dimr_lab.train.trainer import train_run
+
+    write_released_layout(tmp_path / "lat")
+
+    def spec(steps):
+        path = tmp_path / f"run_{steps}.toml"
+        path.write_text(LATENTS_RUN.replace("ROOT", str(tmp_path / "lat")).replace("STEPS", str(steps)))
+        return load_run_spec(path)
+
+    train_run(spec(4), tmp_path / "direct", progress=False, evaluate=False)
+    train_run(spec(2), tmp_path / "resumed", progress=False, evaluate=False)
+    train_run(spec(4), tmp_path / "resumed", progress=False, evaluate=False)
+    a, b = (torch.load(tmp_path / run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+            for run in ("direct", "resumed"))
+    assert a["step"] == b["step"] == 4
+    for part in ("model", "ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"

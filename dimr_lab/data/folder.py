@@ -27,6 +27,18 @@ def center_crop_resize(image, image_size: int) -> np.ndarray:
     return arr[top:top + image_size, left:left + image_size]  # (S, S, 3)
 
 
+def to_rgb(image):
+    """The image in mode RGB, 8 bits a channel. 16-bit grayscale (modes "I;16*", and "I", in which older
+    Pillows opened 16-bit PNGs) is scaled from 0..65535 to 0..255 first: convert("RGB") clips its values at
+    255, so all but the darkest pixels came out white."""
+    from PIL import Image
+
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        arr = np.asarray(image).astype(np.float64)  # (H, W)
+        image = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8))  # 65535 / 255 = 257
+    return image.convert("RGB")
+
+
 def list_image_folder(root: str | Path, key: str = "data.root") -> tuple[list[Path], list[int], list[str]]:
     """(files, labels, class names) of root/<class>/**/<image>; classes sorted by folder name."""
     root = Path(root).expanduser()
@@ -66,8 +78,10 @@ class FolderDataset(Dataset):
 
         try:
             with Image.open(self.files[i]) as im:
-                arr = center_crop_resize(im.convert("RGB"), self.image_size)  # (S, S, 3)
-        except OSError as err:
+                arr = center_crop_resize(to_rgb(im), self.image_size)  # (S, S, 3)
+        # Pillow refuses an image over Image.MAX_IMAGE_PIXELS (a decompression bomb guard) with an error
+        # that is not an OSError; its message gives the size and the limit
+        except (OSError, Image.DecompressionBombError) as err:
             raise UserError(f"{self.files[i]}: cannot read image ({err})") from err
         return torch.from_numpy(np.array(arr)).permute(2, 0, 1)  # (3, S, S); a copy: PIL arrays are read-only
 

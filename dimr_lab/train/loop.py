@@ -166,6 +166,33 @@ def collate(items: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
     return xs, ys
 
 
+class _WorkerError:
+    """A UserError raised while a DataLoader worker read a batch, sent to the main process as the batch itself.
+    Raised in the worker, torch would re-raise it in the main process with the worker's traceback pasted into
+    its message (some 25 lines where the user is owed one); carried as a value, it is raised there unchanged."""
+
+    def __init__(self, error: UserError):
+        self.error = error
+
+
+class _WorkerItems(torch.utils.data.Dataset):
+    """The dataset as a worker reads it: an item's UserError becomes a _WorkerError in place of the item."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __getitem__(self, i: int) -> Any:
+        try:
+            return self.dataset[i]
+        except UserError as err:
+            return _WorkerError(err)
+
+
+def _worker_collate(items: list[Any]) -> Any:
+    """collate, or the first item's _WorkerError."""
+    return next((item for item in items if isinstance(item, _WorkerError)), None) or collate(items)
+
+
 class _RankBatches(torch.utils.data.Sampler):
     """Infinite batch sampler for a DataLoader with workers: this rank's slices from a BatchOrder copy."""
 
@@ -193,6 +220,13 @@ def batch_iterator(dataset: Any, order: BatchOrder, rank: int, world_size: int,
                     collate([dataset[int(i)] for i in idx])
 
         return batches()
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=_RankBatches(order, rank, world_size),
-                                         num_workers=num_workers, collate_fn=collate, persistent_workers=False)
-    return iter(loader)
+    loader = torch.utils.data.DataLoader(_WorkerItems(dataset), batch_sampler=_RankBatches(order, rank, world_size),
+                                         num_workers=num_workers, collate_fn=_worker_collate, persistent_workers=False)
+
+    def loaded() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in loader:
+            if isinstance(batch, _WorkerError):
+                raise batch.error  # the worker's one line, as with num_workers = 0
+            yield batch
+
+    return loaded()

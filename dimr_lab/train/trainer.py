@@ -350,7 +350,10 @@ class Trainer:
         tr = self.spec.train
         B, per = tr.batch_size, tr.batch_size // self.world
         lo, hi = self.rank * per, (self.rank + 1) * per
-        x_shape = tuple(self.dataset[0][0].shape)  # (C, H, W)
+        # read under a forked RNG: a latents item draws its posterior sample from the global one, and a draw at
+        # each session's start made a resumed run end elsewhere than an uninterrupted one
+        with torch.random.fork_rng(devices=[]):
+            x_shape = tuple(self.dataset[0][0].shape)  # (C, H, W)
         batches = batch_iterator(self.dataset, self.order, self.rank, self.world, self.spec.data.num_workers)
         gmacs = self._gmacs()
         self.session_t0 = time.perf_counter()
