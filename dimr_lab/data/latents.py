@@ -27,7 +27,7 @@ from dimr_lab.errors import SpecError, UserError
 
 SCALE_FACTOR = 0.18215
 META_FILE = "meta.json"
-_NPY = re.compile(r"^(\d+)\.npy$")
+_NPY = re.compile(r"^(\d+)\.npy\Z")
 
 
 def _count_files(root: Path) -> int:
