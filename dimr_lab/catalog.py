@@ -46,7 +46,8 @@ ATTENTION.add("math", "dimr_lab.nn.attention:math_attention",
 ATTENTION.add("xformers", "dimr_lab.nn.attention:xformers_attention",
               "xformers memory_efficient_attention on CUDA; elsewhere falls back to sdpa with a warning")
 
-POS_EMBEDS.add("learned", "dimr_lab.nn.layers:LearnedPosEmbed", "a learned table of H*W rows (DiMR, U-ViT)")
+POS_EMBEDS.add("learned", "dimr_lab.nn.layers:LearnedPosEmbed", "a learned table of H*W rows over the patches (DiMR; U-ViT's "
+               "also covers its time and class tokens, which get none here)")
 POS_EMBEDS.add("sincos", "dimr_lab.nn.layers:SinCosPosEmbed", "fixed 2-D sine-cosine code (DiT), no parameters",
                width_multiple=4)
 POS_EMBEDS.add("none", "dimr_lab.nn.layers:NoPosEmbed", "no position code (convolutions see position through "
@@ -91,8 +92,8 @@ SCHEDULES.add("vp_linear", "dimr_lab.diffusion.vp:build",
               keys=("diffusion.beta_min", "diffusion.beta_max"), continuous=True)
 
 TIME_INPUTS.add("discrete", "dimr_lab.diffusion.time_input:discrete",
-                "t = n/N; TD norms read tau = 2t - 1 (released latent path: log_snr = 8t - 4, tau = log_snr/4); "
-                "time tokens embed 1000 t")
+                "t as the schedule gives it (n/N on a discrete one); TD norms read tau = 2t - 1 (released latent "
+                "path: log_snr = 8t - 4, tau = log_snr/4); time tokens embed 1000 t")
 TIME_INPUTS.add("vp_logsnr", "dimr_lab.diffusion.time_input:vp_logsnr",
                 "released pixel path: TD norms read tau = ln SNR(t) / 4 (DiMR sde.py: its two clamps leave "
                 "the SNR in [1e-6, 1e6]); time tokens embed 999 t (U-ViT sde.py ScoreModel)")

@@ -43,6 +43,8 @@ def _variant(kind: str, name: str) -> dict:
     elif kind == "block":
         for b in spec["branches"]:
             b["block"] = name
+        if not KINDS["block"].meta(name, "uses_attention"):  # no tokens to carry the label: adaLN carries it
+            spec.update(conditioning="adaln", norm="adaln_zero", outer_norm="adaln")
     elif kind == "head":
         spec["head"] = name
     else:
@@ -338,6 +340,21 @@ def test_per_branch_overrides_of_a_preset():
         resolve_model({"preset": "dimr_tiny_3r", "branches": {"3": {"width": 8}}})
     with pytest.raises(SpecError, match="need a preset"):
         resolve_model({**TINY_2R, "branches": {"0": {"width": 8}}})
+
+
+def test_a_network_that_would_never_see_the_label_is_refused():
+    """Class (and U-ViT's time) enter as tokens of attention branches: an all-ConvNeXt network with that
+    conditioning is refused; unconditional, or with adaLN, it builds."""
+    convnext = {"preset": "dimr_tiny_2r", "branches": {"0": {"block": "convnext"}}}
+    with pytest.raises(SpecError, match="gives the class label to attention branches"):
+        resolve_model(convnext)
+    with pytest.raises(SpecError, match="the class label and the time"):
+        resolve_model({**convnext, "conditioning": "token", "norm": "layernorm", "outer_norm": "layernorm"})
+    assert resolve_model({**convnext, "num_classes": 0}).num_classes == 0  # time through the TD norms
+    with pytest.raises(SpecError, match="gives the time to attention"):
+        resolve_model({**convnext, "num_classes": 0, "conditioning": "token", "norm": "layernorm",
+                       "outer_norm": "layernorm"})
+    resolve_model({**convnext, "conditioning": "adaln", "norm": "adaln_zero", "outer_norm": "layernorm"})
 
 
 def test_set_reaches_into_a_model_given_as_a_preset_name():

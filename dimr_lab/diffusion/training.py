@@ -69,7 +69,9 @@ def diffusion_loss(
 
 
 def default_loss_weights(num_branches: int, multiscale: bool = True) -> list[float]:
-    """c_k = 4^-(K-1-k) (released 2R: [1/4, 1]; 3R inferred), or [0, ..., 0, 1] without multi-scale."""
+    """c_k = 4^-(K-1-k) (released 2R: [1/4, 1]; 3R inferred), or [0, ..., 0, 1] without multi-scale.
+    The weight follows the branch's place, not its resolution ratio: 1/4 a step down assumes the released
+    ratio of 2 (a ratio-4 cascade would by the same rule take 1/16: set diffusion.loss_weights)."""
     if isinstance(num_branches, bool) or not isinstance(num_branches, int) or num_branches < 1:
         raise UserError(f"number of branches must be a positive integer, got {num_branches!r}")
     if not multiscale:

@@ -102,6 +102,18 @@ class ModelSpec:
             raise SpecError(f"conditioning 'norm' reads time through time-dependent norms, but norm "
                             f"{self.norm!r} and outer_norm {self.outer_norm!r} are not (use tdln or tdrmsnorm, "
                             f"or conditioning 'token')", key="conditioning")
+        if self.conditioning in ("norm", "token") and not any(BLOCKS.meta(b.block, "uses_attention")
+                                                              for b in self.branches):
+            # class (and, as tokens, time) enter as tokens of attention branches: without one the network
+            # would never see the label (guidance a no-op at twice the cost), and with 'token' and plain
+            # norms not the time either
+            missing = [w for w, gone in (("the class label", self.num_classes > 0),
+                                         ("the time", self.conditioning == "token" and "time" not in (inner, outer)))
+                       if gone]
+            if missing:
+                raise SpecError(f"conditioning {self.conditioning!r} gives {' and '.join(missing)} to attention "
+                                f"branches as tokens, and no branch attends (a 'transformer' block in one "
+                                f"branch, or conditioning 'adaln')", key="conditioning")
 
     def resolve(self) -> "ModelSpec":
         """A copy with every default filled in (heads, MLP widths, out_channels): what the network builds.

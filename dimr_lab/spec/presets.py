@@ -43,7 +43,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "branches": [_t(768, 16, 12, 4), _c(256, 8, 2), _c(128, 8, 1)]},
     "dimr_l_3r": {**_DIMR, **_PIXEL64, "name": "DiMR-L/3R",
                   "branches": [_t(1024, 20, 16, 4), _c(384, 2, 2), _c(192, 4, 1)]},
-    # Baselines.
+    # Baselines. Known differences from the released code: U-ViT's learned position table also covers its
+    # time and class tokens (a learned bias each), ours covers the patches only; DiT's MLP uses the tanh
+    # GELU and its output layer starts at zero (xavier-uniform elsewhere), ours exact GELU and trunc-normal
+    # 0.02 throughout. DiT-XL/2 is here for sizes and speed; no ablation trains it.
     "uvit_m_4": {**_PIXEL64, "name": "U-ViT-M/4", "conditioning": "token", "norm": "layernorm",
                  "outer_norm": "layernorm", "mlp": "mlp", "pos_embed": "learned", "cascade": "none",
                  "head": "unpatchify_conv", "long_skip": True, "qkv_bias": False,
