@@ -41,9 +41,19 @@ def test_distortion_rate_grid_and_json(tmp_path, capsys):
     assert report["per_class"]["square"] == pytest.approx(1.0) and report["per_class"]["circle"] == 0.0
     assert "distortion rate 0.500" in out
     assert (d / "distortion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    own = {p.name: p.read_bytes() for p in d.glob("distortion.*")}
     main(["distortion", str(d), "--threshold", "0.15", "--out", str(tmp_path / "g.png")])
-    assert json.loads((d / "distortion.json").read_text())["flagged"] == 2
+    # another threshold has its own files: the evaluation's (at its own threshold) stay as they were
+    assert json.loads((d / "distortion-t0.15.json").read_text())["flagged"] == 2
+    assert {p.name: p.read_bytes() for p in d.glob("distortion.*")} == own
     assert (tmp_path / "g.png").is_file()
+    # an existing --out is refused unless --force; a name that is no PNG is refused
+    for argv, fragment in (([str(tmp_path / "g.png")], "exists; refusing to overwrite"),
+                           ([str(tmp_path / "g.txt")], "ending in .png")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["distortion", str(d), "--threshold", "0.15", "--out", *argv])
+        assert exit_.value.code == 2 and fragment in capsys.readouterr().err
+    main(["distortion", str(d), "--threshold", "0.15", "--out", str(tmp_path / "g.png"), "--force"])
 
 
 def test_distortion_without_an_evaluation_is_one_clear_error(tmp_path, capsys):

@@ -184,6 +184,14 @@ def test_status_table_and_cancel_read_odd_json_without_crashing(trained, tmp_pat
     states = {json.loads(x)["run"]: json.loads(x) for x in o.splitlines()}
     assert states["r0"]["state"] == "failed"  # a pid that cannot exist: its process is gone
     assert states["r1"]["state"] == "failed" and "profile" in states["r1"]["detail"]
+    # a run.json that is no JSON at all is a failure too, not a finished run
+    shutil.copytree(src, root / "r9")
+    (root / "r9" / "run.json").write_text('{"spec": 3')
+    code, o, e = cli(["status", root / "r9", "--json"], capsys)
+    (st,) = [json.loads(x) for x in o.splitlines()]
+    assert st["state"] == "failed" and "run.json" in st["detail"], st
+    code, o, e = cli(["logs", root / "r2", "-n", "0"], capsys)
+    assert code == 2 and "Traceback" not in e
 
 
 def test_files_follow_the_umask(tmp_path):

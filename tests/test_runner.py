@@ -273,6 +273,35 @@ def test_failed_run_status_and_rest_continue(tmp_path, capsys, standin_env):
     assert code == 0 and "nothing queued" in out
 
 
+def test_cancel_given_a_relative_path_stops_the_run_and_the_runners_queue(tmp_path, capsys, standin_env, monkeypatch):
+    """`cancel results/abl` (relative) stops the active run at a checkpoint and the runner starts no other."""
+    import signal
+    import subprocess
+    import sys
+
+    abl = write_ablation(tmp_path, steps=200, ckpt=2)
+    env = dict(os.environ, STANDIN_STEP_S="0.1")
+    proc = subprocess.Popen([sys.executable, "-c", "from dimr_lab.cli import main; main()", "run", str(abl),
+                             "--results", "results", "--jobs", "1", "--train-fn", STANDIN],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((tmp_path / "results" / "abl").glob("*/checkpoints/last.pt")):
+            time.sleep(0.2)
+        monkeypatch.chdir(tmp_path)
+        code, out, err = cli(["cancel", "results/abl"], capsys)
+        assert code == 0 and "a-s0" in out, out + err
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, proc.stderr.read().decode()[-2000:]
+    started = [d.name.split("-")[0] + "-" + d.name.split("-")[1] for d in run_dirs(tmp_path / "results")
+               if (d / "checkpoints").exists()]
+    assert started == ["a-s0"]
+
+
 def test_debug_executor_in_process(tmp_path, capsys, standin_env):
     abl = write_ablation(tmp_path, seeds="[3]")
     results = tmp_path / "results"

@@ -258,9 +258,12 @@ def test_eval_only_evaluates_every_run_as_an_array(tmp_path, capsys, job_env):
         assert (d / "checkpoints" / "last.pt").read_bytes() == checkpoints[d]  # nothing trained
         samples = sorted(json.loads(m.read_text())["samples"] for m in d.glob("evals/*/metrics.json"))
         assert samples == [8, 16]
-    # an untrained run is refused by --eval-only with one line
+    # an untrained run is refused by --eval-only with one line, before any folder is made (the dry run says so)
     code, out, err = cli(["run", abl, "--results", tmp_path / "other", "--executor", "debug", "--eval-only"], capsys)
-    assert code != 0
+    assert code == 2 and "--eval-only evaluates trained checkpoints" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "other").exists()
+    code, out, err = cli(["run", abl, "--results", tmp_path / "other", "--eval-only", "--dry-run"], capsys)
+    assert code == 0 and "evaluates trained checkpoints" in " ".join(out.split())
 
 
 def test_a_pass_through_setting_reaches_sacct(tmp_path, capsys, job_env):

@@ -467,6 +467,14 @@ def test_sample_command_writes_png(done_run, tmp_path):
     out = tmp_path / "grid.png"
     assert cli("sample", done_run, "--n", "5", "--out", out, "--steps", "2", "--guidance", "0.5") == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # never over an existing file without --force, and only to a .png name
+    keep = tmp_path / "keep.txt"
+    keep.write_text("mine")
+    assert cli("sample", done_run, "--n", "2", "--out", keep, "--steps", "2") == 2 and keep.read_text() == "mine"
+    before = out.read_bytes()
+    assert cli("sample", done_run, "--n", "2", "--out", out, "--steps", "2") == 2 and out.read_bytes() == before
+    assert cli("sample", done_run, "--n", "2", "--out", out, "--steps", "2", "--force") == 0
+    assert out.read_bytes() != before
 
 
 def test_save_grid_accepts_both_layouts(tmp_path):

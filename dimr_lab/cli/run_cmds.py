@@ -123,6 +123,10 @@ def run_cmd(
                     _check_job_processes(r, settings)
             except UserError as err:
                 problems[r.run_dir] = str(err)
+            if eval_only and r.run_dir not in problems:
+                missing = _untrained_for_eval(r, results.resolve() if reuse else None)
+                if missing:
+                    problems[r.run_dir] = missing
         _dry_run(out, abl, runs, settings, profile, executor, ablation_dir, as_json, eval_only, problems, sources,
                  results.resolve() if reuse else None)
         return
@@ -134,6 +138,13 @@ def run_cmd(
     if blocked:  # a trained run's outputs without its checkpoints: starting over would train over them
         more = f" (and {len(blocked) - 1} more run{'s' if len(blocked) > 2 else ''} alike)" if len(blocked) > 1 else ""
         raise UserError(blocked[0] + more)
+    if eval_only:  # evaluating needs the checkpoints: refused before any folder is made
+        untrained = [msg for msg in (_untrained_for_eval(r, results.resolve() if reuse else None) for r in runs)
+                     if msg]
+        if untrained:
+            more = f" (and {len(untrained) - 1} more run{'s' if len(untrained) > 2 else ''})" \
+                if len(untrained) > 1 else ""
+            raise UserError(untrained[0] + more)
     if reuse:
         from dimr_lab.runner.reuse import reuse_runs
 
@@ -194,6 +205,26 @@ def _check_job_processes(run: Any, settings: Any) -> None:
         raise SpecError(f"{err.message} of a job with slurm.nodes = {settings.nodes} and "
                         f"{settings.node_tasks()} task(s) per node", file=f"run {run.run_dir.name}",
                         key=err.key) from None
+
+
+def _untrained_for_eval(run: Any, reuse_from: Path | None) -> str | None:
+    """Why `run --eval-only` cannot evaluate this run (a step it evaluates has no checkpoint, and no trained
+    folder elsewhere under the results would be reused for it), or None."""
+    from dimr_lab.rundir import RunDir
+    from dimr_lab.runner.reuse import find_source
+
+    if run.is_done():
+        return None
+    folder = RunDir(run.run_dir)
+    missing = [s for s in run.spec.eval_steps() if folder.checkpoint_for(s) is None]
+    if not missing:
+        return None
+    if reuse_from is not None and find_source(reuse_from, run.run_dir, run.identity, run.spec.train.steps):
+        return None
+    have = folder.available_steps() if run.run_dir.is_dir() else []
+    return (f"{run.run_dir}: --eval-only evaluates trained checkpoints, and this run has none at step "
+            f"{missing[0]} (checkpoints: {', '.join(map(str, have)) or 'none'}); train it first (run without "
+            f"--eval-only)")
 
 
 def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, executor: str, ablation_dir: Path,
@@ -291,7 +322,7 @@ def _print_table(out: Any, ablation_dir: Path) -> None:
 def status_cmd(
     directory: Path = typer.Argument(Path("results"), help="results folder, an ablation's folder or a run folder"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per run"),
-    lines: int = typer.Option(8, "--lines", "-n", help="log lines shown for failed runs"),
+    lines: int = typer.Option(8, "--lines", "-n", min=0, help="log lines shown for failed runs"),
     watch: float = typer.Option(0.0, "--watch", "-w", help="redraw every SECONDS until interrupted (0: once)"),
 ) -> None:
     """Each run's state, step, loss, images/s and ETA (and SLURM job and node); failed runs with their log."""
@@ -381,7 +412,7 @@ def cancel_cmd(
 def logs_cmd(
     run_dir: Path = typer.Argument(..., help="a run folder"),
     follow: bool = typer.Option(False, "--follow", "-f", help="keep printing what is appended"),
-    lines: int = typer.Option(20, "--lines", "-n", help="how many lines to start with"),
+    lines: int = typer.Option(20, "--lines", "-n", min=1, help="how many lines to start with"),
 ) -> None:
     """A run's output: its process log (local or SLURM), else its training log."""
     from dimr_lab.rundir import LOG, OUTPUT_LOG, RunDir, is_run_folder, tail_lines

@@ -108,6 +108,18 @@ def eval_cmd(
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
+def check_png_out(out: Path, force: bool) -> None:
+    """A grid's --out: a .png name, not a folder, and no existing file unless --force."""
+    from dimr_lab.errors import UserError
+
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a directory; give a file name for the PNG")
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out}: the grid is a PNG; give a name ending in .png")
+    if out.exists() and not force:
+        raise UserError(f"--out {out}: exists; refusing to overwrite it (use --force to replace it)")
+
+
 @app.command()
 def sample(
     run_dir: Path = typer.Argument(..., help="a run folder (spec.json + a checkpoint)"),
@@ -120,6 +132,7 @@ def sample(
     order: Optional[int] = typer.Option(None, "--order", min=1, max=3, help="DPM-Solver order"),
     seed: int = typer.Option(0, "--seed", min=0, help="seed of the starting noise"),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights (default) or the raw ones"),
+    force: bool = typer.Option(False, "--force", help="replace an existing file"),
 ) -> None:
     """Write a labelled grid of N samples from RUN_DIR's checkpoint."""
     import dataclasses
@@ -134,8 +147,7 @@ def sample(
     from dimr_lab.images import write_grid
     from dimr_lab.registry import SAMPLERS
 
-    if out.is_dir():
-        raise UserError(f"--out {out}: is a directory; give a file name for the PNG")
+    check_png_out(out, force)
     if sampler is not None:
         SAMPLERS.check(sampler, file="--sampler")
     if guidance is not None and not math.isfinite(guidance):
@@ -156,9 +168,13 @@ def distortion(
     threshold: Optional[float] = typer.Option(None, help="flag p(class) below this (default: the evaluation's "
                                                           "eval.distortion_threshold)"),
     max_images: int = typer.Option(64, "--max", min=1, help="at most this many flagged samples in the grid"),
-    out: Optional[Path] = typer.Option(None, help="the grid PNG (default: distortion.png in the evaluation)"),
+    out: Optional[Path] = typer.Option(None, help="the grid PNG (default: in the evaluation folder, "
+                                                  "distortion-t<threshold>.png for another threshold than its own)"),
+    force: bool = typer.Option(False, "--force", help="replace an existing --out file"),
 ) -> None:
-    """The paper's low-fidelity detector: a grid of the samples the classifier flags, and their share."""
+    """The paper's low-fidelity detector: a grid of the samples the classifier flags, and their share.
+    The evaluation's own distortion.json and .png (at its eval.distortion_threshold) are never replaced: another
+    threshold writes distortion-t<threshold>.json and .png beside them."""
     from dimr_lab.eval.distortion import distortion_report, latest_evaluation_dir
     from dimr_lab.eval.run import _class_names
     from dimr_lab.rundir import EVAL_RECORD, RunDir, read_evaluation
@@ -169,8 +185,12 @@ def distortion(
     spec = load_run_spec(run.spec_data(), file=str(run.spec_path))
     ev = read_evaluation(eval_dir)
     default = (ev.settings.get("eval") or {}).get("distortion_threshold", 0.5) if ev else 0.5
-    report = distortion_report(eval_dir, threshold=default if threshold is None else threshold,
-                               max_images=max_images, out=out, class_names=_class_names(spec))
+    if out is not None:
+        check_png_out(out, force)
+    chosen = default if threshold is None else threshold
+    report = distortion_report(eval_dir, threshold=chosen, max_images=max_images, out=out,
+                               class_names=_class_names(spec),
+                               stem="distortion" if chosen == default else f"distortion-t{chosen:g}")
     print(f"distortion rate {report['distortion_rate']:.3f} ({report['flagged']}/{report['samples']} samples "
           f"with p(class) < {report['threshold']})" + (f"; grid: {report['grid']}" if "grid" in report else ""))
 

@@ -44,8 +44,11 @@ def latest_evaluation_dir(run_dir: Path) -> Path:
 
 
 def distortion_report(eval_dir: str | Path, *, threshold: float = 0.5, max_images: int = 64,
-                      out: str | Path | None = None, class_names: Sequence[str] | None = None) -> dict[str, Any]:
-    """Write a grid of the flagged samples (least likely first) and distortion.json; return the numbers."""
+                      out: str | Path | None = None, class_names: Sequence[str] | None = None,
+                      stem: str = "distortion") -> dict[str, Any]:
+    """Write a grid of the flagged samples (least likely first) and <stem>.json in the evaluation folder (the
+    grid as <stem>.png there, or at `out`); return the numbers. Both follow from the evaluation's samples
+    and the threshold alone, so writing them again writes the same."""
     from dimr_lab.images import write_grid
 
     eval_dir = Path(eval_dir)
@@ -64,10 +67,10 @@ def distortion_report(eval_dir: str | Path, *, threshold: float = 0.5, max_image
     per_class = {name(int(c)): float(flagged[labels == c].mean()) for c in np.unique(labels)}
     report: dict[str, Any] = {"distortion_rate": float(flagged.mean()), "threshold": threshold,
                               "samples": int(len(prob)), "flagged": int(flagged.sum()), "per_class": per_class}
-    grid = Path(out) if out is not None else eval_dir / "distortion.png"
+    grid = Path(out) if out is not None else eval_dir / f"{stem}.png"
     if len(order):
         titles = [f"{name(int(labels[i]))} {prob[i]:.2f}" for i in order]
         write_grid(data["images"][order], grid, list(range(len(order))), titles)
         report["grid"] = str(grid)
-    write_json(eval_dir / "distortion.json", report)
+    write_json(eval_dir / f"{stem}.json", report)
     return report

@@ -105,8 +105,9 @@ def _spawn(run: PlannedRun, train_fn: str, threads: int | None, mode: str = "tra
                                 stdin=subprocess.DEVNULL, env=env)
     finally:
         log.close()
-    _local_info(run.run_dir, pid=proc.pid, host=socket.gethostname(), state="running", started=time.time(),
-                ended=None, returncode=None, log=OUTPUT_LOG)
+    # `runner`: this process, which `cancel` stops too, so that it starts no further runs of its queue
+    _local_info(run.run_dir, pid=proc.pid, runner=os.getpid(), host=socket.gethostname(), state="running",
+                started=time.time(), ended=None, returncode=None, log=OUTPUT_LOG)
     return proc
 
 
@@ -144,7 +145,7 @@ def run_local(runs: list[PlannedRun], *, jobs: int = 1, train_fn: str | None = N
         run, proc, t0, task = active.pop(run_dir)
         code = proc.returncode
         seconds = time.time() - t0
-        if code == EXIT_DONE and run.is_done():
+        if run.is_done():  # also when a signal reached the worker as it exited after finishing
             status, detail = "done", ""
         elif code == EXIT_INTERRUPTED:
             status, detail = "interrupted", f"checkpointed at step {RunDir(run_dir).trained_step()}; rerun to resume"

@@ -8,6 +8,7 @@ crash. A failed run carries the tail of its log.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -116,9 +117,10 @@ def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, st
     st = RunStatus(d, "pending", ablation=ablation)
     if spec is None:
         # a folder of an older version whose spec no longer loads still shows its finished metrics; a
-        # damaged record of this version is a failure, whatever else the folder holds
+        # damaged record (of this version, or no JSON object at all) is a failure, whatever else the folder holds
         record = try_read_json_object(run.record_path)
-        current = isinstance(record, dict) and record.get("version") == RECORD_VERSION
+        current = isinstance(record, dict) and record.get("version") == RECORD_VERSION \
+            or (record is None and run.record_path.exists())
         legacy = [] if current else run.evaluations()
         if legacy and all(e.done for e in legacy):
             st.state = "done"
@@ -221,14 +223,27 @@ def _tail_logs(paths: list[Path]) -> list[str]:
     return []
 
 
-def _is_worker(pid: Any, run_dir: Path) -> bool:
-    """Whether pid is a dimr-lab worker training run_dir (guards against pid reuse)."""
+def _cmdline(pid: Any) -> list[str]:
     try:
         cmd = Path(f"/proc/{int(pid)}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError, TypeError, OverflowError):
-        return False
-    args = [c.decode(errors="replace") for c in cmd]
-    return "dimr_lab.runner.worker" in args and str(run_dir) in args
+        return []
+    return [c.decode(errors="replace") for c in cmd]
+
+
+def _is_worker(pid: Any, run_dir: Path) -> bool:
+    """Whether pid is a dimr-lab worker training run_dir (guards against pid reuse); run_dir may be given
+    relative or through a link, the worker's command line holds it absolute."""
+    args = _cmdline(pid)
+    target = os.path.realpath(run_dir)
+    return "dimr_lab.runner.worker" in args and any(os.path.isabs(a) and os.path.realpath(a) == target
+                                                    for a in args)
+
+
+def _is_runner(pid: Any) -> bool:
+    """Whether pid is a `dimr-lab run` process (the local runner that started a worker)."""
+    args = _cmdline(pid)
+    return "run" in args and any("dimr" in a for a in args[: args.index("run")])
 
 
 def cancel(root: Path) -> dict[str, list[str]]:
@@ -236,14 +251,21 @@ def cancel(root: Path) -> dict[str, list[str]]:
     under root (on this host) to checkpoint and stop (SIGTERM). Returns what was cancelled."""
     out: dict[str, list[str]] = {"slurm": [], "local": []}
     statuses = collect(root)
+    runners: set[int] = set()
     for s in statuses:
         if s.executor != "local" or s.state != "running":
             continue
         local = try_read_json_object(s.run_dir / LOCAL) or {}
         pid = local.get("pid")
         if local.get("host") == socket.gethostname() and pid_alive(pid) and _is_worker(pid, s.run_dir):
+            runner = local.get("runner")
+            if isinstance(runner, int) and runner != os.getpid() and pid_alive(runner) and _is_runner(runner):
+                runners.add(runner)
             os.kill(int(pid), signal.SIGTERM)
             out["local"].append(f"{s.run_dir.name} (pid {pid})")
+    for runner in sorted(runners):  # the runner stops its other workers at a checkpoint and starts no more runs
+        with contextlib.suppress(OSError):
+            os.kill(runner, signal.SIGTERM)
     # every job a run's history records, not only its latest: an earlier one may still be queued
     recorded = sorted({j for s in statuses for j in _recorded_jobs(s.run_dir)})
     if recorded:
