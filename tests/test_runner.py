@@ -273,7 +273,7 @@ def test_failed_run_status_and_rest_continue(tmp_path, capsys, standin_env):
     assert code == 0 and "nothing queued" in out
 
 
-def test_cancel_given_a_relative_path_stops_the_run_and_the_runners_queue(tmp_path, capsys, standin_env, monkeypatch):
+def test_cancel_given_a_relative_path_stops_the_lock_holder_and_the_runners_queue(tmp_path, capsys, standin_env, monkeypatch):
     """`cancel results/abl` (relative) stops the active run at a checkpoint and the runner starts no other."""
     import signal
     import subprocess
@@ -290,6 +290,10 @@ def test_cancel_given_a_relative_path_stops_the_run_and_the_runners_queue(tmp_pa
         while time.time() < deadline and not list((tmp_path / "results" / "abl").glob("*/checkpoints/last.pt")):
             time.sleep(0.2)
         monkeypatch.chdir(tmp_path)
+        # as a second runner that lost the race for the run leaves it: local.json names a worker long gone;
+        # the lock's holder is the one to stop
+        (local,) = (tmp_path / "results" / "abl").glob("a-s0-*/local.json")
+        local.write_text(json.dumps({**json.loads(local.read_text()), "pid": 4194301}))
         code, out, err = cli(["cancel", "results/abl"], capsys)
         assert code == 0 and "a-s0" in out, out + err
         proc.wait(timeout=120)

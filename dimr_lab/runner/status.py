@@ -240,6 +240,19 @@ def _is_worker(pid: Any, run_dir: Path) -> bool:
                                                     for a in args)
 
 
+def _lock_pid(run_dir: Path, host: str) -> int | None:
+    """The pid in run_dir's lock file when this host's process holds the lock now."""
+    from dimr_lab.rundir import LOCK, is_locked
+
+    if not is_locked(run_dir):
+        return None
+    try:
+        parts = (Path(run_dir) / LOCK).read_text(errors="replace").split()
+        return int(parts[1]) if len(parts) >= 2 and parts[0] == host else None
+    except (OSError, ValueError):
+        return None
+
+
 def _is_runner(pid: Any) -> bool:
     """Whether pid is a `dimr-lab run` process (the local runner that started a worker)."""
     args = _cmdline(pid)
@@ -256,8 +269,12 @@ def cancel(root: Path) -> dict[str, list[str]]:
         if s.executor != "local" or s.state != "running":
             continue
         local = try_read_json_object(s.run_dir / LOCAL) or {}
-        pid = local.get("pid")
-        if local.get("host") == socket.gethostname() and pid_alive(pid) and _is_worker(pid, s.run_dir):
+        # the lock's holder first: a second runner that lost the race for this run wrote its own (now gone)
+        # worker into local.json
+        here = socket.gethostname()
+        candidates = [_lock_pid(s.run_dir, here), local.get("pid") if local.get("host") == here else None]
+        pid = next((p for p in candidates if p is not None and pid_alive(p) and _is_worker(p, s.run_dir)), None)
+        if pid is not None:
             runner = local.get("runner")
             if isinstance(runner, int) and runner != os.getpid() and pid_alive(runner) and _is_runner(runner):
                 runners.add(runner)
