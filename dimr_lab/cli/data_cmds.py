@@ -13,9 +13,10 @@ from dimr_lab.cli import app
 def prepare_latents_cmd(
     src: str = typer.Argument(..., help="ImageFolder tree: SRC/<class>/<image>"),
     out: str = typer.Argument(..., help="output folder for {idx}.npy files (the released DiMR layout)"),
-    vae: Optional[str] = typer.Option(None, "--vae", help="a diffusers AutoencoderKL folder (Stable Diffusion's VAE)"),
+    vae: Optional[str] = typer.Option(None, "--vae", help="required: a local diffusers AutoencoderKL folder "
+                                                          "(Stable Diffusion's VAE)"),
     image_size: int = typer.Option(256, "--image-size", min=8, help="centre-crop and resize images to this side"),
-    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="images encoded at a time"),
     flip: bool = typer.Option(True, "--flip/--no-flip", help="also store every image's horizontal flip"),
 ) -> None:
     """Encode an image folder into VAE latents (moments + label per file, flips included)."""
