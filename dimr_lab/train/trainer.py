@@ -575,7 +575,11 @@ class Trainer:
         for step in self.spec.eval_steps():
             if self.run.checkpoint_for(step) is None:
                 raise UserError(f"{self.run.path}: no checkpoint at step {step} to evaluate")
-            bar = self._phase_bar(f"sampling (step {step})")
+            from dimr_lab.rundir import read_evaluation
+
+            made = read_evaluation(self.run.eval_dir(step, self.spec.eval_hash()))
+            done = made is not None and made.serves(self.spec.eval.enabled)
+            bar = None if done else self._phase_bar(f"sampling (step {step})")  # no empty bar for one made before
             try:
                 res = evaluate_step(self.spec, self.run, step, info=self.info, should_stop=self.should_stop,
                                     log=self._say if self.progress else None,
