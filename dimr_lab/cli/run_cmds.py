@@ -134,17 +134,10 @@ def run_cmd(
         check_files(r.spec, file=str(file))
         if executor == "slurm":
             _check_job_processes(r, settings)
-    blocked = [msg for msg in (r.cannot_continue() for r in runs) if msg]
-    if blocked:  # a trained run's outputs without its checkpoints: starting over would train over them
-        more = f" (and {len(blocked) - 1} more run{'s' if len(blocked) > 2 else ''} alike)" if len(blocked) > 1 else ""
-        raise UserError(blocked[0] + more)
+    # a trained run's outputs without its checkpoints: starting over would train over them
+    _refuse_first([r.cannot_continue() for r in runs])
     if eval_only:  # evaluating needs the checkpoints: refused before any folder is made
-        untrained = [msg for msg in (_untrained_for_eval(r, results.resolve() if reuse else None) for r in runs)
-                     if msg]
-        if untrained:
-            more = f" (and {len(untrained) - 1} more run{'s' if len(untrained) > 2 else ''})" \
-                if len(untrained) > 1 else ""
-            raise UserError(untrained[0] + more)
+        _refuse_first([_untrained_for_eval(r, results.resolve() if reuse else None) for r in runs])
     if reuse:
         from dimr_lab.runner.reuse import reuse_runs
 
@@ -191,6 +184,14 @@ def run_cmd(
         _print_table(out, ablation_dir)
     if counts_by.get("failed", 0) + counts_by.get("interrupted", 0):
         raise typer.Exit(1)
+
+
+def _refuse_first(problems: list[str | None]) -> None:
+    """One UserError for the first of the runs' problems, counting the others alike."""
+    found = [p for p in problems if p]
+    if found:
+        more = len(found) - 1
+        raise UserError(found[0] + (f" (and {more} more run{'s' if more > 1 else ''} alike)" if more else ""))
 
 
 def _check_job_processes(run: Any, settings: Any) -> None:

@@ -119,14 +119,13 @@ def unwrap_state_dict(obj: Any, *, source: str = "state dict", took: list[str] |
     for _ in range(3):
         if isinstance(obj, dict) and obj and not all(torch.is_tensor(v) for v in obj.values()):
             key = next((k for k in _WRAPPERS if isinstance(obj.get(k), dict) and obj[k]), None)
-            inner = None if key is None else obj[key]
-            if key is not None and took is not None:
-                took.append(key)
-            if inner is None:
+            if key is None:
                 odd = next(k for k, v in obj.items() if not torch.is_tensor(v))
                 raise UserError(f"{source}: not a state dict of tensors (key {odd!r} holds a "
                                 f"{type(obj[odd]).__name__}; looked for a wrapped one under {', '.join(_WRAPPERS)})")
-            obj = inner
+            if took is not None:
+                took.append(key)
+            obj = obj[key]
     if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and torch.is_tensor(v)
                                                        for k, v in obj.items()):
         raise UserError(f"{source}: not a state dict of tensors (got {type(obj).__name__})")

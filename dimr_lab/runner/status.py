@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from dimr_lab.errors import UserError
-from dimr_lab.rundir import (LOCAL, OUTPUT_LOG, RECORD_VERSION, SLURM, RunDir, find_runs, is_locked, pid_alive,
-                             tail_lines, try_read_json_object)
+from dimr_lab.rundir import (LOCAL, LOCK, OUTPUT_LOG, RECORD_VERSION, SLURM, RunDir, find_runs, is_locked,
+                             pid_alive, tail_lines, try_read_json_object)
 
 LIVE_SLURM = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD",
               "SUSPENDED", "STOPPED", "RESIZING", "RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
@@ -119,7 +119,7 @@ def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, st
         # a folder of an older version whose spec no longer loads still shows its finished metrics; a
         # damaged record (of this version, or no JSON object at all) is a failure, whatever else the folder holds
         record = try_read_json_object(run.record_path)
-        current = isinstance(record, dict) and record.get("version") == RECORD_VERSION \
+        current = (isinstance(record, dict) and record.get("version") == RECORD_VERSION) \
             or (record is None and run.record_path.exists())
         legacy = [] if current else run.evaluations()
         if legacy and all(e.done for e in legacy):
@@ -242,8 +242,6 @@ def _is_worker(pid: Any, run_dir: Path) -> bool:
 
 def _lock_pid(run_dir: Path, host: str) -> int | None:
     """The pid in run_dir's lock file when this host's process holds the lock now."""
-    from dimr_lab.rundir import LOCK, is_locked
-
     if not is_locked(run_dir):
         return None
     try:

@@ -209,11 +209,10 @@ class Trainer:
         self.step, self.elapsed_before = 0, 0.0
         self.last_loss: float | None = None
         self.session_steps = 0
-        # the log's averaging window (sum of the step losses, steps) since the last row; checkpointed, so a
-        # resumed run writes the rows an uninterrupted one writes
+        # the log's averaging window (sums of the step losses, made in build(); steps) since the last row:
+        # checkpointed, so that a resumed run writes the rows an uninterrupted one writes
         self.win_loss: torch.Tensor | None = None
         self.win_steps = 0
-        self._saved_window: tuple[list[float], int] | None = None
         from dimr_lab.train.threads import ThreadGovernor
         from dimr_lab.train.tracking import Tracker
 
@@ -261,6 +260,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if cuda and tr.precision == "fp16" else None
         self.schedule = build_schedule(spec.diffusion)
         self.weights = loss_weights(spec.diffusion, len(spec.model.branches))
+        self.win_loss = torch.zeros(1 + len(self.weights), dtype=torch.float64, device=self.device)
         self.noise = torch.Generator().manual_seed(tr.seed)  # CPU: the same numbers on any device
         self.order = BatchOrder(len(self.dataset), tr.batch_size, tr.seed)
         self.fwd = self.model
@@ -316,10 +316,11 @@ class Trainer:
         self.order, self.step = order, step
         self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
         window = ckpt.get("log_window")  # absent from checkpoints of earlier versions: the window starts empty
-        self._saved_window = None
         if isinstance(window, dict) and isinstance(window.get("steps"), int) and window["steps"] > 0 \
-                and isinstance(window.get("loss"), list) and all(isinstance(v, float) for v in window["loss"]):
-            self._saved_window = (window["loss"], window["steps"])
+                and isinstance(window.get("loss"), list) and len(window["loss"]) == self.win_loss.numel() \
+                and all(isinstance(v, float) for v in window["loss"]):
+            self.win_loss.copy_(torch.tensor(window["loss"], dtype=torch.float64))
+            self.win_steps = window["steps"]
 
     # ------------------------------------------------------------------------------------------ train
 
@@ -357,12 +358,7 @@ class Trainer:
         batches = batch_iterator(self.dataset, self.order, self.rank, self.world, self.spec.data.num_workers)
         gmacs = self._gmacs()
         self.session_t0 = time.perf_counter()
-        win_t = time.perf_counter()
-        self.win_loss = torch.zeros(1 + len(self.weights), dtype=torch.float64, device=self.device)
-        if self._saved_window is not None and len(self._saved_window[0]) == self.win_loss.numel():
-            self.win_loss.copy_(torch.tensor(self._saved_window[0], dtype=torch.float64))
-            self.win_steps = self._saved_window[1]
-        win_loss = self.win_loss
+        win_t, win_loss = time.perf_counter(), self.win_loss
         bar = self._progress_bar()
         self.fwd.train()
         try:
@@ -450,7 +446,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Rank 0 writes checkpoints/last.pt atomically, links a kept step, then updates the index."""
         window = None
-        if self.win_loss is not None and self.win_steps:
+        if self.win_steps:
             sums = self.win_loss.clone()
             if self.world > 1:  # every rank calls this: the window's mean over ranks, as _log takes it
                 torch.distributed.all_reduce(sums)
@@ -518,9 +514,11 @@ class Trainer:
             means = means / self.world
         means = means.cpu()
         self.last_loss = float(means[0])
-        if not self.info.main:
-            self._check_finite(self.last_loss, "log.jsonl")
-            return
+        if self.info.main:
+            self._write_row(means, images_per_s, gmacs)
+        self._check_finite(self.last_loss, "log.jsonl")  # after the row: the log shows the NaN that stopped it
+
+    def _write_row(self, means: torch.Tensor, images_per_s: float, gmacs: float | None) -> None:
         row = {"step": self.step, "epoch": self.order.epoch, "loss": float(means[0]),
                "loss_branches": [float(v) for v in means[1:]],
                "lr": learning_rate(self.step - 1, self.spec.train),
@@ -535,7 +533,6 @@ class Trainer:
         from dimr_lab.train.tracking import train_row_scalars
 
         self.tracker.scalars(self.step, train_row_scalars(row))
-        self._check_finite(self.last_loss, "log.jsonl")
 
     def _check_finite(self, mean_loss: float, where: str) -> None:
         """Stop a run whose loss went NaN or inf (with fp16's loss scaling a step may overflow and be
@@ -575,9 +572,7 @@ class Trainer:
         for step in self.spec.eval_steps():
             if self.run.checkpoint_for(step) is None:
                 raise UserError(f"{self.run.path}: no checkpoint at step {step} to evaluate")
-            from dimr_lab.rundir import read_evaluation
-
-            made = read_evaluation(self.run.eval_dir(step, self.spec.eval_hash()))
+            made = self.run.find_evaluation(step, self.spec.eval_hash())
             done = made is not None and made.serves(self.spec.eval.enabled)
             bar = None if done else self._phase_bar(f"sampling (step {step})")  # no empty bar for one made before
             try:
