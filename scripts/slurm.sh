@@ -19,7 +19,9 @@ DB_PID="$BASE/mysqlrun/mariadb.pid"
 
 say() { echo "slurm.sh: $*" >&2; }
 cannot() { say "cannot start SLURM here: $*"; exit 3; }
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# a live pid in the file; ps, not kill -0: a user who is not root may not signal root's daemons, which are
+# alive all the same
+alive() { local pid; pid=$(cat "$1" 2>/dev/null) && [ -n "$pid" ] && ps -p "$pid" >/dev/null 2>&1; }
 retry() {  # retry N CMD...: up to N tries 0.1 s apart, quietly; the last try shows its output
   local n=$1; shift
   for _ in $(seq "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
@@ -185,7 +187,9 @@ start() {
 status() {
   local f
   for f in "$MUNGE_PID" "$DB_PID" "$BASE/run/slurmdbd.pid" "$BASE/run/slurmctld.pid" "$BASE/run/slurmd.pid"; do
-    if alive "$f"; then echo "up    $(basename "$f" .pid) (pid $(cat "$f"))"; else echo "down  $(basename "$f" .pid)"; fi
+    if alive "$f"; then echo "up    $(basename "$f" .pid) (pid $(cat "$f"))"
+    elif [ -e "$f" ] && [ ! -r "$f" ]; then echo "?     $(basename "$f" .pid) (cannot read $f: not root)"
+    else echo "down  $(basename "$f" .pid)"; fi
   done
   if is_up; then sinfo; return 0; fi
   echo "SLURM does not take jobs"

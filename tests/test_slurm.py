@@ -354,3 +354,20 @@ def test_a_bad_setting_found_on_the_node_is_one_line_in_the_jobs_log(tmp_path, c
         assert "error: " in tail and "data.root: no such folder on this node" in tail and "Traceback" not in tail
     finally:
         _scancel_all([results])
+
+
+def test_slurm_sh_status_tells_a_user_who_is_not_root_the_daemons_are_up(slurm_up):
+    """`scripts/slurm.sh status` by a user who may not signal root's daemons (nor read every pid file) still
+    sees them up: it used to call every daemon down while the cluster took jobs."""
+    if os.geteuid() != 0 or shutil.which("runuser") is None:
+        pytest.skip("needs root (to run the script as another user) and runuser")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "slurm.sh"
+    with open(script) as f:  # through stdin: the user may not read the checkout
+        r = subprocess.run(["runuser", "-u", "nobody", "--", "bash", "-s", "status"], stdin=f, cwd="/",
+                           capture_output=True, text=True, timeout=60)
+    lines = r.stdout.splitlines()
+    assert r.returncode == 0, r.stdout + r.stderr
+    for daemon in ("slurmctld", "slurmd"):
+        assert any(ln.startswith("up") and f" {daemon} (pid" in ln for ln in lines), r.stdout
+    assert not any(ln.startswith("down") for ln in lines), r.stdout
+    assert "Permission denied" not in r.stderr, r.stderr
