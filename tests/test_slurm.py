@@ -300,6 +300,17 @@ def test_a_refused_submission_is_one_line_and_leaves_nothing(tmp_path, capsys, j
     assert not results.exists() or not any(p.is_file() for p in results.rglob("*")), list(results.rglob("*"))
 
 
+def test_an_option_sbatch_does_not_know_is_one_line_and_leaves_nothing(tmp_path, capsys, job_env):
+    """sbatch says 'unrecognized option' without the word error, then a pointer to --help: still one line."""
+    abl = write_ablation(tmp_path, seeds="[0]", steps=2, ckpt=2)
+    results = tmp_path / "results"
+    code, out, err = cli(["run", abl, "--results", results, "--executor", "slurm", "--train-fn", STANDIN,
+                          "--only", "a", "--set", 'slurm.sbatch_lines=["--no-such-option=1"]'], capsys)
+    assert code == 2 and err.count("\n") == 1 and "sbatch refused" in err, err
+    assert "unrecognized option" in err and "--no-such-option" in err and "--help" not in err, err
+    assert not results.exists() or not any(p.is_file() for p in results.rglob("*")), list(results.rglob("*"))
+
+
 def test_queued_jobs_survive_an_unanswering_squeue_and_cancel_finds_every_job(tmp_path, capsys, job_env):
     """A run with a job still queued is never submitted again while squeue does not answer (it cannot be told
     from a gone job); the dry run shows it queued; cancel reaches every job a run's history records."""

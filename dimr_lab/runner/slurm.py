@@ -225,10 +225,7 @@ def submit(runs: list[PlannedRun], settings: SlurmSettings, *, ablation: str, ab
             jobs = executor.map_array(TrainJob(fn), [str(r.run_dir) for r in todo])
     except (submitit.core.utils.FailedJobError, subprocess.SubprocessError, OSError) as err:
         _undo_submission(todo, made, records, base, before)
-        text = captured.get("text", "") + "\n" + str(err)
-        said = list(dict.fromkeys(ln.strip().replace("sbatch: error: ", "") for ln in text.splitlines()
-                                  if "error" in ln.lower() and ln.strip()))
-        raise UserError(f"sbatch refused the job array ({'; '.join(said[:2]) or str(err).strip()[:300]}); "
+        raise UserError(f"sbatch refused the job array ({_sbatch_complaint(captured.get('text', ''), err)}); "
                         f"nothing submitted (`run ... --executor slurm --dry-run` shows the slurm.* settings)"
                         ) from None
     if captured.get("text"):
@@ -249,6 +246,15 @@ def submit(runs: list[PlannedRun], settings: SlurmSettings, *, ablation: str, ab
         write_json(path, {"jobs": history})
         out["submitted"].append((r, job_id))
     return out
+
+
+def _sbatch_complaint(captured: str, err: BaseException) -> str:
+    """What sbatch said, on one line: its error lines, else its other lines (an unknown option is said without
+    the word error), without the pointer to --help; at most two of them."""
+    lines = [ln.strip() for ln in (captured + "\n" + str(err)).splitlines() if ln.strip()]
+    errors = [ln.replace("sbatch: error: ", "") for ln in lines if "error" in ln.lower()]
+    said = list(dict.fromkeys(errors or [ln for ln in lines if not ln.lower().startswith("try ")]))
+    return "; ".join(said[:2])[:300] or type(err).__name__
 
 
 @contextlib.contextmanager
