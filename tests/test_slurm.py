@@ -382,3 +382,35 @@ def test_slurm_sh_status_tells_a_user_who_is_not_root_the_daemons_are_up(slurm_u
         assert any(ln.startswith("up") and f" {daemon} (pid" in ln for ln in lines), r.stdout
     assert not any(ln.startswith("down") for ln in lines), r.stdout
     assert "Permission denied" not in r.stderr, r.stderr
+
+
+def test_a_run_out_of_requeues_ends_with_one_line_and_status_says_it_resumes(tmp_path, capsys, job_env):
+    """The checkpoint signal once more than slurm.max_requeues allows (a short time limit counts every signal as a
+    timeout): the task checkpoints and ends with one line saying so, no traceback; status says a rerun resumes."""
+    abl = write_ablation(tmp_path, seeds="[0]", steps=60, ckpt=50)
+    results = tmp_path / "results"
+    job_env.setenv("STANDIN_STEP_S", "0.3")
+    try:
+        code, out, err = cli(["run", abl, "--results", results, "--executor", "slurm", "--train-fn", STANDIN,
+                              "--only", "a", "--set", "slurm.max_requeues=0", "--json"], capsys)
+        assert code == 0, err
+        (job,) = [json.loads(x)["job_id"] for x in out.splitlines()]
+        (run,) = run_dirs(results)
+        from dimr_lab.rundir import RunDir
+
+        _wait(lambda: (RunDir(run).last_logged_step() or 0) >= 3, WAIT, "training to pass step 3")
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+
+        def ended():
+            code, out, _ = cli(["status", results, "--json"], capsys)
+            (st,) = [json.loads(x) for x in out.splitlines()]
+            return st if st["state"] == "failed" and st["slurm_state"] == "FAILED" else None
+        st = _wait(ended, WAIT, "the job to end")
+    finally:
+        _scancel_all([results])
+    step = json.loads((run / "checkpoints" / "index.json").read_text())["last"]
+    assert 3 <= step < 60
+    tail = "\n".join(st["log_tail"])
+    assert "Traceback" not in tail and "not requeued (timed-out too many times" in tail, tail
+    assert f"a rerun resumes from step {step}" in st["detail"], st
+    assert [j["job_id"] for j in json.loads((run / "slurm.json").read_text())["jobs"]] == [job]

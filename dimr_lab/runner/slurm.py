@@ -83,7 +83,15 @@ class TrainJob(submitit.helpers.Checkpointable):
         if code == EXIT_INTERRUPTED:
             if stop.signum == usr_sig and callable(submitit_handler):
                 # timeout or preemption notice: checkpoint() + requeue + exit (rank 0; no-op elsewhere)
-                submitit_handler(usr_sig, None)
+                try:
+                    submitit_handler(usr_sig, None)
+                except submitit.core.utils.UncompletedJobError as err:  # e.g. timed out slurm.max_requeues times
+                    why = str(err).removeprefix("Job not requeued because: ").rstrip(".")
+                    step = result.get("step") if isinstance(result, dict) else None
+                    print(f"error: {run_dir}: not requeued ({why}; slurm.max_requeues bounds the timeouts); "
+                          f"its checkpoint at step {step} is kept: run the ablation again to resume there",
+                          file=sys.stderr, flush=True)
+                    sys.exit(EXIT_INTERRUPTED)
             print(f"[dimr-lab] {run_dir}: stopped by signal {stop.signum} after a checkpoint", flush=True)
             sys.exit(128 + (stop.signum or 15))
         return result if isinstance(result, dict) else {"done": True}

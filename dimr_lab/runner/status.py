@@ -210,7 +210,7 @@ def _from_slurm(st: RunStatus, job: dict[str, Any], slurm: dict[str, tuple[str, 
     else:
         st.state = "failed"
         st.detail = (f"job ended {st.slurm_state} without its evaluations" if st.slurm_state == "COMPLETED"
-                     else f"job {st.slurm_state}")
+                     else f"job {st.slurm_state}") + (f"; a rerun resumes from step {trained}" if trained else "")
         st.log_tail = _tail_logs(logs)
     return st
 
