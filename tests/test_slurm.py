@@ -333,6 +333,10 @@ def test_queued_jobs_survive_an_unanswering_squeue_and_cancel_finds_every_job(tm
         job_env.setenv("PATH", f"{fake}{os.pathsep}{path}")
         code, out, err = cli(args, capsys)
         assert code == 2 and "squeue did not answer" in err and "nothing submitted" in err, err
+        # the dry run says so too, rather than calling the queued run one to run
+        code, out, err = cli([*args, "--dry-run", "--json"], capsys)
+        (planned,) = [json.loads(x) for x in out.splitlines() if '"run_dir"' in x]
+        assert code == 0 and planned["status"] == "unknown" and "squeue did not answer" in planned["problem"], out
         assert [j["job_id"] for j in json.loads((run / "slurm.json").read_text())["jobs"]] == [job]
         code, out, err = cli(["cancel", results], capsys)
         assert code == 2 and "none cancelled" in err

@@ -237,15 +237,20 @@ def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, e
 
     counts = network_counts(runs)
     state = {}
-    queued: dict[Path, str] = {}
+    queued: dict[Path, str] | None = {}
     if executor == "slurm" and shutil.which("squeue") is not None:
         from dimr_lab.runner.slurm import live_jobs
 
-        queued = live_jobs(runs) or {}  # what `submit` would leave to its job (unknown: nothing)
+        queued = live_jobs(runs)  # what `submit` would leave to its job
     for r in runs:
         source = None
         if r.is_done():
             state[r.run_dir] = ("done", None)
+            continue
+        if queued is None:  # `submit` refuses them all: an earlier job may still be queued
+            state[r.run_dir] = ("unknown", None)
+            problems.setdefault(r.run_dir, "squeue did not answer, so whether these runs' earlier jobs are still "
+                                           "queued is unknown; nothing would be submitted")
             continue
         if r.run_dir in queued:
             state[r.run_dir] = ("queued", queued[r.run_dir])
@@ -285,6 +290,7 @@ def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, e
                   "done (skipped)" if state[r.run_dir][0] == "done" else
                   "no checkpoint (refused)" if state[r.run_dir][0] == "no checkpoint" else
                   f"queued (job {state[r.run_dir][1]})" if state[r.run_dir][0] == "queued" else
+                  "unknown (squeue did not answer)" if state[r.run_dir][0] == "unknown" else
                   (f"reuse {state[r.run_dir][1]}" if state[r.run_dir][1] else "to run"))
     out.print(t)
     out.print(f"folder: {ablation_dir}")
