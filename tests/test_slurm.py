@@ -318,6 +318,7 @@ def test_queued_jobs_survive_an_unanswering_squeue_and_cancel_finds_every_job(tm
     results = tmp_path / "results"
     args = ["run", abl, "--results", results, "--executor", "slurm", "--train-fn", STANDIN, "--only", "a",
             "--set", 'slurm.additional={ begin = "now+600" }']
+    real_path = os.environ["PATH"]
     try:
         code, out, err = cli([*args, "--json"], capsys)
         assert code == 0, err
@@ -349,6 +350,7 @@ def test_queued_jobs_survive_an_unanswering_squeue_and_cancel_finds_every_job(tm
         assert code == 0 and job in out, out
         _wait(lambda: _sacct(job.split("_")[0]).get(job, "").startswith("CANCELLED") or None, 60, "the cancel")
     finally:
+        job_env.setenv("PATH", real_path)  # the real squeue, also when an assertion failed under the fake one
         _scancel_all([results])
 
 
@@ -418,3 +420,26 @@ def test_a_run_out_of_requeues_ends_with_one_line_and_status_says_it_resumes(tmp
     assert "Traceback" not in tail and "not requeued (timed-out too many times" in tail, tail
     assert f"a rerun resumes from step {step}" in st["detail"], st
     assert [j["job_id"] for j in json.loads((run / "slurm.json").read_text())["jobs"]] == [job]
+
+
+def test_status_says_why_a_queued_job_waits(tmp_path, capsys, job_env):
+    """A job that can never start here (two nodes asked of a one-node partition, which sbatch accepts) was shown
+    'queued (PENDING)' forever; status gives squeue's reason."""
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, timeout=20).stdout.split()
+    if len(set(nodes)) != 1:
+        pytest.skip("needs a one-node cluster")
+    abl = write_ablation(tmp_path, seeds="[0]", steps=2, ckpt=2)
+    results = tmp_path / "results"
+    try:
+        code, out, err = cli(["run", abl, "--results", results, "--executor", "slurm", "--train-fn", STANDIN,
+                              "--only", "a", "--set", "slurm.nodes=2"], capsys)
+        assert code == 0, err
+
+        def said():
+            code, out, _ = cli(["status", results, "--json"], capsys)
+            (st,) = [json.loads(x) for x in out.splitlines()]
+            return st if "PartitionNodeLimit" in st["detail"] else None  # the scheduler may say Priority first
+        st = _wait(said, 60, "the scheduler to give the reason")
+        assert st["state"] == "pending" and st["detail"] == "queued (PENDING: PartitionNodeLimit)", st
+    finally:
+        _scancel_all([results])

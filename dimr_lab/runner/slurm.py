@@ -324,14 +324,15 @@ def _run(cmd: list[str]) -> str | None:
 
 def job_states(job_ids: list[str], *, with_nodes: bool = False) -> dict[str, Any] | None:
     """SLURM state (PENDING, RUNNING, COMPLETED, FAILED, ...) of each job id ('123' or '123_4'), from squeue
-    for live jobs and sacct for the rest; ids SLURM no longer knows are left out. With `with_nodes`, each
-    value is (state, node list). None when squeue does not answer (a timeout, slurmctld down): then which
-    jobs are still queued is unknown, and nothing may be read as gone."""
+    for live jobs and sacct for the rest; ids SLURM no longer knows are left out. With `with_nodes`, each value
+    is (state, node list, why a queued job waits: squeue's reason, '' when none). None when squeue does not
+    answer (a timeout, slurmctld down): then which jobs are still queued is unknown, and nothing may be read
+    as gone."""
     ids = sorted({str(j) for j in job_ids if j})
     if not ids:
         return {}
-    states: dict[str, tuple[str, str]] = {}
-    whole: dict[str, tuple[str, str]] = {}   # array job id -> state of records that stand for several tasks
+    states: dict[str, tuple[str, ...]] = {}
+    whole: dict[str, tuple[str, ...]] = {}   # array job id -> state of records that stand for several tasks
     bases = sorted({i.split("_")[0] for i in ids})
     sacct = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State,NodeList", "-j", ",".join(bases)])
     for line in (sacct or "").splitlines():
@@ -345,14 +346,14 @@ def job_states(job_ids: list[str], *, with_nodes: bool = False) -> dict[str, Any
             for part in m.group(2).split(","):
                 lo, _, hi = part.partition("-")
                 for k in range(int(lo), int(hi or lo) + 1):
-                    states.setdefault(f"{m.group(1)}_{k}", (state, node))
+                    states.setdefault(f"{m.group(1)}_{k}", (state, node, ""))
         elif jid.isdigit():
-            states[jid] = whole[jid] = (state, node)
+            states[jid] = whole[jid] = (state, node, "")
         else:
-            states[jid] = (state, node)
+            states[jid] = (state, node, "")
     # this user's live jobs, filtered here: `squeue -j` fails for ids slurmctld has forgotten, which would
     # read like squeue not answering
-    squeue = _run(["squeue", "-h", "-r", "-o", "%i|%T|%N", "-u", getpass.getuser()])
+    squeue = _run(["squeue", "-h", "-r", "-o", "%i|%T|%N|%r", "-u", getpass.getuser()])
     if squeue is None:
         return None
     wanted = set(bases)
@@ -361,7 +362,8 @@ def job_states(job_ids: list[str], *, with_nodes: bool = False) -> dict[str, Any
             continue
         parts = line.strip().split("|")
         if len(parts) >= 2 and parts[0]:
-            states[parts[0]] = (parts[1], parts[2] if len(parts) > 2 else "")
+            reason = parts[3] if len(parts) > 3 and parts[3] != "None" else ""
+            states[parts[0]] = (parts[1], parts[2] if len(parts) > 2 else "", reason)
     for i in ids:  # array tasks sacct only lists as the array's own record (e.g. cancelled before starting)
         base, _, task = i.partition("_")
         if task and i not in states and base in whole:
