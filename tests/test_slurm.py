@@ -443,3 +443,41 @@ def test_status_says_why_a_queued_job_waits(tmp_path, capsys, job_env):
         assert st["state"] == "pending" and st["detail"] == "queued (PENDING: PartitionNodeLimit)", st
     finally:
         _scancel_all([results])
+
+
+def test_jobs_are_requeueable_and_a_refused_requeue_is_one_line(tmp_path, capsys, job_env):
+    """Jobs go in with --requeue (a cluster whose default is JobRequeue=0 refused `scontrol requeue` after the
+    checkpoint signal, and the task ended with a traceback); where SLURM refuses the requeue all the same, the task
+    ends with one line saying where its checkpoint is."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    real = shutil.which("scontrol")
+    (fake / "scontrol").write_text(f'#!/bin/sh\nif [ "$1" = requeue ]; then\n  echo "Requested operation is '
+                                   f'presently disabled for job $2" >&2\n  exit 1\nfi\nexec {real} "$@"\n')
+    (fake / "scontrol").chmod(0o755)
+    abl = write_ablation(tmp_path, seeds="[0]", steps=60, ckpt=50)
+    results = tmp_path / "results"
+    job_env.setenv("STANDIN_STEP_S", "0.3")
+    job_env.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")  # the job's environment: sbatch passes it on
+    try:
+        code, out, err = cli(["run", abl, "--results", results, "--executor", "slurm", "--train-fn", STANDIN,
+                              "--only", "a", "--json"], capsys)
+        assert code == 0, err
+        (job,) = [json.loads(x)["job_id"] for x in out.splitlines()]
+        shown = subprocess.run([real, "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+        assert "Requeue=1" in shown, shown
+        (run,) = run_dirs(results)
+        from dimr_lab.rundir import RunDir
+
+        _wait(lambda: (RunDir(run).last_logged_step() or 0) >= 3, WAIT, "training to pass step 3")
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+
+        def ended():
+            code, out, _ = cli(["status", results, "--json"], capsys)
+            (st,) = [json.loads(x) for x in out.splitlines()]
+            return st if st["state"] == "failed" and st["slurm_state"] == "FAILED" else None
+        st = _wait(ended, WAIT, "the job to end")
+    finally:
+        _scancel_all([results])
+    tail = "\n".join(st["log_tail"])
+    assert "Traceback" not in tail and "not requeued (scontrol requeue failed" in tail, tail

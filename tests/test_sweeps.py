@@ -60,6 +60,8 @@ def test_user_defaults_then_file_then_profile_then_set(tmp_path, capsys, monkeyp
     assert sb["time"] == "2880" and "[profile.paper]" in out
     code, out, err = dry(capsys, tmp_path, "--set", 'slurm.time="1:00:00"')
     assert sbatch_lines(out)["time"] == "60"
+    # requeueable whatever the cluster's default: a timed-out or preempted task requeues itself
+    assert "requeue" in sb
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -75,6 +77,8 @@ def test_user_defaults_then_file_then_profile_then_set(tmp_path, capsys, monkeyp
     (["--set", 'slurm.sbatch_lines=["--time=10"]'], "--time is checked or set by dimr-lab"),
     (["--set", 'slurm.sbatch_lines=["--output=/tmp/x"]'], "--output is checked or set by dimr-lab"),
     (["--set", "slurm.additional={ no-kill = false }"], "false is no sbatch value"),
+    (["--set", "slurm.additional={ no-requeue = true }"], "dimr-lab submits every job with --requeue"),
+    (["--set", 'slurm.sbatch_lines=["--no-requeue"]'], "dimr-lab submits every job with --requeue"),
 ])
 def test_bad_slurm_settings_are_one_line(args, fragment, tmp_path, capsys):
     code, out, err = dry(capsys, tmp_path, *args)

@@ -83,14 +83,18 @@ class TrainJob(submitit.helpers.Checkpointable):
         if code == EXIT_INTERRUPTED:
             if stop.signum == usr_sig and callable(submitit_handler):
                 # timeout or preemption notice: checkpoint() + requeue + exit (rank 0; no-op elsewhere)
+                step = result.get("step") if isinstance(result, dict) else None
                 try:
                     submitit_handler(usr_sig, None)
                 except submitit.core.utils.UncompletedJobError as err:  # e.g. timed out slurm.max_requeues times
                     why = str(err).removeprefix("Job not requeued because: ").rstrip(".")
-                    step = result.get("step") if isinstance(result, dict) else None
                     print(f"error: {run_dir}: not requeued ({why}; slurm.max_requeues bounds the timeouts); "
                           f"its checkpoint at step {step} is kept: run the ablation again to resume there",
                           file=sys.stderr, flush=True)
+                    sys.exit(EXIT_INTERRUPTED)
+                except (subprocess.SubprocessError, OSError) as err:  # SLURM refused the requeue
+                    print(f"error: {run_dir}: not requeued (scontrol requeue failed: {err}); its checkpoint at step "
+                          f"{step} is kept: run the ablation again to resume there", file=sys.stderr, flush=True)
                     sys.exit(EXIT_INTERRUPTED)
             print(f"[dimr-lab] {run_dir}: stopped by signal {stop.signum} after a checkpoint", flush=True)
             sys.exit(128 + (stop.signum or 15))
@@ -125,7 +129,9 @@ def executor_parameters(settings: SlurmSettings, ablation: str) -> dict[str, Any
         p["setup"] = list(settings.setup)
     if settings.srun_args:
         p["srun_args"] = list(settings.srun_args)
-    extra = dict(settings.additional)
+    # requeueable whatever the cluster's default (JobRequeue=0 is common): a timed-out or preempted task
+    # requeues itself (`scontrol requeue`), which SLURM refuses for a job submitted without --requeue
+    extra: dict[str, Any] = {"requeue": True, **settings.additional}
     if settings.reservation:
         extra["reservation"] = settings.reservation
     for line in settings.sbatch_lines:

@@ -50,6 +50,14 @@ def parse_time(value: Any) -> int:
     return minutes
 
 
+def _owned(name: str) -> str:
+    """Why an sbatch option dimr-lab sets itself cannot be passed through."""
+    if name in ("requeue", "no-requeue"):
+        return (f"--{name}: dimr-lab submits every job with --requeue (a timed-out or preempted task checkpoints and "
+                f"requeues itself); slurm.max_requeues bounds the timeouts")
+    return f"--{name} is checked or set by dimr-lab (slurm.* settings); set it there"
+
+
 def _mem(value: str) -> str:
     if value and not re.fullmatch(r"\d+[KMGT]?B?", value, re.IGNORECASE):
         raise ValueError(f"{value!r} is not a SLURM memory size (e.g. 400G, 16000M)")
@@ -136,22 +144,20 @@ class SlurmSettings:
         # what the checks above rely on, and what dimr-lab itself reads back (the log, the array, the signal)
         own = {"time", "time-min", "nodes", "ntasks-per-node", "ntasks", "gpus-per-node", "gpus-per-task", "gpus",
                "gres", "mem", "mem-per-gpu", "mem-per-cpu", "job-name", "output", "error", "array", "signal",
-               "open-mode"}
+               "open-mode", "requeue", "no-requeue"}
         for i, line in enumerate(self.sbatch_lines):
             if not re.fullmatch(r"--[A-Za-z][A-Za-z0-9_-]*(=\S.*)?", line.strip()) or "\n" in line:
                 raise SpecError(f"{line!r}: expected an sbatch option such as '--hint=nomultithread'",
                                 key=f"sbatch_lines[{i}]")
             name = line.strip()[2:].split("=", 1)[0]
             if name in own:  # it would silently beat the validated setting (or the log dimr-lab reads)
-                raise SpecError(f"{line!r}: --{name} is checked or set by dimr-lab (slurm.* settings); set it "
-                                f"there", key=f"sbatch_lines[{i}]")
+                raise SpecError(f"{line!r}: {_owned(name)}", key=f"sbatch_lines[{i}]")
         for k, v in self.additional.items():
             if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", str(k)) or not isinstance(v, (str, int, float, bool)):
                 raise SpecError(f"an sbatch option name and a string, number or true, got {k!r} = {v!r}",
                                 key=f"additional.{k}")
             if str(k).replace("_", "-") in own:
-                raise SpecError(f"--{k} is checked or set by dimr-lab (slurm.* settings); set it there",
-                                key=f"additional.{k}")
+                raise SpecError(_owned(str(k).replace("_", "-")), key=f"additional.{k}")
             if v is False:
                 raise SpecError("false is no sbatch value: leave the option out (true writes the bare flag)",
                                 key=f"additional.{k}")
