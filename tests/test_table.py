@@ -534,6 +534,32 @@ def test_steps_pair_runs_at_the_same_step_only(tmp_path):
     assert "evaluated at steps 300–600" in render_table(tmp_path, "rich")  # and the title line says so
 
 
+def test_steps_never_pair_evaluations_with_other_settings(tmp_path):
+    # b's seeds 0-2 were evaluated on 256 samples, a's on 1024: FIDs of different sample counts are no pair
+    for seed in range(4):
+        write_run(tmp_path, "abl", "a", seed, metrics_for(50.0 + seed, seed), variant_index=0,
+                  spec=make_spec(seed, eval__samples=1024))
+        write_run(tmp_path, "abl", "b", seed, metrics_for(40.0 + seed * 1.5, seed), variant_index=1,
+                  spec=make_spec(seed, eval__samples=1024 if seed == 3 else 256))
+    s = step_statistics(collect(tmp_path)[0]).iloc[0]
+    assert s["n"] == 1 and s["diff"] == pytest.approx(-8.5)
+    assert "3 of 4 seeds not paired: seeds 0, 1, 2 evaluated with other settings (eval.samples 1024 vs 256)" \
+        in s["note"]
+
+
+def test_steps_say_why_no_seed_is_paired_and_name_seeds_without_a_value(tmp_path):
+    for seed in range(3):
+        write_run(tmp_path / "behind", "abl", "a", seed, metrics_for(50.0 + seed, seed), variant_index=0)
+        write_run(tmp_path / "behind", "abl", "b", seed, metrics_for(40.0 + seed, seed), variant_index=1, step=300)
+        write_run(tmp_path / "gap", "abl", "a", seed, metrics_for(50.0 + seed, seed), variant_index=0)
+        write_run(tmp_path / "gap", "abl", "b", seed, metrics_for(None if seed == 2 else 40.0 + seed, seed),
+                  variant_index=1)
+    s = step_statistics(collect(tmp_path / "behind")[0]).iloc[0]
+    assert s["n"] == 0 and s["note"] == "3 of 3 seeds not paired: seeds 0, 1, 2 evaluated at step 600 (a) vs 300 (b)"
+    s = step_statistics(collect(tmp_path / "gap")[0]).iloc[0]
+    assert s["n"] == 2 and s["note"] == "seed 2 without a fid value on one side, left out"
+
+
 def test_steps_csv_columns(tree, capsys):
     code, out, err = cli(["table", tree, "--steps", "--format", "csv"], capsys)
     assert code == 0 and err == ""
