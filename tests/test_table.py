@@ -560,6 +560,21 @@ def test_steps_say_why_no_seed_is_paired_and_name_seeds_without_a_value(tmp_path
     assert s["n"] == 2 and s["note"] == "seed 2 without a fid value on one side, left out"
 
 
+def test_no_published_sign_between_rows_of_different_published_tables(tmp_path):
+    # main_results' tiny profile: G/2R (ImageNet 256) and XL/3R (ImageNet 512) on the same CPU data; their
+    # published FIDs (1.63, 2.89) differ in dataset and protocol, so their difference is no sign to test
+    refs = {"g_2r": {"table": "imagenet256", "model": "DiMR-G/2R", "epochs": 800},
+            "xl_3r": {"table": "imagenet512", "model": "DiMR-XL/3R", "epochs": 800}}
+    for seed in range(4):
+        for index, (variant, paper) in enumerate(refs.items()):
+            write_run(tmp_path, "main", variant, seed, metrics_for(50.0 + 10 * index + seed + 0.1 * seed ** 2, seed),
+                      variant_index=index, paper=paper)
+    s = step_statistics(collect(tmp_path)[0]).iloc[0]
+    assert s["n"] == 4 and s["p_t"] < 0.05
+    assert s["paper_diff"] is None or math.isnan(s["paper_diff"])
+    assert s["verdict"] == "no published sign" and "different tables (imagenet256 vs imagenet512)" in s["note"]
+
+
 def test_steps_csv_columns(tree, capsys):
     code, out, err = cli(["table", tree, "--steps", "--format", "csv"], capsys)
     assert code == 0 and err == ""

@@ -52,18 +52,35 @@ def _published(group: pd.DataFrame, variant: str, paper_col: str | None) -> floa
     return float(values.iloc[0]) if len(values) else math.nan
 
 
+def _paper_tables(group: pd.DataFrame, variant: str, paper_col: str | None) -> list[str]:
+    """The published tables a variant's numbers come from (its runs' `paper` references)."""
+    if paper_col is None or paper_col not in group:
+        return []
+    refs = group.loc[(group["variant"] == variant) & group[paper_col].notna(), "paper"].dropna()
+    tables = {_json_object(ref).get("table") for ref in refs}
+    return sorted(t for t in tables if isinstance(t, str))
+
+
 def _step(group: pd.DataFrame, a: str, b: str, metric: str, paper_col: str | None) -> dict[str, Any]:
     """One step a -> b: runs paired by seed (seeds present in both) at one step, one evaluation's settings and
     the same data."""
     left, right = group[group["variant"] == a], group[group["variant"] == b]
     # the published numbers carry two decimals: their difference is rounded so float noise never shows
     paper_diff = round(_published(group, b, paper_col) - _published(group, a, paper_col), 10)
+    notes = []
+    tables = (_paper_tables(group, a, paper_col), _paper_tables(group, b, paper_col))
+    if not math.isnan(paper_diff) and (tables[0] != tables[1] or len(tables[0]) != 1):
+        # rows of two published tables (ImageNet 256 and 512, say) differ in dataset and protocol: no sign
+        paper_diff = math.nan
+        notes.append(f"{a} and {b} are published in different tables ({', '.join(tables[0])} vs "
+                     f"{', '.join(tables[1])}): no published difference")
     row: dict[str, Any] = {"from_variant": a, "to_variant": b, "step": f"{a} → {b}",
-                           "paper_diff": None if math.isnan(paper_diff) else paper_diff, "note": ""}
+                           "paper_diff": None if math.isnan(paper_diff) else paper_diff, "note": "; ".join(notes)}
     keys_a, keys_b = set(left["data_key"]), set(right["data_key"])
     if not keys_a & keys_b:
         row.update(n=0, verdict=NOT_COMPARED, data_key=" vs ".join(sorted(keys_a) + sorted(keys_b)),
-                   note=f"different data ({', '.join(sorted(keys_a))} vs {', '.join(sorted(keys_b))}): not compared")
+                   note="; ".join([f"different data ({', '.join(sorted(keys_a))} vs {', '.join(sorted(keys_b))}): "
+                                   f"not compared", *notes]))
         return row
     # a pair is one seed evaluated at the same step with the same sampling and evaluation settings (sample
     # count, sampler, reference: one evaluation hash) on the same data: anything else is not the
@@ -79,7 +96,6 @@ def _step(group: pd.DataFrame, a: str, b: str, metric: str, paper_col: str | Non
                                       "detectable")})
     row.update(from_mean=found["mean_a"], to_mean=found["mean_b"], data_key=", ".join(sorted(keys_a & keys_b)),
                fid_floor=float(floors.mean()) if metric == "fid" and len(floors) else math.nan)
-    notes = []
     unpaired = sorted(common - set(paired["seed"]))
     if unpaired:
         notes.append(f"{len(unpaired)} of {len(common)} seeds not paired: "
@@ -240,7 +256,8 @@ def step_legend(found: pd.DataFrame) -> str:
             f"with 80% power at 5% before Holm's correction). p_holm: {which}, Holm-adjusted over the "
             f"k = {k} steps of each ablation, profile and grid point read together. Verdict: agrees or "
             f"disagrees with the paper's sign when p_holm < {ALPHA} and the interval excludes 0, else "
-            f"inconclusive (no published sign: the paper has no number for one side). "
+            f"inconclusive (no published sign: the paper has no number for one side, or the two are in different "
+            f"published tables). "
             + (floors[0].upper() + floors[1:] + "." if floors else ""))
 
 
