@@ -177,6 +177,18 @@ def test_paper_columns(tree):
     assert cells["tdln (base)"][paper] == "5.21" and cells["ln_token"][paper] == ""
 
 
+@pytest.mark.parametrize("ref", [{"table": T2, "row": [1]}, {"table": T2, "row": True},
+                                 {"table": "imagenet256", "model": "DiMR-XL/2R", "epochs": [400]},
+                                 {"table": "imagenet256", "model": ["DiMR-XL/2R"], "epochs": 400}])
+def test_a_malformed_paper_reference_is_one_warning_not_a_crash(tmp_path, ref):
+    write_run(tmp_path, "abl", "a", 0, metrics_for(5.0), paper=ref)
+    with pytest.raises(UserError, match="paper reference: '(row|model|epochs)' must be"):
+        paper_row(ref)
+    runs, warnings = collect(tmp_path)
+    assert len(runs) == 1 and math.isnan(runs["paper_fid"].iloc[0])
+    assert len(warnings) == 1 and "paper reference" in warnings[0]
+
+
 def test_paper_rows_follow_the_evaluated_step(tmp_path):
     """epochs_at maps an earlier training step to its own published row (the 400-epoch numbers of a run
     trained to 800 epochs); every other step shows the final row."""
