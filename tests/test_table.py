@@ -622,6 +622,12 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys, case):
         assert "no finished runs" in errors[0]
 
 
+def test_a_results_path_that_is_a_file_is_not_said_to_be_missing(tmp_path, capsys):
+    (tmp_path / "results.txt").write_text("x")
+    code, out, err = cli(["table", tmp_path / "results.txt"], capsys)
+    assert code == 2 and out == "" and err.strip().endswith("is a file, not a folder") and err.count("\n") == 1
+
+
 # ------------------------------------------------------------------------------------ no torch
 
 def test_the_table_layer_never_imports_torch(tree, tmp_path):

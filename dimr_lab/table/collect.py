@@ -275,7 +275,7 @@ def _drop_superseded(runs: pd.DataFrame, key: list[str], warnings: list[str]) ->
 def _root(results_dir: str | Path) -> Path:
     root = Path(results_dir)
     if not root.is_dir():
-        raise UserError(f"results folder {root} does not exist")
+        raise UserError(f"results folder {root} " + ("is a file, not a folder" if root.exists() else "does not exist"))
     return root
 
 
