@@ -297,6 +297,23 @@ def test_a_damaged_latest_evaluation_is_not_replaced_by_an_earlier_step(tmp_path
     assert "v" in render_table(tmp_path, "csv", on_warning=lambda line: None, skip_damaged=True)
 
 
+@pytest.mark.parametrize("record", ['{"step": 12', '{"step": "1200"}'])
+def test_a_damaged_evaluation_record_is_damage_not_an_unfinished_or_earlier_evaluation(tmp_path, record):
+    """An eval.json that does not read beside a finished metrics.json stops the table like a damaged
+    metrics.json; with --skip-damaged the run is left out, not shown at its earlier step."""
+    for seed in range(3):
+        folder = write_run(tmp_path, "abl", "v", seed, metrics_for(50.0 + seed, seed), step=600)
+        add_eval(folder, 1200, metrics_for(30.0 + seed, seed), make_spec(seed))
+    latest = sorted((folder / "evals").iterdir())[-1]
+    (latest / "eval.json").write_text(record)
+    runs, warnings = collect(tmp_path)
+    assert list(runs["step"]) == [1200, 1200]
+    assert any(isinstance(w, Damaged) and str(latest / "eval.json") in w for w in warnings)
+    assert any(isinstance(w, Damaged) and "not replaced by step 600" in w for w in warnings)
+    with pytest.raises(UserError, match="--skip-damaged"):
+        render_table(tmp_path, "csv", on_warning=lambda line: None)
+
+
 def test_eval_filters_name_known_settings_and_an_empty_table_says_why_in_one_line(tmp_path):
     for seed in range(2):
         write_run(tmp_path, "abl", "v", seed, metrics_for(50.0 + seed, seed), step=600)
