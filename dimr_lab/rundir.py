@@ -421,15 +421,25 @@ class RunDir:
         return None
 
 
+def _named_step(d: Path) -> int:
+    """The step in an evaluation folder's name (step-00000600-<hash>), -1 when it has none."""
+    digits = d.name[len("step-"):].split("-", 1)[0] if d.name.startswith("step-") else ""
+    return int(digits) if digits.isdigit() else -1
+
+
 def read_evaluation(d: Path) -> Evaluation | None:
-    """The evaluation in folder d (None when it has no eval.json: not an evaluation)."""
-    rec = try_read_json_object(d / EVAL_RECORD)
-    if rec is None:
+    """The evaluation in folder d (None when it has no eval.json: not an evaluation; one with a problem when
+    its eval.json does not read, with the step its folder's name gives)."""
+    if not (d / EVAL_RECORD).exists():
         return None
+    try:
+        rec = read_json_object(d / EVAL_RECORD, what="evaluation record")
+    except UserError as err:
+        return Evaluation(d, _named_step(d), d.name, "", {}, None, str(err))
     step, ehash, settings = rec.get("step"), rec.get("eval_hash"), rec.get("settings")
     if isinstance(step, bool) or not isinstance(step, int) or not isinstance(ehash, str) \
             or not isinstance(settings, dict):
-        return Evaluation(d, -1, d.name, "", {}, None, f"{d / EVAL_RECORD}: not an evaluation record")
+        return Evaluation(d, _named_step(d), d.name, "", {}, None, f"{d / EVAL_RECORD}: not an evaluation record")
     metrics, problem = None, ""
     if (d / METRICS).exists():
         try:

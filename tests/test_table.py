@@ -177,6 +177,18 @@ def test_paper_columns(tree):
     assert cells["tdln (base)"][paper] == "5.21" and cells["ln_token"][paper] == ""
 
 
+@pytest.mark.parametrize("ref", [{"table": T2, "row": [1]}, {"table": T2, "row": True},
+                                 {"table": "imagenet256", "model": "DiMR-XL/2R", "epochs": [400]},
+                                 {"table": "imagenet256", "model": ["DiMR-XL/2R"], "epochs": 400}])
+def test_a_malformed_paper_reference_is_one_warning_not_a_crash(tmp_path, ref):
+    write_run(tmp_path, "abl", "a", 0, metrics_for(5.0), paper=ref)
+    with pytest.raises(UserError, match="paper reference: '(row|model|epochs)' must be"):
+        paper_row(ref)
+    runs, warnings = collect(tmp_path)
+    assert len(runs) == 1 and math.isnan(runs["paper_fid"].iloc[0])
+    assert len(warnings) == 1 and "paper reference" in warnings[0]
+
+
 def test_paper_rows_follow_the_evaluated_step(tmp_path):
     """epochs_at maps an earlier training step to its own published row (the 400-epoch numbers of a run
     trained to 800 epochs); every other step shows the final row."""
@@ -283,6 +295,23 @@ def test_a_damaged_latest_evaluation_is_not_replaced_by_an_earlier_step(tmp_path
     with pytest.raises(UserError, match="not valid JSON"):
         render_table(tmp_path, "csv", on_warning=lambda line: None)
     assert "v" in render_table(tmp_path, "csv", on_warning=lambda line: None, skip_damaged=True)
+
+
+@pytest.mark.parametrize("record", ['{"step": 12', '{"step": "1200"}'])
+def test_a_damaged_evaluation_record_is_damage_not_an_unfinished_or_earlier_evaluation(tmp_path, record):
+    """An eval.json that does not read beside a finished metrics.json stops the table like a damaged
+    metrics.json; with --skip-damaged the run is left out, not shown at its earlier step."""
+    for seed in range(3):
+        folder = write_run(tmp_path, "abl", "v", seed, metrics_for(50.0 + seed, seed), step=600)
+        add_eval(folder, 1200, metrics_for(30.0 + seed, seed), make_spec(seed))
+    latest = sorted((folder / "evals").iterdir())[-1]
+    (latest / "eval.json").write_text(record)
+    runs, warnings = collect(tmp_path)
+    assert list(runs["step"]) == [1200, 1200]
+    assert any(isinstance(w, Damaged) and str(latest / "eval.json") in w for w in warnings)
+    assert any(isinstance(w, Damaged) and "not replaced by step 600" in w for w in warnings)
+    with pytest.raises(UserError, match="--skip-damaged"):
+        render_table(tmp_path, "csv", on_warning=lambda line: None)
 
 
 def test_eval_filters_name_known_settings_and_an_empty_table_says_why_in_one_line(tmp_path):
@@ -534,6 +563,47 @@ def test_steps_pair_runs_at_the_same_step_only(tmp_path):
     assert "evaluated at steps 300–600" in render_table(tmp_path, "rich")  # and the title line says so
 
 
+def test_steps_never_pair_evaluations_with_other_settings(tmp_path):
+    # b's seeds 0-2 were evaluated on 256 samples, a's on 1024: FIDs of different sample counts are no pair
+    for seed in range(4):
+        write_run(tmp_path, "abl", "a", seed, metrics_for(50.0 + seed, seed), variant_index=0,
+                  spec=make_spec(seed, eval__samples=1024))
+        write_run(tmp_path, "abl", "b", seed, metrics_for(40.0 + seed * 1.5, seed), variant_index=1,
+                  spec=make_spec(seed, eval__samples=1024 if seed == 3 else 256))
+    s = step_statistics(collect(tmp_path)[0]).iloc[0]
+    assert s["n"] == 1 and s["diff"] == pytest.approx(-8.5)
+    assert "3 of 4 seeds not paired: seeds 0, 1, 2 evaluated with other settings (eval.samples 1024 vs 256)" \
+        in s["note"]
+
+
+def test_steps_say_why_no_seed_is_paired_and_name_seeds_without_a_value(tmp_path):
+    for seed in range(3):
+        write_run(tmp_path / "behind", "abl", "a", seed, metrics_for(50.0 + seed, seed), variant_index=0)
+        write_run(tmp_path / "behind", "abl", "b", seed, metrics_for(40.0 + seed, seed), variant_index=1, step=300)
+        write_run(tmp_path / "gap", "abl", "a", seed, metrics_for(50.0 + seed, seed), variant_index=0)
+        write_run(tmp_path / "gap", "abl", "b", seed, metrics_for(None if seed == 2 else 40.0 + seed, seed),
+                  variant_index=1)
+    s = step_statistics(collect(tmp_path / "behind")[0]).iloc[0]
+    assert s["n"] == 0 and s["note"] == "3 of 3 seeds not paired: seeds 0, 1, 2 evaluated at step 600 (a) vs 300 (b)"
+    s = step_statistics(collect(tmp_path / "gap")[0]).iloc[0]
+    assert s["n"] == 2 and s["note"] == "seed 2 without a fid value on one side, left out"
+
+
+def test_no_published_sign_between_rows_of_different_published_tables(tmp_path):
+    # main_results' tiny profile: G/2R (ImageNet 256) and XL/3R (ImageNet 512) on the same CPU data; their
+    # published FIDs (1.63, 2.89) differ in dataset and protocol, so their difference is no sign to test
+    refs = {"g_2r": {"table": "imagenet256", "model": "DiMR-G/2R", "epochs": 800},
+            "xl_3r": {"table": "imagenet512", "model": "DiMR-XL/3R", "epochs": 800}}
+    for seed in range(4):
+        for index, (variant, paper) in enumerate(refs.items()):
+            write_run(tmp_path, "main", variant, seed, metrics_for(50.0 + 10 * index + seed + 0.1 * seed ** 2, seed),
+                      variant_index=index, paper=paper)
+    s = step_statistics(collect(tmp_path)[0]).iloc[0]
+    assert s["n"] == 4 and s["p_t"] < 0.05
+    assert s["paper_diff"] is None or math.isnan(s["paper_diff"])
+    assert s["verdict"] == "no published sign" and "different tables (imagenet256 vs imagenet512)" in s["note"]
+
+
 def test_steps_csv_columns(tree, capsys):
     code, out, err = cli(["table", tree, "--steps", "--format", "csv"], capsys)
     assert code == 0 and err == ""
@@ -567,6 +637,12 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys, case):
     assert len(errors) == 1 and errors[0].startswith("error: ")
     if case == "unfinished":
         assert "no finished runs" in errors[0]
+
+
+def test_a_results_path_that_is_a_file_is_not_said_to_be_missing(tmp_path, capsys):
+    (tmp_path / "results.txt").write_text("x")
+    code, out, err = cli(["table", tmp_path / "results.txt"], capsys)
+    assert code == 2 and out == "" and err.strip().endswith("is a file, not a folder") and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------------------------ no torch

@@ -22,7 +22,9 @@ _SECTION_TYPES = {"sample": SampleSpec, "eval": EvalSpec}
 # columns every runs frame has, in this order (factor.* and grid.* follow the ids, paper_* the rest)
 ID_COLUMNS = ("ablation", "title", "profile", "variant", "variant_index", "seed", "base_variant", "grid",
               "folder", "paper")
-RUN_COLUMNS = ("step", "images_seen", "eval_hash", "eval_label", "data_key", "git_commit", "git_dirty")
+# eval_hash names the evaluation's settings (a legacy folder's: its spec's); eval_settings spells them out (JSON)
+RUN_COLUMNS = ("step", "images_seen", "eval_hash", "eval_label", "eval_settings", "data_key", "git_commit",
+               "git_dirty")
 # keys of one run's plan: another folder with the same key and a newer evaluation supersedes it
 PLAN_KEY = ["ablation", "profile", "variant", "grid", "seed"]
 
@@ -234,8 +236,10 @@ def _row(run: Run, ev: Evaluation, warnings: list[str]) -> dict[str, Any]:
     row.update({
         "step": step,
         "images_seen": seen,
-        "eval_hash": ev.eval_hash,
+        "eval_hash": ev.eval_hash or run.planned_hash,  # a legacy folder's evaluation has its spec's settings
         "eval_label": settings_label(run, ev),
+        "eval_settings": json.dumps(_identity_settings(ev.settings) if ev.eval_hash else run.planned,
+                                    sort_keys=True, default=str),
         "data_key": run.data_key,
         "git_commit": commit if isinstance(commit, str) else None,
         "git_dirty": dirty if isinstance(dirty, bool) else None,
@@ -271,7 +275,7 @@ def _drop_superseded(runs: pd.DataFrame, key: list[str], warnings: list[str]) ->
 def _root(results_dir: str | Path) -> Path:
     root = Path(results_dir)
     if not root.is_dir():
-        raise UserError(f"results folder {root} does not exist")
+        raise UserError(f"results folder {root} " + ("is a file, not a folder" if root.exists() else "does not exist"))
     return root
 
 

@@ -60,6 +60,11 @@ def paper_row(ref: Any) -> dict[str, Any]:
         raise UserError("paper reference must be an object with a 'table' name")
     name = ref["table"]
     table = paper_table(name)
+    # a hand-edited run.json may hold anything: a list here would reach pandas' == and fail there
+    for key, kinds in (("row", (int,)), ("model", (str,)), ("epochs", (int, type(None)))):
+        if key in ref and (isinstance(ref[key], bool) or not isinstance(ref[key], kinds)):
+            raise UserError(f"paper reference: '{key}' must be {'text' if key == 'model' else 'a whole number'}, "
+                            f"got {json.dumps(ref[key], default=str)[:40]}")
     if "row" in ref:
         if "row" not in table.columns:
             raise UserError(f"paper table {name} has no row numbers; refer to a model")

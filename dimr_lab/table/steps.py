@@ -14,7 +14,7 @@ from dimr_lab.errors import UserError, unknown_name_message
 from dimr_lab.table.aggregate import base_variant
 from dimr_lab.table.paper import PAPER_OF
 from dimr_lab.table.render import Section, render
-from dimr_lab.table.values import LABELS, decimals, fixed, is_missing, quietly
+from dimr_lab.table.values import LABELS, decimals, fixed, is_missing, label, quietly, short
 
 TESTS = {"t": "p_t", "perm": "p_perm"}
 ALPHA = 0.05
@@ -52,21 +52,40 @@ def _published(group: pd.DataFrame, variant: str, paper_col: str | None) -> floa
     return float(values.iloc[0]) if len(values) else math.nan
 
 
+def _paper_tables(group: pd.DataFrame, variant: str, paper_col: str | None) -> list[str]:
+    """The published tables a variant's numbers come from (its runs' `paper` references)."""
+    if paper_col is None or paper_col not in group:
+        return []
+    refs = group.loc[(group["variant"] == variant) & group[paper_col].notna(), "paper"].dropna()
+    tables = {_json_object(ref).get("table") for ref in refs}
+    return sorted(t for t in tables if isinstance(t, str))
+
+
 def _step(group: pd.DataFrame, a: str, b: str, metric: str, paper_col: str | None) -> dict[str, Any]:
-    """One step a -> b: runs paired by seed within the same data (seeds present in both)."""
+    """One step a -> b: runs paired by seed (seeds present in both) at one step, one evaluation's settings and
+    the same data."""
     left, right = group[group["variant"] == a], group[group["variant"] == b]
     # the published numbers carry two decimals: their difference is rounded so float noise never shows
     paper_diff = round(_published(group, b, paper_col) - _published(group, a, paper_col), 10)
+    notes = []
+    tables = (_paper_tables(group, a, paper_col), _paper_tables(group, b, paper_col))
+    if not math.isnan(paper_diff) and (tables[0] != tables[1] or len(tables[0]) != 1):
+        # rows of two published tables (ImageNet 256 and 512, say) differ in dataset and protocol: no sign
+        paper_diff = math.nan
+        notes.append(f"{a} and {b} are published in different tables ({', '.join(tables[0])} vs "
+                     f"{', '.join(tables[1])}): no published difference")
     row: dict[str, Any] = {"from_variant": a, "to_variant": b, "step": f"{a} → {b}",
-                           "paper_diff": None if math.isnan(paper_diff) else paper_diff, "note": ""}
+                           "paper_diff": None if math.isnan(paper_diff) else paper_diff, "note": "; ".join(notes)}
     keys_a, keys_b = set(left["data_key"]), set(right["data_key"])
     if not keys_a & keys_b:
         row.update(n=0, verdict=NOT_COMPARED, data_key=" vs ".join(sorted(keys_a) + sorted(keys_b)),
-                   note=f"different data ({', '.join(sorted(keys_a))} vs {', '.join(sorted(keys_b))}): not compared")
+                   note="; ".join([f"different data ({', '.join(sorted(keys_a))} vs {', '.join(sorted(keys_b))}): "
+                                   f"not compared", *notes]))
         return row
-    # a pair is one seed evaluated at the same step, each run with its own planned settings (or the same
-    # departure from them), on the same data: anything else is not the architectural change alone
-    keys = ["seed", "data_key", "step", "eval_label"]
+    # a pair is one seed evaluated at the same step with the same sampling and evaluation settings (sample
+    # count, sampler, reference: one evaluation hash) on the same data: anything else is not the
+    # architectural change alone
+    keys = ["seed", "data_key", "step", "eval_hash"]
     cols = [*keys, metric, "fid_floor"]
     paired = left[cols].merge(right[cols], on=keys, suffixes=("_a", "_b"))
     common = set(left["seed"]) & set(right["seed"])
@@ -77,19 +96,55 @@ def _step(group: pd.DataFrame, a: str, b: str, metric: str, paper_col: str | Non
                                       "detectable")})
     row.update(from_mean=found["mean_a"], to_mean=found["mean_b"], data_key=", ".join(sorted(keys_a & keys_b)),
                fid_floor=float(floors.mean()) if metric == "fid" and len(floors) else math.nan)
-    notes = []
-    if len(paired) < len(common):
-        notes.append(f"{len(common) - len(paired)} of {len(common)} seeds not paired: evaluated at another "
-                     f"step, with other settings or on other data")
+    unpaired = sorted(common - set(paired["seed"]))
+    if unpaired:
+        notes.append(f"{len(unpaired)} of {len(common)} seeds not paired: "
+                     + _why_unpaired(left, right, unpaired, a, b))
     only = {v: sorted(set(side["seed"]) - common) for v, side in ((a, left), (b, right))}
     for v, seeds in only.items():
         if seeds:  # a seed on one side only is left out of the step: said, since the means shown are the pairs'
-            notes.append(f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} of {v} "
-                         f"without a partner, left out")
-    row["note"] = "; ".join(notes)
-    if found["n"] == 0:
-        row["note"] = "no seed with a value in both"
+            notes.append(f"{_seeds(seeds)} of {v} without a partner, left out")
+    no_value = sorted(set(paired["seed"]) - set(kept["seed"]))
+    if no_value:  # a NaN metric on either side drops the pair: named, as the n shown is smaller
+        notes.append(f"{_seeds(no_value)} without a {metric} value on one side, left out")
+    row["note"] = "; ".join(notes) or ("no seed with a value in both" if found["n"] == 0 else "")
     return row
+
+
+def _seeds(seeds: list[Any]) -> str:
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
+def _json_object(text: Any) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _settings_diff(a: Any, b: Any) -> str:
+    """'eval.samples 1024 vs 256': the evaluation settings (JSON text) where two evaluations differ."""
+    sa, sb = _json_object(a), _json_object(b)
+    keys = [k for k in sorted(set(sa) | set(sb)) if k not in sa or k not in sb or sa[k] != sb[k]]
+    parts = [f"{k} {short(sa[k]) if k in sa else '-'} vs {short(sb[k]) if k in sb else '-'}" for k in keys]
+    text = ", ".join(parts[:3]) + (f" and {len(parts) - 3} more" if len(parts) > 3 else "")
+    return text or "another evaluation"
+
+
+def _why_unpaired(left: pd.DataFrame, right: pd.DataFrame, seeds: list[Any], a: str, b: str) -> str:
+    """Why seeds run by both variants are not paired: other data, another step or other evaluation settings."""
+    reasons: dict[str, list[Any]] = {}
+    for seed in seeds:
+        ra, rb = left[left["seed"] == seed].iloc[0], right[right["seed"] == seed].iloc[0]
+        if ra["data_key"] != rb["data_key"]:
+            why = f"on other data ({ra['data_key']} vs {rb['data_key']})"
+        elif not (ra["step"] == rb["step"] or (is_missing(ra["step"]) and is_missing(rb["step"]))):
+            why = f"evaluated at step {label(ra['step'])} ({a}) vs {label(rb['step'])} ({b})"
+        else:
+            why = f"evaluated with other settings ({_settings_diff(ra['eval_settings'], rb['eval_settings'])})"
+        reasons.setdefault(why, []).append(seed)
+    return "; ".join(f"{_seeds(s)} {why}" for why, s in reasons.items())
 
 
 @quietly
@@ -195,12 +250,14 @@ def step_legend(found: pd.DataFrame) -> str:
                        for n in ns)
     which = "the paired t-test (p_t)" if test == "t" else "the exact sign-flip permutation test (p_perm)"
     return (f"Paired by seed: each step compares the two variants' runs of the same seed (seeds present in "
-            f"both, on the same data), diff = to - from with its 95% t interval (the csv adds the bootstrap "
-            f"interval, p_perm, p_t and the detectable effect: the true difference the paired t test finds "
+            f"both, evaluated at the same step with the same settings, on the same data), diff = to - from with "
+            f"its 95% t interval (the csv adds the bootstrap interval, p_perm, p_t and the detectable effect: "
+            f"the true difference the paired t test finds "
             f"with 80% power at 5% before Holm's correction). p_holm: {which}, Holm-adjusted over the "
             f"k = {k} steps of each ablation, profile and grid point read together. Verdict: agrees or "
             f"disagrees with the paper's sign when p_holm < {ALPHA} and the interval excludes 0, else "
-            f"inconclusive (no published sign: the paper has no number for one side). "
+            f"inconclusive (no published sign: the paper has no number for one side, or the two are in different "
+            f"published tables). "
             + (floors[0].upper() + floors[1:] + "." if floors else ""))
 
 
