@@ -55,3 +55,38 @@ def test_the_committed_results_render_as_tables(capsys):
     code, out, err = cli(["table", RESULTS, "--steps", "--format", "csv"], capsys)
     assert code == 0, err
     assert "verdict" in out.splitlines()[0].lower() and len(out.splitlines()) > 1, out
+
+
+def _markdown_tables(text: str) -> list[list[str]]:
+    """Each markdown table of `text` as its lines (header first)."""
+    tables: list[list[str]] = []
+    current: list[str] = []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def test_results_md_quotes_the_tables_and_legends_the_code_prints(capsys):
+    """RESULTS.md says its tables are `dimr-lab table` output pasted as printed: every table whose header the
+    code prints is the code's, row for row, and every legend of the per-step tables is the one printed now.
+    (The learning-curve summaries, put together from several `--step N` calls, have headers of their own.)"""
+    printed: set[str] = set()
+    for ablation in sorted(p for p in RESULTS.iterdir() if p.is_dir() and p.name != "paper"):
+        for args in (["--steps"], ["--columns", "+floor", "--metrics", "fid,sample_accuracy,precision,recall"]):
+            code, out, err = cli(["table", ablation, *args, "--format", "markdown"], capsys)
+            assert code == 0, err
+            printed.update(out.splitlines())
+    text = (ROOT / "RESULTS.md").read_text()
+    checked = 0
+    for table in _markdown_tables(text):
+        if table[0] in printed:
+            missing = [row for row in table if row not in printed]
+            assert not missing, f"RESULTS.md quotes rows `dimr-lab table` no longer prints: {missing[:2]}"
+            checked += 1
+    assert checked >= 5, "RESULTS.md quotes fewer `dimr-lab table` tables than its five ablations"
+    legends = [ln for ln in text.splitlines() if ln.startswith("Paired by seed: each step compares")]
+    assert legends and all(ln in printed for ln in legends), "a per-step legend in RESULTS.md is not the printed one"
