@@ -160,6 +160,33 @@ def test_deltas_against_declared_base_else_first_variant(tree, tmp_path):
     assert math.isnan(row(table, "zeta", "abl")["fid_std"])  # one seed: no spread
 
 
+def test_deltas_across_other_steps_or_settings_are_kept_but_warned(tmp_path):
+    # b was evaluated on 256 samples where the base a used 1024, and c is still behind at step 300: the overall
+    # table's deltas compare them all the same (as --step/--eval may ask), but says so; --steps pairs none
+    for seed in range(2):
+        write_run(tmp_path, "abl", "a", seed, metrics_for(50.0 + seed, seed), variant_index=0,
+                  spec=make_spec(seed, eval__samples=1024))
+        write_run(tmp_path, "abl", "b", seed, metrics_for(40.0 + seed, seed), variant_index=1,
+                  spec=make_spec(seed, eval__samples=256))
+        write_run(tmp_path, "abl", "c", seed, metrics_for(45.0 + seed, seed), variant_index=2,
+                  spec=make_spec(seed, eval__samples=1024), step=300 if seed == 1 else 600)
+    said: list[str] = []
+    table = aggregate(collect(tmp_path)[0], on_warning=said.append)
+    assert row(table, "b", "abl")["fid_delta"] == pytest.approx(-10.0)
+    assert [w for w in said if "abl/b" in w] == [
+        "abl/b (tiny): its deltas compare evaluations with other settings than the base a's "
+        "(eval.samples 256 vs 1024)"]
+    assert [w for w in said if "abl/c" in w] == [
+        "abl/c (tiny): its deltas compare step 300-600 with the base a's step 600 (a run still training, or "
+        "evaluated at other steps)"]
+    said.clear()
+    for seed in range(2):  # the same step and settings: nothing to say
+        for index, variant in enumerate("ab"):
+            write_run(tmp_path / "equal", "abl", variant, seed, metrics_for(50.0 - index, seed), variant_index=index)
+    aggregate(collect(tmp_path / "equal")[0], on_warning=said.append)
+    assert said == []
+
+
 def test_paper_columns(tree):
     table = aggregate(collect(tree)[0])
     assert (row(table, "tdln")["paper_fid"], row(table, "tdln")["paper_params_m"]) == (5.21, 154.0)

@@ -80,6 +80,7 @@ def aggregate(runs: pd.DataFrame, *, on_warning: Callable[[str], None] | None = 
         steps = pd.to_numeric(group["step"], errors="coerce")
         row["step_min"], row["step_max"] = steps.min(), steps.max()
         row["eval_label"] = "; ".join(sorted({x for x in group["eval_label"].fillna("") if x}))
+        row["_settings"] = sorted(set(group["eval_settings"].fillna("")))
         row["paper_ref"] = _first(group["paper_ref"])
         for col in PAPER_COLUMNS.values():
             row[col] = _first(group[col]) if _first(group[col]) is not None else math.nan
@@ -90,7 +91,7 @@ def aggregate(runs: pd.DataFrame, *, on_warning: Callable[[str], None] | None = 
     rows.sort(key=lambda r: (r["ablation"], str(r["profile"]), r["_order"]))  # each profile its own block
     table = pd.DataFrame(rows)
     integer_columns(table, labels)
-    _add_deltas(table)
+    _add_deltas(table, on_warning)
     ids = ["ablation", "title", "profile", "variant", "grid", "data_key", *labels, "n_seeds", "seeds", "base",
            "step_min", "step_max", "eval_label"]
     stats = [f"{c}_{s}" for c in METRIC_COLUMNS for s in ("mean", "std", "n")]
@@ -106,9 +107,34 @@ def base_variant(rows: pd.DataFrame) -> str | None:
     return named.iloc[0] if len(named) else (rows["variant"].iloc[0] if len(rows) else None)
 
 
-def _add_deltas(table: pd.DataFrame) -> None:
+def _settings_difference(mine: list[str], base: list[str]) -> str:
+    """What differs between two rows' evaluation settings (JSON texts of flattened settings), as 'key a vs b'."""
+    def load(texts: list[str]) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for text in texts:
+            try:
+                merged.update(json.loads(text) if text else {})
+            except ValueError:
+                pass
+        return merged
+
+    a, b = load(mine), load(base)
+    diff = [f"{k} {a.get(k, '-')} vs {b.get(k, '-')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return ", ".join(diff[:3]) or "other settings"
+
+
+def _steps_text(row: Any) -> str:
+    lo, hi = row["step_min"], row["step_max"]
+    if pd.isna(lo) or pd.isna(hi):
+        return "?"
+    return f"{int(lo)}" if lo == hi else f"{int(lo)}-{int(hi)}"
+
+
+def _add_deltas(table: pd.DataFrame, on_warning: Callable[[str], None] | None = None) -> None:
     """Add `base` and `<metric>_delta` in place: each row against the base variant at its profile, grid
-    point and data; a declared base with no finished run (or none at that point) gives no deltas."""
+    point and data; a declared base with no finished run (or none at that point) gives no deltas. A delta
+    between rows evaluated at other training steps or with other evaluation settings is kept (it may be what
+    was asked for, as with --step or --eval) but reported to on_warning: `--steps` does not pair such runs."""
     base_flags = pd.Series(False, index=table.index)
     deltas = {col: pd.Series(math.nan, index=table.index) for col in MAIN_METRICS}
     for _, rows in table.groupby("ablation", sort=False):
@@ -120,6 +146,17 @@ def _add_deltas(table: pd.DataFrame) -> None:
                 continue
             for col in MAIN_METRICS:
                 deltas[col][i] = row[f"{col}_mean"] - same[f"{col}_mean"].iloc[0]
+            base = same.iloc[0]
+            if on_warning is None or base_flags[i]:
+                continue
+            where = f"{row['ablation']}/{row['variant']}{_point_text(row['profile'], row['grid'])}"
+            steps, base_steps = _steps_text(row), _steps_text(base)
+            if steps != base_steps:
+                on_warning(f"{where}: its deltas compare step {steps} with the base {base['variant']}'s step "
+                           f"{base_steps} (a run still training, or evaluated at other steps)")
+            if row["_settings"] != base["_settings"]:
+                on_warning(f"{where}: its deltas compare evaluations with other settings than the base "
+                           f"{base['variant']}'s ({_settings_difference(row['_settings'], base['_settings'])})")
     table["base"] = base_flags
     for col in MAIN_METRICS:
         table[f"{col}_delta"] = deltas[col]
