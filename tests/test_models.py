@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from dimr_lab.errors import SpecError
+from dimr_lab.errors import SpecError, UserError
 from dimr_lab.nn.network import build_model, optimizer_param_groups
 from dimr_lab.nn.time_dependent import TimeDependentParameter, evaluate_all
 from dimr_lab.registry import KINDS
@@ -586,3 +586,44 @@ def test_compile_on_the_cpu_without_a_cpp_compiler_is_one_clear_error(monkeypatc
     check_compiler(compiled_eval, torch.device("cpu"))  # training eagerly: train.compile is the key checked
     with pytest.raises(SpecError, match="eval.compile: torch.compile on the CPU needs a C\\+\\+ compiler"):
         check_compiler(compiled_eval, torch.device("cpu"), keys=("train.compile", "eval.compile"))
+
+
+@pytest.mark.parametrize("preset", ["dimr_tiny_2r", "dit_tiny_4"])
+def test_a_network_moved_to_bfloat16_or_half_runs_in_that_dtype(preset):
+    """`.to(torch.bfloat16)` / `.half()`: TD tensors and adaLN's time embedding follow the weights' dtype (they
+    stayed float32 and the first Linear refused them)."""
+    model = build_model(preset).eval()
+    s = model.spec
+    x, t, y = torch.randn(2, s.in_channels, s.image_size, s.image_size), torch.tensor([0.3, 0.6]), torch.tensor([1, 2])
+    with torch.no_grad():
+        want = model(x, t, y)
+        for dtype in (torch.bfloat16, torch.float16):
+            low = copy.deepcopy(model).to(dtype)
+            got = low(x.to(dtype), t, y)
+            assert all(g.dtype == dtype for g in got)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a.float(), b, atol=0.1, rtol=0.1)
+            with pytest.raises(UserError, match=r"x is torch.float32 but the network's weights are torch\.(bfloat16|float16)"):
+                low(x, t, y)
+
+
+def test_forward_takes_scalars_and_column_vectors_and_names_what_it_cannot_take():
+    from dimr_lab.errors import UserError
+
+    model = build_model(TINY_2R).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x, torch.tensor([0.4, 0.4]), torch.tensor([1, 1]), tau=torch.tensor([0.2, 0.2]))
+        for t, y, tau in ((0.4, 1, 0.2), (torch.tensor([[0.4], [0.4]]), [1, 1], torch.tensor(0.2))):
+            got = model(x, t, y, tau=tau)
+            assert all(torch.allclose(a, b) for a, b in zip(got, want))
+        bad = {
+            "t": (x, torch.rand(3), None, r"t must be a scalar or hold one value per sample \(B = 2\), got shape \(3,\)"),
+            "y": (x, 0.5, torch.tensor([0, 6]), r"labels must lie in 0\.\.4, or 5 \(null_label"),
+            "float y": (x, 0.5, torch.tensor([0.0, 1.0]), "y must hold integer labels"),
+            "channels": (torch.randn(2, 1, 16, 16), 0.5, None, r"x must be \(B, 3, 16, 16\)"),
+            "size": (torch.randn(2, 3, 32, 32), 0.5, None, r"x must be \(B, 3, 16, 16\).*got \(2, 3, 32, 32\)"),
+        }
+        for name, (xx, t, y, message) in bad.items():
+            with pytest.raises(UserError, match=message):
+                model(xx, t, y)
