@@ -627,3 +627,23 @@ def test_forward_takes_scalars_and_column_vectors_and_names_what_it_cannot_take(
         for name, (xx, t, y, message) in bad.items():
             with pytest.raises(UserError, match=message):
                 model(xx, t, y)
+
+
+def test_timm_pretrained_refuses_a_file_of_another_network(tmp_path):
+    """`timm.create_model("dimr_tiny_3r", pretrained=True, ...)` on a DiT's file handed back the DiT."""
+    import timm
+
+    import dimr_lab.nn.timm_models  # noqa: F401
+    from dimr_lab.nn.checkpoint import export_safetensors, model_payload, write_checkpoint
+    from dimr_lab.spec.schema import to_dict
+
+    dit = build_model("dit_tiny_4")
+    write_checkpoint(tmp_path / "dit.pt", model_payload(dit))
+    export_safetensors(tmp_path / "dit.safetensors", to_dict(dit.spec), dit.state_dict())
+    for file in ("dit.pt", "dit.safetensors"):
+        path = tmp_path / file
+        with pytest.raises(UserError, match=r"holds a DiT-tiny/4 network, not DiMR-tiny/3R \(dimr_tiny_3r\); load it "
+                                            r"with timm.create_model\('dit_tiny_4'"):
+            timm.create_model("dimr_tiny_3r", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+        assert timm.create_model("dit_tiny_4", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).spec.name \
+            == "DiT-tiny/4"
