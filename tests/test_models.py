@@ -647,3 +647,26 @@ def test_timm_pretrained_refuses_a_file_of_another_network(tmp_path):
             timm.create_model("dimr_tiny_3r", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
         assert timm.create_model("dit_tiny_4", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).spec.name \
             == "DiT-tiny/4"
+
+
+def test_components_list_the_model_keys_they_read():
+    """`dimr-lab components` named neither attention_fp32 (transformer blocks) nor time_embed_dim (adaLN)."""
+    import dataclasses
+
+    from dimr_lab.spec.model_spec import BranchSpec, ModelSpec
+
+    fields = {f"model.{f.name}" for f in dataclasses.fields(ModelSpec)} \
+        | {f"model.branches.N.{f.name}" for f in dataclasses.fields(BranchSpec)}
+    for kind, name in COMPONENTS:
+        assert set(KINDS[kind].entry(name).keys) <= fields, (kind, name)
+    assert "model.attention_fp32" in KINDS["block"].entry("transformer").keys
+    for kind, name in (("conditioning", "adaln"), ("norm", "adaln"), ("norm", "adaln_zero")):
+        assert "model.time_embed_dim" in KINDS[kind].entry(name).keys
+
+    def shapes(spec):
+        return {k: tuple(v.shape) for k, v in build_model(spec).state_dict().items()}
+
+    dit = {"preset": "dit_tiny_4"}  # adaln conditioning and norms: the condition vector's width
+    assert shapes({**dit, "time_embed_dim": 24}) != shapes(dit)
+    uvit = {"preset": "uvit_tiny_4"}  # token conditioning does not read it
+    assert shapes({**uvit, "time_embed_dim": 24}) == shapes(uvit)
