@@ -28,17 +28,19 @@ TINY_2R = {"in_channels": 3, "image_size": 16, "num_classes": 5,
 def _variant(kind: str, name: str) -> dict:
     """A tiny 2-branch spec that uses component `name` of `kind` (with what it needs)."""
     spec = copy.deepcopy(TINY_2R)
+    # what a component needs comes from its registered facts, so a new name is covered without a case here
     if kind == "norm":
         spec["norm"] = name
-        if name in ("adaln", "adaln_zero"):
+        condition = KINDS["norm"].meta(name, "condition")
+        if condition == "vector":  # reads the adaLN condition vector
             spec.update(conditioning="adaln", outer_norm="adaln")
-        elif name in ("layernorm", "rmsnorm"):
+        elif condition == "none":  # time has to enter as a token
             spec.update(conditioning="token", outer_norm=name)
     elif kind == "conditioning":
         spec["conditioning"] = name
-        if name == "adaln":
+        if KINDS["conditioning"].meta(name, "vector"):
             spec.update(norm="adaln_zero", outer_norm="adaln")
-        if name == "token":
+        if name == "token":  # time only through its token: plain norms
             spec.update(norm="layernorm", outer_norm="layernorm")
     elif kind == "block":
         for b in spec["branches"]:
