@@ -672,3 +672,18 @@ def test_components_list_the_model_keys_they_read():
     assert shapes({**dit, "time_embed_dim": 24}) != shapes(dit)
     uvit = {"preset": "uvit_tiny_4"}  # token conditioning does not read it
     assert shapes({**uvit, "time_embed_dim": 24}) == shapes(uvit)
+
+
+def test_an_export_loads_whatever_its_file_is_called(tmp_path):
+    """A safetensors export renamed without its suffix was read with torch.load: 'corrupt or unreadable'."""
+    import dimr_lab
+    from dimr_lab.nn.checkpoint import export_safetensors
+    from dimr_lab.spec.schema import to_dict
+
+    model = _small_dimr().eval()
+    export_safetensors(tmp_path / "net.weights", to_dict(model.spec), model.state_dict())
+    loaded = dimr_lab.load_model(tmp_path / "net.weights")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    (tmp_path / "junk.pt").write_bytes(b"\x05" + b"\0" * 7 + b"{not json")
+    with pytest.raises(UserError, match="junk.pt: not a readable safetensors file"):
+        dimr_lab.load_model(tmp_path / "junk.pt")
