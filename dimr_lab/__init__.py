@@ -15,7 +15,9 @@ def build_model(spec: Any) -> Any:
 
 
 def load_model(path: Any, *, ema: bool = True) -> Any:
-    """A network with its weights from a dimr-lab checkpoint (loaded with weights_only=True)."""
+    """A network with its weights from a dimr-lab checkpoint (loaded with weights_only=True; its EMA weights
+    unless ema=False) or a safetensors export (`dimr-lab export`), in eval mode; a file that is neither is one
+    UserError naming it."""
     from dimr_lab.nn.checkpoint import load_model as _load
 
     return _load(path, ema=ema)

@@ -17,20 +17,24 @@ NORMS.add("tdln", "dimr_lab.nn.norms:TDLayerNorm",
 NORMS.add("tdrmsnorm", "dimr_lab.nn.norms:TDRMSNorm",
           "time-dependent RMSNorm (DiMR's blocks): x / rms(x) * gamma(t), 4d parameters", condition="time")
 NORMS.add("adaln", "dimr_lab.nn.norms:AdaLN",
-          "adaptive LayerNorm: shift and scale regressed from time+class (DiT without gates)", condition="vector")
+          "adaptive LayerNorm: shift and scale regressed from time+class (DiT without gates)",
+          keys=("model.time_embed_dim",), condition="vector")
 NORMS.add("adaln_zero", "dimr_lab.nn.norms:AdaLNZero",
-          "adaLN-Zero (DiT): shift, scale and a zero-initialised residual gate per norm", condition="vector")
+          "adaLN-Zero (DiT): shift, scale and a zero-initialised residual gate per norm",
+          keys=("model.time_embed_dim",), condition="vector")
 
 CONDITIONING.add("norm", "dimr_lab.nn.conditioning:NormConditioning",
                  "DiMR: time only through time-dependent norms; class as a token in attention branches")
 CONDITIONING.add("token", "dimr_lab.nn.conditioning:TokenConditioning",
                  "U-ViT: time and class as tokens in attention branches (sinusoidal time code)")
 CONDITIONING.add("adaln", "dimr_lab.nn.conditioning:AdaLNConditioning",
-                 "DiT: an MLP time embedding plus a class embedding, read by adaLN norms", vector=True)
+                 "DiT: an MLP time embedding plus a class embedding, read by adaLN norms",
+                 keys=("model.time_embed_dim",), vector=True)
 
 BLOCKS.add("transformer", "dimr_lab.nn.blocks:TransformerBlock",
            "x += Attn(Norm(x)); x += MLP(Norm(x)): global attention, usable in any branch (a high-resolution "
-           "one too)", keys=("model.branches.N.heads", "model.attention", "model.qkv_bias"), uses_attention=True)
+           "one too)", keys=("model.branches.N.heads", "model.attention", "model.attention_fp32", "model.qkv_bias"),
+           uses_attention=True)
 BLOCKS.add("convnext", "dimr_lab.nn.blocks:ConvNeXtBlock",
            "DiMR's ConvNeXt: x += DWConv_kxk(x) (no norm); x += MLP(Norm(x))", keys=("model.branches.N.kernel",))
 

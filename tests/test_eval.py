@@ -203,3 +203,21 @@ def test_evaluation_settings_that_cannot_be_computed_are_refused(over, fragment)
 
     with pytest.raises(SpecError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         load_run_spec(None, over)
+
+
+def test_a_registered_metric_evaluate_does_not_compute_is_reported_skipped(tmp_path):
+    """A metric registered without its computation in evaluate() came out as a silent null in metrics.json."""
+    from dimr_lab.eval.metrics import Metric
+    from dimr_lab.registry import METRICS
+
+    METRICS.register("scratch_metric", "a metric with no computation")(Metric("scratch_metric"))
+    try:
+        weights = tmp_path / "w.pth"
+        weights.write_bytes(b"x")  # never read: nothing here calls torch-fidelity
+        spec = EvalSpec(samples=4, metrics=["scratch_metric"], classifier=False,
+                        feature_extractor="inception-v3-compat", inception_weights=str(weights))
+        images = torch.zeros(4, 3, 16, 16, dtype=torch.uint8)
+        out = evaluate(images, torch.zeros(4), DataSpec(name="shapes", image_size=16), spec, cache_dir=tmp_path)
+    finally:
+        METRICS._entries.pop("scratch_metric", None)
+    assert "scratch_metric" not in out and "does not compute it" in out["skipped"]["scratch_metric"]

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from dimr_lab.errors import SpecError
+from dimr_lab.errors import SpecError, UserError
 from dimr_lab.nn.network import build_model, optimizer_param_groups
 from dimr_lab.nn.time_dependent import TimeDependentParameter, evaluate_all
 from dimr_lab.registry import KINDS
@@ -28,17 +28,19 @@ TINY_2R = {"in_channels": 3, "image_size": 16, "num_classes": 5,
 def _variant(kind: str, name: str) -> dict:
     """A tiny 2-branch spec that uses component `name` of `kind` (with what it needs)."""
     spec = copy.deepcopy(TINY_2R)
+    # what a component needs comes from its registered facts, so a new name is covered without a case here
     if kind == "norm":
         spec["norm"] = name
-        if name in ("adaln", "adaln_zero"):
+        condition = KINDS["norm"].meta(name, "condition")
+        if condition == "vector":  # reads the adaLN condition vector
             spec.update(conditioning="adaln", outer_norm="adaln")
-        elif name in ("layernorm", "rmsnorm"):
+        elif condition == "none":  # time has to enter as a token
             spec.update(conditioning="token", outer_norm=name)
     elif kind == "conditioning":
         spec["conditioning"] = name
-        if name == "adaln":
+        if KINDS["conditioning"].meta(name, "vector"):
             spec.update(norm="adaln_zero", outer_norm="adaln")
-        if name == "token":
+        if name == "token":  # time only through its token: plain norms
             spec.update(norm="layernorm", outer_norm="layernorm")
     elif kind == "block":
         for b in spec["branches"]:
@@ -586,3 +588,102 @@ def test_compile_on_the_cpu_without_a_cpp_compiler_is_one_clear_error(monkeypatc
     check_compiler(compiled_eval, torch.device("cpu"))  # training eagerly: train.compile is the key checked
     with pytest.raises(SpecError, match="eval.compile: torch.compile on the CPU needs a C\\+\\+ compiler"):
         check_compiler(compiled_eval, torch.device("cpu"), keys=("train.compile", "eval.compile"))
+
+
+@pytest.mark.parametrize("preset", ["dimr_tiny_2r", "dit_tiny_4"])
+def test_a_network_moved_to_bfloat16_or_half_runs_in_that_dtype(preset):
+    """`.to(torch.bfloat16)` / `.half()`: TD tensors and adaLN's time embedding follow the weights' dtype (they
+    stayed float32 and the first Linear refused them)."""
+    model = build_model(preset).eval()
+    s = model.spec
+    x, t, y = torch.randn(2, s.in_channels, s.image_size, s.image_size), torch.tensor([0.3, 0.6]), torch.tensor([1, 2])
+    with torch.no_grad():
+        want = model(x, t, y)
+        for dtype in (torch.bfloat16, torch.float16):
+            low = copy.deepcopy(model).to(dtype)
+            got = low(x.to(dtype), t, y)
+            assert all(g.dtype == dtype for g in got)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a.float(), b, atol=0.1, rtol=0.1)
+            with pytest.raises(UserError, match=r"x is torch.float32 but the network's weights are torch\.(bfloat16|float16)"):
+                low(x, t, y)
+
+
+def test_forward_takes_scalars_and_column_vectors_and_names_what_it_cannot_take():
+    from dimr_lab.errors import UserError
+
+    model = build_model(TINY_2R).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        want = model(x, torch.tensor([0.4, 0.4]), torch.tensor([1, 1]), tau=torch.tensor([0.2, 0.2]))
+        for t, y, tau in ((0.4, 1, 0.2), (torch.tensor([[0.4], [0.4]]), [1, 1], torch.tensor(0.2))):
+            got = model(x, t, y, tau=tau)
+            assert all(torch.allclose(a, b) for a, b in zip(got, want))
+        bad = {
+            "t": (x, torch.rand(3), None, r"t must be a scalar or hold one value per sample \(B = 2\), got shape \(3,\)"),
+            "y": (x, 0.5, torch.tensor([0, 6]), r"labels must lie in 0\.\.4, or 5 \(null_label"),
+            "float y": (x, 0.5, torch.tensor([0.0, 1.0]), "y must hold integer labels"),
+            "channels": (torch.randn(2, 1, 16, 16), 0.5, None, r"x must be \(B, 3, 16, 16\)"),
+            "size": (torch.randn(2, 3, 32, 32), 0.5, None, r"x must be \(B, 3, 16, 16\).*got \(2, 3, 32, 32\)"),
+        }
+        for name, (xx, t, y, message) in bad.items():
+            with pytest.raises(UserError, match=message):
+                model(xx, t, y)
+
+
+def test_timm_pretrained_refuses_a_file_of_another_network(tmp_path):
+    """`timm.create_model("dimr_tiny_3r", pretrained=True, ...)` on a DiT's file handed back the DiT."""
+    import timm
+
+    import dimr_lab.nn.timm_models  # noqa: F401
+    from dimr_lab.nn.checkpoint import export_safetensors, model_payload, write_checkpoint
+    from dimr_lab.spec.schema import to_dict
+
+    dit = build_model("dit_tiny_4")
+    write_checkpoint(tmp_path / "dit.pt", model_payload(dit))
+    export_safetensors(tmp_path / "dit.safetensors", to_dict(dit.spec), dit.state_dict())
+    for file in ("dit.pt", "dit.safetensors"):
+        path = tmp_path / file
+        with pytest.raises(UserError, match=r"holds a DiT-tiny/4 network, not DiMR-tiny/3R \(dimr_tiny_3r\); load it "
+                                            r"with timm.create_model\('dit_tiny_4'"):
+            timm.create_model("dimr_tiny_3r", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+        assert timm.create_model("dit_tiny_4", pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).spec.name \
+            == "DiT-tiny/4"
+
+
+def test_components_list_the_model_keys_they_read():
+    """`dimr-lab components` named neither attention_fp32 (transformer blocks) nor time_embed_dim (adaLN)."""
+    import dataclasses
+
+    from dimr_lab.spec.model_spec import BranchSpec, ModelSpec
+
+    fields = {f"model.{f.name}" for f in dataclasses.fields(ModelSpec)} \
+        | {f"model.branches.N.{f.name}" for f in dataclasses.fields(BranchSpec)}
+    for kind, name in COMPONENTS:
+        assert set(KINDS[kind].entry(name).keys) <= fields, (kind, name)
+    assert "model.attention_fp32" in KINDS["block"].entry("transformer").keys
+    for kind, name in (("conditioning", "adaln"), ("norm", "adaln"), ("norm", "adaln_zero")):
+        assert "model.time_embed_dim" in KINDS[kind].entry(name).keys
+
+    def shapes(spec):
+        return {k: tuple(v.shape) for k, v in build_model(spec).state_dict().items()}
+
+    dit = {"preset": "dit_tiny_4"}  # adaln conditioning and norms: the condition vector's width
+    assert shapes({**dit, "time_embed_dim": 24}) != shapes(dit)
+    uvit = {"preset": "uvit_tiny_4"}  # token conditioning does not read it
+    assert shapes({**uvit, "time_embed_dim": 24}) == shapes(uvit)
+
+
+def test_an_export_loads_whatever_its_file_is_called(tmp_path):
+    """A safetensors export renamed without its suffix was read with torch.load: 'corrupt or unreadable'."""
+    import dimr_lab
+    from dimr_lab.nn.checkpoint import export_safetensors
+    from dimr_lab.spec.schema import to_dict
+
+    model = _small_dimr().eval()
+    export_safetensors(tmp_path / "net.weights", to_dict(model.spec), model.state_dict())
+    loaded = dimr_lab.load_model(tmp_path / "net.weights")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    (tmp_path / "junk.pt").write_bytes(b"\x05" + b"\0" * 7 + b"{not json")
+    with pytest.raises(UserError, match="junk.pt: not a readable safetensors file"):
+        dimr_lab.load_model(tmp_path / "junk.pt")

@@ -166,6 +166,16 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.
     return meta, tensors
 
 
+def _looks_like_safetensors(path: str | Path) -> bool:
+    """A safetensors file by its content, whatever its name: an 8-byte header length, then a JSON header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 100_000_000
+
+
 def load_model(path: str | Path, *, ema: bool = True) -> torch.nn.Module:
     """The network of a checkpoint (with its EMA weights when present and `ema` is set) or of a safetensors
     export (the weights it holds)."""
@@ -181,7 +191,7 @@ def load_model(path: str | Path, *, ema: bool = True) -> torch.nn.Module:
         except SpecError as err:
             raise UserError(f"{path}: its model spec is invalid: {err}") from None
 
-    if str(path).endswith(".safetensors"):
+    if str(path).endswith(".safetensors") or _looks_like_safetensors(path):
         meta, tensors = read_safetensors(path)
         model = build_model(stored_spec(meta["model_spec"]))
         load_weights(model, tensors, path)

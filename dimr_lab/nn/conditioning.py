@@ -58,4 +58,5 @@ class AdaLNConditioning(Conditioning):
         self.class_embed = nn.Embedding(num_classes + 1, vector_dim)
 
     def vector(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.time_mlp(timestep_embedding(t, self.freq_dim)) + self.class_embed(y)  # (B, D)
+        freqs = timestep_embedding(t, self.freq_dim).to(self.class_embed.weight.dtype)  # the weights' dtype
+        return self.time_mlp(freqs) + self.class_embed(y)  # (B, D)

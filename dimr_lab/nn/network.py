@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dimr_lab.errors import UserError
 from dimr_lab.nn.time_dependent import Cond, TimeDependentParameter, collect, evaluate_all, localize, time_to_tau
 from dimr_lab.registry import BLOCKS, CASCADES, CONDITIONING, HEADS, POS_EMBEDS
 from dimr_lab.spec.model_spec import ModelSpec, resolve_model
@@ -125,17 +126,52 @@ class MultiResolutionNet(nn.Module):
         for branch in self.branches:
             branch.checkpointing = enabled
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None,
-                tau: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """x (B, C, H, W), t (B,) or a scalar in [0, 1] (time tokens and adaLN embed 1000 t), y (B,) labels
-        (null_label for guidance), tau (B,): what TD tensors read (default tau = 2t - 1, the released
-        latent path); -> every branch's noise prediction, lowest resolution first."""
+    def _check_inputs(self, x: Any, t: Any, y: Any, tau: Any) -> tuple[torch.Tensor, ...]:
+        """x, t (B,), y (B,) and tau (B,) or (1,) as forward uses them; a call the network cannot take is one
+        UserError saying what it expects (rather than an error from deep inside a layer)."""
+        s = self.spec
+        if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != s.in_channels \
+                or tuple(x.shape[2:]) != (s.image_size, s.image_size):
+            got = f"{tuple(x.shape)}" if torch.is_tensor(x) else f"a {type(x).__name__}"
+            raise UserError(f"{s.name}: x must be (B, {s.in_channels}, {s.image_size}, {s.image_size}) "
+                            f"(model.in_channels, model.image_size), got {got}")
+        weight = self.branches[0].patch_embed.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise UserError(f"{s.name}: x is {x.dtype} but the network's weights are {weight.dtype}: pass "
+                            f"x.to({weight.dtype}) (or run under torch.autocast)")
         B = x.shape[0]
-        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).reshape(-1).expand(B) \
-            if not torch.is_tensor(t) or t.numel() == 1 else t.float()
+
+        def per_sample(v: Any, what: str) -> torch.Tensor:
+            v = torch.as_tensor(v, device=x.device)
+            if v.numel() not in (1, B) or (v.dim() > 1 and v.numel() != max(v.shape)):
+                raise UserError(f"{s.name}: {what} must be a scalar or hold one value per sample (B = {B}), "
+                                f"got shape {tuple(v.shape)}")
+            if not (v.dtype.is_floating_point or v.dtype in (torch.int32, torch.int64, torch.int16, torch.uint8)):
+                raise UserError(f"{s.name}: {what} must be a number, got {v.dtype}")
+            return v.reshape(-1)
+
+        t = per_sample(t, "t").to(torch.float32).expand(B)
         if y is None:
             y = torch.full((B,), self.null_label, dtype=torch.long, device=x.device)
-        tau = time_to_tau(t) if tau is None else tau.to(device=x.device, dtype=torch.float32).reshape(-1)  # (B,)
+        else:
+            y = per_sample(y, "y")
+            if y.dtype.is_floating_point:
+                raise UserError(f"{s.name}: y must hold integer labels, got {y.dtype}")
+            y = y.long().expand(B)
+            # looked for on the CPU only, as tau below: reading labels back from a GPU would stall the host
+            if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) > self.null_label):
+                raise UserError(f"{s.name}: labels must lie in 0..{s.num_classes - 1}, or {self.null_label} "
+                                f"(null_label, for guidance); got {int(y.min())}..{int(y.max())}")
+        tau = time_to_tau(t) if tau is None else per_sample(tau, "tau").to(torch.float32)  # (B,) or (1,)
+        return x, t, y, tau
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None,
+                tau: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """x (B, C, H, W) at model.image_size in the weights' dtype, t (B,) or a scalar in [0, 1] (time tokens
+        and adaLN embed 1000 t), y (B,) labels or one label for the batch (null_label for guidance; None: all
+        null), tau (B,) or a scalar: what TD tensors read (default tau = 2t - 1, the released latent path);
+        -> every branch's noise prediction, lowest resolution first. A call it cannot take is a UserError."""
+        x, t, y, tau = self._check_inputs(x, t, y, tau)
         # one time for the whole batch (a sampler's step): TD tensors evaluated once and broadcast. Looked for
         # on the CPU only: reading the answer back from a GPU would stall the host every step (training
         # times differ per image anyway), and per-image TD values are the same numbers

@@ -100,7 +100,7 @@ def evaluate_all(params: list[TimeDependentParameter], tau: torch.Tensor) -> lis
     p1 = torch.cat([p.p1.reshape(-1) for p in params])
     w = torch.cat([p.w.reshape(-1) for p in params])
     b = torch.cat([p.b.reshape(-1) for p in params])
-    s = torch.sigmoid(torch.addcmul(b, tau[:, None], 1 + w))  # (T, P)
+    s = torch.sigmoid(torch.addcmul(b, tau[:, None].to(b.dtype), 1 + w))  # (T, P), in the weights' dtype
     values = torch.addcmul(p1, s, p0 - p1)  # (T, P)
     sizes = [p.p0.numel() for p in params]
     return [v.view(tau.shape[0], *p.shape) for v, p in zip(values.split(sizes, dim=1), params)]

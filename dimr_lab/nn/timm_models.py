@@ -6,9 +6,11 @@ num_classes=10)`). Weights from a local file, never a hub:
     timm.create_model("dimr_tiny_3r", pretrained=True, pretrained_cfg_overlay=dict(file="run/checkpoints/last.pt"))
     timm.create_model("dimr_tiny_3r", checkpoint_path="export.safetensors")   # timm's own loader
 
-With `pretrained=True` the network is the file's own (its recorded spec; EMA weights of a training
-checkpoint); `checkpoint_path` loads a state dict into the preset's network through timm (a dimr-lab
-export holds the EMA weights; a training checkpoint gives timm its raw 'model' weights).
+With `pretrained=True` the network is the file's own (its recorded spec, overrides included; EMA weights of a
+training checkpoint), and a file that records another network (another preset's name) is refused with one
+line. `checkpoint_path` loads a state dict into the preset's network through timm's own loader (a dimr-lab
+export holds the EMA weights; a training checkpoint gives timm its raw 'model' weights); a file that does not
+fit fails there with timm's and torch's errors: `pretrained=True` gives dimr-lab's one-line ones.
 """
 
 from __future__ import annotations
@@ -46,7 +48,13 @@ def _factory(name: str) -> Callable[..., Any]:
                 raise UserError(f"{name}: pretrained=True builds the file's own network; drop {sorted(kwargs)}")
             from dimr_lab.nn.checkpoint import load_model
 
-            return load_model(file)
+            model = load_model(file)
+            want = PRESETS[name].get("name", name)
+            if model.spec.name != want:  # another network's file: never hand it back under this name
+                same = [n for n, p in PRESETS.items() if p.get("name", n) == model.spec.name]
+                how = f"timm.create_model({same[0]!r}, ...)" if same else "dimr_lab.load_model(PATH)"
+                raise UserError(f"{file}: holds a {model.spec.name} network, not {want} ({name}); load it with {how}")
+            return model
         return build_model({"preset": name, **kwargs})
 
     create.__name__ = name

@@ -67,7 +67,8 @@ class ModelSpec:
     head: str = field("conv", choices=HEADS)
     long_skip: bool = field(True, help="U-ViT long skips (in/middle/out blocks)")
     qkv_bias: bool = field(False)
-    time_embed_dim: int = field(0, min=0, help="token/adaln conditioning: time/class embedding width; 0 = width")
+    time_embed_dim: int = field(0, min=0, help="adaln conditioning and adaLN norms: width of the time+class condition "
+                                                 "vector; 0 = the first branch's width")
     checkpointing: bool = field(False, help="activation checkpointing of every block (saves memory, costs time)")
     branches: list[BranchSpec] = field(default_factory=lambda: [BranchSpec()])
 
