@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from dimr_lab.diffusion.training import loss_weights
 from dimr_lab.runner.plan import expand
 from dimr_lab.spec.ablation import load_ablation
 
@@ -25,13 +26,21 @@ LATENT = {"train.steps": 1_000_000, "train.lr": 2e-4, "data.name": "latents", "d
           "diffusion.num_steps": 1000, "diffusion.time_input": "discrete", "diffusion.label_drop": 0.1,
           "sample.sampler": "dpm_solver++_fast", "sample.order": 3, "sample.steps": 250, "sample.t_end": 1e-3,
           "sample.guidance_scale": 0.4, "sample.guidance_form": "uvit", "diffusion.multiscale_loss": True,
-          "eval.labels": "balanced"}
+          "eval.labels": "balanced",
+          # eval.py: DPM_Solver.sample's defaults (skip_type='time_uniform'), cfg_scale_pow = -1 (no ramp)
+          "sample.skip_type": "time_uniform", "sample.guidance_schedule": "constant",
+          "diffusion.prediction": "eps", "data.num_classes": 1000, "model.num_classes": 1000,
+          "model.in_channels": 4, "model.out_channels": 4}
 PIXEL64 = {"train.steps": 300_000, "train.lr": 3e-4, "data.name": "folder", "data.image_size": 64,
            "data.num_classes": 1000, "data.flip": True, "diffusion.schedule": "vp_linear", "diffusion.beta_min": 0.1,
            "diffusion.beta_max": 20.0, "diffusion.time_input": "vp_logsnr", "diffusion.label_drop": 0.0,
            "sample.sampler": "dpm_solver_fast", "sample.steps": 50, "sample.order": 3, "sample.t_end": 1e-4,
            "sample.guidance_scale": 0.0, "eval.labels": "frequency",
-           "eval.reference_stats": "data/VIRTUAL_imagenet64_labeled.npz"}
+           "eval.reference_stats": "data/VIRTUAL_imagenet64_labeled.npz", "diffusion.prediction": "eps",
+           "model.num_classes": 1000, "model.in_channels": 3, "model.out_channels": 3, "data.vae": ""}
+# ADM's reference batches (guided-diffusion evaluations), by latent size: 32 -> ImageNet 256, 64 -> 512
+LATENT_REFERENCE = {32: "data/VIRTUAL_imagenet256_labeled.npz", 64: "data/VIRTUAL_imagenet512.npz"}
+IMAGENET_TRAIN = 1_281_167  # images; epochs = steps * batch / IMAGENET_TRAIN
 
 
 def _get(spec, dotted):
@@ -55,8 +64,33 @@ def test_paper_profile_is_the_published_recipe(path, tmp_path):
             got = _get(spec, key)
             assert got == pytest.approx(want), f"{path.name} {run.variant}: {key} = {got!r}, recipe {want!r}"
         if spec.data.name == "latents":
-            assert spec.data.vae and spec.eval.reference_stats, "latent runs decode with a VAE, FID vs ADM stats"
+            assert spec.data.vae, "latent runs decode with a VAE"
+            assert spec.eval.reference_stats == LATENT_REFERENCE[spec.data.image_size], run.variant
         assert spec.model.image_size == spec.data.image_size
+        if spec.diffusion.multiscale_loss and len(spec.model.branches) == 2:
+            # the released 2R configs: loss_coeffs = [1/4, 1]
+            assert loss_weights(spec.diffusion, 2) == pytest.approx([0.25, 1.0])
+
+
+def test_main_results_evaluate_the_papers_epochs(tmp_path):
+    """Each main result is evaluated at the epochs of its published rows (800, and 400 where the paper has a
+    400-epoch row) on ImageNet's 1,281,167 training images at batch 1024."""
+    import csv
+
+    tables = {t: list(csv.DictReader(open(ROOT / "dimr_lab" / "paper" / f"{t}.csv"))) for t in ("imagenet256", "imagenet512")}
+    for run in expand(load_ablation(ROOT / "ablations" / "main_results.toml"), "paper", results=tmp_path, seeds=[0]):
+        spec, paper = run.spec, run.paper
+        if spec.data.name != "latents":
+            continue
+        published = {int(r["epochs"]) for r in tables[paper["table"]] if r["model"] == paper["model"] and r["epochs"]}
+        epochs = lambda step: step * spec.train.batch_size / IMAGENET_TRAIN
+        evaluated = {round(epochs(step) / 100) * 100: step for step in spec.eval_steps()}
+        assert published <= set(evaluated), (run.variant, published, evaluated)
+        for e in published:
+            assert epochs(evaluated[e]) == pytest.approx(e, rel=0.01), (run.variant, e)
+        assert paper["epochs"] == max(published)
+        assert {int(k): v for k, v in paper.get("epochs_at", {}).items()} == \
+            {s: e for e, s in evaluated.items() if e in published and s != spec.train.steps}
 
 
 # the variant of each file that is the full DiMR-M/3R
@@ -113,6 +147,8 @@ def test_main_results_presets_have_the_papers_sizes(tmp_path):
         params, gmacs, tol = PAPER_SIZES[by_name[run.spec.model.name]]
         info = count(run.spec.model)
         assert info["params"] == pytest.approx(params, rel=tol)
+        if gmacs is not None:  # the paper's GFLOPs (multiply-accumulates, ../shared/DIMR.md)
+            assert info["gmacs"] == pytest.approx(gmacs, rel=tol), run.spec.model.name
         assert run.paper and run.paper["model"] == run.spec.model.name
 
 

@@ -431,3 +431,60 @@ def test_a_training_step_and_every_sampler_read_nothing_back_from_the_device(tim
         assert out.shape == x0.shape and out.device.type == "meta"
         ran.append(name)
     assert len(ran) >= 3
+
+
+# ------------------------------------------- the latent sampler against the released DiMR solver (optional)
+
+
+def _released_dimr_solver():
+    """DiMR's dpm_solver.py from the checkout $DIMR_OFFICIAL_SRC names (README, Testing), or a skip."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    src = os.environ.get("DIMR_OFFICIAL_SRC")
+    if not src:
+        pytest.skip("the released DiMR code is not available: set DIMR_OFFICIAL_SRC to a checkout of "
+                    "github.com/qihao067/DiMR (README, Testing)")
+    path = Path(src) / "dpm_solver.py"
+    if not path.is_file():
+        pytest.skip(f"DIMR_OFFICIAL_SRC={src} has no dpm_solver.py")
+    spec = importlib.util.spec_from_file_location("dimr_released_dpm_solver", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("steps", [250, 20, 21])
+def test_latent_sampler_matches_released_dimr_eval(steps):
+    """sampler 'dpm_solver++_fast' with the main-results settings (order 3, time_uniform, t_end 1e-3) is the
+    released eval.py call DPM_Solver(model_fn, NoiseScheduleVP('discrete', betas), predict_x0=True,
+    thresholding=False).sample(z, steps, eps=1/N, T=1.): the same model-call times and the same result."""
+    from dimr_lab.diffusion.samplers import dpm_solver_pp_fast
+    from dimr_lab.diffusion.schedule import NoiseSchedule, scaled_linear_betas
+
+    released = _released_dimr_solver()
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(3, 3, 3, 3, generator=g, dtype=torch.float64) * 0.3
+
+    def eps(x, t):  # a smooth, time-dependent stand-in for the network
+        tt = t.reshape(-1, 1, 1, 1).to(x.dtype)
+        return torch.tanh(F.conv2d(x, w, padding=1) * (0.5 + tt)) + 0.3 * x * tt
+
+    theirs_t, ours_t = [], []
+    x_T = torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)
+    betas = scaled_linear_betas(1000)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the released code builds its grid in the default dtype
+    try:
+        ns = released.NoiseScheduleVP(schedule="discrete", betas=betas.clone())
+        solver = released.DPM_Solver(lambda x, t: theirs_t.append(t.clone()) or eps(x, t), ns,
+                                     predict_x0=True, thresholding=False)
+        ref = solver.sample(x_T.clone(), steps=steps, eps=1.0 / 1000, T=1.0)
+    finally:
+        torch.set_default_dtype(old)
+    out = dpm_solver_pp_fast(lambda x, t: ours_t.append(t.clone()) or eps(x, t), x_T.clone(),
+                             NoiseSchedule(betas), steps=steps, order=3, t_end=1e-3, skip_type="time_uniform")
+    assert len(theirs_t) == len(ours_t) == steps
+    torch.testing.assert_close(torch.stack(ours_t), torch.stack(theirs_t), rtol=1e-12, atol=1e-12)
+    assert float((out - ref).norm() / ref.norm()) < 1e-9
