@@ -52,6 +52,14 @@ BEFORE_TRAINING = [
     (["--set", "train.nosuch=1"], "--set: train.nosuch"),
     (["--set", "data.name=\"digits\"", "--set", "data.num_classes=5"], "only procedural datasets make fewer"),
     (["--set", "model.out_channels=6"], "model.out_channels: is 6"),
+    # sizes that would overflow torch's storage size (or build blocks for hours) when the network is counted
+    (["--set", "model.branches.0.width=4611686018427387904"], "model.branches[0].width: must be <= 1048576"),
+    (["--set", "model.branches.0.mlp_width=4611686018427387904"], "model.branches[0].mlp_width: must be <="),
+    (["--set", "model.num_classes=4611686018427387904"], "model.num_classes: must be <= 1000000"),
+    (["--set", "model.branches.0.depth=4611686018427387904"], "model.branches[0].depth: must be <= 1024"),
+    (["--set", "model.conditioning=\"adaln\"", "--set", "model.norm=\"adaln_zero\"", "--set",
+      "model.outer_norm=\"layernorm\"", "--set", "model.time_embed_dim=4611686018427387904"],
+     "model.time_embed_dim: must be <= 1048576"),
 ]
 
 
