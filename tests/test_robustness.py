@@ -60,6 +60,14 @@ BEFORE_TRAINING = [
     (["--set", "model.conditioning=\"adaln\"", "--set", "model.norm=\"adaln_zero\"", "--set",
       "model.outer_norm=\"layernorm\"", "--set", "model.time_embed_dim=4611686018427387904"],
      "model.time_embed_dim: must be <= 1048576"),
+    # values that pass a range check alone and fail after training: a cosine decay up to a huge rate (NaN
+    # loss), betas whose exp overflows the sampler, a reference set of 2**62 images
+    (["--set", "train.lr_schedule=\"cosine\"", "--set", "train.lr_min=1e30"], "train.lr_min: must be <= 10.0"),
+    (["--set", "train.lr_schedule=\"cosine\"", "--set", "train.lr_min=0.5"], "train.lr_min: must be at most train.lr"),
+    (["--set", "diffusion.schedule=\"vp_linear\"", "--set", "sample.sampler=\"dpm_solver_fast\"", "--set",
+      "sample.order=3", "--set", "diffusion.beta_max=1e308"], "diffusion.beta_max: must be <= 1000.0"),
+    (["--set", "eval.enabled=true", "--set", "eval.reference_samples=4611686018427387904"],
+     "eval.reference_samples: must be <= 10000000"),
 ]
 
 
