@@ -170,6 +170,26 @@ def test_leftover_temporaries_are_removed_when_a_run_starts(trained, tmp_path):
     assert not any(j.exists() for j in junk)
 
 
+@pytest.mark.parametrize("command", ["sample", "export"])
+def test_a_checkpoint_whose_step_is_no_number_is_one_line(command, trained, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    _, src = trained
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    for ckpt in (run / "checkpoints").glob("*.pt"):
+        data = torch.load(ckpt, weights_only=True)
+        data["step"] = "x"
+        ckpt.unlink()  # kept checkpoints may be hard links of one another
+        torch.save(data, ckpt)
+    out = tmp_path / ("grid.png" if command == "sample" else "net.safetensors")
+    args = ["--n", "2"] if command == "sample" else []
+    one_line_exit_2(*cli([command, run, "--out", out, *args], capsys), "corrupt checkpoint (its step is 'x'")
+    assert not out.exists()
+
+
 def test_status_table_and_cancel_read_odd_json_without_crashing(trained, tmp_path, capsys):
     import shutil
 
