@@ -261,6 +261,15 @@ def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path):
 
 
 @pytest.mark.parametrize("argv,fragment", [
+    (["status", ".", "--watch", "nan"], "--watch nan: must be a finite number"),
+    (["status", ".", "--watch", "inf"], "--watch inf: must be a finite number"),
+    (["bench", "dimr_tiny_3r", "--guidance", "nan", "--sample-nfe", "1"], "--guidance nan: must be a finite number"),
+])
+def test_nan_and_inf_options_are_one_line(argv, fragment, capsys):
+    one_line_exit_2(*cli(argv, capsys), fragment)
+
+
+@pytest.mark.parametrize("argv,fragment", [
     (["train", "--threads", "-1"], "'--threads'"),
     (["train", "--bogus"], "No such option: --bogus"),
     (["bogus"], "No such command 'bogus'"),
