@@ -238,6 +238,10 @@ MALFORMED = [
     (BASE + 'factors = "x"\n', [], "factors: expected a table"),
     (BASE.replace('"model.preset" = "dimr_tiny_3r"', 'spec = "nope.toml"'), [], "no such file"),
     (BASE.replace('"model.preset" = "dimr_tiny_3r"', 'spec = "bad.toml"'), [], "not valid TOML"),
+    # a path with a NUL is no path at all (no ValueError traceback); one with a newline is still one line
+    (BASE.replace('"model.preset" = "dimr_tiny_3r"', 'spec = "a\\u0000b.toml"'), [], "a\\x00b.toml': not a usable path"),
+    (BASE.replace('"model.preset" = "dimr_tiny_3r"', 'spec = "a\\nb.toml"'), [], "a\\nb.toml: no such file"),
+    (BASE + '[profile.paper]\ninclude = "r\\u0000.toml"\n', [], "profile.paper.include"),
     (BASE + '[slurm]\npartion = "gpu"\n', [], "did you mean 'partition'"),
     (BASE + '[slurm]\ntime_min = "1h"\n', [], "slurm.time_min: expected an integer"),
     (BASE + '[slurm]\nsetup = "module load x"\n', [], "slurm.setup"),

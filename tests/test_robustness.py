@@ -52,6 +52,22 @@ BEFORE_TRAINING = [
     (["--set", "train.nosuch=1"], "--set: train.nosuch"),
     (["--set", "data.name=\"digits\"", "--set", "data.num_classes=5"], "only procedural datasets make fewer"),
     (["--set", "model.out_channels=6"], "model.out_channels: is 6"),
+    # sizes that would overflow torch's storage size (or build blocks for hours) when the network is counted
+    (["--set", "model.branches.0.width=4611686018427387904"], "model.branches[0].width: must be <= 1048576"),
+    (["--set", "model.branches.0.mlp_width=4611686018427387904"], "model.branches[0].mlp_width: must be <="),
+    (["--set", "model.num_classes=4611686018427387904"], "model.num_classes: must be <= 1000000"),
+    (["--set", "model.branches.0.depth=4611686018427387904"], "model.branches[0].depth: must be <= 1024"),
+    (["--set", "model.conditioning=\"adaln\"", "--set", "model.norm=\"adaln_zero\"", "--set",
+      "model.outer_norm=\"layernorm\"", "--set", "model.time_embed_dim=4611686018427387904"],
+     "model.time_embed_dim: must be <= 1048576"),
+    # values that pass a range check alone and fail after training: a cosine decay up to a huge rate (NaN
+    # loss), betas whose exp overflows the sampler, a reference set of 2**62 images
+    (["--set", "train.lr_schedule=\"cosine\"", "--set", "train.lr_min=1e30"], "train.lr_min: must be <= 10.0"),
+    (["--set", "train.lr_schedule=\"cosine\"", "--set", "train.lr_min=0.5"], "train.lr_min: must be at most train.lr"),
+    (["--set", "diffusion.schedule=\"vp_linear\"", "--set", "sample.sampler=\"dpm_solver_fast\"", "--set",
+      "sample.order=3", "--set", "diffusion.beta_max=1e308"], "diffusion.beta_max: must be <= 1000.0"),
+    (["--set", "eval.enabled=true", "--set", "eval.reference_samples=4611686018427387904"],
+     "eval.reference_samples: must be <= 10000000"),
 ]
 
 
@@ -154,6 +170,26 @@ def test_leftover_temporaries_are_removed_when_a_run_starts(trained, tmp_path):
     assert not any(j.exists() for j in junk)
 
 
+@pytest.mark.parametrize("command", ["sample", "export"])
+def test_a_checkpoint_whose_step_is_no_number_is_one_line(command, trained, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    _, src = trained
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    for ckpt in (run / "checkpoints").glob("*.pt"):
+        data = torch.load(ckpt, weights_only=True)
+        data["step"] = "x"
+        ckpt.unlink()  # kept checkpoints may be hard links of one another
+        torch.save(data, ckpt)
+    out = tmp_path / ("grid.png" if command == "sample" else "net.safetensors")
+    args = ["--n", "2"] if command == "sample" else []
+    one_line_exit_2(*cli([command, run, "--out", out, *args], capsys), "corrupt checkpoint (its step is 'x'")
+    assert not out.exists()
+
+
 def test_status_table_and_cancel_read_odd_json_without_crashing(trained, tmp_path, capsys):
     import shutil
 
@@ -222,6 +258,15 @@ def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path):
     err = err.decode()
     assert proc.returncode == 130 and "run the same command to resume" in err and "Traceback" not in err, err
     assert (run / "checkpoints" / "last.pt").is_file()
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["status", ".", "--watch", "nan"], "--watch nan: must be a finite number"),
+    (["status", ".", "--watch", "inf"], "--watch inf: must be a finite number"),
+    (["bench", "dimr_tiny_3r", "--guidance", "nan", "--sample-nfe", "1"], "--guidance nan: must be a finite number"),
+])
+def test_nan_and_inf_options_are_one_line(argv, fragment, capsys):
+    one_line_exit_2(*cli(argv, capsys), fragment)
 
 
 @pytest.mark.parametrize("argv,fragment", [

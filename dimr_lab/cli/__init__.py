@@ -29,6 +29,11 @@ def _root() -> None:
 from dimr_lab.cli import data_cmds, model_cmds, official_cmds, run_cmds, table_cmds, train_cmds  # noqa: E402,F401
 
 
+def _one_line(text: str) -> str:
+    """`text` with its control characters escaped (a newline in a path from a spec, ...): an error is one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user errors and operating-system errors become one line on stderr and exit status 2
     (click's usage errors too, with the command's --help named); Ctrl-C is exit status 130."""
@@ -50,20 +55,20 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as err:
         command = err.ctx.command_path if err.ctx is not None else "dimr-lab"
         if err.format_message():  # empty after no arguments, where the help has been shown
-            print(f"error: {err.format_message()} (see '{command} --help')", file=sys.stderr)
+            print(f"error: {_one_line(err.format_message())} (see '{command} --help')", file=sys.stderr)
         sys.exit(2)
     except ClickException as err:  # click's other errors about what was given (a file option, ...)
-        print(f"error: {err.format_message()}", file=sys.stderr)
+        print(f"error: {_one_line(err.format_message())}", file=sys.stderr)
         sys.exit(2)
     except typer.Abort:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_one_line(str(err))}", file=sys.stderr)
         sys.exit(err.exit_code)
     except OSError as err:  # a full disk, a folder that became unwritable, a file that vanished, ...
         where = f"{err.filename}: " if getattr(err, "filename", None) else ""
-        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        print(f"error: {_one_line(f'{where}{err.strerror or err}')}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Optional
 
 import typer
@@ -64,6 +65,8 @@ def bench(
         raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device must be cpu or cuda, got {device!r}")
+    if not math.isfinite(guidance):
+        raise UserError(f"--guidance {guidance}: must be a finite number")
     spec = _load_model_spec(model, set_)
     info = _bench(spec, batch=batch, dtype=dtype, device=device, steps=steps, warmup=warmup,
                   checkpointing=checkpointing, compile=compile_, sample_nfe=sample_nfe, sample_guidance=guidance,

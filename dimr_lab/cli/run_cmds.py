@@ -337,8 +337,8 @@ def status_cmd(
 
     if not directory.exists():
         raise UserError(f"{directory}: no such folder")
-    if watch < 0:
-        raise UserError(f"--watch {watch}: must be >= 0 seconds")
+    if not watch >= 0 or watch == float("inf"):  # NaN and inf too (time.sleep raised on them)
+        raise UserError(f"--watch {watch}: must be a finite number >= 0 of seconds")
     if as_json:
         for s in collect(directory):
             print(json.dumps(s.as_dict(), sort_keys=True))

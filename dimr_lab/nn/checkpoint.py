@@ -63,6 +63,9 @@ def read_checkpoint(path: str | Path, *, identity: str | None = None, model_spec
             or "model_spec" not in ckpt:
         raise UserError(f"{path}: not a dimr-lab checkpoint (expected format {FORMAT!r} with model and model_spec; "
                         f"released DiMR weights convert with `dimr-lab convert-official`)")
+    step = ckpt.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise UserError(f"{path}: corrupt checkpoint (its step is {step!r}, not a step number)")
     if training:
         missing = [k for k in ("ema", *TRAINING_KEYS) if k not in ckpt]
         if missing:

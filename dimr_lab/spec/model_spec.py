@@ -24,18 +24,28 @@ from dimr_lab.registry import ATTENTION, BLOCKS, CASCADES, CONDITIONING, HEADS, 
 from dimr_lab.spec.schema import field, from_dict, load_toml, to_dict
 
 
+# Upper bounds of the sizes a spec may ask for: far above any network trained here (the largest preset has
+# width 1152, depth 57), and low enough that counting a network on the meta device (check_memory, describe,
+# run's plan) neither overflows torch's storage size nor builds blocks for hours before it is refused.
+MAX_WIDTH = 1 << 20
+MAX_DEPTH = 1024
+MAX_SIDE = 8192
+MAX_KERNEL = 255
+MAX_CHANNELS = 4096
+MAX_CLASSES = 1_000_000
+
 @dataclass
 class BranchSpec:
     block: str = field("transformer", choices=BLOCKS)
-    width: int = field(256, min=1)
-    depth: int = field(4, min=1, help="blocks as the released configs count them (num_blocks); with long "
+    width: int = field(256, min=1, max=MAX_WIDTH)
+    depth: int = field(4, min=1, max=MAX_DEPTH, help="blocks as the released configs count them (num_blocks); with long "
                                       "skips the branch builds depth//2*2+1 (in, middle, out)")
-    heads: int = field(0, min=0, help="attention heads (attention blocks); 0 = width // 64")
-    mlp_width: int = field(0, min=0, help="hidden width of the MLP/GLU; 0 = 4*width (mlp) or 2*width (glu)")
-    patch: int = field(1, min=1, help="patchify kernel = stride")
-    downsample: int = field(1, min=1, help="area down-sampling of the input before patchify")
-    kernel: int = field(7, min=1, help="depthwise kernel of convnext blocks (odd)")
-    out_kernel: int = field(3, min=1, help="kernel of the output conv (odd)")
+    heads: int = field(0, min=0, max=MAX_WIDTH, help="attention heads (attention blocks); 0 = width // 64")
+    mlp_width: int = field(0, min=0, max=4 * MAX_WIDTH, help="hidden width of the MLP/GLU; 0 = 4*width (mlp) or 2*width (glu)")
+    patch: int = field(1, min=1, max=MAX_SIDE, help="patchify kernel = stride")
+    downsample: int = field(1, min=1, max=MAX_SIDE, help="area down-sampling of the input before patchify")
+    kernel: int = field(7, min=1, max=MAX_KERNEL, help="depthwise kernel of convnext blocks (odd)")
+    out_kernel: int = field(3, min=1, max=MAX_KERNEL, help="kernel of the output conv (odd)")
 
     def validate(self) -> None:
         if self.kernel % 2 == 0:
@@ -49,11 +59,11 @@ class BranchSpec:
 @dataclass
 class ModelSpec:
     name: str = field("custom", help="a label; presets set their own")
-    in_channels: int = field(3, min=1)
-    out_channels: int = field(0, min=0, help="0 = in_channels; 2x (a learned variance, as DiT's) builds for "
+    in_channels: int = field(3, min=1, max=MAX_CHANNELS)
+    out_channels: int = field(0, min=0, max=2 * MAX_CHANNELS, help="0 = in_channels; 2x (a learned variance, as DiT's) builds for "
                               "describe and bench, training takes in_channels")
-    image_size: int = field(32, min=1, max=8192, help="side of the input (pixels or latents)")
-    num_classes: int = field(1000, min=0, help="class labels 0..num_classes-1; num_classes is the null label")
+    image_size: int = field(32, min=1, max=MAX_SIDE, help="side of the input (pixels or latents)")
+    num_classes: int = field(1000, min=0, max=MAX_CLASSES, help="class labels 0..num_classes-1; num_classes is the null label")
     conditioning: str = field("norm", choices=CONDITIONING)
     norm: str = field("tdrmsnorm", choices=NORMS, help="norm inside every block")
     outer_norm: str = field("tdln", choices=NORMS, help="norm of the cascade and the output heads")
@@ -67,8 +77,8 @@ class ModelSpec:
     head: str = field("conv", choices=HEADS)
     long_skip: bool = field(True, help="U-ViT long skips (in/middle/out blocks)")
     qkv_bias: bool = field(False)
-    time_embed_dim: int = field(0, min=0, help="adaln conditioning and adaLN norms: width of the time+class condition "
-                                                 "vector; 0 = the first branch's width")
+    time_embed_dim: int = field(0, min=0, max=MAX_WIDTH, help="adaln conditioning and adaLN norms: width of the "
+                                                              "time+class condition vector; 0 = the first branch's width")
     checkpointing: bool = field(False, help="activation checkpointing of every block (saves memory, costs time)")
     branches: list[BranchSpec] = field(default_factory=lambda: [BranchSpec()])
 

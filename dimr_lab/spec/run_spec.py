@@ -27,6 +27,8 @@ from dimr_lab.spec.schema import field, from_dict, load_toml, set_dotted, to_dic
 
 MAX_SEED = 2**32 - 1
 SKIP_TYPES = ("time_uniform", "logSNR")
+# vp_linear betas: 0.1 and 20 in the released recipes; far larger ones overflow the samplers' exp(h)
+MAX_BETA = 1000.0
 LABEL_RULES = ("balanced", "frequency")
 
 
@@ -58,8 +60,8 @@ class DataSpec:
 class DiffusionSpec:
     schedule: str = field("scaled_linear", choices=SCHEDULES)
     num_steps: int = field(1000, min=2, max=1_000_000, help="discrete schedules: number of steps N")
-    beta_min: float = field(0.1, min=0.0, help="vp_linear: beta(0)")
-    beta_max: float = field(20.0, min=0.0, help="vp_linear: beta(1)")
+    beta_min: float = field(0.1, min=0.0, max=MAX_BETA, help="vp_linear: beta(0)")
+    beta_max: float = field(20.0, min=0.0, max=MAX_BETA, help="vp_linear: beta(1)")
     time_input: str = field("discrete", choices=TIME_INPUTS, help="what the network is given as time")
     prediction: str = field("eps", choices=("eps",))
     multiscale_loss: bool = field(True, help="loss on every branch (DiMR), else the last branch only")
@@ -74,7 +76,7 @@ class TrainSpec:
     batch_size: int = field(64, min=1, max=1_000_000, help="global batch, split over processes")
     lr: float = field(2e-4, min=0.0, max=10.0)
     lr_schedule: str = field("constant", choices=LR_SCHEDULES)
-    lr_min: float = field(0.0, min=0.0, help="cosine: the learning rate at train.steps")
+    lr_min: float = field(0.0, min=0.0, max=10.0, help="cosine: the learning rate at train.steps (at most train.lr)")
     betas: list[float] = field(default_factory=lambda: [0.99, 0.99], min=0.0, max=0.999999)
     weight_decay: float = field(0.03, min=0.0, max=10.0)
     no_decay: str = field("td_norms_biases", choices=("td_norms_biases", "td_only", "none"),
@@ -102,6 +104,9 @@ class TrainSpec:
     def validate(self) -> None:
         if len(self.betas) != 2:
             raise SpecError(f"must be [beta1, beta2], got {self.betas!r}", key="betas")
+        if "train.lr_min" in LR_SCHEDULES.entry(self.lr_schedule).keys and self.lr_min > self.lr:
+            # a decay to a larger rate would raise the rate over training, to a divergence for large values
+            raise SpecError(f"must be at most train.lr ({self.lr}), got {self.lr_min!r}", key="lr_min")
 
 
 @dataclass
@@ -141,7 +146,7 @@ class EvalSpec:
     feature_extractor: str = field("classifier", choices=EXTRACTORS)
     inception_weights: str = field("", help="path to torch-fidelity's inception weights (no download)")
     reference_stats: str = field("", help="ADM reference batch (.npz with mu/sigma) for paper-grade FID")
-    reference_samples: int = field(0, min=0, help="real images for the reference statistics; 0 = eval.samples")
+    reference_samples: int = field(0, min=0, max=10_000_000, help="real images for the reference statistics; 0 = eval.samples")
     metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "isc", "prc", "sample_accuracy",
                                                         "distortion_rate"], choices=METRICS)
     classifier: bool = field(True, help="train and use the dataset's classifier (sample accuracy, distortion, "

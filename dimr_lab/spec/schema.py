@@ -207,6 +207,8 @@ def read_small_file(path: str | Path, *, what: str = "file", limit: int = MAX_SP
         raise UserError(f"{path}: no such file (a part of the path is not a folder)") from None
     except OSError as err:
         raise UserError(f"{path}: cannot read it ({err.strerror or err})") from None
+    except ValueError:  # a NUL character: no path the system can open
+        raise UserError(f"{str(path)!r}: not a usable path (it holds a NUL character)") from None
     if stat.S_ISDIR(st.st_mode):
         raise UserError(f"{path}: is a directory, expected a {what}")
     if not stat.S_ISREG(st.st_mode):
