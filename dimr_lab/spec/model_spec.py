@@ -38,10 +38,11 @@ MAX_CLASSES = 1_000_000
 class BranchSpec:
     block: str = field("transformer", choices=BLOCKS)
     width: int = field(256, min=1, max=MAX_WIDTH)
-    depth: int = field(4, min=1, max=MAX_DEPTH, help="blocks as the released configs count them (num_blocks); with long "
-                                      "skips the branch builds depth//2*2+1 (in, middle, out)")
+    depth: int = field(4, min=1, max=MAX_DEPTH, help="blocks as the released configs count them (num_blocks); "
+                                                     "with long skips the branch builds depth//2*2+1 (in, middle, out)")
     heads: int = field(0, min=0, max=MAX_WIDTH, help="attention heads (attention blocks); 0 = width // 64")
-    mlp_width: int = field(0, min=0, max=4 * MAX_WIDTH, help="hidden width of the MLP/GLU; 0 = 4*width (mlp) or 2*width (glu)")
+    mlp_width: int = field(0, min=0, max=4 * MAX_WIDTH,
+                           help="hidden width of the MLP/GLU; 0 = 4*width (mlp) or 2*width (glu)")
     patch: int = field(1, min=1, max=MAX_SIDE, help="patchify kernel = stride")
     downsample: int = field(1, min=1, max=MAX_SIDE, help="area down-sampling of the input before patchify")
     kernel: int = field(7, min=1, max=MAX_KERNEL, help="depthwise kernel of convnext blocks (odd)")
@@ -60,10 +61,12 @@ class BranchSpec:
 class ModelSpec:
     name: str = field("custom", help="a label; presets set their own")
     in_channels: int = field(3, min=1, max=MAX_CHANNELS)
-    out_channels: int = field(0, min=0, max=2 * MAX_CHANNELS, help="0 = in_channels; 2x (a learned variance, as DiT's) builds for "
-                              "describe and bench, training takes in_channels")
+    out_channels: int = field(0, min=0, max=2 * MAX_CHANNELS,
+                              help="0 = in_channels; 2x (a learned variance, as DiT's) builds for describe and bench, "
+                                   "training takes in_channels")
     image_size: int = field(32, min=1, max=MAX_SIDE, help="side of the input (pixels or latents)")
-    num_classes: int = field(1000, min=0, max=MAX_CLASSES, help="class labels 0..num_classes-1; num_classes is the null label")
+    num_classes: int = field(1000, min=0, max=MAX_CLASSES,
+                             help="class labels 0..num_classes-1; num_classes is the null label")
     conditioning: str = field("norm", choices=CONDITIONING)
     norm: str = field("tdrmsnorm", choices=NORMS, help="norm inside every block")
     outer_norm: str = field("tdln", choices=NORMS, help="norm of the cascade and the output heads")
@@ -78,7 +81,8 @@ class ModelSpec:
     long_skip: bool = field(True, help="U-ViT long skips (in/middle/out blocks)")
     qkv_bias: bool = field(False)
     time_embed_dim: int = field(0, min=0, max=MAX_WIDTH, help="adaln conditioning and adaLN norms: width of the "
-                                                              "time+class condition vector; 0 = the first branch's width")
+                                                              "time+class condition vector; 0 = the first branch's "
+                                                              "width")
     checkpointing: bool = field(False, help="activation checkpointing of every block (saves memory, costs time)")
     branches: list[BranchSpec] = field(default_factory=lambda: [BranchSpec()])
 
