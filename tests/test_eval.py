@@ -221,3 +221,19 @@ def test_a_registered_metric_evaluate_does_not_compute_is_reported_skipped(tmp_p
     finally:
         METRICS._entries.pop("scratch_metric", None)
     assert "scratch_metric" not in out and "does not compute it" in out["skipped"]["scratch_metric"]
+
+
+def test_the_floor_takes_as_many_real_images_as_there_are_samples_when_the_reference_is_smaller(tmp_path):
+    """digits' test split (359 images) is smaller than 400 samples, so the reference is capped at 359. The
+    floor compared 359 train images with it: not what a perfect model's 400 samples score. Samples that are
+    the floor's own real set must score exactly the floor."""
+    pytest.importorskip("sklearn", reason="digits is an optional extra (scikit-learn)")
+    digits = DataSpec(name="digits", image_size=16)
+    train = build_dataset(digits, split="train")
+    n = 400
+    res = evaluate(train.images[:n], train.labels[:n], digits,
+                   EvalSpec(samples=n, batch_size=200, kid_subset_size=50, metrics=["fid", "fid_floor"]),
+                   cache_dir=tmp_path)
+    assert res["num_real"] == 359 < n == res["num_samples"]
+    assert res["fid_floor_samples"] == n
+    assert res["fid_floor"] == pytest.approx(res["fid"], rel=1e-9)

@@ -56,29 +56,34 @@ def _as_uint8_images(x, what: str) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x  # (N, 3, H, W)
 
 
-def real_images_uint8(data_spec, n: int, *, seed: int = 0, part: int = 0, floor: bool = True) -> torch.Tensor:
+def real_images_uint8(data_spec, n: int, *, seed: int = 0, part: int = 0, floor: bool = True,
+                      reference: int | None = None) -> torch.Tensor:
     """Up to n real uint8 images (N, C, H, W): part 0 is the reference set of FID (the test split's first n),
-    part 1 a second, disjoint real set of the same size (the next n, or the train split where the test
-    split is too small) for the evaluation's floor. floor=False: no floor set will be drawn (a folder's
-    reference may then take the whole split rather than half of it)."""
+    part 1 a second real set, disjoint from a reference of `reference` images (default n), for the
+    evaluation's floor (the test split's next n, or the train split where the test split is too small).
+    floor=False: no floor set will be drawn (a folder's reference may then take the whole split rather
+    than half of it)."""
     from dimr_lab.data import build_dataset
     from dimr_lab.registry import DATASETS
 
     if DATASETS.meta(data_spec.name, "kind") != "pixels":
         raise UserError(f"a {data_spec.name!r} dataset has no images to compare with: pass real_images or "
                         f"set eval.reference_stats")
+    k = n if reference is None else reference
     if DATASETS.meta(data_spec.name, "procedural"):
-        ds = build_dataset(replace(data_spec, train_size=2 * n, flip=False), split="test", seed=seed)
+        ds = build_dataset(replace(data_spec, train_size=k + n, flip=False), split="test", seed=seed)
     else:
         ds = build_dataset(replace(data_spec, flip=False), split="test", seed=seed)
     if hasattr(ds, "images"):
-        if len(ds.images) >= 2 * n or part == 0:
-            return ds.images[part * n:(part + 1) * n]
+        if part == 0:
+            return ds.images[:n]
+        if len(ds.images) >= k + n:
+            return ds.images[k:k + n]
         train = build_dataset(replace(data_spec, flip=False), split="train", seed=seed)
         return train.images[:n]
-    # a folder: evenly spread picks (all classes), the floor's set shifted by half a step; without a floor
-    # the reference may take the whole split
-    count = min(n, len(ds) // 2 if floor or part else len(ds))
+    # a folder: evenly spread picks (all classes), the floor's set shifted by half a step (so as many as the
+    # reference's, to stay disjoint from them); without a floor the reference may take the whole split
+    count = min(k if part else n, len(ds) // 2 if floor or part else len(ds))
     pick = (torch.arange(count, dtype=torch.float64) * (len(ds) / count)).long() + (part * len(ds) // (2 * count))
     return torch.stack([ds.load_uint8(int(i)) for i in pick.clamp(max=len(ds) - 1)])
 
@@ -203,25 +208,28 @@ def evaluate(samples_uint8, labels, data_spec, eval_spec, *, cache_dir, real_ima
     if flags["kid"] or "kid" in out["skipped"]:
         out["kid_subset_size"] = kid_size
     if "fid_floor" in wanted:
-        out.update(_fid_floor(real, data_spec, seed, real_images is not None, kwargs))
+        out.update(_fid_floor(real, n, data_spec, seed, real_images is not None, kwargs))
     for m in wanted:  # a registered metric with no computation here is said to be skipped, never a silent null
         if OUTPUT_KEY.get(m, m) not in out and m not in out["skipped"]:
             out["skipped"][m] = "registered, but evaluate() (dimr_lab/eval/metrics.py) does not compute it"
     return out
 
 
-def _fid_floor(real, data_spec, seed: int, given: bool, kwargs: dict) -> dict:
-    """FID between the reference images and a second real set of the same size: what the evaluation gives
-    a perfect model with this extractor and this many samples."""
+def _fid_floor(real, n_samples: int, data_spec, seed: int, given: bool, kwargs: dict) -> dict:
+    """FID between a second real set of the samples' count and the reference images: what the evaluation
+    gives a perfect model with this extractor, this reference and this many samples (where the data has
+    that many images besides the reference; fid_floor_samples says how many it took)."""
     import torch_fidelity
 
     if real is None or given:
         return {"fid_floor": None}
-    other = _as_uint8_images(real_images_uint8(data_spec, len(real), seed=seed, part=1), "real")
-    n = min(len(real), len(other))
-    res = torch_fidelity.calculate_metrics(input1=_Uint8Images(other[:n]), input2=_Uint8Images(real[:n]), fid=True,
-                                           **{**kwargs, "kid_subset_size": min(kwargs["kid_subset_size"], n)})
-    return {"fid_floor": float(res[torch_fidelity.KEY_METRIC_FID]), "fid_floor_samples": n}
+    other = _as_uint8_images(real_images_uint8(data_spec, n_samples, seed=seed, part=1, reference=len(real)), "real")
+    if len(other) < 2:
+        return {"fid_floor": None, "fid_floor_samples": len(other)}
+    res = torch_fidelity.calculate_metrics(input1=_Uint8Images(other), input2=_Uint8Images(real), fid=True,
+                                           **{**kwargs, "kid_subset_size": min(kwargs["kid_subset_size"], len(other),
+                                                                               len(real))})
+    return {"fid_floor": float(res[torch_fidelity.KEY_METRIC_FID]), "fid_floor_samples": len(other)}
 
 
 def _fid_against_stats(samples: torch.Tensor, ref: dict, kwargs: dict) -> dict:
