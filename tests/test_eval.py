@@ -237,3 +237,25 @@ def test_the_floor_takes_as_many_real_images_as_there_are_samples_when_the_refer
     assert res["num_real"] == 359 < n == res["num_samples"]
     assert res["fid_floor_samples"] == n
     assert res["fid_floor"] == pytest.approx(res["fid"], rel=1e-9)
+
+
+def test_frequency_labels_are_refused_where_the_training_labels_are_unknown(monkeypatch):
+    """class_counts returned None for a dataset without a label list, and the evaluation silently drew
+    balanced labels while its record said 'frequency'."""
+    from dimr_lab.eval import run as eval_run
+    from dimr_lab.spec.run_spec import load_run_spec
+
+    with pytest.raises(SpecError, match="eval.labels: 'frequency'"):
+        load_run_spec(None, [("data.name", "latents"), ("data.num_classes", 2), ("data.image_size", 16),
+                             ("model.in_channels", 4), ("eval.labels", "frequency"), ("eval.feature_extractor",
+                                                                                      "inception-v3-compat"),
+                             ("eval.metrics", ["fid"])])
+    spec = load_run_spec(None, [("eval.labels", "frequency"), ("data.train_size", 64)])
+    assert eval_run.class_counts(spec).tolist() == [8] * 8
+
+    class Unlabelled:
+        num_classes = 8
+
+    monkeypatch.setattr("dimr_lab.data.build_dataset", lambda *a, **k: Unlabelled())
+    with pytest.raises(SpecError, match="eval.labels: 'frequency'"):
+        eval_run.class_counts(spec)

@@ -72,16 +72,21 @@ def _load_chunk(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def class_counts(spec: Any) -> np.ndarray | None:
-    """The training set's class counts (for eval.labels = 'frequency'); None where unknown."""
+    """The training set's class counts for eval.labels = 'frequency' (None for 'balanced'); a SpecError for a
+    dataset that does not list its labels (drawing balanced labels instead would contradict the record)."""
     if spec.eval.labels != "frequency":
         return None
     from dataclasses import replace
 
     from dimr_lab.data import build_dataset
+    from dimr_lab.errors import SpecError
 
     ds = build_dataset(replace(spec.data, flip=False), split="train")
     labels = getattr(ds, "labels", None)
-    return None if labels is None else np.bincount(np.asarray(labels), minlength=ds.num_classes)
+    if labels is None:
+        raise SpecError(f"'frequency' draws labels in proportion to the training set's class counts, which a "
+                        f"{spec.data.name!r} dataset does not list; use 'balanced'", key="eval.labels")
+    return np.bincount(np.asarray(labels), minlength=ds.num_classes)
 
 
 def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistInfo | None = None,
@@ -106,8 +111,11 @@ def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistIn
 
         check_compiler(spec, info.device, keys=("eval.compile",))
     device = info.device
-    # the checkpoint is read before anything is written: a damaged one leaves no evaluation folder behind
+    # the checkpoint and the label counts are read before anything is written: a damaged checkpoint or an
+    # unusable label rule leaves no evaluation folder behind
     model, _, ckpt_step = load_run_model(run.path, step=step, ema=spec.sample.use_ema, device=device)
+    classes = data_classes(spec)
+    counts = class_counts(spec)
     settings = eval_settings(spec)
     chunks = d / CHUNKS
     if info.main:
@@ -122,8 +130,6 @@ def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistIn
     n = spec.eval.samples if spec.eval.enabled else spec.sample.grid_size
     size = spec.eval.batch_size
     bounds = [(s, min(s + size, n)) for s in range(0, n, size)]
-    classes = data_classes(spec)
-    counts = class_counts(spec)
     t0 = time.perf_counter()
     made = 0
     rounds = -(-len(bounds) // info.world_size)

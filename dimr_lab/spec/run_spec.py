@@ -263,6 +263,10 @@ class RunSpec:
                 raise SpecError(f"{name!r} needs the dataset classifier, which "
                                 + ("this dataset has not" if not data["classifier"] else "eval.classifier switches off"),
                                 key=f"eval.metrics[{i}]")
+        if ev.labels == "frequency" and data["kind"] == "latents":  # found before training, not at its end
+            raise SpecError(f"'frequency' draws labels in proportion to the training set's class counts, which a "
+                            f"{self.data.name!r} dataset does not list (each file holds its label); use 'balanced'",
+                            key="eval.labels")
         if len(set(ev.metrics)) != len(ev.metrics):
             raise SpecError(f"duplicate metrics in {ev.metrics}", key="eval.metrics")
         # what each metric needs of the sample count (an evaluation that cannot compute one would fail only
