@@ -165,6 +165,9 @@ def test_inception_with_local_weights_and_reference_stats(cache, real, tmp_path,
     images, labels = real
     spec = fast_eval(feature_extractor="inception-v3-compat", inception_weights=str(weights),
                      reference_stats=str(ref), metrics=["fid"])
+    from dimr_lab.eval.extractors import check_inception_weights
+
+    check_inception_weights(spec)  # what an evaluation checks before it samples: these weights load
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = evaluate(images[:6], labels[:6], DATA, spec, cache_dir=cache)
@@ -259,3 +262,40 @@ def test_frequency_labels_are_refused_where_the_training_labels_are_unknown(monk
     monkeypatch.setattr("dimr_lab.data.build_dataset", lambda *a, **k: Unlabelled())
     with pytest.raises(SpecError, match="eval.labels: 'frequency'"):
         eval_run.class_counts(spec)
+
+
+def _tree(path):
+    """Every file under path but the folder lock's holder line."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+            and p.name != ".lock"}
+
+
+@pytest.mark.parametrize("content", ["garbage", "other_state_dict"])
+def test_unusable_inception_weights_are_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch, content):
+    """A corrupt eval.inception_weights file was read by torch-fidelity only after every sample was made:
+    a traceback, and an evaluation folder with its chunks left behind. Training with it did not notice."""
+    from conftest import cli
+
+    monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
+    weights = tmp_path / "inception.pth"
+    if content == "garbage":
+        weights.write_bytes(b"not a torch file")
+    else:
+        torch.save({"fc.weight": torch.zeros(3, 2)}, weights)
+    small = ["--set", "train.steps=2", "--set", "sample.steps=2", "--set", "sample.grid_size=2", "--set",
+             "data.train_size=64", "--set", "data.image_size=16", "--set", "model.image_size=16", "--set",
+             "train.batch_size=8", "--set", "eval.samples=8", "--set", "eval.batch_size=8", "--no-progress"]
+    inception = ["--set", 'eval.feature_extractor="inception-v3-compat"', "--set", 'eval.metrics=["fid"]',
+                 "--set", f'eval.inception_weights="{weights}"']
+    # training with evaluation on refuses before it starts
+    code, out, err = cli(["train", "--out", tmp_path / "trained", *small, *inception], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "eval.inception_weights" in err, err
+    assert "Traceback" not in err and not (tmp_path / "trained").exists()
+    # evaluating a trained run refuses before it samples or writes
+    code, _, err = cli(["train", "--out", tmp_path / "run", *small, "--set", "eval.enabled=false"], capsys)
+    assert code == 0, err
+    before = _tree(tmp_path / "run")
+    code, out, err = cli(["eval", tmp_path / "run", "--set", "eval.enabled=true", *inception], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "eval.inception_weights" in err, err
+    assert "Traceback" not in err
+    assert _tree(tmp_path / "run") == before

@@ -44,3 +44,44 @@ def inception_weights_path(eval_spec: Any) -> Path:
     if not p.is_file():
         raise SpecError(f"Inception weights {path!r} not found", key="eval.inception_weights")
     return p
+
+
+_CHECKED_WEIGHTS: set[tuple[str, int, int]] = set()  # (path, size, mtime) of files that loaded
+
+
+def check_inception_weights(eval_spec: Any) -> None:
+    """With evaluation on and the Inception extractor: eval.inception_weights loads (weights_only) into
+    torch-fidelity's Inception-v3; one SpecError naming the key otherwise. Made before an evaluation writes
+    or samples anything: torch-fidelity would only read the file after every sample was made, and fail with
+    a traceback. Each version of a file is checked once per process."""
+    if not eval_spec.enabled or eval_spec.feature_extractor != INCEPTION:
+        return
+    p = inception_weights_path(eval_spec)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _CHECKED_WEIGHTS:
+        return
+    import torch
+
+    def first_line(err: Exception) -> str:
+        return ((str(err).strip().splitlines() or [""])[0])[:200]
+
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # not a torch file, truncated, or one that needs unpickling code
+        raise SpecError(f"{eval_spec.inception_weights!r} is not a torch weights file loadable with "
+                        f"weights_only=True ({type(err).__name__})", key="eval.inception_weights") from None
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise SpecError(f"{eval_spec.inception_weights!r} holds a {type(state).__name__}, not a state dict of "
+                        f"tensors ({INCEPTION_FILE})", key="eval.inception_weights")
+    del state
+    try:
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        FeatureExtractorInceptionV3(INCEPTION, ["2048"], feature_extractor_weights_path=str(p))
+    except Exception as err:  # load_state_dict: missing or unexpected keys, other shapes
+        why = "its keys or shapes are not Inception-v3's" if "state_dict" in str(err) else \
+            f"{type(err).__name__}: {first_line(err)}"
+        raise SpecError(f"{eval_spec.inception_weights!r} does not load into torch-fidelity's Inception-v3 ({why})",
+                        key="eval.inception_weights") from None
+    _CHECKED_WEIGHTS.add(key)

@@ -111,8 +111,11 @@ def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistIn
 
         check_compiler(spec, info.device, keys=("eval.compile",))
     device = info.device
-    # the checkpoint and the label counts are read before anything is written: a damaged checkpoint or an
-    # unusable label rule leaves no evaluation folder behind
+    # the checkpoint, the Inception weights and the label counts are read before anything is written: a
+    # damaged file leaves no evaluation folder behind
+    from dimr_lab.eval.extractors import check_inception_weights
+
+    check_inception_weights(spec.eval)
     model, _, ckpt_step = load_run_model(run.path, step=step, ema=spec.sample.use_ema, device=device)
     classes = data_classes(spec)
     counts = class_counts(spec)

@@ -77,6 +77,10 @@ def _train_run(spec: Any, run: RunDir, *, should_stop: Callable[[], bool] | None
     from dimr_lab.train.tracking import check_available
 
     check_files(spec, samples=evaluate)
+    if evaluate:  # a damaged weights file is found before training, not after it
+        from dimr_lab.eval.extractors import check_inception_weights
+
+        check_inception_weights(spec.eval)
     check_available(spec.track)
     info = distributed.setup()
     try:
