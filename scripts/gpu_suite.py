@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -35,10 +36,12 @@ sys.path.insert(0, str(ROOT))
 MODELS = ["dimr_xl_2r", "dimr_g_2r", "dimr_xl_3r", "dit_xl_2"]
 CATEGORIES = [  # (category, substrings of profiler op names), first match wins
     ("attention", ("attention", "sdpa", "flash", "efficient_attention", "softmax")),
-    ("depthwise conv", ("conv", "cudnn", "dgrad", "wgrad")),
-    ("matmul", ("mm", "gemm", "matmul", "linear", "addmm", "cutlass", "sm90", "sm80")),
-    ("norms", ("norm", "rsqrt")),
+    ("depthwise conv", ("conv", "cudnn", "dgrad", "wgrad", "fprop")),
+    # before matmul: CUDA's fused AdamW kernel is multi_tensor_apply_kernel<FusedAdamMathFunctor> ("mm")
     ("optimizer", ("adam", "foreach", "lerp")),
+    # nvjet: cuBLAS(Lt)'s Hopper GEMM kernels (CUDA 12.8+), e.g. nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT
+    ("matmul", ("mm", "gemm", "matmul", "linear", "addmm", "cutlass", "sm90", "sm80", "nvjet")),
+    ("norms", ("norm", "rsqrt")),
     ("elementwise", ("mul", "add", "gelu", "sigmoid", "silu", "copy", "cat", "div", "sub", "pow", "elementwise",
                      "vectorized", "reduce", "sum", "mean", "where", "fill", "clone", "neg", "exp")),
 ]
@@ -64,11 +67,88 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def child_env() -> dict[str, str]:
+    """The environment of the suite's child processes: they import this checkout's dimr_lab (the code whose
+    commit `environment` records), not another copy installed in the interpreter, whatever their cwd."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def descendants(pid: int) -> list[int]:
+    """The process ids below `pid` (children, grandchildren, ...), from /proc (Linux; [] elsewhere)."""
+    parents: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:  # gone already
+            pass
+
+
+def run_tree(cmd: list[str], timeout: float, grace_s: float = 10.0) -> tuple[int | None, str, str, bool]:
+    """(returncode, stdout, stderr, timed_out) of a child process. On a timeout (or an interrupt of the suite)
+    the child and every process it started get SIGTERM, then SIGKILL after `grace_s`: subprocess.run would
+    kill the child alone, and its own children (bench_official.py's timed processes, `run --jobs 8`'s
+    training workers) would go on holding the GPU under the measurements that follow."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err, False
+    except BaseException as exc:
+        tree = [proc.pid] + descendants(proc.pid)
+        _signal_all(tree, signal.SIGTERM)  # `run` and its workers stop at a step boundary on SIGTERM
+        try:
+            out, err = proc.communicate(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            out, err = "", ""
+        _signal_all(tree + descendants(proc.pid), signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        more_out, more_err = proc.communicate()
+        if not isinstance(exc, subprocess.TimeoutExpired):
+            raise
+        return proc.returncode, (out or "") + (more_out or ""), (err or "") + (more_err or ""), True
+
+
+class Terminated(BaseException):
+    """SIGTERM (or SIGHUP) of the suite: stop the step, its child processes with it, and write the summary."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(f"signal {signum}")
+
+
 class Suite:
     def __init__(self, out: Path, budget_s: float, smoke: bool):
         self.out, self.t0, self.budget_s, self.smoke = out, time.monotonic(), budget_s, smoke
         self.results: dict[str, object] = {}
         out.mkdir(parents=True, exist_ok=True)
+
+    def write(self) -> None:
+        (self.out / "summary.md").write_text(summary(self))
+        (self.out / "all.json").write_text(json.dumps(self.results, indent=1, default=str))
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - self.t0)
@@ -83,8 +163,13 @@ class Suite:
             self.results[name] = {"seconds": round(time.monotonic() - t0, 1), "result": res}
         except Exception as err:  # record and go on: one failed measurement must not cost the others
             self.results[name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-3000:]}
+        except Terminated:
+            self.results[name] = {"error": "interrupted (SIGTERM)", "seconds": round(time.monotonic() - t0, 1)}
+            self.write()
+            raise
         free_device_memory()  # the next step (a child process, too) gets the whole GPU
         (self.out / f"{name}.json").write_text(json.dumps(self.results[name], indent=1, default=str))
+        self.write()  # summary.md after every step: a suite killed from outside keeps what it measured
         print(f"[gpu_suite] {name}: {'error' if 'error' in self.results[name] else 'ok'} "
               f"({time.monotonic() - t0:.0f} s, {self.left():.0f} s left)", flush=True)
 
@@ -198,10 +283,13 @@ def released(s: Suite, official: str | None, device: str, dtype: str, batch: int
            "--dtype", dtype, "--batch", str(batch), *depth, "--steps", "2" if s.smoke else "10", "--warmup", "1",
            "--repeats", "1", "--configs", "released,released-nockpt,ours", "--json", str(out)]
     def run():
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(60, s.left()))
-        if proc.returncode:  # the reason is in the script's own output: keep it with the record
-            raise RuntimeError(f"exit {proc.returncode}: {proc.stdout[-1500:]} {proc.stderr[-1500:]}")
-        return {**json.loads(out.read_text()), "batch": batch, "log": proc.stdout[-3000:]}
+        timeout = max(60, s.left())
+        code, stdout, stderr, timed_out = run_tree(cmd, timeout)
+        if timed_out:
+            raise TimeoutError(f"stopped after {timeout:.0f} s: {stdout[-1500:]} {stderr[-1500:]}")
+        if code:  # the reason is in the script's own output: keep it with the record
+            raise RuntimeError(f"exit {code}: {stdout[-1500:]} {stderr[-1500:]}")
+        return {**json.loads(out.read_text()), "batch": batch, "log": stdout[-3000:]}
     s.step("released_side_by_side", run)
 
 
@@ -218,10 +306,11 @@ def gpu_profile(s: Suite, seeds: str = "") -> None:
 
         def run(cmd=cmd):
             t0 = time.monotonic()
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, s.left()))
-            return {"exit": proc.returncode, "seconds": time.monotonic() - t0,
-                    "runs": [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")][-40:],
-                    "stderr": proc.stderr[-2000:]}
+            # the runs finished by the end of the budget are kept; the rest are stopped with their workers
+            code, stdout, stderr, timed_out = run_tree(cmd, max(30, s.left()))
+            return {"exit": code, "seconds": time.monotonic() - t0, "timed_out": timed_out,
+                    "runs": [json.loads(x) for x in stdout.splitlines() if x.startswith("{")][-40:],
+                    "stderr": stderr[-2000:]}
         s.step(f"gpu_profile_{abl}", run)
 
 
@@ -255,9 +344,12 @@ def summary(s: Suite) -> str:
                 lines.append(f"| sampling {'compiled' if r.get('compile') else 'eager'}, batch {row['batch']}, "
                              f"guidance {row['guidance']}: "
                              f"{row['images_per_s']:.2f} img/s at {row['nfe']} NFE = {at250:.2f} at 250 NFE, "
-                             f"{row['forward_images_per_s']:.0f} forward img/s | {r.get('model')} | | | | | | |")
+                             f"{row['forward_images_per_s']:.0f} forward img/s | {r.get('model')} | | | | | | "
+                             + (f"{row['compiled_graphs']} ({row['compile_fallbacks']}) |" if "compiled_graphs" in row
+                                else "|"))
         elif isinstance(v, dict) and ("error" in v or "skipped" in v):
-            lines.append(f"| {key} | {v.get('error') or v.get('skipped')} | | | | | | |")
+            why = " ".join(str(v.get("error") or v.get("skipped")).split()).replace("|", "/")[:300]  # one table row
+            lines.append(f"| {key} | {why} | | | | | | |")
     rel = (s.results.get("released_side_by_side") or {}).get("result")
     if isinstance(rel, dict) and rel.get("summary"):
         batch = rel.get("batch") or (2 if s.smoke else 64)
@@ -299,8 +391,22 @@ def main() -> int:
         if mode not in ("eager", "compiled"):
             p.error(f"--bench {entry!r}: write MODEL:eager or MODEL:compiled")
         chosen.append((name, mode == "compiled"))
-    device, dtype, batch = ("cpu", "float32", 2) if args.smoke else ("cuda", "bfloat16", 64)
     s = Suite(args.out, args.budget_s, args.smoke)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
+    try:
+        run_steps(s, args, chosen)
+    except Terminated:
+        print("[gpu_suite] terminated: summary of the steps taken so far", flush=True)
+        s.write()
+        return 143
+    s.write()
+    print(summary(s))
+    return 0
+
+
+def run_steps(s: Suite, args: argparse.Namespace, chosen: list[tuple[str, bool]]) -> None:
+    device, dtype, batch = ("cpu", "float32", 2) if args.smoke else ("cuda", "bfloat16", 64)
     skip = set(args.skip.split(","))
     nfe = 2 if args.smoke else args.sample_nfe
     s.step("environment", lambda: environment(device))
@@ -320,10 +426,6 @@ def main() -> int:
             bench_one(s, name, compiled, device, dtype, batch, nfe)
     if "gpu_profile" not in skip:
         gpu_profile(s, args.gpu_seeds)
-    (args.out / "summary.md").write_text(summary(s))
-    (args.out / "all.json").write_text(json.dumps(s.results, indent=1, default=str))
-    print(summary(s))
-    return 0
 
 
 if __name__ == "__main__":

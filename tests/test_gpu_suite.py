@@ -3,15 +3,25 @@ tiny sizes, so a broken step shows here rather than in the device's few minutes.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _suite():
+    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "scripts" / "gpu_suite.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.mark.slow
@@ -47,6 +57,9 @@ def test_gpu_suite_smoke_takes_every_step_and_writes_the_summary(tmp_path):
     # eager samples at the training batch, compiled at the evaluation-sized one
     for key, b in (("train_dimr_tiny_2r_eager", 2), ("train_dimr_tiny_2r_compiled", 4)):
         assert [row["batch"] for row in results[key]["result"]["sampling"]] == [b, b]
+    # compiled sampling says whether its recompiles left blocks eager (then its numbers are eager ones)
+    assert all(row["compile_fallbacks"] == 0 and row["compiled_graphs"] >= compiled["compiled_graphs"]
+               for row in compiled["sampling"])
     env = results["environment"]["result"]
     assert env["commit"] and len(env["commit"]) == 40 and env["torch"]  # the commit the numbers were taken at
     for key in ("profile_train_step", "profile_sampling_step", "profile_train_step_compiled",
@@ -81,3 +94,103 @@ def test_count_ops_counts_a_training_steps_operators(tmp_path):
     assert 50 < rows["uvit"]["eager"] < rows["dimr"]["eager"]
     proc = subprocess.run([*script, "--variants", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert proc.returncode == 1 and "no variant" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_gpu_kernel_names_fall_in_their_categories():
+    """The profile's shares on a GPU come from kernel names: cuBLAS's Hopper GEMMs (nvjet), cuDNN's
+    convolutions (xmma fprop/dgrad/wgrad), flash attention and inductor's kernels each in their category."""
+    cat = _suite().categorize
+    assert cat("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT") == "matmul"
+    assert cat("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert cat("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "depthwise conv"
+    assert cat("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>") \
+        == "attention"
+    assert cat("triton_tem_fused_mm_0") == "matmul"
+    assert cat("triton_per_fused_native_layer_norm_0") == "norms"
+    assert cat("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
+
+
+def test_summary_is_written_after_every_step_and_errors_keep_the_table(tmp_path):
+    """A suite killed from outside (the device command's time limit) keeps summary.md and all.json of the
+    steps it took; a failed step's multi-line error stays one table row."""
+    gs = _suite()
+    s = gs.Suite(tmp_path, budget_s=60, smoke=True)
+    s.step("train_x_eager", lambda: {"model": "X", "train_images_per_s": 3.0, "sampling": []})
+    assert "| train_x_eager | X | 3.0 |" in (tmp_path / "summary.md").read_text()
+
+    def fail():
+        raise RuntimeError("exit 1: line one\nline | two")
+
+    s.step("released_side_by_side", fail)
+    summary = (tmp_path / "summary.md").read_text()
+    row = next(line for line in summary.splitlines() if line.startswith("| released_side_by_side"))
+    assert "line one line / two" in row and row.count("|") == 9
+    assert set(json.loads((tmp_path / "all.json").read_text())) == {"train_x_eager", "released_side_by_side"}
+
+
+@pytest.mark.timeout(60)
+def test_a_timed_out_child_takes_its_own_children_with_it(tmp_path):
+    """subprocess.run's timeout kills the child alone: bench_official.py's timed processes and `run --jobs`'s
+    workers would go on holding the GPU under the next measurements. run_tree stops the whole tree."""
+    gs = _suite()
+    pid_file = tmp_path / "grandchild.pid"
+    code = ("import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(p.pid)); print('started', flush=True); time.sleep(120)")
+    t0 = time.monotonic()
+    rc, out, _err, timed_out = gs.run_tree([sys.executable, "-c", code], timeout=3, grace_s=1)
+    assert timed_out and "started" in out and time.monotonic() - t0 < 30
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):  # reaped by init once killed
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        stat = Path(f"/proc/{grandchild}/stat")
+        assert stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z", "grandchild still running"
+
+
+def test_children_import_this_checkout(tmp_path):
+    """The suite's children (bench_official.py, `python -m dimr_lab run` and its workers) import the dimr_lab
+    of the checkout the suite runs from, whatever their cwd and whatever copy the interpreter has installed."""
+    gs = _suite()
+    rc, out, err, _ = gs.run_tree([sys.executable, "-c", "import dimr_lab; print(dimr_lab.__file__)"], timeout=60)
+    assert rc == 0, err
+    assert Path(out.strip()).resolve() == (ROOT / "dimr_lab" / "__init__.py").resolve()
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_official.py"), "--official", str(tmp_path)],
+                          cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "not a DiMR checkout" in proc.stderr
+    assert str(ROOT) in subprocess.run(
+        [sys.executable, "-c", "import runpy, sys; sys.argv = ['x', '--help']; "
+         f"runpy.run_path({str(ROOT / 'scripts' / 'bench_official.py')!r}, run_name='not_main'); print(sys.path)"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60).stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_sigterm_stops_the_suite_and_writes_the_summary(tmp_path):
+    """The device command's time limit sends SIGTERM: the suite stops the step it is in and writes summary.md
+    and all.json of what it took, the step in flight marked as interrupted."""
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "DIMR_OFFICIAL_SRC"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "gpu_suite.py"), "--out", str(out), "--smoke",
+                             "--skip", "profile,released,gpu_profile", "--bench", "dimr_tiny_2r:compiled"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 200
+        while not (out / "environment.json").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(2)  # inside the compiled benchmark (tens of seconds on the CPU)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, stderr[-2000:]
+    results = json.loads((out / "all.json").read_text())
+    assert "result" in results["environment"]
+    assert results["train_dimr_tiny_2r_compiled"]["error"].startswith("interrupted")
+    assert "| train_dimr_tiny_2r_compiled | interrupted" in (out / "summary.md").read_text()
