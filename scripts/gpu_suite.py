@@ -35,7 +35,8 @@ sys.path.insert(0, str(ROOT))
 
 MODELS = ["dimr_xl_2r", "dimr_g_2r", "dimr_xl_3r", "dit_xl_2"]
 CATEGORIES = [  # (category, substrings of profiler op names), first match wins
-    ("attention", ("attention", "sdpa", "flash", "efficient_attention", "softmax")),
+    # fmha: the memory-efficient SDPA kernels (fmha_cutlassF_..._sm80), which "cutlass" would take for matmul
+    ("attention", ("attention", "sdpa", "flash", "efficient_attention", "softmax", "fmha")),
     ("depthwise conv", ("conv", "cudnn", "dgrad", "wgrad", "fprop")),
     # before matmul: CUDA's fused AdamW kernel is multi_tensor_apply_kernel<FusedAdamMathFunctor> ("mm")
     ("optimizer", ("adam", "foreach", "lerp")),
@@ -119,8 +120,8 @@ def run_tree(cmd: list[str], timeout: float, grace_s: float = 10.0) -> tuple[int
     except BaseException as exc:
         tree = [proc.pid] + descendants(proc.pid)
         _signal_all(tree, signal.SIGTERM)  # `run` and its workers stop at a step boundary on SIGTERM
-        try:
-            out, err = proc.communicate(timeout=grace_s)
+        try:  # a signal to the suite: a short grace, the summary is still to be written
+            out, err = proc.communicate(timeout=grace_s if isinstance(exc, subprocess.TimeoutExpired) else 2.0)
         except subprocess.TimeoutExpired:
             out, err = "", ""
         _signal_all(tree + descendants(proc.pid), signal.SIGKILL)
@@ -367,6 +368,12 @@ def summary(s: Suite) -> str:
             lines += ["", f"## {key} ({r['model']}, batch {r['batch']}, {r['dtype']}): {r['total_ms']:.1f} ms of "
                           f"{r['rows']} in a {r['step_ms']:.1f} ms step", ""]
             lines += [f"- {k}: {v:.1%}" for k, v in r["shares"].items()]
+    for key, v in s.results.items():
+        r = v.get("result") if isinstance(v, dict) else None
+        if key.startswith("gpu_profile_") and isinstance(r, dict):
+            stopped = ", stopped at the end of the budget" if r.get("timed_out") else ""
+            lines += ["", f"## {key}: exit {r.get('exit')}{stopped}, {len(r.get('runs') or [])} runs reported "
+                          f"in {r.get('seconds', 0):.0f} s"]
     return "\n".join(lines) + "\n"
 
 

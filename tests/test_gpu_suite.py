@@ -75,6 +75,7 @@ def test_gpu_suite_smoke_takes_every_step_and_writes_the_summary(tmp_path):
     assert "| train_dimr_tiny_2r_eager | DiMR-tiny/2R |" in summary and "## profile_train_step" in summary
     assert "sampling eager, batch 2, guidance 1.4:" in summary and " at 250 NFE" in summary
     assert "sampling compiled, batch 4, guidance 1.4:" in summary
+    assert "## gpu_profile_table2_components: exit 0, 1 runs reported" in summary
     header = next(line for line in summary.splitlines() if line.startswith("| measurement"))
     row = next(line for line in summary.splitlines() if line.startswith("| train_dit_tiny_4_eager"))
     assert header.count("|") == row.count("|")  # every row fills the table's columns
@@ -105,6 +106,9 @@ def test_gpu_kernel_names_fall_in_their_categories():
     assert cat("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "depthwise conv"
     assert cat("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>") \
         == "attention"
+    assert cat("fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>::Params)") \
+        == "attention"
+    assert cat("fmha_cutlassB_f32_aligned_64x64_k64_sm80") == "attention"
     assert cat("triton_tem_fused_mm_0") == "matmul"
     assert cat("triton_per_fused_native_layer_norm_0") == "norms"
     assert cat("void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
