@@ -14,8 +14,11 @@
 5. The `gpu` profile of the evidence ablations (Table 2 first), as long as the budget lasts. Steps 1-4 take
    about 7 minutes on an H200, so the ablations need a call of their own:
    `--skip bench,profile,released --budget-s 480`.
-Each step's output is a JSON file in --out, and summary.md collects them for BENCHMARKS.md. A step that
-fails is recorded with its error and the suite goes on.
+--out receives two files, rewritten after every step: all.json (every step's result, or its error) and
+summary.md (them, for BENCHMARKS.md). A device call brings back at most 8 files from $OUT, no more than two
+folders down, so everything else (released.json, the gpu profile's run folders) goes to --work (default: a
+new temporary folder; `environment` names it). A step that fails is recorded with its error and the suite
+goes on; SIGTERM stops the step in flight, and its child processes, and writes both files.
 """
 
 from __future__ import annotations
@@ -141,15 +144,27 @@ def _terminate(signum, frame):
     raise Terminated(f"signal {signum}")
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a suite killed while writing leaves the previous version, not half a file
+
+
 class Suite:
-    def __init__(self, out: Path, budget_s: float, smoke: bool):
+    def __init__(self, out: Path, budget_s: float, smoke: bool, work: Path | None = None):
         self.out, self.t0, self.budget_s, self.smoke = out, time.monotonic(), budget_s, smoke
         self.results: dict[str, object] = {}
         out.mkdir(parents=True, exist_ok=True)
+        if work is None:
+            import tempfile
+
+            work = Path(tempfile.mkdtemp(prefix="gpu_suite_"))
+        self.work = work  # what does not come back from a device call: released.json, the profile's runs
+        work.mkdir(parents=True, exist_ok=True)
 
     def write(self) -> None:
-        (self.out / "summary.md").write_text(summary(self))
-        (self.out / "all.json").write_text(json.dumps(self.results, indent=1, default=str))
+        _write_atomic(self.out / "summary.md", summary(self))
+        _write_atomic(self.out / "all.json", json.dumps(self.results, indent=1, default=str))
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - self.t0)
@@ -169,7 +184,6 @@ class Suite:
             self.write()
             raise
         free_device_memory()  # the next step (a child process, too) gets the whole GPU
-        (self.out / f"{name}.json").write_text(json.dumps(self.results[name], indent=1, default=str))
         self.write()  # summary.md after every step: a suite killed from outside keeps what it measured
         print(f"[gpu_suite] {name}: {'error' if 'error' in self.results[name] else 'ok'} "
               f"({time.monotonic() - t0:.0f} s, {self.left():.0f} s left)", flush=True)
@@ -278,7 +292,7 @@ def released(s: Suite, official: str | None, device: str, dtype: str, batch: int
     if not official:
         s.results["released_side_by_side"] = {"skipped": "no checkout of the released code (--official)"}
         return
-    out = s.out / "released.json"
+    out = s.work / "released.json"
     depth = ["--t-depth", "2", "--c-depth", "2"] if s.smoke else ["--t-depth", "39", "--c-depth", "20"]
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_official.py"), "--official", official, "--device", device,
            "--dtype", dtype, "--batch", str(batch), *depth, "--steps", "2" if s.smoke else "10", "--warmup", "1",
@@ -297,7 +311,7 @@ def released(s: Suite, official: str | None, device: str, dtype: str, batch: int
 def gpu_profile(s: Suite, seeds: str = "") -> None:
     for abl in ("table2_components", "tdln_vs_adaln"):
         cmd = [sys.executable, "-m", "dimr_lab", "run", str(ROOT / "ablations" / f"{abl}.toml"), "--profile", "gpu",
-               "--results", str(s.out / "results"), "--json", "--jobs", "8"] + (["--seeds", seeds] if seeds else [])
+               "--results", str(s.work / "results"), "--json", "--jobs", "8"] + (["--seeds", seeds] if seeds else [])
         if s.smoke:
             cmd += ["--seeds", "0", "--only", "dimr", "--set", "train.steps=2",
                     "--set", "eval.steps=[]", "--set", "eval.samples=8", "--set", "eval.batch_size=8",
@@ -380,6 +394,8 @@ def summary(s: Suite) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--work", type=Path, default=None,
+                   help="released.json and the gpu profile's run folders (default: a new temporary folder)")
     p.add_argument("--official", default=os.environ.get("DIMR_OFFICIAL_SRC"))
     p.add_argument("--budget-s", type=float, default=480.0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (checks the script itself)")
@@ -398,7 +414,7 @@ def main() -> int:
         if mode not in ("eager", "compiled"):
             p.error(f"--bench {entry!r}: write MODEL:eager or MODEL:compiled")
         chosen.append((name, mode == "compiled"))
-    s = Suite(args.out, args.budget_s, args.smoke)
+    s = Suite(args.out, args.budget_s, args.smoke, args.work)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
     try:
@@ -416,7 +432,7 @@ def run_steps(s: Suite, args: argparse.Namespace, chosen: list[tuple[str, bool]]
     device, dtype, batch = ("cpu", "float32", 2) if args.smoke else ("cuda", "bfloat16", 64)
     skip = set(args.skip.split(","))
     nfe = 2 if args.smoke else args.sample_nfe
-    s.step("environment", lambda: environment(device))
+    s.step("environment", lambda: {**environment(device), "work": str(s.work)})
     if chosen and "released" not in skip:  # a rerun of chosen measurements: the released code first
         released(s, args.official, device, dtype, batch)
         skip.add("released")
