@@ -272,6 +272,9 @@ def bench(spec: Any, *, batch: int = 8, dtype: str = "float32", device: str = "c
     with torch.device("meta"):
         macs = count_macs(build_model(counted), device="meta")["macs"]
     baseline = rss_mib()
+    # CUDA: what is still allocated before this network is built (an earlier one's tensors kept alive
+    # would count in this one's peak memory)
+    allocated_before = torch.cuda.memory_allocated(device) / 2**20 if device == "cuda" else None
     torch.manual_seed(seed)
     model = build_model(spec).to(device)
     model.set_checkpointing(checkpointing)
@@ -301,8 +304,15 @@ def bench(spec: Any, *, batch: int = 8, dtype: str = "float32", device: str = "c
         dev = torch.device(device)
         kw = dict(batch=sample_batch or batch, image_size=spec.image_size, in_channels=spec.in_channels,
                   num_classes=spec.num_classes, dtype=dtype, device=dev, nfe=sample_nfe)
-        result["sampling"] = [bench_sampling(model, guidance=0.0, **kw),
-                              bench_sampling(model, guidance=sample_guidance, **kw)]
+        result["sampling"] = []
+        for guidance in (0.0, sample_guidance):
+            row = bench_sampling(model, guidance=guidance, **kw)
+            if compile:  # sampling's batches recompile the blocks: the graphs, and frames left eager, so far
+                row["compiled_graphs"] = int(counters["stats"]["unique_graphs"])
+                row["compile_fallbacks"] = int(counters["frames"]["total"] - counters["frames"]["ok"])
+            result["sampling"].append(row)
+    if allocated_before is not None:
+        result["allocated_before_mib"] = allocated_before
     params = sum(p.numel() for p in model.parameters())
     return {"model": spec.name, "params": params, "gmacs_per_image": macs / 1e9, "batch": batch, "dtype": dtype,
             "device": device, "threads": torch.get_num_threads(), "checkpointing": checkpointing,

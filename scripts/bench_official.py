@@ -34,6 +34,9 @@ import warnings
 from pathlib import Path
 
 CONFIGS = ("released", "released-nockpt", "ours", "ours-ckpt")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: this checkout's dimr_lab, not another installed copy
+    sys.path.insert(1, str(ROOT))
 
 
 class Args:
@@ -276,6 +279,11 @@ def main() -> None:
             return
         torch.set_num_threads(args.threads)
         eq = check_equal(args, state)
+        if args.device == "cuda":  # the check's two networks stay in this process's cache: give the GPU back
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
         print(f"same weights: output rel. err. per branch {['%.1e' % e for e in eq['output_rel_err']]} "
               f"(shared t {['%.1e' % e for e in eq['shared_t_rel_err']]}), gradient rel. err. "
               f"{eq['grad_rel_err']:.1e}", flush=True)

@@ -14,8 +14,11 @@
 5. The `gpu` profile of the evidence ablations (Table 2 first), as long as the budget lasts. Steps 1-4 take
    about 7 minutes on an H200, so the ablations need a call of their own:
    `--skip bench,profile,released --budget-s 480`.
-Each step's output is a JSON file in --out, and summary.md collects them for BENCHMARKS.md. A step that
-fails is recorded with its error and the suite goes on.
+--out receives two files, rewritten after every step: all.json (every step's result, or its error) and
+summary.md (them, for BENCHMARKS.md). A device call brings back at most 8 files from $OUT, no more than two
+folders down, so everything else (released.json, the gpu profile's run folders) goes to --work (default: a
+new temporary folder; `environment` names it). A step that fails is recorded with its error and the suite
+goes on; SIGTERM stops the step in flight, and its child processes, and writes both files.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,11 +38,14 @@ sys.path.insert(0, str(ROOT))
 
 MODELS = ["dimr_xl_2r", "dimr_g_2r", "dimr_xl_3r", "dit_xl_2"]
 CATEGORIES = [  # (category, substrings of profiler op names), first match wins
-    ("attention", ("attention", "sdpa", "flash", "efficient_attention", "softmax")),
-    ("depthwise conv", ("conv", "cudnn", "dgrad", "wgrad")),
-    ("matmul", ("mm", "gemm", "matmul", "linear", "addmm", "cutlass", "sm90", "sm80")),
-    ("norms", ("norm", "rsqrt")),
+    # fmha: the memory-efficient SDPA kernels (fmha_cutlassF_..._sm80), which "cutlass" would take for matmul
+    ("attention", ("attention", "sdpa", "flash", "efficient_attention", "softmax", "fmha")),
+    ("depthwise conv", ("conv", "cudnn", "dgrad", "wgrad", "fprop")),
+    # before matmul: CUDA's fused AdamW kernel is multi_tensor_apply_kernel<FusedAdamMathFunctor> ("mm")
     ("optimizer", ("adam", "foreach", "lerp")),
+    # nvjet: cuBLAS(Lt)'s Hopper GEMM kernels (CUDA 12.8+), e.g. nvjet_tst_128x256_64x4_1x2_h_bz_coopA_TNT
+    ("matmul", ("mm", "gemm", "matmul", "linear", "addmm", "cutlass", "sm90", "sm80", "nvjet")),
+    ("norms", ("norm", "rsqrt")),
     ("elementwise", ("mul", "add", "gelu", "sigmoid", "silu", "copy", "cat", "div", "sub", "pow", "elementwise",
                      "vectorized", "reduce", "sum", "mean", "where", "fill", "clone", "neg", "exp")),
 ]
@@ -64,11 +71,100 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def child_env() -> dict[str, str]:
+    """The environment of the suite's child processes: they import this checkout's dimr_lab (the code whose
+    commit `environment` records), not another copy installed in the interpreter, whatever their cwd."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def descendants(pid: int) -> list[int]:
+    """The process ids below `pid` (children, grandchildren, ...), from /proc (Linux; [] elsewhere)."""
+    parents: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except OSError:  # gone already
+            pass
+
+
+def run_tree(cmd: list[str], timeout: float, grace_s: float = 10.0) -> tuple[int | None, str, str, bool]:
+    """(returncode, stdout, stderr, timed_out) of a child process. On a timeout (or an interrupt of the suite)
+    the child and every process it started get SIGTERM, then SIGKILL after `grace_s`: subprocess.run would
+    kill the child alone, and its own children (bench_official.py's timed processes, `run --jobs 8`'s
+    training workers) would go on holding the GPU under the measurements that follow."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out, err, False
+    except BaseException as exc:
+        tree = [proc.pid] + descendants(proc.pid)
+        _signal_all(tree, signal.SIGTERM)  # `run` and its workers stop at a step boundary on SIGTERM
+        try:  # a signal to the suite: a short grace, the summary is still to be written
+            out, err = proc.communicate(timeout=grace_s if isinstance(exc, subprocess.TimeoutExpired) else 2.0)
+        except subprocess.TimeoutExpired:
+            out, err = "", ""
+        _signal_all(tree + descendants(proc.pid), signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        more_out, more_err = proc.communicate()
+        if not isinstance(exc, subprocess.TimeoutExpired):
+            raise
+        return proc.returncode, (out or "") + (more_out or ""), (err or "") + (more_err or ""), True
+
+
+class Terminated(BaseException):
+    """SIGTERM (or SIGHUP) of the suite: stop the step, its child processes with it, and write the summary."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(f"signal {signum}")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # a suite killed while writing leaves the previous version, not half a file
+
+
 class Suite:
-    def __init__(self, out: Path, budget_s: float, smoke: bool):
+    def __init__(self, out: Path, budget_s: float, smoke: bool, work: Path | None = None):
         self.out, self.t0, self.budget_s, self.smoke = out, time.monotonic(), budget_s, smoke
         self.results: dict[str, object] = {}
         out.mkdir(parents=True, exist_ok=True)
+        if work is None:
+            import tempfile
+
+            work = Path(tempfile.mkdtemp(prefix="gpu_suite_"))
+        self.work = work  # what does not come back from a device call: released.json, the profile's runs
+        work.mkdir(parents=True, exist_ok=True)
+
+    def write(self) -> None:
+        _write_atomic(self.out / "summary.md", summary(self))
+        _write_atomic(self.out / "all.json", json.dumps(self.results, indent=1, default=str))
 
     def left(self) -> float:
         return self.budget_s - (time.monotonic() - self.t0)
@@ -83,8 +179,12 @@ class Suite:
             self.results[name] = {"seconds": round(time.monotonic() - t0, 1), "result": res}
         except Exception as err:  # record and go on: one failed measurement must not cost the others
             self.results[name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-3000:]}
+        except Terminated:
+            self.results[name] = {"error": "interrupted (SIGTERM)", "seconds": round(time.monotonic() - t0, 1)}
+            self.write()
+            raise
         free_device_memory()  # the next step (a child process, too) gets the whole GPU
-        (self.out / f"{name}.json").write_text(json.dumps(self.results[name], indent=1, default=str))
+        self.write()  # summary.md after every step: a suite killed from outside keeps what it measured
         print(f"[gpu_suite] {name}: {'error' if 'error' in self.results[name] else 'ok'} "
               f"({time.monotonic() - t0:.0f} s, {self.left():.0f} s left)", flush=True)
 
@@ -192,23 +292,26 @@ def released(s: Suite, official: str | None, device: str, dtype: str, batch: int
     if not official:
         s.results["released_side_by_side"] = {"skipped": "no checkout of the released code (--official)"}
         return
-    out = s.out / "released.json"
+    out = s.work / "released.json"
     depth = ["--t-depth", "2", "--c-depth", "2"] if s.smoke else ["--t-depth", "39", "--c-depth", "20"]
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_official.py"), "--official", official, "--device", device,
            "--dtype", dtype, "--batch", str(batch), *depth, "--steps", "2" if s.smoke else "10", "--warmup", "1",
            "--repeats", "1", "--configs", "released,released-nockpt,ours", "--json", str(out)]
     def run():
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(60, s.left()))
-        if proc.returncode:  # the reason is in the script's own output: keep it with the record
-            raise RuntimeError(f"exit {proc.returncode}: {proc.stdout[-1500:]} {proc.stderr[-1500:]}")
-        return {**json.loads(out.read_text()), "batch": batch, "log": proc.stdout[-3000:]}
+        timeout = max(60, s.left())
+        code, stdout, stderr, timed_out = run_tree(cmd, timeout)
+        if timed_out:
+            raise TimeoutError(f"stopped after {timeout:.0f} s: {stdout[-1500:]} {stderr[-1500:]}")
+        if code:  # the reason is in the script's own output: keep it with the record
+            raise RuntimeError(f"exit {code}: {stdout[-1500:]} {stderr[-1500:]}")
+        return {**json.loads(out.read_text()), "batch": batch, "log": stdout[-3000:]}
     s.step("released_side_by_side", run)
 
 
 def gpu_profile(s: Suite, seeds: str = "") -> None:
     for abl in ("table2_components", "tdln_vs_adaln"):
         cmd = [sys.executable, "-m", "dimr_lab", "run", str(ROOT / "ablations" / f"{abl}.toml"), "--profile", "gpu",
-               "--results", str(s.out / "results"), "--json", "--jobs", "8"] + (["--seeds", seeds] if seeds else [])
+               "--results", str(s.work / "results"), "--json", "--jobs", "8"] + (["--seeds", seeds] if seeds else [])
         if s.smoke:
             cmd += ["--seeds", "0", "--only", "dimr", "--set", "train.steps=2",
                     "--set", "eval.steps=[]", "--set", "eval.samples=8", "--set", "eval.batch_size=8",
@@ -218,10 +321,11 @@ def gpu_profile(s: Suite, seeds: str = "") -> None:
 
         def run(cmd=cmd):
             t0 = time.monotonic()
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(30, s.left()))
-            return {"exit": proc.returncode, "seconds": time.monotonic() - t0,
-                    "runs": [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")][-40:],
-                    "stderr": proc.stderr[-2000:]}
+            # the runs finished by the end of the budget are kept; the rest are stopped with their workers
+            code, stdout, stderr, timed_out = run_tree(cmd, max(30, s.left()))
+            return {"exit": code, "seconds": time.monotonic() - t0, "timed_out": timed_out,
+                    "runs": [json.loads(x) for x in stdout.splitlines() if x.startswith("{")][-40:],
+                    "stderr": stderr[-2000:]}
         s.step(f"gpu_profile_{abl}", run)
 
 
@@ -255,9 +359,12 @@ def summary(s: Suite) -> str:
                 lines.append(f"| sampling {'compiled' if r.get('compile') else 'eager'}, batch {row['batch']}, "
                              f"guidance {row['guidance']}: "
                              f"{row['images_per_s']:.2f} img/s at {row['nfe']} NFE = {at250:.2f} at 250 NFE, "
-                             f"{row['forward_images_per_s']:.0f} forward img/s | {r.get('model')} | | | | | | |")
+                             f"{row['forward_images_per_s']:.0f} forward img/s | {r.get('model')} | | | | | | "
+                             + (f"{row['compiled_graphs']} ({row['compile_fallbacks']}) |" if "compiled_graphs" in row
+                                else "|"))
         elif isinstance(v, dict) and ("error" in v or "skipped" in v):
-            lines.append(f"| {key} | {v.get('error') or v.get('skipped')} | | | | | | |")
+            why = " ".join(str(v.get("error") or v.get("skipped")).split()).replace("|", "/")[:300]  # one table row
+            lines.append(f"| {key} | {why} | | | | | | |")
     rel = (s.results.get("released_side_by_side") or {}).get("result")
     if isinstance(rel, dict) and rel.get("summary"):
         batch = rel.get("batch") or (2 if s.smoke else 64)
@@ -275,12 +382,20 @@ def summary(s: Suite) -> str:
             lines += ["", f"## {key} ({r['model']}, batch {r['batch']}, {r['dtype']}): {r['total_ms']:.1f} ms of "
                           f"{r['rows']} in a {r['step_ms']:.1f} ms step", ""]
             lines += [f"- {k}: {v:.1%}" for k, v in r["shares"].items()]
+    for key, v in s.results.items():
+        r = v.get("result") if isinstance(v, dict) else None
+        if key.startswith("gpu_profile_") and isinstance(r, dict):
+            stopped = ", stopped at the end of the budget" if r.get("timed_out") else ""
+            lines += ["", f"## {key}: exit {r.get('exit')}{stopped}, {len(r.get('runs') or [])} runs reported "
+                          f"in {r.get('seconds', 0):.0f} s"]
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--work", type=Path, default=None,
+                   help="released.json and the gpu profile's run folders (default: a new temporary folder)")
     p.add_argument("--official", default=os.environ.get("DIMR_OFFICIAL_SRC"))
     p.add_argument("--budget-s", type=float, default=480.0)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (checks the script itself)")
@@ -299,11 +414,25 @@ def main() -> int:
         if mode not in ("eager", "compiled"):
             p.error(f"--bench {entry!r}: write MODEL:eager or MODEL:compiled")
         chosen.append((name, mode == "compiled"))
+    s = Suite(args.out, args.budget_s, args.smoke, args.work)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
+    try:
+        run_steps(s, args, chosen)
+    except Terminated:
+        print("[gpu_suite] terminated: summary of the steps taken so far", flush=True)
+        s.write()
+        return 143
+    s.write()
+    print(summary(s))
+    return 0
+
+
+def run_steps(s: Suite, args: argparse.Namespace, chosen: list[tuple[str, bool]]) -> None:
     device, dtype, batch = ("cpu", "float32", 2) if args.smoke else ("cuda", "bfloat16", 64)
-    s = Suite(args.out, args.budget_s, args.smoke)
     skip = set(args.skip.split(","))
     nfe = 2 if args.smoke else args.sample_nfe
-    s.step("environment", lambda: environment(device))
+    s.step("environment", lambda: {**environment(device), "work": str(s.work)})
     if chosen and "released" not in skip:  # a rerun of chosen measurements: the released code first
         released(s, args.official, device, dtype, batch)
         skip.add("released")
@@ -320,10 +449,6 @@ def main() -> int:
             bench_one(s, name, compiled, device, dtype, batch, nfe)
     if "gpu_profile" not in skip:
         gpu_profile(s, args.gpu_seeds)
-    (args.out / "summary.md").write_text(summary(s))
-    (args.out / "all.json").write_text(json.dumps(s.results, indent=1, default=str))
-    print(summary(s))
-    return 0
 
 
 if __name__ == "__main__":

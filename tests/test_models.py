@@ -687,3 +687,23 @@ def test_an_export_loads_whatever_its_file_is_called(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"\x05" + b"\0" * 7 + b"{not json")
     with pytest.raises(UserError, match="junk.pt: not a readable safetensors file"):
         dimr_lab.load_model(tmp_path / "junk.pt")
+
+
+def test_xformers_that_does_not_import_falls_back_to_sdpa(tmp_path, monkeypatch):
+    """An xformers built for another torch or CUDA raises more than ImportError on import (OSError,
+    RuntimeError): the 'xformers' backend falls back to SDPA with a warning saying why, as without xformers."""
+    import dimr_lab.nn.attention as attention
+
+    pkg = tmp_path / "xformers"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise OSError('libcudart.so.11.0: cannot open shared object file')\n")
+    (pkg / "ops.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("xformers", "xformers.ops"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(attention, "_xformers", [])
+    monkeypatch.setattr(attention, "_warned_xformers", False)
+    q, k, v = torch.randn(3, 2, 4, 6, 8).unbind(0)
+    with pytest.warns(UserWarning, match="xformers does not import \\(OSError: libcudart"):
+        out = attention.xformers_attention(q, k, v)
+    torch.testing.assert_close(out, attention.sdpa_attention(q, k, v))

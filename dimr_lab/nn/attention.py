@@ -26,17 +26,29 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
 
 _warned_xformers = False
+_xformers: list = []  # [xformers.ops or None, why it is None]: imported once
+
+
+def _xformers_ops() -> tuple[object, str]:
+    if not _xformers:
+        try:
+            import xformers.ops as xops
+            why = ""
+        except ImportError:
+            xops, why = None, "xformers is not installed"
+        except Exception as err:  # built for another torch or CUDA: its import raises more than ImportError
+            first = str(err).splitlines()[0][:200] if str(err) else ""
+            xops, why = None, f"xformers does not import ({type(err).__name__}: {first})"
+        _xformers[:] = [xops, why]
+    return _xformers[0], _xformers[1]
 
 
 def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     global _warned_xformers
-    try:
-        import xformers.ops as xops
-    except ImportError:
-        xops = None
+    xops, why = _xformers_ops()
     if xops is None or not q.is_cuda:
         if not _warned_xformers:
-            why = "xformers is not installed" if xops is None else "xformers has no CPU kernels"
+            why = why or "xformers has no CPU kernels"
             warnings.warn(f"attention 'xformers': {why}; using 'sdpa' instead", stacklevel=2)
             _warned_xformers = True
         return sdpa_attention(q, k, v)
