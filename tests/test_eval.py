@@ -46,6 +46,10 @@ def test_classifier_accuracy_and_cache(cache, monkeypatch):
     monkeypatch.setattr(clf, "train_classifier", lambda *a, **k: pytest.fail("retrained a cached classifier"))
     again = get_classifier(DATA, cache)
     assert again.accuracy == model.accuracy
+    # the digest metrics.json records names the weights: the same after loading, another for other weights
+    assert len(model.digest) == 12 and again.digest == model.digest == clf.weights_digest(again)
+    other = clf.SmallCNN(model.num_classes, model.resolution)
+    assert clf.weights_digest(other) != model.digest
     for a, b in zip(again.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
     assert clf.cache_path(replace(DATA, train_size=1024), cache) != model.path, "the identity keys the cache"
@@ -105,6 +109,7 @@ def test_real_vs_real_and_noise(cache, real):
         assert r["num_samples"] == N and r["num_real"] == N and r["reference"] == "test split"
         assert r["class_prob"].shape == (N,) and r["pred"].shape == (N,) and r["kid_subset_size"] == 50
         assert set(r) >= {"fid", "kid_mean", "kid_std", "isc_mean", "isc_std", "precision", "recall"}
+        assert r["classifier_digest"] == get_classifier(DATA, cache).digest  # the instrument, for table
     assert res["fid"] < 5 and bad["fid"] > 100 * max(res["fid"], 0.1)
     assert abs(res["kid_mean"]) < bad["kid_mean"] / 100
     assert res["precision"] > 0.8 and res["recall"] > 0.8 and bad["precision"] < 0.1

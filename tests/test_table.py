@@ -187,6 +187,24 @@ def test_deltas_across_other_steps_or_settings_are_kept_but_warned(tmp_path):
     assert said == []
 
 
+def test_evaluations_measured_by_different_classifiers_are_said(tmp_path):
+    # seed 1 of b was evaluated where the shapes classifier had been trained again (another machine): its
+    # classifier FID comes from another instrument; evaluations without a recorded digest count for nothing
+    for seed in range(2):
+        write_run(tmp_path, "abl", "a", seed, metrics_for(50.0 + seed, seed, classifier_digest="aaaaaaaaaaaa"),
+                  variant_index=0)
+        write_run(tmp_path, "abl", "b", seed, metrics_for(40.0 + seed, seed, classifier_digest="bbbbbbbbbbbb"
+                                                          if seed else "aaaaaaaaaaaa"), variant_index=1)
+        write_run(tmp_path, "old", "a", seed, metrics_for(50.0 + seed, seed), variant_index=0)
+        write_run(tmp_path, "old", "b", seed, metrics_for(40.0, seed, classifier_digest="aaaaaaaaaaaa"),
+                  variant_index=1)
+    runs, warnings = collect(tmp_path)
+    said = [w for w in warnings if "dataset classifiers" in w]
+    assert len(said) == 1 and said[0].startswith("abl (tiny): its evaluations were measured by 2 different "
+                                                 "dataset classifiers (classifier_digest aaaaaaaaaaaa, bbbbbbbbbbbb)")
+    assert "_classifier" not in runs.columns and len(runs) == 8
+
+
 def test_paper_columns(tree):
     table = aggregate(collect(tree)[0])
     assert (row(table, "tdln")["paper_fid"], row(table, "tdln")["paper_params_m"]) == (5.21, 154.0)

@@ -65,6 +65,17 @@ class SmallCNN(nn.Module):
         return torch.cat(out)  # (N, K)
 
 
+def weights_digest(model: nn.Module) -> str:
+    """12 hex digits of the SHA-256 of the weights (every state-dict tensor's bytes, in order): which classifier
+    measured an evaluation. The dataset and recipe name the cache file, but a classifier retrained elsewhere
+    (another machine, thread count or time limit) is another instrument, with other features."""
+    h = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
 def classifier_identity(data_spec, seed: int = 0, max_images: int | None = None) -> dict:
     """The dataset identity plus the recipe version (and the subsample size of datasets read from disk):
     any change makes a new cache file."""
@@ -104,7 +115,7 @@ def load_classifier_file(path: str | Path, expect_identity: dict | None = None) 
     identity = json.loads(blob.get("identity", "{}"))
     if expect_identity is not None and identity != expect_identity:
         raise UserError(f"{path}: classifier cache belongs to another dataset ({identity})")
-    model.identity, model.path = identity, Path(path)
+    model.identity, model.path, model.digest = identity, Path(path), weights_digest(model)
     model.accuracy = float(blob.get("accuracy", float("nan")))
     model.train_seconds = float(blob.get("train_seconds", float("nan")))
     epochs = blob.get("epochs")
@@ -235,7 +246,7 @@ def get_classifier(data_spec, cache_dir: str | Path, *, seed: int = 0, max_image
             log(f"training the {data_spec.name} classifier for evaluation (once; cached in {path.parent})")
         model = train_classifier(data_spec, seed, max_images=max_images, log=log)
         _save(model, identity, path)
-        model.identity, model.path = identity, path
+        model.identity, model.path, model.digest = identity, path, weights_digest(model)
         return model
     finally:
         os.close(lock)

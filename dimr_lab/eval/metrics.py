@@ -147,6 +147,7 @@ def evaluate(samples_uint8, labels, data_spec, eval_spec, *, cache_dir, real_ima
             class_prob=class_prob.numpy().astype(np.float32), pred=prob.argmax(1).numpy(),
             classifier_accuracy=classifier.accuracy, classifier_path=str(classifier.path),
             classifier_epochs=getattr(classifier, "epochs", None),  # [trained, planned]: fewer = its time limit
+            classifier_digest=getattr(classifier, "digest", None),  # which weights measured it (table compares)
         )
     else:
         why = "eval.classifier is off" if DATASETS.meta(data_spec.name, "classifier") else \
