@@ -26,3 +26,23 @@ def cli(argv, capsys):
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def released_module(env: str, filename: str, what: str, repo: str):
+    """A single-file module of released code from the checkout $env names (README, Testing), or a skip that
+    says how to provide it."""
+    import importlib.util
+    from pathlib import Path
+
+    import pytest
+
+    src = os.environ.get(env)
+    if not src:
+        pytest.skip(f"{what} is not available: set {env} to a checkout of github.com/{repo} (README, Testing)")
+    path = Path(src) / filename
+    if not path.is_file():
+        pytest.skip(f"{env}={src} has no {filename}")
+    spec = importlib.util.spec_from_file_location(f"released_{Path(filename).stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -437,22 +437,10 @@ def test_a_training_step_and_every_sampler_read_nothing_back_from_the_device(tim
 
 
 def _released_dimr_solver():
-    """DiMR's dpm_solver.py from the checkout $DIMR_OFFICIAL_SRC names (README, Testing), or a skip."""
-    import importlib.util
-    import os
-    from pathlib import Path
+    """DiMR's dpm_solver.py from the checkout $DIMR_OFFICIAL_SRC names, or a skip."""
+    from conftest import released_module
 
-    src = os.environ.get("DIMR_OFFICIAL_SRC")
-    if not src:
-        pytest.skip("the released DiMR code is not available: set DIMR_OFFICIAL_SRC to a checkout of "
-                    "github.com/qihao067/DiMR (README, Testing)")
-    path = Path(src) / "dpm_solver.py"
-    if not path.is_file():
-        pytest.skip(f"DIMR_OFFICIAL_SRC={src} has no dpm_solver.py")
-    spec = importlib.util.spec_from_file_location("dimr_released_dpm_solver", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return released_module("DIMR_OFFICIAL_SRC", "dpm_solver.py", "the released DiMR code", "qihao067/DiMR")
 
 
 @pytest.mark.parametrize("steps", [250, 20, 21])

@@ -390,6 +390,22 @@ def test_slurm_sh_status_tells_a_user_who_is_not_root_the_daemons_are_up(slurm_u
     assert "Permission denied" not in r.stderr, r.stderr
 
 
+def _signal_until_it_fails(results, job: str, capsys) -> tuple:
+    """The one run under results, once its job has passed step 3, been sent the checkpoint signal (USR2, as
+    SLURM's --signal does before the time limit) and ended FAILED: (its folder, its status)."""
+    from dimr_lab.rundir import RunDir
+
+    (run,) = run_dirs(results)
+    _wait(lambda: (RunDir(run).last_logged_step() or 0) >= 3, WAIT, "training to pass step 3")
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+
+    def ended():
+        _, out, _ = cli(["status", results, "--json"], capsys)
+        (st,) = [json.loads(x) for x in out.splitlines()]
+        return st if st["state"] == "failed" and st["slurm_state"] == "FAILED" else None
+    return run, _wait(ended, WAIT, "the job to end")
+
+
 def test_a_run_out_of_requeues_ends_with_one_line_and_status_says_it_resumes(tmp_path, capsys, job_env):
     """The checkpoint signal once more than slurm.max_requeues allows (a short time limit counts every signal as a
     timeout): the task checkpoints and ends with one line saying so, no traceback; status says a rerun resumes."""
@@ -401,17 +417,7 @@ def test_a_run_out_of_requeues_ends_with_one_line_and_status_says_it_resumes(tmp
                               "--only", "a", "--set", "slurm.max_requeues=0", "--json"], capsys)
         assert code == 0, err
         (job,) = [json.loads(x)["job_id"] for x in out.splitlines()]
-        (run,) = run_dirs(results)
-        from dimr_lab.rundir import RunDir
-
-        _wait(lambda: (RunDir(run).last_logged_step() or 0) >= 3, WAIT, "training to pass step 3")
-        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
-
-        def ended():
-            code, out, _ = cli(["status", results, "--json"], capsys)
-            (st,) = [json.loads(x) for x in out.splitlines()]
-            return st if st["state"] == "failed" and st["slurm_state"] == "FAILED" else None
-        st = _wait(ended, WAIT, "the job to end")
+        run, st = _signal_until_it_fails(results, job, capsys)
     finally:
         _scancel_all([results])
     step = json.loads((run / "checkpoints" / "index.json").read_text())["last"]
@@ -466,17 +472,7 @@ def test_jobs_are_requeueable_and_a_refused_requeue_is_one_line(tmp_path, capsys
         (job,) = [json.loads(x)["job_id"] for x in out.splitlines()]
         shown = subprocess.run([real, "show", "job", job], capture_output=True, text=True, timeout=30).stdout
         assert "Requeue=1" in shown, shown
-        (run,) = run_dirs(results)
-        from dimr_lab.rundir import RunDir
-
-        _wait(lambda: (RunDir(run).last_logged_step() or 0) >= 3, WAIT, "training to pass step 3")
-        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
-
-        def ended():
-            code, out, _ = cli(["status", results, "--json"], capsys)
-            (st,) = [json.loads(x) for x in out.splitlines()]
-            return st if st["state"] == "failed" and st["slurm_state"] == "FAILED" else None
-        st = _wait(ended, WAIT, "the job to end")
+        run, st = _signal_until_it_fails(results, job, capsys)
     finally:
         _scancel_all([results])
     tail = "\n".join(st["log_tail"])

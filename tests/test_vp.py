@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -172,17 +169,9 @@ def test_accuracy_on_gaussian_data():
 
 
 def _load_uvit_solver(tmp_path):
-    src = os.environ.get("DIMR_UVIT_SRC")
-    if not src:
-        pytest.skip("U-ViT's released solver is not available: set DIMR_UVIT_SRC to a checkout of "
-                    "github.com/baofff/U-ViT (README, Testing)")
-    path = Path(src) / "dpm_solver_pytorch.py"
-    if not path.is_file():
-        pytest.skip(f"DIMR_UVIT_SRC={src} has no dpm_solver_pytorch.py")
-    spec = importlib.util.spec_from_file_location("uvit_dpm_solver_pytorch", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from conftest import released_module
+
+    return released_module("DIMR_UVIT_SRC", "dpm_solver_pytorch.py", "U-ViT's released solver", "baofff/U-ViT")
 
 
 def _random_eps_model():
