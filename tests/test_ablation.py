@@ -303,6 +303,9 @@ def test_missing_file_and_directory_and_bad_results(tmp_path, capsys):
     assert code == 2 and "no such folder" in err
     code, out, err = cli(["cancel", tmp_path / "absent"], capsys)
     assert code == 2 and "no such folder" in err
+    for command in ("status", "cancel"):  # a file is no folder of runs (status listed none and exited 0)
+        code, out, err = cli([command, tmp_path / "results"], capsys)
+        assert code == 2 and "a file, not a folder" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_errors_name_file_and_key(tmp_path):

@@ -325,6 +325,14 @@ def _print_table(out: Any, ablation_dir: Path) -> None:
     out.print(rendered, markup=False)
 
 
+def _folder(directory: Path) -> None:
+    """status and cancel read a results, ablation or run folder: anything else is one line."""
+    if not directory.exists():
+        raise UserError(f"{directory}: no such folder")
+    if not directory.is_dir():
+        raise UserError(f"{directory}: a file, not a folder (a results folder, an ablation's folder or a run folder)")
+
+
 @app.command("status")
 def status_cmd(
     directory: Path = typer.Argument(Path("results"), help="results folder, an ablation's folder or a run folder"),
@@ -335,8 +343,7 @@ def status_cmd(
     """Each run's state, step, loss, images/s and ETA (and SLURM job and node); failed runs with their log."""
     from dimr_lab.runner.status import collect
 
-    if not directory.exists():
-        raise UserError(f"{directory}: no such folder")
+    _folder(directory)
     if not watch >= 0 or watch == float("inf"):  # NaN and inf too (time.sleep raised on them)
         raise UserError(f"--watch {watch}: must be a finite number >= 0 of seconds")
     if as_json:
@@ -401,8 +408,7 @@ def cancel_cmd(
     """Cancel what is still queued or running for the runs under DIR (scancel; local runs checkpoint and stop)."""
     from dimr_lab.runner.status import cancel
 
-    if not directory.exists():
-        raise UserError(f"{directory}: no such folder")
+    _folder(directory)
     res = cancel(directory)
     out = _console()
     if not res["slurm"] and not res["local"]:
