@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import re
 import subprocess
@@ -701,7 +702,8 @@ def test_xformers_that_does_not_import_falls_back_to_sdpa(tmp_path, monkeypatch)
     monkeypatch.syspath_prepend(str(tmp_path))
     for name in ("xformers", "xformers.ops"):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    monkeypatch.setattr(attention, "_xformers", [])
+    # a fresh import cache for this test; the module's own comes back afterwards
+    monkeypatch.setattr(attention, "_xformers_ops", functools.cache(attention._xformers_ops.__wrapped__))
     monkeypatch.setattr(attention, "_warned_xformers", False)
     q, k, v = torch.randn(3, 2, 4, 6, 8).unbind(0)
     with pytest.warns(UserWarning, match="xformers does not import \\(OSError: libcudart"):

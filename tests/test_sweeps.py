@@ -189,9 +189,9 @@ def test_a_slurm_run_cancelled_after_a_checkpoint_is_pending_not_failed(tmp_path
     from dimr_lab.runner.status import RunStatus, _from_slurm
 
     job = {"job_id": "7_0", "stdout": str(tmp_path / "none.out")}
-    st = _from_slurm(RunStatus(tmp_path, "pending"), job, {"7_0": ("CANCELLED", "")}, trained=40)
+    st = _from_slurm(RunStatus(tmp_path, "pending"), job, {"7_0": ("CANCELLED", "", "")}, trained=40)
     assert st.state == "pending" and "cancelled after a checkpoint (step 40); rerun to resume" in st.detail
-    st = _from_slurm(RunStatus(tmp_path, "pending"), job, {"7_0": ("CANCELLED", "")}, trained=None)
+    st = _from_slurm(RunStatus(tmp_path, "pending"), job, {"7_0": ("CANCELLED", "", "")}, trained=None)
     assert st.state == "failed" and st.detail == "job CANCELLED"  # nothing to resume from
     st = _from_slurm(RunStatus(tmp_path, "pending"), job, None)
     assert st.state == "pending" and "state unknown" in st.detail

@@ -48,8 +48,9 @@ def train(
     out: Path = typer.Option(..., "--out", "-o", help="run directory (the same command on it again resumes; with "
                                                       "a larger train.steps it continues)"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a spec key: section.key=value"),
-    threads: Optional[int] = typer.Option(None, "--threads", min=0, help="CPU threads (train.threads; 0 = every core while the "
-                                                                          "machine is otherwise idle, fewer as other processes load it)"),
+    threads: Optional[int] = typer.Option(None, "--threads", min=0,
+                                          help="CPU threads (train.threads; 0 = every core while the machine is "
+                                               "otherwise idle, fewer as other processes load it)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="rich progress bar"),
 ) -> None:
     """Train one run into OUT, then evaluate it (resumes OUT; refuses a folder holding another run)."""

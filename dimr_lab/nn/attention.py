@@ -5,6 +5,7 @@ A backend is a function `(q, k, v) -> out` on (B, heads, N, head_dim) tensors.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -26,21 +27,19 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
 
 _warned_xformers = False
-_xformers: list = []  # [xformers.ops or None, why it is None]: imported once
 
 
+@functools.cache
 def _xformers_ops() -> tuple[object, str]:
-    if not _xformers:
-        try:
-            import xformers.ops as xops
-            why = ""
-        except ImportError:
-            xops, why = None, "xformers is not installed"
-        except Exception as err:  # built for another torch or CUDA: its import raises more than ImportError
-            first = str(err).splitlines()[0][:200] if str(err) else ""
-            xops, why = None, f"xformers does not import ({type(err).__name__}: {first})"
-        _xformers[:] = [xops, why]
-    return _xformers[0], _xformers[1]
+    """(xformers.ops or None, why it is None), imported once."""
+    try:
+        import xformers.ops as xops
+    except ImportError:
+        return None, "xformers is not installed"
+    except Exception as err:  # built for another torch or CUDA: its import raises more than ImportError
+        first = str(err).splitlines()[0][:200] if str(err) else ""
+        return None, f"xformers does not import ({type(err).__name__}: {first})"
+    return xops, ""
 
 
 def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -84,17 +84,17 @@ class TrainJob(submitit.helpers.Checkpointable):
             if stop.signum == usr_sig and callable(submitit_handler):
                 # timeout or preemption notice: checkpoint() + requeue + exit (rank 0; no-op elsewhere)
                 step = result.get("step") if isinstance(result, dict) else None
+                why = None
                 try:
                     submitit_handler(usr_sig, None)
                 except submitit.core.utils.UncompletedJobError as err:  # e.g. timed out slurm.max_requeues times
-                    why = str(err).removeprefix("Job not requeued because: ").rstrip(".")
-                    print(f"error: {run_dir}: not requeued ({why}; slurm.max_requeues bounds the timeouts); "
-                          f"its checkpoint at step {step} is kept: run the ablation again to resume there",
-                          file=sys.stderr, flush=True)
-                    sys.exit(EXIT_INTERRUPTED)
+                    why = (str(err).removeprefix("Job not requeued because: ").rstrip(".")
+                           + "; slurm.max_requeues bounds the timeouts")
                 except (subprocess.SubprocessError, OSError) as err:  # SLURM refused the requeue
-                    print(f"error: {run_dir}: not requeued (scontrol requeue failed: {err}); its checkpoint at step "
-                          f"{step} is kept: run the ablation again to resume there", file=sys.stderr, flush=True)
+                    why = f"scontrol requeue failed: {err}"
+                if why is not None:
+                    print(f"error: {run_dir}: not requeued ({why}); its checkpoint at step {step} is kept: run the "
+                          f"ablation again to resume there", file=sys.stderr, flush=True)
                     sys.exit(EXIT_INTERRUPTED)
             print(f"[dimr-lab] {run_dir}: stopped by signal {stop.signum} after a checkpoint", flush=True)
             sys.exit(128 + (stop.signum or 15))
@@ -337,8 +337,8 @@ def job_states(job_ids: list[str], *, with_nodes: bool = False) -> dict[str, Any
     ids = sorted({str(j) for j in job_ids if j})
     if not ids:
         return {}
-    states: dict[str, tuple[str, ...]] = {}
-    whole: dict[str, tuple[str, ...]] = {}   # array job id -> state of records that stand for several tasks
+    states: dict[str, tuple[str, str, str]] = {}
+    whole: dict[str, tuple[str, str, str]] = {}   # array job id -> state of records that stand for several tasks
     bases = sorted({i.split("_")[0] for i in ids})
     sacct = _run(["sacct", "-n", "-P", "-X", "-o", "JobID,State,NodeList", "-j", ",".join(bases)])
     for line in (sacct or "").splitlines():

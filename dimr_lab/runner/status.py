@@ -52,7 +52,7 @@ class RunStatus:
                 "log_tail": self.log_tail}
 
 
-def _slurm_states(job_ids: list[str]) -> dict[str, tuple[str, ...]] | None:
+def _slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str, str]] | None:
     if not job_ids:
         return {}
     if shutil.which("sacct") is None and shutil.which("squeue") is None:
@@ -109,7 +109,7 @@ def _progress(st: RunStatus, run: RunDir, spec: Any) -> None:
             st.eta_s = max(0, st.steps - st.step) * spec.train.batch_size / st.images_per_s
 
 
-def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, ...]] | None) -> RunStatus:
+def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, str, str]] | None) -> RunStatus:
     from dimr_lab.runner.worker import pending_evaluations
 
     d = run.path
@@ -188,7 +188,7 @@ def _holder(d: Path) -> str:
     return lock_holder(d)
 
 
-def _from_slurm(st: RunStatus, job: dict[str, Any], slurm: dict[str, tuple[str, ...]] | None,
+def _from_slurm(st: RunStatus, job: dict[str, Any], slurm: dict[str, tuple[str, str, str]] | None,
                 trained: int | None = None) -> RunStatus:
     st.executor, st.job_id = "slurm", str(job.get("job_id"))
     logs = [Path(p) for p in (job.get("stderr"), job.get("stdout")) if isinstance(p, str) and p]
@@ -200,8 +200,7 @@ def _from_slurm(st: RunStatus, job: dict[str, Any], slurm: dict[str, tuple[str, 
         st.state, st.detail = "failed", "SLURM no longer knows the job and its evaluations are missing"
         st.log_tail = _tail_logs(logs)
         return st
-    st.slurm_state, st.node = found[0], found[1]
-    reason = found[2] if len(found) > 2 else ""  # squeue's: Priority, BeginTime, or one that never passes
+    st.slurm_state, st.node, reason = found  # reason: squeue's (Priority, BeginTime, or one that never passes)
     if st.slurm_state in PENDING_SLURM:
         st.detail = f"queued ({st.slurm_state}{': ' + reason if reason else ''})"
     elif st.slurm_state in LIVE_SLURM:

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from dimr_lab.table.paper import PAPER_COLUMNS
-from dimr_lab.table.values import MAIN_METRICS, METRIC_COLUMNS, integer_columns, quietly
+from dimr_lab.table.values import MAIN_METRICS, METRIC_COLUMNS, integer_columns, quietly, settings_diff
 
 # one aggregated row per group; data_key keeps runs on different data apart even within a variant
 GROUP = ["ablation", "profile", "variant", "grid", "data_key"]
@@ -108,19 +108,11 @@ def base_variant(rows: pd.DataFrame) -> str | None:
 
 
 def _settings_difference(mine: list[str], base: list[str]) -> str:
-    """What differs between two rows' evaluation settings (JSON texts of flattened settings), as 'key a vs b'."""
-    def load(texts: list[str]) -> dict[str, Any]:
-        merged: dict[str, Any] = {}
-        for text in texts:
-            try:
-                merged.update(json.loads(text) if text else {})
-            except ValueError:
-                pass
-        return merged
-
-    a, b = load(mine), load(base)
-    diff = [f"{k} {a.get(k, '-')} vs {b.get(k, '-')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return ", ".join(diff[:3]) or "other settings"
+    """What differs between two rows' evaluation settings (each a list of JSON texts): a setting of one that
+    the other lacks, compared key by key."""
+    a = next((x for x in mine if x not in base), mine[0] if mine else "")
+    b = next((x for x in base if x not in mine), base[0] if base else "")
+    return settings_diff(a, b)
 
 
 def _steps_text(row: Any) -> str:

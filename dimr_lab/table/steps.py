@@ -14,7 +14,7 @@ from dimr_lab.errors import UserError, unknown_name_message
 from dimr_lab.table.aggregate import base_variant
 from dimr_lab.table.paper import PAPER_OF
 from dimr_lab.table.render import Section, render
-from dimr_lab.table.values import LABELS, decimals, fixed, is_missing, label, quietly, short
+from dimr_lab.table.values import LABELS, decimals, fixed, is_missing, json_object, label, quietly, settings_diff
 
 TESTS = {"t": "p_t", "perm": "p_perm"}
 ALPHA = 0.05
@@ -57,7 +57,7 @@ def _paper_tables(group: pd.DataFrame, variant: str, paper_col: str | None) -> l
     if paper_col is None or paper_col not in group:
         return []
     refs = group.loc[(group["variant"] == variant) & group[paper_col].notna(), "paper"].dropna()
-    tables = {_json_object(ref).get("table") for ref in refs}
+    tables = {json_object(ref).get("table") for ref in refs}
     return sorted(t for t in tables if isinstance(t, str))
 
 
@@ -115,23 +115,6 @@ def _seeds(seeds: list[Any]) -> str:
     return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
 
-def _json_object(text: Any) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except (TypeError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _settings_diff(a: Any, b: Any) -> str:
-    """'eval.samples 1024 vs 256': the evaluation settings (JSON text) where two evaluations differ."""
-    sa, sb = _json_object(a), _json_object(b)
-    keys = [k for k in sorted(set(sa) | set(sb)) if k not in sa or k not in sb or sa[k] != sb[k]]
-    parts = [f"{k} {short(sa[k]) if k in sa else '-'} vs {short(sb[k]) if k in sb else '-'}" for k in keys]
-    text = ", ".join(parts[:3]) + (f" and {len(parts) - 3} more" if len(parts) > 3 else "")
-    return text or "another evaluation"
-
-
 def _why_unpaired(left: pd.DataFrame, right: pd.DataFrame, seeds: list[Any], a: str, b: str) -> str:
     """Why seeds run by both variants are not paired: other data, another step or other evaluation settings."""
     reasons: dict[str, list[Any]] = {}
@@ -142,7 +125,7 @@ def _why_unpaired(left: pd.DataFrame, right: pd.DataFrame, seeds: list[Any], a: 
         elif not (ra["step"] == rb["step"] or (is_missing(ra["step"]) and is_missing(rb["step"]))):
             why = f"evaluated at step {label(ra['step'])} ({a}) vs {label(rb['step'])} ({b})"
         else:
-            why = f"evaluated with other settings ({_settings_diff(ra['eval_settings'], rb['eval_settings'])})"
+            why = f"evaluated with other settings ({settings_diff(ra['eval_settings'], rb['eval_settings'])})"
         reasons.setdefault(why, []).append(seed)
     return "; ".join(f"{_seeds(s)} {why}" for why, s in reasons.items())
 

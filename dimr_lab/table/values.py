@@ -117,6 +117,24 @@ def short(value: Any) -> str:
     return str(value)
 
 
+def json_object(text: Any) -> dict[str, Any]:
+    """The JSON object in `text`, {} for anything else."""
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def settings_diff(a: Any, b: Any) -> str:
+    """'eval.samples 1024 vs 256': the evaluation settings (JSON text) where two evaluations differ."""
+    sa, sb = json_object(a), json_object(b)
+    keys = [k for k in sorted(set(sa) | set(sb)) if k not in sa or k not in sb or sa[k] != sb[k]]
+    parts = [f"{k} {short(sa[k]) if k in sa else '-'} vs {short(sb[k]) if k in sb else '-'}" for k in keys]
+    text = ", ".join(parts[:3]) + (f" and {len(parts) - 3} more" if len(parts) > 3 else "")
+    return text or "another evaluation"
+
+
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     """{"sample": {"steps": 15}} -> {"sample.steps": 15} (lists stay values)."""
     if not isinstance(data, dict):
