@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import warnings
 from dataclasses import replace
 
@@ -179,6 +181,15 @@ def test_inception_with_local_weights_and_reference_stats(cache, real, tmp_path,
     assert res["torch_fidelity_extractor"] == "inception-v3-compat" and res["reference"] == f"reference_stats:{ref}"
     assert np.isfinite(res["fid"]) and res["fid"] > 0 and res["num_real"] == 0
     assert "sample_accuracy" in res, "the classifier still judges the samples"
+    # what measured it, by content: the evaluation's name holds only the two paths
+    assert res["extractor_digest"] == hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+    assert res["reference_digest"] == hashlib.sha256(ref.read_bytes()).hexdigest()[:12]
+    np.savez(ref, mu=np.ones(2048), sigma=np.eye(2048))  # another reference batch at the same path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = evaluate(images[:6], labels[:6], DATA, spec, cache_dir=cache)
+    assert again["reference_digest"] == hashlib.sha256(ref.read_bytes()).hexdigest()[:12] != res["reference_digest"]
+    assert again["extractor_digest"] == res["extractor_digest"]
 
 
 def test_inception_score_of_few_samples_is_not_one_image_per_split(cache, real):

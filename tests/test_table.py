@@ -205,6 +205,25 @@ def test_evaluations_measured_by_different_classifiers_are_said(tmp_path):
     assert "_classifier" not in runs.columns and len(runs) == 8
 
 
+@pytest.mark.parametrize("key,what", [("extractor_digest", "Inception weights files"),
+                                      ("reference_digest", "reference statistics files")])
+def test_evaluations_against_different_weights_or_reference_files_are_said(tmp_path, key, what):
+    # the evaluation's name holds eval.inception_weights' and eval.reference_stats' paths, not their content:
+    # a file replaced at the same path leaves the same name, and only the recorded digest tells them apart
+    for seed in range(2):
+        write_run(tmp_path, "abl", "a", seed, metrics_for(50.0 + seed, seed, **{key: "111111111111"}), variant_index=0)
+        write_run(tmp_path, "abl", "b", seed, metrics_for(40.0 + seed, seed, **{key: "222222222222" if seed else
+                                                                               "111111111111"}), variant_index=1)
+    runs, warnings = collect(tmp_path)
+    said = [w for w in warnings if what in w]
+    assert len(said) == 1 and f"measured by 2 different {what} ({key} 111111111111, 222222222222)" in said[0]
+    assert not [c for c in runs.columns if c.startswith("_")] and len(runs) == 4
+    same = tmp_path / "same"
+    for seed in range(2):
+        write_run(same, "abl", "a", seed, metrics_for(50.0, seed, **{key: "111111111111"}), variant_index=0)
+    assert not [w for w in collect(same)[1] if what in w]
+
+
 def test_paper_columns(tree):
     table = aggregate(collect(tree)[0])
     assert (row(table, "tdln")["paper_fid"], row(table, "tdln")["paper_params_m"]) == (5.21, 154.0)

@@ -47,6 +47,26 @@ def inception_weights_path(eval_spec: Any) -> Path:
 
 
 _CHECKED_WEIGHTS: set[tuple[str, int, int]] = set()  # (path, size, mtime) of files that loaded
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(path: str | Path) -> str:
+    """The first 12 hex digits of a file's SHA-256: which weights or reference statistics measured an
+    evaluation (metrics.json records it; `table` says when an ablation's evaluations differ). An
+    evaluation's name holds the file's path, not its content: a file replaced at the same path is told
+    apart only by this. Each version of a file (path, size, mtime) is read once per process."""
+    import hashlib
+
+    p = Path(path).expanduser()
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _DIGESTS[key] = h.hexdigest()[:12]
+    return _DIGESTS[key]
 
 
 def check_inception_weights(eval_spec: Any) -> None:

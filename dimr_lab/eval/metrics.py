@@ -156,9 +156,14 @@ def evaluate(samples_uint8, labels, data_spec, eval_spec, *, cache_dir, real_ima
 
     name, weights = _extractor(eval_spec, classifier)
     out["torch_fidelity_extractor"] = name
+    from dimr_lab.eval.extractors import INCEPTION, file_digest
+
+    if name == INCEPTION and weights:
+        out["extractor_digest"] = file_digest(weights)  # which Inception weights (table compares)
     ref_stats = _load_reference_stats(eval_spec.reference_stats) if eval_spec.reference_stats else None
     if ref_stats is not None:
         out["reference"] = f"reference_stats:{eval_spec.reference_stats}"
+        out["reference_digest"] = file_digest(eval_spec.reference_stats)  # which reference batch
 
     need_real = [m for m in wanted if m in ("kid", "prc", "fid_floor") or (m == "fid" and ref_stats is None)]
     real = None

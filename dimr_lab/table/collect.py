@@ -244,25 +244,38 @@ def _row(run: Run, ev: Evaluation, warnings: list[str]) -> dict[str, Any]:
         "git_commit": commit if isinstance(commit, str) else None,
         "git_dirty": dirty if isinstance(dirty, bool) else None,
         "_time": _finish_time(ev),
-        "_classifier": metrics.get("classifier_digest") if isinstance(metrics.get("classifier_digest"), str) else None,
+        **{column: metrics.get(key) if isinstance(metrics.get(key), str) else None
+           for column, key, _, _ in INSTRUMENTS},
     })
     return row
 
 
+# metrics.json's digests of what measured an evaluation: (hidden column, key, what it is, how to agree)
+INSTRUMENTS = (
+    ("_classifier", "classifier_digest", "dataset classifiers",
+     "classifier FIDs, sample accuracy and distortion rates compare only under one; a classifier trained again "
+     "elsewhere (another machine, thread count, its time limit) is another; re-evaluate under one cache "
+     "(DIMR_LAB_CACHE) to compare them"),
+    ("_extractor", "extractor_digest", "Inception weights files",
+     "FID, KID, IS and precision/recall compare only under one; re-evaluate with one eval.inception_weights"),
+    ("_reference", "reference_digest", "reference statistics files",
+     "FIDs against different reference batches do not compare; re-evaluate with one eval.reference_stats"),
+)
+
+
 def _instruments(runs: pd.DataFrame) -> list[str]:
-    """A warning per ablation and profile whose evaluations were measured by different dataset classifiers
-    (metrics.json's classifier_digest): sample accuracy, distortion rate and classifier FIDs are then read
-    with different instruments. Evaluations from before the digest was recorded are not counted."""
+    """A warning per ablation and profile whose evaluations were measured by different instruments: dataset
+    classifiers, Inception weights or reference statistics (metrics.json's digests of them). An evaluation's
+    name holds these files' paths, not their content, so a file replaced at the same path shows only here.
+    Evaluations from before a digest was recorded are not counted."""
     out = []
     for (ablation, profile), group in runs.groupby(["ablation", "profile"], sort=False, dropna=False):
-        digests = sorted({d for d in group["_classifier"] if isinstance(d, str)})
-        if len(digests) > 1:
-            where = f"{ablation} ({profile})" if isinstance(profile, str) and profile else str(ablation)
-            out.append(f"{where}: its evaluations were measured by {len(digests)} different dataset classifiers "
-                       f"(classifier_digest {', '.join(digests[:3])}): classifier FIDs, sample accuracy and "
-                       f"distortion rates compare only under one; a classifier trained again elsewhere (another "
-                       f"machine, thread count, its time limit) is another; re-evaluate under one cache "
-                       f"(DIMR_LAB_CACHE) to compare them")
+        where = f"{ablation} ({profile})" if isinstance(profile, str) and profile else str(ablation)
+        for column, key, what, advice in INSTRUMENTS:
+            digests = sorted({d for d in group[column] if isinstance(d, str)})
+            if len(digests) > 1:
+                out.append(f"{where}: its evaluations were measured by {len(digests)} different {what} "
+                           f"({key} {', '.join(digests[:3])}): {advice}")
     return out
 
 
@@ -273,12 +286,13 @@ def _frame(rows: list[dict[str, Any]], key: list[str], warnings: list[str]) -> p
     runs = pd.DataFrame.from_records(rows)
     labels = sorted(c for c in runs.columns if c.startswith("factor.")) + \
         sorted(c for c in runs.columns if c.startswith("grid."))
-    runs = runs[[*ID_COLUMNS, *labels, *METRICS.values(), *RUN_COLUMNS, "_time", "_classifier"]]
+    hidden = ["_time", *(column for column, *_ in INSTRUMENTS)]
+    runs = runs[[*ID_COLUMNS, *labels, *METRICS.values(), *RUN_COLUMNS, *hidden]]
     integer_columns(runs, labels)  # pandas reads branches = 3 beside a missing value as 3.0
     runs = _drop_superseded(runs, key, warnings)
     warnings.extend(attach_paper(runs))
     warnings.extend(_instruments(runs))
-    return runs.drop(columns=["_time", "_classifier"]).reset_index(drop=True)
+    return runs.drop(columns=hidden).reset_index(drop=True)
 
 
 def _drop_superseded(runs: pd.DataFrame, key: list[str], warnings: list[str]) -> pd.DataFrame:
