@@ -307,6 +307,28 @@ def test_convert_official_cli_errors(tmp_path, capsys):
     assert "'nnet_ema' entry, its EMA weights" in " ".join(capsys.readouterr().out.split())
 
 
+def test_timm_loads_a_converted_preset_under_its_name(tmp_path):
+    """convert-official names a preset's network "<preset name> (released weights)"; timm's pretrained=True
+    compared names exactly and refused the converted file under the very preset it is."""
+    import timm
+
+    import dimr_lab.nn.timm_models  # noqa: F401
+    from dimr_lab.nn.official import convert_official
+
+    model = build_model("dimr_tiny_2r").eval()
+    randomise(model)
+    torch.save(to_official_state_dict(model), tmp_path / "nnet_ema.pth")
+    convert_official(tmp_path / "nnet_ema.pth", tmp_path / "tiny.pt", heads=model.spec.branches[0].heads)
+    overlay = {"file": str(tmp_path / "tiny.pt")}
+    loaded = timm.create_model("dimr_tiny_2r", pretrained=True, pretrained_cfg_overlay=overlay)
+    assert loaded.spec.name.endswith("(released weights)")
+    x, t, y = inputs(loaded.spec)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(x, t, y), loaded(x, t, y)))
+    with pytest.raises(UserError, match=r"not DiMR-tiny/3R \(dimr_tiny_3r\); load it with timm\.create_model\('dimr_tiny_2r'"):
+        timm.create_model("dimr_tiny_3r", pretrained=True, pretrained_cfg_overlay=overlay)
+
+
 # ----------------------------------------------------------------------------------------------- bench
 
 

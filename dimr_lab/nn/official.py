@@ -45,6 +45,7 @@ _NORM_KEYS = {  # our norm name -> [(released suffix, our suffix)] below `...nor
 # as the released evaluation does (nnet_ema.pth)
 _WRAPPERS = ("nnet_ema", "ema", "state_dict", "model", "nnet", "module", "net", "network")
 _PREFIXES = ("module.", "_orig_mod.")
+RELEASED_SUFFIX = " (released weights)"  # what a converted network's name adds to its preset's name
 
 
 def _td(official: str, ours: str) -> list[tuple[str, str]]:
@@ -280,7 +281,7 @@ def convert_official_state_dict(sd: Any, heads: int = 16) -> tuple[Any, dict[str
     spec = resolve_model(infer_spec_dict(sd, heads))
     preset = _named_like_preset(spec)
     if preset is not None:
-        spec.name = f"{PRESETS[preset].get('name', preset)} (released weights)"
+        spec.name = PRESETS[preset].get("name", preset) + RELEASED_SUFFIX
     with torch.device("meta"):
         target = build_model(spec).state_dict()
     pairs = key_pairs(spec)
