@@ -127,6 +127,13 @@ def test_converter_refuses_what_it_cannot_place():
         convert_official_state_dict(bad, heads=4)
     with pytest.raises(UserError, match="not divisible by --heads 5"):
         convert_official_state_dict(official, heads=5)
+    # empty tables of a foreign file were a ZeroDivisionError (the input size divided by 0 x patch, or res x 0)
+    rows = "stages.0.input_layer.3.position_embeddings.weight"
+    with pytest.raises(UserError, match=r"position_embeddings\.weight has 0 rows, not a square grid"):
+        convert_official_state_dict({**official, rows: official[rows][:0]}, heads=4)
+    conv = "stages.1.input_layer.1.weight"
+    with pytest.raises(UserError, match=r"stages\.1\.input_layer\.1\.weight is not a square kernel"):
+        convert_official_state_dict({**official, conv: official[conv][:, :, :0, :0]}, heads=4)
     with pytest.raises(UserError, match="not a state dict"):
         convert_official_state_dict({"epoch": 3}, heads=4)
 

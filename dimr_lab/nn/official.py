@@ -174,13 +174,13 @@ def infer_spec_dict(sd: dict[str, torch.Tensor], heads: int = 16) -> dict[str, A
         s = f"stages.{i}"
         conv = _need(sd, f"{s}.input_layer.1.weight", 4)
         width, in_ch, patch = conv.shape[0], conv.shape[1], conv.shape[2]
-        if conv.shape[2] != conv.shape[3]:
+        if conv.shape[2] != conv.shape[3] or not patch:
             raise UserError(f"released state dict: {s}.input_layer.1.weight is not a square kernel "
                             f"{tuple(conv.shape)}")
         channels.add(in_ch)
         rows = _need(sd, f"{s}.input_layer.3.position_embeddings.weight", 2).shape[0]
         res = math.isqrt(rows)
-        if res * res != rows:
+        if not rows or res * res != rows:  # an empty table would divide the input size by 0 below
             raise UserError(f"released state dict: {s}.input_layer.3.position_embeddings.weight has {rows} "
                             f"rows, not a square grid")
         blocks = _indices((k for k in sd if k.startswith(f"{s}.blocks.")), rf"^{re.escape(s)}\.blocks\.(\d+)\.")
