@@ -204,6 +204,13 @@ def test_folder_errors(tmp_path):
     (tmp_path / "empty" / "a").mkdir()
     with pytest.raises(UserError, match="no images"):
         build_dataset(DataSpec(name="folder", root=str(tmp_path / "empty")))
+    # a class folder without images beside others was still a class (the network's, the balanced evaluation
+    # labels' and the classifier's), of which no real image exists
+    root = write_folder(tmp_path / "imgs")
+    (root / "dog").mkdir()
+    (root / "dog" / "notes.txt").write_text("no images here")
+    with pytest.raises(UserError, match=r"imgs/dog: a class folder without images \(\.jpg.*; remove it or add images"):
+        build_dataset(DataSpec(name="folder", root=str(root)))
     with pytest.raises(SpecError, match="data.name.*unknown dataset 'shape'.*did you mean 'shapes'"):
         build_dataset(DataSpec(name="shape"))
     with pytest.raises(SpecError, match="split"):

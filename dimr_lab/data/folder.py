@@ -54,6 +54,11 @@ def list_image_folder(root: str | Path, key: str = "data.root") -> tuple[list[Pa
         labels += [k] * len(found)
     if not files:
         raise UserError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) under its class folders")
+    seen = set(labels)
+    empty = [name for k, name in enumerate(classes) if k not in seen]
+    if empty:  # still a class: the network, the balanced evaluation labels and the classifier would count it
+        raise UserError(f"{root / empty[0]}: a class folder without images ({', '.join(IMAGE_EXTENSIONS)})"
+                        + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else "") + "; remove it or add images")
     return files, labels, classes
 
 
