@@ -79,6 +79,23 @@ def test_shapes_rendered_in_chunks_equal_one_by_one_and_any_resolution():
     assert big.num_classes == 4 and set(big.labels.tolist()) == {0, 1, 2, 3}
 
 
+def test_shapes_render_a_bounded_number_of_pixels_at_a_time(monkeypatch):
+    """Chunks of 1024 images whatever their side: the renderer's float maps took 3 GiB at side 256. The
+    images are the same whatever the chunking (each is a function of its index)."""
+    from dimr_lab.data import shapes
+
+    calls = []
+    render = shapes.render_shapes
+    monkeypatch.setattr(shapes, "render_shapes", lambda idx, s, *a: calls.append((len(idx), s)) or render(idx, s, *a))
+    ds = build_dataset(DataSpec(image_size=128, train_size=70))
+    assert sum(n for n, _ in calls) == 70 and len(calls) > 1
+    assert max(n * s * s for n, s in calls) <= 1024 * 32 * 32
+    assert torch.equal(ds.images[[0, 69]], render(np.array([0, 69]), 128, 8, 0, 0))
+    calls.clear()
+    build_dataset(DataSpec(image_size=32, train_size=1500))
+    assert [n for n, _ in calls] == [1024, 476], "at the default side, as many images a chunk as before"
+
+
 def test_shapes_flip_only_mirrors_train():
     ds = build_dataset(DataSpec(image_size=16, train_size=16, flip=True))
     torch.manual_seed(0)
