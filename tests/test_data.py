@@ -358,10 +358,15 @@ def _damage_item(root, name, change):
     (lambda r: _damage_item(r, "2.npy", lambda p: p[0].__setitem__((0, 0, 0), np.inf)),
      r"2\.npy: moments hold NaN or inf"),
     (lambda r: _damage_item(r, "1.npy", lambda p: p.__setitem__(1, 1.0)), r"1\.npy: not a latent file.*integer label"),
+    (lambda r: _damage_item(r, "2.npy", lambda p: p.__setitem__(0, p[0].astype(np.complex64))),
+     r"2\.npy: not a latent file.*moments of dtype complex64; expected floating point"),
+    (lambda r: _damage_item(r, "3.npy", lambda p: p.__setitem__(0, p[0].astype(np.int32))),
+     r"3\.npy: not a latent file.*moments of dtype int32; expected floating point"),
 ])
 def test_odd_latent_items_are_one_line(tmp_path, damage, message):
     """An item that does not fit the dataset: a moments shape other than 0.npy's (collate's torch.stack raised
-    RuntimeError), non-finite moments (trained to a NaN loss), a float label."""
+    RuntimeError), non-finite moments (trained to a NaN loss), a float label, complex moments (their imaginary
+    part was dropped with a warning) or integer ones (read as latents)."""
     write_released_layout(tmp_path / "lat")
     damage(tmp_path / "lat")
     ds = build_dataset(DataSpec(name="latents", root=str(tmp_path / "lat"), num_classes=3))

@@ -75,7 +75,10 @@ def load_latent_file(path: Path) -> tuple[np.ndarray, int]:
         if len(pair) != 2 or label.ndim != 0 or label.dtype.kind not in "iu":
             raise ValueError(f"expected 2 objects, the second an integer label; got {len(pair)}, the second "
                              f"{label.dtype} of shape {label.shape}")
-        moments = np.asarray(moments, dtype=np.float32)
+        moments = np.asarray(moments)
+        if moments.dtype.kind != "f":  # complex lost its imaginary part (a warning), integers passed as latents
+            raise ValueError(f"moments of dtype {moments.dtype}; expected floating point (the VAE's float32)")
+        moments = moments.astype(np.float32, copy=False)
     except Exception as err:  # truncated, foreign or unsafe files
         raise UserError(f"{path}: not a latent file of the (moments, label) layout ({err})") from None
     return moments, int(label)
