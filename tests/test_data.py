@@ -381,8 +381,9 @@ def test_odd_latent_items_are_one_line(tmp_path, damage, message):
     ('{"num_classes": 3, "scale_factor": NaN}', r"meta\.json: scale_factor is nan; expected a finite number > 0"),
     ('{"num_classes": 3, "scale_factor": "x"}', r"meta\.json: scale_factor is 'x'"),
     ('{"num_classes": 3, "classes": "abc"}', r"meta\.json: classes is 'abc'; expected a list"),
+    ('{"num_classes": 3, "classes": ["a", "b"]}', r"meta\.json: classes lists 2 names, but num_classes of .*= 3"),
     (None, r"0\.npy: not a latent file.*integer label.*float32 of shape \(8, 8, 8\)"),
-], ids=["classes-str", "list", "count", "scale-nan", "scale-str", "names-str", "float-array"])
+], ids=["classes-str", "list", "count", "scale-nan", "scale-str", "names-str", "names-count", "float-array"])
 def test_odd_latents_folders_are_one_line(tmp_path, meta, message):
     """meta.json's values (num_classes "two" raised ValueError, a list AttributeError) and a 0.npy that is a
     plain float array (int() of its second row raised TypeError) are refused at construction."""

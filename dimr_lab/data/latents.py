@@ -140,6 +140,9 @@ class LatentsDataset(Dataset):
         else:
             raise SpecError(f"{root} has no {META_FILE}; set data.num_classes (1000 for ImageNet)",
                             key="data.num_classes")
+        if "classes" in meta and len(meta["classes"]) != self.num_classes:  # grids would name samples wrongly
+            raise UserError(f"{root / META_FILE}: classes lists {len(meta['classes'])} names, but "
+                            f"{self._classes_key} = {self.num_classes}; expected one name per class")
         moments, label = load_latent_file(root / "0.npy")
         if moments.ndim != 3 or moments.shape[0] % 2 or moments.shape[1] != moments.shape[2]:
             raise UserError(f"{root / '0.npy'}: moments of shape {moments.shape}, expected (2C, h, h)")
