@@ -228,6 +228,13 @@ def test_folder_errors(tmp_path):
     (root / "dog" / "notes.txt").write_text("no images here")
     with pytest.raises(UserError, match=r"imgs/dog: a class folder without images \(\.jpg.*; remove it or add images"):
         build_dataset(DataSpec(name="folder", root=str(root)))
+    # a symbolic link to an image that is not there was skipped without a word (one image fewer); a link to an
+    # image outside the tree is read as the image
+    (root / "dog" / "0.png").symlink_to(root / "cat" / "0.png")
+    assert len(build_dataset(DataSpec(name="folder", root=str(root)))) == 7
+    (root / "dog" / "1.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(UserError, match=r"dog/1\.png: a symbolic link to '.*gone\.png', which does not exist"):
+        build_dataset(DataSpec(name="folder", root=str(root)))
     with pytest.raises(SpecError, match="data.name.*unknown dataset 'shape'.*did you mean 'shapes'"):
         build_dataset(DataSpec(name="shape"))
     with pytest.raises(SpecError, match="split"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,12 @@ def list_image_folder(root: str | Path, key: str = "data.root") -> tuple[list[Pa
         raise UserError(f"{root}: no class folders (expected {root}/<class>/<image>)")
     files, labels = [], []
     for k, name in enumerate(classes):
-        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        named = [p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]
+        found = sorted(p for p in named if p.is_file())
+        if len(found) < len(named):  # a dangling link skipped would drop an image of the tree without a word
+            broken = next((p for p in named if p.is_symlink() and not p.exists()), None)
+            if broken is not None:
+                raise UserError(f"{broken}: a symbolic link to {os.readlink(broken)!r}, which does not exist")
         files += found
         labels += [k] * len(found)
     if not files:
