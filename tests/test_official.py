@@ -332,7 +332,8 @@ def test_timm_loads_a_converted_preset_under_its_name(tmp_path):
     x, t, y = inputs(loaded.spec)
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(model(x, t, y), loaded(x, t, y)))
-    with pytest.raises(UserError, match=r"not DiMR-tiny/3R \(dimr_tiny_3r\); load it with timm\.create_model\('dimr_tiny_2r'"):
+    with pytest.raises(UserError, match=r"not DiMR-tiny/3R \(dimr_tiny_3r\); load it with "
+                                        r"timm\.create_model\('dimr_tiny_2r'"):
         timm.create_model("dimr_tiny_3r", pretrained=True, pretrained_cfg_overlay=overlay)
 
 

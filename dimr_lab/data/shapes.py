@@ -125,8 +125,8 @@ class ShapesDataset(Dataset):
         stream = {"train": 0, "test": 1}[split]  # the test split draws from its own stream
         self.shape_size, self.jitter, self.palette = (float(shape_size[0]), float(shape_size[1])), float(jitter), palette
         chunk = max(1, CHUNK_PIXELS // (image_size * image_size))
-        self.images = torch.cat([render_shapes(np.arange(i, min(i + chunk, size)), image_size, num_classes, seed, stream,
-                                               self.shape_size, self.jitter, palette, texture, period)
+        self.images = torch.cat([render_shapes(np.arange(i, min(i + chunk, size)), image_size, num_classes, seed,
+                                               stream, self.shape_size, self.jitter, palette, texture, period)
                                  for i in range(0, size, chunk)])  # (N, 3, S, S) uint8, chunked to bound memory
         self.labels = torch.arange(size) % num_classes  # (N,) balanced by construction
 
