@@ -79,6 +79,23 @@ def test_shapes_rendered_in_chunks_equal_one_by_one_and_any_resolution():
     assert big.num_classes == 4 and set(big.labels.tolist()) == {0, 1, 2, 3}
 
 
+def test_shapes_render_a_bounded_number_of_pixels_at_a_time(monkeypatch):
+    """Chunks of 1024 images whatever their side: the renderer's float maps took 3 GiB at side 256. The
+    images are the same whatever the chunking (each is a function of its index)."""
+    from dimr_lab.data import shapes
+
+    calls = []
+    render = shapes.render_shapes
+    monkeypatch.setattr(shapes, "render_shapes", lambda idx, s, *a: calls.append((len(idx), s)) or render(idx, s, *a))
+    ds = build_dataset(DataSpec(image_size=128, train_size=70))
+    assert sum(n for n, _ in calls) == 70 and len(calls) > 1
+    assert max(n * s * s for n, s in calls) <= 1024 * 32 * 32
+    assert torch.equal(ds.images[[0, 69]], render(np.array([0, 69]), 128, 8, 0, 0))
+    calls.clear()
+    build_dataset(DataSpec(image_size=32, train_size=1500))
+    assert [n for n, _ in calls] == [1024, 476], "at the default side, as many images a chunk as before"
+
+
 def test_shapes_flip_only_mirrors_train():
     ds = build_dataset(DataSpec(image_size=16, train_size=16, flip=True))
     torch.manual_seed(0)
@@ -204,6 +221,20 @@ def test_folder_errors(tmp_path):
     (tmp_path / "empty" / "a").mkdir()
     with pytest.raises(UserError, match="no images"):
         build_dataset(DataSpec(name="folder", root=str(tmp_path / "empty")))
+    # a class folder without images beside others was still a class (the network's, the balanced evaluation
+    # labels' and the classifier's), of which no real image exists
+    root = write_folder(tmp_path / "imgs")
+    (root / "dog").mkdir()
+    (root / "dog" / "notes.txt").write_text("no images here")
+    with pytest.raises(UserError, match=r"imgs/dog: a class folder without images \(\.jpg.*; remove it or add images"):
+        build_dataset(DataSpec(name="folder", root=str(root)))
+    # a symbolic link to an image that is not there was skipped without a word (one image fewer); a link to an
+    # image outside the tree is read as the image
+    (root / "dog" / "0.png").symlink_to(root / "cat" / "0.png")
+    assert len(build_dataset(DataSpec(name="folder", root=str(root)))) == 7
+    (root / "dog" / "1.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(UserError, match=r"dog/1\.png: a symbolic link to '.*gone\.png', which does not exist"):
+        build_dataset(DataSpec(name="folder", root=str(root)))
     with pytest.raises(SpecError, match="data.name.*unknown dataset 'shape'.*did you mean 'shapes'"):
         build_dataset(DataSpec(name="shape"))
     with pytest.raises(SpecError, match="split"):
@@ -334,10 +365,15 @@ def _damage_item(root, name, change):
     (lambda r: _damage_item(r, "2.npy", lambda p: p[0].__setitem__((0, 0, 0), np.inf)),
      r"2\.npy: moments hold NaN or inf"),
     (lambda r: _damage_item(r, "1.npy", lambda p: p.__setitem__(1, 1.0)), r"1\.npy: not a latent file.*integer label"),
+    (lambda r: _damage_item(r, "2.npy", lambda p: p.__setitem__(0, p[0].astype(np.complex64))),
+     r"2\.npy: not a latent file.*moments of dtype complex64; expected floating point"),
+    (lambda r: _damage_item(r, "3.npy", lambda p: p.__setitem__(0, p[0].astype(np.int32))),
+     r"3\.npy: not a latent file.*moments of dtype int32; expected floating point"),
 ])
 def test_odd_latent_items_are_one_line(tmp_path, damage, message):
     """An item that does not fit the dataset: a moments shape other than 0.npy's (collate's torch.stack raised
-    RuntimeError), non-finite moments (trained to a NaN loss), a float label."""
+    RuntimeError), non-finite moments (trained to a NaN loss), a float label, complex moments (their imaginary
+    part was dropped with a warning) or integer ones (read as latents)."""
     write_released_layout(tmp_path / "lat")
     damage(tmp_path / "lat")
     ds = build_dataset(DataSpec(name="latents", root=str(tmp_path / "lat"), num_classes=3))
@@ -352,8 +388,9 @@ def test_odd_latent_items_are_one_line(tmp_path, damage, message):
     ('{"num_classes": 3, "scale_factor": NaN}', r"meta\.json: scale_factor is nan; expected a finite number > 0"),
     ('{"num_classes": 3, "scale_factor": "x"}', r"meta\.json: scale_factor is 'x'"),
     ('{"num_classes": 3, "classes": "abc"}', r"meta\.json: classes is 'abc'; expected a list"),
+    ('{"num_classes": 3, "classes": ["a", "b"]}', r"meta\.json: classes lists 2 names, but num_classes of .*= 3"),
     (None, r"0\.npy: not a latent file.*integer label.*float32 of shape \(8, 8, 8\)"),
-], ids=["classes-str", "list", "count", "scale-nan", "scale-str", "names-str", "float-array"])
+], ids=["classes-str", "list", "count", "scale-nan", "scale-str", "names-str", "names-count", "float-array"])
 def test_odd_latents_folders_are_one_line(tmp_path, meta, message):
     """meta.json's values (num_classes "two" raised ValueError, a list AttributeError) and a 0.npy that is a
     plain float array (int() of its second row raised TypeError) are refused at construction."""

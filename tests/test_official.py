@@ -127,6 +127,13 @@ def test_converter_refuses_what_it_cannot_place():
         convert_official_state_dict(bad, heads=4)
     with pytest.raises(UserError, match="not divisible by --heads 5"):
         convert_official_state_dict(official, heads=5)
+    # empty tables of a foreign file were a ZeroDivisionError (the input size divided by 0 x patch, or res x 0)
+    rows = "stages.0.input_layer.3.position_embeddings.weight"
+    with pytest.raises(UserError, match=r"position_embeddings\.weight has 0 rows, not a square grid"):
+        convert_official_state_dict({**official, rows: official[rows][:0]}, heads=4)
+    conv = "stages.1.input_layer.1.weight"
+    with pytest.raises(UserError, match=r"stages\.1\.input_layer\.1\.weight is not a square kernel"):
+        convert_official_state_dict({**official, conv: official[conv][:, :, :0, :0]}, heads=4)
     with pytest.raises(UserError, match="not a state dict"):
         convert_official_state_dict({"epoch": 3}, heads=4)
 
@@ -305,6 +312,29 @@ def test_convert_official_cli_errors(tmp_path, capsys):
     torch.save({"nnet": to_official_state_dict(model), "nnet_ema": to_official_state_dict(model)}, tmp_path / "b.pth")
     main(["convert-official", str(tmp_path / "b.pth"), str(tmp_path / "b.pt"), "--heads", "4"])
     assert "'nnet_ema' entry, its EMA weights" in " ".join(capsys.readouterr().out.split())
+
+
+def test_timm_loads_a_converted_preset_under_its_name(tmp_path):
+    """convert-official names a preset's network "<preset name> (released weights)"; timm's pretrained=True
+    compared names exactly and refused the converted file under the very preset it is."""
+    import timm
+
+    import dimr_lab.nn.timm_models  # noqa: F401
+    from dimr_lab.nn.official import convert_official
+
+    model = build_model("dimr_tiny_2r").eval()
+    randomise(model)
+    torch.save(to_official_state_dict(model), tmp_path / "nnet_ema.pth")
+    convert_official(tmp_path / "nnet_ema.pth", tmp_path / "tiny.pt", heads=model.spec.branches[0].heads)
+    overlay = {"file": str(tmp_path / "tiny.pt")}
+    loaded = timm.create_model("dimr_tiny_2r", pretrained=True, pretrained_cfg_overlay=overlay)
+    assert loaded.spec.name.endswith("(released weights)")
+    x, t, y = inputs(loaded.spec)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(x, t, y), loaded(x, t, y)))
+    with pytest.raises(UserError, match=r"not DiMR-tiny/3R \(dimr_tiny_3r\); load it with "
+                                        r"timm\.create_model\('dimr_tiny_2r'"):
+        timm.create_model("dimr_tiny_3r", pretrained=True, pretrained_cfg_overlay=overlay)
 
 
 # ----------------------------------------------------------------------------------------------- bench

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +50,21 @@ def list_image_folder(root: str | Path, key: str = "data.root") -> tuple[list[Pa
         raise UserError(f"{root}: no class folders (expected {root}/<class>/<image>)")
     files, labels = [], []
     for k, name in enumerate(classes):
-        found = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        named = [p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]
+        found = sorted(p for p in named if p.is_file())
+        if len(found) < len(named):  # a dangling link skipped would drop an image of the tree without a word
+            broken = next((p for p in named if p.is_symlink() and not p.exists()), None)
+            if broken is not None:
+                raise UserError(f"{broken}: a symbolic link to {os.readlink(broken)!r}, which does not exist")
         files += found
         labels += [k] * len(found)
     if not files:
         raise UserError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) under its class folders")
+    seen = set(labels)
+    empty = [name for k, name in enumerate(classes) if k not in seen]
+    if empty:  # still a class: the network, the balanced evaluation labels and the classifier would count it
+        raise UserError(f"{root / empty[0]}: a class folder without images ({', '.join(IMAGE_EXTENSIONS)})"
+                        + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else "") + "; remove it or add images")
     return files, labels, classes
 
 

@@ -75,7 +75,10 @@ def load_latent_file(path: Path) -> tuple[np.ndarray, int]:
         if len(pair) != 2 or label.ndim != 0 or label.dtype.kind not in "iu":
             raise ValueError(f"expected 2 objects, the second an integer label; got {len(pair)}, the second "
                              f"{label.dtype} of shape {label.shape}")
-        moments = np.asarray(moments, dtype=np.float32)
+        moments = np.asarray(moments)
+        if moments.dtype.kind != "f":  # complex lost its imaginary part (a warning), integers passed as latents
+            raise ValueError(f"moments of dtype {moments.dtype}; expected floating point (the VAE's float32)")
+        moments = moments.astype(np.float32, copy=False)
     except Exception as err:  # truncated, foreign or unsafe files
         raise UserError(f"{path}: not a latent file of the (moments, label) layout ({err})") from None
     return moments, int(label)
@@ -137,6 +140,9 @@ class LatentsDataset(Dataset):
         else:
             raise SpecError(f"{root} has no {META_FILE}; set data.num_classes (1000 for ImageNet)",
                             key="data.num_classes")
+        if "classes" in meta and len(meta["classes"]) != self.num_classes:  # grids would name samples wrongly
+            raise UserError(f"{root / META_FILE}: classes lists {len(meta['classes'])} names, but "
+                            f"{self._classes_key} = {self.num_classes}; expected one name per class")
         moments, label = load_latent_file(root / "0.npy")
         if moments.ndim != 3 or moments.shape[0] % 2 or moments.shape[1] != moments.shape[2]:
             raise UserError(f"{root / '0.npy'}: moments of shape {moments.shape}, expected (2C, h, h)")

@@ -11,6 +11,9 @@ TEXTURES = ("none", "stripes")
 SHAPE_NAMES = ("circle", "square", "triangle", "cross", "ring", "bars", "diamond", "star")
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+# pixels rendered at a time (images x side^2): the renderer's float maps take ~3 KiB a pixel, so a fixed
+# 1024 images took 3 GiB at side 256 and 12 GiB at 512; this keeps 1024 images a chunk at side 32
+CHUNK_PIXELS = 1024 * 32 * 32
 
 
 def _splitmix64(x: np.ndarray) -> np.ndarray:
@@ -121,9 +124,10 @@ class ShapesDataset(Dataset):
         self.class_names = SHAPE_NAMES[:num_classes]
         stream = {"train": 0, "test": 1}[split]  # the test split draws from its own stream
         self.shape_size, self.jitter, self.palette = (float(shape_size[0]), float(shape_size[1])), float(jitter), palette
-        self.images = torch.cat([render_shapes(np.arange(i, min(i + 1024, size)), image_size, num_classes, seed, stream,
-                                               self.shape_size, self.jitter, palette, texture, period)
-                                 for i in range(0, size, 1024)])  # (N, 3, S, S) uint8, chunked to bound memory
+        chunk = max(1, CHUNK_PIXELS // (image_size * image_size))
+        self.images = torch.cat([render_shapes(np.arange(i, min(i + chunk, size)), image_size, num_classes, seed,
+                                               stream, self.shape_size, self.jitter, palette, texture, period)
+                                 for i in range(0, size, chunk)])  # (N, 3, S, S) uint8, chunked to bound memory
         self.labels = torch.arange(size) % num_classes  # (N,) balanced by construction
 
     def __len__(self) -> int:

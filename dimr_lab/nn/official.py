@@ -45,6 +45,7 @@ _NORM_KEYS = {  # our norm name -> [(released suffix, our suffix)] below `...nor
 # as the released evaluation does (nnet_ema.pth)
 _WRAPPERS = ("nnet_ema", "ema", "state_dict", "model", "nnet", "module", "net", "network")
 _PREFIXES = ("module.", "_orig_mod.")
+RELEASED_SUFFIX = " (released weights)"  # what a converted network's name adds to its preset's name
 
 
 def _td(official: str, ours: str) -> list[tuple[str, str]]:
@@ -173,13 +174,13 @@ def infer_spec_dict(sd: dict[str, torch.Tensor], heads: int = 16) -> dict[str, A
         s = f"stages.{i}"
         conv = _need(sd, f"{s}.input_layer.1.weight", 4)
         width, in_ch, patch = conv.shape[0], conv.shape[1], conv.shape[2]
-        if conv.shape[2] != conv.shape[3]:
+        if conv.shape[2] != conv.shape[3] or not patch:
             raise UserError(f"released state dict: {s}.input_layer.1.weight is not a square kernel "
                             f"{tuple(conv.shape)}")
         channels.add(in_ch)
         rows = _need(sd, f"{s}.input_layer.3.position_embeddings.weight", 2).shape[0]
         res = math.isqrt(rows)
-        if res * res != rows:
+        if not rows or res * res != rows:  # an empty table would divide the input size by 0 below
             raise UserError(f"released state dict: {s}.input_layer.3.position_embeddings.weight has {rows} "
                             f"rows, not a square grid")
         blocks = _indices((k for k in sd if k.startswith(f"{s}.blocks.")), rf"^{re.escape(s)}\.blocks\.(\d+)\.")
@@ -280,7 +281,7 @@ def convert_official_state_dict(sd: Any, heads: int = 16) -> tuple[Any, dict[str
     spec = resolve_model(infer_spec_dict(sd, heads))
     preset = _named_like_preset(spec)
     if preset is not None:
-        spec.name = f"{PRESETS[preset].get('name', preset)} (released weights)"
+        spec.name = PRESETS[preset].get("name", preset) + RELEASED_SUFFIX
     with torch.device("meta"):
         target = build_model(spec).state_dict()
     pairs = key_pairs(spec)

@@ -47,11 +47,13 @@ def _factory(name: str) -> Callable[..., Any]:
             if kwargs:
                 raise UserError(f"{name}: pretrained=True builds the file's own network; drop {sorted(kwargs)}")
             from dimr_lab.nn.checkpoint import load_model
+            from dimr_lab.nn.official import RELEASED_SUFFIX
 
             model = load_model(file)
             want = PRESETS[name].get("name", name)
-            if model.spec.name != want:  # another network's file: never hand it back under this name
-                same = [n for n, p in PRESETS.items() if p.get("name", n) == model.spec.name]
+            held = model.spec.name.removesuffix(RELEASED_SUFFIX)  # convert-official's file of this preset is one
+            if held != want:  # another network's file: never hand it back under this name
+                same = [n for n, p in PRESETS.items() if p.get("name", n) == held]
                 how = f"timm.create_model({same[0]!r}, ...)" if same else "dimr_lab.load_model(PATH)"
                 raise UserError(f"{file}: holds a {model.spec.name} network, not {want} ({name}); load it with {how}")
             return model
