@@ -241,6 +241,22 @@ def test_folder_errors(tmp_path):
         build_dataset(DataSpec(), split="val")
 
 
+def test_folder_leaves_out_hidden_files_and_folders(tmp_path):
+    """macOS's ._x.jpg resource forks and .ipynb_checkpoints copies carry image suffixes: they were listed as
+    images of the class and failed to decode in the middle of training (or counted twice)."""
+    root = write_folder(tmp_path / "imgs")
+    before = build_dataset(DataSpec(name="folder", root=str(root)))
+    (root / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (root / "cat" / ".ipynb_checkpoints").mkdir()
+    (root / "cat" / ".ipynb_checkpoints" / "0-checkpoint.png").write_bytes((root / "cat" / "0.png").read_bytes())
+    (root / "cat" / "sub").mkdir()
+    (root / "cat" / "sub" / "9.png").write_bytes((root / "cat" / "0.png").read_bytes())  # a visible sub-folder counts
+    after = build_dataset(DataSpec(name="folder", root=str(root)))
+    assert sorted(map(str, after.files)) == sorted([*map(str, before.files), str(root / "cat" / "sub" / "9.png")])
+    for i in range(len(after)):
+        after.load_uint8(i)
+
+
 def test_folder_reads_16_bit_grayscale_at_its_brightness(tmp_path):
     """A 16-bit grayscale PNG (mode I;16) came out white: convert("RGB") clips its values at 255."""
     from PIL import Image

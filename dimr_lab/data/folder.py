@@ -50,7 +50,10 @@ def list_image_folder(root: str | Path, key: str = "data.root") -> tuple[list[Pa
         raise UserError(f"{root}: no class folders (expected {root}/<class>/<image>)")
     files, labels = [], []
     for k, name in enumerate(classes):
-        named = [p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]
+        # hidden files and folders are left out, as hidden class folders are: macOS's ._x.jpg resource forks
+        # and .ipynb_checkpoints copies carry image suffixes but are no images of the class
+        named = [p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                 and not any(part.startswith(".") for part in p.relative_to(root / name).parts)]
         found = sorted(p for p in named if p.is_file())
         if len(found) < len(named):  # a dangling link skipped would drop an image of the tree without a word
             broken = next((p for p in named if p.is_symlink() and not p.exists()), None)
