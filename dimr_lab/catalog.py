@@ -78,7 +78,8 @@ DATASETS.add("shapes", "dimr_lab.data.shapes:build",
              classes=8, procedural=True)
 DATASETS.add("digits", "dimr_lab.data.digits:build", "scikit-learn's 8x8 digits, upscaled (10 classes)",
              keys=("data.image_size",), classes=10)
-DATASETS.add("folder", "dimr_lab.data.folder:build", "an ImageFolder tree (one folder per class; hidden files and folders left out), centre-cropped",
+DATASETS.add("folder", "dimr_lab.data.folder:build",
+             "an ImageFolder tree (one folder per class; hidden files and folders left out), centre-cropped",
              keys=("data.root", "data.image_size", "data.num_classes"))
 DATASETS.add("latents", "dimr_lab.data.latents:build",
              "pre-extracted VAE latents in the released layout (dimr-lab prepare-latents)",
