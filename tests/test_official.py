@@ -307,6 +307,10 @@ def test_convert_official_cli_errors(tmp_path, capsys):
     torch.save({"nnet_ema": state}, tmp_path / "nan.pth")
     err = _cli(["convert-official", tmp_path / "nan.pth", tmp_path / "nan.pt", "--heads", "4"], capsys)
     assert f"tensor {name!r} holds NaN" in err and not (tmp_path / "nan.pt").exists()
+    # a dimr-lab checkpoint (here the one converted above) was "cannot place key ..." about its wrapper
+    err = _cli(["convert-official", tmp_path / "o.pt", tmp_path / "again.pt"], capsys)
+    assert "o.pt: a dimr-lab checkpoint (format 'dimr-lab/" in err and "nothing to convert" in err
+    assert not (tmp_path / "again.pt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     # the summary says which entry of a wrapped file was converted
     torch.save({"nnet": to_official_state_dict(model), "nnet_ema": to_official_state_dict(model)}, tmp_path / "b.pth")

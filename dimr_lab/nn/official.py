@@ -352,9 +352,13 @@ def official_config(spec: Any) -> dict[str, Any]:
 def load_official(src: str | Path, took: list[str] | None = None) -> dict[str, torch.Tensor]:
     """A released checkpoint's state dict (loaded with weights_only=True); UserError if unreadable or if a
     tensor holds NaN or inf (a diverged or damaged file, which would convert and sample noise)."""
-    from dimr_lab.nn.checkpoint import load_file
+    from dimr_lab.nn.checkpoint import READABLE, load_file
 
-    sd = unwrap_state_dict(load_file(src, what="released checkpoint"), source=str(src), took=took)
+    obj = load_file(src, what="released checkpoint")
+    if isinstance(obj, dict) and obj.get("format") in READABLE:
+        raise UserError(f"{src}: a dimr-lab checkpoint (format {obj['format']!r}), not a released one: there is "
+                        f"nothing to convert; sample, evaluate or export it as it is")
+    sd = unwrap_state_dict(obj, source=str(src), took=took)
     bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if bad is not None:
         raise UserError(f"{src}: tensor {bad!r} holds NaN or inf values; refusing to convert it")
