@@ -271,6 +271,9 @@ def test_optimizer_groups_keep_td_w_b_norms_and_biases_out_of_decay():
     ({"branches": []}, "at least one branch"),
     ({"conditioning": "adaln"}, "needs an adaLN norm"),
     ({"norm": "adaln_zero"}, "conditioning = 'adaln'"),
+    # the cascade and the heads have no residual branch: an adaLN-Zero there would build gates that never learn
+    ({"conditioning": "adaln", "norm": "adaln_zero", "outer_norm": "adaln_zero"},
+     r"model\.outer_norm: norm 'adaln_zero' gates a residual branch.*use one without a gate \(adaln"),
     ({"norm": "layernorm", "outer_norm": "layernorm"}, "time-dependent norms"),
     ({"branches": [{"block": "transformer", "width": 30, "heads": 4}]}, "not divisible by heads"),
     ({"branches": [{"block": "convnext", "kernel": 4}]}, "must be odd"),
