@@ -21,7 +21,7 @@ NORMS.add("adaln", "dimr_lab.nn.norms:AdaLN",
           keys=("model.time_embed_dim",), condition="vector")
 NORMS.add("adaln_zero", "dimr_lab.nn.norms:AdaLNZero",
           "adaLN-Zero (DiT): shift, scale and a zero-initialised residual gate per norm",
-          keys=("model.time_embed_dim",), condition="vector")
+          keys=("model.time_embed_dim",), condition="vector", gated=True)
 
 CONDITIONING.add("norm", "dimr_lab.nn.conditioning:NormConditioning",
                  "DiMR: time only through time-dependent norms; class as a token in attention branches")

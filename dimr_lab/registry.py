@@ -137,7 +137,8 @@ class Registry:
 
 # --- the network (dimr_lab.nn) ---
 NORMS = Registry("norm", "normalisation layers, plain or conditioned on time/class", "model",
-                 {"condition": "none"})          # what it reads: none | time (TD tensors) | vector (adaLN)
+                 {"condition": "none",           # what it reads: none | time (TD tensors) | vector (adaLN)
+                  "gated": False})               # returns a gate for a residual branch (blocks only)
 CONDITIONING = Registry("conditioning", "how time and class enter the network", "model",
                         {"vector": False})       # provides the adaLN condition vector
 BLOCKS = Registry("block", "the blocks a branch is made of", "model", {"uses_attention": False})

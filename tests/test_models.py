@@ -271,6 +271,9 @@ def test_optimizer_groups_keep_td_w_b_norms_and_biases_out_of_decay():
     ({"branches": []}, "at least one branch"),
     ({"conditioning": "adaln"}, "needs an adaLN norm"),
     ({"norm": "adaln_zero"}, "conditioning = 'adaln'"),
+    # the cascade and the heads have no residual branch: an adaLN-Zero there would build gates that never learn
+    ({"conditioning": "adaln", "norm": "adaln_zero", "outer_norm": "adaln_zero"},
+     r"model\.outer_norm: norm 'adaln_zero' gates a residual branch.*use one without a gate \(adaln"),
     ({"norm": "layernorm", "outer_norm": "layernorm"}, "time-dependent norms"),
     ({"branches": [{"block": "transformer", "width": 30, "heads": 4}]}, "not divisible by heads"),
     ({"branches": [{"block": "convnext", "kernel": 4}]}, "must be odd"),
@@ -709,3 +712,28 @@ def test_xformers_that_does_not_import_falls_back_to_sdpa(tmp_path, monkeypatch)
     with pytest.warns(UserWarning, match="xformers does not import \\(OSError: libcudart"):
         out = attention.xformers_attention(q, k, v)
     torch.testing.assert_close(out, attention.sdpa_attention(q, k, v))
+
+
+@pytest.mark.slow
+def test_xformers_absent_is_sdpa_from_the_start_so_a_compiled_block_is_one_graph(monkeypatch):
+    """Without xformers the 'xformers' backend is SDPA from the network's construction: a compiled block
+    (train.compile) no longer traces the failing import at every attention, which split each Transformer
+    block into several graphs around it."""
+    import torch._dynamo
+
+    import dimr_lab.nn.attention as attention
+
+    monkeypatch.setitem(sys.modules, "xformers", None)  # absent, whatever this machine has
+    monkeypatch.setitem(sys.modules, "xformers.ops", None)
+    monkeypatch.setattr(attention, "_xformers_ops", functools.cache(attention._xformers_ops.__wrapped__))
+    monkeypatch.setattr(attention, "_warned_xformers", False)
+    torch.manual_seed(0)
+    x, t, y = torch.randn(2, 3, 16, 16), torch.rand(2), torch.tensor([0, 3])
+    with pytest.warns(UserWarning, match="attention 'xformers': xformers is not installed; using 'sdpa'"):
+        model = build_model({"preset": "uvit_tiny_4", "attention": "xformers", "long_skip": False,
+                             "branches": [{"width": 16, "depth": 1, "heads": 2}]})
+        eager = copy.deepcopy(model)
+        torch._dynamo.reset()
+        model.compile_blocks(fullgraph=True)  # a graph break is an error
+        compiled = model(x, t, y)[0]
+    torch.testing.assert_close(compiled, eager(x, t, y)[0], rtol=1e-4, atol=1e-6)

@@ -42,14 +42,17 @@ def _xformers_ops() -> tuple[object, str]:
     return xops, ""
 
 
-def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _warn_xformers_fallback(why: str) -> None:
     global _warned_xformers
+    if not _warned_xformers:
+        warnings.warn(f"attention 'xformers': {why}; using 'sdpa' instead", stacklevel=3)
+        _warned_xformers = True
+
+
+def xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     xops, why = _xformers_ops()
     if xops is None or not q.is_cuda:
-        if not _warned_xformers:
-            why = why or "xformers has no CPU kernels"
-            warnings.warn(f"attention 'xformers': {why}; using 'sdpa' instead", stacklevel=2)
-            _warned_xformers = True
+        _warn_xformers_fallback(why or "xformers has no CPU kernels")
         return sdpa_attention(q, k, v)
     # xformers takes (B, N, heads, head_dim)
     out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
@@ -66,6 +69,10 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.backend = ATTENTION.get(backend)
+        if self.backend is xformers_attention and _xformers_ops()[0] is None:
+            # decided here, not in forward: torch.compile would trace the failing import at every attention
+            _warn_xformers_fallback(_xformers_ops()[1])
+            self.backend = sdpa_attention
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape

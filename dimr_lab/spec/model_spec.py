@@ -110,6 +110,10 @@ class ModelSpec:
         if "vector" in (inner, outer) and not provides_vector:
             raise SpecError(f"norm {self.norm!r}/{self.outer_norm!r} needs a condition vector: "
                             f"set conditioning = 'adaln'", key="conditioning")
+        if NORMS.meta(self.outer_norm, "gated"):
+            # the cascade and the heads have no residual branch to gate: the gate's weights would never learn
+            raise SpecError(f"norm {self.outer_norm!r} gates a residual branch, and the cascade and the heads have "
+                            f"none; use one without a gate (adaln, as DiT's final layer)", key="outer_norm")
         if provides_vector and inner != "vector":
             raise SpecError(f"conditioning {self.conditioning!r} needs an adaLN norm in the blocks "
                             f"(adaln, adaln_zero), got {self.norm!r}", key="norm")
