@@ -494,3 +494,27 @@ def test_reuse_is_off_with_no_reuse_and_never_takes_a_longer_run(tmp_path, capsy
     (a3,) = run_dirs(results, "three")
     assert json.loads((a3 / "run.json").read_text())["reused_from"] == ""
     assert not any(json.loads(x).get("event") == "resumed" for x in (a3 / "log.jsonl").read_text().splitlines())
+
+
+def test_reuse_never_takes_a_run_that_went_past_an_evaluated_step_without_its_checkpoint(tmp_path, capsys,
+                                                                                         standin_env):
+    # the copy could never evaluate step 2 (its checkpoint was not kept), where training here keeps it
+    results = tmp_path / "results"
+    one = write_ablation(tmp_path, name="one", seeds="[0]")
+    assert cli(["run", one, "--results", results, "--train-fn", STANDIN, "--only", "a"], capsys)[0] == 0
+    (src,) = run_dirs(results, "one")
+    assert not list((src / "checkpoints").glob("step-*.pt"))
+    two = tmp_path / "two.toml"
+    two.write_text(one.read_text().replace('name = "one"', 'name = "two"'))
+
+    def plan(*more):
+        code, out, err = cli(["run", two, "--results", results, "--train-fn", STANDIN, "--only", "a", "--json",
+                              *more], capsys)
+        assert code == 0, err
+        return [json.loads(x) for x in out.splitlines() if '"run_dir"' in x]
+
+    assert [x["reuse"] for x in plan("--dry-run", "--set", "eval.steps=[6]")] == [f"one/{src.name}"]
+    assert [x["reuse"] for x in plan("--dry-run", "--set", "eval.steps=[2]")] == [None]
+    assert [x["status"] for x in plan("--set", "eval.steps=[2]")] == ["done"]
+    (a2,) = run_dirs(results, "two")
+    assert json.loads((a2 / "run.json").read_text())["reused_from"] == ""

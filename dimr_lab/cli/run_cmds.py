@@ -220,7 +220,8 @@ def _untrained_for_eval(run: Any, reuse_from: Path | None) -> str | None:
     missing = [s for s in run.spec.eval_steps() if folder.checkpoint_for(s) is None]
     if not missing:
         return None
-    if reuse_from is not None and find_source(reuse_from, run.run_dir, run.identity, run.spec.train.steps):
+    if reuse_from is not None and find_source(reuse_from, run.run_dir, run.identity, run.spec.train.steps,
+                                                 run.spec.eval_steps()):
         return None
     have = folder.available_steps() if run.run_dir.is_dir() else []
     return (f"{run.run_dir}: --eval-only evaluates trained checkpoints, and this run has none at step "
@@ -261,7 +262,7 @@ def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, e
             problems.setdefault(r.run_dir, blocked)
             continue
         if reuse_root is not None and not (r.run_dir / "spec.json").exists():
-            source = find_source(reuse_root, r.run_dir, r.identity, r.spec.train.steps)
+            source = find_source(reuse_root, r.run_dir, r.identity, r.spec.train.steps, r.spec.eval_steps())
         state[r.run_dir] = ("todo", None if source is None else str(source.path.relative_to(reuse_root)))
     if as_json:
         for r in runs:
