@@ -518,3 +518,25 @@ def test_reuse_never_takes_a_run_that_went_past_an_evaluated_step_without_its_ch
     assert [x["status"] for x in plan("--set", "eval.steps=[2]")] == ["done"]
     (a2,) = run_dirs(results, "two")
     assert json.loads((a2 / "run.json").read_text())["reused_from"] == ""
+
+
+def test_reuse_leaves_a_planned_folder_another_process_holds_alone(tmp_path, capsys, standin_env):
+    # its holder (a trainer that found no checkpoint and starts from step 0) owns what the folder holds
+    from dimr_lab.rundir import run_lock
+    from dimr_lab.runner.local import write_record
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.runner.reuse import reuse
+    from dimr_lab.spec.ablation import load_ablation
+
+    results = tmp_path / "results"
+    one = write_ablation(tmp_path, name="one", seeds="[0]")
+    assert cli(["run", one, "--results", results, "--train-fn", STANDIN, "--only", "a"], capsys)[0] == 0
+    two = tmp_path / "two.toml"
+    two.write_text(one.read_text().replace('name = "one"', 'name = "two"'))
+    (run,) = expand(load_ablation(two), results=results, only=["a"])
+    write_record(run, "local")
+    with run_lock(run.run_dir):
+        assert reuse(results, run.run_dir, run.identity, run.spec.train.steps) is None
+        assert sorted(p.name for p in run.run_dir.iterdir()) == [".lock", "run.json"]
+    assert reuse(results, run.run_dir, run.identity, run.spec.train.steps) is not None
+    assert (run.run_dir / "checkpoints" / "last.pt").is_file()

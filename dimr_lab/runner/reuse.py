@@ -79,8 +79,9 @@ def reuse(results: Path, run_dir: Path, identity: str, steps: int, evaluates: Se
 
     The copy is made in a hidden sibling folder under the source's lock (a source being trained right now
     is skipped), then renamed into place: a new `run_dir` holds the whole copy or nothing of it; into a
-    folder planned before (run.json only) the parts move one by one, checkpoints first, so a kill between
-    them leaves a folder that resumes from those checkpoints."""
+    folder planned before (run.json only) the parts move one by one under its lock (a folder another process
+    holds is skipped), checkpoints first, so a kill between them leaves a folder that resumes from those
+    checkpoints."""
     run_dir = Path(run_dir)
     if RunDir(run_dir).index() is not None or (run_dir / SPEC).exists():
         return None
@@ -99,12 +100,14 @@ def reuse(results: Path, run_dir: Path, identity: str, steps: int, evaluates: Se
                                     ignore=shutil.ignore_patterns("chunks", ".*.tmp"))
                 elif src.is_file():
                     _copy_file(src, tmp / name)
-        if run_dir.exists():  # planned before (run.json, a lock file): move the copy in beside them
-            if any(p.name in COPIED for p in run_dir.iterdir()):
-                return None
-            for name in COPIED:  # checkpoints first: a folder with weights and no spec.json resumes from them
-                if (tmp / name).exists():
-                    os.rename(tmp / name, run_dir / name)
+        if run_dir.exists():  # planned before (run.json, a lock file): move the copy in beside them, under
+            # its lock (a trainer holding it, one that found no checkpoint, owns what the folder gets)
+            with run_lock(run_dir, purpose="reuse"):
+                if any(p.name in COPIED for p in run_dir.iterdir()):
+                    return None
+                for name in COPIED:  # checkpoints first: a folder with weights and no spec.json resumes from them
+                    if (tmp / name).exists():
+                        os.rename(tmp / name, run_dir / name)
         else:
             os.rename(tmp, run_dir)
         return source
