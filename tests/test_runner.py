@@ -331,6 +331,22 @@ def test_busy_run_is_left_alone(tmp_path, standin_env):
     assert not list(runs[0].run_dir.glob("evals/*/metrics.json"))
 
 
+def test_dry_run_says_busy_for_a_run_another_process_holds(tmp_path, capsys, standin_env):
+    # as the real run leaves it alone (the dry run said 'to run')
+    from dimr_lab.rundir import run_lock
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.spec.ablation import load_ablation
+
+    file = write_ablation(tmp_path, seeds="[0]")
+    runs = expand(load_ablation(file), results=tmp_path / "r")
+    with run_lock(runs[0].run_dir):
+        code, out, err = cli(["run", file, "--results", tmp_path / "r", "--dry-run", "--json"], capsys)
+        assert code == 0, err
+        assert [json.loads(x)["status"] for x in out.splitlines()] == ["busy", "todo"]
+        code, out, err = cli(["run", file, "--results", tmp_path / "r", "--dry-run"], capsys)
+        assert code == 0 and "busy" in out and "to run" in out
+
+
 def test_status_of_unstarted_and_interrupted(tmp_path, capsys):
     from dimr_lab.runner.plan import expand
     from dimr_lab.spec.ablation import load_ablation
