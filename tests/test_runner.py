@@ -122,6 +122,16 @@ def standin_train(spec, out_dir, *, should_stop=None):
             distributed.cleanup(info)
 
 
+def standin_unguarded(spec, out_dir, *, should_stop=None):
+    """A worker not yet guarding against signals (the runner's SIGTERM ends it at once), waiting to be stopped."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    (Path(out_dir) / "started").write_text("")
+    time.sleep(120)
+    raise RuntimeError("never stopped")
+
+
 def final_metrics(run_dir: Path) -> Path:
     """The metrics.json of a run's (only) last-step evaluation."""
     (path,) = sorted(Path(run_dir).glob("evals/*/metrics.json"))[-1:]
@@ -304,6 +314,36 @@ def test_cancel_given_a_relative_path_stops_the_lock_holder_and_the_runners_queu
     started = [d.name.split("-")[0] + "-" + d.name.split("-")[1] for d in run_dirs(tmp_path / "results")
                if (d / "checkpoints").exists()]
     assert started == ["a-s0"]
+
+
+def test_a_worker_the_runner_stops_before_it_guards_against_signals_is_interrupted_not_failed(tmp_path, capsys,
+                                                                                              standin_env):
+    # SIGTERM (or a terminal's Ctrl-C) can reach a worker still starting up: the run is stopped, as asked
+    import signal
+    import subprocess
+    import sys
+
+    abl = write_ablation(tmp_path, seeds="[0]")
+    proc = subprocess.Popen([sys.executable, "-c", "from dimr_lab.cli import main; main()", "run", str(abl),
+                             "--results", "results", "--jobs", "1", "--only", "a",
+                             "--train-fn", "test_runner:standin_unguarded"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((tmp_path / "results" / "abl").glob("*/started")):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert "interrupted a-s0" in err.decode() and "failed" not in err.decode()
+    (run,) = run_dirs(tmp_path / "results")
+    assert json.loads((run / "local.json").read_text())["state"] == "interrupted"
+    code, out, _ = cli(["status", tmp_path / "results", "--json"], capsys)
+    (st,) = [json.loads(x) for x in out.splitlines()]
+    assert st["state"] == "pending" and "before its first checkpoint" in st["detail"], st
 
 
 def test_debug_executor_in_process(tmp_path, capsys, standin_env):
