@@ -122,6 +122,16 @@ def standin_train(spec, out_dir, *, should_stop=None):
             distributed.cleanup(info)
 
 
+def standin_unguarded(spec, out_dir, *, should_stop=None):
+    """A worker not yet guarding against signals (the runner's SIGTERM ends it at once), waiting to be stopped."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    (Path(out_dir) / "started").write_text("")
+    time.sleep(120)
+    raise RuntimeError("never stopped")
+
+
 def final_metrics(run_dir: Path) -> Path:
     """The metrics.json of a run's (only) last-step evaluation."""
     (path,) = sorted(Path(run_dir).glob("evals/*/metrics.json"))[-1:]
@@ -306,6 +316,36 @@ def test_cancel_given_a_relative_path_stops_the_lock_holder_and_the_runners_queu
     assert started == ["a-s0"]
 
 
+def test_a_worker_the_runner_stops_before_it_guards_against_signals_is_interrupted_not_failed(tmp_path, capsys,
+                                                                                              standin_env):
+    # SIGTERM (or a terminal's Ctrl-C) can reach a worker still starting up: the run is stopped, as asked
+    import signal
+    import subprocess
+    import sys
+
+    abl = write_ablation(tmp_path, seeds="[0]")
+    proc = subprocess.Popen([sys.executable, "-c", "from dimr_lab.cli import main; main()", "run", str(abl),
+                             "--results", "results", "--jobs", "1", "--only", "a",
+                             "--train-fn", "test_runner:standin_unguarded"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((tmp_path / "results" / "abl").glob("*/started")):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err.decode()[-2000:]
+    assert "interrupted a-s0" in err.decode() and "failed" not in err.decode()
+    (run,) = run_dirs(tmp_path / "results")
+    assert json.loads((run / "local.json").read_text())["state"] == "interrupted"
+    code, out, _ = cli(["status", tmp_path / "results", "--json"], capsys)
+    (st,) = [json.loads(x) for x in out.splitlines()]
+    assert st["state"] == "pending" and "before its first checkpoint" in st["detail"], st
+
+
 def test_debug_executor_in_process(tmp_path, capsys, standin_env):
     abl = write_ablation(tmp_path, seeds="[3]")
     results = tmp_path / "results"
@@ -329,6 +369,22 @@ def test_busy_run_is_left_alone(tmp_path, standin_env):
         out = run_local(runs, train_fn=STANDIN, show_progress=False)
     assert [o.status for o in out] == ["busy", "done"]
     assert not list(runs[0].run_dir.glob("evals/*/metrics.json"))
+
+
+def test_dry_run_says_busy_for_a_run_another_process_holds(tmp_path, capsys, standin_env):
+    # as the real run leaves it alone (the dry run said 'to run')
+    from dimr_lab.rundir import run_lock
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.spec.ablation import load_ablation
+
+    file = write_ablation(tmp_path, seeds="[0]")
+    runs = expand(load_ablation(file), results=tmp_path / "r")
+    with run_lock(runs[0].run_dir):
+        code, out, err = cli(["run", file, "--results", tmp_path / "r", "--dry-run", "--json"], capsys)
+        assert code == 0, err
+        assert [json.loads(x)["status"] for x in out.splitlines()] == ["busy", "todo"]
+        code, out, err = cli(["run", file, "--results", tmp_path / "r", "--dry-run"], capsys)
+        assert code == 0 and "busy" in out and "to run" in out
 
 
 def test_status_of_unstarted_and_interrupted(tmp_path, capsys):
@@ -494,3 +550,49 @@ def test_reuse_is_off_with_no_reuse_and_never_takes_a_longer_run(tmp_path, capsy
     (a3,) = run_dirs(results, "three")
     assert json.loads((a3 / "run.json").read_text())["reused_from"] == ""
     assert not any(json.loads(x).get("event") == "resumed" for x in (a3 / "log.jsonl").read_text().splitlines())
+
+
+def test_reuse_never_takes_a_run_that_went_past_an_evaluated_step_without_its_checkpoint(tmp_path, capsys,
+                                                                                         standin_env):
+    # the copy could never evaluate step 2 (its checkpoint was not kept), where training here keeps it
+    results = tmp_path / "results"
+    one = write_ablation(tmp_path, name="one", seeds="[0]")
+    assert cli(["run", one, "--results", results, "--train-fn", STANDIN, "--only", "a"], capsys)[0] == 0
+    (src,) = run_dirs(results, "one")
+    assert not list((src / "checkpoints").glob("step-*.pt"))
+    two = tmp_path / "two.toml"
+    two.write_text(one.read_text().replace('name = "one"', 'name = "two"'))
+
+    def plan(*more):
+        code, out, err = cli(["run", two, "--results", results, "--train-fn", STANDIN, "--only", "a", "--json",
+                              *more], capsys)
+        assert code == 0, err
+        return [json.loads(x) for x in out.splitlines() if '"run_dir"' in x]
+
+    assert [x["reuse"] for x in plan("--dry-run", "--set", "eval.steps=[6]")] == [f"one/{src.name}"]
+    assert [x["reuse"] for x in plan("--dry-run", "--set", "eval.steps=[2]")] == [None]
+    assert [x["status"] for x in plan("--set", "eval.steps=[2]")] == ["done"]
+    (a2,) = run_dirs(results, "two")
+    assert json.loads((a2 / "run.json").read_text())["reused_from"] == ""
+
+
+def test_reuse_leaves_a_planned_folder_another_process_holds_alone(tmp_path, capsys, standin_env):
+    # its holder (a trainer that found no checkpoint and starts from step 0) owns what the folder holds
+    from dimr_lab.rundir import run_lock
+    from dimr_lab.runner.local import write_record
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.runner.reuse import reuse
+    from dimr_lab.spec.ablation import load_ablation
+
+    results = tmp_path / "results"
+    one = write_ablation(tmp_path, name="one", seeds="[0]")
+    assert cli(["run", one, "--results", results, "--train-fn", STANDIN, "--only", "a"], capsys)[0] == 0
+    two = tmp_path / "two.toml"
+    two.write_text(one.read_text().replace('name = "one"', 'name = "two"'))
+    (run,) = expand(load_ablation(two), results=results, only=["a"])
+    write_record(run, "local")
+    with run_lock(run.run_dir):
+        assert reuse(results, run.run_dir, run.identity, run.spec.train.steps) is None
+        assert sorted(p.name for p in run.run_dir.iterdir()) == [".lock", "run.json"]
+    assert reuse(results, run.run_dir, run.identity, run.spec.train.steps) is not None
+    assert (run.run_dir / "checkpoints" / "last.pt").is_file()

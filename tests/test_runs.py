@@ -322,6 +322,29 @@ def test_committed_outputs_without_checkpoints_are_refused_not_trained_over(tmp_
     assert code == 0 and json.loads(out.splitlines()[0])["status"] == "skipped"
 
 
+@pytest.mark.timeout(300)
+def test_a_damaged_evaluation_of_committed_outputs_is_named_not_blamed_on_missing_checkpoints(tmp_path, capsys):
+    """A committed run whose last metrics.json is damaged is not done; `run` refuses it naming that file (it
+    said only that the folder holds no checkpoint, and to move it away and train again from step 0)."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    src = next((root / "results" / "tdln_vs_adaln").glob("tdln-s0-*"))
+    run = tmp_path / "tdln_vs_adaln" / src.name
+    shutil.copytree(src, run)
+    metrics = sorted(run.glob("evals/*/metrics.json"))[-1]
+    metrics.write_text('{"fid": ')
+    before = _tree_bytes(tmp_path)
+    args = ["run", root / "ablations" / "tdln_vs_adaln.toml", "--profile", "small", "--only", "tdln", "--seeds", "0",
+            "-r", tmp_path]
+    code, out, err = cli(args, capsys)
+    assert code == 2 and err.count("\n") == 1 and str(metrics) in err and "not valid JSON" in err, err
+    assert _tree_bytes(tmp_path) == before
+    code, out, err = cli([*args, "--dry-run", "--json"], capsys)
+    (row,) = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and str(metrics) in row["problem"]
+
+
 def test_train_refuses_outputs_without_checkpoints_but_restarts_a_run_killed_before_its_first(tmp_path):
     from dimr_lab.errors import UserError
 

@@ -220,7 +220,8 @@ def _untrained_for_eval(run: Any, reuse_from: Path | None) -> str | None:
     missing = [s for s in run.spec.eval_steps() if folder.checkpoint_for(s) is None]
     if not missing:
         return None
-    if reuse_from is not None and find_source(reuse_from, run.run_dir, run.identity, run.spec.train.steps):
+    if reuse_from is not None and find_source(reuse_from, run.run_dir, run.identity, run.spec.train.steps,
+                                                 run.spec.eval_steps()):
         return None
     have = folder.available_steps() if run.run_dir.is_dir() else []
     return (f"{run.run_dir}: --eval-only evaluates trained checkpoints, and this run has none at step "
@@ -231,6 +232,7 @@ def _untrained_for_eval(run: Any, reuse_from: Path | None) -> str | None:
 def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, executor: str, ablation_dir: Path,
              as_json: bool, eval_only: bool, problems: dict[Path, str], sources: dict[str, str],
              reuse_root: Path | None) -> None:
+    from dimr_lab.rundir import is_locked
     from dimr_lab.runner.reuse import find_source
     from dimr_lab.spec.counts import model_key
     from dimr_lab.spec.schema import to_dict
@@ -260,8 +262,11 @@ def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, e
             state[r.run_dir] = ("no checkpoint", None)
             problems.setdefault(r.run_dir, blocked)
             continue
+        if is_locked(r.run_dir):  # the run leaves it to the process that holds it
+            state[r.run_dir] = ("busy", None)
+            continue
         if reuse_root is not None and not (r.run_dir / "spec.json").exists():
-            source = find_source(reuse_root, r.run_dir, r.identity, r.spec.train.steps)
+            source = find_source(reuse_root, r.run_dir, r.identity, r.spec.train.steps, r.spec.eval_steps())
         state[r.run_dir] = ("todo", None if source is None else str(source.path.relative_to(reuse_root)))
     if as_json:
         for r in runs:
@@ -289,6 +294,7 @@ def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, e
                   _fmt_params(c.get("params")), _fmt_gmacs(c.get("gmacs")),
                   "done (skipped)" if state[r.run_dir][0] == "done" else
                   "no checkpoint (refused)" if state[r.run_dir][0] == "no checkpoint" else
+                  "busy (another process holds it)" if state[r.run_dir][0] == "busy" else
                   f"queued (job {state[r.run_dir][1]})" if state[r.run_dir][0] == "queued" else
                   "unknown (squeue did not answer)" if state[r.run_dir][0] == "unknown" else
                   (f"reuse {state[r.run_dir][1]}" if state[r.run_dir][1] else "to run"))
@@ -299,7 +305,7 @@ def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, e
     if executor == "slurm":
         from dimr_lab.runner.slurm import sbatch_script
 
-        todo = [r for r in runs if state[r.run_dir][0] not in ("done", "queued")]
+        todo = [r for r in runs if state[r.run_dir][0] not in ("done", "queued", "busy")]
         out.print(f"\n# sbatch script ({len(todo)} array tasks; submitit writes it at submission):")
         print(sbatch_script(settings, abl.name, ablation_dir, len(todo), sources))
     out.print("(dry run: nothing written)")

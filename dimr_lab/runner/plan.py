@@ -70,7 +70,14 @@ class PlannedRun:
         """Why this run, not done, cannot go on in its folder (RunDir.outputs_without_checkpoint), or None."""
         if not self.run_dir.is_dir() or self.is_done():
             return None
-        return self.folder.outputs_without_checkpoint(self.spec.first_checkpoint_step())
+        blocked = self.folder.outputs_without_checkpoint(self.spec.first_checkpoint_step())
+        # what keeps such a run from being done may be a damaged file, not a missing evaluation: name it
+        damaged = [e.problem for e in self.folder.evaluations() if e.problem and e.step in self.spec.eval_steps()]
+        if blocked and damaged:
+            return (f"{damaged[0]}: an evaluation this run asks for is damaged, and its folder keeps no checkpoint "
+                    f"to evaluate again from (results folders keep outputs only); restore the file from where it "
+                    f"came from")
+        return blocked
 
 
 def split_top_level(text: str) -> list[str]:

@@ -17,6 +17,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from dimr_lab.rundir import (CHECKPOINTS, EVALS, LOG, LOSS_PLOT, SPEC, RunBusy, RunDir, is_run_folder, run_lock,
                              try_read_json_object)
@@ -32,10 +33,13 @@ class Source:
     step: int        # the source's last checkpoint
 
 
-def find_source(results: Path, run_dir: Path, identity: str, steps: int) -> Source | None:
+def find_source(results: Path, run_dir: Path, identity: str, steps: int, evaluates: Sequence[int] = ()
+                ) -> Source | None:
     """The trained folder under `results/<ablation>/` with this identity, not `run_dir`, whose last checkpoint
-    is at most `steps` (more is not reused: its last checkpoint would be past the planned end); the furthest
-    trained one wins, then the name."""
+    is at most `steps` (more is not reused: its last checkpoint would be past the planned end) and that holds a
+    checkpoint at each step of `evaluates` it trained past (the run evaluates them; one the source did not keep
+    could never be evaluated in the copy, where training here keeps it); the furthest trained one wins, then
+    the name."""
     best: Source | None = None
     try:
         ablations = sorted(p for p in Path(results).iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -51,6 +55,8 @@ def find_source(results: Path, run_dir: Path, identity: str, steps: int) -> Sour
                 continue
             doc = try_read_json_object(folder.spec_path)  # a damaged source is simply not reused
             if doc is None or doc.get("identity") != identity:
+                continue
+            if any(s <= index.last and folder.checkpoint_for(s) is None for s in evaluates):
                 continue
             if 0 < index.last <= steps and (best is None or index.last > best.step):
                 best = Source(cand, index.last)
@@ -68,17 +74,18 @@ def _copy_file(src: Path, dst: Path) -> None:
     shutil.copy2(src, dst)
 
 
-def reuse(results: Path, run_dir: Path, identity: str, steps: int) -> Source | None:
+def reuse(results: Path, run_dir: Path, identity: str, steps: int, evaluates: Sequence[int] = ()) -> Source | None:
     """Copy a trained folder of this identity into `run_dir` when `run_dir` holds no trained state yet.
 
     The copy is made in a hidden sibling folder under the source's lock (a source being trained right now
     is skipped), then renamed into place: a new `run_dir` holds the whole copy or nothing of it; into a
-    folder planned before (run.json only) the parts move one by one, checkpoints first, so a kill between
-    them leaves a folder that resumes from those checkpoints."""
+    folder planned before (run.json only) the parts move one by one under its lock (a folder another process
+    holds is skipped), checkpoints first, so a kill between them leaves a folder that resumes from those
+    checkpoints."""
     run_dir = Path(run_dir)
     if RunDir(run_dir).index() is not None or (run_dir / SPEC).exists():
         return None
-    source = find_source(results, run_dir, identity, steps)
+    source = find_source(results, run_dir, identity, steps, evaluates)
     if source is None:
         return None
     tmp = run_dir.parent / f".{run_dir.name}.reuse-{os.getpid()}"
@@ -93,12 +100,14 @@ def reuse(results: Path, run_dir: Path, identity: str, steps: int) -> Source | N
                                     ignore=shutil.ignore_patterns("chunks", ".*.tmp"))
                 elif src.is_file():
                     _copy_file(src, tmp / name)
-        if run_dir.exists():  # planned before (run.json, a lock file): move the copy in beside them
-            if any(p.name in COPIED for p in run_dir.iterdir()):
-                return None
-            for name in COPIED:  # checkpoints first: a folder with weights and no spec.json resumes from them
-                if (tmp / name).exists():
-                    os.rename(tmp / name, run_dir / name)
+        if run_dir.exists():  # planned before (run.json, a lock file): move the copy in beside them, under
+            # its lock (a trainer holding it, one that found no checkpoint, owns what the folder gets)
+            with run_lock(run_dir, purpose="reuse"):
+                if any(p.name in COPIED for p in run_dir.iterdir()):
+                    return None
+                for name in COPIED:  # checkpoints first: a folder with weights and no spec.json resumes from them
+                    if (tmp / name).exists():
+                        os.rename(tmp / name, run_dir / name)
         else:
             os.rename(tmp, run_dir)
         return source
@@ -118,7 +127,7 @@ def reuse_runs(runs: list, results: Path, executor: str) -> list[tuple[object, S
     for r in runs:
         if r.is_done():
             continue
-        source = reuse(results, r.run_dir, r.identity, r.spec.train.steps)
+        source = reuse(results, r.run_dir, r.identity, r.spec.train.steps, r.spec.eval_steps())
         if source is None:
             continue
         r.reused_from = str(source.path.relative_to(Path(results)))

@@ -159,7 +159,8 @@ def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, st
             st.log_tail = tail_lines(d / OUTPUT_LOG)
             return st
         if state == "interrupted":
-            st.detail = "interrupted after a checkpoint; rerun to resume"
+            st.detail = ("interrupted after a checkpoint; rerun to resume" if run.trained_step() is not None
+                         else "interrupted before its first checkpoint; rerun to start it")
             return st
         if state in ("failed", "done"):
             rc = local.get("returncode")
