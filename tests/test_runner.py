@@ -371,6 +371,29 @@ def test_busy_run_is_left_alone(tmp_path, standin_env):
     assert not list(runs[0].run_dir.glob("evals/*/metrics.json"))
 
 
+def test_a_runner_that_loses_the_race_for_a_run_leaves_the_holders_local_json(tmp_path, standin_env, monkeypatch):
+    # two runners both saw the run free and both started a worker; the one whose worker found the lock taken
+    # had rewritten local.json (its pid, state 'busy'), so that `status` after a kill of the holder said
+    # "has a checkpoint" instead of "its process is gone"
+    import dimr_lab.runner.local as local_mod
+    from dimr_lab.rundir import run_lock, write_json
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.spec.ablation import load_ablation
+
+    runs = expand(load_ablation(write_ablation(tmp_path, seeds="[0]")), results=tmp_path / "r")
+    local_mod.prepare(runs, executor="local")
+    holder = {"state": "running", "pid": 2 ** 22 + 4321, "runner": 2 ** 22 + 4320, "host": os.uname().nodename,
+              "started": time.time()}
+    write_json(runs[0].run_dir / "local.json", holder)
+    # the checks both runners passed before either worker took the lock
+    monkeypatch.setattr(local_mod, "prepare", lambda runs, executor: (list(runs), [], []))
+    monkeypatch.setattr(local_mod, "is_locked", lambda run_dir: False)
+    with run_lock(runs[0].run_dir):
+        out = local_mod.run_local(runs[:1], train_fn=STANDIN, show_progress=False)
+    assert [o.status for o in out] == ["busy"]
+    assert json.loads((runs[0].run_dir / "local.json").read_text()) == holder
+
+
 def test_dry_run_says_busy_for_a_run_another_process_holds(tmp_path, capsys, standin_env):
     # as the real run leaves it alone (the dry run said 'to run')
     from dimr_lab.rundir import run_lock

@@ -8,6 +8,7 @@ the process and its outcome; output.log keeps the process's output. A rich displ
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -136,6 +137,7 @@ def run_local(runs: list[PlannedRun], *, jobs: int = 1, train_fn: str | None = N
     outcomes.update({r.run_dir: Outcome(r, "busy", detail="another process holds it") for r in busy})
     queue = list(todo)
     active: dict[Path, tuple[PlannedRun, subprocess.Popen, float, Any]] = {}
+    records: dict[Path, dict | None] = {}  # local.json as it was before this runner's worker started
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                         console=console, disable=not show_progress, transient=False)
@@ -157,7 +159,17 @@ def run_local(runs: list[PlannedRun], *, jobs: int = 1, train_fn: str | None = N
         else:
             status = "failed"
             detail = "\n".join(tail_lines(run_dir / OUTPUT_LOG, 6))
-        _local_info(run_dir, state=status, ended=time.time(), returncode=code)
+        before = records.pop(run_dir, None)
+        if status == "busy":  # lost the race for the run: local.json is the holder's again, unless rewritten
+            now = try_read_json_object(run_dir / LOCAL)
+            if isinstance(now, dict) and now.get("pid") == proc.pid:
+                if before is None:
+                    with contextlib.suppress(OSError):
+                        (run_dir / LOCAL).unlink()
+                else:
+                    write_json(run_dir / LOCAL, before)
+        else:
+            _local_info(run_dir, state=status, ended=time.time(), returncode=code)
         outcomes[run_dir] = Outcome(run, status, seconds, detail)
         progress.remove_task(task)
         progress.advance(overall)
@@ -187,6 +199,7 @@ def run_local(runs: list[PlannedRun], *, jobs: int = 1, train_fn: str | None = N
                         progress.advance(overall)
                         continue
                     task = progress.add_task(f"  {run.run_dir.name}", total=max(1, run.spec.train.steps))
+                    records[run.run_dir] = try_read_json_object(run.run_dir / LOCAL)
                     active[run.run_dir] = (run, _spawn(run, train_fn, threads, "eval" if eval_only else "train"),
                                            time.time(), task)
                 for run_dir in list(active):
