@@ -127,6 +127,17 @@ def test_describe_of_an_empty_file_is_an_error_not_the_default_network(tmp_path,
     one_line_exit_2(*cli(["describe", empty], capsys), "no model in it")
 
 
+def test_describe_names_a_bad_key_of_a_model_table_under_model(tmp_path, capsys):
+    # README's model file is a [model] table: its typo is model.nrom, not a key at the top level
+    path = tmp_path / "m.toml"
+    path.write_text('[model]\npreset = "dimr_tiny_3r"\nnrom = "tdln"\n')
+    code, o, e = cli(["describe", path], capsys)
+    one_line_exit_2(code, o, e, "model.nrom: unknown key in [model]")
+    assert "did you mean 'norm'" in e
+    path.write_text('preset = "dimr_tiny_3r"\nnrom = "tdln"\n')  # model keys at the top level, as allowed
+    one_line_exit_2(*cli(["describe", path], capsys), "nrom: unknown key in [(top level)]")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from dimr_lab.spec.run_spec import load_run_spec
