@@ -83,6 +83,26 @@ def test_no_lower_layer_imports_a_higher_one(path):
         assert not any(m.split(".")[0] == "torch" for m, _ in imports(path)), f"dimr_lab/{rel} imports torch"
 
 
+# standard-library modules newer than the oldest Python a package may declare, with the version that added them
+NEW_STDLIB = {"tomllib": (3, 11)}
+
+
+def test_requires_python_admits_no_interpreter_without_a_standard_module_the_package_imports():
+    import re
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    found = re.fullmatch(r">=\s*(\d+)\.(\d+)", declared.strip())
+    assert found, f"pyproject.toml: requires-python {declared!r}: expected >=X.Y"
+    oldest = (int(found[1]), int(found[2]))
+    for path in FILES:
+        for module, line in imports(path):
+            needs = NEW_STDLIB.get(module.split(".")[0])
+            assert needs is None or needs <= oldest, (
+                f"dimr_lab/{path.relative_to(PKG)}:{line} imports {module} (Python {needs[0]}.{needs[1]}+) "
+                f"but pyproject.toml declares requires-python {declared!r}")
+
+
 BLOCK_TORCH = """
 import sys
 class Refuse:
