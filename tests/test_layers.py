@@ -103,6 +103,32 @@ def test_requires_python_admits_no_interpreter_without_a_standard_module_the_pac
                 f"but pyproject.toml declares requires-python {declared!r}")
 
 
+# import name -> distribution name where they differ; what is declared but never imported, and why
+DISTRIBUTION = {"PIL": "pillow", "sklearn": "scikit-learn", "torch_fidelity": "torch-fidelity"}
+DECLARED_FOR_OTHERS = {"torchvision": "timm and torch-fidelity import it"}
+
+
+def test_pyproject_declares_what_the_package_imports_and_nothing_it_does_not():
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    name = lambda req: re.match(r"[A-Za-z0-9_.-]+", req)[0].lower()  # noqa: E731
+    runtime = {name(r) for r in project["dependencies"]}
+    extras = {name(r) for reqs in project["optional-dependencies"].values() for r in reqs}
+    imported: dict[str, str] = {}
+    for path in FILES:
+        for module, line in imports(path):
+            top = module.split(".")[0]
+            if top != "dimr_lab" and top not in sys.stdlib_module_names and top != "click":  # click: typer's
+                imported.setdefault(DISTRIBUTION.get(top, top).replace("_", "-").lower(),
+                                    f"dimr_lab/{path.relative_to(PKG)}:{line}")
+    for dist, where in imported.items():
+        assert dist in runtime | extras, f"{where} imports {dist}, which pyproject.toml does not declare"
+    for dist in runtime - set(imported) - set(DECLARED_FOR_OTHERS):
+        raise AssertionError(f"pyproject.toml: {dist} is a dependency that nothing in dimr_lab imports")
+
+
 BLOCK_TORCH = """
 import sys
 class Refuse:
