@@ -138,6 +138,20 @@ def test_describe_names_a_bad_key_of_a_model_table_under_model(tmp_path, capsys)
     one_line_exit_2(*cli(["describe", path], capsys), "nrom: unknown key in [(top level)]")
 
 
+def test_a_run_spec_and_an_ablation_file_given_to_the_other_command_say_which_command_takes_them(tmp_path, capsys):
+    # a newcomer's first mix-up: the error names the command the file is for, not a far-fetched key
+    ablation = Path(__file__).resolve().parents[1] / "ablations" / "tdln_vs_adaln.toml"
+    run_spec = tmp_path / "run.toml"
+    run_spec.write_text('[model]\npreset = "dimr_tiny_3r"\n[train]\nsteps = 3\n')
+    for argv, fragment in ((["train", ablation, "--out", tmp_path / "out"], "dimr-lab run"),
+                           (["describe", ablation], "dimr-lab run"),
+                           (["run", run_spec, "--results", tmp_path / "results"], "dimr-lab train")):
+        code, o, e = cli(argv, capsys)
+        one_line_exit_2(code, o, e, fragment)
+        assert "did you mean" not in e, e
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.toml"]
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from dimr_lab.spec.run_spec import load_run_spec
