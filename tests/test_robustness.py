@@ -152,6 +152,16 @@ def test_a_run_spec_and_an_ablation_file_given_to_the_other_command_say_which_co
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.toml"]
 
 
+def test_a_key_that_begins_several_keys_is_answered_with_all_of_them(tmp_path, capsys):
+    # `sample.guidance` means guidance_scale as often as anything: no single guess (it was guidance_form)
+    code, o, e = cli(["train", "--out", tmp_path / "run", "--set", "sample.guidance=2"], capsys)
+    one_line_exit_2(code, o, e, "did you mean one of 'guidance_scale', 'guidance_form', 'guidance_schedule', "
+                                "'guidance_power'?")
+    code, o, e = cli(["train", "--out", tmp_path / "run", "--set", "sample.guidance_scal=2"], capsys)
+    one_line_exit_2(code, o, e, "(did you mean 'guidance_scale'?)")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from dimr_lab.spec.run_spec import load_run_spec
