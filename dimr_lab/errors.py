@@ -34,9 +34,18 @@ def closest(name: str, choices: Iterable[str]) -> str | None:
     return match[0] if match else None
 
 
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)', or every name `name` begins when it begins several (no one of them is likelier:
+    'guidance' -> guidance_scale, guidance_form, ...), or ''."""
+    choices = list(choices)
+    begun = [c for c in choices if str(c).startswith(str(name))] if name else []
+    if len(begun) > 1:
+        return f" (did you mean one of {', '.join(repr(c) for c in begun)}?)"
+    hint = closest(name, choices)
+    return f" (did you mean {hint!r}?)" if hint else ""
+
+
 def unknown_name_message(kind: str, name: str, choices: Iterable[str]) -> str:
     """'unknown norm 'tdl'; known: a, b, c (did you mean 'tdln'?)'"""
     choices = sorted(choices)
-    hint = closest(name, choices)
-    msg = f"unknown {kind} {name!r}; known: {', '.join(choices)}"
-    return msg + (f" (did you mean {hint!r}?)" if hint else "")
+    return f"unknown {kind} {name!r}; known: {', '.join(choices)}" + did_you_mean(name, choices)

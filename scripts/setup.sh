@@ -10,7 +10,11 @@ PY="${PYTHON:-python3}"
 TORCH_SPEC="${DIMR_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
 EXTRAS="digits"
 [ "${1:-}" = "--test" ] && EXTRAS="digits,test"
-stamp=".venv/.dimr-lab-setup-$(sha1sum pyproject.toml | cut -c1-12)-${EXTRAS}"
+# the stamp names what was installed: another pyproject, torch spec or set of extras installs again
+stamp=".venv/.dimr-lab-setup-$({ cat pyproject.toml; echo "$TORCH_SPEC"; } | sha1sum | cut -c1-12)-${EXTRAS}"
+pip_install() {  # pip's own exit status, without its notes about index locations
+  .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }
+}
 if [ ! -e "$stamp" ]; then
   # torch's CUDA build with its libraries takes about 6 GiB: say so before pip fails half-way.
   if ! .venv/bin/python -c "import torch" 2>/dev/null; then
@@ -20,8 +24,8 @@ if [ ! -e "$stamp" ]; then
       exit 2
     fi
   fi
-  .venv/bin/python -m pip install -q --disable-pip-version-check $TORCH_SPEC 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${EXTRAS}]" 2>&1 | grep -v '^WARNING: Location' || true
+  pip_install $TORCH_SPEC || { echo "setup.sh: pip could not install $TORCH_SPEC (see above)" >&2; exit 1; }
+  pip_install -e ".[${EXTRAS}]" || { echo "setup.sh: pip could not install the package with [${EXTRAS}] (see above)" >&2; exit 1; }
   .venv/bin/python -c "import torch, torchvision, timm, torch_fidelity, submitit, dimr_lab" 
   touch "$stamp"
 fi

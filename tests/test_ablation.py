@@ -265,6 +265,7 @@ MALFORMED = [
     (BASE, ["--seeds", "0,x"], "--seeds"),
     (BASE, ["--only", "w"], "no variant named 'w'"),
     (BASE, ["--executor", "kubernetes"], "--executor 'kubernetes'"),
+    (BASE, ["--executor", "slrum"], "did you mean 'slurm'"),
     (BASE, ["--jobs", "-1"], "--jobs -1"),
     (BASE, ["--jobs", "many"], "--jobs"),
 ]

@@ -83,6 +83,52 @@ def test_no_lower_layer_imports_a_higher_one(path):
         assert not any(m.split(".")[0] == "torch" for m, _ in imports(path)), f"dimr_lab/{rel} imports torch"
 
 
+# standard-library modules newer than the oldest Python a package may declare, with the version that added them
+NEW_STDLIB = {"tomllib": (3, 11)}
+
+
+def test_requires_python_admits_no_interpreter_without_a_standard_module_the_package_imports():
+    import re
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    found = re.fullmatch(r">=\s*(\d+)\.(\d+)", declared.strip())
+    assert found, f"pyproject.toml: requires-python {declared!r}: expected >=X.Y"
+    oldest = (int(found[1]), int(found[2]))
+    for path in FILES:
+        for module, line in imports(path):
+            needs = NEW_STDLIB.get(module.split(".")[0])
+            assert needs is None or needs <= oldest, (
+                f"dimr_lab/{path.relative_to(PKG)}:{line} imports {module} (Python {needs[0]}.{needs[1]}+) "
+                f"but pyproject.toml declares requires-python {declared!r}")
+
+
+# import name -> distribution name where they differ; what is declared but never imported, and why
+DISTRIBUTION = {"PIL": "pillow", "sklearn": "scikit-learn", "torch_fidelity": "torch-fidelity"}
+DECLARED_FOR_OTHERS = {"torchvision": "timm and torch-fidelity import it"}
+
+
+def test_pyproject_declares_what_the_package_imports_and_nothing_it_does_not():
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    name = lambda req: re.match(r"[A-Za-z0-9_.-]+", req)[0].lower()  # noqa: E731
+    runtime = {name(r) for r in project["dependencies"]}
+    extras = {name(r) for reqs in project["optional-dependencies"].values() for r in reqs}
+    imported: dict[str, str] = {}
+    for path in FILES:
+        for module, line in imports(path):
+            top = module.split(".")[0]
+            if top != "dimr_lab" and top not in sys.stdlib_module_names and top != "click":  # click: typer's
+                imported.setdefault(DISTRIBUTION.get(top, top).replace("_", "-").lower(),
+                                    f"dimr_lab/{path.relative_to(PKG)}:{line}")
+    for dist, where in imported.items():
+        assert dist in runtime | extras, f"{where} imports {dist}, which pyproject.toml does not declare"
+    for dist in runtime - set(imported) - set(DECLARED_FOR_OTHERS):
+        raise AssertionError(f"pyproject.toml: {dist} is a dependency that nothing in dimr_lab imports")
+
+
 BLOCK_TORCH = """
 import sys
 class Refuse:

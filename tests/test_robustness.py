@@ -127,6 +127,41 @@ def test_describe_of_an_empty_file_is_an_error_not_the_default_network(tmp_path,
     one_line_exit_2(*cli(["describe", empty], capsys), "no model in it")
 
 
+def test_describe_names_a_bad_key_of_a_model_table_under_model(tmp_path, capsys):
+    # README's model file is a [model] table: its typo is model.nrom, not a key at the top level
+    path = tmp_path / "m.toml"
+    path.write_text('[model]\npreset = "dimr_tiny_3r"\nnrom = "tdln"\n')
+    code, o, e = cli(["describe", path], capsys)
+    one_line_exit_2(code, o, e, "model.nrom: unknown key in [model]")
+    assert "did you mean 'norm'" in e
+    path.write_text('preset = "dimr_tiny_3r"\nnrom = "tdln"\n')  # model keys at the top level, as allowed
+    one_line_exit_2(*cli(["describe", path], capsys), "nrom: unknown key in [(top level)]")
+
+
+def test_a_run_spec_and_an_ablation_file_given_to_the_other_command_say_which_command_takes_them(tmp_path, capsys):
+    # a newcomer's first mix-up: the error names the command the file is for, not a far-fetched key
+    ablation = Path(__file__).resolve().parents[1] / "ablations" / "tdln_vs_adaln.toml"
+    run_spec = tmp_path / "run.toml"
+    run_spec.write_text('[model]\npreset = "dimr_tiny_3r"\n[train]\nsteps = 3\n')
+    for argv, fragment in ((["train", ablation, "--out", tmp_path / "out"], "dimr-lab run"),
+                           (["describe", ablation], "dimr-lab run"),
+                           (["run", run_spec, "--results", tmp_path / "results"], "dimr-lab train")):
+        code, o, e = cli(argv, capsys)
+        one_line_exit_2(code, o, e, fragment)
+        assert "did you mean" not in e, e
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.toml"]
+
+
+def test_a_key_that_begins_several_keys_is_answered_with_all_of_them(tmp_path, capsys):
+    # `sample.guidance` means guidance_scale as often as anything: no single guess (it was guidance_form)
+    code, o, e = cli(["train", "--out", tmp_path / "run", "--set", "sample.guidance=2"], capsys)
+    one_line_exit_2(code, o, e, "did you mean one of 'guidance_scale', 'guidance_form', 'guidance_schedule', "
+                                "'guidance_power'?")
+    code, o, e = cli(["train", "--out", tmp_path / "run", "--set", "sample.guidance_scal=2"], capsys)
+    one_line_exit_2(code, o, e, "(did you mean 'guidance_scale'?)")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from dimr_lab.spec.run_spec import load_run_spec

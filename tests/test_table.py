@@ -703,6 +703,18 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys, case):
         assert "no finished runs" in errors[0]
 
 
+@pytest.mark.parametrize("option", ["--out", "--plot", "--curves"])
+def test_cli_refuses_to_overwrite_a_file_without_force(tree, tmp_path, capsys, option):
+    # `--out RESULTS.md` or a committed curves.png: an existing file is replaced only with --force
+    target = tmp_path / ("table.md" if option == "--out" else "fig.png")
+    target.write_text("kept")
+    code, out, err = cli(["table", tree, option, target], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1 and "--force" in err, err
+    assert target.read_text() == "kept"
+    code, out, err = cli(["table", tree, option, target, "--force"], capsys)
+    assert code == 0 and target.read_bytes() != b"kept", err
+
+
 def test_a_results_path_that_is_a_file_is_not_said_to_be_missing(tmp_path, capsys):
     (tmp_path / "results.txt").write_text("x")
     code, out, err = cli(["table", tmp_path / "results.txt"], capsys)

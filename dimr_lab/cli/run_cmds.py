@@ -15,7 +15,7 @@ from typing import Any, List, Optional
 import typer
 
 from dimr_lab.cli import app
-from dimr_lab.errors import UserError
+from dimr_lab.errors import UserError, closest
 
 EXECUTORS = ("local", "slurm", "debug")
 
@@ -95,7 +95,9 @@ def run_cmd(
     from dimr_lab.spec.schema import parse_overrides
 
     if executor not in EXECUTORS:
-        raise UserError(f"--executor {executor!r}: allowed: {', '.join(EXECUTORS)}")
+        hint = closest(executor, EXECUTORS)
+        raise UserError(f"--executor {executor!r}: allowed: {', '.join(EXECUTORS)}"
+                        + (f" (did you mean {hint!r}?)" if hint else ""))
     if jobs < 0:
         raise UserError(f"--jobs {jobs}: must be >= 0 (0 = one run per CPU core, up to 8)")
     if results.exists() and not results.is_dir():

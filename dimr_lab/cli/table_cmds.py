@@ -44,6 +44,7 @@ def table_cmd(
                                                  "sign-flip permutation test (perm)."),
     skip_damaged: bool = typer.Option(False, "--skip-damaged", help="Leave out runs whose record or metrics "
                                                                      "file does not read (default: stop on them)."),
+    force: bool = typer.Option(False, "--force", help="Replace existing --out, --plot and --curves files."),
 ) -> None:
     """One row per variant: mean ± std over seeds, deltas to the base variant, the paper's numbers beside ours."""
     # pandas and matplotlib load here only, so `dimr-lab --help` stays fast
@@ -53,6 +54,9 @@ def table_cmd(
 
     if out is not None and out.is_dir():
         raise UserError(f"--out {out}: is a directory; give a file name")
+    for option, path in (("--out", out), ("--plot", plot), ("--curves", curves)):
+        if path is not None and path.is_file() and not force:
+            raise UserError(f"{option} {path}: exists; refusing to overwrite it (use --force to replace it)")
     text = render_table(results_dir, fmt=fmt, plot=plot, steps=steps, step=step, eval_filter=eval_filter,
                         columns=columns, metrics=metrics, wide=wide, curves=curves, test=test,
                         skip_damaged=skip_damaged)

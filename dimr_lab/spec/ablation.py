@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import itertools
 import re
 from dataclasses import dataclass, field as dc_field
@@ -52,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from dimr_lab.errors import SpecError, UserError, closest, unknown_name_message
-from dimr_lab.spec.run_spec import MAX_SEED
+from dimr_lab.spec.run_spec import MAX_SEED, RunSpec
 from dimr_lab.spec.schema import field, from_dict, load_toml, set_dotted
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
@@ -384,6 +385,9 @@ def load_ablation(path: str | Path, *, check: bool = True) -> Ablation:
     path = Path(path)
     file = str(path)
     data = load_toml(path)
+    if "ablation" not in data and set(data) & {f.name for f in dataclasses.fields(RunSpec)}:
+        raise SpecError("a run spec, not an ablation file (no [ablation] table): train it with "
+                        "`dimr-lab train FILE --out DIR`", file=file)
     for k in data:
         if k not in TOP_KEYS:
             hint = closest(k, TOP_KEYS)

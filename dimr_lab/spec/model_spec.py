@@ -168,8 +168,8 @@ def resolve_model(data: "dict[str, Any] | str | ModelSpec", *, file: str | None 
     file, one the overrides bring in names `--set`."""
     from dimr_lab.spec.schema import set_dotted
 
-    raw, file = _raw_model(data, file, key)
-    spec = _build(raw, file, key)
+    raw, file, where = _raw_model(data, file, key)
+    spec = _build(raw, file, where)
     if overrides:
         raw = copy.deepcopy(raw)
         for dotted, value in overrides:
@@ -178,8 +178,8 @@ def resolve_model(data: "dict[str, Any] | str | ModelSpec", *, file: str | None 
     return spec
 
 
-def _raw_model(data: Any, file: str | None, key: str) -> tuple[dict[str, Any], str | None]:
-    """(the model table as plain data, the file it came from)."""
+def _raw_model(data: Any, file: str | None, key: str) -> tuple[dict[str, Any], str | None, str]:
+    """(the model table as plain data, the file it came from, the key its errors are named under)."""
     from dimr_lab.spec.presets import PRESETS
 
     if isinstance(data, ModelSpec):
@@ -190,6 +190,11 @@ def _raw_model(data: Any, file: str | None, key: str) -> tuple[dict[str, Any], s
         elif data.endswith(".toml"):
             file = data
             raw = load_toml(data)
+            if "ablation" in raw or "variant" in raw:
+                raise SpecError("an ablation file, not a model: `dimr-lab run FILE --dry-run` lists its networks "
+                                "and their sizes", file=file)
+            if "model" in raw:  # a [model] table: its keys are model.KEY in errors
+                key = key or "model"
             data = raw.get("model", raw)
             if not data:
                 raise SpecError("no model in it: expected a [model] table (or model keys at the top level)",
@@ -199,7 +204,7 @@ def _raw_model(data: Any, file: str | None, key: str) -> tuple[dict[str, Any], s
                             file=file, key=key or None)
     if not isinstance(data, dict):
         raise SpecError(f"expected a table or a preset name, got {data!r}", file=file, key=key or None)
-    return copy.deepcopy(data), file
+    return copy.deepcopy(data), file, key
 
 
 def _build(data: dict[str, Any], file: str | None, key: str) -> ModelSpec:

@@ -358,6 +358,8 @@ def load_run_spec(data: dict[str, Any] | str | Path | None = None, overrides: li
     elif isinstance(data, (str, Path)):
         file = file or str(data)
         data = load_toml(data)
+        if "ablation" in data or "variant" in data:  # a newcomer's mix-up: say which command takes the file
+            raise SpecError("an ablation file, not a run spec: run it with `dimr-lab run FILE`", file=file)
     else:
         data = copy.deepcopy(data)
     spec = from_dict(RunSpec, data, file=file)

@@ -22,7 +22,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dimr_lab.errors import SpecError, UserError, closest
+from dimr_lab.errors import SpecError, UserError, closest, did_you_mean
 
 T = TypeVar("T")
 
@@ -154,9 +154,7 @@ def from_dict(cls: type[T], data: Any, *, file: str | None = None, prefix: str =
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for k in data:
         if k not in fields:
-            hint = closest(k, fields)
-            raise SpecError(f"unknown key in [{where}]; allowed: {', '.join(fields)}"
-                            + (f" (did you mean {hint!r}?)" if hint else ""),
+            raise SpecError(f"unknown key in [{where}]; allowed: {', '.join(fields)}" + did_you_mean(k, fields),
                             file=file, key=f"{prefix}.{k}" if prefix else k)
     kwargs = {}
     for name, f in fields.items():
