@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from dimr_lab.nn.time_dependent import Cond
@@ -12,9 +13,7 @@ from dimr_lab.registry import NORMS
 def pixel_shuffle_channels_last(x: torch.Tensor, r: int) -> torch.Tensor:
     """(B, h, w, r*r*d) -> (B, h*r, w*r, d), reading channels as (r_h, r_w, d) as the released code does
     (torch's nn.PixelShuffle reads (d, r_h, r_w))."""
-    B, h, w, C = x.shape
-    x = x.view(B, h, w, r, r, C // (r * r)).transpose(2, 3)  # (B, h, r, w, r, d)
-    return x.reshape(B, h * r, w * r, C // (r * r))
+    return rearrange(x, "b h w (rh rw d) -> b (h rh) (w rw) d", rh=r, rw=r)
 
 
 class Cascade(nn.Module):
@@ -65,10 +64,8 @@ class UnpatchifyHead(Head):
         self.linear = nn.Linear(branch.width, branch.patch ** 2 * spec.out_channels)
 
     def forward(self, x: torch.Tensor, cond: Cond) -> torch.Tensor:
-        x = self.linear(self.norm(x, cond)[0])  # (B, h, w, p*p*C)
-        B, h, w, _ = x.shape
-        p, C = self.patch, self.channels
-        return x.view(B, h, w, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, h * p, w * p)
+        x = self.linear(self.norm(x, cond)[0])  # (B, h, w, p*p*C), channels read as (p_h, p_w, C)
+        return rearrange(x, "b h w (ph pw c) -> b c (h ph) (w pw)", ph=self.patch, pw=self.patch, c=self.channels)
 
 
 class UnpatchifyConvHead(UnpatchifyHead):
