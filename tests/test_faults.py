@@ -187,6 +187,26 @@ def _limit_file_size(limit: int):
     return apply
 
 
+def test_a_failed_save_says_whether_a_previous_file_was_kept(tmp_path, monkeypatch):
+    # "the previous one is intact" was said of a first save too, where there was no previous file
+    import errno
+
+    import dimr_lab.nn.checkpoint as ckpt
+    from dimr_lab.errors import UserError
+
+    def full(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "atomic_write", full)
+    with pytest.raises(UserError, match=r"first\.pt: cannot write the checkpoint \(no space left on the device\); "
+                                        r"nothing was written$"):
+        ckpt.save_file({"w": torch.zeros(2)}, tmp_path / "first.pt")
+    (tmp_path / "again.pt").write_bytes(b"old")
+    with pytest.raises(UserError, match=r"again\.pt: .*; the previous one is intact$"):
+        ckpt.save_file({"w": torch.zeros(2)}, tmp_path / "again.pt")
+    assert not (tmp_path / "first.pt").exists() and (tmp_path / "again.pt").read_bytes() == b"old"
+
+
 @pytest.mark.timeout(600)
 def test_a_full_disk_during_a_save_keeps_the_last_checkpoint_and_resumes(reference, env, tmp_path):
     spec, ref, _ = reference

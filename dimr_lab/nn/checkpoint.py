@@ -41,15 +41,16 @@ def load_file(path: str | Path, *, what: str = "checkpoint") -> Any:
 def save_file(obj: Any, path: str | Path, *, what: str = "checkpoint") -> None:
     """torch.save atomically (the old file or the new one, never half); a full or read-only disk is one
     UserError, with the previous file intact and no temporary left behind."""
+    existed = Path(path).exists()
+    kept = "the previous one is intact" if existed else "nothing was written"
     try:
         atomic_write(path, lambda f: torch.save(obj, f))
     except OSError as err:
         reason = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-        raise UserError(f"{path}: cannot write the {what} ({reason}); the previous one is intact") from None
+        raise UserError(f"{path}: cannot write the {what} ({reason}); {kept}") from None
     except RuntimeError as err:  # torch wraps write failures of its zip writer
         if "No space left" in str(err) or "file write failed" in str(err):
-            raise UserError(f"{path}: cannot write the {what} (no space left on the device?); the previous one "
-                            f"is intact") from None
+            raise UserError(f"{path}: cannot write the {what} (no space left on the device?); {kept}") from None
         raise
 
 
