@@ -234,7 +234,7 @@ def _untrained_for_eval(run: Any, reuse_from: Path | None) -> str | None:
 def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, executor: str, ablation_dir: Path,
              as_json: bool, eval_only: bool, problems: dict[Path, str], sources: dict[str, str],
              reuse_root: Path | None) -> None:
-    from dimr_lab.rundir import is_locked
+    from dimr_lab.rundir import RunDir, is_locked
     from dimr_lab.runner.reuse import find_source
     from dimr_lab.spec.counts import model_key
     from dimr_lab.spec.schema import to_dict
@@ -267,7 +267,7 @@ def _dry_run(out: Any, abl: Any, runs: list[Any], settings: Any, profile: str, e
         if is_locked(r.run_dir):  # the run leaves it to the process that holds it
             state[r.run_dir] = ("busy", None)
             continue
-        if reuse_root is not None and not (r.run_dir / "spec.json").exists():
+        if reuse_root is not None and not RunDir(r.run_dir).spec_path.exists():
             source = find_source(reuse_root, r.run_dir, r.identity, r.spec.train.steps, r.spec.eval_steps())
         state[r.run_dir] = ("todo", None if source is None else str(source.path.relative_to(reuse_root)))
     if as_json:
