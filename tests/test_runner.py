@@ -619,3 +619,27 @@ def test_reuse_leaves_a_planned_folder_another_process_holds_alone(tmp_path, cap
         assert sorted(p.name for p in run.run_dir.iterdir()) == [".lock", "run.json"]
     assert reuse(results, run.run_dir, run.identity, run.spec.train.steps) is not None
     assert (run.run_dir / "checkpoints" / "last.pt").is_file()
+
+
+def test_a_reuse_copy_left_by_a_killed_process_is_removed_by_the_next_reuse(tmp_path, capsys, standin_env):
+    # a kill between the copy and its rename left .NAME.reuse-PID beside the folder, and nothing removed it
+    import subprocess
+    import sys
+
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.runner.reuse import reuse
+    from dimr_lab.spec.ablation import load_ablation
+
+    results = tmp_path / "results"
+    one = write_ablation(tmp_path, name="one", seeds="[0]")
+    assert cli(["run", one, "--results", results, "--train-fn", STANDIN, "--only", "a"], capsys)[0] == 0
+    two = tmp_path / "two.toml"
+    two.write_text(one.read_text().replace('name = "one"', 'name = "two"'))
+    (run,) = expand(load_ablation(two), results=results, only=["a"])
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    gone = run.run_dir.parent / f".{run.run_dir.name}.reuse-{int(dead.stdout)}"
+    live = run.run_dir.parent / f".{run.run_dir.name}.reuse-{os.getppid()}"  # a process still copying
+    for d in (gone, live):
+        (d / "checkpoints").mkdir(parents=True)
+    assert reuse(results, run.run_dir, run.identity, run.spec.train.steps) is not None
+    assert not gone.exists() and live.is_dir()

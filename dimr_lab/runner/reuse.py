@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from dimr_lab.rundir import (CHECKPOINTS, EVALS, LOG, LOSS_PLOT, SPEC, RunBusy, RunDir, is_run_folder, run_lock,
-                             try_read_json_object)
+from dimr_lab.rundir import (CHECKPOINTS, EVALS, LOG, LOSS_PLOT, SPEC, RunBusy, RunDir, is_run_folder, pid_alive,
+                             run_lock, try_read_json_object)
 
 # what a copy takes: the trained state and its evaluations; not the runner's own files (run.json is planned
 # anew, local.json/slurm.json/output.log belong to the processes that trained the source, .lock to nobody)
@@ -74,6 +74,15 @@ def _copy_file(src: Path, dst: Path) -> None:
     shutil.copy2(src, dst)
 
 
+def _remove_dead_copies(run_dir: Path) -> None:
+    """Hidden copies of earlier reuses of run_dir whose process is gone (killed between the copy and the
+    rename): nothing else would ever remove them. A copy of a live process is left to it."""
+    for old in run_dir.parent.glob(f".{run_dir.name}.reuse-*"):
+        pid = old.name.rpartition("-")[2]
+        if pid.isdigit() and not pid_alive(int(pid)) and old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def reuse(results: Path, run_dir: Path, identity: str, steps: int, evaluates: Sequence[int] = ()) -> Source | None:
     """Copy a trained folder of this identity into `run_dir` when `run_dir` holds no trained state yet.
 
@@ -88,6 +97,7 @@ def reuse(results: Path, run_dir: Path, identity: str, steps: int, evaluates: Se
     source = find_source(results, run_dir, identity, steps, evaluates)
     if source is None:
         return None
+    _remove_dead_copies(run_dir)
     tmp = run_dir.parent / f".{run_dir.name}.reuse-{os.getpid()}"
     try:
         with run_lock(source.path, purpose="reuse"):
