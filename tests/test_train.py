@@ -226,6 +226,37 @@ def test_ddp_ranks_agree_on_a_stop_at_the_same_step_without_asking_every_step(tm
     assert load_ckpt(tmp_path / "two")["step"] == steps
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_latent_posterior_samples_do_not_depend_on_the_rank_or_worker_that_reads_them(tmp_path, workers):
+    """Every rank seeds torch's global RNG alike, and a latents item drew its posterior sample from it: rank 1's
+    items got the noise rank 0's got, so two processes trained on another batch than one. An item's draw now
+    follows (seed, epoch, index): the ranks' slices put together are the one-process batch."""
+    import numpy as np
+
+    from dimr_lab.data import build_dataset
+    from dimr_lab.spec.run_spec import DataSpec
+    from dimr_lab.train.loop import BatchOrder, batch_iterator
+
+    (tmp_path / "lat").mkdir()
+    for i in range(8):  # the released layout: (moments = mean and log-variance on channels, label); std 1
+        pair = np.empty(2, dtype=object)
+        pair[0] = np.concatenate([np.full((4, 4, 4), float(i), np.float32), np.zeros((4, 4, 4), np.float32)])
+        pair[1] = np.int64(i % 2)
+        np.save(tmp_path / "lat" / f"{i}.npy", pair)
+    ds = build_dataset(DataSpec(name="latents", root=str(tmp_path / "lat"), image_size=4, num_classes=2))
+
+    def first_batch(rank: int, world: int, num_workers: int) -> torch.Tensor:
+        torch.manual_seed(0)  # as every rank's trainer does
+        return next(batch_iterator(ds, BatchOrder(len(ds), 8, seed=3), rank, world, num_workers))[0]
+
+    one = first_batch(0, 1, 0)
+    assert torch.equal(torch.cat([first_batch(r, 2, workers) for r in (0, 1)]), one)
+    from dimr_lab.train.loop import read_item
+
+    assert torch.equal(read_item(ds, 3, 0, 5)[0], read_item(ds, 3, 0, 5)[0])
+    assert not torch.equal(read_item(ds, 3, 0, 5)[0], read_item(ds, 3, 1, 5)[0])  # a new epoch, a new sample
+
+
 # ---------------------------------------------------------------- refusals
 
 def test_different_spec_is_refused(done_run, capsys):
