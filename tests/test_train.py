@@ -318,7 +318,9 @@ def test_mismatching_checkpoint_is_refused(tmp_path, capsys):
     assert "not a dimr-lab checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage", ["numpy keys a list", "noise state a string", "window of strings"])
+@pytest.mark.parametrize("damage", ["numpy keys a list", "noise state a string", "window of strings",
+                                    "elapsed time a string", "data position past the data",
+                                    "data position before it"])
 def test_a_checkpoint_with_odd_contents_is_one_line(tmp_path, capsys, damage):
     toml, run = _interrupted_run(tmp_path)
     ckpt = run / "checkpoints" / "last.pt"
@@ -327,6 +329,12 @@ def test_a_checkpoint_with_odd_contents_is_one_line(tmp_path, capsys, damage):
         state["rng"]["numpy"]["keys"] = [1, 2, 3]
     elif damage == "noise state a string":
         state["rng"]["noise"] = "x"
+    elif damage == "elapsed time a string":
+        state["elapsed_s"] = "x"
+    elif damage == "data position past the data":  # 96 items: it would have read another run's batches
+        state["data_position"] = {"epoch": 0, "index": 10**6}
+    elif damage == "data position before it":  # no batch at all: a traceback mid-run
+        state["data_position"] = {"epoch": -1, "index": 0}
     else:  # an odd loss window is ignored (the window starts empty), never a failure
         state["log_window"] = {"loss": ["a"], "steps": "b"}
     torch.save(state, ckpt)
