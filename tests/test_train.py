@@ -226,6 +226,42 @@ def test_ddp_ranks_agree_on_a_stop_at_the_same_step_without_asking_every_step(tm
     assert load_ckpt(tmp_path / "two")["step"] == steps
 
 
+def test_only_the_first_process_of_a_job_says_it_stopped_or_fell_back(tmp_path, capsys, monkeypatch):
+    """Every process of a job gets the signal, falls back from a damaged last.pt and returns the stop: each
+    said so, one copy of every line per process. Only rank 0 speaks now."""
+    import dimr_lab.cli.train_cmds as train_cmds
+    from dimr_lab.dist import DistInfo
+    from dimr_lab.rundir import RunDir
+    from dimr_lab.train.trainer import Trainer, train_run
+
+    toml = tiny_spec_file(tmp_path, steps=6, ckpt=2)
+    spec = load_run_spec(toml, [("train.keep_checkpoints", [2]), ("train.steps", 4)])
+    train_run(spec, tmp_path / "run", progress=False)
+    (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"damaged")
+    capsys.readouterr()
+    said = {}
+    for rank in (0, 1):
+        trainer = Trainer(spec, RunDir(tmp_path / "run"), DistInfo(rank, 1, 0, torch.device("cpu"), False), None,
+                          False)
+        trainer.build()
+        assert trainer.resume() and trainer.step == 2
+        said[rank] = capsys.readouterr().err
+    assert "resuming from the kept checkpoint step-00000002.pt" in said[0] and said[1] == ""
+
+    monkeypatch.setattr("dimr_lab.train.trainer.train_run", lambda *a, **k: {"interrupted": True, "step": 3})
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        for rank in ("0", "1"):
+            monkeypatch.setenv("RANK", rank)
+            assert cli("train", toml, "--out", tmp_path / "run", "--no-progress") == 130
+            train_cmds._Stop()._set(signal.SIGTERM, None)
+            said[rank] = capsys.readouterr().err
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert "stopped at step 3" in said["0"] and "SIGTERM: stopping" in said["0"] and said["1"] == ""
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_latent_posterior_samples_do_not_depend_on_the_rank_or_worker_that_reads_them(tmp_path, workers):
     """Every rank seeds torch's global RNG alike, and a latents item drew its posterior sample from it: rank 1's

@@ -293,7 +293,7 @@ class Trainer:
             except UserError as err:
                 first_error = first_error or err
                 continue
-            if path != candidates[0]:
+            if path != candidates[0] and self.info.main:  # one warning per job, not one per process
                 print(f"warning: {first_error}; resuming from the kept checkpoint {path.name} (step {self.step})",
                       file=sys.stderr)
             if self.info.main:
