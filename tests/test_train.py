@@ -226,6 +226,73 @@ def test_ddp_ranks_agree_on_a_stop_at_the_same_step_without_asking_every_step(tm
     assert load_ckpt(tmp_path / "two")["step"] == steps
 
 
+def test_only_the_first_process_of_a_job_says_it_stopped_or_fell_back(tmp_path, capsys, monkeypatch):
+    """Every process of a job gets the signal, falls back from a damaged last.pt and returns the stop: each
+    said so, one copy of every line per process. Only rank 0 speaks now."""
+    import dimr_lab.cli.train_cmds as train_cmds
+    from dimr_lab.dist import DistInfo
+    from dimr_lab.rundir import RunDir
+    from dimr_lab.train.trainer import Trainer, train_run
+
+    toml = tiny_spec_file(tmp_path, steps=6, ckpt=2)
+    spec = load_run_spec(toml, [("train.keep_checkpoints", [2]), ("train.steps", 4)])
+    train_run(spec, tmp_path / "run", progress=False)
+    (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"damaged")
+    capsys.readouterr()
+    said = {}
+    for rank in (0, 1):
+        trainer = Trainer(spec, RunDir(tmp_path / "run"), DistInfo(rank, 1, 0, torch.device("cpu"), False), None,
+                          False)
+        trainer.build()
+        assert trainer.resume() and trainer.step == 2
+        said[rank] = capsys.readouterr().err
+    assert "resuming from the kept checkpoint step-00000002.pt" in said[0] and said[1] == ""
+
+    monkeypatch.setattr("dimr_lab.train.trainer.train_run", lambda *a, **k: {"interrupted": True, "step": 3})
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        for rank in ("0", "1"):
+            monkeypatch.setenv("RANK", rank)
+            assert cli("train", toml, "--out", tmp_path / "run", "--no-progress") == 130
+            train_cmds._Stop()._set(signal.SIGTERM, None)
+            said[rank] = capsys.readouterr().err
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert "stopped at step 3" in said["0"] and "SIGTERM: stopping" in said["0"] and said["1"] == ""
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_latent_posterior_samples_do_not_depend_on_the_rank_or_worker_that_reads_them(tmp_path, workers):
+    """Every rank seeds torch's global RNG alike, and a latents item drew its posterior sample from it: rank 1's
+    items got the noise rank 0's got, so two processes trained on another batch than one. An item's draw now
+    follows (seed, epoch, index): the ranks' slices put together are the one-process batch."""
+    import numpy as np
+
+    from dimr_lab.data import build_dataset
+    from dimr_lab.spec.run_spec import DataSpec
+    from dimr_lab.train.loop import BatchOrder, batch_iterator
+
+    (tmp_path / "lat").mkdir()
+    for i in range(8):  # the released layout: (moments = mean and log-variance on channels, label); std 1
+        pair = np.empty(2, dtype=object)
+        pair[0] = np.concatenate([np.full((4, 4, 4), float(i), np.float32), np.zeros((4, 4, 4), np.float32)])
+        pair[1] = np.int64(i % 2)
+        np.save(tmp_path / "lat" / f"{i}.npy", pair)
+    ds = build_dataset(DataSpec(name="latents", root=str(tmp_path / "lat"), image_size=4, num_classes=2))
+
+    def first_batch(rank: int, world: int, num_workers: int) -> torch.Tensor:
+        torch.manual_seed(0)  # as every rank's trainer does
+        return next(batch_iterator(ds, BatchOrder(len(ds), 8, seed=3), rank, world, num_workers))[0]
+
+    one = first_batch(0, 1, 0)
+    assert torch.equal(torch.cat([first_batch(r, 2, workers) for r in (0, 1)]), one)
+    from dimr_lab.train.loop import read_item
+
+    assert torch.equal(read_item(ds, 3, 0, 5)[0], read_item(ds, 3, 0, 5)[0])
+    assert not torch.equal(read_item(ds, 3, 0, 5)[0], read_item(ds, 3, 1, 5)[0])  # a new epoch, a new sample
+
+
 # ---------------------------------------------------------------- refusals
 
 def test_different_spec_is_refused(done_run, capsys):
@@ -287,7 +354,9 @@ def test_mismatching_checkpoint_is_refused(tmp_path, capsys):
     assert "not a dimr-lab checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage", ["numpy keys a list", "noise state a string", "window of strings"])
+@pytest.mark.parametrize("damage", ["numpy keys a list", "noise state a string", "window of strings",
+                                    "elapsed time a string", "data position past the data",
+                                    "data position before it"])
 def test_a_checkpoint_with_odd_contents_is_one_line(tmp_path, capsys, damage):
     toml, run = _interrupted_run(tmp_path)
     ckpt = run / "checkpoints" / "last.pt"
@@ -296,6 +365,12 @@ def test_a_checkpoint_with_odd_contents_is_one_line(tmp_path, capsys, damage):
         state["rng"]["numpy"]["keys"] = [1, 2, 3]
     elif damage == "noise state a string":
         state["rng"]["noise"] = "x"
+    elif damage == "elapsed time a string":
+        state["elapsed_s"] = "x"
+    elif damage == "data position past the data":  # 96 items: it would have read another run's batches
+        state["data_position"] = {"epoch": 0, "index": 10**6}
+    elif damage == "data position before it":  # no batch at all: a traceback mid-run
+        state["data_position"] = {"epoch": -1, "index": 0}
     else:  # an odd loss window is ignored (the window starts empty), never a failure
         state["log_window"] = {"loss": ["a"], "steps": "b"}
     torch.save(state, ckpt)

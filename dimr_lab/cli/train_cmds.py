@@ -4,6 +4,7 @@ sample (a grid from a run), distortion (the low-fidelity samples of an evaluatio
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -14,6 +15,11 @@ import typer
 from dimr_lab.cli import app
 
 EXIT_INTERRUPTED = 130
+
+
+def _main_process() -> bool:
+    """Whether this is the job's first process (or the only one): the one that speaks for the job."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
 
 
 class _Stop:
@@ -29,6 +35,8 @@ class _Stop:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now (the last checkpoint stays)
         self.signum = signum
+        if not _main_process():  # every process of a job gets the signal: one notice
+            return
         print(f"\n[dimr-lab] {signal.Signals(signum).name}: stopping at the next step boundary after a checkpoint "
               f"(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
@@ -66,8 +74,9 @@ def train(
 
     result = train_run(run_spec, out, should_stop=stop, progress=progress)
     if result.get("interrupted"):
-        print(f"stopped at step {result.get('step')}; checkpoint saved in {out}; run the same command to resume",
-              file=sys.stderr)
+        if _main_process():
+            print(f"stopped at step {result.get('step')}; checkpoint saved in {out}; run the same command to resume",
+                  file=sys.stderr)
         raise typer.Exit(EXIT_INTERRUPTED)
     if "rank" in result:
         return

@@ -175,15 +175,26 @@ class _WorkerError:
         self.error = error
 
 
+def read_item(dataset: Any, seed: int, epoch: int, i: int) -> Any:
+    """dataset[i] with the global torch RNG seeded by (seed, epoch, i) for the read (and restored after): an
+    item that draws random numbers (a latents item samples its VAE posterior) draws the same ones whichever
+    rank or worker reads it and whatever was read before, so any number of processes and workers, and a
+    resumed session, see the numbers one process sees; a new epoch draws anew."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(np.random.SeedSequence([seed, epoch, int(i)]).generate_state(1, np.uint64)[0]))
+        return dataset[int(i)]
+
+
 class _WorkerItems(torch.utils.data.Dataset):
-    """The dataset as a worker reads it: an item's UserError becomes a _WorkerError in place of the item."""
+    """The dataset as a worker reads it, by (epoch, index) keys: an item's UserError becomes a _WorkerError in
+    place of the item."""
 
-    def __init__(self, dataset: Any):
-        self.dataset = dataset
+    def __init__(self, dataset: Any, seed: int):
+        self.dataset, self.seed = dataset, seed
 
-    def __getitem__(self, i: int) -> Any:
+    def __getitem__(self, key: tuple[int, int]) -> Any:
         try:
-            return self.dataset[i]
+            return read_item(self.dataset, self.seed, *key)
         except UserError as err:
             return _WorkerError(err)
 
@@ -199,9 +210,10 @@ class _RankBatches(torch.utils.data.Sampler):
     def __init__(self, order: BatchOrder, rank: int, world_size: int):
         self.order, self.rank, self.world_size = order.copy(), rank, world_size
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         while True:
-            yield rank_slice(self.order.next(), self.rank, self.world_size).tolist()
+            idx = rank_slice(self.order.next(), self.rank, self.world_size)
+            yield [(self.order.epoch, int(i)) for i in idx]
 
 
 def batch_iterator(dataset: Any, order: BatchOrder, rank: int, world_size: int,
@@ -217,10 +229,11 @@ def batch_iterator(dataset: Any, order: BatchOrder, rank: int, world_size: int,
             while True:
                 idx = rank_slice(local.next(), rank, world_size)
                 yield gather(idx) if gather is not None and not dataset.flip else \
-                    collate([dataset[int(i)] for i in idx])
+                    collate([read_item(dataset, order.seed, local.epoch, i) for i in idx])
 
         return batches()
-    loader = torch.utils.data.DataLoader(_WorkerItems(dataset), batch_sampler=_RankBatches(order, rank, world_size),
+    loader = torch.utils.data.DataLoader(_WorkerItems(dataset, order.seed),
+                                         batch_sampler=_RankBatches(order, rank, world_size),
                                          num_workers=num_workers, collate_fn=_worker_collate, persistent_workers=False)
 
     def loaded() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -293,7 +293,7 @@ class Trainer:
             except UserError as err:
                 first_error = first_error or err
                 continue
-            if path != candidates[0]:
+            if path != candidates[0] and self.info.main:  # one warning per job, not one per process
                 print(f"warning: {first_error}; resuming from the kept checkpoint {path.name} (step {self.step})",
                       file=sys.stderr)
             if self.info.main:
@@ -311,14 +311,18 @@ class Trainer:
                 self.scaler.load_state_dict(ckpt["scaler"])
             set_rng_state(ckpt["rng"], self.noise)
             pos = ckpt["data_position"]
-            order = BatchOrder(len(self.dataset), self.spec.train.batch_size, self.spec.train.seed,
-                               int(pos["epoch"]), int(pos["index"]))
+            epoch, index = int(pos["epoch"]), int(pos["index"])
+            if epoch < 0 or not 0 <= index <= len(self.dataset):
+                # a position past the data read a batch of another run, one before it none (a failure mid-run)
+                raise ValueError(f"data position {pos} is outside a dataset of {len(self.dataset)} items")
+            order = BatchOrder(len(self.dataset), self.spec.train.batch_size, self.spec.train.seed, epoch, index)
             step = int(ckpt["step"])
+            elapsed = float(ckpt.get("elapsed_s", 0.0))
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as err:
             raise UserError(f"{path}: checkpoint does not match this run ({type(err).__name__}: "
                             f"{str(err).splitlines()[0][:200] if str(err) else ''}); delete it to start over") from None
         self.order, self.step = order, step
-        self.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+        self.elapsed_before = elapsed
         window = ckpt.get("log_window")  # absent from checkpoints of earlier versions: the window starts empty
         if isinstance(window, dict) and isinstance(window.get("steps"), int) and window["steps"] > 0 \
                 and isinstance(window.get("loss"), list) and len(window["loss"]) == self.win_loss.numel() \
