@@ -97,9 +97,10 @@ class TrainSpec:
                                         help="steps whose checkpoints are kept (for evaluations along training)")
     keep_every: int = field(0, min=0, help="also keep every N-th step's checkpoint (0 = none)")
     log_every: int = field(50, min=1)
-    threads: int = field(0, min=0, max=1024, help="CPU threads of this run (0 = every core, or the share "
-                                                  "`run --jobs` gives it)")
-    time_limit_s: float = field(0.0, min=0.0, help="stop and checkpoint after this wall time (0 = none)")
+    threads: int = field(0, min=0, max=1024, help="CPU threads of this run (0 = OMP_NUM_THREADS where set, as "
+                                                  "torchrun and `run --jobs` set it; else every free core)")
+    time_limit_s: float = field(0.0, min=0.0, help="stop training and checkpoint after this wall time (0 = none); "
+                                                   "the evaluations that follow are not bounded by it")
 
     def validate(self) -> None:
         if len(self.betas) != 2:
