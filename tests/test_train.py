@@ -435,6 +435,28 @@ def test_a_diverged_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path, mon
         train_run(spec, tmp_path / "run2", progress=False)
 
 
+def test_weights_that_went_non_finite_in_a_checkpoint_step_are_not_saved(tmp_path, monkeypatch):
+    """The update after the loss made a weight NaN in a checkpoint's own step: the loss was finite, so the
+    checkpoint of weights that can never resume replaced the last good one."""
+    from dimr_lab.errors import UserError
+    from dimr_lab.train.trainer import Trainer, train_run
+
+    real = Trainer._update
+
+    def update(self, loss):
+        real(self, loss)
+        if self.step == 3:  # the update that makes step 4, a checkpoint step
+            with torch.no_grad():
+                next(self.model.parameters()).view(-1)[0] = float("nan")
+
+    monkeypatch.setattr(Trainer, "_update", update)
+    spec = tiny_spec(tmp_path, steps=8, ckpt=2, overrides=[("train.log_every", 8)])
+    with pytest.raises(UserError, match=r"the weights hold NaN or inf by step 4 \(.+\); the checkpoint of step 2 is "
+                                        r"kept"):
+        train_run(spec, tmp_path / "run", progress=False)
+    assert load_ckpt(tmp_path / "run")["step"] == 2
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     toml, run = _interrupted_run(tmp_path)
     (run / "checkpoints" / "last.pt").unlink()

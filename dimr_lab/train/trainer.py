@@ -461,6 +461,7 @@ class Trainer:
                 sums = sums / self.world
             window = {"loss": [float(v) for v in sums.cpu()], "steps": self.win_steps}
             self._check_finite(window["loss"][0], "before its checkpoint")
+        self._check_finite_weights()
         if self.info.main:
             run = self.run
             write_checkpoint(run.last_checkpoint, {
@@ -551,6 +552,20 @@ class Trainer:
             kept = f"the checkpoint of step {idx.last} is kept" if idx else "no checkpoint was written"
             raise UserError(f"{self.run.path}: the training loss is {mean_loss} by step {self.step} ({where}); "
                             f"{kept}: lower train.lr, set train.grad_clip, or check the data for NaN")
+
+    def _check_finite_weights(self) -> None:
+        """Stop before a checkpoint of non-finite weights: an update can make them NaN or inf in the very step
+        whose loss (computed before it) was still finite, and the checkpoint would be a run that cannot resume.
+        One read back from the device per checkpoint."""
+        params = [p for p in self.model.parameters() if p.is_floating_point()]
+        if not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            return
+        name = next(n for n, p in self.model.named_parameters() if p.is_floating_point()
+                    and not bool(torch.isfinite(p).all()))
+        idx = self.run.index() if self.info.main else None
+        kept = f"the checkpoint of step {idx.last} is kept" if idx else "no checkpoint was written"
+        raise UserError(f"{self.run.path}: the weights hold NaN or inf by step {self.step} ({name}); {kept}: "
+                        f"lower train.lr, set train.grad_clip, or check the data for NaN")
 
     def _progress_bar(self) -> Any:
         """(rich Progress, task id) on rank 0 when asked, else None."""
