@@ -260,6 +260,13 @@ def test_only_the_first_process_of_a_job_says_it_stopped_or_fell_back(tmp_path, 
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     assert "stopped at step 3" in said["0"] and "SIGTERM: stopping" in said["0"] and said["1"] == ""
+    # and `eval`, stopped in the middle of its sampling
+    monkeypatch.setattr("dimr_lab.eval.command.evaluate_run", lambda *a, **k: [{"interrupted": True}])
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert cli("eval", tmp_path / "run") == 130
+        said[rank] = capsys.readouterr().err
+    assert "stopped; the samples made so far are kept" in said["0"] and said["1"] == ""
 
 
 @pytest.mark.parametrize("workers", [0, 1])

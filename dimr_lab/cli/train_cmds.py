@@ -104,7 +104,7 @@ def eval_cmd(
     results = evaluate_run(run_dir, step=step, all_steps=all_steps, overrides=parse_overrides(set_),
                            should_stop=stop, log=None if as_json else lambda line: print(line, file=sys.stderr))
     interrupted = any(r.get("interrupted") for r in results)
-    if any(r.get("enabled") is False for r in results):
+    if any(r.get("enabled") is False for r in results) and _main_process():
         print("note: evaluation is off in this run's spec (eval.enabled = false): a sample grid only; "
               "--set eval.enabled=true computes the metrics", file=sys.stderr)
     for r in results:
@@ -115,7 +115,8 @@ def eval_cmd(
         elif not r.get("interrupted"):
             print(f"{r.get('eval_name')}: {_say_metrics(r, run_dir)}")
     if interrupted:
-        print("stopped; the samples made so far are kept: run the same command to resume", file=sys.stderr)
+        if _main_process():  # once for a job of several processes
+            print("stopped; the samples made so far are kept: run the same command to resume", file=sys.stderr)
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
