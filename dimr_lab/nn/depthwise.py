@@ -49,7 +49,9 @@ def depthwise_conv2d_backward(grad: Tensor, x: Tensor, weight: Tensor, padding: 
                                                    False, [0, 0], d, mask)
 
     gx = conv_backward([True, False, False])[0]  # (B, d, H, W), channels-last
-    gw = conv_backward([False, True, False])[1]  # (d, 1, k, k)
+    # (d, 1, k, k); oneDNN gives the size-1 dimension stride 1, and DDP (which checks a gradient's strides
+    # against its bucket's) warned of it every step: the weight's own strides, the same memory
+    gw = conv_backward([False, True, False])[1].reshape(-1).view_as(weight)
     gb = grad.reshape(-1, d).sum(0)  # (d,)
     return gx.permute(0, 2, 3, 1).contiguous(), gw, gb
 
