@@ -155,3 +155,13 @@ def any_flag(info: DistInfo, flag: bool) -> bool:
     t = torch.tensor([float(flag)], device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+# what gloo and NCCL say when another process of the job is gone
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+              "remote process exited", "Connection refused")
+
+
+def peer_lost(err: BaseException) -> bool:
+    """Whether `err` is this process's collective failing because another process of the job died."""
+    return isinstance(err, RuntimeError) and any(s in str(err) for s in _PEER_LOST)

@@ -12,6 +12,12 @@ class UserError(Exception):
     exit_code = 2
 
 
+class JobFailed(UserError):
+    """The work failed for a reason outside the input (another process of a job died): one line, exit 1."""
+
+    exit_code = 1
+
+
 class SpecError(UserError):
     """A spec value is wrong: names the file, the dotted key and what is allowed."""
 

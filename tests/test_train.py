@@ -269,6 +269,31 @@ def test_only_the_first_process_of_a_job_says_it_stopped_or_fell_back(tmp_path, 
     assert "stopped; the samples made so far are kept" in said["0"] and said["1"] == ""
 
 
+def test_a_process_of_the_job_dying_is_one_line_on_the_others(tmp_path, capsys, monkeypatch):
+    """The survivors' next all-reduce failed with a page of gloo's traceback; now one line naming the checkpoint
+    a rerun resumes from, exit status 1. Alone, a RuntimeError stays what it is."""
+    toml = tiny_spec_file(tmp_path, steps=4, ckpt=2)
+    assert cli("train", toml, "--out", tmp_path / "run", "--no-progress") == 0
+    capsys.readouterr()
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:53671: "
+                        "Connection reset by peer. This is typically caused by a remote worker hanging")
+
+    def dies(*args, **kwargs):
+        raise gloo
+
+    monkeypatch.setattr("dimr_lab.train.trainer.train_run", dies)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli("train", toml, "--out", tmp_path / "run", "--no-progress") == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {tmp_path / 'run'}: another process of this job stopped (Read error [127.0.0.1]:53671: "
+                   f"Connection reset by peer); its checkpoint of step 4 is kept: run the job again to resume")
+    monkeypatch.setattr("dimr_lab.eval.command.evaluate_run", dies)
+    assert cli("eval", tmp_path / "run") == 1 and "another process of this job stopped" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(RuntimeError, match="Connection reset by peer"):
+        cli("train", toml, "--out", tmp_path / "run", "--no-progress")
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_latent_posterior_samples_do_not_depend_on_the_rank_or_worker_that_reads_them(tmp_path, workers):
     """Every rank seeds torch's global RNG alike, and a latents item drew its posterior sample from it: rank 1's

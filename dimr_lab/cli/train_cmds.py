@@ -3,12 +3,13 @@ sample (a grid from a run), distortion (the low-fidelity samples of an evaluatio
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 
@@ -20,6 +21,31 @@ EXIT_INTERRUPTED = 130
 def _main_process() -> bool:
     """Whether this is the job's first process (or the only one): the one that speaks for the job."""
     return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+@contextlib.contextmanager
+def _peer_death_is_one_line(run_dir: Path) -> Iterator[None]:
+    """In a job of several processes, one that dies makes the others' next collective fail with a page of
+    gloo's or NCCL's traceback: one line instead, naming the checkpoint a rerun resumes from."""
+    from dimr_lab.dist import peer_lost
+    from dimr_lab.errors import JobFailed
+
+    try:
+        yield
+    except RuntimeError as err:
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or not peer_lost(err):
+            raise
+        from dimr_lab.rundir import RunDir
+
+        idx = RunDir(run_dir).index()
+        kept = f"its checkpoint of step {idx.last} is kept" if idx else "no checkpoint was written yet"
+        raise JobFailed(f"{run_dir}: another process of this job stopped ({_first_line(err)}); {kept}: run the "
+                        f"job again to resume") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text.split("] ", 1)[-1].split(". ", 1)[0][:160]  # its first sentence, without gloo's source location
 
 
 class _Stop:
@@ -72,7 +98,8 @@ def train(
     stop = _Stop()
     from dimr_lab.train.trainer import train_run
 
-    result = train_run(run_spec, out, should_stop=stop, progress=progress)
+    with _peer_death_is_one_line(out):
+        result = train_run(run_spec, out, should_stop=stop, progress=progress)
     if result.get("interrupted"):
         if _main_process():
             print(f"stopped at step {result.get('step')}; checkpoint saved in {out}; run the same command to resume",
@@ -101,8 +128,9 @@ def eval_cmd(
     if step is not None and all_steps:
         raise UserError("--step and --all-steps: give one of them")
     stop = _Stop()
-    results = evaluate_run(run_dir, step=step, all_steps=all_steps, overrides=parse_overrides(set_),
-                           should_stop=stop, log=None if as_json else lambda line: print(line, file=sys.stderr))
+    with _peer_death_is_one_line(run_dir):
+        results = evaluate_run(run_dir, step=step, all_steps=all_steps, overrides=parse_overrides(set_),
+                               should_stop=stop, log=None if as_json else lambda line: print(line, file=sys.stderr))
     interrupted = any(r.get("interrupted") for r in results)
     if any(r.get("enabled") is False for r in results) and _main_process():
         print("note: evaluation is off in this run's spec (eval.enabled = false): a sample grid only; "
