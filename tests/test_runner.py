@@ -599,12 +599,9 @@ def test_reuse_never_takes_a_run_that_went_past_an_evaluated_step_without_its_ch
     assert json.loads((a2 / "run.json").read_text())["reused_from"] == ""
 
 
-def test_reuse_leaves_a_planned_folder_another_process_holds_alone(tmp_path, capsys, standin_env):
-    # its holder (a trainer that found no checkpoint and starts from step 0) owns what the folder holds
-    from dimr_lab.rundir import run_lock
-    from dimr_lab.runner.local import write_record
+def _trained_and_planned_again(tmp_path, capsys):
+    """(results, a planned run of ablation 'two' whose identity ablation 'one' has trained under results)."""
     from dimr_lab.runner.plan import expand
-    from dimr_lab.runner.reuse import reuse
     from dimr_lab.spec.ablation import load_ablation
 
     results = tmp_path / "results"
@@ -613,6 +610,16 @@ def test_reuse_leaves_a_planned_folder_another_process_holds_alone(tmp_path, cap
     two = tmp_path / "two.toml"
     two.write_text(one.read_text().replace('name = "one"', 'name = "two"'))
     (run,) = expand(load_ablation(two), results=results, only=["a"])
+    return results, run
+
+
+def test_reuse_leaves_a_planned_folder_another_process_holds_alone(tmp_path, capsys, standin_env):
+    # its holder (a trainer that found no checkpoint and starts from step 0) owns what the folder holds
+    from dimr_lab.rundir import run_lock
+    from dimr_lab.runner.local import write_record
+    from dimr_lab.runner.reuse import reuse
+
+    results, run = _trained_and_planned_again(tmp_path, capsys)
     write_record(run, "local")
     with run_lock(run.run_dir):
         assert reuse(results, run.run_dir, run.identity, run.spec.train.steps) is None
@@ -626,16 +633,9 @@ def test_a_reuse_copy_left_by_a_killed_process_is_removed_by_the_next_reuse(tmp_
     import subprocess
     import sys
 
-    from dimr_lab.runner.plan import expand
     from dimr_lab.runner.reuse import reuse
-    from dimr_lab.spec.ablation import load_ablation
 
-    results = tmp_path / "results"
-    one = write_ablation(tmp_path, name="one", seeds="[0]")
-    assert cli(["run", one, "--results", results, "--train-fn", STANDIN, "--only", "a"], capsys)[0] == 0
-    two = tmp_path / "two.toml"
-    two.write_text(one.read_text().replace('name = "one"', 'name = "two"'))
-    (run,) = expand(load_ablation(two), results=results, only=["a"])
+    results, run = _trained_and_planned_again(tmp_path, capsys)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     gone = run.run_dir.parent / f".{run.run_dir.name}.reuse-{int(dead.stdout)}"
     live = run.run_dir.parent / f".{run.run_dir.name}.reuse-{os.getppid()}"  # a process still copying
