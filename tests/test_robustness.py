@@ -225,6 +225,29 @@ def test_a_checkpoint_whose_step_is_no_number_is_one_line(command, trained, tmp_
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args, fragment", [
+    (["--guidance", "2"], "error: --guidance: sample.guidance_scale: guidance (scale 2.0) needs the null label"),
+    (["--sampler", "ddim", "--order", "3"], "--sampler/--order: sample.order: sampler 'ddim' takes orders 1"),
+    (["--seed", "99999999999"], "--seed: sample.seed: must be <= "),
+])
+def test_sample_options_are_checked_as_eval_settings_are(args, fragment, tmp_path, capsys):
+    """`sample --guidance` on a run trained without label dropout guided with the never-trained null label, an
+    order the sampler ignores was sampled anyway, and a seed out of range was a traceback: eval refuses all three."""
+    from dimr_lab.spec.run_spec import load_run_spec
+    from dimr_lab.train.trainer import train_run
+
+    run = tmp_path / "run"
+    spec = load_run_spec(None, [("train.steps", 1), ("eval.enabled", False), ("sample.steps", 2),
+                                ("sample.grid_size", 2), ("data.train_size", 64), ("train.batch_size", 8),
+                                ("diffusion.label_drop", 0.0), ("sample.guidance_scale", 0.0)])
+    train_run(spec, run, progress=False)
+    out = tmp_path / "grid.png"
+    one_line_exit_2(*cli(["sample", run, "--out", out, "--n", "2", *args], capsys), fragment)
+    assert not out.exists()
+    code, _, err = cli(["sample", run, "--out", out, "--n", "2", "--sampler", "ddim", "--order", "1"], capsys)
+    assert code == 0 and out.exists(), err
+
+
 def test_status_table_and_cancel_read_odd_json_without_crashing(trained, tmp_path, capsys):
     import shutil
 
