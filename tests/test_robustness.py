@@ -49,6 +49,8 @@ BEFORE_TRAINING = [
     (["--set", "data.name=\"folder\""], "data.root"),
     (["--set", "sample.sampler=\"ddim\"", "--set", "diffusion.schedule=\"vp_linear\""], "needs a discrete schedule"),
     (["--set", "diffusion.label_drop=0.0", "--set", "sample.guidance_scale=2.0"], "never trained"),
+    (["--set", "model.num_classes=0", "--set", "data.name=\"folder\"", "--set", "data.root=\"/nope\""],
+     "sample.guidance_scale: guidance (scale 3.0) needs class labels; the network has none"),
     (["--set", "train.nosuch=1"], "--set: train.nosuch"),
     (["--set", "data.name=\"digits\"", "--set", "data.num_classes=5"], "only procedural datasets make fewer"),
     (["--set", "model.out_channels=6"], "model.out_channels: is 6"),

@@ -243,6 +243,10 @@ class RunSpec:
         if guided and diff.label_drop == 0:
             raise SpecError(f"guidance (scale {s.guidance_scale}) needs the null label, which is never trained "
                             f"with diffusion.label_drop = 0", key="sample.guidance_scale")
+        if guided and m.num_classes == 0:
+            # every sample would ask for the null label: eps_c = eps_u, a no-op at twice the network calls
+            raise SpecError(f"guidance (scale {s.guidance_scale}) needs class labels; the network has none "
+                            f"(model.num_classes = 0)", key="sample.guidance_scale")
         for i, step in enumerate(ev.steps):
             if step > tr.steps:
                 raise SpecError(f"step {step} is beyond train.steps = {tr.steps}", key=f"eval.steps[{i}]")
