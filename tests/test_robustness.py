@@ -49,6 +49,9 @@ BEFORE_TRAINING = [
     (["--set", "data.name=\"folder\""], "data.root"),
     (["--set", "sample.sampler=\"ddim\"", "--set", "diffusion.schedule=\"vp_linear\""], "needs a discrete schedule"),
     (["--set", "diffusion.label_drop=0.0", "--set", "sample.guidance_scale=2.0"], "never trained"),
+    (["--set", "sample.sampler=\"ddim\"", "--set", "sample.order=1", "--set", "sample.steps=1000"],
+     "sample.steps: sampler 'ddim' takes distinct integer steps of the 1000-step schedule from t = 1 to t_end = "
+     "0.001: at most 999, got 1000"),
     (["--set", "model.num_classes=0", "--set", "data.name=\"folder\"", "--set", "data.root=\"/nope\""],
      "sample.guidance_scale: guidance (scale 3.0) needs class labels; the network has none"),
     (["--set", "train.nosuch=1"], "--set: train.nosuch"),
@@ -248,6 +251,20 @@ def test_sample_options_are_checked_as_eval_settings_are(args, fragment, tmp_pat
     assert not out.exists()
     code, _, err = cli(["sample", run, "--out", out, "--n", "2", "--sampler", "ddim", "--order", "1"], capsys)
     assert code == 0 and out.exists(), err
+
+
+def test_an_evaluation_with_more_ddim_steps_than_fit_is_refused_before_its_folder(trained, tmp_path, capsys):
+    import shutil
+
+    _, src = trained
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    before = sorted(p.name for p in (run / "evals").iterdir())
+    args = ["--set", "sample.sampler=\"ddim\"", "--set", "sample.order=1", "--set", "sample.t_end=0.5"]
+    one_line_exit_2(*cli(["eval", run, *args, "--set", "sample.steps=501"], capsys), "at most 500, got 501")
+    assert sorted(p.name for p in (run / "evals").iterdir()) == before
+    code, _, err = cli(["eval", run, *args, "--set", "sample.steps=500"], capsys)  # the most that fit
+    assert code == 0, err
 
 
 def test_status_table_and_cancel_read_odd_json_without_crashing(trained, tmp_path, capsys):

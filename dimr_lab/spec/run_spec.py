@@ -235,6 +235,14 @@ class RunSpec:
             # a setting the sampler never reads would name a new evaluation of the same samples
             raise SpecError(f"sampler {s.sampler!r} does not read sample.skip_type (its time grid is its own; "
                             f"`dimr-lab components sampler` lists what each reads)", key="sample.skip_type")
+        if SAMPLERS.meta(s.sampler, "needs_discrete") and not SCHEDULES.meta(diff.schedule, "continuous"):
+            # the sampler walks distinct integer steps from N down to round(t_end N) (samplers.ddim_steps): found
+            # now, not when the samples are made after training or with an evaluation folder already written
+            fit = diff.num_steps - round(s.t_end * diff.num_steps)
+            if s.steps > fit:
+                raise SpecError(f"sampler {s.sampler!r} takes distinct integer steps of the {diff.num_steps}-step "
+                                f"schedule from t = 1 to t_end = {s.t_end}: at most {fit}, got {s.steps}",
+                                key="sample.steps")
         orders = SAMPLERS.meta(s.sampler, "orders")
         if s.order not in orders:
             raise SpecError(f"sampler {s.sampler!r} takes orders {', '.join(map(str, orders))}, got {s.order}",
