@@ -52,6 +52,8 @@ BEFORE_TRAINING = [
     (["--set", "sample.sampler=\"ddim\"", "--set", "sample.order=1", "--set", "sample.steps=1000"],
      "sample.steps: sampler 'ddim' takes distinct integer steps of the 1000-step schedule from t = 1 to t_end = "
      "0.001: at most 999, got 1000"),
+    (["--set", "sample.guidance_power=0.0", "--set", "sample.guidance_schedule=\"power_cosine\""],
+     "sample.guidance_power: must be > 0, got 0.0"),
     (["--set", "model.num_classes=0", "--set", "data.name=\"folder\"", "--set", "data.root=\"/nope\""],
      "sample.guidance_scale: guidance (scale 3.0) needs class labels; the network has none"),
     (["--set", "train.nosuch=1"], "--set: train.nosuch"),

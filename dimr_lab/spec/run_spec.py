@@ -121,7 +121,8 @@ class SampleSpec:
     guidance_scale: float = field(0.0, min=-100.0, max=100.0, help="U-ViT form: eps_c + s (eps_c - eps_u); 0 = none")
     guidance_form: str = field("uvit", choices=("uvit", "dit"))
     guidance_schedule: str = field("constant", choices=("constant", "power_cosine"))
-    guidance_power: float = field(1.0, min=0.0, max=100.0)
+    guidance_power: float = field(1.0, min=0.0, max=100.0, help="exponent p of the 'power_cosine' guidance "
+                                                                "schedule (> 0; the 'constant' one does not read it)")
     use_ema: bool = field(True)
     grid_size: int = field(64, min=1, max=4096)
     seed: int = field(0, min=0, max=MAX_SEED)
@@ -243,6 +244,8 @@ class RunSpec:
                 raise SpecError(f"sampler {s.sampler!r} takes distinct integer steps of the {diff.num_steps}-step "
                                 f"schedule from t = 1 to t_end = {s.t_end}: at most {fit}, got {s.steps}",
                                 key="sample.steps")
+        if not s.guidance_power > 0:  # the ramp's exponent: (1 - t)^0 would be 1 at every t
+            raise SpecError(f"must be > 0, got {s.guidance_power!r}", key="sample.guidance_power")
         orders = SAMPLERS.meta(s.sampler, "orders")
         if s.order not in orders:
             raise SpecError(f"sampler {s.sampler!r} takes orders {', '.join(map(str, orders))}, got {s.order}",
