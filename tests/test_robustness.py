@@ -49,6 +49,13 @@ BEFORE_TRAINING = [
     (["--set", "data.name=\"folder\""], "data.root"),
     (["--set", "sample.sampler=\"ddim\"", "--set", "diffusion.schedule=\"vp_linear\""], "needs a discrete schedule"),
     (["--set", "diffusion.label_drop=0.0", "--set", "sample.guidance_scale=2.0"], "never trained"),
+    (["--set", "sample.sampler=\"ddim\"", "--set", "sample.order=1", "--set", "sample.steps=1000"],
+     "sample.steps: sampler 'ddim' takes distinct integer steps of the 1000-step schedule from t = 1 to t_end = "
+     "0.001: at most 999, got 1000"),
+    (["--set", "sample.guidance_power=0.0", "--set", "sample.guidance_schedule=\"power_cosine\""],
+     "sample.guidance_power: must be > 0, got 0.0"),
+    (["--set", "model.num_classes=0", "--set", "data.name=\"folder\"", "--set", "data.root=\"/nope\""],
+     "sample.guidance_scale: guidance (scale 3.0) needs class labels; the network has none"),
     (["--set", "train.nosuch=1"], "--set: train.nosuch"),
     (["--set", "data.name=\"digits\"", "--set", "data.num_classes=5"], "only procedural datasets make fewer"),
     (["--set", "model.out_channels=6"], "model.out_channels: is 6"),
@@ -223,6 +230,43 @@ def test_a_checkpoint_whose_step_is_no_number_is_one_line(command, trained, tmp_
     args = ["--n", "2"] if command == "sample" else []
     one_line_exit_2(*cli([command, run, "--out", out, *args], capsys), "corrupt checkpoint (its step is 'x'")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--guidance", "2"], "error: --guidance: sample.guidance_scale: guidance (scale 2.0) needs the null label"),
+    (["--sampler", "ddim", "--order", "3"], "--sampler/--order: sample.order: sampler 'ddim' takes orders 1"),
+    (["--seed", "99999999999"], "--seed: sample.seed: must be <= "),
+])
+def test_sample_options_are_checked_as_eval_settings_are(args, fragment, tmp_path, capsys):
+    """`sample --guidance` on a run trained without label dropout guided with the never-trained null label, an
+    order the sampler ignores was sampled anyway, and a seed out of range was a traceback: eval refuses all three."""
+    from dimr_lab.spec.run_spec import load_run_spec
+    from dimr_lab.train.trainer import train_run
+
+    run = tmp_path / "run"
+    spec = load_run_spec(None, [("train.steps", 1), ("eval.enabled", False), ("sample.steps", 2),
+                                ("sample.grid_size", 2), ("data.train_size", 64), ("train.batch_size", 8),
+                                ("diffusion.label_drop", 0.0), ("sample.guidance_scale", 0.0)])
+    train_run(spec, run, progress=False)
+    out = tmp_path / "grid.png"
+    one_line_exit_2(*cli(["sample", run, "--out", out, "--n", "2", *args], capsys), fragment)
+    assert not out.exists()
+    code, _, err = cli(["sample", run, "--out", out, "--n", "2", "--sampler", "ddim", "--order", "1"], capsys)
+    assert code == 0 and out.exists(), err
+
+
+def test_an_evaluation_with_more_ddim_steps_than_fit_is_refused_before_its_folder(trained, tmp_path, capsys):
+    import shutil
+
+    _, src = trained
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    before = sorted(p.name for p in (run / "evals").iterdir())
+    args = ["--set", "sample.sampler=\"ddim\"", "--set", "sample.order=1", "--set", "sample.t_end=0.5"]
+    one_line_exit_2(*cli(["eval", run, *args, "--set", "sample.steps=501"], capsys), "at most 500, got 501")
+    assert sorted(p.name for p in (run / "evals").iterdir()) == before
+    code, _, err = cli(["eval", run, *args, "--set", "sample.steps=500"], capsys)  # the most that fit
+    assert code == 0, err
 
 
 def test_status_table_and_cancel_read_odd_json_without_crashing(trained, tmp_path, capsys):

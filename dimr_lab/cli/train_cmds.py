@@ -175,7 +175,6 @@ def sample(
     force: bool = typer.Option(False, "--force", help="replace an existing file"),
 ) -> None:
     """Write a labelled grid of N samples from RUN_DIR's checkpoint."""
-    import dataclasses
     import math
 
     import numpy as np
@@ -186,6 +185,7 @@ def sample(
     from dimr_lab.eval.sampling import data_classes, generate, labels_for, load_run_model, to_uint8
     from dimr_lab.images import write_grid
     from dimr_lab.registry import SAMPLERS
+    from dimr_lab.spec.run_spec import with_overrides
 
     check_png_out(out, force)
     if sampler is not None:
@@ -194,10 +194,17 @@ def sample(
         raise UserError(f"--guidance {guidance}: must be a finite number")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, spec, _ = load_run_model(run_dir, step=step, ema=ema, device=device)
-    spec = dataclasses.replace(spec, sample=dataclasses.replace(spec.sample, seed=seed))
+    # the options go through the spec's checks, as `eval --set sample.KEY=V` does: a guidance the run's training
+    # never prepared for, an order the sampler does not read or a seed out of range is refused, not sampled
+    options = {"--seed": ("sample.seed", seed), "--sampler": ("sample.sampler", sampler),
+               "--steps": ("sample.steps", steps), "--order": ("sample.order", order),
+               "--guidance": ("sample.guidance_scale", guidance)}
+    given = {flag: kv for flag, kv in options.items() if kv[1] is not None}
+    named = "/".join(flag for flag in given if flag != "--seed" or seed) or "--seed"  # --seed 0 is the default
+    spec = with_overrides(spec, list(given.values()), source=named)
     idx = np.arange(n)
     labels = labels_for(idx, data_classes(spec))
-    x = generate(model, spec, idx, labels, sampler=sampler, steps=steps, order=order, guidance_scale=guidance)
+    x = generate(model, spec, idx, labels)
     write_grid(to_uint8(x, spec.data), out, labels.tolist(), _class_names(spec))
     print(f"wrote {out} ({n} samples)")
 

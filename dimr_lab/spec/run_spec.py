@@ -121,7 +121,8 @@ class SampleSpec:
     guidance_scale: float = field(0.0, min=-100.0, max=100.0, help="U-ViT form: eps_c + s (eps_c - eps_u); 0 = none")
     guidance_form: str = field("uvit", choices=("uvit", "dit"))
     guidance_schedule: str = field("constant", choices=("constant", "power_cosine"))
-    guidance_power: float = field(1.0, min=0.0, max=100.0)
+    guidance_power: float = field(1.0, min=0.0, max=100.0, help="exponent p of the 'power_cosine' guidance "
+                                                                "schedule (> 0; the 'constant' one does not read it)")
     use_ema: bool = field(True)
     grid_size: int = field(64, min=1, max=4096)
     seed: int = field(0, min=0, max=MAX_SEED)
@@ -235,6 +236,16 @@ class RunSpec:
             # a setting the sampler never reads would name a new evaluation of the same samples
             raise SpecError(f"sampler {s.sampler!r} does not read sample.skip_type (its time grid is its own; "
                             f"`dimr-lab components sampler` lists what each reads)", key="sample.skip_type")
+        if SAMPLERS.meta(s.sampler, "needs_discrete") and not SCHEDULES.meta(diff.schedule, "continuous"):
+            # the sampler walks distinct integer steps from N down to round(t_end N) (samplers.ddim_steps): found
+            # now, not when the samples are made after training or with an evaluation folder already written
+            fit = diff.num_steps - round(s.t_end * diff.num_steps)
+            if s.steps > fit:
+                raise SpecError(f"sampler {s.sampler!r} takes distinct integer steps of the {diff.num_steps}-step "
+                                f"schedule from t = 1 to t_end = {s.t_end}: at most {fit}, got {s.steps}",
+                                key="sample.steps")
+        if not s.guidance_power > 0:  # the ramp's exponent: (1 - t)^0 would be 1 at every t
+            raise SpecError(f"must be > 0, got {s.guidance_power!r}", key="sample.guidance_power")
         orders = SAMPLERS.meta(s.sampler, "orders")
         if s.order not in orders:
             raise SpecError(f"sampler {s.sampler!r} takes orders {', '.join(map(str, orders))}, got {s.order}",
@@ -243,6 +254,10 @@ class RunSpec:
         if guided and diff.label_drop == 0:
             raise SpecError(f"guidance (scale {s.guidance_scale}) needs the null label, which is never trained "
                             f"with diffusion.label_drop = 0", key="sample.guidance_scale")
+        if guided and m.num_classes == 0:
+            # every sample would ask for the null label: eps_c = eps_u, a no-op at twice the network calls
+            raise SpecError(f"guidance (scale {s.guidance_scale}) needs class labels; the network has none "
+                            f"(model.num_classes = 0)", key="sample.guidance_scale")
         for i, step in enumerate(ev.steps):
             if step > tr.steps:
                 raise SpecError(f"step {step} is beyond train.steps = {tr.steps}", key=f"eval.steps[{i}]")
