@@ -253,6 +253,9 @@ def test_sample_options_are_checked_as_eval_settings_are(args, fragment, tmp_pat
     assert not out.exists()
     code, _, err = cli(["sample", run, "--out", out, "--n", "2", "--sampler", "ddim", "--order", "1"], capsys)
     assert code == 0 and out.exists(), err
+    # another sampler without --order samples at an order it takes, not at the run's (2, which ddim does not)
+    code, _, err = cli(["sample", run, "--out", out, "--n", "2", "--sampler", "ddim", "--force"], capsys)
+    assert code == 0, err
 
 
 def test_an_evaluation_with_more_ddim_steps_than_fit_is_refused_before_its_folder(trained, tmp_path, capsys):

@@ -194,6 +194,8 @@ def sample(
         raise UserError(f"--guidance {guidance}: must be a finite number")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, spec, _ = load_run_model(run_dir, step=step, ema=ema, device=device)
+    if sampler is not None and order is None and spec.sample.order not in SAMPLERS.meta(sampler, "orders"):
+        order = max(SAMPLERS.meta(sampler, "orders"))  # another sampler without --order: its own, not the run's
     # the options go through the spec's checks, as `eval --set sample.KEY=V` does: a guidance the run's training
     # never prepared for, an order the sampler does not read or a seed out of range is refused, not sampled
     options = {"--seed": ("sample.seed", seed), "--sampler": ("sample.sampler", sampler),
