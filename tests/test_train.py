@@ -226,6 +226,22 @@ def test_ddp_ranks_agree_on_a_stop_at_the_same_step_without_asking_every_step(tm
     assert load_ckpt(tmp_path / "two")["step"] == steps
 
 
+def test_a_damaged_last_checkpoint_and_index_fall_back_to_a_kept_file_on_disk(tmp_path, capsys):
+    """The fall-back to a kept checkpoint read the kept steps from index.json only: with the index damaged too,
+    the good kept file on disk was ignored and the run could not resume."""
+    from dimr_lab.train.trainer import train_run
+
+    toml = tiny_spec_file(tmp_path, steps=6, ckpt=2)
+    spec = load_run_spec(toml, [("train.keep_checkpoints", [2]), ("train.steps", 4)])
+    train_run(spec, tmp_path / "run", progress=False)
+    (tmp_path / "run" / "checkpoints" / "last.pt").write_bytes(b"damaged")
+    (tmp_path / "run" / "checkpoints" / "index.json").write_text("{not json")
+    capsys.readouterr()
+    assert cli("train", toml, "--out", tmp_path / "run", "--no-progress") == 0
+    assert "resuming from the kept checkpoint step-00000002.pt (step 2)" in capsys.readouterr().err
+    assert load_ckpt(tmp_path / "run")["step"] == 6
+
+
 def test_only_the_first_process_of_a_job_says_it_stopped_or_fell_back(tmp_path, capsys, monkeypatch):
     """Every process of a job gets the signal, falls back from a damaged last.pt and returns the stop: each
     said so, one copy of every line per process. Only rank 0 speaks now."""

@@ -282,7 +282,8 @@ class Trainer:
         run = self.run
         candidates = [run.last_checkpoint] if run.last_checkpoint.exists() else []
         idx = run.index()
-        kept = sorted((idx.kept if idx else []), reverse=True)
+        # the index's kept steps and the files on disk: a damaged index.json must not hide a good kept file
+        kept = sorted(set(idx.kept if idx else []) | set(run.kept_on_disk()), reverse=True)
         candidates += [run.kept_checkpoint(s) for s in kept if run.kept_checkpoint(s).exists()]
         if not candidates:
             return False
