@@ -257,6 +257,18 @@ def test_folder_leaves_out_hidden_files_and_folders(tmp_path):
         after.load_uint8(i)
 
 
+def test_folder_follows_linked_sub_folders_as_it_follows_linked_class_folders(tmp_path):
+    """A symbolic link to a folder inside a class folder was not followed (Path.rglob before Python 3.13), while
+    a linked class folder was: its images were left out without a word. A link loop is walked once."""
+    root = write_folder(tmp_path / "imgs")
+    extra = write_folder(tmp_path / "elsewhere", classes=("more",))
+    (root / "cat" / "linked").symlink_to(extra / "more", target_is_directory=True)
+    (root / "cat" / "loop").symlink_to(root / "cat", target_is_directory=True)
+    ds = build_dataset(DataSpec(name="folder", root=str(root)))
+    cats = sorted(p.relative_to(root / "cat").as_posix() for p in ds.files if p.is_relative_to(root / "cat"))
+    assert cats == ["0.png", "1.png", "2.png", "linked/0.png", "linked/1.png", "linked/2.png"]
+
+
 def test_folder_reads_16_bit_grayscale_at_its_brightness(tmp_path):
     """A 16-bit grayscale PNG (mode I;16) came out white: convert("RGB") clips its values at 255."""
     from PIL import Image

@@ -40,6 +40,20 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+def _walk(folder: Path) -> list[Path]:
+    """Every entry under folder, through symbolic links to folders as through the class folders themselves
+    (Path.rglob does not follow them before Python 3.13); a folder reached twice (a link loop) once."""
+    out, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        out += [Path(top) / f for f in files] + [Path(top) / d for d in dirs]
+    return out
+
+
 def list_image_folder(root: str | Path, key: str = "data.root") -> tuple[list[Path], list[int], list[str]]:
     """(files, labels, class names) of root/<class>/**/<image>; classes sorted by folder name."""
     root = Path(root).expanduser()
@@ -52,7 +66,7 @@ def list_image_folder(root: str | Path, key: str = "data.root") -> tuple[list[Pa
     for k, name in enumerate(classes):
         # hidden files and folders are left out, as hidden class folders are: macOS's ._x.jpg resource forks
         # and .ipynb_checkpoints copies carry image suffixes but are no images of the class
-        named = [p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+        named = [p for p in _walk(root / name) if p.suffix.lower() in IMAGE_EXTENSIONS
                  and not any(part.startswith(".") for part in p.relative_to(root / name).parts)]
         found = sorted(p for p in named if p.is_file())
         if len(found) < len(named):  # a dangling link skipped would drop an image of the tree without a word
