@@ -118,6 +118,9 @@ class LatentsDataset(Dataset):
     """(scaled latent (C, h, w), label) from a latents folder; 'train' samples the posterior, 'test' takes its mean."""
 
     kind = "latents"
+    # an item draws its own random numbers (the posterior sample): the trainer reads each under an RNG seeded
+    # by (seed, epoch, index), so every rank and data worker draws what one process draws
+    draws_per_item = True
 
     def __init__(self, root: str | Path, *, image_size: int | None = None, num_classes: int = 0,
                  split: str = "train", key: str = "data.root"):

@@ -175,11 +175,16 @@ class _WorkerError:
         self.error = error
 
 
-def read_item(dataset: Any, seed: int, epoch: int, i: int) -> Any:
-    """dataset[i] with the global torch RNG seeded by (seed, epoch, i) for the read (and restored after): an
-    item that draws random numbers (a latents item samples its VAE posterior) draws the same ones whichever
-    rank or worker reads it and whatever was read before, so any number of processes and workers, and a
-    resumed session, see the numbers one process sees; a new epoch draws anew."""
+def read_item(dataset: Any, seed: int, epoch: int, i: int, *, always: bool = False) -> Any:
+    """dataset[i]; for a dataset whose items draw their own random numbers (`draws_per_item`: a latents item
+    samples its VAE posterior), or with `always` (data workers), under the global torch RNG seeded by
+    (seed, epoch, i) for the read and restored after: the item draws the same numbers whichever rank or worker
+    reads it and whatever was read before, so any number of processes and workers, and a resumed session, see
+    the numbers one process sees; a new epoch draws anew. Other datasets read in this process draw their
+    flips from the global RNG's stream, which checkpoints restore (seeding each item would cost about 5 ms a
+    batch of 32 and change what every existing run of a flipped dataset trains on)."""
+    if not always and not getattr(dataset, "draws_per_item", False):
+        return dataset[int(i)]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(np.random.SeedSequence([seed, epoch, int(i)]).generate_state(1, np.uint64)[0]))
         return dataset[int(i)]
@@ -194,7 +199,7 @@ class _WorkerItems(torch.utils.data.Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         try:
-            return read_item(self.dataset, self.seed, *key)
+            return read_item(self.dataset, self.seed, *key, always=True)  # worker RNGs are seeded anew each session
         except UserError as err:
             return _WorkerError(err)
 
