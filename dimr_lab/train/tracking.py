@@ -62,9 +62,11 @@ class Tracker:
 
     def resume_at(self, step: int) -> None:
         """Training goes on after `step`: TensorBoard drops the events a killed session wrote after it (the
-        log's rows after the checkpoint are written again). wandb keeps the first value it got for a step
+        log's rows after the checkpoint are written again; at step 0, a session killed before its first
+        checkpoint: its log is emptied, its events dropped). wandb keeps the first value it got for a step
         and ignores the repeats."""
-        if "tensorboard" in self.writers and step > 0 and self._tb is None:
+        if "tensorboard" in self.writers and self._tb is None \
+                and (step > 0 or any(Path(self.tb_dir).glob("events.out.tfevents.*"))):
             self._purge_step = step + 1
 
     @property
