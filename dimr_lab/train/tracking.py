@@ -58,6 +58,12 @@ class Tracker:
                                  resume="allow", reinit=True,
                                  config={"spec": to_dict(spec), "seed": spec.train.seed,
                                          "variant": getattr(record, "variant", ""), "ablation": ablation})
+            # evaluations come after training, so one of an earlier step (eval.steps) arrives once wandb's history
+            # is past it, where wandb drops it: they have their own axis, eval/step, and a history row of their own
+            self.wb.define_metric("eval/step")
+            self.wb.define_metric("eval/*", step_metric="eval/step")
+            self._wb_last = -1  # the last history step written
+            self._wb_eval_at: dict[int, int] = {}  # evaluated step -> the history step holding it
             self.writers.append("wandb")
 
     def resume_at(self, step: int) -> None:
@@ -83,7 +89,18 @@ class Tracker:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
         if "wandb" in self.writers:
+            self._wandb_log(step, values)
+
+    def _wandb_log(self, step: int, values: dict[str, Any]) -> None:
+        if not any(k.startswith("eval/") for k in values):
             self.wb.log(values, step=step)
+        else:
+            at = self._wb_eval_at.get(step)
+            if at is None:  # the row of its training step while that is the last one, else the next free one
+                at = self._wb_eval_at[step] = max(step, self._wb_last + (step < self._wb_last))
+            self.wb.log({**values, "eval/step": step}, step=at)
+            step = at
+        self._wb_last = max(self._wb_last, step)
 
     def image(self, step: int, tag: str, png: Path) -> None:
         if not self.writers or not Path(png).is_file():
@@ -98,7 +115,7 @@ class Tracker:
         if "wandb" in self.writers:
             import wandb
 
-            self.wb.log({tag: wandb.Image(arr)}, step=step)
+            self._wandb_log(step, {tag: wandb.Image(arr)})
 
     def close(self) -> None:
         if "tensorboard" in self.writers and self._tb is not None:
