@@ -75,6 +75,9 @@ BEFORE_TRAINING = [
       "sample.order=3", "--set", "diffusion.beta_max=1e308"], "diffusion.beta_max: must be <= 1000.0"),
     (["--set", "eval.enabled=true", "--set", "eval.reference_samples=4611686018427387904"],
      "eval.reference_samples: must be <= 10000000"),
+    # a project name wandb refuses (it said so in a traceback, after the network was built)
+    (["--set", "track.wandb=true", "--set", "track.wandb_project=\"me/dimr\""], "track.wandb_project: a wandb project"),
+    (["--set", "track.wandb=true", "--set", "track.wandb_project=\"\""], "track.wandb_project: a wandb project"),
 ]
 
 
