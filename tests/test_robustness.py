@@ -364,3 +364,38 @@ def test_usage_errors_are_one_line_naming_the_help(argv, fragment, capsys):
     code, out, err = cli(argv, capsys)
     one_line_exit_2(code, out, err, fragment)
     assert f"'dimr-lab {argv[0]} --help'" in err or "'dimr-lab --help'" in err
+
+
+def test_logs_follow_goes_on_after_a_resumed_run_rewrites_its_log(tmp_path, capsys):
+    """A training session rewrites log.jsonl up to its checkpoint (a new file), then appends: following it
+    printed nothing more once it was replaced."""
+    from dimr_lab.atomic import atomic_write_text
+    from dimr_lab.cli.run_cmds import _follow
+
+    log = tmp_path / "log.jsonl"
+    rows = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)]
+    log.write_text("".join(rows[:4]))
+
+    def after(n):  # what happens between the follower's polls
+        def act(_seconds):
+            act.calls += 1
+            if act.calls == 1:
+                with open(log, "a") as f:
+                    f.write(rows[4])  # step 5; killed, and resumed from its checkpoint at step 3:
+            elif act.calls == 2:  # rows to 3 kept, in a new file, and step 4 trained again
+                atomic_write_text(log, "".join(rows[:3]) + json.dumps({"step": 4, "loss": 0.5}) + "\n")
+            elif act.calls == 3:
+                with open(log, "a") as f:
+                    f.write(rows[4] + rows[5])
+            elif act.calls == 4:
+                log.write_text("")  # cut to nothing in place, then written anew
+                log.write_text(rows[0])
+            elif act.calls >= n:
+                raise KeyboardInterrupt
+        act.calls = 0
+        return act
+
+    with pytest.raises(KeyboardInterrupt):
+        _follow(log, sleep=after(6))
+    printed = capsys.readouterr().out
+    assert printed == rows[4] + json.dumps({"step": 4, "loss": 0.5}) + "\n" + rows[4] + rows[5] + rows[0], printed
