@@ -4,6 +4,7 @@ test_faults.py.)"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -399,3 +400,19 @@ def test_logs_follow_goes_on_after_a_resumed_run_rewrites_its_log(tmp_path, caps
         _follow(log, sleep=after(6))
     printed = capsys.readouterr().out
     assert printed == rows[4] + json.dumps({"step": 4, "loss": 0.5}) + "\n" + rows[4] + rows[5] + rows[0], printed
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="the tracking extra is not installed")
+def test_a_wandb_run_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch):
+    """Online without a login or a connection: wandb.init raised its own error, a traceback with status 1."""
+    import wandb
+
+    def refuse(**_kw):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    out = tmp_path / "run"
+    code, o, e = cli(["train", "--out", out, *TINY, "--set", "track.wandb=true", "--set", "track.wandb_mode=\"online\""],
+                     capsys)
+    one_line_exit_2(code, o, e, "track.wandb_mode: wandb could not start the run in mode 'online' (No API key")
+    assert not out.exists()
