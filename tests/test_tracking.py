@@ -96,3 +96,20 @@ def test_wandb_keeps_the_evaluations_of_earlier_steps(tmp_path, monkeypatch):
     for step in (2, 4):
         metrics = json.loads(next((tmp_path / "run" / "evals").glob(f"step-{step:08d}-*/metrics.json")).read_text())
         assert evals[step][0] == pytest.approx(metrics["sample_accuracy"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="the tracking extra is not installed")
+def test_a_continued_run_does_not_track_its_earlier_evaluations_again(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dimr_lab.train.trainer import train_run
+
+    monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
+    track = [("track.tensorboard", True), ("eval.steps", [2])]
+    train_run(_tiny(track), tmp_path / "run", progress=False)
+    train_run(_tiny([*track, ("train.steps", 6)]), tmp_path / "run", progress=False)  # step 2's evaluation is reused
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("eval/sample_accuracy")] == [2, 4, 6]
+    assert [e.step for e in acc.Images("eval/samples")] == [2, 4, 6]
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 4, 6]
