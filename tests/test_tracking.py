@@ -113,3 +113,15 @@ def test_a_continued_run_does_not_track_its_earlier_evaluations_again(tmp_path, 
     assert [e.step for e in acc.Scalars("eval/sample_accuracy")] == [2, 4, 6]
     assert [e.step for e in acc.Images("eval/samples")] == [2, 4, 6]
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 4, 6]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="the tracking extra is not installed")
+def test_wandb_takes_a_run_folder_whose_name_has_characters_a_run_id_may_not(tmp_path, monkeypatch):
+    from dimr_lab.train.trainer import train_run
+
+    monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
+    spec = _tiny([("track.wandb", True), ("train.steps", 1), ("eval.enabled", False)])
+    train_run(spec, tmp_path / "lr:1e-3,bs'8", progress=False)  # wandb refused the run id (a traceback)
+    (store,) = (tmp_path / "lr:1e-3,bs'8" / "wandb").glob("offline-run-*/run-*.wandb")
+    (run,) = [rec.run for rec in wandb_records(store) if rec.HasField("run")]
+    assert run.run_id == f"lr-1e-3-bs-8-{spec.identity_hash()}" and run.display_name == "lr:1e-3,bs'8"

@@ -52,18 +52,20 @@ class Tracker:
 
             os.environ.setdefault("WANDB_SILENT", "true")
             ablation = getattr(record, "ablation", "") or "single runs"
+            # the folder's name, without the characters wandb refuses in a run id (`train --out 'lr,1e-3'`)
+            run_id = "".join("-" if c in ":;,#?/'" else c for c in Path(run_dir).name).lstrip()
             try:
                 self.wb = wandb.init(project=track.wandb_project, dir=str(run_dir), mode=track.wandb_mode,
                                      group=ablation, job_type=getattr(record, "variant", "") or Path(run_dir).name,
-                                     name=Path(run_dir).name, id=f"{Path(run_dir).name}-{spec.identity_hash()}",
+                                     name=Path(run_dir).name, id=f"{run_id}-{spec.identity_hash()}",
                                      resume="allow", reinit=True,
                                      config={"spec": to_dict(spec), "seed": spec.train.seed,
                                              "variant": getattr(record, "variant", ""), "ablation": ablation})
             except wandb.errors.Error as err:  # online without a login or a connection, ...
-                raise SpecError(f"wandb could not start the run in mode {track.wandb_mode!r} "
-                                f"({str(err).splitlines()[0] if str(err) else type(err).__name__}); "
-                                f"track.wandb_mode = \"offline\" records it in the run folder",
-                                key="track.wandb_mode") from None
+                why = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise SpecError(f"wandb could not start the run in mode {track.wandb_mode!r} ({why})"
+                                + ('; track.wandb_mode = "offline" records it in the run folder'
+                                   if track.wandb_mode == "online" else ""), key="track.wandb_mode") from None
             # evaluations come after training, so one of an earlier step (eval.steps) arrives once wandb's history
             # is past it, where wandb drops it: they have their own axis, eval/step, and a history row of their own
             self.wb.define_metric("eval/step")
