@@ -412,7 +412,7 @@ def test_a_wandb_run_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch
 
     monkeypatch.setattr(wandb, "init", refuse)
     out = tmp_path / "run"
-    code, o, e = cli(["train", "--out", out, *TINY, "--set", "track.wandb=true", "--set", "track.wandb_mode=\"online\""],
-                     capsys)
+    code, o, e = cli(["train", "--out", out, *TINY, "--set", "track.wandb=true",
+                      "--set", "track.wandb_mode=\"online\""], capsys)
     one_line_exit_2(code, o, e, "track.wandb_mode: wandb could not start the run in mode 'online' (No API key")
     assert not out.exists()
