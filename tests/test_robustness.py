@@ -4,6 +4,7 @@ test_faults.py.)"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -75,6 +76,9 @@ BEFORE_TRAINING = [
       "sample.order=3", "--set", "diffusion.beta_max=1e308"], "diffusion.beta_max: must be <= 1000.0"),
     (["--set", "eval.enabled=true", "--set", "eval.reference_samples=4611686018427387904"],
      "eval.reference_samples: must be <= 10000000"),
+    # a project name wandb refuses (it said so in a traceback, after the network was built)
+    (["--set", "track.wandb=true", "--set", "track.wandb_project=\"me/dimr\""], "track.wandb_project: a wandb project"),
+    (["--set", "track.wandb=true", "--set", "track.wandb_project=\"\""], "track.wandb_project: a wandb project"),
 ]
 
 
@@ -361,3 +365,54 @@ def test_usage_errors_are_one_line_naming_the_help(argv, fragment, capsys):
     code, out, err = cli(argv, capsys)
     one_line_exit_2(code, out, err, fragment)
     assert f"'dimr-lab {argv[0]} --help'" in err or "'dimr-lab --help'" in err
+
+
+def test_logs_follow_goes_on_after_a_resumed_run_rewrites_its_log(tmp_path, capsys):
+    """A training session rewrites log.jsonl up to its checkpoint (a new file), then appends: following it
+    printed nothing more once it was replaced."""
+    from dimr_lab.atomic import atomic_write_text
+    from dimr_lab.cli.run_cmds import _follow
+
+    log = tmp_path / "log.jsonl"
+    rows = [json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)]
+    log.write_text("".join(rows[:4]))
+
+    def after(n):  # what happens between the follower's polls
+        def act(_seconds):
+            act.calls += 1
+            if act.calls == 1:
+                with open(log, "a") as f:
+                    f.write(rows[4])  # step 5; killed, and resumed from its checkpoint at step 3:
+            elif act.calls == 2:  # rows to 3 kept, in a new file, and step 4 trained again
+                atomic_write_text(log, "".join(rows[:3]) + json.dumps({"step": 4, "loss": 0.5}) + "\n")
+            elif act.calls == 3:
+                with open(log, "a") as f:
+                    f.write(rows[4] + rows[5])
+            elif act.calls == 4:
+                log.write_text("")  # cut to nothing in place, then written anew
+                log.write_text(rows[0])
+            elif act.calls >= n:
+                raise KeyboardInterrupt
+        act.calls = 0
+        return act
+
+    with pytest.raises(KeyboardInterrupt):
+        _follow(log, sleep=after(6))
+    printed = capsys.readouterr().out
+    assert printed == rows[4] + json.dumps({"step": 4, "loss": 0.5}) + "\n" + rows[4] + rows[5] + rows[0], printed
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="the tracking extra is not installed")
+def test_a_wandb_run_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch):
+    """Online without a login or a connection: wandb.init raised its own error, a traceback with status 1."""
+    import wandb
+
+    def refuse(**_kw):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", refuse)
+    out = tmp_path / "run"
+    code, o, e = cli(["train", "--out", out, *TINY, "--set", "track.wandb=true",
+                      "--set", "track.wandb_mode=\"online\""], capsys)
+    one_line_exit_2(code, o, e, "track.wandb_mode: wandb could not start the run in mode 'online' (No API key")
+    assert not out.exists()

@@ -113,6 +113,26 @@ def test_tensorboard_drops_what_a_killed_session_logged_after_its_checkpoint(tmp
     assert steps == sorted(set(steps)) and steps[-2:] == [5, 6], steps
 
 
+def test_tensorboard_drops_what_a_session_killed_before_its_first_checkpoint_logged(tmp_path):
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, tb = tmp_path / "run", ("track.tensorboard", True)
+    s = spec(4, tb, ("train.checkpoint_every", 4))
+    train(s, out)
+    # as if killed after logging step 4 but before its (first) checkpoint: the run starts over from step 0
+    shutil.rmtree(out / "checkpoints")
+    shutil.rmtree(out / "evals")
+    train(s, out)
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("train/loss")]
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert steps == [r["step"] for r in rows] == [1, 2, 3, 4], steps
+    assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+
+
 def test_a_schedule_over_the_total_refuses_to_continue(tmp_path, capsys):
     out = tmp_path / "run"
     train(spec(3, ("train.lr_schedule", "cosine")), out)

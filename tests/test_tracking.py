@@ -71,3 +71,57 @@ def test_wandb_offline_run_records_the_runs_history(tmp_path, monkeypatch):
             group = rec.run.run_group
     assert {"train/loss", "train/loss_branch0", "eval/sample_accuracy"} <= keys
     assert group == "single runs"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="the tracking extra is not installed")
+def test_wandb_keeps_the_evaluations_of_earlier_steps(tmp_path, monkeypatch):
+    import json
+
+    from dimr_lab.train.trainer import train_run
+
+    monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
+    # eval.steps = [2]: step 2 is evaluated after training, when wandb's history is at step 4
+    train_run(_tiny([("track.wandb", True), ("eval.steps", [2])]), tmp_path / "run", progress=False)
+    (store,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
+    evals, train_steps = {}, []
+    for rec in wandb_records(store):
+        if rec.HasField("history"):
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
+            if "eval/sample_accuracy" in row:
+                evals[row["eval/step"]] = (row["eval/sample_accuracy"], "eval/samples/path" in row)
+            if "train/loss" in row:
+                train_steps.append(row["_step"])
+    assert set(evals) == {2, 4} and all(image for _, image in evals.values()), evals
+    assert train_steps == [1, 2, 4]
+    for step in (2, 4):
+        metrics = json.loads(next((tmp_path / "run" / "evals").glob(f"step-{step:08d}-*/metrics.json")).read_text())
+        assert evals[step][0] == pytest.approx(metrics["sample_accuracy"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="the tracking extra is not installed")
+def test_a_continued_run_does_not_track_its_earlier_evaluations_again(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dimr_lab.train.trainer import train_run
+
+    monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
+    track = [("track.tensorboard", True), ("eval.steps", [2])]
+    train_run(_tiny(track), tmp_path / "run", progress=False)
+    train_run(_tiny([*track, ("train.steps", 6)]), tmp_path / "run", progress=False)  # step 2's evaluation is reused
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("eval/sample_accuracy")] == [2, 4, 6]
+    assert [e.step for e in acc.Images("eval/samples")] == [2, 4, 6]
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 4, 6]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="the tracking extra is not installed")
+def test_wandb_takes_a_run_folder_whose_name_has_characters_a_run_id_may_not(tmp_path, monkeypatch):
+    from dimr_lab.train.trainer import train_run
+
+    monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
+    spec = _tiny([("track.wandb", True), ("train.steps", 1), ("eval.enabled", False)])
+    train_run(spec, tmp_path / "lr:1e-3,bs'8", progress=False)  # wandb refused the run id (a traceback)
+    (store,) = (tmp_path / "lr:1e-3,bs'8" / "wandb").glob("offline-run-*/run-*.wandb")
+    (run,) = [rec.run for rec in wandb_records(store) if rec.HasField("run")]
+    assert run.run_id == f"lr-1e-3-bs-8-{spec.identity_hash()}" and run.display_name == "lr:1e-3,bs'8"

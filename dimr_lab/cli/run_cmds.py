@@ -449,14 +449,44 @@ def logs_cmd(
     if not follow:
         return
     try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            while True:
-                chunk = f.read()
-                if chunk:
-                    sys.stdout.write(chunk.decode(errors="replace"))
-                    sys.stdout.flush()
-                else:
-                    time.sleep(0.5)
+        _follow(path)
     except KeyboardInterrupt:
         pass
+
+
+def _follow(path: Path, sleep: Any = time.sleep) -> None:
+    """Print what is appended to `path`, from its end on. A file put in its place (a training session
+    rewrites log.jsonl up to the checkpoint it resumes from, then appends) is followed on: what the new
+    file adds to the lines both share is printed; a file cut shorter is followed from its start."""
+    import os
+
+    f = open(path, "rb")
+    try:
+        f.seek(0, 2)
+        while True:
+            chunk = f.read()
+            if chunk:
+                sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+                continue
+            sleep(0.5)
+            try:
+                new = open(path, "rb")
+            except FileNotFoundError:  # gone for now: keep the one open
+                continue
+            if os.fstat(new.fileno()).st_ino != os.fstat(f.fileno()).st_ino:
+                seen = f.seek(0, 1)
+                f.seek(0)
+                old, ahead = f.read(seen), new.read()
+                shared = 0
+                while shared < min(len(old), len(ahead)) and old[shared] == ahead[shared]:
+                    shared += 1
+                new.seek(ahead.rfind(b"\n", 0, shared) + 1)  # from the first line that differs
+                f.close()
+                f = new
+            else:
+                if os.fstat(f.fileno()).st_size < f.tell():
+                    f.seek(0)
+                new.close()
+    finally:
+        f.close()

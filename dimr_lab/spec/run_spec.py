@@ -166,6 +166,14 @@ class TrackSpec:
     wandb_project: str = field("dimr-lab")
     wandb_mode: str = field("offline", choices=("offline", "online", "disabled"))
 
+    def validate(self) -> None:
+        # wandb's own rules for a project name, checked where the spec is read: wandb refuses the name only
+        # once the run has been claimed and its network built, with a traceback
+        bad = sorted(set(self.wandb_project) & set("/\\#?%:"))
+        if not self.wandb_project or len(self.wandb_project) > 128 or bad:
+            raise SpecError(f"a wandb project name: 1 to 128 characters, none of / \\ # ? % : "
+                            f"(got {self.wandb_project!r})", key="wandb_project")
+
 
 # keys that leave the trained weights as they are: not part of a run's identity
 OUTSIDE_IDENTITY = {

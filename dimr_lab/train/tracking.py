@@ -52,19 +52,35 @@ class Tracker:
 
             os.environ.setdefault("WANDB_SILENT", "true")
             ablation = getattr(record, "ablation", "") or "single runs"
-            self.wb = wandb.init(project=track.wandb_project, dir=str(run_dir), mode=track.wandb_mode,
-                                 group=ablation, job_type=getattr(record, "variant", "") or Path(run_dir).name,
-                                 name=Path(run_dir).name, id=f"{Path(run_dir).name}-{spec.identity_hash()}",
-                                 resume="allow", reinit=True,
-                                 config={"spec": to_dict(spec), "seed": spec.train.seed,
-                                         "variant": getattr(record, "variant", ""), "ablation": ablation})
+            # the folder's name, without the characters wandb refuses in a run id (`train --out 'lr,1e-3'`)
+            run_id = "".join("-" if c in ":;,#?/'" else c for c in Path(run_dir).name).lstrip()
+            try:
+                self.wb = wandb.init(project=track.wandb_project, dir=str(run_dir), mode=track.wandb_mode,
+                                     group=ablation, job_type=getattr(record, "variant", "") or Path(run_dir).name,
+                                     name=Path(run_dir).name, id=f"{run_id}-{spec.identity_hash()}",
+                                     resume="allow", reinit=True,
+                                     config={"spec": to_dict(spec), "seed": spec.train.seed,
+                                             "variant": getattr(record, "variant", ""), "ablation": ablation})
+            except wandb.errors.Error as err:  # online without a login or a connection, ...
+                why = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise SpecError(f"wandb could not start the run in mode {track.wandb_mode!r} ({why})"
+                                + ('; track.wandb_mode = "offline" records it in the run folder'
+                                   if track.wandb_mode == "online" else ""), key="track.wandb_mode") from None
+            # evaluations come after training, so one of an earlier step (eval.steps) arrives once wandb's history
+            # is past it, where wandb drops it: they have their own axis, eval/step, and a history row of their own
+            self.wb.define_metric("eval/step")
+            self.wb.define_metric("eval/*", step_metric="eval/step")
+            self._wb_last = -1  # the last history step written
+            self._wb_eval_at: dict[int, int] = {}  # evaluated step -> the history step holding it
             self.writers.append("wandb")
 
     def resume_at(self, step: int) -> None:
         """Training goes on after `step`: TensorBoard drops the events a killed session wrote after it (the
-        log's rows after the checkpoint are written again). wandb keeps the first value it got for a step
+        log's rows after the checkpoint are written again; at step 0, a session killed before its first
+        checkpoint: its log is emptied, its events dropped). wandb keeps the first value it got for a step
         and ignores the repeats."""
-        if "tensorboard" in self.writers and step > 0 and self._tb is None:
+        if "tensorboard" in self.writers and self._tb is None \
+                and (step > 0 or any(Path(self.tb_dir).glob("events.out.tfevents.*"))):
             self._purge_step = step + 1
 
     @property
@@ -81,7 +97,18 @@ class Tracker:
             for k, v in values.items():
                 self.tb.add_scalar(k, v, step)
         if "wandb" in self.writers:
+            self._wandb_log(step, values)
+
+    def _wandb_log(self, step: int, values: dict[str, Any]) -> None:
+        if not any(k.startswith("eval/") for k in values):
             self.wb.log(values, step=step)
+        else:
+            at = self._wb_eval_at.get(step)
+            if at is None:  # the row of its training step while that is the last one, else the next free one
+                at = self._wb_eval_at[step] = max(step, self._wb_last + (step < self._wb_last))
+            self.wb.log({**values, "eval/step": step}, step=at)
+            step = at
+        self._wb_last = max(self._wb_last, step)
 
     def image(self, step: int, tag: str, png: Path) -> None:
         if not self.writers or not Path(png).is_file():
@@ -96,7 +123,7 @@ class Tracker:
         if "wandb" in self.writers:
             import wandb
 
-            self.wb.log({tag: wandb.Image(arr)}, step=step)
+            self._wandb_log(step, {tag: wandb.Image(arr)})
 
     def close(self) -> None:
         if "tensorboard" in self.writers and self._tb is not None:

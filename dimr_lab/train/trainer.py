@@ -609,7 +609,7 @@ class Trainer:
                     bar[0].stop()
             if res is None:
                 return {"interrupted": True, "step": self.step, "evaluating": step}
-            if self.info.main and "rank" not in res:
+            if self.info.main and "rank" not in res and not done:  # one made before was tracked when made
                 from dimr_lab.train.tracking import eval_scalars
 
                 self.tracker.scalars(step, eval_scalars(res))
