@@ -424,7 +424,12 @@ def test_status_of_unstarted_and_interrupted(tmp_path, capsys):
     code, out, err = cli(["status", tmp_path / "r", "--json"], capsys)
     st = [json.loads(x) for x in out.splitlines()]
     assert [s["state"] for s in st] == ["pending", "failed"]
-    assert "gone" in st[1]["detail"]
+    assert "gone" in st[1]["detail"] and st[0]["detail"] == "not started"
+    # a run killed before its first checkpoint has logged rows but nothing to resume: it was called "not started"
+    (runs[0].run_dir / "log.jsonl").write_text(json.dumps({"step": 50, "loss": 0.5}) + "\n")
+    code, out, err = cli(["status", tmp_path / "r", "--json"], capsys)
+    st = [json.loads(x) for x in out.splitlines()]
+    assert st[0]["state"] == "pending" and st[0]["detail"] == "stopped before its first checkpoint; rerun to start it"
 
 
 def test_worker_entry_point_errors(tmp_path):

@@ -168,7 +168,12 @@ def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, st
             st.detail = f"exit status {rc}" if state == "failed" else "ended without its evaluations"
             st.log_tail = tail_lines(d / OUTPUT_LOG)
             return st
-    st.detail = "has a checkpoint; rerun to resume" if run.trained_step() is not None else "not started"
+    if run.trained_step() is not None:
+        st.detail = "has a checkpoint; rerun to resume"
+    elif run.last_logged_step() is not None:  # killed before its first checkpoint: a rerun starts it again
+        st.detail = "stopped before its first checkpoint; rerun to start it"
+    else:
+        st.detail = "not started"
     return st
 
 
