@@ -478,10 +478,12 @@ def _follow(path: Path, sleep: Any = time.sleep) -> None:
                 seen = f.seek(0, 1)
                 f.seek(0)
                 old, ahead = f.read(seen), new.read()
-                shared = 0
-                while shared < min(len(old), len(ahead)) and old[shared] == ahead[shared]:
-                    shared += 1
-                new.seek(ahead.rfind(b"\n", 0, shared) + 1)  # from the first line that differs
+                shared = 0  # the bytes of the lines both files begin with
+                for a, b in zip(old.splitlines(keepends=True), ahead.splitlines(keepends=True)):
+                    if a != b:
+                        break
+                    shared += len(b)
+                new.seek(shared)  # from the first line that differs
                 f.close()
                 f = new
             else:

@@ -50,6 +50,12 @@ _CHECKED_WEIGHTS: set[tuple[str, int, int]] = set()  # (path, size, mtime) of fi
 _DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
+def _version(p: Path) -> tuple[str, int, int]:
+    """(path, size, mtime): one version of a file, read or checked once per process."""
+    st = p.stat()
+    return str(p.resolve()), st.st_size, st.st_mtime_ns
+
+
 def file_digest(path: str | Path) -> str:
     """The first 12 hex digits of a file's SHA-256: which weights or reference statistics measured an
     evaluation (metrics.json records it; `table` says when an ablation's evaluations differ). An
@@ -58,8 +64,7 @@ def file_digest(path: str | Path) -> str:
     import hashlib
 
     p = Path(path).expanduser()
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    key = _version(p)
     if key not in _DIGESTS:
         h = hashlib.sha256()
         with open(p, "rb") as f:
@@ -77,8 +82,7 @@ def check_inception_weights(eval_spec: Any) -> None:
     if not eval_spec.enabled or eval_spec.feature_extractor != INCEPTION:
         return
     p = inception_weights_path(eval_spec)
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    key = _version(p)
     if key in _CHECKED_WEIGHTS:
         return
     import torch

@@ -71,9 +71,11 @@ class PlannedRun:
         if not self.run_dir.is_dir() or self.is_done():
             return None
         blocked = self.folder.outputs_without_checkpoint(self.spec.first_checkpoint_step())
+        if not blocked:
+            return None
         # what keeps such a run from being done may be a damaged file, not a missing evaluation: name it
         damaged = [e.problem for e in self.folder.evaluations() if e.problem and e.step in self.spec.eval_steps()]
-        if blocked and damaged:
+        if damaged:
             return (f"{damaged[0]}: an evaluation this run asks for is damaged, and its folder keeps no checkpoint "
                     f"to evaluate again from (results folders keep outputs only); restore the file from where it "
                     f"came from")

@@ -20,7 +20,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 import torch
@@ -549,10 +549,7 @@ class Trainer:
         skipped, so there the check is left to the scaler): no checkpoint of the diverged weights is
         written, the last one stays."""
         if self.scaler is None and not math.isfinite(mean_loss):
-            idx = self.run.index() if self.info.main else None
-            kept = f"the checkpoint of step {idx.last} is kept" if idx else "no checkpoint was written"
-            raise UserError(f"{self.run.path}: the training loss is {mean_loss} by step {self.step} ({where}); "
-                            f"{kept}: lower train.lr, set train.grad_clip, or check the data for NaN")
+            self._diverged(f"the training loss is {mean_loss} by step {self.step} ({where})")
 
     def _check_finite_weights(self) -> None:
         """Stop before a checkpoint of non-finite weights: an update can make them NaN or inf in the very step
@@ -563,10 +560,14 @@ class Trainer:
             return
         name = next(n for n, p in self.model.named_parameters() if p.is_floating_point()
                     and not bool(torch.isfinite(p).all()))
+        self._diverged(f"the weights hold NaN or inf by step {self.step} ({name})")
+
+    def _diverged(self, what: str) -> NoReturn:
+        """Stop a diverged run with one line saying which checkpoint stays."""
         idx = self.run.index() if self.info.main else None
         kept = f"the checkpoint of step {idx.last} is kept" if idx else "no checkpoint was written"
-        raise UserError(f"{self.run.path}: the weights hold NaN or inf by step {self.step} ({name}); {kept}: "
-                        f"lower train.lr, set train.grad_clip, or check the data for NaN")
+        raise UserError(f"{self.run.path}: {what}; {kept}: lower train.lr, set train.grad_clip, or check the data "
+                        f"for NaN")
 
     def _progress_bar(self) -> Any:
         """(rich Progress, task id) on rank 0 when asked, else None."""
