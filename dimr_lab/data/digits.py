@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
+from dimr_lab.data.memory import InMemoryImages
 from dimr_lab.errors import UserError
 
 TEST_FRACTION = 0.2
 
 
-class DigitsDataset(Dataset):
+class DigitsDataset(InMemoryImages):
     """10 digit classes; 3 identical channels by default (the pixel pipeline and evaluator are RGB), or 1."""
 
     kind = "pixels"
@@ -42,20 +42,6 @@ class DigitsDataset(Dataset):
         self.image_size, self.channels, self.num_classes = image_size, channels, 10
         self.seed, self.split, self.flip = seed, split, flip
         self.class_names = tuple(str(i) for i in range(10))
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
-        """Items idx at once, unflipped: the same numbers as stacking dataset[i] (one gather, not many)."""
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        return self.images[idx].float() / 127.5 - 1, self.labels[idx].long()  # (B, C, S, S), (B,)
-
-    def __getitem__(self, i: int):
-        x = self.images[i].float() / 127.5 - 1  # (C, S, S) in [-1, 1]
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, int(self.labels[i])
 
 
 def build(spec, split: str = "train", seed: int = 0) -> DigitsDataset:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+
+from dimr_lab.data.memory import InMemoryImages
 
 PALETTES = ("contrast", "random")
 TEXTURES = ("none", "stripes")
@@ -106,7 +107,7 @@ def render_shapes(indices: np.ndarray, image_size: int, num_classes: int, seed: 
     return out
 
 
-class ShapesDataset(Dataset):
+class ShapesDataset(InMemoryImages):
     """Class-conditional geometric shapes, rendered once at construction and kept as uint8."""
 
     kind = "pixels"
@@ -129,20 +130,6 @@ class ShapesDataset(Dataset):
                                                stream, self.shape_size, self.jitter, palette, texture, period)
                                  for i in range(0, size, chunk)])  # (N, 3, S, S) uint8, chunked to bound memory
         self.labels = torch.arange(size) % num_classes  # (N,) balanced by construction
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batch(self, idx) -> tuple[torch.Tensor, torch.Tensor]:
-        """Items idx at once, unflipped: the same numbers as stacking dataset[i] (one gather, not many)."""
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        return self.images[idx].float() / 127.5 - 1, self.labels[idx].long()  # (B, C, S, S), (B,)
-
-    def __getitem__(self, i: int):
-        x = self.images[i].float() / 127.5 - 1  # (3, S, S) in [-1, 1]
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x, int(self.labels[i])
 
 
 def build(spec, split: str = "train", seed: int = 0) -> ShapesDataset:
