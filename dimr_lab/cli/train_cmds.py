@@ -118,9 +118,12 @@ def eval_cmd(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="sample.KEY=V or eval.KEY=V (e.g. "
                                                                  "sample.guidance_scale=1.5, eval.samples=50000)"),
     as_json: bool = typer.Option(False, "--json", help="print the metrics object(s), one per line"),
+    resample: bool = typer.Option(False, "--resample", help="sample anew even where another evaluation of the "
+                                                            "step kept the same samples"),
 ) -> None:
     """Evaluate a trained run's checkpoints without training; each evaluation lands in RUN_DIR/evals/ under a
-    name made of its step and settings, and a finished one is skipped."""
+    name made of its step and settings, and a finished one is skipped. One that differs from a finished one
+    only in how the samples are measured (eval.metrics, eval.feature_extractor, ...) takes its samples."""
     from dimr_lab.errors import UserError
     from dimr_lab.eval.command import evaluate_run
     from dimr_lab.spec.schema import parse_overrides
@@ -130,7 +133,8 @@ def eval_cmd(
     stop = _Stop()
     with _peer_death_is_one_line(run_dir):
         results = evaluate_run(run_dir, step=step, all_steps=all_steps, overrides=parse_overrides(set_),
-                               should_stop=stop, log=None if as_json else lambda line: print(line, file=sys.stderr))
+                               should_stop=stop, log=None if as_json else lambda line: print(line, file=sys.stderr),
+                               resample=resample)
     interrupted = any(r.get("interrupted") for r in results)
     if any(r.get("enabled") is False for r in results) and _main_process():
         print("note: evaluation is off in this run's spec (eval.enabled = false): a sample grid only; "

@@ -44,8 +44,9 @@ def steps_to_evaluate(run: RunDir, spec: Any, *, step: int | None = None, all_st
 def evaluate_run(run_dir: str | Path, *, step: int | None = None, all_steps: bool = False,
                  overrides: list[tuple[str, Any]] | None = None, should_stop: Callable[[], bool] | None = None,
                  log: Callable[[str], None] | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
-    """Evaluate a run's checkpoints with its settings (or overridden ones); done evaluations are skipped.
+                 progress: Callable[[int, int], None] | None = None, resample: bool = False) -> list[dict[str, Any]]:
+    """Evaluate a run's checkpoints with its settings (or overridden ones); done evaluations are skipped, and
+    samples another evaluation of the step drew with the same settings are taken from it unless `resample`.
     Returns the metrics of each step ({"interrupted": True} when stopped)."""
     from dimr_lab.eval.run import evaluate_step, train_summary
     from dimr_lab.spec.preflight import check_files
@@ -60,7 +61,7 @@ def evaluate_run(run_dir: str | Path, *, step: int | None = None, all_steps: boo
         with run_lock(run.path, purpose="eval") if info.main else contextlib.nullcontext():
             for s in steps:
                 res = evaluate_step(spec, run, s, info=info, should_stop=should_stop, log=log, progress=progress,
-                                    train_info=train_summary(run, s, spec))
+                                    train_info=train_summary(run, s, spec), resample=resample)
                 if res is None:
                     out.append({"interrupted": True, "step": s})
                     break

@@ -11,6 +11,9 @@ Every process of a job samples the chunks c with c mod world_size == rank; sampl
 come from its index (dimr_lab.eval.sampling), so the samples do not depend on the number of processes,
 and an interrupted evaluation (a stop request, a preemption, a kill) resumes at the first missing chunk.
 Rank 0 gathers the chunks from the run folder and computes the metrics.
+
+A finished evaluation of the same step that drew the same samples (other metrics, say) lends them from its
+per_sample.npz instead of sampling again (dimr_lab.eval.reuse; metrics.json names it as samples_from).
 """
 
 from __future__ import annotations
@@ -91,10 +94,12 @@ def class_counts(spec: Any) -> np.ndarray | None:
 
 def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistInfo | None = None,
                   should_stop: Callable[[], bool] | None = None, log: Callable[[str], None] | None = None,
-                  progress: Callable[[int, int], None] | None = None, train_info: dict | None = None
-                  ) -> dict[str, Any] | None:
+                  progress: Callable[[int, int], None] | None = None, train_info: dict | None = None,
+                  resample: bool = False) -> dict[str, Any] | None:
     """Evaluate the checkpoint at `step` with spec.sample/spec.eval: the metrics dict (also when done
-    before), or None when a stop request ended it early (its chunks stay; the same call resumes)."""
+    before), or None when a stop request ended it early (its chunks stay; the same call resumes).
+    The samples are taken from a finished evaluation of the same step that drew the same ones
+    (dimr_lab.eval.reuse) unless `resample`; metrics.json names it as samples_from."""
     from dimr_lab.eval import cache_dir, evaluate
     from dimr_lab.eval.sampling import data_classes, generate, labels_for, load_run_model, to_uint8
     from dimr_lab.images import write_grid
@@ -134,8 +139,19 @@ def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistIn
     size = spec.eval.batch_size
     bounds = [(s, min(s + size, n)) for s in range(0, n, size)]
     t0 = time.perf_counter()
+    stored = None  # (images, labels, the evaluation they come from), read by rank 0
+    if spec.eval.enabled and not resample and info.main:
+        from dimr_lab.eval.reuse import stored_samples
+
+        want = labels_for(np.arange(n), classes, rule=spec.eval.labels, seed=spec.sample.seed,
+                          class_counts=counts).numpy()
+        stored = stored_samples(run, step, ckpt_step, spec.identity_hash(), settings, d, want, _say(log))
+        if stored is not None and log is not None:
+            log(f"taking the {n} samples of step {step} from {stored[2]}, which drew the same ones "
+                f"(--resample samples them anew)")
+    sampling = distributed.any_flag(info, info.main and stored is None)  # rank 0's decision, on every rank
     made = 0
-    rounds = -(-len(bounds) // info.world_size)
+    rounds = -(-len(bounds) // info.world_size) if sampling else 0
     for r in range(rounds):
         c = r * info.world_size + info.rank
         if c < len(bounds):
@@ -160,13 +176,16 @@ def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistIn
         return {"rank": info.rank}
 
     images, labels = [], []
-    for start, end in bounds:
+    for start, end in bounds if stored is None else ():
         got = _load_chunk(_chunk_path(chunks, start, end))
         if got is None:
             raise UserError(f"{chunks}: samples {start}..{end} are missing or damaged; run the evaluation again")
         images.append(torch.from_numpy(got[0]))
         labels.append(torch.from_numpy(got[1]))
-    images_t, labels_t = torch.cat(images), torch.cat(labels)
+    if stored is not None:
+        images_t, labels_t = torch.from_numpy(stored[0]), torch.from_numpy(stored[1])
+    else:
+        images_t, labels_t = torch.cat(images), torch.cat(labels)
     class_names = _class_names(spec)
     write_grid(images_t[: spec.sample.grid_size], d / SAMPLES, labels_t[: spec.sample.grid_size].tolist(),
                class_names)
@@ -188,7 +207,7 @@ def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistIn
         results.setdefault("isc", results.get("isc_mean"))
     eval_s = time.perf_counter() - t1
     metrics = _metrics_record(spec, step, ckpt_step, ehash, settings, results, info, n, made, sample_s, eval_s,
-                              train_info or {})
+                              train_info or {}, samples_from=stored[2] if stored is not None else None)
     write_json(d / METRICS, metrics)
     shutil.rmtree(chunks, ignore_errors=True)
     distributed.barrier(info)
@@ -197,7 +216,7 @@ def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistIn
 
 def _metrics_record(spec: Any, step: int, ckpt_step: int, ehash: str, settings: dict, results: dict,
                     info: distributed.DistInfo, n: int, made: int, sample_s: float, eval_s: float,
-                    train_info: dict) -> dict[str, Any]:
+                    train_info: dict, samples_from: str | None = None) -> dict[str, Any]:
     from dimr_lab.provenance import git_commit, versions
 
     keys = ("fid", "kid", "isc", "precision", "recall", "sample_accuracy", "distortion_rate", "fid_floor")
@@ -208,12 +227,21 @@ def _metrics_record(spec: Any, step: int, ckpt_step: int, ehash: str, settings: 
     metrics.update({
         "step": step, "checkpoint_step": ckpt_step, "steps": step, "eval_hash": ehash, "eval_name": eval_name(step, ehash),
         "identity": spec.identity_hash(), "enabled": spec.eval.enabled, "samples": n, "settings": settings,
-        "sample_s": sample_s, "eval_s": eval_s, "sampled_now": made,
+        "sample_s": sample_s, "eval_s": eval_s, "sampled_now": made, "samples_from": samples_from,
         "sample_images_per_s": made / sample_s if made and sample_s > 0 else None,
         "nfe_per_sample": nfe, "device": str(info.device), "world_size": info.world_size,
         **train_info, "versions": versions(), **{f"git_{k}": v for k, v in git_commit().items()},
     })
     return jsonable(metrics)
+
+
+def _say(log: Callable[[str], None] | None) -> Callable[[str], None]:
+    """Where a line about the evaluation goes: `log`, else stderr (a line that must not be lost)."""
+    if log is not None:
+        return log
+    import sys
+
+    return lambda line: print(f"[dimr-lab] {line}", file=sys.stderr, flush=True)
 
 
 def _class_names(spec: Any) -> list[str] | None:

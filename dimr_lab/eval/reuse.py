@@ -1,0 +1,111 @@
+"""Samples kept by one evaluation, taken by another that would draw the same images.
+
+An evaluation's name hashes every sample.* and eval.* setting (but a few), so measuring the same samples
+another way (other metrics, another feature extractor, another KID subset size, ...) is a new evaluation.
+Sampling is its costly part; when a finished evaluation of the same run at the same step drew exactly the
+images the new one would, `evaluate_step` takes them from its per_sample.npz instead (`dimr-lab eval
+--resample` refuses). Whether two evaluations draw the same images is decided by `same_samples`, from
+the settings they record, never from their folder names.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+# The settings of the sample and eval sections that decide which images an evaluation of a checkpoint draws
+# (see `same_samples`), and those that do not; every field of both sections is in exactly one of the two.
+DECIDE_SAMPLES = {
+    "sample": ("sampler", "steps", "order", "skip_type", "t_end", "guidance_scale", "guidance_form",
+               "guidance_schedule", "guidance_power", "use_ema", "seed"),
+    "eval": ("samples", "labels"),
+}
+DO_NOT_DECIDE_SAMPLES = {
+    "sample": ("grid_size",),
+    "eval": ("enabled", "batch_size", "compile", "steps", "feature_extractor", "inception_weights",
+             "reference_stats", "reference_samples", "metrics", "classifier", "classifier_images",
+             "distortion_threshold", "kid_subset_size"),
+}
+_MISSING = object()
+
+
+def same_samples(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two evaluations' settings ({"sample": {...}, "eval": {...}}, as eval.json and metrics.json
+    record them) draw the same images from the same checkpoint of a run.
+
+    What decides the samples: the sampler and its time grid (sample.sampler, steps, order, skip_type,
+    t_end), guidance (sample.guidance_scale, guidance_form, guidance_schedule, guidance_power), the weights
+    sampled (sample.use_ema), the noise and the labels (sample.seed, eval.labels) and how many images are
+    drawn (eval.samples). Sample i's noise and label come from its index alone, so the batch size, the
+    number of processes and eval.compile change the images by float rounding only, as the device does (they
+    are no part of an evaluation's name either). The rest of the eval section measures the images and
+    leaves them as they are. The run (its network, data, diffusion process and precision) and the
+    checkpoint's step are the caller's to match. A setting missing from either record counts as different.
+    """
+    for section, keys in DECIDE_SAMPLES.items():
+        sa, sb = a.get(section), b.get(section)
+        if not isinstance(sa, dict) or not isinstance(sb, dict):
+            return False
+        for k in keys:
+            va, vb = sa.get(k, _MISSING), sb.get(k, _MISSING)
+            if va is _MISSING or vb is _MISSING or va != vb:
+                return False
+    return True
+
+
+def sibling_sources(run: Any, step: int, ckpt_step: int, identity: str, settings: dict[str, Any],
+                    exclude: Path) -> list[Any]:
+    """Finished evaluations of `run` at `step` (checkpoint step `ckpt_step`, run identity `identity`) whose
+    recorded settings draw the same samples as `settings` and that kept them (eval.enabled): the
+    candidates to take samples from, by name."""
+    out = []
+    for ev in run.evaluations():
+        if ev.path.parent != run.evals or ev.path == exclude or ev.step != step or not ev.serves(True):
+            continue
+        m = ev.metrics
+        if m.get("enabled") is not True or m.get("checkpoint_step") != ckpt_step or m.get("identity") != identity:
+            continue
+        if same_samples(ev.settings, settings) and same_samples(m.get("settings") or {}, settings):
+            out.append(ev)
+    return out
+
+
+def load_stored_samples(path: Path, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | str:
+    """(images uint8 (N, 3, H, W), labels (N,)) of a per_sample.npz when it reads whole and holds exactly
+    the N images with the given labels, in order; else why not (one phrase)."""
+    n = len(labels)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "images" not in f.files or "labels" not in f.files:
+                return "holds no images or labels"
+            got_labels = f["labels"]
+            images = f["images"]  # read whole: a damaged file fails its checksum here
+    except FileNotFoundError:
+        return "is missing"
+    except Exception as err:  # a truncated or damaged archive
+        return f"does not read ({type(err).__name__}: {err})"
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        return f"holds images of shape {images.shape} and type {images.dtype}, not (N, 3, H, W) uint8"
+    if len(images) != n or len(got_labels) != n:
+        return f"holds {len(images)} images and {len(got_labels)} labels, not {n}"
+    if not np.array_equal(got_labels, labels):
+        return "holds other labels than these settings draw"
+    return images, got_labels
+
+
+def stored_samples(run: Any, step: int, ckpt_step: int, identity: str, settings: dict[str, Any], exclude: Path,
+                   labels: np.ndarray, say: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """(images, labels, the evaluation's folder name) of the first sibling evaluation whose per_sample.npz
+    holds the samples these settings draw, or None (sample them); a sibling whose file does not serve is
+    said in one line."""
+    from dimr_lab.rundir import PER_SAMPLE
+
+    for ev in sibling_sources(run, step, ckpt_step, identity, settings, exclude):
+        got = load_stored_samples(ev.path / PER_SAMPLE, labels)
+        if isinstance(got, str):
+            say(f"{ev.path / PER_SAMPLE}: {got}; not taking the samples from it")
+            continue
+        return got[0], got[1], ev.name
+    return None

@@ -1,0 +1,210 @@
+"""An evaluation that differs from a finished one only in how the samples are measured takes that one's
+samples (per_sample.npz) instead of sampling again; other sampling settings, --resample or a damaged file
+sample anew."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import cli
+from dimr_lab.eval.reuse import DECIDE_SAMPLES, DO_NOT_DECIDE_SAMPLES, same_samples
+from dimr_lab.spec.run_spec import OUTSIDE_EVAL_IDENTITY, EvalSpec, SampleSpec, load_run_spec
+from dimr_lab.spec.schema import to_dict
+
+
+def test_every_sample_and_eval_setting_is_classified_once():
+    """A new sample.* or eval.* field must be put in DECIDE_SAMPLES or DO_NOT_DECIDE_SAMPLES: otherwise an
+    evaluation could take samples drawn with another value of it."""
+    for section, cls in (("sample", SampleSpec), ("eval", EvalSpec)):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        decide, other = set(DECIDE_SAMPLES[section]), set(DO_NOT_DECIDE_SAMPLES[section])
+        assert not decide & other, section
+        assert decide | other == fields, (section, fields ^ (decide | other))
+    assert set(DECIDE_SAMPLES) == set(DO_NOT_DECIDE_SAMPLES) == {"sample", "eval"}
+    # what an evaluation's name leaves out cannot decide its samples (two would share a folder)
+    for section, keys in OUTSIDE_EVAL_IDENTITY.items():
+        assert set(keys) <= set(DO_NOT_DECIDE_SAMPLES[section])
+
+
+def _other(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    return [*value, "x"]
+
+
+def test_same_samples_follows_the_classification():
+    base = {k: to_dict(v) for k, v in (("sample", SampleSpec()), ("eval", EvalSpec()))}
+    assert same_samples(base, json.loads(json.dumps(base)))  # as read back from eval.json
+    for section in ("sample", "eval"):
+        for key in (*DECIDE_SAMPLES[section], *DO_NOT_DECIDE_SAMPLES[section]):
+            changed = json.loads(json.dumps(base))
+            changed[section][key] = _other(changed[section][key])
+            assert same_samples(base, changed) is (key in DO_NOT_DECIDE_SAMPLES[section]), f"{section}.{key}"
+        for key in DECIDE_SAMPLES[section]:  # a record without the setting (an older one) is not trusted
+            missing = json.loads(json.dumps(base))
+            del missing[section][key]
+            assert not same_samples(missing, base) and not same_samples(base, missing), f"{section}.{key}"
+    assert not same_samples(base, {"sample": base["sample"]})
+
+
+TINY = [("model.preset", "dimr_tiny_2r"), ("model.branches", [{"width": 32, "depth": 2, "heads": 2},
+                                                               {"width": 16, "depth": 1}]),
+        ("data.train_size", 96), ("train.batch_size", 8), ("train.lr", 1e-3), ("train.warmup_steps", 3),
+        ("train.ema_decay", 0.9), ("train.log_every", 1), ("train.steps", 4), ("train.checkpoint_every", 2),
+        ("sample.steps", 2), ("sample.grid_size", 4), ("eval.samples", 16), ("eval.batch_size", 8),
+        ("eval.metrics", ["fid", "sample_accuracy"])]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run trained 4 steps, with its own evaluation (16 samples, FID and sample accuracy), and the
+    classifier cache it measured them with."""
+    from dimr_lab.train.trainer import train_run
+
+    root = tmp_path_factory.mktemp("reuse")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIMR_LAB_CACHE", str(root / "cache"))
+        train_run(load_run_spec(None, TINY), root / "run", progress=False)
+    (own,) = (root / "run" / "evals").iterdir()
+    return root, own.name
+
+
+@pytest.fixture
+def run(trained, tmp_path, monkeypatch):
+    root, _ = trained
+    monkeypatch.setenv("DIMR_LAB_CACHE", str(root / "cache"))
+    shutil.copytree(root / "run", tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _own(trained, run: Path) -> tuple[dict, dict]:
+    d = run / "evals" / trained[1]
+    return json.loads((d / "metrics.json").read_text()), dict(np.load(d / "per_sample.npz"))
+
+
+def _no_sampling(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("sampled although the samples were kept")
+
+    monkeypatch.setattr("dimr_lab.eval.sampling.generate", refuse)
+
+
+def _counting(monkeypatch) -> dict:
+    from dimr_lab.eval import sampling
+
+    calls = {"n": 0}
+    real = sampling.generate
+
+    def counted(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr("dimr_lab.eval.sampling.generate", counted)
+    return calls
+
+
+@pytest.mark.parametrize("override", [("eval.metrics", ["fid"]), ("eval.kid_subset_size", 8)])
+def test_measuring_the_same_samples_another_way_takes_them(trained, run, monkeypatch, override):
+    from dimr_lab.eval.command import evaluate_run
+
+    own, own_samples = _own(trained, run)
+    _no_sampling(monkeypatch)
+    lines = []
+    (res,) = evaluate_run(run, overrides=[override], log=lines.append)
+    assert res["eval_name"] != own["eval_name"]  # a new evaluation, under its own name
+    assert res["samples_from"] == own["eval_name"] and res["sampled_now"] == 0
+    assert res["fid"] == own["fid"]
+    assert res.get("sample_accuracy", own["sample_accuracy"]) == own["sample_accuracy"]
+    assert any(own["eval_name"] in line for line in lines)
+    d = run / "evals" / res["eval_name"]
+    assert json.loads((d / "metrics.json").read_text())["samples_from"] == own["eval_name"]
+    kept = np.load(d / "per_sample.npz")
+    assert np.array_equal(kept["images"], own_samples["images"]) and np.array_equal(kept["labels"],
+                                                                                    own_samples["labels"])
+    assert (d / "samples.png").is_file() and not (d / "chunks").exists()
+
+
+@pytest.mark.parametrize("override", [("sample.seed", 3), ("sample.steps", 3), ("eval.samples", 8)])
+def test_other_samples_are_sampled(trained, run, monkeypatch, override):
+    from dimr_lab.eval.command import evaluate_run
+
+    own, _ = _own(trained, run)
+    calls = _counting(monkeypatch)
+    (res,) = evaluate_run(run, overrides=[override, ("eval.metrics", ["fid"])])
+    assert calls["n"] > 0 and res["samples_from"] is None and res["sampled_now"] == res["samples"]
+
+
+def test_resample_refuses_the_kept_samples_and_samples_the_same_images(trained, run, monkeypatch, capsys):
+    own, own_samples = _own(trained, run)
+    calls = _counting(monkeypatch)
+    code, out, err = cli(["eval", run, "--set", 'eval.metrics=["fid"]', "--resample", "--json"], capsys)
+    assert code == 0, err
+    res = json.loads(out)
+    assert calls["n"] > 0 and res["samples_from"] is None and res["sampled_now"] == 16
+    # the samples it would have taken are the ones it made (the same settings, the same CPU)
+    made = np.load(run / "evals" / res["eval_name"] / "per_sample.npz")
+    assert np.array_equal(made["images"], own_samples["images"]) and res["fid"] == own["fid"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "short"])
+def test_a_damaged_or_short_store_is_sampled_again_and_said(trained, run, monkeypatch, damage):
+    from dimr_lab.eval.command import evaluate_run
+
+    own, own_samples = _own(trained, run)
+    path = run / "evals" / own["eval_name"] / "per_sample.npz"
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        np.savez_compressed(path, images=own_samples["images"][:10], labels=own_samples["labels"][:10])
+    calls = _counting(monkeypatch)
+    lines = []
+    (res,) = evaluate_run(run, overrides=[("eval.metrics", ["fid"])], log=lines.append)
+    assert calls["n"] > 0 and res["samples_from"] is None and res["sampled_now"] == 16
+    said = [line for line in lines if str(path) in line]
+    assert len(said) == 1 and ("does not read" if damage == "truncate" else "holds 10 images") in said[0]
+    assert res["fid"] == own["fid"]
+
+
+def _reuse_worker(rank: int, world: int, port: int, run: str, cache: str) -> None:
+    import os
+
+    import torch
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), DIMR_LAB_CACHE=cache)
+    torch.set_num_threads(1)
+    from dimr_lab.eval import sampling
+    from dimr_lab.eval.command import evaluate_run
+
+    def refuse(*a, **k):
+        raise AssertionError(f"rank {rank} sampled although the samples were kept")
+
+    sampling.generate = refuse
+    evaluate_run(run, overrides=[("eval.metrics", ["fid"])])
+
+
+@pytest.mark.timeout(300)
+def test_every_process_of_a_job_follows_rank_0s_decision(trained, run):
+    import socket
+
+    import torch
+
+    own, _ = _own(trained, run)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_reuse_worker, args=(2, port, str(run), str(trained[0] / "cache")), nprocs=2,
+                                join=True)
+    (new,) = [p for p in (run / "evals").iterdir() if p.name != own["eval_name"]]
+    res = json.loads((new / "metrics.json").read_text())
+    assert res["samples_from"] == own["eval_name"] and res["world_size"] == 2 and res["fid"] == own["fid"]
