@@ -107,7 +107,10 @@ def train(
     with _peer_death_is_one_line(out):
         result = train_run(run_spec, out, should_stop=stop, progress=progress)
     if result.get("interrupted"):
-        if _main_process():
+        if _main_process() and "evaluating" in result:
+            print(f"stopped evaluating step {result['evaluating']}; the samples made so far are kept in {out}; run "
+                  f"the same command to resume", file=sys.stderr)
+        elif _main_process():
             print(f"stopped at step {result.get('step')}; checkpoint saved in {out}; run the same command to resume",
                   file=sys.stderr)
         raise typer.Exit(EXIT_INTERRUPTED)
