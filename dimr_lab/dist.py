@@ -105,13 +105,38 @@ def _device(local_rank: int) -> Any:
     return torch.device("cpu")
 
 
-def setup(timeout_s: float = 600.0) -> DistInfo:
-    """Join (or start) the process group the environment describes; a single process needs none."""
+TIMEOUT_ENV = "DIMR_LAB_DIST_TIMEOUT_S"
+# generous: the first step of a compiled network can take minutes on one rank while the others wait for it
+DEFAULT_TIMEOUT_S = 600.0
+
+
+def timeout_s(environ: Mapping[str, str] | None = None) -> float:
+    """How long a process of a job waits in a collective for the others before it fails: $DIMR_LAB_DIST_TIMEOUT_S
+    seconds, else DEFAULT_TIMEOUT_S. A setting of the machine, not of a run (no run's identity holds it)."""
+    from dimr_lab.errors import UserError
+
+    raw = (os.environ if environ is None else environ).get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 1.0 <= value <= 86400.0:  # also NaN
+        raise UserError(f"${TIMEOUT_ENV}: seconds from 1 to 86400, got {raw!r}")
+    return value
+
+
+def setup(timeout: float | None = None) -> DistInfo:
+    """Join (or start) the process group the environment describes; a single process needs none. A collective
+    that waits longer than `timeout` seconds (default: timeout_s()) for another process fails, so that the
+    survivors of a dead or hung process stop with an error instead of waiting on."""
     import datetime
 
     import torch
     import torch.distributed as dist
 
+    timeout = timeout_s() if timeout is None else timeout  # a bad setting is found alone too
     if dist.is_available() and dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         return DistInfo(dist.get_rank(), dist.get_world_size(), local, _device(local), owns_group=False)
@@ -125,8 +150,13 @@ def setup(timeout_s: float = 600.0) -> DistInfo:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(port_for_job(os.environ.get("SLURM_JOB_ID", "0"))))
     kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+    if device.type == "cuda" and not ({"TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING"}
+                                      & set(os.environ)):
+        # NCCL's watchdog ends the process when a collective passes the timeout (torch's default since 2.2;
+        # said here for the versions before, a user's own setting kept); without it a survivor waits forever
+        os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "3"
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+                            world_size=world, timeout=datetime.timedelta(seconds=timeout), **kwargs)
     return DistInfo(rank, world, local, torch.device(device), owns_group=True)
 
 
@@ -160,8 +190,15 @@ def any_flag(info: DistInfo, flag: bool) -> bool:
 # what gloo and NCCL say when another process of the job is gone
 _PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
               "remote process exited", "Connection refused")
+# ... and when it has not answered within the timeout (hung, stopped, or on a machine that is gone)
+_PEER_TIMED_OUT = ("Timed out waiting", "Watchdog caught collective operation timeout")
+
+
+def peer_timed_out(err: BaseException) -> bool:
+    """Whether `err` is this process's collective giving up on another process of the job after the timeout."""
+    return isinstance(err, RuntimeError) and any(s in str(err) for s in _PEER_TIMED_OUT)
 
 
 def peer_lost(err: BaseException) -> bool:
-    """Whether `err` is this process's collective failing because another process of the job died."""
-    return isinstance(err, RuntimeError) and any(s in str(err) for s in _PEER_LOST)
+    """Whether `err` is this process's collective failing because another process of the job died or hung."""
+    return isinstance(err, RuntimeError) and (any(s in str(err) for s in _PEER_LOST) or peer_timed_out(err))

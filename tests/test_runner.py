@@ -346,6 +346,106 @@ def test_a_worker_the_runner_stops_before_it_guards_against_signals_is_interrupt
     assert st["state"] == "pending" and "before its first checkpoint" in st["detail"], st
 
 
+SLOW_REGISTER = """
+import sys, time
+from pathlib import Path
+import dimr_lab.runner.local as local
+
+spawn = local._spawn
+
+
+def slow_spawn(run, *args, **kwargs):  # the second worker is started once the first trains, then entered slowly
+    if run.run_dir.name.startswith("b-"):
+        deadline = time.time() + 60
+        while time.time() < deadline and not list(run.run_dir.parent.glob("a-*/checkpoints/last.pt")):
+            time.sleep(0.05)
+    proc = spawn(run, *args, **kwargs)
+    if run.run_dir.name.startswith("b-"):
+        (run.run_dir.parent / "spawned").write_text(str(proc.pid))
+        time.sleep(4)
+    return proc
+
+
+local._spawn = slow_spawn
+from dimr_lab.cli import main
+main()
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").is_dir() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def test_a_stop_between_a_workers_start_and_its_entry_in_the_runners_table_stops_it_too(tmp_path, capsys,
+                                                                                         standin_env):
+    """SIGTERM reached the runner after it had started a worker but before it knew of it: the runner stopped the
+    workers it knew and left that one training, unstopped and unrecorded. Now the stop waits until the worker
+    is entered, and every run ends interrupted at a checkpoint, none failed, no worker left behind."""
+    import signal
+    import subprocess
+    import sys
+
+    abl = write_ablation(tmp_path, seeds="[0]", steps=2000, ckpt=2)
+    script = tmp_path / "slow_register.py"
+    script.write_text(SLOW_REGISTER)
+    proc = subprocess.Popen([sys.executable, str(script), "run", str(abl), "--results", "results", "--jobs", "2",
+                             "--train-fn", STANDIN], cwd=tmp_path, env=dict(os.environ, STANDIN_STEP_S="0.05"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    spawned = tmp_path / "results" / "abl" / "spawned"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not spawned.exists():
+            time.sleep(0.05)
+        assert spawned.exists(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else "no spawn"
+        proc.send_signal(signal.SIGTERM)  # in the window: b's worker runs, the runner does not know it yet
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    workers = [int(json.loads((d / "local.json").read_text())["pid"]) for d in run_dirs(tmp_path / "results")]
+    try:
+        deadline = time.time() + 30  # a worker stopped as asked is gone soon; an orphan trains on
+        while time.time() < deadline and any(_alive(pid) for pid in workers):
+            time.sleep(0.2)
+        assert not [pid for pid in workers if _alive(pid)], "a worker outlived its runner"
+    finally:
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    err = err.decode()
+    assert proc.returncode == 130, err[-2000:]
+    assert "failed" not in err and "interrupted a-s0" in err and "interrupted b-s0" in err, err[-2000:]
+    for d in run_dirs(tmp_path / "results"):
+        assert json.loads((d / "local.json").read_text())["state"] == "interrupted", d.name
+    code, out, _ = cli(["run", abl, "--results", tmp_path / "results", "--train-fn", STANDIN, "--json"], capsys)
+    assert code == 0 and [json.loads(x)["status"] for x in out.splitlines()] == ["done", "done"]
+
+
+def test_a_worker_stopped_as_it_starts_exits_interrupted_having_begun_nothing(tmp_path, standin_env):
+    """A SIGTERM that reached a worker before its handlers were in place killed it (or, between fork and exec,
+    was lost); the runner starts it with the signal blocked, so the worker sees the stop and exits interrupted."""
+    import signal
+
+    from dimr_lab.runner import local
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.runner.worker import EXIT_INTERRUPTED
+    from dimr_lab.spec.ablation import load_ablation
+
+    (run,) = [r for r in expand(load_ablation(write_ablation(tmp_path, seeds="[0]")), results=tmp_path / "r")
+              if r.run_dir.name.startswith("a-")]
+    local.prepare([run], executor="local")
+    with local._RunnerStop().hold():
+        proc = local._spawn(run, STANDIN, None)
+        proc.send_signal(signal.SIGTERM)  # before the worker's interpreter has begun
+    assert proc.wait(timeout=120) == EXIT_INTERRUPTED
+    assert "stopped before it started" in (run.run_dir / "output.log").read_text()
+    assert not (run.run_dir / "checkpoints").exists() and not (run.run_dir / "log.jsonl").exists()
+
+
 def test_debug_executor_in_process(tmp_path, capsys, standin_env):
     abl = write_ablation(tmp_path, seeds="[3]")
     results = tmp_path / "results"

@@ -243,6 +243,75 @@ def test_two_process_evaluation_equals_one_and_a_stopped_one_resumes(tmp_path, m
     assert again["sampled_now"] == 20 - 8 and not (three / "evals" / name / "chunks").exists()
 
 
+# _sweep_run's spec (on the built-in default's betas) with a time limit passed by the time the evaluation begins
+LIMITED_TOML = """
+[model]
+preset = "dimr_tiny_2r"
+branches = [{width = 32, depth = 2, heads = 2}, {width = 16, depth = 1}]
+[data]
+train_size = 96
+[train]
+steps = 4
+batch_size = 8
+lr = 1e-3
+warmup_steps = 3
+ema_decay = 0.9
+log_every = 1
+checkpoint_every = 2
+betas = [0.9, 0.99]
+time_limit_s = 1e-6
+[sample]
+steps = 2
+grid_size = 4
+guidance_scale = 1.0
+[eval]
+enabled = true
+samples = 24
+batch_size = 8
+metrics = ["fid", "sample_accuracy"]
+"""
+
+
+@pytest.mark.timeout(300)
+def test_the_time_limit_stops_an_evaluation_between_chunks_and_the_next_job_resumes_it(tmp_path, capsys,
+                                                                                        monkeypatch):
+    """train.time_limit_s bounded training only: the evaluation after it ran on, to be killed by SLURM's limit
+    mid-sampling. Now it stops after a chunk past the limit, keeps it, says so like a stopped training (exit 130),
+    and the next job resumes at the first missing chunk: the same samples and metrics as an uninterrupted run."""
+    import shutil
+
+    from dimr_lab.eval.command import evaluate_planned
+
+    monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
+    ref = _sweep_run(tmp_path)  # trained and evaluated in one go, no limit
+    (name,) = [p.name for p in (ref / "evals").iterdir()]
+    ref_metrics = json.loads((ref / "evals" / name / "metrics.json").read_text())
+    ref_samples = np.load(ref / "evals" / name / "per_sample.npz")
+    toml = tmp_path / "limited.toml"
+    toml.write_text(LIMITED_TOML)
+    limited = load_run_spec(toml)
+    assert limited.identity_hash() == json.loads((ref / "spec.json").read_text())["identity"]  # the same run
+    for how in ("train", "eval-only"):
+        out = tmp_path / how
+        shutil.copytree(ref, out, ignore=shutil.ignore_patterns("evals"))  # trained, not evaluated
+        if how == "train":
+            code, _, err = cli(["train", toml, "--out", out, "--no-progress"], capsys)
+            assert code == 130 and f"stopped evaluating step 4; the samples made so far are kept in {out}" in err, err
+        else:  # `run --eval-only`'s worker
+            assert evaluate_planned(limited, out) == {"interrupted": True, "step": 4}
+        assert len(list((out / "evals" / name / "chunks").iterdir())) == 1  # one chunk, then the limit
+        assert not (out / "evals" / name / "metrics.json").exists()
+        # the next job, without the limit (or with a longer one), resumes at the second chunk
+        again = train(spec(4, ("eval.enabled", True), ("eval.samples", 24), ("eval.batch_size", 8),
+                           ("eval.metrics", ["fid", "sample_accuracy"]), ("sample.guidance_scale", 1.0)), out)
+        assert again["sampled_now"] == 24 - 8 and not (out / "evals" / name / "chunks").exists()
+        for k in ("fid", "sample_accuracy", "samples", "eval_hash", "identity"):
+            assert again[k] == ref_metrics[k], k
+        got_samples = np.load(out / "evals" / name / "per_sample.npz")
+        assert np.array_equal(got_samples["images"], ref_samples["images"])
+        assert np.array_equal(got_samples["labels"], ref_samples["labels"])
+
+
 @pytest.mark.timeout(300)
 def test_a_compiled_evaluation_samples_what_the_eager_one_does(tmp_path, monkeypatch):
     """eval.compile compiles the sampling network's blocks (the GPU suite measured it faster on an H200): the

@@ -310,6 +310,55 @@ def test_a_process_of_the_job_dying_is_one_line_on_the_others(tmp_path, capsys, 
         cli("train", toml, "--out", tmp_path / "run", "--no-progress")
 
 
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["dies", "hangs"])
+def test_the_survivor_of_a_dead_or_hung_process_stops_within_the_timeout_with_one_line(tmp_path, sig):
+    """A process of a two-process job is killed (its connection closes) or stopped (it hangs, as one on a machine
+    that is gone does) mid-training: the other waited up to the 600 s of every collective; with
+    $DIMR_LAB_DIST_TIMEOUT_S lowered it stops within it, with one line naming the checkpoint kept, exit 1."""
+    toml = tiny_spec_file(tmp_path, steps=100000, ckpt=5)
+    out = tmp_path / "run"
+    env = dict(child_env(), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+               DIMR_LAB_DIST_TIMEOUT_S="3")
+    procs = [subprocess.Popen(cli_cmd("train", toml, "--out", out, "--no-progress"),
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for r in range(2)]
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (out / "checkpoints" / "last.pt").exists():
+            assert procs[0].poll() is None, procs[0].communicate()[1].decode()[-2000:]
+            time.sleep(0.1)
+        procs[1].send_signal(sig)
+        t0 = time.time()
+        _, err = procs[0].communicate(timeout=120)  # well under the 600 s a hung peer cost
+        waited = time.time() - t0
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    lines = err.decode().strip().splitlines()
+    assert procs[0].returncode == 1 and len(lines) == 1, err.decode()[-3000:]
+    assert lines[0].startswith(f"error: {out}: another process of this job stopped (")
+    assert "its checkpoint of step" in lines[0] and "run the job again to resume" in lines[0]
+    assert waited < 3 + 60
+    if sig == signal.SIGSTOP:
+        assert "Timed out" in lines[0] and "$DIMR_LAB_DIST_TIMEOUT_S" in lines[0]
+
+
+def test_a_bad_dist_timeout_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    toml = tiny_spec_file(tmp_path, steps=2, ckpt=2)
+    for bad in ("ten", "0", "nan", "-5"):
+        monkeypatch.setenv("DIMR_LAB_DIST_TIMEOUT_S", bad)
+        assert cli("train", toml, "--out", tmp_path / "run", "--no-progress") == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"error: $DIMR_LAB_DIST_TIMEOUT_S: seconds from 1 to 86400, got {bad!r}", err
+        assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("DIMR_LAB_DIST_TIMEOUT_S", " 30 ")
+    from dimr_lab.dist import timeout_s
+
+    assert timeout_s() == 30.0 and timeout_s({}) == 600.0
+
+
 def test_flipped_pixel_batches_in_process_draw_from_the_global_stream_as_before():
     """Seeding every item's read (as latents need) cost about 5 ms a batch of 32 and changed the flips, so what
     every existing run of a flipped pixel dataset trains on; in-process reads of such datasets stay dataset[i]

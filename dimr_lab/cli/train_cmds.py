@@ -25,9 +25,10 @@ def _main_process() -> bool:
 
 @contextlib.contextmanager
 def _peer_death_is_one_line(run_dir: Path) -> Iterator[None]:
-    """In a job of several processes, one that dies makes the others' next collective fail with a page of
-    gloo's or NCCL's traceback: one line instead, naming the checkpoint a rerun resumes from."""
-    from dimr_lab.dist import peer_lost
+    """In a job of several processes, one that dies (or hangs past $DIMR_LAB_DIST_TIMEOUT_S) makes the others'
+    next collective fail with a page of gloo's or NCCL's traceback: one line instead, naming the checkpoint a
+    rerun resumes from."""
+    from dimr_lab.dist import TIMEOUT_ENV, peer_lost, peer_timed_out
     from dimr_lab.errors import JobFailed
 
     try:
@@ -39,8 +40,10 @@ def _peer_death_is_one_line(run_dir: Path) -> Iterator[None]:
 
         idx = RunDir(run_dir).index()
         kept = f"its checkpoint of step {idx.last} is kept" if idx else "no checkpoint was written yet"
+        slow = (f" (a process that is only slow, as in a first compiled step, needs a larger ${TIMEOUT_ENV})"
+                if peer_timed_out(err) else "")
         raise JobFailed(f"{run_dir}: another process of this job stopped ({_first_line(err)}); {kept}: run the "
-                        f"job again to resume") from None
+                        f"job again to resume{slow}") from None
 
 
 def _first_line(err: BaseException) -> str:
@@ -87,7 +90,10 @@ def train(
                                                "otherwise idle, fewer as other processes load it)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="rich progress bar"),
 ) -> None:
-    """Train one run into OUT, then evaluate it (resumes OUT; refuses a folder holding another run)."""
+    """Train one run into OUT, then evaluate it (resumes OUT; refuses a folder holding another run).
+
+    In a job of several processes (torchrun), each waits at most $DIMR_LAB_DIST_TIMEOUT_S seconds (default 600)
+    for the others in a collective, then stops with one line."""
     from dimr_lab.spec.run_spec import load_run_spec
     from dimr_lab.spec.schema import parse_overrides
 
@@ -101,7 +107,10 @@ def train(
     with _peer_death_is_one_line(out):
         result = train_run(run_spec, out, should_stop=stop, progress=progress)
     if result.get("interrupted"):
-        if _main_process():
+        if _main_process() and "evaluating" in result:
+            print(f"stopped evaluating step {result['evaluating']}; the samples made so far are kept in {out}; run "
+                  f"the same command to resume", file=sys.stderr)
+        elif _main_process():
             print(f"stopped at step {result.get('step')}; checkpoint saved in {out}; run the same command to resume",
                   file=sys.stderr)
         raise typer.Exit(EXIT_INTERRUPTED)

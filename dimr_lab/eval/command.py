@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -72,9 +73,12 @@ def evaluate_run(run_dir: str | Path, *, step: int | None = None, all_steps: boo
 
 
 def evaluate_planned(spec: Any, run_dir: Path, *, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
-    """The worker's --mode eval: a planned run's evaluations, without training (it must have trained)."""
-    from dimr_lab.eval.run import evaluate_step, train_summary
+    """The worker's --mode eval: a planned run's evaluations, without training (it must have trained); they stop
+    between chunks at train.time_limit_s, as they do after training in the same job."""
+    from dimr_lab.eval.run import evaluate_step, train_summary, within_time_limit
     from dimr_lab.spec.preflight import check_files
+
+    t0 = time.perf_counter()
 
     run = RunDir(run_dir)
     check_files(spec)
@@ -87,7 +91,8 @@ def evaluate_planned(spec: Any, run_dir: Path, *, should_stop: Callable[[], bool
     try:
         with run_lock(run.path, purpose="eval") if info.main else contextlib.nullcontext():
             for s in spec.eval_steps():
-                res = evaluate_step(spec, run, s, info=info, should_stop=should_stop,
+                res = evaluate_step(spec, run, s, info=info,
+                                    should_stop=within_time_limit(should_stop, spec.train.time_limit_s, t0),
                                     train_info=train_summary(run, s, spec))
                 if res is None:
                     return {"interrupted": True, "step": s}

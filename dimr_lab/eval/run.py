@@ -92,14 +92,24 @@ def class_counts(spec: Any) -> np.ndarray | None:
     return np.bincount(np.asarray(labels), minlength=ds.num_classes)
 
 
+def within_time_limit(should_stop: Callable[[], bool] | None, limit_s: float, t0: float
+                      ) -> Callable[[], bool] | None:
+    """should_stop, or also the wall time since t0 (time.perf_counter()) passing limit_s when limit_s > 0
+    (train.time_limit_s: a job's evaluations stop between chunks as its training stops between steps)."""
+    if not limit_s > 0:
+        return should_stop
+    return lambda: bool(should_stop and should_stop()) or time.perf_counter() - t0 > limit_s
+
+
 def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistInfo | None = None,
                   should_stop: Callable[[], bool] | None = None, log: Callable[[str], None] | None = None,
                   progress: Callable[[int, int], None] | None = None, train_info: dict | None = None,
                   resample: bool = False) -> dict[str, Any] | None:
     """Evaluate the checkpoint at `step` with spec.sample/spec.eval: the metrics dict (also when done
-    before), or None when a stop request ended it early (its chunks stay; the same call resumes).
-    The samples are taken from a finished evaluation of the same step that drew the same ones
-    (dimr_lab.eval.reuse) unless `resample`; metrics.json names it as samples_from."""
+    before), or None when a stop request ended it early (its chunks stay; the same call resumes). should_stop
+    is asked after each round of chunks, so every call makes at least one round. The samples are taken from a
+    finished evaluation of the same step that drew the same ones (dimr_lab.eval.reuse) unless `resample`;
+    metrics.json names it as samples_from."""
     from dimr_lab.eval import cache_dir, evaluate
     from dimr_lab.eval.sampling import data_classes, generate, labels_for, load_run_model, to_uint8
     from dimr_lab.images import write_grid

@@ -112,6 +112,42 @@ def _spawn(run: PlannedRun, train_fn: str, threads: int | None, mode: str = "tra
     return proc
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _RunnerStop:
+    """The runner's SIGINT/SIGTERM: a KeyboardInterrupt (the runs are stopped at a checkpoint), held back while
+    a worker is started and entered in the table (`hold`), so that no worker escapes the stop unknown."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.pending = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.held:
+            self.pending = True
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def hold(self) -> Any:
+        """The signals wait until the block ends. They are blocked in this thread too: a worker started here
+        begins with them blocked, so one sent to it before its handlers are in place waits for them (the worker
+        unblocks them) instead of killing it or being lost between fork and exec."""
+        on_main = threading.current_thread() is threading.main_thread()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if on_main else None
+        self.held = True
+        try:
+            yield
+        finally:
+            if mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a signal held meanwhile arrives now
+            self.held = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
 def usable_cores() -> int:
     """The CPU cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -178,12 +214,10 @@ def run_local(runs: list[PlannedRun], *, jobs: int = 1, train_fn: str | None = N
                                + (f"\n{detail}" if detail and status != "done" else ""), highlight=False)
 
     interrupted = False
-
-    def _term(signum, frame):  # `kill` of the runner: stop the runs at a checkpoint, like Ctrl-C
-        raise KeyboardInterrupt
-
-    old_term = signal.signal(signal.SIGTERM, _term) if threading.current_thread() is threading.main_thread() \
-        else None
+    # `kill` of the runner or Ctrl-C: stop the runs at a checkpoint
+    stopper = _RunnerStop()
+    old_handlers = {sig: signal.signal(sig, stopper) for sig in STOP_SIGNALS} \
+        if threading.current_thread() is threading.main_thread() else {}
     with progress:
         try:
             while queue or active:
@@ -199,9 +233,10 @@ def run_local(runs: list[PlannedRun], *, jobs: int = 1, train_fn: str | None = N
                         progress.advance(overall)
                         continue
                     task = progress.add_task(f"  {run.run_dir.name}", total=max(1, run.spec.train.steps))
-                    records[run.run_dir] = try_read_json_object(run.run_dir / LOCAL)
-                    active[run.run_dir] = (run, _spawn(run, train_fn, threads, "eval" if eval_only else "train"),
-                                           time.time(), task)
+                    with stopper.hold():  # a stop now would miss a worker started but not yet in `active`
+                        records[run.run_dir] = try_read_json_object(run.run_dir / LOCAL)
+                        active[run.run_dir] = (run, _spawn(run, train_fn, threads,
+                                                           "eval" if eval_only else "train"), time.time(), task)
                 for run_dir in list(active):
                     run, proc, _, task = active[run_dir]
                     step = RunDir(run_dir).last_logged_step()
@@ -214,9 +249,11 @@ def run_local(runs: list[PlannedRun], *, jobs: int = 1, train_fn: str | None = N
             interrupted = True
             progress.console.print("[yellow]interrupted: waiting for the active runs to checkpoint[/]")
             deadline = time.time() + 120
+            stopper.held = True  # a second signal does not cut the forwarding short (it is ignored)
             for run_dir in list(active):
                 if active[run_dir][1].poll() is None:
                     active[run_dir][1].send_signal(signal.SIGTERM)  # the worker checkpoints, then exits
+            stopper.held = stopper.pending = False  # from here a second signal stops the workers at once
             for run_dir in list(active):
                 proc = active[run_dir][1]
                 try:
@@ -226,8 +263,8 @@ def run_local(runs: list[PlannedRun], *, jobs: int = 1, train_fn: str | None = N
                     proc.wait()
                 finish(run_dir)
         finally:
-            if old_term is not None:
-                signal.signal(signal.SIGTERM, old_term)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
     result = [outcomes.get(r.run_dir) or Outcome(r, "skipped", detail="not started") for r in runs]
     if interrupted:
         raise KeyboardInterrupt

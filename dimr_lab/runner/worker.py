@@ -4,7 +4,8 @@
 Reads the resolved spec from RUN_DIR/run.json and calls the trainer (`train_run(spec, run_dir,
 should_stop=...)`, which takes the folder's lock, resumes or continues the run, and evaluates it) or,
 with `--mode eval`, only the evaluations (the run must have trained). SIGINT/SIGTERM ask it to stop at
-the next step boundary (it saves a checkpoint first).
+the next step boundary (it saves a checkpoint first); one that came before it began (the local runner starts
+it with both blocked) stops it at once, interrupted.
 Exit status: 0 done (its evaluations written), 3 interrupted (resumable), 4 another process holds the
 run, 1 the trainer failed (traceback on stderr), 2 a bad run folder or spec.
 """
@@ -119,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopFlag()
     signal.signal(signal.SIGINT, stop.set)
     signal.signal(signal.SIGTERM, stop.set)
+    # the local runner starts a worker with these signals blocked: one sent while it was starting arrives now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGINT, signal.SIGTERM))
+    if stop():
+        print(f"{args.run_dir}: stopped before it started; rerun to start it", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     try:
         fn = resolve_train_fn(EVAL_FN if args.mode == "eval" else args.train_fn)
         code, _ = train_one(args.run_dir, fn, stop)

@@ -99,8 +99,10 @@ class TrainSpec:
     log_every: int = field(50, min=1)
     threads: int = field(0, min=0, max=1024, help="CPU threads of this run (0 = OMP_NUM_THREADS where set, as "
                                                   "torchrun and `run --jobs` set it; else every free core)")
-    time_limit_s: float = field(0.0, min=0.0, help="stop training and checkpoint after this wall time (0 = none); "
-                                                   "the evaluations that follow are not bounded by it")
+    time_limit_s: float = field(0.0, min=0.0, help="wall time of one job (train, run, run --eval-only; 0 = none): "
+                                                   "training stops at a checkpoint, an evaluation between its "
+                                                   "sample chunks (kept; the next job resumes both); `dimr-lab "
+                                                   "eval` is not bounded by it")
 
     def validate(self) -> None:
         if len(self.betas) != 2:

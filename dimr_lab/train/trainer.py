@@ -46,7 +46,8 @@ def train_run(spec: Any, out_dir: Path, *, should_stop: Callable[[], bool] | Non
     """Train what is left of the run in out_dir, then evaluate spec.eval_steps(); the last step's metrics.
 
     Returns {"interrupted": True, "step": s} when should_stop() or train.time_limit_s stopped it (after
-    a checkpoint), {"rank": r} on ranks other than 0, else the metrics of the last step's evaluation."""
+    a checkpoint, or between an evaluation's chunks: then with "evaluating": the step evaluated), {"rank": r}
+    on ranks other than 0, else the metrics of the last step's evaluation."""
     from dimr_lab.spec.preflight import check_out_dir
 
     run = RunDir(check_out_dir(out_dir))
@@ -436,10 +437,14 @@ class Trainer:
         (a host sync) and every rank must ask at the same steps."""
         if self.world > 1 and self.session_steps % STOP_CHECK_EVERY:
             return False
-        limit = self.spec.train.time_limit_s
-        stop = bool(self.should_stop and self.should_stop())
-        stop = stop or (limit > 0 and time.perf_counter() - self.t0 > limit)
-        return distributed.any_flag(self.info, stop)
+        return distributed.any_flag(self.info, self._stop_or_time_limit())
+
+    def _stop_or_time_limit(self) -> bool:
+        """should_stop() or train.time_limit_s passed (this process's view; callers agree over the ranks)."""
+        from dimr_lab.eval.run import within_time_limit
+
+        stop = within_time_limit(self.should_stop, self.spec.train.time_limit_s, self.t0)
+        return bool(stop and stop())
 
     def _gmacs(self) -> float | None:
         from dimr_lab.nn.describe import counts_for
@@ -601,7 +606,8 @@ class Trainer:
             done = made is not None and made.serves(self.spec.eval.enabled)
             bar = None if done else self._phase_bar(f"sampling (step {step})")  # no empty bar for one made before
             try:
-                res = evaluate_step(self.spec, self.run, step, info=self.info, should_stop=self.should_stop,
+                # bounded by train.time_limit_s too: stopped between chunks, it resumes at the first missing one
+                res = evaluate_step(self.spec, self.run, step, info=self.info, should_stop=self._stop_or_time_limit,
                                     log=self._say if self.progress else None,
                                     progress=(lambda done, total: bar[0].update(bar[1], completed=done, total=total))
                                     if bar else None, train_info=train_summary(self.run, step, self.spec))
