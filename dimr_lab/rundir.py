@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from dimr_lab.atomic import atomic_write_text
+from dimr_lab.atomic import atomic_write_text, make_dirs
 from dimr_lab.errors import UserError
 
 RUN_RECORD = "run.json"
@@ -539,7 +539,7 @@ def run_lock(run_dir: str | Path, *, wait_s: float = 0.0, purpose: str = "train"
     process), so a stale lock file never blocks."""
     run_dir = Path(run_dir)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(run_dir)
         fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
         raise UserError(f"{run_dir}: cannot create the run folder's lock ({err.strerror or err})") from None

@@ -327,6 +327,55 @@ def test_files_follow_the_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o664
 
 
+
+def _record_fsyncs(monkeypatch) -> list[str]:
+    """Replace os.fsync by one that records what each call flushed (a file's or a folder's path)."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name an fd")
+def test_an_atomic_write_flushes_its_folder_after_the_file(tmp_path, monkeypatch):
+    """The rename that publishes a file is on disk when the write returns: the folder is fsynced after the
+    file, and a folder the write creates is flushed into its parent (else a power loss can lose either)."""
+    from dimr_lab.atomic import atomic_write_text
+
+    synced = _record_fsyncs(monkeypatch)
+    atomic_write_text(tmp_path / "a.json", "{}")
+    assert synced[-1] == str(tmp_path), synced
+    assert any(p.startswith(str(tmp_path / ".a.json.")) for p in synced[:-1]), synced  # the temporary file, first
+    synced.clear()
+    atomic_write_text(tmp_path / "run" / "checkpoints" / "index.json", "{}")
+    assert synced.index(str(tmp_path)) < synced.index(str(tmp_path / "run")) \
+        < synced.index(str(tmp_path / "run" / "checkpoints")), synced
+    assert synced[-1] == str(tmp_path / "run" / "checkpoints"), synced
+    synced.clear()
+    atomic_write_text(tmp_path / "a.json", "{}")  # nothing created: the file and its folder only
+    assert len(synced) == 2 and synced[1] == str(tmp_path), synced
+
+
+def test_an_atomic_write_on_a_folder_that_refuses_fsync_still_writes(tmp_path, monkeypatch):
+    from dimr_lab import atomic
+
+    real = os.fsync
+
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(22, "Invalid argument")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic.atomic_write_text(tmp_path / "a.json", "{}")
+    assert (tmp_path / "a.json").read_text() == "{}"
+
+
 @pytest.mark.timeout(600)
 def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from dimr_lab import dist as distributed
+from dimr_lab.atomic import make_dirs
 from dimr_lab.errors import UserError
 from dimr_lab.nn.checkpoint import read_checkpoint, write_checkpoint
 from dimr_lab.rundir import (CheckpointIndex, RunDir, RunRecord, remove_stale_temporaries, run_lock)
@@ -139,7 +140,7 @@ def claim(run: RunDir, spec: Any, record: RunRecord | None) -> Callable[[], None
     from dimr_lab.spec.run_spec import load_run_spec
 
     identity = spec.identity_hash()
-    run.path.mkdir(parents=True, exist_ok=True)
+    make_dirs(run.path)
     for folder in (run.path, run.checkpoints):
         if folder.exists() and not os.access(folder, os.W_OK | os.X_OK):
             raise UserError(f"{folder}: not writable; the run could not save its checkpoints")
@@ -503,7 +504,10 @@ class Trainer:
 
             tmp = target.with_name(f".{target.name}.copy.tmp")  # the name remove_stale_temporaries clears
             shutil.copyfile(run.last_checkpoint, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
             os.replace(tmp, target)
+        # the new name is flushed with the index naming it (CheckpointIndex.write fsyncs checkpoints/)
 
     def _trim_log(self, step: int) -> None:
         """Keep the log rows up to `step` (those after the checkpoint are written again)."""
