@@ -112,7 +112,7 @@ def test_odd_output_folders_are_one_line(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
     one_line_exit_2(*cli(["train", "--out", f, *TINY], capsys), "exists and is not a folder")
-    one_line_exit_2(*cli(["train", "--out", f / "run", *TINY], capsys), "is not a folder")
+    one_line_exit_2(*cli(["train", "--out", f / "run", *TINY], capsys), "file is a file, not a folder")
     if os.geteuid() != 0:  # root writes anywhere: a read-only folder stops only others
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o555)
@@ -465,3 +465,35 @@ def test_a_wandb_run_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch
                       "--set", "track.wandb_mode=\"online\""], capsys)
     one_line_exit_2(code, o, e, "track.wandb_mode: wandb could not start the run in mode 'online' (No API key")
     assert not out.exists()
+
+
+# every command that writes a file or a folder where it is told: under an existing *file* it says so in one line
+# (which file is in the way), before any work, and writes nothing
+UNDER_A_FILE = {
+    "export": ["export", "{run}", "--out", "{f}/m.safetensors"],
+    "export-deeper": ["export", "{run}", "--out", "{f}/a/b/m.safetensors"],
+    "sample": ["sample", "{run}", "--out", "{f}/grid.png"],
+    "distortion": ["distortion", "{run}", "--out", "{f}/grid.png"],
+    "table-out": ["table", "{run}", "--out", "{f}/table.md"],
+    "table-plot": ["table", "{run}", "--plot", "{f}/bars.png"],
+    "table-curves": ["table", "{run}", "--curves", "{f}/curves.png"],
+    "convert-official": ["convert-official", "{tmp}/released.pth", "{f}/converted.pt"],
+    "train": ["train", "--out", "{f}/run", *TINY],
+    "run": ["run", "{tmp}/abl.toml", "--results", "{f}/results"],
+    "prepare-latents": ["prepare-latents", "{tmp}/imgs", "{f}/latents", "--vae", "{tmp}/vae"],
+}
+
+
+@pytest.mark.parametrize("name", list(UNDER_A_FILE))
+def test_an_output_path_under_a_file_is_one_line_naming_the_file(tmp_path, capsys, name):
+    from test_data import write_folder
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    write_folder(tmp_path / "imgs")
+    (tmp_path / "abl.toml").write_text('name = "abl"\n[[variants]]\nname = "base"\n')
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    argv = [a.format(run=tmp_path / "run", f=notes, tmp=tmp_path) for a in UNDER_A_FILE[name]]
+    one_line_exit_2(*cli(argv, capsys), f"{notes} is a file, not a folder")
+    assert notes.read_text() == "mine\n"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "nothing written"

@@ -102,6 +102,10 @@ def run_cmd(
         raise UserError(f"--jobs {jobs}: must be >= 0 (0 = one run per CPU core, up to 8)")
     if results.exists() and not results.is_dir():
         raise UserError(f"--results {results}: exists and is not a folder")
+    if not dry_run:  # a file above it, an unwritable folder: said once, not as each run's lock failing
+        from dimr_lab.spec.preflight import check_out_dir
+
+        check_out_dir(results, "--results")
     plain, grid = grid_overrides(set_)
     run_over, slurm_upd, set_seeds = split_overrides(parse_overrides(plain))
     abl = load_ablation(file)
