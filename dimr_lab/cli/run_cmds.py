@@ -402,7 +402,7 @@ def _status_view(directory: Path, statuses: list[Any], lines: int) -> Any:
         t.add_row(str(rel), f"[{style[s.state]}]{s.state}[/]", step,
                   f"{s.loss:.4f}" if s.loss is not None else "-",
                   f"{s.images_per_s:.0f}" if s.images_per_s is not None else "-", format_eta(s.eta_s), job,
-                  Text(s.detail))
+                  Text("; ".join(x for x in (s.detail, s.history()) if x)))
     parts: list[Any] = [t]
     for ablation, tally in summary(statuses).items():
         parts.append(Text(f"{ablation}: " + ", ".join(f"{n} {k}" for k, n in sorted(tally.items()))))

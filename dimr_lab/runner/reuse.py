@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Sequence
 
 from dimr_lab.atomic import fsync_dir
-from dimr_lab.rundir import (CHECKPOINTS, EVALS, LOG, LOSS_PLOT, SPEC, RunBusy, RunDir, is_run_folder, pid_alive,
-                             run_lock, try_read_json_object)
+from dimr_lab.rundir import (CHECKPOINTS, EVALS, LOG, LOSS_PLOT, SESSIONS, SPEC, RunBusy, RunDir, is_run_folder,
+                             pid_alive, run_lock, try_read_json_object)
 
-# what a copy takes: the trained state and its evaluations; not the runner's own files (run.json is planned
-# anew, local.json/slurm.json/output.log belong to the processes that trained the source, .lock to nobody)
-COPIED = (SPEC, LOG, LOSS_PLOT, CHECKPOINTS, EVALS)
+# what a copy takes: the trained state, its evaluations and the sessions that made them (their restarts and
+# wall time); not the runner's own files (run.json is planned anew, local.json/slurm.json/output.log belong to
+# the processes that trained the source, .lock to nobody)
+COPIED = (SPEC, LOG, LOSS_PLOT, CHECKPOINTS, EVALS, SESSIONS)
 
 
 @dataclass
