@@ -451,6 +451,69 @@ def test_logs_follow_goes_on_after_a_resumed_run_rewrites_its_log(tmp_path, caps
     assert printed == rows[4] + json.dumps({"step": 4, "loss": 0.5}) + "\n" + rows[4] + rows[5] + rows[0], printed
 
 
+
+def test_logs_follow_moves_to_the_log_of_a_job_submitted_again(tmp_path, capsys):
+    """A run submitted again (a new SLURM job) writes its own files under .submitit/<job id>/: following
+    stayed on the old job's file and printed nothing more. It now moves to the new job's log, and to a local
+    rerun's output.log (from where that file stood when following began), each after a '==> PATH <==' line."""
+    import threading
+
+    from dimr_lab.cli.run_cmds import _follow
+    from dimr_lab.rundir import RunDir, write_json
+    from dimr_lab.runner.slurm_logs import run_log_file, run_log_files
+
+    run = tmp_path / "abl" / "r0"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    (run / "output.log").write_text("an earlier local run\n")
+    os.utime(run / "output.log", (time.time() - 600, time.time() - 600))
+    submitit = tmp_path / "abl" / ".submitit"
+
+    def job(job_id):  # the record `run --executor slurm` keeps, with submitit's file names
+        folder = submitit / job_id
+        return {"job_id": job_id, "folder": str(folder), "stdout": str(folder / f"{job_id}_0_log.out"),
+                "stderr": str(folder / f"{job_id}_0_log.err")}
+
+    first, second = job("100_0"), job("101_0")
+    Path(first["folder"]).mkdir(parents=True)
+    Path(first["stderr"]).write_text("old 1\n")
+    write_json(run / "slurm.json", {"jobs": [first]})
+    start = run_log_file(RunDir(run))
+    assert start == Path(first["stderr"])
+    offsets = {p: p.stat().st_size for p in run_log_files(RunDir(run))}
+
+    def append(path, text):
+        time.sleep(0.15)  # a few polls between the steps, and a later modification time
+        with open(path, "a") as f:
+            f.write(text)
+
+    def writer():
+        append(first["stderr"], "old 2\n")
+        write_json(run / "slurm.json", {"jobs": [first, second]})  # submitted: no file of its own yet
+        time.sleep(0.15)
+        Path(second["folder"]).mkdir()
+        append(second["stderr"], "new 1\n")
+        append(second["stderr"], "new 2\n")
+        append(run / "output.log", "local 1\n")
+
+    thread = threading.Thread(target=writer)
+    polls_after = []
+
+    def sleep(_seconds):
+        time.sleep(0.02)
+        if not thread.is_alive():
+            polls_after.append(1)
+            if len(polls_after) > 10:
+                raise KeyboardInterrupt
+
+    thread.start()
+    with pytest.raises(KeyboardInterrupt):
+        _follow(start, sleep, locate=lambda: run_log_file(RunDir(run)), offsets=offsets)
+    thread.join()
+    printed = capsys.readouterr().out
+    assert printed == (f"old 2\n==> {second['stderr']} <==\nnew 1\nnew 2\n"
+                       f"==> {run / 'output.log'} <==\nlocal 1\n"), printed
+
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="the tracking extra is not installed")
 def test_a_wandb_run_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch):
     """Online without a login or a connection: wandb.init raised its own error, a traceback with status 1."""
