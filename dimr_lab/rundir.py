@@ -17,6 +17,9 @@ this module, so its writers and readers cannot drift apart (tests/test_runs.py, 
         eval.json           EvalRecord: step, settings (sample + eval sections), their hash
         metrics.json        the metrics; its presence (parsing) means the evaluation is done
         samples.png, per_sample.npz, distortion.json, distortion.png, chunks/ (while sampling)
+      sessions.json         every training session (a start, a resume after a kill, a SLURM requeue): its
+                            start, last sign of life, steps, outcome, host, pid and SLURM job; with the
+                            restarts and the wall time they add up to (SessionLog)
       local.json, slurm.json, output.log     (runners) the process or SLURM jobs that trained it
       .lock                 held by every writer (train, the ablation worker, eval)
 
@@ -40,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from dimr_lab.atomic import atomic_write_text
+from dimr_lab.atomic import atomic_write_text, make_dirs
 from dimr_lab.errors import UserError
 
 RUN_RECORD = "run.json"
@@ -57,6 +60,7 @@ SAMPLES = "samples.png"
 PER_SAMPLE = "per_sample.npz"
 CHUNKS = "chunks"
 LOCAL = "local.json"
+SESSIONS = "sessions.json"
 SLURM = "slurm.json"
 OUTPUT_LOG = "output.log"
 LOCK = ".lock"
@@ -420,6 +424,91 @@ class RunDir:
                 return row["step"]
         return None
 
+    # sessions
+    @property
+    def sessions_path(self) -> Path:
+        return self.path / SESSIONS
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """The training sessions sessions.json records, oldest first ([] when it is missing or unusable)."""
+        data = try_read_json_object(self.sessions_path)
+        rows = data.get("sessions") if isinstance(data, dict) else None
+        return [s for s in rows if _is_session(s)] if isinstance(rows, list) else []
+
+
+def _is_session(s: Any) -> bool:
+    return isinstance(s, dict) and all(isinstance(s.get(k), (int, float)) and not isinstance(s.get(k), bool)
+                                       and math.isfinite(s[k]) for k in ("started", "last"))
+
+
+def session_totals(sessions: list[dict[str, Any]]) -> dict[str, Any]:
+    """{sessions, restarts, wall_s}: a restart is every session after the first (and the first one too when it
+    resumed a checkpoint that sessions before any record made); wall_s sums each session from its start to its
+    last sign of life (a killed session's time after that is not counted)."""
+    if not sessions:
+        return {"sessions": 0, "restarts": 0, "wall_s": None}
+    restarts = len(sessions) - 1 + (1 if sessions[0].get("resumed") else 0)
+    wall = sum(max(0.0, float(s["last"]) - float(s["started"])) for s in sessions)
+    return {"sessions": len(sessions), "restarts": restarts, "wall_s": round(wall, 3)}
+
+
+class SessionLog:
+    """Appends this process's session to sessions.json and keeps its end up to date (rank 0, under the run's
+    lock): `begin` when training starts or resumes, `touch` as it makes progress (written at most every
+    TOUCH_S seconds unless forced: a checkpoint, an evaluation), `end` with how it ended. A session killed
+    without an end keeps outcome 'running' and the time of its last touch."""
+
+    TOUCH_S = 10.0
+
+    def __init__(self, run: RunDir):
+        self.run = run
+        self.rows: list[dict[str, Any]] | None = None
+        self._written = 0.0
+
+    def begin(self, *, step: int, resumed: bool, processes: int = 1, started: float | None = None) -> None:
+        """A new session from `step` (`resumed`: from a checkpoint), begun at `started` (now when None: the
+        trainer passes the time it began building, so that loading data and the network count)."""
+        path = self.run.sessions_path
+        rows = self.run.sessions()
+        if path.exists() and not rows and try_read_json_object(path) is None:
+            with contextlib.suppress(OSError):  # unreadable: kept aside, not written over
+                os.replace(path, path.with_name(f"sessions.damaged-{int(time.time())}.json"))
+        job = os.environ.get("SLURM_JOB_ID")
+        if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
+            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"  # as slurm.json names it
+        restart = os.environ.get("SLURM_RESTART_COUNT", "")
+        now = time.time()
+        rows.append({"started": now if started is None else started, "last": now, "outcome": "running",
+                     "from_step": step, "to_step": step, "resumed": resumed, "host": socket.gethostname(),
+                     "pid": os.getpid(), "job_id": job, "slurm_restart": int(restart) if restart.isdigit() else None,
+                     "processes": processes})
+        self.rows = rows
+        self._write()
+
+    def touch(self, step: int, *, force: bool = False) -> None:
+        if self.rows is None:
+            return
+        self.rows[-1]["to_step"] = step
+        self.rows[-1]["last"] = time.time()
+        if force or time.monotonic() - self._written >= self.TOUCH_S:
+            self._write()
+
+    def end(self, outcome: str, step: int) -> None:
+        if self.rows is None:
+            return
+        self.rows[-1]["outcome"] = outcome
+        self.touch(step, force=True)
+        self.rows = None
+
+    def _write(self) -> None:
+        assert self.rows is not None
+        with contextlib.suppress(OSError):  # a record of the run, never the reason it fails (a full disk stops
+            # it at its next checkpoint, with its own message)
+            totals = session_totals(self.rows)
+            write_json(self.run.sessions_path, {"sessions": self.rows, "restarts": totals["restarts"],
+                                                "wall_s": totals["wall_s"]})
+        self._written = time.monotonic()
+
 
 def _named_step(d: Path) -> int:
     """The step in an evaluation folder's name (step-00000600-<hash>), -1 when it has none."""
@@ -539,7 +628,7 @@ def run_lock(run_dir: str | Path, *, wait_s: float = 0.0, purpose: str = "train"
     process), so a stale lock file never blocks."""
     run_dir = Path(run_dir)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(run_dir)
         fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
         raise UserError(f"{run_dir}: cannot create the run folder's lock ({err.strerror or err})") from None

@@ -112,7 +112,7 @@ def test_odd_output_folders_are_one_line(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
     one_line_exit_2(*cli(["train", "--out", f, *TINY], capsys), "exists and is not a folder")
-    one_line_exit_2(*cli(["train", "--out", f / "run", *TINY], capsys), "is not a folder")
+    one_line_exit_2(*cli(["train", "--out", f / "run", *TINY], capsys), "file is a file, not a folder")
     if os.geteuid() != 0:  # root writes anywhere: a read-only folder stops only others
         ro = tmp_path / "ro"
         ro.mkdir(mode=0o555)
@@ -327,6 +327,55 @@ def test_files_follow_the_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o664
 
 
+
+def _record_fsyncs(monkeypatch) -> list[str]:
+    """Replace os.fsync by one that records what each call flushed (a file's or a folder's path)."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name an fd")
+def test_an_atomic_write_flushes_its_folder_after_the_file(tmp_path, monkeypatch):
+    """The rename that publishes a file is on disk when the write returns: the folder is fsynced after the
+    file, and a folder the write creates is flushed into its parent (else a power loss can lose either)."""
+    from dimr_lab.atomic import atomic_write_text
+
+    synced = _record_fsyncs(monkeypatch)
+    atomic_write_text(tmp_path / "a.json", "{}")
+    assert synced[-1] == str(tmp_path), synced
+    assert any(p.startswith(str(tmp_path / ".a.json.")) for p in synced[:-1]), synced  # the temporary file, first
+    synced.clear()
+    atomic_write_text(tmp_path / "run" / "checkpoints" / "index.json", "{}")
+    assert synced.index(str(tmp_path)) < synced.index(str(tmp_path / "run")) \
+        < synced.index(str(tmp_path / "run" / "checkpoints")), synced
+    assert synced[-1] == str(tmp_path / "run" / "checkpoints"), synced
+    synced.clear()
+    atomic_write_text(tmp_path / "a.json", "{}")  # nothing created: the file and its folder only
+    assert len(synced) == 2 and synced[1] == str(tmp_path), synced
+
+
+def test_an_atomic_write_on_a_folder_that_refuses_fsync_still_writes(tmp_path, monkeypatch):
+    from dimr_lab import atomic
+
+    real = os.fsync
+
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(22, "Invalid argument")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    atomic.atomic_write_text(tmp_path / "a.json", "{}")
+    assert (tmp_path / "a.json").read_text() == "{}"
+
+
 @pytest.mark.timeout(600)
 def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -402,6 +451,69 @@ def test_logs_follow_goes_on_after_a_resumed_run_rewrites_its_log(tmp_path, caps
     assert printed == rows[4] + json.dumps({"step": 4, "loss": 0.5}) + "\n" + rows[4] + rows[5] + rows[0], printed
 
 
+
+def test_logs_follow_moves_to_the_log_of_a_job_submitted_again(tmp_path, capsys):
+    """A run submitted again (a new SLURM job) writes its own files under .submitit/<job id>/: following
+    stayed on the old job's file and printed nothing more. It now moves to the new job's log, and to a local
+    rerun's output.log (from where that file stood when following began), each after a '==> PATH <==' line."""
+    import threading
+
+    from dimr_lab.cli.run_cmds import _follow
+    from dimr_lab.rundir import RunDir, write_json
+    from dimr_lab.runner.slurm_logs import run_log_file, run_log_files
+
+    run = tmp_path / "abl" / "r0"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    (run / "output.log").write_text("an earlier local run\n")
+    os.utime(run / "output.log", (time.time() - 600, time.time() - 600))
+    submitit = tmp_path / "abl" / ".submitit"
+
+    def job(job_id):  # the record `run --executor slurm` keeps, with submitit's file names
+        folder = submitit / job_id
+        return {"job_id": job_id, "folder": str(folder), "stdout": str(folder / f"{job_id}_0_log.out"),
+                "stderr": str(folder / f"{job_id}_0_log.err")}
+
+    first, second = job("100_0"), job("101_0")
+    Path(first["folder"]).mkdir(parents=True)
+    Path(first["stderr"]).write_text("old 1\n")
+    write_json(run / "slurm.json", {"jobs": [first]})
+    start = run_log_file(RunDir(run))
+    assert start == Path(first["stderr"])
+    offsets = {p: p.stat().st_size for p in run_log_files(RunDir(run))}
+
+    def append(path, text):
+        time.sleep(0.15)  # a few polls between the steps, and a later modification time
+        with open(path, "a") as f:
+            f.write(text)
+
+    def writer():
+        append(first["stderr"], "old 2\n")
+        write_json(run / "slurm.json", {"jobs": [first, second]})  # submitted: no file of its own yet
+        time.sleep(0.15)
+        Path(second["folder"]).mkdir()
+        append(second["stderr"], "new 1\n")
+        append(second["stderr"], "new 2\n")
+        append(run / "output.log", "local 1\n")
+
+    thread = threading.Thread(target=writer)
+    polls_after = []
+
+    def sleep(_seconds):
+        time.sleep(0.02)
+        if not thread.is_alive():
+            polls_after.append(1)
+            if len(polls_after) > 10:
+                raise KeyboardInterrupt
+
+    thread.start()
+    with pytest.raises(KeyboardInterrupt):
+        _follow(start, sleep, locate=lambda: run_log_file(RunDir(run)), offsets=offsets)
+    thread.join()
+    printed = capsys.readouterr().out
+    assert printed == (f"old 2\n==> {second['stderr']} <==\nnew 1\nnew 2\n"
+                       f"==> {run / 'output.log'} <==\nlocal 1\n"), printed
+
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="the tracking extra is not installed")
 def test_a_wandb_run_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch):
     """Online without a login or a connection: wandb.init raised its own error, a traceback with status 1."""
@@ -416,3 +528,35 @@ def test_a_wandb_run_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch
                       "--set", "track.wandb_mode=\"online\""], capsys)
     one_line_exit_2(code, o, e, "track.wandb_mode: wandb could not start the run in mode 'online' (No API key")
     assert not out.exists()
+
+
+# every command that writes a file or a folder where it is told: under an existing *file* it says so in one line
+# (which file is in the way), before any work, and writes nothing
+UNDER_A_FILE = {
+    "export": ["export", "{run}", "--out", "{f}/m.safetensors"],
+    "export-deeper": ["export", "{run}", "--out", "{f}/a/b/m.safetensors"],
+    "sample": ["sample", "{run}", "--out", "{f}/grid.png"],
+    "distortion": ["distortion", "{run}", "--out", "{f}/grid.png"],
+    "table-out": ["table", "{run}", "--out", "{f}/table.md"],
+    "table-plot": ["table", "{run}", "--plot", "{f}/bars.png"],
+    "table-curves": ["table", "{run}", "--curves", "{f}/curves.png"],
+    "convert-official": ["convert-official", "{tmp}/released.pth", "{f}/converted.pt"],
+    "train": ["train", "--out", "{f}/run", *TINY],
+    "run": ["run", "{tmp}/abl.toml", "--results", "{f}/results"],
+    "prepare-latents": ["prepare-latents", "{tmp}/imgs", "{f}/latents", "--vae", "{tmp}/vae"],
+}
+
+
+@pytest.mark.parametrize("name", list(UNDER_A_FILE))
+def test_an_output_path_under_a_file_is_one_line_naming_the_file(tmp_path, capsys, name):
+    from test_data import write_folder
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    write_folder(tmp_path / "imgs")
+    (tmp_path / "abl.toml").write_text('name = "abl"\n[[variants]]\nname = "base"\n')
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    argv = [a.format(run=tmp_path / "run", f=notes, tmp=tmp_path) for a in UNDER_A_FILE[name]]
+    one_line_exit_2(*cli(argv, capsys), f"{notes} is a file, not a folder")
+    assert notes.read_text() == "mine\n"
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "nothing written"

@@ -483,3 +483,69 @@ def test_evaluating_a_damaged_checkpoint_writes_nothing(tmp_path, capsys):
     code, _, err = cli(["eval", tmp_path / "run", "--set", "sample.steps=3"], capsys)
     assert code == 2 and err.count("\n") == 1 and "last.pt" in err, err
     assert _tree_bytes(tmp_path / "run") == before
+
+
+@pytest.mark.timeout(600)
+def test_sessions_json_counts_the_restarts_and_wall_time_of_a_killed_and_resumed_run(tmp_path, capsys, monkeypatch):
+    """A run killed (SIGKILL, under a SLURM job id), stopped and resumed twice: sessions.json holds its three
+    sessions (how each ended, from and to which step, which process and job), the restarts and the wall time
+    they add up to, and `status` says 'resumed 2x' (and --json the same numbers)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from dimr_lab.runner.status import format_duration
+
+    run = tmp_path / "run"
+    argv = ["train", "--out", str(run), "--no-progress", "--set", "train.steps=400",
+            "--set", "train.checkpoint_every=2"]
+    def toml(v):  # TINY's values as --set takes them
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {toml(x)}" for k, x in v.items()) + "}"
+        return "[" + ", ".join(map(toml, v)) + "]" if isinstance(v, list) else json.dumps(v)
+
+    for key, value in TINY:
+        argv += ["--set", f"{key}={toml(value)}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="3")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_ARRAY_JOB_ID"):
+        env.pop(k, None)
+    proc = subprocess.Popen([sys.executable, "-c", "from dimr_lab.cli import main; main()", *argv], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (run / "checkpoints" / "index.json").exists() and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.kill()  # no chance to say how it ended
+    err = proc.communicate(timeout=60)[1].decode()
+    assert (run / "checkpoints" / "index.json").exists(), err[-2000:]
+    killed_at = json.loads((run / "checkpoints" / "index.json").read_text())["last"]
+
+    asked = iter(range(1000))
+    assert train(spec(400), run, should_stop=lambda: next(asked) == 3)["interrupted"]
+    train(spec(killed_at + 10), run)  # continued to a nearer end: the rest of the run
+
+    data = json.loads((run / "sessions.json").read_text())
+    first, second, third = data["sessions"]
+    assert [s["outcome"] for s in data["sessions"]] == ["running", "stopped", "done"]  # killed: never ended
+    assert [s["resumed"] for s in data["sessions"]] == [False, True, True]
+    assert (first["pid"], first["job_id"], first["slurm_restart"]) == (proc.pid, "4242", 3)
+    assert (second["pid"], second["job_id"]) == (os.getpid(), None) and second["host"] == socket.gethostname()
+    assert first["from_step"] == 0 and first["to_step"] >= 2  # its last sign of life: at least its checkpoint
+    assert second["from_step"] == killed_at and second["to_step"] == killed_at + 3
+    assert (third["from_step"], third["to_step"]) == (killed_at + 3, killed_at + 10)
+    assert all(s["started"] <= s["last"] for s in data["sessions"])
+    assert first["last"] <= second["started"] <= second["last"] <= third["started"]
+    wall = sum(s["last"] - s["started"] for s in data["sessions"])
+    assert data["restarts"] == 2 and data["wall_s"] == pytest.approx(wall, abs=1e-3) and wall > 0
+
+    code, out, _ = cli(["status", run, "--json"], capsys)
+    (st,) = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and (st["state"], st["sessions"], st["restarts"]) == ("done", 3, 2)
+    assert st["wall_s"] == data["wall_s"]
+    monkeypatch.setenv("COLUMNS", "200")  # the detail on one line
+    code, out, _ = cli(["status", run], capsys)
+    assert code == 0 and f"resumed 2x, {format_duration(data['wall_s'])} over 3 sessions" in out, out
+
+    train(spec(killed_at + 10), run)  # a finished run trained again: nothing to do, no session
+    assert len(json.loads((run / "sessions.json").read_text())["sessions"]) == 3

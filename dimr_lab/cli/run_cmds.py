@@ -102,6 +102,10 @@ def run_cmd(
         raise UserError(f"--jobs {jobs}: must be >= 0 (0 = one run per CPU core, up to 8)")
     if results.exists() and not results.is_dir():
         raise UserError(f"--results {results}: exists and is not a folder")
+    if not dry_run:  # a file above it, an unwritable folder: said once, not as each run's lock failing
+        from dimr_lab.spec.preflight import check_out_dir
+
+        check_out_dir(results, "--results")
     plain, grid = grid_overrides(set_)
     run_over, slurm_upd, set_seeds = split_overrides(parse_overrides(plain))
     abl = load_ablation(file)
@@ -398,7 +402,7 @@ def _status_view(directory: Path, statuses: list[Any], lines: int) -> Any:
         t.add_row(str(rel), f"[{style[s.state]}]{s.state}[/]", step,
                   f"{s.loss:.4f}" if s.loss is not None else "-",
                   f"{s.images_per_s:.0f}" if s.images_per_s is not None else "-", format_eta(s.eta_s), job,
-                  Text(s.detail))
+                  Text("; ".join(x for x in (s.detail, s.history()) if x)))
     parts: list[Any] = [t]
     for ablation, tally in summary(statuses).items():
         parts.append(Text(f"{ablation}: " + ", ".join(f"{n} {k}" for k, n in sorted(tally.items()))))
@@ -437,29 +441,37 @@ def logs_cmd(
 ) -> None:
     """A run's output: its process log (local or SLURM), else its training log."""
     from dimr_lab.rundir import LOG, OUTPUT_LOG, RunDir, is_run_folder, tail_lines
-    from dimr_lab.runner.slurm_logs import run_log_file
+    from dimr_lab.runner.slurm_logs import run_log_file, run_log_files
 
     if not run_dir.is_dir() or not is_run_folder(run_dir):
         raise UserError(f"{run_dir}: not a run folder (no run.json or spec.json)")
     path = run_log_file(RunDir(run_dir)) or (run_dir / OUTPUT_LOG if (run_dir / OUTPUT_LOG).exists() else run_dir / LOG)
     if not path.exists():
         raise UserError(f"{run_dir}: no log yet")
+    present = {p: p.stat().st_size for p in run_log_files(RunDir(run_dir))}  # a move goes on from here
     for line in tail_lines(path, lines, nbytes=1 << 20):
         print(line)
     if not follow:
         return
     try:
-        _follow(path)
+        _follow(path, locate=lambda: run_log_file(RunDir(run_dir)), offsets=present)
     except KeyboardInterrupt:
         pass
 
 
-def _follow(path: Path, sleep: Any = time.sleep) -> None:
+def _follow(path: Path, sleep: Any = time.sleep, *, locate: Any = None, offsets: dict[Path, int] | None = None,
+            poll_s: float = 0.5) -> None:
     """Print what is appended to `path`, from its end on. A file put in its place (a training session
     rewrites log.jsonl up to the checkpoint it resumes from, then appends) is followed on: what the new
-    file adds to the lines both share is printed; a file cut shorter is followed from its start."""
+    file adds to the lines both share is printed; a file cut shorter is followed from its start.
+    `locate()` names the log of the run's newest process: when it is another process's (a SLURM job
+    submitted again writes its own files in its own folder; a local rerun writes output.log), following
+    moves there, printing a '==> PATH <==' line and that file from where `offsets` (a file's size when the
+    command began, where it was left) says, else from its start; the other stream of the same job (stdout
+    beside stderr, one folder) is no move."""
     import os
 
+    offsets = dict(offsets or {})
     f = open(path, "rb")
     try:
         f.seek(0, 2)
@@ -469,7 +481,24 @@ def _follow(path: Path, sleep: Any = time.sleep) -> None:
                 sys.stdout.write(chunk.decode(errors="replace"))
                 sys.stdout.flush()
                 continue
-            sleep(0.5)
+            sleep(poll_s)
+            newer = locate() if locate is not None else None
+            if newer is not None and newer.parent != path.parent:
+                try:
+                    moved = open(newer, "rb")
+                except OSError:  # named but not there (yet): stay
+                    moved = None
+                if moved is not None and os.fstat(moved.fileno()).st_mtime < os.fstat(f.fileno()).st_mtime:
+                    moved.close()  # an older log (a job submitted has written nothing yet): stay
+                    moved = None
+                if moved is not None:
+                    offsets[path] = f.tell()
+                    f.close()
+                    f, path = moved, newer
+                    f.seek(min(offsets.get(path, 0), os.fstat(f.fileno()).st_size))
+                    sys.stdout.write(f"==> {path} <==\n")
+                    sys.stdout.flush()
+                    continue
             try:
                 new = open(path, "rb")
             except FileNotFoundError:  # gone for now: keep the one open

@@ -50,6 +50,7 @@ def table_cmd(
     # pandas and matplotlib load here only, so `dimr-lab --help` stays fast
     from dimr_lab.atomic import atomic_write_text
     from dimr_lab.errors import UserError
+    from dimr_lab.spec.preflight import check_out_file
     from dimr_lab.table import render_table
 
     if out is not None and out.is_dir():
@@ -57,6 +58,8 @@ def table_cmd(
     for option, path in (("--out", out), ("--plot", plot), ("--curves", curves)):
         if path is not None and path.is_file() and not force:
             raise UserError(f"{option} {path}: exists; refusing to overwrite it (use --force to replace it)")
+        if path is not None:
+            check_out_file(path, option)
     text = render_table(results_dir, fmt=fmt, plot=plot, steps=steps, step=step, eval_filter=eval_filter,
                         columns=columns, metrics=metrics, wide=wide, curves=curves, test=test,
                         skip_damaged=skip_damaged)

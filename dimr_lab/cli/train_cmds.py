@@ -164,6 +164,7 @@ def eval_cmd(
 def check_png_out(out: Path, force: bool) -> None:
     """A grid's --out: a .png name, not a folder, and no existing file unless --force."""
     from dimr_lab.errors import UserError
+    from dimr_lab.spec.preflight import check_out_file
 
     if out.is_dir():
         raise UserError(f"--out {out}: is a directory; give a file name for the PNG")
@@ -171,6 +172,7 @@ def check_png_out(out: Path, force: bool) -> None:
         raise UserError(f"--out {out}: the grid is a PNG; give a name ending in .png")
     if out.exists() and not force:
         raise UserError(f"--out {out}: exists; refusing to overwrite it (use --force to replace it)")
+    check_out_file(out, "--out")
 
 
 @app.command()
@@ -242,13 +244,13 @@ def distortion(
     from dimr_lab.rundir import EVAL_RECORD, RunDir, read_evaluation
     from dimr_lab.spec.run_spec import load_run_spec
 
+    if out is not None:
+        check_png_out(out, force)
     eval_dir = run_dir if (run_dir / EVAL_RECORD).is_file() else latest_evaluation_dir(run_dir)
     run = RunDir(eval_dir.parent.parent)
     spec = load_run_spec(run.spec_data(), file=str(run.spec_path))
     ev = read_evaluation(eval_dir)
     default = (ev.settings.get("eval") or {}).get("distortion_threshold", 0.5) if ev else 0.5
-    if out is not None:
-        check_png_out(out, force)
     chosen = default if threshold is None else threshold
     report = distortion_report(eval_dir, threshold=chosen, max_images=max_images, out=out,
                                class_names=_class_names(spec),
@@ -270,6 +272,7 @@ def export(
     from dimr_lab.errors import UserError
     from dimr_lab.eval.sampling import load_run_model
     from dimr_lab.nn.checkpoint import export_safetensors
+    from dimr_lab.spec.preflight import check_out_file
     from dimr_lab.spec.schema import to_dict
 
     if fmt != "safetensors":
@@ -280,6 +283,7 @@ def export(
         raise UserError(f"--out {out}: exists; refusing to overwrite it (use --force)")
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out}: name it *.safetensors")
+    check_out_file(out, "--out")
     model, spec, at = load_run_model(run_dir, step=step, ema=ema)
     export_safetensors(out, to_dict(model.spec), model.state_dict(), identity=spec.identity_hash(), step=at,
                        weights="ema" if ema else "raw", run=str(run_dir))

@@ -246,9 +246,9 @@ def prepare_latents(src_folder, out_dir, *, vae, image_size: int = 256, batch_si
     A killed process leaves only the hidden `.OUT.partial-*` sibling, which no reader or later run looks at."""
     from dimr_lab.atomic import _umask
     from dimr_lab.data.folder import FolderDataset
+    from dimr_lab.spec.preflight import check_out_dir
 
     data = FolderDataset(src_folder, image_size, flip=False, key="SRC")
-    vae = _load_vae(vae)
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a folder; choose a new or empty folder")
@@ -256,6 +256,8 @@ def prepare_latents(src_folder, out_dir, *, vae, image_size: int = 256, batch_si
         if any(_NPY.match(name) or name == META_FILE for name in names):
             raise UserError(f"{out}: already holds latent files; choose a new or empty folder")
         raise UserError(f"{out}: is not empty ({len(names)} entries); choose a new or empty folder")
+    check_out_dir(out)  # a file above it, an unwritable folder: said now, before the VAE loads
+    vae = _load_vae(vae)
     created = _first_missing(out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))

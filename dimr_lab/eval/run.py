@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from dimr_lab import dist as distributed
-from dimr_lab.atomic import atomic_write
+from dimr_lab.atomic import atomic_write, make_dirs
 from dimr_lab.errors import UserError
 from dimr_lab.rundir import (CHUNKS, METRICS, PER_SAMPLE, SAMPLES, RunDir, eval_name, jsonable, read_evaluation,
                              remove_stale_temporaries, write_eval_record, write_json)
@@ -137,7 +137,7 @@ def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistIn
     settings = eval_settings(spec)
     chunks = d / CHUNKS
     if info.main:
-        d.mkdir(parents=True, exist_ok=True)
+        make_dirs(d)  # its entry in evals/ outlives a power loss with the metrics written into it
         remove_stale_temporaries(d)
         remove_stale_temporaries(chunks)
         write_eval_record(d, step, ehash, settings, str(run.checkpoint_for(step) or ""))

@@ -369,6 +369,7 @@ def convert_official(src: str | Path, dst: str | Path, heads: int = 16, *, force
     """Convert a released checkpoint into ours (weights + resolved spec, atomically); returns a summary.
     An existing destination is refused unless `force`."""
     from dimr_lab.nn.checkpoint import write_checkpoint
+    from dimr_lab.spec.preflight import check_out_file
     from dimr_lab.spec.schema import to_dict
 
     dst = Path(dst)
@@ -376,6 +377,7 @@ def convert_official(src: str | Path, dst: str | Path, heads: int = 16, *, force
         raise UserError(f"{dst}: is a directory; give the checkpoint's file name (e.g. {dst}/dimr_xl_2r.pt)")
     if dst.exists() and not force:
         raise UserError(f"{dst}: exists; refusing to overwrite it (use --force to replace it)")
+    check_out_file(dst)
     took: list[str] = []
     sd = load_official(src, took)
     try:

@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from dimr_lab.rundir import (CHECKPOINTS, EVALS, LOG, LOSS_PLOT, SPEC, RunBusy, RunDir, is_run_folder, pid_alive,
-                             run_lock, try_read_json_object)
+from dimr_lab.atomic import fsync_dir
+from dimr_lab.rundir import (CHECKPOINTS, EVALS, LOG, LOSS_PLOT, SESSIONS, SPEC, RunBusy, RunDir, is_run_folder,
+                             pid_alive, run_lock, try_read_json_object)
 
-# what a copy takes: the trained state and its evaluations; not the runner's own files (run.json is planned
-# anew, local.json/slurm.json/output.log belong to the processes that trained the source, .lock to nobody)
-COPIED = (SPEC, LOG, LOSS_PLOT, CHECKPOINTS, EVALS)
+# what a copy takes: the trained state, its evaluations and the sessions that made them (their restarts and
+# wall time); not the runner's own files (run.json is planned anew, local.json/slurm.json/output.log belong to
+# the processes that trained the source, .lock to nobody)
+COPIED = (SPEC, LOG, LOSS_PLOT, CHECKPOINTS, EVALS, SESSIONS)
 
 
 @dataclass
@@ -66,12 +68,21 @@ def find_source(results: Path, run_dir: Path, identity: str, steps: int, evaluat
 def _copy_file(src: Path, dst: Path) -> None:
     """Checkpoints as hard links where the file system allows (they are never rewritten in place: saves
     replace them by rename); every other file as a copy (the log is appended to in place, so a link would
-    let the two runs write into each other's log)."""
+    let the two runs write into each other's log). A copy is flushed to disk before the folder holding it is
+    renamed into place, so that a power loss after the rename cannot leave a reused run with empty files."""
     if Path(src).suffix == ".pt":
         with contextlib.suppress(OSError):
             os.link(src, dst)
             return
     shutil.copy2(src, dst)
+    with open(dst, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _flush_folders(top: Path) -> None:
+    """fsync every folder of a copied tree (the names in them), children before the rename that publishes them."""
+    for here, _dirs, _files in os.walk(top):
+        fsync_dir(here)
 
 
 def _remove_dead_copies(run_dir: Path) -> None:
@@ -110,6 +121,7 @@ def reuse(results: Path, run_dir: Path, identity: str, steps: int, evaluates: Se
                                     ignore=shutil.ignore_patterns("chunks", ".*.tmp"))
                 elif src.is_file():
                     _copy_file(src, tmp / name)
+            _flush_folders(tmp)
         if run_dir.exists():  # planned before (run.json, a lock file): move the copy in beside them, under
             # its lock (a trainer holding it, one that found no checkpoint, owns what the folder gets)
             with run_lock(run_dir, purpose="reuse"):
@@ -118,8 +130,10 @@ def reuse(results: Path, run_dir: Path, identity: str, steps: int, evaluates: Se
                 for name in COPIED:  # checkpoints first: a folder with weights and no spec.json resumes from them
                     if (tmp / name).exists():
                         os.rename(tmp / name, run_dir / name)
+                fsync_dir(run_dir)
         else:
             os.rename(tmp, run_dir)
+            fsync_dir(run_dir.parent)
         return source
     except RunBusy:
         return None

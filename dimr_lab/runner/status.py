@@ -20,7 +20,7 @@ from typing import Any
 
 from dimr_lab.errors import UserError
 from dimr_lab.rundir import (LOCAL, LOCK, OUTPUT_LOG, RECORD_VERSION, SLURM, RunDir, find_runs, is_locked,
-                             pid_alive, tail_lines, try_read_json_object)
+                             pid_alive, session_totals, tail_lines, try_read_json_object)
 
 LIVE_SLURM = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD",
               "SUSPENDED", "STOPPED", "RESIZING", "RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
@@ -43,13 +43,24 @@ class RunStatus:
     slurm_state: str | None = None
     executor: str | None = None
     log_tail: list[str] = field(default_factory=list)
+    sessions: int = 0               # training sessions sessions.json records (rundir.SessionLog)
+    restarts: int = 0               # resumes after a kill, a stop, a SLURM requeue (rundir.session_totals)
+    wall_s: float | None = None     # the sessions' wall time, summed
+
+    def history(self) -> str:
+        """'resumed 2x, 40m12s over 3 sessions' for a run that was restarted; '' otherwise."""
+        if not self.restarts:
+            return ""
+        took = f", {format_duration(self.wall_s)} over {self.sessions} sessions" if self.wall_s is not None else ""
+        return f"resumed {self.restarts}x{took}"
 
     def as_dict(self) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "run": self.run_dir.name, "ablation": self.ablation,
                 "state": self.state, "detail": self.detail, "step": self.step, "steps": self.steps,
                 "loss": self.loss, "images_per_s": self.images_per_s, "eta_s": self.eta_s, "job_id": self.job_id,
                 "node": self.node, "slurm_state": self.slurm_state, "executor": self.executor,
-                "log_tail": self.log_tail}
+                "log_tail": self.log_tail, "sessions": self.sessions, "restarts": self.restarts,
+                "wall_s": self.wall_s}
 
 
 def _slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str, str]] | None:
@@ -86,6 +97,9 @@ def collect(root: Path) -> list[RunStatus]:
     jobs = {d: latest_job(d) for d in dirs}
     slurm = _slurm_states([j["job_id"] for j in jobs.values() if j])
     out = [_one(RunDir(d), jobs[d], slurm) for d in dirs]
+    for st in out:
+        totals = session_totals(RunDir(st.run_dir).sessions())
+        st.sessions, st.restarts, st.wall_s = totals["sessions"], totals["restarts"], totals["wall_s"]
     for st in out:  # an ETA means something only for a run that is still to finish
         if st.state not in ("running", "pending"):
             st.eta_s = None
@@ -319,13 +333,16 @@ def summary(statuses: list[RunStatus]) -> dict[str, dict[str, int]]:
     return out
 
 
-def format_eta(seconds: float | None) -> str:
+def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     seconds = int(seconds)
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+format_eta = format_duration
 
 
 def watch_interval(seconds: float) -> None:

@@ -57,20 +57,36 @@ def check_reference_stats(path: str, *, file: str | None = None) -> None:
                         file=file, key="eval.reference_stats")
 
 
-def check_out_dir(path: str | Path) -> Path:
-    """An output folder that is, or can become, a writable folder; one UserError naming it otherwise."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{path}: exists and is not a folder")
-    probe = path
-    while not probe.exists():
+def _check_writable_from(path: Path, start: Path, label: str) -> None:
+    """The nearest existing folder at or above `start` is a folder this process can write into."""
+    probe = start
+    while not probe.exists():  # False too below a file (ENOTDIR): go up to what is there
         if probe.parent == probe:
             break
         probe = probe.parent
     if not probe.is_dir():
-        raise UserError(f"{path}: cannot be created ({probe} is not a folder)")
+        raise UserError(f"{label}: cannot be created ({probe} is {'a file, ' if probe.is_file() else ''}not a folder)")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{path}: cannot write there ({probe} is not writable)")
+        raise UserError(f"{label}: cannot write there ({probe} is not writable)")
+
+
+def check_out_dir(path: str | Path, option: str = "") -> Path:
+    """An output folder that is, or can become, a writable folder; one UserError naming it (and the option
+    that gave it) otherwise."""
+    path = Path(path)
+    label = f"{option} {path}" if option else str(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{label}: exists and is not a folder")
+    _check_writable_from(path, path, label)
+    return path
+
+
+def check_out_file(path: str | Path, option: str = "") -> Path:
+    """An output file whose folder is, or can become, a writable folder (nothing above it a file); one
+    UserError naming the option, the path and what stands in the way otherwise. Made before the work that
+    the file would hold, so that a path that cannot be written is refused at once, with nothing written."""
+    path = Path(path)
+    _check_writable_from(path, path.parent, f"{option} {path}" if option else str(path))
     return path
 
 

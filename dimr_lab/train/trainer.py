@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from dimr_lab import dist as distributed
+from dimr_lab.atomic import make_dirs
 from dimr_lab.errors import UserError
 from dimr_lab.nn.checkpoint import read_checkpoint, write_checkpoint
-from dimr_lab.rundir import (CheckpointIndex, RunDir, RunRecord, remove_stale_temporaries, run_lock)
+from dimr_lab.rundir import (CheckpointIndex, RunDir, RunRecord, SessionLog, remove_stale_temporaries, run_lock)
 from dimr_lab.spec.schema import to_dict
 from dimr_lab.train.loop import (EMA, BatchOrder, batch_iterator, build_optimizer, ema_decay_at,
                                  get_rng_state, learning_rate, set_rng_state)
@@ -100,15 +101,21 @@ def _train_run(spec: Any, run: RunDir, *, should_stop: Callable[[], bool] | None
             else:
                 commit = None
             distributed.barrier(info)
-            trainer = Trainer(spec, run, info, should_stop, progress, on_start=commit)
+            trainer = Trainer(spec, run, info, should_stop, progress, on_start=commit, evaluate=evaluate)
+            outcome = "failed"
             try:
                 stopped = trainer.fit()
                 if stopped is not None:
+                    outcome = "stopped"
                     return stopped
                 if not evaluate:
+                    outcome = "done"
                     return {"rank": info.rank} if not info.main else {"step": trainer.step}
-                return trainer.evaluate_all()
+                result = trainer.evaluate_all()
+                outcome = "stopped" if result.get("interrupted") else "done"
+                return result
             finally:
+                trainer.session.end(outcome, trainer.step)
                 trainer.tracker.close()
     finally:
         distributed.cleanup(info)
@@ -140,7 +147,7 @@ def claim(run: RunDir, spec: Any, record: RunRecord | None) -> Callable[[], None
     from dimr_lab.spec.run_spec import load_run_spec
 
     identity = spec.identity_hash()
-    run.path.mkdir(parents=True, exist_ok=True)
+    make_dirs(run.path)
     for folder in (run.path, run.checkpoints):
         if folder.exists() and not os.access(folder, os.W_OK | os.X_OK):
             raise UserError(f"{folder}: not writable; the run could not save its checkpoints")
@@ -203,13 +210,16 @@ class Trainer:
     """The state of one train_run (one object, so the steps read top to bottom)."""
 
     def __init__(self, spec: Any, run: RunDir, info: distributed.DistInfo,
-                 should_stop: Callable[[], bool] | None, progress: bool, on_start: Callable[[], None] | None = None):
+                 should_stop: Callable[[], bool] | None, progress: bool, on_start: Callable[[], None] | None = None,
+                 evaluate: bool = True):
         self.spec, self.run, self.info = spec, run, info
+        self.evaluate = evaluate
+        self.session = SessionLog(run)  # written by rank 0 only: begin() is called there alone
         self.on_start = on_start
         self.rank, self.world, self.device = info.rank, info.world_size, info.device
         self.should_stop, self.progress = should_stop, progress and info.main
         self.identity = spec.identity_hash()
-        self.t0 = time.perf_counter()
+        self.t0, self.started = time.perf_counter(), time.time()
         self.kept = set(spec.kept_steps())
         self.step, self.elapsed_before = 0, 0.0
         self.last_loss: float | None = None
@@ -347,6 +357,8 @@ class Trainer:
         if self.on_start is not None:
             self.on_start()
         if self.info.main:
+            if self._work_left():
+                self.session.begin(step=self.step, resumed=resumed, processes=self.world, started=self.started)
             self.tracker.resume_at(self.step if resumed else 0)
             self._trim_log(self.step if resumed else 0)
         if self.step == target:
@@ -354,6 +366,14 @@ class Trainer:
                 self.save_checkpoint()  # train.steps = 0: the initial network, for evaluation
             return None
         return self._train()
+
+    def _work_left(self) -> bool:
+        """Whether this call trains or evaluates anything (a call on a finished run is no session of it)."""
+        if self.step < self.spec.train.steps:
+            return True
+        ehash = self.spec.eval_hash()
+        return self.evaluate and any(not (ev := self.run.find_evaluation(s, ehash)) or not ev.serves(
+            self.spec.eval.enabled) for s in self.spec.eval_steps())
 
     def _train(self) -> dict[str, Any] | None:
         from dimr_lab.diffusion.training import draw, training_loss
@@ -486,6 +506,7 @@ class Trainer:
                 kept.add(self.step)
             CheckpointIndex(self.step, sorted(s for s in kept if run.kept_checkpoint(s).exists()),
                             self.identity).write(run.index_path)
+            self.session.touch(self.step, force=True)
         distributed.barrier(self.info)
 
     def _settle_checkpoints(self, loaded: Path) -> None:
@@ -508,7 +529,10 @@ class Trainer:
 
             tmp = target.with_name(f".{target.name}.copy.tmp")  # the name remove_stale_temporaries clears
             shutil.copyfile(run.last_checkpoint, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
             os.replace(tmp, target)
+        # the new name is flushed with the index naming it (CheckpointIndex.write fsyncs checkpoints/)
 
     def _trim_log(self, step: int) -> None:
         """Keep the log rows up to `step` (those after the checkpoint are written again)."""
@@ -545,6 +569,7 @@ class Trainer:
                 f.write(json.dumps(row) + "\n")
         except OSError as err:
             raise UserError(f"{self.run.log_path}: cannot append to the log ({err.strerror or err})") from None
+        self.session.touch(self.step)
         from dimr_lab.train.tracking import train_row_scalars
 
         self.tracker.scalars(self.step, train_row_scalars(row))
@@ -616,6 +641,8 @@ class Trainer:
                     bar[0].stop()
             if res is None:
                 return {"interrupted": True, "step": self.step, "evaluating": step}
+            if self.info.main:
+                self.session.touch(self.step, force=True)
             if self.info.main and "rank" not in res and not done:  # one made before was tracked when made
                 from dimr_lab.train.tracking import eval_scalars
 
