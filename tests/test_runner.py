@@ -33,7 +33,8 @@ def standin_train(spec, out_dir, *, should_stop=None):
     the trainer's contract: the run folder's lock, its identity check, checkpoints/index.json, and the
     evaluations of spec.eval_steps() (metrics.json with the weights) at the end.
 
-    train.lr == 0.0123 makes it fail (to test failures); $STANDIN_STEP_S sleeps per step."""
+    train.lr == 0.0123 makes it fail (to test failures); $STANDIN_STEP_S sleeps per step; train.time_limit_s stops
+    it at a step boundary with a checkpoint, as the trainer."""
     import contextlib
 
     import torch
@@ -82,9 +83,11 @@ def standin_train(spec, out_dir, *, should_stop=None):
                 save_file({"w": w, "step": step, "rng": rngs}, run.last_checkpoint)
                 CheckpointIndex(step, [], identity).write(run.index_path)
 
+        t0 = time.monotonic()
+        limit = spec.train.time_limit_s
         try:
             while step < spec.train.steps:
-                if should_stop is not None and should_stop():
+                if (should_stop is not None and should_stop()) or (limit and time.monotonic() - t0 > limit):
                     save()
                     return {"interrupted": True, "step": step}
                 x = torch.randn(8, 4, generator=gen, dtype=torch.float64)

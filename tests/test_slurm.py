@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -165,6 +166,54 @@ def test_requeue_mid_training_resumes_to_the_same_weights(tmp_path, job_env, how
     w_requeued = json.loads(final_metrics(run.run_dir).read_text())["w"]
     w_fresh = json.loads(final_metrics(fresh.run_dir).read_text())["w"]
     assert w_requeued == w_fresh
+
+
+def test_a_job_stopped_by_the_time_limit_requeues_itself_and_the_run_finishes(tmp_path, job_env):
+    """train.time_limit_s shorter than the run: each job stops at a checkpoint with no signal, requeues itself
+    as on the timeout notice, and the next job resumes; the result is the uninterrupted run's."""
+    from dimr_lab.rundir import RunDir
+    from dimr_lab.runner.local import prepare
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.runner.slurm import submit
+    from dimr_lab.runner.worker import train_one
+    from dimr_lab.spec.ablation import load_ablation
+    from dimr_lab.spec.slurm import slurm_settings
+
+    abl = load_ablation(write_ablation(tmp_path, seeds="[0]", steps=20, ckpt=2, extra='"train.time_limit_s" = 3.0'))
+    (run,) = [r for r in expand(abl, results=tmp_path / "results") if r.run_dir.name.startswith("b-")]
+    job_env.setenv("STANDIN_STEP_S", "0.3")
+    try:
+        res = submit([run], slurm_settings(abl), ablation=abl.name, ablation_dir=run.run_dir.parent,
+                     train_fn=STANDIN)
+        (_, job_id), = res["submitted"]
+
+        released = set()
+
+        def finished_or_released():  # a requeued job waits ~2 minutes before it may start: let it start soon,
+            if list(run.run_dir.glob("evals/*/metrics.json")):  # once per requeue (each update postpones it)
+                return True
+            job = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True).stdout
+            restarts = re.search(r"\bRestarts=(\d+)", job)
+            if "JobState=PENDING" in job and restarts and int(restarts[1]) > 0 and restarts[1] not in released:
+                released.add(restarts[1])
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+5"], timeout=30)
+            return False
+        _wait(finished_or_released, 2 * WAIT, "the run to finish over its requeued jobs", poll=2)
+    finally:
+        _scancel_all([run.run_dir])
+    assert RunDir(run.run_dir).last_logged_step() == 20
+    log = [json.loads(x) for x in (run.run_dir / "log.jsonl").read_text().splitlines()]
+    resumed = [e for e in log if e.get("event") == "resumed"]
+    assert resumed and resumed[0]["restart"] == "1" and 2 <= resumed[0]["from"] < 20, resumed
+    job_logs = "".join(p.read_text() for p in run.run_dir.parent.glob(".submitit/**/*_log.out"))
+    assert "train.time_limit_s reached at step" in job_logs and "requeueing" in job_logs, job_logs[-2000:]
+    job_env.setenv("STANDIN_STEP_S", "0")
+    fresh = expand(abl, results=tmp_path / "fresh")
+    (fresh,) = [r for r in fresh if r.run_dir.name.startswith("b-")]
+    prepare([fresh], executor="debug")
+    train_one(fresh.run_dir, standin_train)  # 20 unslept steps end within the time limit
+    assert json.loads(final_metrics(run.run_dir).read_text())["w"] == \
+        json.loads(final_metrics(fresh.run_dir).read_text())["w"]
 
 
 def test_two_task_job_all_reduces(tmp_path, capsys, job_env):

@@ -5,7 +5,9 @@ torch.distributed environment from SLURM's (`setup_env_from_slurm`) and calls th
 resumes from the run's last checkpoint. On the pre-timeout/preemption signal (USR2, `[slurm]
 signal_delay_s` before the limit) the trainer stops at the next step boundary with a fresh checkpoint,
 then submitit's handler requeues the task (Checkpointable). On SIGTERM (scancel, `scontrol requeue`,
-preemption) it also checkpoints at the next step boundary before exiting; a requeued task resumes.
+preemption) it also checkpoints at the next step boundary before exiting; a requeued task resumes. A task
+that train.time_limit_s stops (at a checkpoint, or between an evaluation's chunks) requeues itself as on the
+timeout signal, so a run longer than a job's limit goes on in the next job.
 
 Job ids go to run_dir/slurm.json; submitit's pickles and logs to <results>/<ablation>/.submitit/.
 """
@@ -81,9 +83,14 @@ class TrainJob(submitit.helpers.Checkpointable):
         if code == EXIT_BUSY:
             raise RuntimeError(f"{run_dir}: another process holds the run's lock")
         if code == EXIT_INTERRUPTED:
-            if stop.signum == usr_sig and callable(submitit_handler):
+            # stopped with no signal: train.time_limit_s ended this job's share; it requeues as on a timeout notice
+            by_time_limit = stop.signum is None
+            if (stop.signum == usr_sig or by_time_limit) and callable(submitit_handler):
                 # timeout or preemption notice: checkpoint() + requeue + exit (rank 0; no-op elsewhere)
                 step = result.get("step") if isinstance(result, dict) else None
+                if by_time_limit and rank == 0:
+                    print(f"[dimr-lab] {run_dir}: train.time_limit_s reached at step {step} after a checkpoint; "
+                          f"requeueing", flush=True)
                 why = None
                 try:
                     submitit_handler(usr_sig, None)
@@ -96,8 +103,11 @@ class TrainJob(submitit.helpers.Checkpointable):
                     print(f"error: {run_dir}: not requeued ({why}); its checkpoint at step {step} is kept: run the "
                           f"ablation again to resume there", file=sys.stderr, flush=True)
                     sys.exit(EXIT_INTERRUPTED)
+            if by_time_limit:  # a rank other than 0: rank 0 requeues the job
+                print(f"[dimr-lab] {run_dir}: stopped at train.time_limit_s after a checkpoint", flush=True)
+                sys.exit(EXIT_INTERRUPTED)
             print(f"[dimr-lab] {run_dir}: stopped by signal {stop.signum} after a checkpoint", flush=True)
-            sys.exit(128 + (stop.signum or 15))
+            sys.exit(128 + stop.signum)
         return result if isinstance(result, dict) else {"done": True}
 
 
