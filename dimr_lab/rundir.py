@@ -18,8 +18,8 @@ this module, so its writers and readers cannot drift apart (tests/test_runs.py, 
         metrics.json        the metrics; its presence (parsing) means the evaluation is done
         samples.png, per_sample.npz, distortion.json, distortion.png, chunks/ (while sampling)
       sessions.json         every training session (a start, a resume after a kill, a SLURM requeue, a
-                            continuation to more steps): its kind, start, last sign of life, steps, outcome,
-                            host, pid and SLURM job; with the restarts, continuations and the wall time they
+                            continuation to more steps): its kind, start, last sign of life, steps, outcome
+                            (running, done, stopped, time_limit, failed), host, pid and SLURM job; with the restarts, continuations and the wall time they
                             add up to (SessionLog)
       local.json, slurm.json, output.log     (runners) the process or SLURM jobs that trained it
       .lock                 held by every writer (train, the ablation worker, eval)
@@ -381,6 +381,27 @@ class RunDir:
                 f"from (results folders keep outputs only); run it where its checkpoints are, or move the folder "
                 f"away to train it again from step 0")
 
+    def stop_detail(self, steps: int) -> str:
+        """Where a run stopped early (a stop request, train.time_limit_s) was, for `run` and `status`: 'stopped
+        at step 117 by train.time_limit_s; rerun to resume', or 'stopped evaluating step 300 (32 of 64 samples
+        made); rerun to resume' once trained to `steps`."""
+        step = self.trained_step()
+        if step is None:
+            return "stopped before its first checkpoint; rerun to start it"
+        sessions = self.sessions()
+        why = " by train.time_limit_s" if sessions and sessions[-1].get("outcome") == "time_limit" else ""
+        where = f"at step {step} after a checkpoint"
+        if step >= steps:
+            open_ = [e for e in self.evaluations() if not e.done and not e.problem and e.step <= step]
+            if open_:
+                ev = open_[-1]
+                made = sum(_chunk_size(p.name) for p in (ev.path / CHUNKS).glob("chunk-*.npz"))
+                total = ev.settings.get("eval", {}).get("samples") if isinstance(ev.settings.get("eval"), dict) \
+                    else None
+                said = f" ({made} of {total} samples made)" if isinstance(total, int) and made else ""
+                where = f"evaluating step {ev.step}{said}"
+        return f"stopped {where}{why}; rerun to resume"
+
     # evaluations
     def evaluations(self) -> list[Evaluation]:
         """Every evaluation of this run (finished or not), by step then name."""
@@ -528,6 +549,14 @@ class SessionLog:
                                                 "continuations": totals["continuations"],
                                                 "wall_s": totals["wall_s"]})
         self._written = time.monotonic()
+
+
+def _chunk_size(name: str) -> int:
+    """The samples a chunk file holds, from its name (chunk-000000016-000000032.npz: 16); 0 for another name."""
+    parts = name[:-len(".npz")].split("-") if name.endswith(".npz") else []
+    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+        return max(0, int(parts[2]) - int(parts[1]))
+    return 0
 
 
 def _named_step(d: Path) -> int:

@@ -751,3 +751,42 @@ def test_a_reuse_copy_left_by_a_killed_process_is_removed_by_the_next_reuse(tmp_
         (d / "checkpoints").mkdir(parents=True)
     assert reuse(results, run.run_dir, run.identity, run.spec.train.steps) is not None
     assert not gone.exists() and live.is_dir()
+
+
+def test_status_says_where_a_stopped_run_stopped_and_whether_its_time_limit_did(tmp_path, capsys):
+    """A run stopped early (a stop request or train.time_limit_s) says so in `status`: the step it stopped at,
+    by the time limit when sessions.json says so, and once trained, the evaluation it stopped in with the
+    samples made; before, every one read 'interrupted after a checkpoint', the same for a run at 300/300
+    whose evaluation was cut short."""
+    from dimr_lab.runner.local import prepare
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.rundir import CheckpointIndex, RunDir, write_eval_record, write_json
+    from dimr_lab.spec.ablation import load_ablation
+
+    abl = load_ablation(write_ablation(tmp_path, seeds="[0]", steps=6))
+    runs = expand(abl, results=tmp_path / "r")
+    prepare(runs, executor="local")
+    run = RunDir(runs[0].run_dir)
+    write_json(run.path / "local.json", {"state": "interrupted", "pid": 1, "host": os.uname().nodename})
+    CheckpointIndex(4, [], runs[0].identity).write(run.index_path)
+    session = {"started": 1.0, "last": 2.0, "kind": "start", "from_step": 0, "to_step": 4}
+    write_json(run.sessions_path, {"sessions": [dict(session, outcome="time_limit")]})
+
+    def detail():
+        code, out, _ = cli(["status", run.path, "--json"], capsys)
+        assert code == 0, out
+        return json.loads(out)["detail"]
+
+    assert detail() == "stopped at step 4 after a checkpoint by train.time_limit_s; rerun to resume"
+    write_json(run.sessions_path, {"sessions": [dict(session, outcome="stopped")]})
+    assert detail() == "stopped at step 4 after a checkpoint; rerun to resume"
+    CheckpointIndex(6, [], runs[0].identity).write(run.index_path)  # trained; its evaluation cut short
+    ev = run.eval_dir(6, "abcd1234")
+    (ev / "chunks").mkdir(parents=True)
+    write_eval_record(ev, 6, "abcd1234", {"sample": {}, "eval": {"samples": 64}}, "last.pt")
+    for a, b in ((0, 16), (16, 32)):
+        (ev / "chunks" / f"chunk-{a:09d}-{b:09d}.npz").write_bytes(b"")
+    write_json(run.sessions_path, {"sessions": [dict(session, outcome="time_limit")]})
+    assert detail() == "stopped evaluating step 6 (32 of 64 samples made) by train.time_limit_s; rerun to resume"
+    (run.path / "local.json").unlink()  # a run `train` stopped: the same, from sessions.json
+    assert detail() == "stopped evaluating step 6 (32 of 64 samples made) by train.time_limit_s; rerun to resume"

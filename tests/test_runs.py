@@ -296,7 +296,12 @@ def test_the_time_limit_stops_an_evaluation_between_chunks_and_the_next_job_resu
         shutil.copytree(ref, out, ignore=shutil.ignore_patterns("evals"))  # trained, not evaluated
         if how == "train":
             code, _, err = cli(["train", toml, "--out", out, "--no-progress"], capsys)
-            assert code == 130 and f"stopped evaluating step 4; the samples made so far are kept in {out}" in err, err
+            assert code == 130 and (f"stopped evaluating step 4 at train.time_limit_s (1e-06 s); the samples made so "
+                                    f"far are kept in {out}") in err, err
+            assert json.loads((out / "sessions.json").read_text())["sessions"][-1]["outcome"] == "time_limit"
+            code, st, _ = cli(["status", out, "--json"], capsys)
+            assert json.loads(st)["detail"] == ("stopped evaluating step 4 (8 of 24 samples made) by "
+                                                "train.time_limit_s; rerun to resume")
         else:  # `run --eval-only`'s worker
             assert evaluate_planned(limited, out) == {"interrupted": True, "step": 4}
         assert len(list((out / "evals" / name / "chunks").iterdir())) == 1  # one chunk, then the limit

@@ -176,8 +176,7 @@ def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, st
             st.log_tail = tail_lines(d / OUTPUT_LOG)
             return st
         if state == "interrupted":
-            st.detail = ("interrupted after a checkpoint; rerun to resume" if run.trained_step() is not None
-                         else "interrupted before its first checkpoint; rerun to start it")
+            st.detail = run.stop_detail(spec.train.steps)
             return st
         if state in ("failed", "done"):
             rc = local.get("returncode")
@@ -185,7 +184,10 @@ def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, st
             st.detail = f"exit status {rc}" if state == "failed" else "ended without its evaluations"
             st.log_tail = tail_lines(d / OUTPUT_LOG)
             return st
-    if run.trained_step() is not None:
+    sessions = run.sessions()
+    if sessions and sessions[-1].get("outcome") in ("stopped", "time_limit"):  # train stopped, or its time limit
+        st.detail = run.stop_detail(spec.train.steps)
+    elif run.trained_step() is not None:
         st.detail = "has a checkpoint; rerun to resume"
     elif run.last_logged_step() is not None:  # killed before its first checkpoint: a rerun starts it again
         st.detail = "stopped before its first checkpoint; rerun to start it"
