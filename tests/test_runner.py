@@ -790,3 +790,16 @@ def test_status_says_where_a_stopped_run_stopped_and_whether_its_time_limit_did(
     assert detail() == "stopped evaluating step 6 (32 of 64 samples made) by train.time_limit_s; rerun to resume"
     (run.path / "local.json").unlink()  # a run `train` stopped: the same, from sessions.json
     assert detail() == "stopped evaluating step 6 (32 of 64 samples made) by train.time_limit_s; rerun to resume"
+
+
+@pytest.mark.parametrize("executor", ["local", "slurm"])
+def test_run_refuses_a_bad_dist_timeout_before_any_worker_or_job(tmp_path, capsys, monkeypatch, executor):
+    """$DIMR_LAB_DIST_TIMEOUT_S reaches every worker and SLURM task: a bad value is one line from `run`, exit 2,
+    nothing written; before, each local worker failed with it in its own log (exit 1) and SLURM tasks would
+    have failed on the cluster."""
+    abl = write_ablation(tmp_path, seeds="[0]")
+    results = tmp_path / "results"
+    monkeypatch.setenv("DIMR_LAB_DIST_TIMEOUT_S", "abc")
+    code, out, err = cli(["run", abl, "--results", results, "--executor", executor, "--train-fn", STANDIN], capsys)
+    assert code == 2 and err.strip() == "error: $DIMR_LAB_DIST_TIMEOUT_S: seconds from 1 to 86400, got 'abc'", err
+    assert not results.exists()
