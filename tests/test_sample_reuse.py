@@ -154,6 +154,11 @@ def test_resample_refuses_the_kept_samples_and_samples_the_same_images(trained, 
     # the samples it would have taken are the ones it made (the same settings, the same CPU)
     made = np.load(run / "evals" / res["eval_name"] / "per_sample.npz")
     assert np.array_equal(made["images"], own_samples["images"]) and res["fid"] == own["fid"]
+    # asked again, the evaluation is made: kept, and said so (it read as if sampled anew)
+    calls["n"] = 0
+    code, out, err = cli(["eval", run, "--set", 'eval.metrics=["fid"]', "--resample"], capsys)
+    assert code == 0 and calls["n"] == 0 and out.startswith(f"{res['eval_name']}: "), err
+    assert f"{res['eval_name']}: evaluated before with these settings, kept as it is" in err, err
 
 
 @pytest.mark.parametrize("damage", ["truncate", "short", "not_npz"])
