@@ -803,3 +803,19 @@ def test_run_refuses_a_bad_dist_timeout_before_any_worker_or_job(tmp_path, capsy
     code, out, err = cli(["run", abl, "--results", results, "--executor", executor, "--train-fn", STANDIN], capsys)
     assert code == 2 and err.strip() == "error: $DIMR_LAB_DIST_TIMEOUT_S: seconds from 1 to 86400, got 'abc'", err
     assert not results.exists()
+
+
+def test_a_local_run_stopped_by_its_time_limit_says_where_in_the_runner_and_its_log(tmp_path, capsys, standin_env,
+                                                                                    monkeypatch):
+    """train.time_limit_s stops a local run at a checkpoint: `run` and the run's output.log say at which step
+    (before, the log ended at the progress bar, with no word of the stop)."""
+    abl = write_ablation(tmp_path, seeds="[0]", steps=40, ckpt=2)
+    results = tmp_path / "results"
+    monkeypatch.setenv("STANDIN_STEP_S", "0.05")
+    code, out, err = cli(["run", abl, "--results", results, "--train-fn", STANDIN, "--only", "a", "--jobs", "1",
+                          "--set", "train.time_limit_s=0.5"], capsys)
+    (d,) = run_dirs(results)
+    step = json.loads((d / "checkpoints" / "index.json").read_text())["last"]
+    said = f"stopped at step {step} after a checkpoint; rerun to resume"
+    assert 0 < step < 40 and said in err, err
+    assert f"[dimr-lab] {said}" in (d / "output.log").read_text()
