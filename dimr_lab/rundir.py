@@ -19,8 +19,8 @@ this module, so its writers and readers cannot drift apart (tests/test_runs.py, 
         samples.png, per_sample.npz, distortion.json, distortion.png, chunks/ (while sampling)
       sessions.json         every training session (a start, a resume after a kill, a SLURM requeue, a
                             continuation to more steps): its kind, start, last sign of life, steps, outcome
-                            (running, done, stopped, time_limit, failed), host, pid and SLURM job; with the restarts, continuations and the wall time they
-                            add up to (SessionLog)
+                            (running, done, stopped, time_limit, failed), host, pid and SLURM job; with
+                            the restarts, continuations and the wall time they add up to (SessionLog)
       local.json, slurm.json, output.log     (runners) the process or SLURM jobs that trained it
       .lock                 held by every writer (train, the ablation worker, eval)
 
