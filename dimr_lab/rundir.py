@@ -17,9 +17,10 @@ this module, so its writers and readers cannot drift apart (tests/test_runs.py, 
         eval.json           EvalRecord: step, settings (sample + eval sections), their hash
         metrics.json        the metrics; its presence (parsing) means the evaluation is done
         samples.png, per_sample.npz, distortion.json, distortion.png, chunks/ (while sampling)
-      sessions.json         every training session (a start, a resume after a kill, a SLURM requeue): its
-                            start, last sign of life, steps, outcome, host, pid and SLURM job; with the
-                            restarts and the wall time they add up to (SessionLog)
+      sessions.json         every training session (a start, a resume after a kill, a SLURM requeue, a
+                            continuation to more steps): its kind, start, last sign of life, steps, outcome
+                            (running, done, stopped, time_limit, failed), host, pid and SLURM job; with
+                            the restarts, continuations and the wall time they add up to (SessionLog)
       local.json, slurm.json, output.log     (runners) the process or SLURM jobs that trained it
       .lock                 held by every writer (train, the ablation worker, eval)
 
@@ -380,6 +381,27 @@ class RunDir:
                 f"from (results folders keep outputs only); run it where its checkpoints are, or move the folder "
                 f"away to train it again from step 0")
 
+    def stop_detail(self, steps: int) -> str:
+        """Where a run stopped early (a stop request, train.time_limit_s) was, for `run` and `status`: 'stopped
+        at step 117 by train.time_limit_s; rerun to resume', or 'stopped evaluating step 300 (32 of 64 samples
+        made); rerun to resume' once trained to `steps`."""
+        step = self.trained_step()
+        if step is None:
+            return "stopped before its first checkpoint; rerun to start it"
+        sessions = self.sessions()
+        why = " by train.time_limit_s" if sessions and sessions[-1].get("outcome") == "time_limit" else ""
+        where = f"at step {step} after a checkpoint"
+        if step >= steps:
+            open_ = [e for e in self.evaluations() if not e.done and not e.problem and e.step <= step]
+            if open_:
+                ev = open_[-1]
+                made = sum(_chunk_size(p.name) for p in (ev.path / CHUNKS).glob("chunk-*.npz"))
+                total = ev.settings.get("eval", {}).get("samples") if isinstance(ev.settings.get("eval"), dict) \
+                    else None
+                said = f" ({made} of {total} samples made)" if isinstance(total, int) and made else ""
+                where = f"evaluating step {ev.step}{said}"
+        return f"stopped {where}{why}; rerun to resume"
+
     # evaluations
     def evaluations(self) -> list[Evaluation]:
         """Every evaluation of this run (finished or not), by step then name."""
@@ -441,15 +463,30 @@ def _is_session(s: Any) -> bool:
                                        and math.isfinite(s[k]) for k in ("started", "last"))
 
 
+def _session_kind(i: int, s: dict[str, Any]) -> str:
+    """'start', 'resume' (after a kill, a stop, a failure, a SLURM requeue) or 'continue' (new work on a run
+    whose previous session had finished: a larger train.steps, more evaluations). Rows without a kind (written
+    before it was recorded) read as a resume after the first, and the first too when it resumed a checkpoint."""
+    kind = s.get("kind")
+    if kind in SESSION_KINDS:
+        return kind
+    return "resume" if i or s.get("resumed") else "start"
+
+
+SESSION_KINDS = ("start", "resume", "continue")
+
+
 def session_totals(sessions: list[dict[str, Any]]) -> dict[str, Any]:
-    """{sessions, restarts, wall_s}: a restart is every session after the first (and the first one too when it
-    resumed a checkpoint that sessions before any record made); wall_s sums each session from its start to its
-    last sign of life (a killed session's time after that is not counted)."""
+    """{sessions, restarts, continuations, wall_s}: a restart is a session that picked up an interrupted one
+    (or, first, a checkpoint that sessions before any record made), a continuation one that went on from a
+    finished session; wall_s sums each session from its start to its last sign of life (a killed session's
+    time after that is not counted)."""
     if not sessions:
-        return {"sessions": 0, "restarts": 0, "wall_s": None}
-    restarts = len(sessions) - 1 + (1 if sessions[0].get("resumed") else 0)
+        return {"sessions": 0, "restarts": 0, "continuations": 0, "wall_s": None}
+    kinds = [_session_kind(i, s) for i, s in enumerate(sessions)]
     wall = sum(max(0.0, float(s["last"]) - float(s["started"])) for s in sessions)
-    return {"sessions": len(sessions), "restarts": restarts, "wall_s": round(wall, 3)}
+    return {"sessions": len(sessions), "restarts": kinds.count("resume"), "continuations": kinds.count("continue"),
+            "wall_s": round(wall, 3)}
 
 
 class SessionLog:
@@ -478,8 +515,11 @@ class SessionLog:
             job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"  # as slurm.json names it
         restart = os.environ.get("SLURM_RESTART_COUNT", "")
         now = time.time()
+        # after a session that finished its work (trained and evaluated) this one continues the run: no restart
+        kind = "start" if not resumed else "continue" if rows and rows[-1].get("outcome") == "done" else "resume"
         rows.append({"started": now if started is None else started, "last": now, "outcome": "running",
-                     "from_step": step, "to_step": step, "resumed": resumed, "host": socket.gethostname(),
+                     "kind": kind, "from_step": step, "to_step": step, "resumed": resumed,
+                     "host": socket.gethostname(),
                      "pid": os.getpid(), "job_id": job, "slurm_restart": int(restart) if restart.isdigit() else None,
                      "processes": processes})
         self.rows = rows
@@ -506,8 +546,17 @@ class SessionLog:
             # it at its next checkpoint, with its own message)
             totals = session_totals(self.rows)
             write_json(self.run.sessions_path, {"sessions": self.rows, "restarts": totals["restarts"],
+                                                "continuations": totals["continuations"],
                                                 "wall_s": totals["wall_s"]})
         self._written = time.monotonic()
+
+
+def _chunk_size(name: str) -> int:
+    """The samples a chunk file holds, from its name (chunk-000000016-000000032.npz: 16); 0 for another name."""
+    parts = name[:-len(".npz")].split("-") if name.endswith(".npz") else []
+    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+        return max(0, int(parts[2]) - int(parts[1]))
+    return 0
 
 
 def _named_step(d: Path) -> int:

@@ -751,3 +751,71 @@ def test_a_reuse_copy_left_by_a_killed_process_is_removed_by_the_next_reuse(tmp_
         (d / "checkpoints").mkdir(parents=True)
     assert reuse(results, run.run_dir, run.identity, run.spec.train.steps) is not None
     assert not gone.exists() and live.is_dir()
+
+
+def test_status_says_where_a_stopped_run_stopped_and_whether_its_time_limit_did(tmp_path, capsys):
+    """A run stopped early (a stop request or train.time_limit_s) says so in `status`: the step it stopped at,
+    by the time limit when sessions.json says so, and once trained, the evaluation it stopped in with the
+    samples made; before, every one read 'interrupted after a checkpoint', the same for a run at 300/300
+    whose evaluation was cut short."""
+    from dimr_lab.runner.local import prepare
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.rundir import CheckpointIndex, RunDir, write_eval_record, write_json
+    from dimr_lab.spec.ablation import load_ablation
+
+    abl = load_ablation(write_ablation(tmp_path, seeds="[0]", steps=6))
+    runs = expand(abl, results=tmp_path / "r")
+    prepare(runs, executor="local")
+    run = RunDir(runs[0].run_dir)
+    write_json(run.path / "local.json", {"state": "interrupted", "pid": 1, "host": os.uname().nodename})
+    CheckpointIndex(4, [], runs[0].identity).write(run.index_path)
+    session = {"started": 1.0, "last": 2.0, "kind": "start", "from_step": 0, "to_step": 4}
+    write_json(run.sessions_path, {"sessions": [dict(session, outcome="time_limit")]})
+
+    def detail():
+        code, out, _ = cli(["status", run.path, "--json"], capsys)
+        assert code == 0, out
+        return json.loads(out)["detail"]
+
+    assert detail() == "stopped at step 4 after a checkpoint by train.time_limit_s; rerun to resume"
+    write_json(run.sessions_path, {"sessions": [dict(session, outcome="stopped")]})
+    assert detail() == "stopped at step 4 after a checkpoint; rerun to resume"
+    CheckpointIndex(6, [], runs[0].identity).write(run.index_path)  # trained; its evaluation cut short
+    ev = run.eval_dir(6, "abcd1234")
+    (ev / "chunks").mkdir(parents=True)
+    write_eval_record(ev, 6, "abcd1234", {"sample": {}, "eval": {"samples": 64}}, "last.pt")
+    for a, b in ((0, 16), (16, 32)):
+        (ev / "chunks" / f"chunk-{a:09d}-{b:09d}.npz").write_bytes(b"")
+    write_json(run.sessions_path, {"sessions": [dict(session, outcome="time_limit")]})
+    assert detail() == "stopped evaluating step 6 (32 of 64 samples made) by train.time_limit_s; rerun to resume"
+    (run.path / "local.json").unlink()  # a run `train` stopped: the same, from sessions.json
+    assert detail() == "stopped evaluating step 6 (32 of 64 samples made) by train.time_limit_s; rerun to resume"
+
+
+@pytest.mark.parametrize("executor", ["local", "slurm"])
+def test_run_refuses_a_bad_dist_timeout_before_any_worker_or_job(tmp_path, capsys, monkeypatch, executor):
+    """$DIMR_LAB_DIST_TIMEOUT_S reaches every worker and SLURM task: a bad value is one line from `run`, exit 2,
+    nothing written; before, each local worker failed with it in its own log (exit 1) and SLURM tasks would
+    have failed on the cluster."""
+    abl = write_ablation(tmp_path, seeds="[0]")
+    results = tmp_path / "results"
+    monkeypatch.setenv("DIMR_LAB_DIST_TIMEOUT_S", "abc")
+    code, out, err = cli(["run", abl, "--results", results, "--executor", executor, "--train-fn", STANDIN], capsys)
+    assert code == 2 and err.strip() == "error: $DIMR_LAB_DIST_TIMEOUT_S: seconds from 1 to 86400, got 'abc'", err
+    assert not results.exists()
+
+
+def test_a_local_run_stopped_by_its_time_limit_says_where_in_the_runner_and_its_log(tmp_path, capsys, standin_env,
+                                                                                    monkeypatch):
+    """train.time_limit_s stops a local run at a checkpoint: `run` and the run's output.log say at which step
+    (before, the log ended at the progress bar, with no word of the stop)."""
+    abl = write_ablation(tmp_path, seeds="[0]", steps=40, ckpt=2)
+    results = tmp_path / "results"
+    monkeypatch.setenv("STANDIN_STEP_S", "0.05")
+    code, out, err = cli(["run", abl, "--results", results, "--train-fn", STANDIN, "--only", "a", "--jobs", "1",
+                          "--set", "train.time_limit_s=0.5"], capsys)
+    (d,) = run_dirs(results)
+    step = json.loads((d / "checkpoints" / "index.json").read_text())["last"]
+    said = f"stopped at step {step} after a checkpoint; rerun to resume"
+    assert 0 < step < 40 and said in err, err
+    assert f"[dimr-lab] {said}" in (d / "output.log").read_text()

@@ -296,7 +296,12 @@ def test_the_time_limit_stops_an_evaluation_between_chunks_and_the_next_job_resu
         shutil.copytree(ref, out, ignore=shutil.ignore_patterns("evals"))  # trained, not evaluated
         if how == "train":
             code, _, err = cli(["train", toml, "--out", out, "--no-progress"], capsys)
-            assert code == 130 and f"stopped evaluating step 4; the samples made so far are kept in {out}" in err, err
+            assert code == 130 and (f"stopped evaluating step 4 at train.time_limit_s (1e-06 s); the samples made so "
+                                    f"far are kept in {out}") in err, err
+            assert json.loads((out / "sessions.json").read_text())["sessions"][-1]["outcome"] == "time_limit"
+            code, st, _ = cli(["status", out, "--json"], capsys)
+            assert json.loads(st)["detail"] == ("stopped evaluating step 4 (8 of 24 samples made) by "
+                                                "train.time_limit_s; rerun to resume")
         else:  # `run --eval-only`'s worker
             assert evaluate_planned(limited, out) == {"interrupted": True, "step": 4}
         assert len(list((out / "evals" / name / "chunks").iterdir())) == 1  # one chunk, then the limit
@@ -549,3 +554,35 @@ def test_sessions_json_counts_the_restarts_and_wall_time_of_a_killed_and_resumed
 
     train(spec(killed_at + 10), run)  # a finished run trained again: nothing to do, no session
     assert len(json.loads((run / "sessions.json").read_text())["sessions"]) == 3
+
+
+def test_sessions_json_tells_a_continuation_to_more_steps_from_a_resume(tmp_path, capsys, monkeypatch):
+    """A run stopped, resumed to its end and then continued to more steps: the resume is a restart, the
+    continuation of the finished run is not ('continued 1x', a kind of its own); rows of an earlier version
+    without a kind still count every later session as a restart."""
+    from dimr_lab.rundir import session_totals
+
+    run = tmp_path / "run"
+    asked = iter(range(1000))
+    assert train(spec(6), run, should_stop=lambda: next(asked) == 2)["interrupted"]
+    train(spec(6), run)
+    train(spec(8), run)  # the finished run continued
+    data = json.loads((run / "sessions.json").read_text())
+    assert [s["kind"] for s in data["sessions"]] == ["start", "resume", "continue"]
+    assert [s["outcome"] for s in data["sessions"]] == ["stopped", "done", "done"]
+    assert (data["restarts"], data["continuations"]) == (1, 1)
+    code, out, _ = cli(["status", run, "--json"], capsys)
+    st = json.loads(out)
+    assert code == 0 and (st["sessions"], st["restarts"], st["continuations"]) == (3, 1, 1)
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, _ = cli(["status", run], capsys)
+    assert code == 0 and "resumed 1x, continued 1x, " in out and "over 3 sessions" in out, out
+
+    other = tmp_path / "other"
+    train(spec(2), other)
+    train(spec(4), other)  # continued only, never interrupted: no 'resumed'
+    code, out, _ = cli(["status", other], capsys)
+    assert "resumed" not in out and "continued 1x, " in out and "over 2 sessions" in out, out
+    old = [{k: v for k, v in s.items() if k != "kind"} for s in json.loads((run / "sessions.json").read_text())
+           ["sessions"]]
+    assert (session_totals(old)["restarts"], session_totals(old)["continuations"]) == (2, 0)

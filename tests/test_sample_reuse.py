@@ -154,16 +154,25 @@ def test_resample_refuses_the_kept_samples_and_samples_the_same_images(trained, 
     # the samples it would have taken are the ones it made (the same settings, the same CPU)
     made = np.load(run / "evals" / res["eval_name"] / "per_sample.npz")
     assert np.array_equal(made["images"], own_samples["images"]) and res["fid"] == own["fid"]
+    # asked again, the evaluation is made: kept, and said so (it read as if sampled anew)
+    calls["n"] = 0
+    code, out, err = cli(["eval", run, "--set", 'eval.metrics=["fid"]', "--resample"], capsys)
+    assert code == 0 and calls["n"] == 0 and out.startswith(f"{res['eval_name']}: "), err
+    assert f"{res['eval_name']}: evaluated before with these settings, kept as it is" in err, err
 
 
-@pytest.mark.parametrize("damage", ["truncate", "short"])
-def test_a_damaged_or_short_store_is_sampled_again_and_said(trained, run, monkeypatch, damage):
+@pytest.mark.parametrize("damage", ["truncate", "short", "not_npz"])
+def test_a_damaged_or_short_store_is_sampled_again_and_said(trained, run, monkeypatch, capsys, damage):
     from dimr_lab.eval.command import evaluate_run
 
     own, own_samples = _own(trained, run)
     path = run / "evals" / own["eval_name"] / "per_sample.npz"
     if damage == "truncate":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif damage == "not_npz":  # numpy reads it as a pickle and advised loading it unsafely
+        path.write_text("overwritten by something else\n")
+        code, _, err = cli(["distortion", path.parent], capsys)
+        assert code == 2 and f"{path}: not readable (not an .npz archive)" in err and "pickle" not in err, err
     else:
         np.savez_compressed(path, images=own_samples["images"][:10], labels=own_samples["labels"][:10])
     calls = _counting(monkeypatch)
@@ -171,7 +180,8 @@ def test_a_damaged_or_short_store_is_sampled_again_and_said(trained, run, monkey
     (res,) = evaluate_run(run, overrides=[("eval.metrics", ["fid"])], log=lines.append)
     assert calls["n"] > 0 and res["samples_from"] is None and res["sampled_now"] == 16
     said = [line for line in lines if str(path) in line]
-    assert len(said) == 1 and ("does not read" if damage == "truncate" else "holds 10 images") in said[0]
+    assert len(said) == 1 and {"truncate": "does not read (", "short": "holds 10 images",
+                               "not_npz": "does not read (not an .npz archive)"}[damage] in said[0], said
     assert res["fid"] == own["fid"]
 
 

@@ -102,6 +102,9 @@ def run_cmd(
         raise UserError(f"--jobs {jobs}: must be >= 0 (0 = one run per CPU core, up to 8)")
     if results.exists() and not results.is_dir():
         raise UserError(f"--results {results}: exists and is not a folder")
+    from dimr_lab.dist import timeout_s
+
+    timeout_s()  # a bad $DIMR_LAB_DIST_TIMEOUT_S, which every worker and SLURM task inherits: said once, up front
     if not dry_run:  # a file above it, an unwritable folder: said once, not as each run's lock failing
         from dimr_lab.spec.preflight import check_out_dir
 

@@ -107,12 +107,13 @@ def train(
     with _peer_death_is_one_line(out):
         result = train_run(run_spec, out, should_stop=stop, progress=progress)
     if result.get("interrupted"):
+        why = f" at train.time_limit_s ({run_spec.train.time_limit_s:g} s)" if result.get("time_limit") else ""
         if _main_process() and "evaluating" in result:
-            print(f"stopped evaluating step {result['evaluating']}; the samples made so far are kept in {out}; run "
-                  f"the same command to resume", file=sys.stderr)
+            print(f"stopped evaluating step {result['evaluating']}{why}; the samples made so far are kept in {out}; "
+                  f"run the same command to resume", file=sys.stderr)
         elif _main_process():
-            print(f"stopped at step {result.get('step')}; checkpoint saved in {out}; run the same command to resume",
-                  file=sys.stderr)
+            print(f"stopped at step {result.get('step')}{why}; checkpoint saved in {out}; run the same command to "
+                  f"resume", file=sys.stderr)
         raise typer.Exit(EXIT_INTERRUPTED)
     if "rank" in result:
         return

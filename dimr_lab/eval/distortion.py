@@ -27,7 +27,9 @@ def load_per_sample(eval_dir: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as f:
             data = {k: f[k] for k in f.files}
     except Exception as err:  # truncated or foreign files
-        raise UserError(f"{path}: not readable ({err})") from None
+        from dimr_lab.eval.reuse import npz_error
+
+        raise UserError(f"{path}: not readable ({npz_error(err)})") from None
     missing = [k for k in ("images", "labels", "class_prob") if k not in data]
     if missing:
         raise UserError(f"{path}: lacks {', '.join(missing)} (rerun the evaluation)")

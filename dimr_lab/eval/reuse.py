@@ -72,6 +72,14 @@ def sibling_sources(run: Any, step: int, ckpt_step: int, identity: str, settings
     return out
 
 
+def npz_error(err: BaseException) -> str:
+    """Why an .npz file did not read, in a phrase: numpy takes a file without the zip or .npy signature for a
+    pickle and suggests loading it unsafely, which is no advice for a damaged file of ours."""
+    if isinstance(err, ValueError) and "pickle" in str(err):
+        return "not an .npz archive"
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
 def load_stored_samples(path: Path, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | str:
     """(images uint8 (N, 3, H, W), labels (N,)) of a per_sample.npz when it reads whole and holds exactly
     the N images with the given labels, in order; else why not (one phrase)."""
@@ -85,7 +93,7 @@ def load_stored_samples(path: Path, labels: np.ndarray) -> tuple[np.ndarray, np.
     except FileNotFoundError:
         return "is missing"
     except Exception as err:  # a truncated or damaged archive
-        return f"does not read ({type(err).__name__}: {err})"
+        return f"does not read ({npz_error(err)})"
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
         return f"holds images of shape {images.shape} and type {images.dtype}, not (N, 3, H, W) uint8"
     if len(images) != n or len(got_labels) != n:

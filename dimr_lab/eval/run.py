@@ -119,6 +119,9 @@ def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistIn
     d = run.eval_dir(step, ehash)
     done = read_evaluation(d) if d.is_dir() else None
     if done is not None and done.serves(spec.eval.enabled):
+        if resample and log is not None and info.main:  # not sampled anew: said, the result is the kept one
+            log(f"{d.name}: evaluated before with these settings, kept as it is (--resample samples anew only "
+                f"for an evaluation still to make)")
         return done.metrics
     # a sample grid made with evaluation off is replaced by the full evaluation (its metrics.json, at the end)
     if spec.eval.compile:  # before anything is written

@@ -187,9 +187,7 @@ def run_local(runs: list[PlannedRun], *, jobs: int = 1, train_fn: str | None = N
             status, detail = "done", ""
         elif code == EXIT_INTERRUPTED or (interrupted and code in (-signal.SIGTERM, -signal.SIGINT)):
             # the second: the stop reached a worker still starting, before it guards against signals
-            step = RunDir(run_dir).trained_step()
-            status, detail = "interrupted", (f"checkpointed at step {step}; rerun to resume" if step is not None
-                                             else "stopped before its first checkpoint; rerun to start it")
+            status, detail = "interrupted", RunDir(run_dir).stop_detail(run.spec.train.steps)
         elif code == EXIT_BUSY:
             status, detail = "busy", "another process is training it"
         else:

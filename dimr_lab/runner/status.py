@@ -45,14 +45,16 @@ class RunStatus:
     log_tail: list[str] = field(default_factory=list)
     sessions: int = 0               # training sessions sessions.json records (rundir.SessionLog)
     restarts: int = 0               # resumes after a kill, a stop, a SLURM requeue (rundir.session_totals)
+    continuations: int = 0          # sessions that went on from a finished one (a larger train.steps)
     wall_s: float | None = None     # the sessions' wall time, summed
 
     def history(self) -> str:
-        """'resumed 2x, 40m12s over 3 sessions' for a run that was restarted; '' otherwise."""
-        if not self.restarts:
+        """'resumed 2x, continued 1x, 40m12s over 4 sessions' for a run of several sessions; '' otherwise."""
+        said = [f"{word} {n}x" for word, n in (("resumed", self.restarts), ("continued", self.continuations)) if n]
+        if not said:
             return ""
         took = f", {format_duration(self.wall_s)} over {self.sessions} sessions" if self.wall_s is not None else ""
-        return f"resumed {self.restarts}x{took}"
+        return ", ".join(said) + took
 
     def as_dict(self) -> dict[str, Any]:
         return {"run_dir": str(self.run_dir), "run": self.run_dir.name, "ablation": self.ablation,
@@ -60,7 +62,7 @@ class RunStatus:
                 "loss": self.loss, "images_per_s": self.images_per_s, "eta_s": self.eta_s, "job_id": self.job_id,
                 "node": self.node, "slurm_state": self.slurm_state, "executor": self.executor,
                 "log_tail": self.log_tail, "sessions": self.sessions, "restarts": self.restarts,
-                "wall_s": self.wall_s}
+                "continuations": self.continuations, "wall_s": self.wall_s}
 
 
 def _slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str, str]] | None:
@@ -100,6 +102,7 @@ def collect(root: Path) -> list[RunStatus]:
     for st in out:
         totals = session_totals(RunDir(st.run_dir).sessions())
         st.sessions, st.restarts, st.wall_s = totals["sessions"], totals["restarts"], totals["wall_s"]
+        st.continuations = totals["continuations"]
     for st in out:  # an ETA means something only for a run that is still to finish
         if st.state not in ("running", "pending"):
             st.eta_s = None
@@ -173,8 +176,7 @@ def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, st
             st.log_tail = tail_lines(d / OUTPUT_LOG)
             return st
         if state == "interrupted":
-            st.detail = ("interrupted after a checkpoint; rerun to resume" if run.trained_step() is not None
-                         else "interrupted before its first checkpoint; rerun to start it")
+            st.detail = run.stop_detail(spec.train.steps)
             return st
         if state in ("failed", "done"):
             rc = local.get("returncode")
@@ -182,7 +184,10 @@ def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, st
             st.detail = f"exit status {rc}" if state == "failed" else "ended without its evaluations"
             st.log_tail = tail_lines(d / OUTPUT_LOG)
             return st
-    if run.trained_step() is not None:
+    sessions = run.sessions()
+    if sessions and sessions[-1].get("outcome") in ("stopped", "time_limit"):  # train stopped, or its time limit
+        st.detail = run.stop_detail(spec.train.steps)
+    elif run.trained_step() is not None:
         st.detail = "has a checkpoint; rerun to resume"
     elif run.last_logged_step() is not None:  # killed before its first checkpoint: a rerun starts it again
         st.detail = "stopped before its first checkpoint; rerun to start it"

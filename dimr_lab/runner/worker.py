@@ -13,6 +13,7 @@ run, 1 the trainer failed (traceback on stderr), 2 a bad run folder or spec.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import signal
 import sys
@@ -136,6 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     if code == EXIT_BUSY:
         print(f"{args.run_dir}: another process is training this run", file=sys.stderr)
+    if code == EXIT_INTERRUPTED and args.mode == "train":  # the run's log says where (and why) it stopped
+        from dimr_lab.rundir import RunDir
+
+        with contextlib.suppress(UserError, OSError):
+            spec, _ = load_planned_spec(args.run_dir)
+            print(f"[dimr-lab] {RunDir(args.run_dir).stop_detail(spec.train.steps)}", file=sys.stderr, flush=True)
     return code
 
 

@@ -47,7 +47,8 @@ def train_run(spec: Any, out_dir: Path, *, should_stop: Callable[[], bool] | Non
     """Train what is left of the run in out_dir, then evaluate spec.eval_steps(); the last step's metrics.
 
     Returns {"interrupted": True, "step": s} when should_stop() or train.time_limit_s stopped it (after
-    a checkpoint, or between an evaluation's chunks: then with "evaluating": the step evaluated), {"rank": r}
+    a checkpoint, or between an evaluation's chunks: then with "evaluating": the step evaluated; with
+    "time_limit": True when the time limit did), {"rank": r}
     on ranks other than 0, else the metrics of the last step's evaluation."""
     from dimr_lab.spec.preflight import check_out_dir
 
@@ -106,14 +107,14 @@ def _train_run(spec: Any, run: RunDir, *, should_stop: Callable[[], bool] | None
             try:
                 stopped = trainer.fit()
                 if stopped is not None:
-                    outcome = "stopped"
-                    return stopped
+                    outcome = trainer.stop_reason
+                    return {**stopped, "time_limit": True} if outcome == "time_limit" else stopped
                 if not evaluate:
                     outcome = "done"
                     return {"rank": info.rank} if not info.main else {"step": trainer.step}
                 result = trainer.evaluate_all()
-                outcome = "stopped" if result.get("interrupted") else "done"
-                return result
+                outcome = trainer.stop_reason if result.get("interrupted") else "done"
+                return {**result, "time_limit": True} if outcome == "time_limit" else result
             finally:
                 trainer.session.end(outcome, trainer.step)
                 trainer.tracker.close()
@@ -224,6 +225,7 @@ class Trainer:
         self.step, self.elapsed_before = 0, 0.0
         self.last_loss: float | None = None
         self.session_steps = 0
+        self.stop_reason = "stopped"  # or "time_limit": the outcome of a session stopped early
         # the log's averaging window (sums of the step losses, made in build(); steps) since the last row:
         # checkpointed, so that a resumed run writes the rows an uninterrupted one writes
         self.win_loss: torch.Tensor | None = None
@@ -461,10 +463,13 @@ class Trainer:
 
     def _stop_or_time_limit(self) -> bool:
         """should_stop() or train.time_limit_s passed (this process's view; callers agree over the ranks)."""
-        from dimr_lab.eval.run import within_time_limit
-
-        stop = within_time_limit(self.should_stop, self.spec.train.time_limit_s, self.t0)
-        return bool(stop and stop())
+        if self.should_stop is not None and self.should_stop():
+            return True
+        limit = self.spec.train.time_limit_s
+        if limit > 0 and time.perf_counter() - self.t0 > limit:
+            self.stop_reason = "time_limit"  # what sessions.json says ended the session
+            return True
+        return False
 
     def _gmacs(self) -> float | None:
         from dimr_lab.nn.describe import counts_for
