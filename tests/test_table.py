@@ -386,7 +386,7 @@ def test_eval_filters_name_known_settings_and_an_empty_table_says_why_in_one_lin
     with pytest.raises(UserError) as err:
         render_table(tmp_path, step=1234, on_warning=lambda line: pytest.fail(line))
     assert "no finished runs" in str(err.value) and "no finished evaluation at step 1234 (finished: 600)" in str(err.value)
-    assert "and 1 more warnings" in str(err.value) and "\n" not in str(err.value)
+    assert "and 1 more warning)" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_unfinished_runs_warn(tree):

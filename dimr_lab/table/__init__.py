@@ -60,7 +60,8 @@ def render_table(results_dir: str | Path, fmt: str = "rich", plot: str | Path | 
             more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
             raise UserError(f"{damaged[0]}{more}; --skip-damaged makes the table without the runs it names")
         if runs.empty:  # one line: the first reason and how many more
-            why = f": {warnings[0]}" + (f" (and {len(warnings) - 1} more warnings)" if len(warnings) > 1 else "") \
+            n = len(warnings) - 1
+            why = f": {warnings[0]}" + (f" (and {n} more warning{'s' if n > 1 else ''})" if n else "") \
                 if warnings else ""
             raise UserError(f"no finished runs under {results_dir}{why}")
         for line in warnings:
