@@ -302,6 +302,7 @@ def test_the_time_limit_stops_an_evaluation_between_chunks_and_the_next_job_resu
             code, st, _ = cli(["status", out, "--json"], capsys)
             assert json.loads(st)["detail"] == ("stopped evaluating step 4 (8 of 24 samples made) by "
                                                 "train.time_limit_s; rerun to resume")
+            assert json.loads(st)["eta_s"] is None  # trained: no training left to estimate (not "0m00s")
         else:  # `run --eval-only`'s worker
             assert evaluate_planned(limited, out) == {"interrupted": True, "step": 4}
         assert len(list((out / "evals" / name / "chunks").iterdir())) == 1  # one chunk, then the limit

@@ -122,8 +122,9 @@ def _progress(st: RunStatus, run: RunDir, spec: Any) -> None:
     st.images_per_s = float(speed) if isinstance(speed, (int, float)) and speed > 0 else None
     if spec is not None:
         st.steps = spec.train.steps
-        if st.images_per_s and st.step is not None and st.state in ("running", "pending"):
-            st.eta_s = max(0, st.steps - st.step) * spec.train.batch_size / st.images_per_s
+        # the training left (evaluations are not estimated: a trained run waiting for them has no ETA, not 0)
+        if st.images_per_s and st.step is not None and st.step < st.steps and st.state in ("running", "pending"):
+            st.eta_s = (st.steps - st.step) * spec.train.batch_size / st.images_per_s
 
 
 def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, str, str]] | None) -> RunStatus:
