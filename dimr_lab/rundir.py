@@ -42,7 +42,7 @@ import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from dimr_lab.atomic import atomic_write_text, make_dirs
 from dimr_lab.errors import UserError
@@ -497,8 +497,9 @@ class SessionLog:
 
     TOUCH_S = 10.0
 
-    def __init__(self, run: RunDir):
+    def __init__(self, run: RunDir, say: Callable[[str], None] | None = None):
         self.run = run
+        self.say = say or (lambda line: None)
         self.rows: list[dict[str, Any]] | None = None
         self._written = 0.0
 
@@ -508,8 +509,10 @@ class SessionLog:
         path = self.run.sessions_path
         rows = self.run.sessions()
         if path.exists() and not rows and try_read_json_object(path) is None:
+            aside = path.with_name(f"sessions.damaged-{int(time.time())}.json")
             with contextlib.suppress(OSError):  # unreadable: kept aside, not written over
-                os.replace(path, path.with_name(f"sessions.damaged-{int(time.time())}.json"))
+                os.replace(path, aside)
+                self.say(f"{path}: not readable; kept as {aside.name}, the sessions start again from this one")
         job = os.environ.get("SLURM_JOB_ID")
         if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
             job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"  # as slurm.json names it

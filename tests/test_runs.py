@@ -587,3 +587,18 @@ def test_sessions_json_tells_a_continuation_to_more_steps_from_a_resume(tmp_path
     old = [{k: v for k, v in s.items() if k != "kind"} for s in json.loads((run / "sessions.json").read_text())
            ["sessions"]]
     assert (session_totals(old)["restarts"], session_totals(old)["continuations"]) == (2, 0)
+
+
+def test_an_unreadable_sessions_json_is_kept_aside_with_one_line_and_the_run_goes_on(tmp_path, capsys):
+    """A damaged sessions.json neither stops the run nor is written over in silence: it is renamed aside, a
+    line says so, and the sessions start again from this one."""
+    run = tmp_path / "run"
+    asked = iter(range(1000))
+    assert train(spec(6), run, should_stop=lambda: next(asked) == 2)["interrupted"]
+    (run / "sessions.json").write_text('{"sessions": [{"start')  # truncated
+    capsys.readouterr()
+    assert train(spec(6), run)["step"] == 6
+    err = capsys.readouterr().err
+    (aside,) = run.glob("sessions.damaged-*.json")
+    assert aside.read_text() == '{"sessions": [{"start' and f"{run / 'sessions.json'}: not readable" in err, err
+    assert [s["outcome"] for s in json.loads((run / "sessions.json").read_text())["sessions"]] == ["done"]

@@ -215,7 +215,7 @@ class Trainer:
                  evaluate: bool = True):
         self.spec, self.run, self.info = spec, run, info
         self.evaluate = evaluate
-        self.session = SessionLog(run)  # written by rank 0 only: begin() is called there alone
+        self.session = SessionLog(run, say=self._say)  # written by rank 0 only: begin() is called there alone
         self.on_start = on_start
         self.rank, self.world, self.device = info.rank, info.world_size, info.device
         self.should_stop, self.progress = should_stop, progress and info.main
