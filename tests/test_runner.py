@@ -601,12 +601,12 @@ def test_jobs_zero_runs_one_single_threaded_run_per_core(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(local, "_spawn", recording_spawn)
     monkeypatch.setattr(local, "usable_cores", lambda: 4)
-    runs = expand(load_ablation(write_ablation(tmp_path)), results=tmp_path / "r0")
+    runs = expand(load_ablation(write_ablation(tmp_path, seeds="[0]")), results=tmp_path / "r0")  # 2 runs
     out = local.run_local(runs, jobs=0, train_fn=STANDIN, show_progress=False)
     assert {o.status for o in out} == {"done"} and seen == [1] * len(runs)
     seen.clear()
     monkeypatch.setattr(local, "usable_cores", lambda: 16)
-    runs = expand(load_ablation(write_ablation(tmp_path, name="abl2")), results=tmp_path / "r1")
+    runs = expand(load_ablation(write_ablation(tmp_path, name="abl2", seeds="[0]")), results=tmp_path / "r1")
     local.run_local(runs, jobs=0, train_fn=STANDIN, show_progress=False)
     assert seen == [2] * len(runs), "16 cores: 8 runs at a time, 2 threads each"
     # torch.compile's worker pool gets the same share
