@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
@@ -46,3 +48,31 @@ def released_module(env: str, filename: str, what: str, repo: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+
+@pytest.fixture(scope="session")
+def classifier_store(tmp_path_factory):
+    """The session's folder of the evaluation classifiers tests using `classifier_cache` have trained."""
+    return tmp_path_factory.mktemp("classifier-store")
+
+
+@pytest.fixture
+def classifier_cache(classifier_store, tmp_path, monkeypatch):
+    """$DIMR_LAB_CACHE set to tmp_path/cache, holding the classifiers earlier tests using this fixture trained (a
+    classifier is named by its data and recipe: the file such a test would train again); one this test trains
+    is kept for the later ones. The session's first test trains its own, from an empty cache. For tests that
+    use a classifier, not for tests of its training or its cache files."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for p in classifier_store.glob("classifier-*.pt"):
+        shutil.copy2(p, cache / p.name)
+    monkeypatch.setenv("DIMR_LAB_CACHE", str(cache))
+    yield cache
+    for p in cache.glob("classifier-*.pt"):
+        if not (classifier_store / p.name).exists():
+            part = classifier_store / f".{p.name}.part"
+            shutil.copy2(p, part)
+            part.replace(classifier_store / p.name)

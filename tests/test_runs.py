@@ -466,12 +466,11 @@ def test_train_refuses_outputs_without_checkpoints_but_restarts_a_run_killed_bef
     assert ckpt(tmp_path / "early")["step"] == 4
 
 
-def test_an_evaluation_made_with_evaluation_off_does_not_stand_for_the_full_one(tmp_path, capsys, monkeypatch):
+def test_an_evaluation_made_with_evaluation_off_does_not_stand_for_the_full_one(tmp_path, capsys, classifier_cache):
     """eval.enabled is not in an evaluation's name, so a sample grid made with it off sits where the full
     evaluation goes: it stays done for specs with evaluation off, and is replaced by the metrics when asked."""
     from dimr_lab.runner.worker import pending_evaluations
 
-    monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
     full = [("eval.samples", 24), ("eval.batch_size", 8), ("eval.metrics", ["fid", "sample_accuracy"])]
     off = spec(2, *full)  # TINY: eval.enabled = false
     train(off, tmp_path / "run")

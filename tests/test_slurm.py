@@ -283,8 +283,7 @@ name = "b"
 """
 
 
-def test_eval_only_evaluates_every_run_as_an_array(tmp_path, capsys, job_env):
-    job_env.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
+def test_eval_only_evaluates_every_run_as_an_array(tmp_path, capsys, job_env, classifier_cache):
     abl = tmp_path / "evalonly.toml"
     abl.write_text(EVAL_ONLY)
     results = tmp_path / "results"
