@@ -50,7 +50,6 @@ def released_module(env: str, filename: str, what: str, repo: str):
     return mod
 
 
-
 @pytest.fixture(scope="session")
 def classifier_store(tmp_path_factory):
     """The session's folder of the evaluation classifiers tests using `classifier_cache` have trained."""
