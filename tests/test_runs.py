@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dimr_lab.spec.run_spec import load_run_spec
-from conftest import cli
+from conftest import classifiers_from_store, classifiers_to_store, cli
 
 TINY = [("model.preset", "dimr_tiny_2r"), ("model.branches", [{"width": 32, "depth": 2, "heads": 2},
                                                                {"width": 16, "depth": 1}]),
@@ -166,14 +166,16 @@ def test_kept_checkpoints_and_fewer_steps_than_trained(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sweep_source(tmp_path_factory) -> Path:
+def sweep_source(tmp_path_factory, classifier_store) -> Path:
     """A run trained 4 steps and evaluated (24 samples, FID and sample accuracy), and the classifier cache it was
     measured with: trained once for the module, read through copies (_sweep_run)."""
     root = tmp_path_factory.mktemp("sweep")
+    classifiers_from_store(classifier_store, root / "cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DIMR_LAB_CACHE", str(root / "cache"))
         train(spec(4, ("eval.enabled", True), ("eval.samples", 24), ("eval.batch_size", 8),
                    ("eval.metrics", ["fid", "sample_accuracy"]), ("sample.guidance_scale", 1.0)), root / "run")
+    classifiers_to_store(root / "cache", classifier_store)
     return root
 
 
