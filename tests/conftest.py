@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
@@ -46,3 +48,46 @@ def released_module(env: str, filename: str, what: str, repo: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="session")
+def classifier_store(tmp_path_factory):
+    """The session's folder of the evaluation classifiers trained by tests that use it (`classifier_cache`)."""
+    return tmp_path_factory.mktemp("classifier-store")
+
+
+def classifiers_from_store(store, cache) -> None:
+    """Copy the session store's trained classifiers into the cache folder `cache` (made if missing)."""
+    import shutil
+    from pathlib import Path
+
+    cache = Path(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    for p in Path(store).glob("classifier-*.pt"):
+        if not (cache / p.name).exists():
+            shutil.copy2(p, cache / p.name)
+
+
+def classifiers_to_store(cache, store) -> None:
+    """Keep the classifiers trained into `cache` that the session store lacks."""
+    import shutil
+    from pathlib import Path
+
+    for p in Path(cache).glob("classifier-*.pt"):
+        if not (Path(store) / p.name).exists():
+            part = Path(store) / f".{p.name}.part"
+            shutil.copy2(p, part)
+            part.replace(Path(store) / p.name)
+
+
+@pytest.fixture
+def classifier_cache(classifier_store, tmp_path, monkeypatch):
+    """$DIMR_LAB_CACHE set to tmp_path/cache, holding the classifiers earlier tests using the store trained (a
+    classifier is named by its data and recipe: the file such a test would train again); one this test trains
+    is kept for the later ones. The session's first test trains its own, from an empty cache. For tests that
+    use a classifier, not for tests of its training or its cache files."""
+    cache = tmp_path / "cache"
+    classifiers_from_store(classifier_store, cache)
+    monkeypatch.setenv("DIMR_LAB_CACHE", str(cache))
+    yield cache
+    classifiers_to_store(cache, classifier_store)

@@ -139,22 +139,28 @@ def test_every_sampler_runs_on_every_schedule_it_takes(name):
         assert calls2 == [4] * 9 and not torch.equal(guided, out)  # cond + uncond in one batch
 
 
-def _cache_classifier(tmp_path):
-    from dimr_lab.eval import get_classifier
+@pytest.fixture(scope="module")
+def shapes_eval(tmp_path_factory):
+    from dimr_lab.data import build_dataset
 
-    return get_classifier(DataSpec(name="shapes", image_size=16, train_size=512), tmp_path / "cache")
+    data = DataSpec(name="shapes", image_size=16, train_size=512)
+    cache = tmp_path_factory.mktemp("cache")
+    real = build_dataset(dataclasses.replace(data, train_size=96), split="train")
+    return data, cache, real.images, real.labels
 
 
 EXTRACTOR_CASES = {"classifier": None, "inception-v3-compat": None}
 
 
 @pytest.mark.parametrize("name", EXTRACTORS.names())
-def test_every_feature_extractor_resolves_without_downloads(name, tmp_path):
+def test_every_feature_extractor_resolves_without_downloads(name, tmp_path, shapes_eval):
     from dimr_lab.errors import SpecError, UserError
+    from dimr_lab.eval import get_classifier
 
     fn = EXTRACTORS.get(name)
     if name == "classifier":
-        model = _cache_classifier(tmp_path)
+        data, cache, _, _ = shapes_eval
+        model = get_classifier(data, cache)  # the module's classifier (trained here if this test comes first)
         extractor, weights = fn(EvalSpec(), model)
         assert extractor == "dimr-classifier" and weights == str(model.path)
         with pytest.raises(SpecError):
@@ -165,16 +171,6 @@ def test_every_feature_extractor_resolves_without_downloads(name, tmp_path):
         weights = tmp_path / "w.pth"
         weights.write_bytes(b"x")
         assert fn(EvalSpec(feature_extractor=name, inception_weights=str(weights)), None) == (name, str(weights))
-
-
-@pytest.fixture(scope="module")
-def shapes_eval(tmp_path_factory):
-    from dimr_lab.data import build_dataset
-
-    data = DataSpec(name="shapes", image_size=16, train_size=512)
-    cache = tmp_path_factory.mktemp("cache")
-    real = build_dataset(dataclasses.replace(data, train_size=96), split="train")
-    return data, cache, real.images, real.labels
 
 
 @pytest.mark.parametrize("name", METRICS.names())

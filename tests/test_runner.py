@@ -33,8 +33,9 @@ def standin_train(spec, out_dir, *, should_stop=None):
     the trainer's contract: the run folder's lock, its identity check, checkpoints/index.json, and the
     evaluations of spec.eval_steps() (metrics.json with the weights) at the end.
 
-    train.lr == 0.0123 makes it fail (to test failures); $STANDIN_STEP_S sleeps per step; train.time_limit_s stops
-    it at a step boundary with a checkpoint, as the trainer."""
+    train.lr == 0.0123 makes it fail (to test failures); $STANDIN_STEP_S sleeps per step of a first job (a requeued
+    SLURM job, restarted already, trains on unslept); train.time_limit_s stops it at a step boundary with a
+    checkpoint, as the trainer."""
     import contextlib
 
     import torch
@@ -67,7 +68,9 @@ def standin_train(spec, out_dir, *, should_stop=None):
             w, step, resumed_from = state["w"], state["step"], state["step"]
             gen.set_state(state["rng"][rank])
         target = torch.arange(1.0, 5.0, dtype=torch.float64)
-        sleep = float(os.environ.get("STANDIN_STEP_S", "0"))
+        # the sleep gives a test time to interrupt the job; once requeued, nothing waits for its steps
+        restarted = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+        sleep = 0.0 if restarted else float(os.environ.get("STANDIN_STEP_S", "0"))
         log = run.log_path
         if rank == 0 and resumed_from is not None:
             with open(log, "a") as f:
@@ -598,12 +601,12 @@ def test_jobs_zero_runs_one_single_threaded_run_per_core(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(local, "_spawn", recording_spawn)
     monkeypatch.setattr(local, "usable_cores", lambda: 4)
-    runs = expand(load_ablation(write_ablation(tmp_path)), results=tmp_path / "r0")
+    runs = expand(load_ablation(write_ablation(tmp_path, seeds="[0]")), results=tmp_path / "r0")  # 2 runs
     out = local.run_local(runs, jobs=0, train_fn=STANDIN, show_progress=False)
     assert {o.status for o in out} == {"done"} and seen == [1] * len(runs)
     seen.clear()
     monkeypatch.setattr(local, "usable_cores", lambda: 16)
-    runs = expand(load_ablation(write_ablation(tmp_path, name="abl2")), results=tmp_path / "r1")
+    runs = expand(load_ablation(write_ablation(tmp_path, name="abl2", seeds="[0]")), results=tmp_path / "r1")
     local.run_local(runs, jobs=0, train_fn=STANDIN, show_progress=False)
     assert seen == [2] * len(runs), "16 cores: 8 runs at a time, 2 threads each"
     # torch.compile's worker pool gets the same share

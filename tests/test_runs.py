@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dimr_lab.spec.run_spec import load_run_spec
-from conftest import cli
+from conftest import classifiers_from_store, classifiers_to_store, cli
 
 TINY = [("model.preset", "dimr_tiny_2r"), ("model.branches", [{"width": 32, "depth": 2, "heads": 2},
                                                                {"width": 16, "depth": 1}]),
@@ -165,16 +165,32 @@ def test_kept_checkpoints_and_fewer_steps_than_trained(tmp_path):
         train(spec(5), out)
 
 
-def _sweep_run(tmp_path: Path) -> Path:
-    out = tmp_path / "run"
-    train(spec(4, ("eval.enabled", True), ("eval.samples", 24), ("eval.batch_size", 8),
-               ("eval.metrics", ["fid", "sample_accuracy"]), ("sample.guidance_scale", 1.0)), out)
-    return out
+@pytest.fixture(scope="module")
+def sweep_source(tmp_path_factory, classifier_store) -> Path:
+    """A run trained 4 steps and evaluated (24 samples, FID and sample accuracy), and the classifier cache it was
+    measured with: trained once for the module, read through copies (_sweep_run)."""
+    root = tmp_path_factory.mktemp("sweep")
+    classifiers_from_store(classifier_store, root / "cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DIMR_LAB_CACHE", str(root / "cache"))
+        train(spec(4, ("eval.enabled", True), ("eval.samples", 24), ("eval.batch_size", 8),
+                   ("eval.metrics", ["fid", "sample_accuracy"]), ("sample.guidance_scale", 1.0)), root / "run")
+    classifiers_to_store(root / "cache", classifier_store)
+    return root
 
 
-def test_eval_sweeps_guidance_without_training(tmp_path, capsys, monkeypatch):
+def _sweep_run(tmp_path: Path, source: Path) -> Path:
+    """A copy of the module's evaluated run in tmp_path/run, its classifier cache in tmp_path/cache."""
+    import shutil
+
+    shutil.copytree(source / "cache", tmp_path / "cache", dirs_exist_ok=True)
+    shutil.copytree(source / "run", tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_eval_sweeps_guidance_without_training(tmp_path, capsys, monkeypatch, sweep_source):
     monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
-    out = _sweep_run(tmp_path)
+    out = _sweep_run(tmp_path, sweep_source)
     checkpoints = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
     (own,) = list((out / "evals").iterdir())
     own_metrics = json.loads((own / "metrics.json").read_text())
@@ -209,14 +225,14 @@ def _free_port() -> int:
 
 
 @pytest.mark.timeout(300)
-def test_two_process_evaluation_equals_one_and_a_stopped_one_resumes(tmp_path, monkeypatch):
+def test_two_process_evaluation_equals_one_and_a_stopped_one_resumes(tmp_path, monkeypatch, sweep_source):
     import shutil
 
     from dimr_lab.eval.command import evaluate_run
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("DIMR_LAB_CACHE", str(cache))
-    one = _sweep_run(tmp_path)
+    one = _sweep_run(tmp_path, sweep_source)
     two = tmp_path / "two"
     shutil.copytree(one, two)
     (one_metrics,) = evaluate_run(one, overrides=[("eval.samples", 20), ("sample.seed", 5)])
@@ -274,7 +290,7 @@ metrics = ["fid", "sample_accuracy"]
 
 @pytest.mark.timeout(300)
 def test_the_time_limit_stops_an_evaluation_between_chunks_and_the_next_job_resumes_it(tmp_path, capsys,
-                                                                                        monkeypatch):
+                                                                                        monkeypatch, sweep_source):
     """train.time_limit_s bounded training only: the evaluation after it ran on, to be killed by SLURM's limit
     mid-sampling. Now it stops after a chunk past the limit, keeps it, says so like a stopped training (exit 130),
     and the next job resumes at the first missing chunk: the same samples and metrics as an uninterrupted run."""
@@ -283,7 +299,7 @@ def test_the_time_limit_stops_an_evaluation_between_chunks_and_the_next_job_resu
     from dimr_lab.eval.command import evaluate_planned
 
     monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
-    ref = _sweep_run(tmp_path)  # trained and evaluated in one go, no limit
+    ref = _sweep_run(tmp_path, sweep_source)  # trained and evaluated in one go, no limit
     (name,) = [p.name for p in (ref / "evals").iterdir()]
     ref_metrics = json.loads((ref / "evals" / name / "metrics.json").read_text())
     ref_samples = np.load(ref / "evals" / name / "per_sample.npz")
@@ -319,7 +335,7 @@ def test_the_time_limit_stops_an_evaluation_between_chunks_and_the_next_job_resu
 
 
 @pytest.mark.timeout(300)
-def test_a_compiled_evaluation_samples_what_the_eager_one_does(tmp_path, monkeypatch):
+def test_a_compiled_evaluation_samples_what_the_eager_one_does(tmp_path, monkeypatch, sweep_source):
     """eval.compile compiles the sampling network's blocks (the GPU suite measured it faster on an H200): the
     same evaluation (its name leaves the setting out, as it does the batch size), samples equal to the eager
     ones within float rounding, and every kind of block compiled."""
@@ -330,7 +346,7 @@ def test_a_compiled_evaluation_samples_what_the_eager_one_does(tmp_path, monkeyp
     from dimr_lab.eval.command import evaluate_run
 
     monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
-    eager = _sweep_run(tmp_path)
+    eager = _sweep_run(tmp_path, sweep_source)
     compiled = tmp_path / "compiled"
     shutil.copytree(eager, compiled, ignore=shutil.ignore_patterns("evals"))
     settings = [("eval.samples", 20), ("sample.seed", 5)]
@@ -458,12 +474,11 @@ def test_train_refuses_outputs_without_checkpoints_but_restarts_a_run_killed_bef
     assert ckpt(tmp_path / "early")["step"] == 4
 
 
-def test_an_evaluation_made_with_evaluation_off_does_not_stand_for_the_full_one(tmp_path, capsys, monkeypatch):
+def test_an_evaluation_made_with_evaluation_off_does_not_stand_for_the_full_one(tmp_path, capsys, classifier_cache):
     """eval.enabled is not in an evaluation's name, so a sample grid made with it off sits where the full
     evaluation goes: it stays done for specs with evaluation off, and is replaced by the metrics when asked."""
     from dimr_lab.runner.worker import pending_evaluations
 
-    monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
     full = [("eval.samples", 24), ("eval.batch_size", 8), ("eval.metrics", ["fid", "sample_accuracy"])]
     off = spec(2, *full)  # TINY: eval.enabled = false
     train(off, tmp_path / "run")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import cli
+from conftest import classifiers_from_store, classifiers_to_store, cli
 from dimr_lab.eval.reuse import DECIDE_SAMPLES, DO_NOT_DECIDE_SAMPLES, same_samples
 from dimr_lab.spec.run_spec import OUTSIDE_EVAL_IDENTITY, EvalSpec, SampleSpec, load_run_spec
 from dimr_lab.spec.schema import to_dict
@@ -66,15 +66,17 @@ TINY = [("model.preset", "dimr_tiny_2r"), ("model.branches", [{"width": 32, "dep
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, classifier_store):
     """A tiny run trained 4 steps, with its own evaluation (16 samples, FID and sample accuracy), and the
-    classifier cache it measured them with."""
+    classifier cache it measured them with (the session's classifier where an earlier test trained it)."""
     from dimr_lab.train.trainer import train_run
 
     root = tmp_path_factory.mktemp("reuse")
+    classifiers_from_store(classifier_store, root / "cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DIMR_LAB_CACHE", str(root / "cache"))
         train_run(load_run_spec(None, TINY), root / "run", progress=False)
+    classifiers_to_store(root / "cache", classifier_store)
     (own,) = (root / "run" / "evals").iterdir()
     return root, own.name
 

@@ -77,6 +77,16 @@ def _sacct(job: str) -> dict[str, str]:
     return {ln.split("|")[0]: ln.split("|")[1].split()[0] for ln in out.splitlines() if "|" in ln}
 
 
+def _release_soon(job_id: str) -> None:
+    """Let a requeued job, pending, start in about 5 s: SLURM holds it back ~2 minutes (BeginTime). Not at once:
+    slurmd revokes the first run's credential as it cleans up, and a restart within that moment is killed ("Job
+    credential revoked"; seen once under load). Once the 5 s are over the start time is set again, which has the
+    scheduler look at the job then: on its own it looks again only at its next periodic pass (up to 30 s)."""
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+5"], timeout=30)
+    time.sleep(5.5)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True, timeout=30)
+
+
 def _scancel_all(dirs):
     from dimr_lab.runner.status import cancel
 
@@ -142,13 +152,10 @@ def test_requeue_mid_training_resumes_to_the_same_weights(tmp_path, job_env, how
             subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
         else:
             subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
-        # a requeued job waits ~2 minutes (BeginTime) before it may start again: let it start in a few
-        # seconds. Not at once: slurmd revokes the first run's credential as it cleans up, and a restart
-        # within that moment is killed ("Job credential revoked"; seen once under load)
-        def released():
+        def released():  # a requeued job waits ~2 minutes (BeginTime) before it may start again: see _release_soon
             st = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
             if "PENDING" in st:
-                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+5"], timeout=30)
+                _release_soon(job_id)
                 return True
             return False
         _wait(released, 30, "the requeued job to be pending")
@@ -196,7 +203,7 @@ def test_a_job_stopped_by_the_time_limit_requeues_itself_and_the_run_finishes(tm
             restarts = re.search(r"\bRestarts=(\d+)", job)
             if "JobState=PENDING" in job and restarts and int(restarts[1]) > 0 and restarts[1] not in released:
                 released.add(restarts[1])
-                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+5"], timeout=30)
+                _release_soon(job_id)
             return False
         _wait(finished_or_released, 2 * WAIT, "the run to finish over its requeued jobs", poll=2)
     finally:
@@ -283,8 +290,7 @@ name = "b"
 """
 
 
-def test_eval_only_evaluates_every_run_as_an_array(tmp_path, capsys, job_env):
-    job_env.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
+def test_eval_only_evaluates_every_run_as_an_array(tmp_path, capsys, job_env, classifier_cache):
     abl = tmp_path / "evalonly.toml"
     abl.write_text(EVAL_ONLY)
     results = tmp_path / "results"

@@ -16,12 +16,11 @@ def _tiny(track):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="the tracking extra is not installed")
-def test_tensorboard_event_files_have_the_training_and_evaluation_tags(tmp_path, monkeypatch):
+def test_tensorboard_event_files_have_the_training_and_evaluation_tags(tmp_path, classifier_cache):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from dimr_lab.train.trainer import train_run
 
-    monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
     train_run(_tiny([("track.tensorboard", True)]), tmp_path / "run", progress=False)
     acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     acc.Reload()
@@ -57,10 +56,9 @@ def wandb_records(path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="the tracking extra is not installed")
-def test_wandb_offline_run_records_the_runs_history(tmp_path, monkeypatch):
+def test_wandb_offline_run_records_the_runs_history(tmp_path, classifier_cache):
     from dimr_lab.train.trainer import train_run
 
-    monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
     train_run(_tiny([("track.wandb", True)]), tmp_path / "run", progress=False)
     (store,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
     keys, group = set(), None
@@ -74,12 +72,11 @@ def test_wandb_offline_run_records_the_runs_history(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="the tracking extra is not installed")
-def test_wandb_keeps_the_evaluations_of_earlier_steps(tmp_path, monkeypatch):
+def test_wandb_keeps_the_evaluations_of_earlier_steps(tmp_path, classifier_cache):
     import json
 
     from dimr_lab.train.trainer import train_run
 
-    monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
     # eval.steps = [2]: step 2 is evaluated after training, when wandb's history is at step 4
     train_run(_tiny([("track.wandb", True), ("eval.steps", [2])]), tmp_path / "run", progress=False)
     (store,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
@@ -99,12 +96,11 @@ def test_wandb_keeps_the_evaluations_of_earlier_steps(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="the tracking extra is not installed")
-def test_a_continued_run_does_not_track_its_earlier_evaluations_again(tmp_path, monkeypatch):
+def test_a_continued_run_does_not_track_its_earlier_evaluations_again(tmp_path, classifier_cache):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from dimr_lab.train.trainer import train_run
 
-    monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
     track = [("track.tensorboard", True), ("eval.steps", [2])]
     train_run(_tiny(track), tmp_path / "run", progress=False)
     train_run(_tiny([*track, ("train.steps", 6)]), tmp_path / "run", progress=False)  # step 2's evaluation is reused
