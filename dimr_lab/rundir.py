@@ -463,6 +463,9 @@ def _is_session(s: Any) -> bool:
                                        and math.isfinite(s[k]) for k in ("started", "last"))
 
 
+SESSION_KINDS = ("start", "resume", "continue")
+
+
 def _session_kind(i: int, s: dict[str, Any]) -> str:
     """'start', 'resume' (after a kill, a stop, a failure, a SLURM requeue) or 'continue' (new work on a run
     whose previous session had finished: a larger train.steps, more evaluations). Rows without a kind (written
@@ -471,9 +474,6 @@ def _session_kind(i: int, s: dict[str, Any]) -> str:
     if kind in SESSION_KINDS:
         return kind
     return "resume" if i or s.get("resumed") else "start"
-
-
-SESSION_KINDS = ("start", "resume", "continue")
 
 
 def session_totals(sessions: list[dict[str, Any]]) -> dict[str, Any]:

@@ -384,7 +384,7 @@ def _status_view(directory: Path, statuses: list[Any], lines: int) -> Any:
     from rich.table import Table
     from rich.text import Text
 
-    from dimr_lab.runner.status import format_eta, summary
+    from dimr_lab.runner.status import format_duration, summary
 
     if not statuses:
         return Text(f"no runs under {directory}")
@@ -404,7 +404,7 @@ def _status_view(directory: Path, statuses: list[Any], lines: int) -> Any:
             job += f" @{s.node}"
         t.add_row(str(rel), f"[{style[s.state]}]{s.state}[/]", step,
                   f"{s.loss:.4f}" if s.loss is not None else "-",
-                  f"{s.images_per_s:.0f}" if s.images_per_s is not None else "-", format_eta(s.eta_s), job,
+                  f"{s.images_per_s:.0f}" if s.images_per_s is not None else "-", format_duration(s.eta_s), job,
                   Text("; ".join(x for x in (s.detail, s.history()) if x)))
     parts: list[Any] = [t]
     for ablation, tally in summary(statuses).items():

@@ -188,16 +188,16 @@ def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistIn
         distributed.barrier(info)
         return {"rank": info.rank}
 
-    images, labels = [], []
-    for start, end in bounds if stored is None else ():
-        got = _load_chunk(_chunk_path(chunks, start, end))
-        if got is None:
-            raise UserError(f"{chunks}: samples {start}..{end} are missing or damaged; run the evaluation again")
-        images.append(torch.from_numpy(got[0]))
-        labels.append(torch.from_numpy(got[1]))
     if stored is not None:
         images_t, labels_t = torch.from_numpy(stored[0]), torch.from_numpy(stored[1])
     else:
+        images, labels = [], []
+        for start, end in bounds:
+            got = _load_chunk(_chunk_path(chunks, start, end))
+            if got is None:
+                raise UserError(f"{chunks}: samples {start}..{end} are missing or damaged; run the evaluation again")
+            images.append(torch.from_numpy(got[0]))
+            labels.append(torch.from_numpy(got[1]))
         images_t, labels_t = torch.cat(images), torch.cat(labels)
     class_names = _class_names(spec)
     write_grid(images_t[: spec.sample.grid_size], d / SAMPLES, labels_t[: spec.sample.grid_size].tolist(),

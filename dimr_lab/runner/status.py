@@ -348,8 +348,6 @@ def format_duration(seconds: float | None) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-format_eta = format_duration
-
 
 def watch_interval(seconds: float) -> None:
     time.sleep(seconds)

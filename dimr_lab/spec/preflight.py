@@ -57,7 +57,7 @@ def check_reference_stats(path: str, *, file: str | None = None) -> None:
                         file=file, key="eval.reference_stats")
 
 
-def _check_writable_from(path: Path, start: Path, label: str) -> None:
+def _check_writable_from(start: Path, label: str) -> None:
     """The nearest existing folder at or above `start` is a folder this process can write into."""
     probe = start
     while not probe.exists():  # False too below a file (ENOTDIR): go up to what is there
@@ -77,7 +77,7 @@ def check_out_dir(path: str | Path, option: str = "") -> Path:
     label = f"{option} {path}" if option else str(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{label}: exists and is not a folder")
-    _check_writable_from(path, path, label)
+    _check_writable_from(path, label)
     return path
 
 
@@ -86,7 +86,7 @@ def check_out_file(path: str | Path, option: str = "") -> Path:
     UserError naming the option, the path and what stands in the way otherwise. Made before the work that
     the file would hold, so that a path that cannot be written is refused at once, with nothing written."""
     path = Path(path)
-    _check_writable_from(path, path.parent, f"{option} {path}" if option else str(path))
+    _check_writable_from(path.parent, f"{option} {path}" if option else str(path))
     return path
 
 
