@@ -128,6 +128,13 @@ def standin_train(spec, out_dir, *, should_stop=None):
             distributed.cleanup(info)
 
 
+def standin_resample(spec, out_dir, *, should_stop=None, **kwargs):
+    """standin_train that writes the keyword arguments it was given besides should_stop to kwargs.json."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "kwargs.json").write_text(json.dumps(kwargs))
+    return standin_train(spec, out_dir, should_stop=should_stop)
+
+
 def standin_unguarded(spec, out_dir, *, should_stop=None):
     """A worker not yet guarding against signals (the runner's SIGTERM ends it at once), waiting to be stopped."""
     import signal
@@ -822,3 +829,79 @@ def test_a_local_run_stopped_by_its_time_limit_says_where_in_the_runner_and_its_
     said = f"stopped at step {step} after a checkpoint; rerun to resume"
     assert 0 < step < 40 and said in err, err
     assert f"[dimr-lab] {said}" in (d / "output.log").read_text()
+
+
+@pytest.mark.parametrize("executor", ["local", "debug"])
+def test_run_resample_reaches_each_runs_evaluations_and_names_no_other_run(tmp_path, capsys, standin_env, executor):
+    """`run --resample` hands resample=True to the trainer of each run it starts (the worker's --resample;
+    in-process with --executor debug), as `eval --resample` does; without it nothing is passed. The runs'
+    names (their identities) are the same with it and without."""
+    abl = write_ablation(tmp_path, seeds="[0]")
+    results = tmp_path / "results"
+
+    def planned(*extra):
+        code, out, err = cli(["run", abl, "--results", results, "--dry-run", "--json", *extra], capsys)
+        assert code == 0, err
+        return [json.loads(x)["run_dir"] for x in out.splitlines() if '"run_dir"' in x]
+
+    assert planned("--resample") == planned() and len(planned()) == 2
+    fn = "test_runner:standin_resample"
+    code, out, err = cli(["run", abl, "--results", results, "--train-fn", fn, "--executor", executor, "--only", "a",
+                          "--resample", "--jobs", "1"], capsys)
+    assert code == 0, out + err
+    code, out, err = cli(["run", abl, "--results", results, "--train-fn", fn, "--executor", executor, "--only", "b",
+                          "--jobs", "1"], capsys)
+    assert code == 0, out + err
+    a, b = run_dirs(results)
+    assert json.loads((a / "kwargs.json").read_text()) == {"resample": True}
+    assert json.loads((b / "kwargs.json").read_text()) == {}
+    assert sorted(str(d) for d in (a, b)) == sorted(planned())
+
+
+def test_run_resample_travels_in_the_slurm_job_payload(tmp_path, monkeypatch):
+    """The SLURM runner pickles TrainJob into the job: `submit(..., resample=True)` puts resample on it, and the
+    job on the node hands it to the trainer (the same TrainJob is requeued as it is)."""
+    import pickle
+
+    import submitit
+
+    from dimr_lab.runner import slurm
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.spec.ablation import load_ablation
+    from dimr_lab.spec.slurm import slurm_settings
+
+    abl = load_ablation(write_ablation(tmp_path, seeds="[0]"))
+    runs = expand(abl, results=tmp_path / "results", only=["a"])
+    sent = []
+
+    class FakeJob:
+        def __init__(self, i):
+            self.job_id = f"77_{i}"
+            self.paths = type("P", (), {"folder": tmp_path, "stdout": tmp_path / "o", "stderr": tmp_path / "e"})
+
+    class FakeExecutor:
+        def __init__(self, **kwargs):
+            pass
+
+        def update_parameters(self, **kwargs):
+            pass
+
+        def map_array(self, fn, args):
+            sent.append(pickle.loads(pickle.dumps(fn)))
+            return [FakeJob(i) for i in range(len(args))]
+
+    monkeypatch.setattr(slurm, "live_jobs", lambda runs: {})
+    monkeypatch.setattr(submitit, "SlurmExecutor", FakeExecutor)
+    for resample in (True, False):
+        slurm.submit(runs, slurm_settings(abl), ablation=abl.name, ablation_dir=runs[0].run_dir.parent,
+                     train_fn=STANDIN, resample=resample)
+    assert [job.resample for job in sent] == [True, False]
+
+    calls = []
+    monkeypatch.setattr(slurm, "train_one", lambda run_dir, fn, stop, resample=False: (calls.append(resample),
+                                                                                       (0, {"done": True}))[1])
+    monkeypatch.setattr(slurm.signal, "signal", lambda *a: None)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    for job in sent:
+        job(str(runs[0].run_dir))
+    assert calls == [True, False]

@@ -220,3 +220,22 @@ def test_every_process_of_a_job_follows_rank_0s_decision(trained, run):
     (new,) = [p for p in (run / "evals").iterdir() if p.name != own["eval_name"]]
     res = json.loads((new / "metrics.json").read_text())
     assert res["samples_from"] == own["eval_name"] and res["world_size"] == 2 and res["fid"] == own["fid"]
+
+
+@pytest.mark.parametrize("how", ["eval_only", "train"])
+def test_run_resample_reaches_the_evaluations_of_a_planned_run(trained, run, monkeypatch, how):
+    """`run --resample` hands resample=True to the trainer (`run`) or to evaluate_planned (`run --eval-only`):
+    their evaluations sample anew where they would have taken a sibling's samples."""
+    from dimr_lab.eval.command import evaluate_planned
+    from dimr_lab.train.trainer import train_run
+
+    own, own_samples = _own(trained, run)
+    spec = load_run_spec(None, [*TINY, ("eval.metrics", ["fid"])])
+    calls = _counting(monkeypatch)
+    if how == "eval_only":
+        res = evaluate_planned(spec, run, resample=True)
+    else:
+        res = train_run(spec, run, progress=False, resample=True)
+    assert calls["n"] > 0 and res["samples_from"] is None and res["sampled_now"] == 16
+    made = np.load(run / "evals" / res["eval_name"] / "per_sample.npz")
+    assert np.array_equal(made["images"], own_samples["images"]) and res["fid"] == own["fid"]

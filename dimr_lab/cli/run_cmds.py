@@ -85,6 +85,10 @@ def run_cmd(
     reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="copy a trained run of the same identity (what "
                                                                 "it trains) from another ablation under --results "
                                                                 "instead of training it again"),
+    resample: bool = typer.Option(False, "--resample", help="evaluations still to make sample anew even where "
+                                                            "another evaluation of the step kept the same samples "
+                                                            "(as `eval --resample`; finished runs are skipped as "
+                                                            "ever, and no run's name changes)"),
     train_fn: str = typer.Option("", "--train-fn", hidden=True, help="module:function of the trainer (tests)"),
 ) -> None:
     """Run every variant x grid point x seed of an ablation; finished runs are skipped, others resumed."""
@@ -160,7 +164,7 @@ def run_cmd(
         from dimr_lab.runner.slurm import submit
 
         res = submit(runs, settings, ablation=abl.name, ablation_dir=ablation_dir, train_fn=train_fn or None,
-                     eval_only=eval_only)
+                     eval_only=eval_only, resample=resample)
         for r, job_id in res["submitted"]:
             _say(out, as_json, r, "submitted", job_id=job_id)
         for r, job_id in res["queued"]:
@@ -177,12 +181,12 @@ def run_cmd(
     if executor == "debug":
         from dimr_lab.runner.local import run_debug
 
-        outcomes = run_debug(runs, train_fn=train_fn or None, eval_only=eval_only)
+        outcomes = run_debug(runs, train_fn=train_fn or None, eval_only=eval_only, resample=resample)
     else:
         from dimr_lab.runner.local import run_local
 
         outcomes = run_local(runs, jobs=jobs, train_fn=train_fn or None, show_progress=not as_json,
-                             eval_only=eval_only)
+                             eval_only=eval_only, resample=resample)
     counts_by: dict[str, int] = {}
     for o in outcomes:
         counts_by[o.status] = counts_by.get(o.status, 0) + 1

@@ -72,9 +72,11 @@ def evaluate_run(run_dir: str | Path, *, step: int | None = None, all_steps: boo
     return out
 
 
-def evaluate_planned(spec: Any, run_dir: Path, *, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+def evaluate_planned(spec: Any, run_dir: Path, *, should_stop: Callable[[], bool] | None = None,
+                     resample: bool = False) -> dict[str, Any]:
     """The worker's --mode eval: a planned run's evaluations, without training (it must have trained); they stop
-    between chunks at train.time_limit_s, as they do after training in the same job."""
+    between chunks at train.time_limit_s, as they do after training in the same job. `resample` (`run --eval-only
+    --resample`): they sample anew rather than take a finished sibling evaluation's samples."""
     from dimr_lab.eval.run import evaluate_step, train_summary, within_time_limit
     from dimr_lab.spec.preflight import check_files
 
@@ -93,7 +95,7 @@ def evaluate_planned(spec: Any, run_dir: Path, *, should_stop: Callable[[], bool
             for s in spec.eval_steps():
                 res = evaluate_step(spec, run, s, info=info,
                                     should_stop=within_time_limit(should_stop, spec.train.time_limit_s, t0),
-                                    train_info=train_summary(run, s, spec))
+                                    train_info=train_summary(run, s, spec), resample=resample)
                 if res is None:
                     return {"interrupted": True, "step": s}
                 metrics = res

@@ -76,21 +76,23 @@ def prepare(runs: list[PlannedRun], *, executor: str) -> tuple[list[PlannedRun],
 
 
 def run_debug(runs: list[PlannedRun], *, train_fn: str | Callable[..., Any] | None = None,
-              eval_only: bool = False) -> list[Outcome]:
-    """In this process, one after another, no display; exceptions propagate (for debugging)."""
+              eval_only: bool = False, resample: bool = False) -> list[Outcome]:
+    """In this process, one after another, no display; exceptions propagate (for debugging). `resample`: the
+    runs' evaluations sample anew (worker.train_one)."""
     fn = resolve_train_fn(EVAL_FN if eval_only else train_fn)
     todo, done, busy = prepare(runs, executor="debug")
     out = [Outcome(r, "skipped", detail="done before") for r in done]
     out += [Outcome(r, "busy", detail="another process holds it") for r in busy]
     for r in todo:
         t0 = time.time()
-        code, _ = train_one(r.run_dir, fn)
+        code, _ = train_one(r.run_dir, fn, resample=resample)
         status = {EXIT_DONE: "done", EXIT_INTERRUPTED: "interrupted", EXIT_BUSY: "busy"}.get(code, "failed")
         out.append(Outcome(r, status, time.time() - t0))
     return out
 
 
-def _spawn(run: PlannedRun, train_fn: str, threads: int | None, mode: str = "train") -> subprocess.Popen:
+def _spawn(run: PlannedRun, train_fn: str, threads: int | None, mode: str = "train",
+           resample: bool = False) -> subprocess.Popen:
     env = dict(os.environ)
     if threads:
         env.setdefault("OMP_NUM_THREADS", str(threads))
@@ -102,7 +104,8 @@ def _spawn(run: PlannedRun, train_fn: str, threads: int | None, mode: str = "tra
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start on {socket.gethostname()} ===\n".encode())
         log.flush()
         proc = subprocess.Popen([sys.executable, "-m", "dimr_lab.runner.worker", str(run.run_dir),
-                                 "--train-fn", train_fn, "--mode", mode], stdout=log, stderr=subprocess.STDOUT,
+                                 "--train-fn", train_fn, "--mode", mode, *(["--resample"] if resample else [])],
+                                stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env)
     finally:
         log.close()
@@ -154,8 +157,9 @@ def usable_cores() -> int:
 
 
 def run_local(runs: list[PlannedRun], *, jobs: int = 1, train_fn: str | None = None, console: Any = None,
-              show_progress: bool = True, eval_only: bool = False) -> list[Outcome]:
-    """Train every unfinished run, `jobs` processes at a time (0: one per core, up to 8); one Outcome per run."""
+              show_progress: bool = True, eval_only: bool = False, resample: bool = False) -> list[Outcome]:
+    """Train every unfinished run, `jobs` processes at a time (0: one per core, up to 8); one Outcome per run.
+    `resample`: the runs' evaluations sample anew (the worker's --resample)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -233,8 +237,8 @@ def run_local(runs: list[PlannedRun], *, jobs: int = 1, train_fn: str | None = N
                     task = progress.add_task(f"  {run.run_dir.name}", total=max(1, run.spec.train.steps))
                     with stopper.hold():  # a stop now would miss a worker started but not yet in `active`
                         records[run.run_dir] = try_read_json_object(run.run_dir / LOCAL)
-                        active[run.run_dir] = (run, _spawn(run, train_fn, threads,
-                                                           "eval" if eval_only else "train"), time.time(), task)
+                        proc = _spawn(run, train_fn, threads, "eval" if eval_only else "train", resample)
+                        active[run.run_dir] = (run, proc, time.time(), task)
                 for run_dir in list(active):
                     run, proc, _, task = active[run_dir]
                     step = RunDir(run_dir).last_logged_step()

@@ -50,9 +50,10 @@ class TrainJob(submitit.helpers.Checkpointable):
     run's checkpoints/last.pt, so nothing is lost.
     """
 
-    def __init__(self, train_fn: str = DEFAULT_TRAIN_FN, lock_wait_s: float = 120.0) -> None:
+    def __init__(self, train_fn: str = DEFAULT_TRAIN_FN, lock_wait_s: float = 120.0, resample: bool = False) -> None:
         self.train_fn = train_fn
         self.lock_wait_s = lock_wait_s
+        self.resample = resample  # `run --resample`: the evaluations sample anew (pickled with the job, requeues too)
 
     def __call__(self, run_dir: str) -> dict[str, Any]:
         from dimr_lab.dist import setup_env_from_slurm
@@ -73,7 +74,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         deadline = time.monotonic() + self.lock_wait_s
         while True:  # a requeued task may start while its predecessor is still letting go of the lock
             try:
-                code, result = train_one(Path(run_dir), fn, stop)
+                code, result = train_one(Path(run_dir), fn, stop, resample=getattr(self, "resample", False))
             except UserError as err:  # a bad setting or file found on the node: one line in the job's log
                 print(f"error: {err}", file=sys.stderr, flush=True)
                 sys.exit(EXIT_BAD)
@@ -201,8 +202,9 @@ def live_jobs(runs: list[PlannedRun]) -> dict[Path, str] | None:
 
 
 def submit(runs: list[PlannedRun], settings: SlurmSettings, *, ablation: str, ablation_dir: Path,
-           train_fn: str | None = None, eval_only: bool = False) -> dict[str, list[Any]]:
-    """Submit every unfinished, not already queued run as one job array.
+           train_fn: str | None = None, eval_only: bool = False, resample: bool = False) -> dict[str, list[Any]]:
+    """Submit every unfinished, not already queued run as one job array (`resample`: their evaluations sample
+    anew, TrainJob.resample).
     Returns {"submitted": [(run, job_id)], "done": [run], "queued": [(run, job_id)], "busy": [run]}."""
     out: dict[str, list[Any]] = {"submitted": [], "done": [], "queued": [], "busy": []}
     todo = []
@@ -246,7 +248,7 @@ def submit(runs: list[PlannedRun], settings: SlurmSettings, *, ablation: str, ab
     fn = EVAL_FN if eval_only else (train_fn or DEFAULT_TRAIN_FN)
     try:
         with _stderr_captured() as captured:  # sbatch's own complaint goes into the one line below
-            jobs = executor.map_array(TrainJob(fn), [str(r.run_dir) for r in todo])
+            jobs = executor.map_array(TrainJob(fn, resample=resample), [str(r.run_dir) for r in todo])
     except (submitit.core.utils.FailedJobError, subprocess.SubprocessError, OSError) as err:
         _undo_submission(todo, made, records, base, before)
         raise UserError(f"sbatch refused the job array ({_sbatch_complaint(captured.get('text', ''), err)}); "

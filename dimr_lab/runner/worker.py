@@ -1,9 +1,11 @@
 """Train or evaluate one planned run from its folder:
-`python -m dimr_lab.runner.worker RUN_DIR [--mode train|eval] [--train-fn MOD:FN]`.
+`python -m dimr_lab.runner.worker RUN_DIR [--mode train|eval] [--train-fn MOD:FN] [--resample]`.
 
 Reads the resolved spec from RUN_DIR/run.json and calls the trainer (`train_run(spec, run_dir,
 should_stop=...)`, which takes the folder's lock, resumes or continues the run, and evaluates it) or,
-with `--mode eval`, only the evaluations (the run must have trained). SIGINT/SIGTERM ask it to stop at
+with `--mode eval`, only the evaluations (the run must have trained). `--resample` (from `dimr-lab run
+--resample`) has its evaluations sample anew rather than take a finished sibling evaluation's samples
+(dimr_lab.eval.reuse); it reaches the function as resample=True, and is not passed at all otherwise. SIGINT/SIGTERM ask it to stop at
 the next step boundary (it saves a checkpoint first); one that came before it began (the local runner starts
 it with both blocked) stops it at once, interrupted.
 Exit status: 0 done (its evaluations written), 3 interrupted (resumable), 4 another process holds the
@@ -89,9 +91,10 @@ class StopFlag:
         self.signum = signum
 
 
-def train_one(run_dir: Path, train_fn: Callable[..., Any], should_stop: Callable[[], bool] | None = None
-              ) -> tuple[int, dict | None]:
-    """Train (or resume, continue, evaluate) the run in run_dir: (exit status, trainer result)."""
+def train_one(run_dir: Path, train_fn: Callable[..., Any], should_stop: Callable[[], bool] | None = None,
+              resample: bool = False) -> tuple[int, dict | None]:
+    """Train (or resume, continue, evaluate) the run in run_dir: (exit status, trainer result). `resample` is
+    passed on as resample=True only when set (a trainer of tests need not take it)."""
     from dimr_lab.rundir import RunBusy
 
     run_dir = Path(run_dir)
@@ -99,7 +102,7 @@ def train_one(run_dir: Path, train_fn: Callable[..., Any], should_stop: Callable
     if not pending_evaluations(spec, run_dir):
         return EXIT_DONE, None
     try:
-        result = train_fn(spec, run_dir, should_stop=should_stop)
+        result = train_fn(spec, run_dir, should_stop=should_stop, **({"resample": True} if resample else {}))
     except RunBusy:
         return EXIT_BUSY, None
     if isinstance(result, dict) and result.get("interrupted"):
@@ -117,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--train-fn", default=DEFAULT_TRAIN_FN)
     p.add_argument("--mode", choices=("train", "eval"), default="train")
+    p.add_argument("--resample", action="store_true", help="evaluations sample anew (no samples taken from a "
+                                                           "finished sibling evaluation)")
     args = p.parse_args(argv)
     stop = StopFlag()
     signal.signal(signal.SIGINT, stop.set)
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     try:
         fn = resolve_train_fn(EVAL_FN if args.mode == "eval" else args.train_fn)
-        code, _ = train_one(args.run_dir, fn, stop)
+        code, _ = train_one(args.run_dir, fn, stop, resample=args.resample)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return EXIT_BAD

@@ -43,8 +43,10 @@ STOP_CHECK_EVERY = 10
 
 
 def train_run(spec: Any, out_dir: Path, *, should_stop: Callable[[], bool] | None = None, progress: bool = True,
-              record: RunRecord | None = None, evaluate: bool = True) -> dict[str, Any]:
+              record: RunRecord | None = None, evaluate: bool = True, resample: bool = False) -> dict[str, Any]:
     """Train what is left of the run in out_dir, then evaluate spec.eval_steps(); the last step's metrics.
+    `resample`: the evaluations sample anew rather than take a finished sibling evaluation's samples
+    (dimr_lab.eval.reuse; `dimr-lab run --resample`).
 
     Returns {"interrupted": True, "step": s} when should_stop() or train.time_limit_s stopped it (after
     a checkpoint, or between an evaluation's chunks: then with "evaluating": the step evaluated; with
@@ -55,7 +57,8 @@ def train_run(spec: Any, out_dir: Path, *, should_stop: Callable[[], bool] | Non
     run = RunDir(check_out_dir(out_dir))
     made_folder = not run.path.exists() and int(os.environ.get("RANK", "0") or 0) == 0
     try:
-        return _train_run(spec, run, should_stop=should_stop, progress=progress, record=record, evaluate=evaluate)
+        return _train_run(spec, run, should_stop=should_stop, progress=progress, record=record, evaluate=evaluate,
+                          resample=resample)
     except BaseException:
         if made_folder:
             _remove_if_only_lock(run.path)
@@ -74,7 +77,7 @@ def _remove_if_only_lock(folder: Path) -> None:
 
 
 def _train_run(spec: Any, run: RunDir, *, should_stop: Callable[[], bool] | None, progress: bool,
-               record: RunRecord | None, evaluate: bool) -> dict[str, Any]:
+               record: RunRecord | None, evaluate: bool, resample: bool = False) -> dict[str, Any]:
     from dimr_lab.spec.preflight import check_files
 
     from dimr_lab.train.tracking import check_available
@@ -102,7 +105,8 @@ def _train_run(spec: Any, run: RunDir, *, should_stop: Callable[[], bool] | None
             else:
                 commit = None
             distributed.barrier(info)
-            trainer = Trainer(spec, run, info, should_stop, progress, on_start=commit, evaluate=evaluate)
+            trainer = Trainer(spec, run, info, should_stop, progress, on_start=commit, evaluate=evaluate,
+                              resample=resample)
             outcome = "failed"
             try:
                 stopped = trainer.fit()
@@ -212,9 +216,9 @@ class Trainer:
 
     def __init__(self, spec: Any, run: RunDir, info: distributed.DistInfo,
                  should_stop: Callable[[], bool] | None, progress: bool, on_start: Callable[[], None] | None = None,
-                 evaluate: bool = True):
+                 evaluate: bool = True, resample: bool = False):
         self.spec, self.run, self.info = spec, run, info
-        self.evaluate = evaluate
+        self.evaluate, self.resample = evaluate, resample
         self.session = SessionLog(run, say=self._say)  # written by rank 0 only: begin() is called there alone
         self.on_start = on_start
         self.rank, self.world, self.device = info.rank, info.world_size, info.device
@@ -640,7 +644,8 @@ class Trainer:
                 res = evaluate_step(self.spec, self.run, step, info=self.info, should_stop=self._stop_or_time_limit,
                                     log=self._say if self.progress else None,
                                     progress=(lambda done, total: bar[0].update(bar[1], completed=done, total=total))
-                                    if bar else None, train_info=train_summary(self.run, step, self.spec))
+                                    if bar else None, train_info=train_summary(self.run, step, self.spec),
+                                    resample=self.resample)
             finally:
                 if bar is not None:
                     bar[0].stop()
