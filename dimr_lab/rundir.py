@@ -17,10 +17,12 @@ this module, so its writers and readers cannot drift apart (tests/test_runs.py, 
         eval.json           EvalRecord: step, settings (sample + eval sections), their hash
         metrics.json        the metrics; its presence (parsing) means the evaluation is done
         samples.png, per_sample.npz, distortion.json, distortion.png, chunks/ (while sampling)
-      sessions.json         every training session (a start, a resume after a kill, a SLURM requeue, a
-                            continuation to more steps): its kind, start, last sign of life, steps, outcome
-                            (running, done, stopped, time_limit, failed), host, pid and SLURM job; with
-                            the restarts, continuations and the wall time they add up to (SessionLog)
+      sessions.json         every session of work on the run: training (a start, a resume after a kill, a
+                            SLURM requeue, a continuation to more steps) and evaluation without training
+                            (`dimr-lab eval`, `run --eval-only`: kind "eval", its steps the checkpoints
+                            evaluated): its kind, start, last sign of life, steps, outcome (running, done,
+                            stopped, time_limit, failed), host, pid and SLURM job; with the restarts,
+                            continuations, evaluation sessions and the wall time they add up to (SessionLog)
       local.json, slurm.json, output.log     (runners) the process or SLURM jobs that trained it
       .lock                 held by every writer (train, the ablation worker, eval)
 
@@ -452,7 +454,8 @@ class RunDir:
         return self.path / SESSIONS
 
     def sessions(self) -> list[dict[str, Any]]:
-        """The training sessions sessions.json records, oldest first ([] when it is missing or unusable)."""
+        """The sessions sessions.json records (training and evaluation), oldest first ([] when it is missing or
+        unusable)."""
         data = try_read_json_object(self.sessions_path)
         rows = data.get("sessions") if isinstance(data, dict) else None
         return [s for s in rows if _is_session(s)] if isinstance(rows, list) else []
@@ -463,13 +466,15 @@ def _is_session(s: Any) -> bool:
                                        and math.isfinite(s[k]) for k in ("started", "last"))
 
 
-SESSION_KINDS = ("start", "resume", "continue")
+SESSION_KINDS = ("start", "resume", "continue", "eval")
 
 
 def _session_kind(i: int, s: dict[str, Any]) -> str:
     """'start', 'resume' (after a kill, a stop, a failure, a SLURM requeue) or 'continue' (new work on a run
-    whose previous session had finished: a larger train.steps, more evaluations). Rows without a kind (written
-    before it was recorded) read as a resume after the first, and the first too when it resumed a checkpoint."""
+    whose previous training session had finished: a larger train.steps, more evaluations) for a training
+    session; 'eval' for an evaluation without training (`dimr-lab eval`, `run --eval-only`). Rows without a kind
+    (written before it was recorded) read as a resume after the first, and the first too when it resumed a
+    checkpoint."""
     kind = s.get("kind")
     if kind in SESSION_KINDS:
         return kind
@@ -477,21 +482,25 @@ def _session_kind(i: int, s: dict[str, Any]) -> str:
 
 
 def session_totals(sessions: list[dict[str, Any]]) -> dict[str, Any]:
-    """{sessions, restarts, continuations, wall_s}: a restart is a session that picked up an interrupted one
-    (or, first, a checkpoint that sessions before any record made), a continuation one that went on from a
-    finished session; wall_s sums each session from its start to its last sign of life (a killed session's
-    time after that is not counted)."""
+    """{sessions, restarts, continuations, evaluations, wall_s, eval_wall_s}: a restart is a training session
+    that picked up an interrupted one (or, first, a checkpoint that sessions before any record made), a
+    continuation one that went on from a finished training session, an evaluation a session that only
+    evaluated; wall_s sums every session (evaluations too; eval_wall_s those alone) from its start to its last
+    sign of life (a killed session's time after that is not counted)."""
     if not sessions:
-        return {"sessions": 0, "restarts": 0, "continuations": 0, "wall_s": None}
+        return {"sessions": 0, "restarts": 0, "continuations": 0, "evaluations": 0, "wall_s": None,
+                "eval_wall_s": None}
     kinds = [_session_kind(i, s) for i, s in enumerate(sessions)]
-    wall = sum(max(0.0, float(s["last"]) - float(s["started"])) for s in sessions)
+    walls = [max(0.0, float(s["last"]) - float(s["started"])) for s in sessions]
     return {"sessions": len(sessions), "restarts": kinds.count("resume"), "continuations": kinds.count("continue"),
-            "wall_s": round(wall, 3)}
+            "evaluations": kinds.count("eval"), "wall_s": round(sum(walls), 3),
+            "eval_wall_s": round(sum(w for w, k in zip(walls, kinds) if k == "eval"), 3)}
 
 
 class SessionLog:
     """Appends this process's session to sessions.json and keeps its end up to date (rank 0, under the run's
-    lock): `begin` when training starts or resumes, `touch` as it makes progress (written at most every
+    lock): `begin` when training starts or resumes (or, kind "eval", an evaluation without training begins),
+    `touch` as it makes progress (written at most every
     TOUCH_S seconds unless forced: a checkpoint, an evaluation), `end` with how it ended. A session killed
     without an end keeps outcome 'running' and the time of its last touch."""
 
@@ -503,9 +512,14 @@ class SessionLog:
         self.rows: list[dict[str, Any]] | None = None
         self._written = 0.0
 
-    def begin(self, *, step: int, resumed: bool, processes: int = 1, started: float | None = None) -> None:
+    def begin(self, *, step: int, resumed: bool, processes: int = 1, started: float | None = None,
+              kind: str | None = None) -> None:
         """A new session from `step` (`resumed`: from a checkpoint), begun at `started` (now when None: the
-        trainer passes the time it began building, so that loading data and the network count)."""
+        trainer passes the time it began building, so that loading data and the network count). A training
+        session's kind (None) follows from `resumed` and the previous training session; kind "eval" is an
+        evaluation without training, its steps the checkpoints it evaluates."""
+        if kind is not None and kind not in SESSION_KINDS:
+            raise ValueError(f"session kind {kind!r}: one of {', '.join(SESSION_KINDS)}")
         path = self.run.sessions_path
         rows = self.run.sessions()
         if path.exists() and not rows and try_read_json_object(path) is None:
@@ -518,8 +532,12 @@ class SessionLog:
             job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"  # as slurm.json names it
         restart = os.environ.get("SLURM_RESTART_COUNT", "")
         now = time.time()
-        # after a session that finished its work (trained and evaluated) this one continues the run: no restart
-        kind = "start" if not resumed else "continue" if rows and rows[-1].get("outcome") == "done" else "resume"
+        # after a training session that finished its work (trained and evaluated) this one continues the run: no
+        # restart; evaluation sessions between them change nothing of that
+        trained = [r for r in rows if r.get("kind") != "eval"]
+        if kind is None:
+            kind = "start" if not resumed else "continue" if trained and trained[-1].get("outcome") == "done" \
+                else "resume"
         rows.append({"started": now if started is None else started, "last": now, "outcome": "running",
                      "kind": kind, "from_step": step, "to_step": step, "resumed": resumed,
                      "host": socket.gethostname(),
@@ -550,7 +568,8 @@ class SessionLog:
             totals = session_totals(self.rows)
             write_json(self.run.sessions_path, {"sessions": self.rows, "restarts": totals["restarts"],
                                                 "continuations": totals["continuations"],
-                                                "wall_s": totals["wall_s"]})
+                                                "evaluations": totals["evaluations"], "wall_s": totals["wall_s"],
+                                                "eval_wall_s": totals["eval_wall_s"]})
         self._written = time.monotonic()
 
 

@@ -239,3 +239,55 @@ def test_run_resample_reaches_the_evaluations_of_a_planned_run(trained, run, mon
     assert calls["n"] > 0 and res["samples_from"] is None and res["sampled_now"] == 16
     made = np.load(run / "evals" / res["eval_name"] / "per_sample.npz")
     assert np.array_equal(made["images"], own_samples["images"]) and res["fid"] == own["fid"]
+
+
+def test_evaluations_without_training_are_sessions_of_the_run(trained, run, monkeypatch, capsys):
+    """`dimr-lab eval` records each call that evaluates something in sessions.json (kind "eval"): done,
+    stopped or failed; one with nothing to make records nothing. `status` counts them and their time and says
+    so plainly; a later training session still reads as a continuation of the finished training."""
+    from dimr_lab.eval.command import evaluate_run
+    from dimr_lab.runner.status import format_duration
+    from dimr_lab.train.trainer import train_run
+
+    def rows():
+        return json.loads((run / "sessions.json").read_text())["sessions"]
+
+    assert [(r["kind"], r["outcome"]) for r in rows()] == [("start", "done")]
+    code, out, err = cli(["eval", run, "--set", 'eval.metrics=["fid"]'], capsys)
+    assert code == 0, err
+    assert [(r["kind"], r["outcome"]) for r in rows()] == [("start", "done"), ("eval", "done")]
+    assert (rows()[-1]["from_step"], rows()[-1]["to_step"]) == (4, 4) and rows()[-1]["last"] > rows()[-1]["started"]
+    assert cli(["eval", run, "--set", 'eval.metrics=["fid"]'], capsys)[0] == 0  # made before: no session
+    assert len(rows()) == 2
+
+    (res,) = evaluate_run(run, overrides=[("sample.seed", 5)], should_stop=lambda: True)
+    assert res["interrupted"] and rows()[-1]["outcome"] == "stopped"
+
+    def broken(*a, **k):
+        raise RuntimeError("the device fell over")
+
+    monkeypatch.setattr("dimr_lab.eval.sampling.generate", broken)
+    with pytest.raises(RuntimeError, match="fell over"):
+        evaluate_run(run, overrides=[("sample.seed", 6)])
+    monkeypatch.undo()
+    monkeypatch.setenv("DIMR_LAB_CACHE", str(trained[0] / "cache"))
+    assert [(r["kind"], r["outcome"]) for r in rows()] == [("start", "done"), ("eval", "done"), ("eval", "stopped"),
+                                                           ("eval", "failed")]
+    data = json.loads((run / "sessions.json").read_text())
+    wall = sum(r["last"] - r["started"] for r in data["sessions"])
+    evals = sum(r["last"] - r["started"] for r in data["sessions"][1:])
+    assert (data["evaluations"], data["restarts"], data["continuations"]) == (3, 0, 0)
+    assert data["wall_s"] == pytest.approx(wall, abs=1e-3) and data["eval_wall_s"] == pytest.approx(evals, abs=1e-3)
+
+    code, out, _ = cli(["status", run, "--json"], capsys)
+    st = json.loads(out)
+    assert code == 0 and (st["sessions"], st["restarts"], st["continuations"], st["evaluations"]) == (4, 0, 0, 3)
+    assert st["wall_s"] == data["wall_s"] and st["eval_wall_s"] == data["eval_wall_s"]
+    monkeypatch.setenv("COLUMNS", "250")
+    code, out, _ = cli(["status", run], capsys)
+    assert code == 0 and f"3 evaluation sessions, {format_duration(data['wall_s'])} over 4 sessions" in out, out
+    assert "resumed" not in out
+
+    # trained on to more steps after a failed evaluation: a continuation of the finished training, no restart
+    train_run(load_run_spec(None, [*TINY, ("train.steps", 6), ("eval.enabled", False)]), run, progress=False)
+    assert [r["kind"] for r in rows()] == ["start", "eval", "eval", "eval", "continue"]

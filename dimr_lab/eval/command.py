@@ -1,8 +1,15 @@
-"""Evaluating trained runs without training them: `dimr-lab eval RUN_DIR` and `run FILE --eval-only`."""
+"""Evaluating trained runs without training them: `dimr-lab eval RUN_DIR` and `run FILE --eval-only`.
+
+Each call that has an evaluation to make is a session of the run in its sessions.json (rundir.SessionLog,
+kind "eval"; its steps are the checkpoints evaluated), ended done, stopped, time_limit (`run --eval-only`
+at train.time_limit_s) or failed, so that `dimr-lab status` counts its time; a call whose evaluations were
+all made before records nothing.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -42,6 +49,45 @@ def steps_to_evaluate(run: RunDir, spec: Any, *, step: int | None = None, all_st
     return [step]
 
 
+def _pending(run: RunDir, spec: Any, steps: list[int]) -> list[int]:
+    """The steps whose evaluation with spec's settings is still to make."""
+    ehash = spec.eval_hash()
+    return [s for s in steps if not (ev := run.find_evaluation(s, ehash)) or not ev.serves(spec.eval.enabled)]
+
+
+@contextlib.contextmanager
+def _eval_session(run: RunDir, spec: Any, steps: list[int], info: distributed.DistInfo, started: float
+                  ) -> Any:
+    """Records the evaluations of `steps` as one session (kind "eval") in sessions.json, rank 0, when one of
+    them is still to make; yields a dict whose "outcome" (default "failed", also for an exception) and "step"
+    (the last checkpoint step reached) the caller sets, and a touch(step) for signs of life."""
+    from dimr_lab.rundir import SessionLog
+
+    state: dict[str, Any] = {"outcome": "failed", "step": steps[0] if steps else 0}
+    todo = _pending(run, spec, steps) if info.main else []
+    log = SessionLog(run, say=lambda line: print(f"[dimr-lab] {line}", file=sys.stderr, flush=True)) \
+        if todo else None
+    state["touch"] = (lambda s, force=False: log.touch(s, force=force)) if log else (lambda s, force=False: None)
+    if log is not None:
+        log.begin(step=todo[0], resumed=True, processes=info.world_size, started=started, kind="eval")
+    try:
+        yield state
+    finally:
+        if log is not None:
+            log.end(state["outcome"], state["step"])
+
+
+def _touching(progress: Callable[[int, int], None] | None, touch: Callable[[int], None], step: int
+              ) -> Callable[[int, int], None]:
+    """progress, and a sign of life in sessions.json (at most every SessionLog.TOUCH_S seconds)."""
+    def fn(done: int, total: int) -> None:
+        touch(step)
+        if progress is not None:
+            progress(done, total)
+
+    return fn
+
+
 def evaluate_run(run_dir: str | Path, *, step: int | None = None, all_steps: bool = False,
                  overrides: list[tuple[str, Any]] | None = None, should_stop: Callable[[], bool] | None = None,
                  log: Callable[[str], None] | None = None,
@@ -52,6 +98,7 @@ def evaluate_run(run_dir: str | Path, *, step: int | None = None, all_steps: boo
     from dimr_lab.eval.run import evaluate_step, train_summary
     from dimr_lab.spec.preflight import check_files
 
+    started = time.time()
     run = RunDir(run_dir)
     spec = run_spec_with(run, overrides)
     check_files(spec, file="--set" if overrides else None)
@@ -59,14 +106,21 @@ def evaluate_run(run_dir: str | Path, *, step: int | None = None, all_steps: boo
     info = distributed.setup()
     out = []
     try:
-        with run_lock(run.path, purpose="eval") if info.main else contextlib.nullcontext():
+        with run_lock(run.path, purpose="eval") if info.main else contextlib.nullcontext(), \
+                _eval_session(run, spec, steps, info, started) as session:
             for s in steps:
-                res = evaluate_step(spec, run, s, info=info, should_stop=should_stop, log=log, progress=progress,
+                session["step"] = s
+                res = evaluate_step(spec, run, s, info=info, should_stop=should_stop, log=log,
+                                    progress=_touching(progress, session["touch"], s),
                                     train_info=train_summary(run, s, spec), resample=resample)
                 if res is None:
                     out.append({"interrupted": True, "step": s})
+                    session["outcome"] = "stopped"
                     break
+                session["touch"](s, force=True)
                 out.append(res)
+            else:
+                session["outcome"] = "done"
     finally:
         distributed.cleanup(info)
     return out
@@ -80,7 +134,7 @@ def evaluate_planned(spec: Any, run_dir: Path, *, should_stop: Callable[[], bool
     from dimr_lab.eval.run import evaluate_step, train_summary, within_time_limit
     from dimr_lab.spec.preflight import check_files
 
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
 
     run = RunDir(run_dir)
     check_files(spec)
@@ -91,14 +145,20 @@ def evaluate_planned(spec: Any, run_dir: Path, *, should_stop: Callable[[], bool
     info = distributed.setup()
     metrics: dict[str, Any] = {}
     try:
-        with run_lock(run.path, purpose="eval") if info.main else contextlib.nullcontext():
+        with run_lock(run.path, purpose="eval") if info.main else contextlib.nullcontext(), \
+                _eval_session(run, spec, spec.eval_steps(), info, started) as session:
             for s in spec.eval_steps():
+                session["step"] = s
                 res = evaluate_step(spec, run, s, info=info,
                                     should_stop=within_time_limit(should_stop, spec.train.time_limit_s, t0),
+                                    progress=_touching(None, session["touch"], s),
                                     train_info=train_summary(run, s, spec), resample=resample)
                 if res is None:
+                    session["outcome"] = "stopped" if should_stop is not None and should_stop() else "time_limit"
                     return {"interrupted": True, "step": s}
+                session["touch"](s, force=True)
                 metrics = res
+            session["outcome"] = "done"
     finally:
         distributed.cleanup(info)
     return metrics

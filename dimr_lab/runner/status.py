@@ -43,17 +43,23 @@ class RunStatus:
     slurm_state: str | None = None
     executor: str | None = None
     log_tail: list[str] = field(default_factory=list)
-    sessions: int = 0               # training sessions sessions.json records (rundir.SessionLog)
+    sessions: int = 0               # sessions sessions.json records, training and evaluation (rundir.SessionLog)
     restarts: int = 0               # resumes after a kill, a stop, a SLURM requeue (rundir.session_totals)
     continuations: int = 0          # sessions that went on from a finished one (a larger train.steps)
-    wall_s: float | None = None     # the sessions' wall time, summed
+    evaluations: int = 0            # sessions that only evaluated (`dimr-lab eval`, `run --eval-only`)
+    wall_s: float | None = None     # the sessions' wall time, summed (evaluation sessions included)
+    eval_wall_s: float | None = None  # the evaluation sessions' part of it
 
     def history(self) -> str:
-        """'resumed 2x, continued 1x, 40m12s over 4 sessions' for a run of several sessions; '' otherwise."""
+        """'resumed 2x, continued 1x, 1 evaluation session, 40m12s over 4 sessions' for a run of several
+        sessions (every session counted, evaluation sessions among them); '' otherwise."""
         said = [f"{word} {n}x" for word, n in (("resumed", self.restarts), ("continued", self.continuations)) if n]
+        if self.evaluations:
+            said.append(f"{self.evaluations} evaluation session{'s' if self.evaluations > 1 else ''}")
         if not said:
             return ""
-        took = f", {format_duration(self.wall_s)} over {self.sessions} sessions" if self.wall_s is not None else ""
+        took = (f", {format_duration(self.wall_s)} over {self.sessions} session{'s' if self.sessions != 1 else ''}"
+                if self.wall_s is not None else "")
         return ", ".join(said) + took
 
     def as_dict(self) -> dict[str, Any]:
@@ -62,7 +68,8 @@ class RunStatus:
                 "loss": self.loss, "images_per_s": self.images_per_s, "eta_s": self.eta_s, "job_id": self.job_id,
                 "node": self.node, "slurm_state": self.slurm_state, "executor": self.executor,
                 "log_tail": self.log_tail, "sessions": self.sessions, "restarts": self.restarts,
-                "continuations": self.continuations, "wall_s": self.wall_s}
+                "continuations": self.continuations, "evaluations": self.evaluations, "wall_s": self.wall_s,
+                "eval_wall_s": self.eval_wall_s}
 
 
 def _slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str, str]] | None:
@@ -102,7 +109,8 @@ def collect(root: Path) -> list[RunStatus]:
     for st in out:
         totals = session_totals(RunDir(st.run_dir).sessions())
         st.sessions, st.restarts, st.wall_s = totals["sessions"], totals["restarts"], totals["wall_s"]
-        st.continuations = totals["continuations"]
+        st.continuations, st.evaluations, st.eval_wall_s = (totals["continuations"], totals["evaluations"],
+                                                            totals["eval_wall_s"])
     for st in out:  # an ETA means something only for a run that is still to finish
         if st.state not in ("running", "pending"):
             st.eta_s = None
