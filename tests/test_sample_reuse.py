@@ -136,8 +136,11 @@ def test_measuring_the_same_samples_another_way_takes_them(trained, run, monkeyp
     assert (d / "samples.png").is_file() and not (d / "chunks").exists()
 
 
-@pytest.mark.parametrize("override", [("sample.seed", 3), ("sample.steps", 3), ("eval.samples", 8)])
+@pytest.mark.parametrize("override", [("sample.seed", 3), ("sample.steps", 3), ("eval.samples", 12),
+                                      ("eval.samples", 32)])
 def test_other_samples_are_sampled(trained, run, monkeypatch, override):
+    """Other sampling settings, more samples than the finished evaluation kept, or fewer whose last chunk would
+    be a smaller batch than the one they were drawn in (12 of 16 in chunks of 8): sampled anew."""
     from dimr_lab.eval.command import evaluate_run
 
     own, _ = _own(trained, run)
@@ -291,3 +294,32 @@ def test_evaluations_without_training_are_sessions_of_the_run(trained, run, monk
     # trained on to more steps after a failed evaluation: a continuation of the finished training, no restart
     train_run(load_run_spec(None, [*TINY, ("train.steps", 6), ("eval.enabled", False)]), run, progress=False)
     assert [r["kind"] for r in rows()] == ["start", "eval", "eval", "eval", "continue"]
+
+
+def test_the_first_samples_of_a_larger_evaluation_are_a_fresh_smaller_ones_bit_for_bit(trained, run, monkeypatch):
+    """8 of the 16 samples (chunks of 8): taken from the larger evaluation, and exactly the images, labels and
+    metrics a fresh 8-sample evaluation makes (fails if a sample's noise or label depended on eval.samples).
+    In chunks of 4 the larger evaluation (chunks of 8) is no source: sampled anew."""
+    from dimr_lab.eval.command import evaluate_run
+
+    own, own_samples = _own(trained, run)
+    fresh_run, chunks_of_4 = run.parent / "fresh", run.parent / "chunks_of_4"
+    shutil.copytree(run, fresh_run)
+    shutil.copytree(run, chunks_of_4)
+    shutil.rmtree(fresh_run / "evals" / own["eval_name"])  # no source there: sampled
+    calls = _counting(monkeypatch)
+    (fresh,) = evaluate_run(fresh_run, overrides=[("eval.samples", 8)])
+    assert calls["n"] > 0 and fresh["samples_from"] is None
+    calls["n"] = 0
+    lines = []
+    (taken,) = evaluate_run(run, overrides=[("eval.samples", 8)], log=lines.append)
+    assert calls["n"] == 0 and taken["samples_from"] == own["eval_name"] and taken["sampled_now"] == 0
+    assert any(own["eval_name"] in line for line in lines)
+    a = np.load(fresh_run / "evals" / fresh["eval_name"] / "per_sample.npz")
+    b = np.load(run / "evals" / taken["eval_name"] / "per_sample.npz")
+    assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["labels"], b["labels"])
+    assert np.array_equal(b["images"], own_samples["images"][:8])
+    assert (taken["fid"], taken["sample_accuracy"]) == (fresh["fid"], fresh["sample_accuracy"])
+
+    (other,) = evaluate_run(chunks_of_4, overrides=[("eval.samples", 8), ("eval.batch_size", 4)])
+    assert calls["n"] > 0 and other["samples_from"] is None

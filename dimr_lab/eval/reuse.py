@@ -6,6 +6,13 @@ Sampling is its costly part; when a finished evaluation of the same run at the s
 images the new one would, `evaluate_step` takes them from its per_sample.npz instead (`dimr-lab eval
 --resample` refuses). Whether two evaluations draw the same images is decided by `same_samples`, from
 the settings they record, never from their folder names.
+
+A finished evaluation of M samples also lends its first N < M (`first_samples_of`) when it sampled in
+chunks of the same eval.batch_size, with the same eval.compile, and N is a multiple of that size: sample i's
+noise and label come from i alone (dimr_lab.eval.sampling) and the sampler is deterministic, so chunk
+[s, s + b) is the same computation on the same batch in both. Otherwise the N-sample evaluation's last chunk
+is a smaller batch than the one the larger evaluation sampled those indices in, and a batch of another shape
+may round differently (matrix kernels are chosen by shape), so it is sampled anew.
 """
 
 from __future__ import annotations
@@ -55,11 +62,29 @@ def same_samples(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return True
 
 
+def first_samples_of(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether the first b["eval"]["samples"] images of an evaluation with settings `a` (more samples) are, by
+    construction, those an evaluation with settings `b` draws: the same samples but for their number, the same
+    eval.batch_size and eval.compile, and b's number a multiple of the batch size (every chunk of b is a chunk
+    of a; see the module's docstring)."""
+    ea, eb = a.get("eval"), b.get("eval")
+    if not isinstance(ea, dict) or not isinstance(eb, dict):
+        return False
+    na, nb, size = ea.get("samples"), eb.get("samples"), eb.get("batch_size")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (na, nb, size)) or na <= nb:
+        return False
+    if nb % size or ea.get("batch_size", _MISSING) != size \
+            or ea.get("compile", _MISSING) != eb.get("compile", _MISSING):
+        return False
+    return same_samples({**a, "eval": {**ea, "samples": nb}}, b)
+
+
 def sibling_sources(run: Any, step: int, ckpt_step: int, identity: str, settings: dict[str, Any],
                     exclude: Path) -> list[Any]:
     """Finished evaluations of `run` at `step` (checkpoint step `ckpt_step`, run identity `identity`) whose
     recorded settings draw the same samples as `settings` and that kept them (eval.enabled): the
-    candidates to take samples from, by name."""
+    candidates to take samples from: those that drew exactly these samples by name, then those whose first
+    samples are these (`first_samples_of`) by name."""
     out = []
     for ev in run.evaluations():
         if ev.path.parent != run.evals or ev.path == exclude or ev.step != step or not ev.serves(True):
@@ -68,8 +93,10 @@ def sibling_sources(run: Any, step: int, ckpt_step: int, identity: str, settings
         if m.get("enabled") is not True or m.get("checkpoint_step") != ckpt_step or m.get("identity") != identity:
             continue
         if same_samples(ev.settings, settings) and same_samples(m.get("settings") or {}, settings):
-            out.append(ev)
-    return out
+            out.append((0, ev))
+        elif first_samples_of(ev.settings, settings) and first_samples_of(m.get("settings") or {}, settings):
+            out.append((1, ev))
+    return [ev for _, ev in sorted(out, key=lambda pair: pair[0])]
 
 
 def npz_error(err: BaseException) -> str:
@@ -80,9 +107,11 @@ def npz_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
-def load_stored_samples(path: Path, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray] | str:
-    """(images uint8 (N, 3, H, W), labels (N,)) of a per_sample.npz when it reads whole and holds exactly
-    the N images with the given labels, in order; else why not (one phrase)."""
+def load_stored_samples(path: Path, labels: np.ndarray, prefix: bool = False
+                        ) -> tuple[np.ndarray, np.ndarray] | str:
+    """(images uint8 (N, 3, H, W), labels (N,)) of a per_sample.npz when it reads whole and holds the N
+    images with the given labels, in order, first (`prefix`: of more; else exactly those); else why not (one
+    phrase)."""
     n = len(labels)
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -96,8 +125,9 @@ def load_stored_samples(path: Path, labels: np.ndarray) -> tuple[np.ndarray, np.
         return f"does not read ({npz_error(err)})"
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] != 3:
         return f"holds images of shape {images.shape} and type {images.dtype}, not (N, 3, H, W) uint8"
-    if len(images) != n or len(got_labels) != n:
-        return f"holds {len(images)} images and {len(got_labels)} labels, not {n}"
+    if len(images) != len(got_labels) or (len(images) < n if prefix else len(images) != n):
+        return f"holds {len(images)} images and {len(got_labels)} labels, not {'at least ' if prefix else ''}{n}"
+    images, got_labels = images[:n], got_labels[:n]
     if not np.array_equal(got_labels, labels):
         return "holds other labels than these settings draw"
     return images, got_labels
@@ -106,12 +136,13 @@ def load_stored_samples(path: Path, labels: np.ndarray) -> tuple[np.ndarray, np.
 def stored_samples(run: Any, step: int, ckpt_step: int, identity: str, settings: dict[str, Any], exclude: Path,
                    labels: np.ndarray, say: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray, str] | None:
     """(images, labels, the evaluation's folder name) of the first sibling evaluation whose per_sample.npz
-    holds the samples these settings draw, or None (sample them); a sibling whose file does not serve is
+    holds the samples these settings draw (or begins with them: `first_samples_of`), or None (sample them); a sibling whose file does not serve is
     said in one line."""
     from dimr_lab.rundir import PER_SAMPLE
 
     for ev in sibling_sources(run, step, ckpt_step, identity, settings, exclude):
-        got = load_stored_samples(ev.path / PER_SAMPLE, labels)
+        got = load_stored_samples(ev.path / PER_SAMPLE, labels,
+                                  prefix=not same_samples(ev.settings, settings))
         if isinstance(got, str):
             say(f"{ev.path / PER_SAMPLE}: {got}; not taking the samples from it")
             continue

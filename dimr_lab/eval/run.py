@@ -12,8 +12,9 @@ come from its index (dimr_lab.eval.sampling), so the samples do not depend on th
 and an interrupted evaluation (a stop request, a preemption, a kill) resumes at the first missing chunk.
 Rank 0 gathers the chunks from the run folder and computes the metrics.
 
-A finished evaluation of the same step that drew the same samples (other metrics, say) lends them from its
-per_sample.npz instead of sampling again (dimr_lab.eval.reuse; metrics.json names it as samples_from).
+A finished evaluation of the same step that drew the same samples (other metrics, say), or more of them in
+chunks of the same size, lends them from its per_sample.npz instead of sampling again (dimr_lab.eval.reuse;
+metrics.json names it as samples_from).
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistIn
                           class_counts=counts).numpy()
         stored = stored_samples(run, step, ckpt_step, spec.identity_hash(), settings, d, want, _say(log))
         if stored is not None and log is not None:
-            log(f"taking the {n} samples of step {step} from {stored[2]}, which drew the same ones "
+            log(f"taking the {n} samples of step {step} from {stored[2]}, which drew them (as its first) "
                 f"(--resample samples them anew)")
     sampling = distributed.any_flag(info, info.main and stored is None)  # rank 0's decision, on every rank
     made = 0
