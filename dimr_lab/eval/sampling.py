@@ -1,8 +1,8 @@
 """Samples of a trained network: labels and starting noise by sample index, a model from a run's checkpoint.
 
 Sample i of an evaluation asks for label `labels_for(i)` and starts from noise drawn from a generator
-seeded with (sample.seed, i). So the sample set is the same however the indices are split into batches
-or over processes, and a resumed evaluation continues with exactly the samples it had not made yet.
+seeded with `sample_seed(sample.seed, i)`. So the sample set is the same however the indices are split into
+batches or over processes, and a resumed evaluation continues with exactly the samples it had not made yet.
 """
 
 from __future__ import annotations
@@ -26,9 +26,19 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
         return x ^ (x >> np.uint64(31))
 
 
+# Knuth's multiplicative constant, 2**32 / golden ratio (odd): the offsets of seeds 0, 1, 2, ... lie far apart
+# on the circle of 2**32 generator seeds (consecutive seeds about 1.6e9 apart)
+_SEED_STRIDE = 0x9E3779B1
+
+
 def sample_seed(seed: int, index: int) -> int:
-    """The noise seed of sample `index` of an evaluation seeded `seed` (both < 2**32)."""
-    return (int(seed) << 32) | int(index)
+    """The generator seed of sample `index` of an evaluation seeded `seed` (both < 2**32): index + seed * K
+    modulo 2**32. torch's CPU generator keeps only a seed's low 32 bits, so both must fit in 32 bits (the
+    seed packed above the index was dropped, and every sample.seed drew the same noise). Per seed it is a
+    bijection of the index, so no two samples of an evaluation share noise; seed 0 gives the index itself
+    (the noise of every evaluation made before); the index ranges of two seeds overlap only when their
+    offsets lie within the sample count of each other on the circle (seeds 0-9999 and 100K samples: none)."""
+    return (int(index) + int(seed) * _SEED_STRIDE) % 2**32
 
 
 def noise_for(indices: np.ndarray, shape: tuple[int, ...], seed: int) -> torch.Tensor:
