@@ -863,6 +863,50 @@ def test_status_reads_each_runs_sessions_json_once(tmp_path, capsys, monkeypatch
     assert opened_text == opened_json == sorted([a.path.name, b.path.name]), (opened_text, opened_json)
 
 
+def test_a_refused_submission_puts_run_json_back_whole_or_not_at_all(tmp_path, monkeypatch):
+    """After sbatch refused a job array, the run records the submission had rewritten were put back with
+    Path.write_bytes: a kill while writing one left a truncated run.json, which `status` then reported as a
+    failed run and `run` could not read. It is put back atomically: the rewritten record or the old one."""
+    import io
+
+    from dimr_lab.runner.local import prepare, write_record
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.runner.slurm import _undo_submission
+    from dimr_lab.spec.ablation import load_ablation
+
+    runs = expand(load_ablation(write_ablation(tmp_path, seeds="[0]")), results=tmp_path / "r")[:1]
+    prepare(runs, executor="local")
+    record = runs[0].folder.record_path
+    before = record.read_bytes()
+    write_record(runs[0], "slurm")  # what the submission does before sbatch answers
+    rewritten = record.read_bytes()
+    assert rewritten != before
+    real_open = io.open
+
+    class Killed(BaseException):
+        pass
+
+    def killed_mid_write(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        name = os.readlink(f"/proc/self/fd/{f.fileno()}")
+        if any(c in mode for c in "wa") and Path(name).parent == record.parent:
+            def write(data, _write=f.write):
+                _write(data[: len(data) // 2])
+                f.flush()
+                raise Killed()
+            f.write = write
+        return f
+
+    monkeypatch.setattr(io, "open", killed_mid_write)
+    with pytest.raises(Killed):
+        _undo_submission(runs, set(), {runs[0].run_dir: before}, tmp_path / "r" / ".submitit" / "none", set())
+    monkeypatch.undo()
+    assert record.read_bytes() == rewritten, "the record the submission wrote, whole"
+    assert [p.name for p in record.parent.iterdir() if p.name.endswith(".tmp")] == []
+    _undo_submission(runs, set(), {runs[0].run_dir: before}, tmp_path / "r" / ".submitit" / "none", set())
+    assert record.read_bytes() == before
+
+
 @pytest.mark.parametrize("executor", ["local", "slurm"])
 def test_run_refuses_a_bad_dist_timeout_before_any_worker_or_job(tmp_path, capsys, monkeypatch, executor):
     """$DIMR_LAB_DIST_TIMEOUT_S reaches every worker and SLURM task: a bad value is one line from `run`, exit 2,
