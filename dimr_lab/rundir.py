@@ -383,14 +383,15 @@ class RunDir:
                 f"from (results folders keep outputs only); run it where its checkpoints are, or move the folder "
                 f"away to train it again from step 0")
 
-    def stop_detail(self, steps: int) -> str:
+    def stop_detail(self, steps: int, *, sessions: list[dict[str, Any]] | None = None) -> str:
         """Where a run stopped early (a stop request, train.time_limit_s) was, for `run` and `status`: 'stopped
         at step 117 by train.time_limit_s; rerun to resume', or 'stopped evaluating step 300 (32 of 64 samples
-        made); rerun to resume' once trained to `steps`."""
+        made); rerun to resume' once trained to `steps`. `sessions`: the rows of sessions.json when the caller
+        has read them already (read here otherwise)."""
         step = self.trained_step()
         if step is None:
             return "stopped before its first checkpoint; rerun to start it"
-        sessions = self.sessions()
+        sessions = self.sessions() if sessions is None else sessions
         why = " by train.time_limit_s" if sessions and sessions[-1].get("outcome") == "time_limit" else ""
         where = f"at step {step} after a checkpoint"
         if step >= steps:
@@ -456,9 +457,12 @@ class RunDir:
     def sessions(self) -> list[dict[str, Any]]:
         """The sessions sessions.json records (training and evaluation), oldest first ([] when it is missing or
         unusable)."""
-        data = try_read_json_object(self.sessions_path)
-        rows = data.get("sessions") if isinstance(data, dict) else None
-        return [s for s in rows if _is_session(s)] if isinstance(rows, list) else []
+        return _session_rows(try_read_json_object(self.sessions_path))
+
+
+def _session_rows(data: dict[str, Any] | None) -> list[dict[str, Any]]:
+    rows = data.get("sessions") if isinstance(data, dict) else None
+    return [s for s in rows if _is_session(s)] if isinstance(rows, list) else []
 
 
 def _is_session(s: Any) -> bool:
@@ -521,8 +525,9 @@ class SessionLog:
         if kind is not None and kind not in SESSION_KINDS:
             raise ValueError(f"session kind {kind!r}: one of {', '.join(SESSION_KINDS)}")
         path = self.run.sessions_path
-        rows = self.run.sessions()
-        if path.exists() and not rows and try_read_json_object(path) is None:
+        data = try_read_json_object(path)  # read once: the rows, and whether a file there is unreadable
+        rows = _session_rows(data)
+        if data is None and path.exists():
             aside = path.with_name(f"sessions.damaged-{int(time.time())}.json")
             with contextlib.suppress(OSError):  # unreadable: kept aside, not written over
                 os.replace(path, aside)

@@ -505,6 +505,40 @@ def test_prepare_latents_writes_all_or_nothing(tmp_path, capsys):
     assert not (tmp_path / "nan").exists() and not list(tmp_path.glob(".nan*"))
 
 
+def test_prepare_latents_fsyncs_files_and_folder_before_the_rename(tmp_path, monkeypatch):
+    """The .npy files were written without an fsync and their folder renamed into place: after a power loss
+    the rename could be on disk and the files' bytes not, a complete-looking folder of empty files. Every file
+    and the folder itself are now fsynced before the rename, and the parent after it."""
+    import os
+
+    from dimr_lab.data import prepare_latents
+
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(("rename", str(src), str(dst)))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    src = write_folder(tmp_path / "imgs")
+    out = tmp_path / "lat"
+    meta = prepare_latents(src, out, vae=tiny_vae(), image_size=16, batch_size=4)
+    renames = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(out)]
+    assert len(renames) == 1, events
+    _, tmp, _ = events[renames[0]]
+    before = {e[1] for e in events[:renames[0]] if e[0] == "fsync"}
+    written = {f"{tmp}/{i}.npy" for i in range(meta["count"])} | {f"{tmp}/meta.json"}
+    assert written <= before, f"not fsynced before the rename: {sorted(written - before)[:3]}"
+    assert tmp in before, "the folder's entries are flushed before it is renamed"
+    assert ("fsync", str(tmp_path)) in events[renames[0]:], "the rename itself is flushed"
+
+
 def test_prepare_latents_cli(tmp_path, capsys):
     from dimr_lab.cli import main
 

@@ -514,6 +514,84 @@ def test_logs_follow_moves_to_the_log_of_a_job_submitted_again(tmp_path, capsys)
     assert printed == (f"old 2\n==> {second['stderr']} <==\nnew 1\nnew 2\n"
                        f"==> {run / 'output.log'} <==\nlocal 1\n"), printed
 
+def test_logs_follow_prints_every_stream_of_a_slurm_job(tmp_path):
+    """submitit writes a job's stdout and stderr to two files: `logs --follow` followed the newer one only, and
+    what the job printed to the other stream never showed. It now prints what is appended to both, interleaved
+    as they grow (a '==> PATH <==' line where the stream changes, as `tail -f` does with several files), and
+    still moves to the streams of a job submitted again. Run as the command, against files appended to."""
+    from dimr_lab.rundir import write_json
+
+    run = tmp_path / "abl" / "r0"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    submitit = tmp_path / "abl" / ".submitit"
+
+    def job(job_id):
+        folder = submitit / job_id
+        folder.mkdir(parents=True)
+        return {"job_id": job_id, "folder": str(folder), "stdout": str(folder / f"{job_id}_0_log.out"),
+                "stderr": str(folder / f"{job_id}_0_log.err")}
+
+    first = job("100_0")
+    Path(first["stdout"]).write_text("out 0\n")
+    os.utime(first["stdout"], (time.time() - 60, time.time() - 60))
+    Path(first["stderr"]).write_text("err 0\n")  # the newer: its tail is printed first
+    write_json(run / "slurm.json", {"jobs": [first]})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "dimr_lab", "logs", str(run), "--follow"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "err 0\n"
+
+        def append(path, text):
+            with open(path, "a") as f:
+                f.write(text)
+            time.sleep(1.2)  # more than a poll: the order of the appends is the order printed
+
+        time.sleep(1.0)
+        append(first["stdout"], "out 1\n")
+        append(first["stderr"], "err 1\n")
+        append(first["stdout"], "out 2\n")
+        second = job("101_0")
+        write_json(run / "slurm.json", {"jobs": [first, second]})
+        append(second["stdout"], "new out\n")
+        append(second["stderr"], "new err\n")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert out == (f"==> {first['stdout']} <==\nout 1\n==> {first['stderr']} <==\nerr 1\n"
+                   f"==> {first['stdout']} <==\nout 2\n==> {second['stdout']} <==\nnew out\n"
+                   f"==> {second['stderr']} <==\nnew err\n"), out
+
+
+def test_logs_follow_does_not_split_a_line_of_one_stream_with_another(tmp_path, capsys):
+    """Two streams followed together: a line one of them has begun is printed whole, after the other's lines
+    that came meanwhile, and a line left unended (a progress bar's '\\r') still shows after a quiet poll."""
+    from dimr_lab.cli.run_cmds import _follow
+
+    out, err = tmp_path / "job.out", tmp_path / "job.err"
+    out.write_text("")
+    err.write_text("")
+    steps = [  # what is appended between two polls
+        [(out, "epoch 1 [")], [(err, "warning\n")], [(out, "done]\n")], [(out, "50%\r")], [(out, "60%")], [], [],
+        [(err, "next\n")], [],
+    ]
+
+    def sleep(_seconds):
+        sleep.calls += 1
+        if sleep.calls > len(steps):
+            raise KeyboardInterrupt
+        for path, text in steps[sleep.calls - 1]:
+            with open(path, "a") as f:
+                f.write(text)
+    sleep.calls = 0
+
+    with pytest.raises(KeyboardInterrupt):
+        _follow(err, sleep, streams=[out, err])
+    assert capsys.readouterr().out == (f"warning\n==> {out} <==\nepoch 1 [done]\n50%\r60%\n==> {err} <==\nnext\n")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="the tracking extra is not installed")
 def test_a_wandb_run_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch):
     """Online without a login or a connection: wandb.init raised its own error, a traceback with status 1."""

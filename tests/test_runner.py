@@ -802,6 +802,119 @@ def test_status_says_where_a_stopped_run_stopped_and_whether_its_time_limit_did(
     assert detail() == "stopped evaluating step 6 (32 of 64 samples made) by train.time_limit_s; rerun to resume"
 
 
+def test_status_reads_each_runs_sessions_json_once(tmp_path, capsys, monkeypatch):
+    """`status` read a run's sessions.json for its state, again for a stop's detail and again for the session
+    totals: two or three parses of a file that grows with every session, per run, per refresh of `status
+    --watch`. It is read once per run now, and what status prints (table and --json) is what it printed."""
+    import builtins
+    import io
+
+    from dimr_lab.runner.local import prepare
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.rundir import CheckpointIndex, RunDir, write_json
+    from dimr_lab.spec.ablation import load_ablation
+
+    abl = load_ablation(write_ablation(tmp_path, seeds="[0]", steps=6))
+    runs = expand(abl, results=tmp_path / "r")
+    prepare(runs, executor="local")
+    runs = sorted(runs, key=lambda r: r.run_dir.name)
+    a, b = RunDir(runs[0].run_dir), RunDir(runs[1].run_dir)
+    session = {"started": 1000.0, "last": 1600.0, "from_step": 0, "to_step": 2}
+    # a: a local run interrupted by its time limit after a resume; b: one `train` stopped after a continuation
+    write_json(a.path / "local.json", {"state": "interrupted", "pid": 1, "host": os.uname().nodename})
+    CheckpointIndex(4, [], runs[0].identity).write(a.index_path)
+    write_json(a.sessions_path, {"sessions": [dict(session, kind="start", outcome="running"),
+                                              dict(session, started=2000.0, last=2125.0, kind="resume",
+                                                   outcome="time_limit")]})
+    (b.path / "run.json").write_text(json.dumps({**json.loads((b.path / "run.json").read_text()),
+                                                 "executor": "train"}))
+    CheckpointIndex(2, [], runs[1].identity).write(b.index_path)
+    write_json(b.sessions_path, {"sessions": [dict(session, kind="start", outcome="done"),
+                                              dict(session, started=3000.0, last=3061.0, kind="continue",
+                                                   outcome="stopped")]})
+    monkeypatch.setenv("COLUMNS", "200")  # the table's rows on one line each
+    opened = []
+    for module in (io, builtins):
+        real = module.open
+
+        def counting(file, *args, _real=real, **kwargs):
+            if isinstance(file, (str, Path)) and os.path.basename(file) == "sessions.json":
+                opened.append(Path(file).parent.name)
+            return _real(file, *args, **kwargs)
+
+        monkeypatch.setattr(module, "open", counting)
+    code, text, err = cli(["status", tmp_path / "r"], capsys)
+    assert code == 0, err
+    opened_text = sorted(opened)
+    opened.clear()
+    code, out, err = cli(["status", tmp_path / "r", "--json"], capsys)
+    assert code == 0, err
+    opened_json = sorted(opened)
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")]
+    assert rows == [  # what status printed before
+        [f"abl/{a.path.name}", "pending", "4/6", "-", "-", "-", "-", "stopped at step 4 after a checkpoint by "
+         "train.time_limit_s; rerun to resume; resumed 1x, 12m05s over 2 sessions"],
+        [f"abl/{b.path.name}", "pending", "2/6", "-", "-", "-", "-", "stopped at step 2 after a checkpoint; rerun "
+         "to resume; continued 1x, 11m01s over 2 sessions"],
+    ], text
+    assert text.splitlines()[-1] == "abl: 2 pending" and str(tmp_path / "r") in text.splitlines()[0]
+    common = {"ablation": "abl", "eta_s": None, "images_per_s": None, "job_id": None, "log_tail": [], "loss": None,
+              "node": None, "sessions": 2, "slurm_state": None, "state": "pending", "steps": 6,
+              "evaluations": 0, "eval_wall_s": 0}
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {**common, "run_dir": str(a.path), "run": a.path.name, "executor": "local", "step": 4, "restarts": 1,
+         "continuations": 0, "wall_s": 725.0,
+         "detail": "stopped at step 4 after a checkpoint by train.time_limit_s; rerun to resume"},
+        {**common, "run_dir": str(b.path), "run": b.path.name, "executor": "train", "step": 2, "restarts": 0,
+         "continuations": 1, "wall_s": 661.0, "detail": "stopped at step 2 after a checkpoint; rerun to resume"},
+    ], out
+    assert opened_text == opened_json == sorted([a.path.name, b.path.name]), (opened_text, opened_json)
+
+
+def test_a_refused_submission_puts_run_json_back_whole_or_not_at_all(tmp_path, monkeypatch):
+    """After sbatch refused a job array, the run records the submission had rewritten were put back with
+    Path.write_bytes: a kill while writing one left a truncated run.json, which `status` then reported as a
+    failed run and `run` could not read. It is put back atomically: the rewritten record or the old one."""
+    import io
+
+    from dimr_lab.runner.local import prepare, write_record
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.runner.slurm import _undo_submission
+    from dimr_lab.spec.ablation import load_ablation
+
+    runs = expand(load_ablation(write_ablation(tmp_path, seeds="[0]")), results=tmp_path / "r")[:1]
+    prepare(runs, executor="local")
+    record = runs[0].folder.record_path
+    before = record.read_bytes()
+    write_record(runs[0], "slurm")  # what the submission does before sbatch answers
+    rewritten = record.read_bytes()
+    assert rewritten != before
+    real_open = io.open
+
+    class Killed(BaseException):
+        pass
+
+    def killed_mid_write(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        name = os.readlink(f"/proc/self/fd/{f.fileno()}")
+        if any(c in mode for c in "wa") and Path(name).parent == record.parent:
+            def write(data, _write=f.write):
+                _write(data[: len(data) // 2])
+                f.flush()
+                raise Killed()
+            f.write = write
+        return f
+
+    monkeypatch.setattr(io, "open", killed_mid_write)
+    with pytest.raises(Killed):
+        _undo_submission(runs, set(), {runs[0].run_dir: before}, tmp_path / "r" / ".submitit" / "none", set())
+    monkeypatch.undo()
+    assert record.read_bytes() == rewritten, "the record the submission wrote, whole"
+    assert [p.name for p in record.parent.iterdir() if p.name.endswith(".tmp")] == []
+    _undo_submission(runs, set(), {runs[0].run_dir: before}, tmp_path / "r" / ".submitit" / "none", set())
+    assert record.read_bytes() == before
+
+
 @pytest.mark.parametrize("executor", ["local", "slurm"])
 def test_run_refuses_a_bad_dist_timeout_before_any_worker_or_job(tmp_path, capsys, monkeypatch, executor):
     """$DIMR_LAB_DIST_TIMEOUT_S reaches every worker and SLURM task: a bad value is one line from `run`, exit 2,

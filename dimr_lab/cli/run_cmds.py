@@ -448,7 +448,7 @@ def logs_cmd(
 ) -> None:
     """A run's output: its process log (local or SLURM), else its training log."""
     from dimr_lab.rundir import LOG, OUTPUT_LOG, RunDir, is_run_folder, tail_lines
-    from dimr_lab.runner.slurm_logs import run_log_file, run_log_files
+    from dimr_lab.runner.slurm_logs import run_log_file, run_log_files, run_log_streams
 
     if not run_dir.is_dir() or not is_run_folder(run_dir):
         raise UserError(f"{run_dir}: not a run folder (no run.json or spec.json)")
@@ -456,75 +456,139 @@ def logs_cmd(
     if not path.exists():
         raise UserError(f"{run_dir}: no log yet")
     present = {p: p.stat().st_size for p in run_log_files(RunDir(run_dir))}  # a move goes on from here
+    streams = run_log_streams(RunDir(run_dir))
     for line in tail_lines(path, lines, nbytes=1 << 20):
         print(line)
     if not follow:
         return
     try:
-        _follow(path, locate=lambda: run_log_file(RunDir(run_dir)), offsets=present)
+        _follow(path, streams=streams if path in streams else [path], offsets=present,
+                locate=lambda: run_log_streams(RunDir(run_dir)))
     except KeyboardInterrupt:
         pass
 
 
-def _follow(path: Path, sleep: Any = time.sleep, *, locate: Any = None, offsets: dict[Path, int] | None = None,
-            poll_s: float = 0.5) -> None:
-    """Print what is appended to `path`, from its end on. A file put in its place (a training session
-    rewrites log.jsonl up to the checkpoint it resumes from, then appends) is followed on: what the new
-    file adds to the lines both share is printed; a file cut shorter is followed from its start.
-    `locate()` names the log of the run's newest process: when it is another process's (a SLURM job
-    submitted again writes its own files in its own folder; a local rerun writes output.log), following
-    moves there, printing a '==> PATH <==' line and that file from where `offsets` (a file's size when the
-    command began, where it was left) says, else from its start; the other stream of the same job (stdout
-    beside stderr, one folder) is no move."""
+class _Stream:
+    """One followed file: its open handle (None while it is not there), what was read of a line not yet ended."""
+
+    def __init__(self, path: Path, f: Any = None):
+        self.path, self.f, self.partial, self.quiet = path, f, b"", False
+
+
+def _follow(path: Path, sleep: Any = time.sleep, *, streams: Any = None, locate: Any = None,
+            offsets: dict[Path, int] | None = None, poll_s: float = 0.5) -> None:
+    """Print what is appended to every stream of a process log, `streams` (a SLURM job's stdout and stderr;
+    default `path` alone), interleaved line by line as they grow: `path` (whose tail was printed) from its
+    end, the others from where `offsets` (each file's size when the command began) says, a stream that
+    appears later from its start. As `tail -f` does with several files, a '==> PATH <==' line comes before the
+    lines of a stream other than the one printed last; a line not yet ended is printed once its stream has
+    been quiet for a poll (a progress bar's '\r' ends a line).
+    A file put in its place (a training session rewrites log.jsonl up to the checkpoint it resumes from, then
+    appends) is followed on: what the new file adds to the lines both share is printed; a file cut shorter is
+    followed from its start.
+    `locate()` names the streams of the run's newest process log (a path or a list): when they are another
+    process's (none of the followed ones: a SLURM job submitted again writes its own files in its own folder;
+    a local rerun writes output.log) and it wrote last, following moves there, each stream from where
+    `offsets` (a file's size when the command began, where it was left) says, else from its start."""
     import os
 
     offsets = dict(offsets or {})
-    f = open(path, "rb")
+    last_printed = [path]
+    ended = [True]  # whether what was printed last ends a line
+
+    def emit(stream: _Stream, data: bytes) -> None:
+        if not data:
+            return
+        if stream.path != last_printed[0]:
+            sys.stdout.write(("" if ended[0] else "\n") + f"==> {stream.path} <==\n")
+            last_printed[0] = stream.path
+        sys.stdout.write(data.decode(errors="replace"))
+        sys.stdout.flush()
+        ended[0] = data.endswith((b"\n", b"\r"))
+
+    def open_at(p: Path, at: int | None) -> Any:
+        try:
+            f = open(p, "rb")
+        except OSError:  # named but not there (yet)
+            return None
+        size = os.fstat(f.fileno()).st_size
+        f.seek(size if at is None else min(at, size))
+        return f
+
+    def group(located: Any) -> list[Path]:
+        if located is None:
+            return []
+        return [Path(located)] if isinstance(located, (str, Path)) else [Path(p) for p in located]
+
+    def newest_mtime(opened: list[Any]) -> float:
+        return max((os.fstat(f.fileno()).st_mtime for f in opened if f is not None), default=float("-inf"))
+
+    paths = list(dict.fromkeys([path, *group(streams)]))
+    followed = [_Stream(p, open_at(p, None if p == path else offsets.get(p, None))) for p in paths]
     try:
-        f.seek(0, 2)
         while True:
-            chunk = f.read()
-            if chunk:
-                sys.stdout.write(chunk.decode(errors="replace"))
-                sys.stdout.flush()
-                continue
-            sleep(poll_s)
-            newer = locate() if locate is not None else None
-            if newer is not None and newer.parent != path.parent:
-                try:
-                    moved = open(newer, "rb")
-                except OSError:  # named but not there (yet): stay
-                    moved = None
-                if moved is not None and os.fstat(moved.fileno()).st_mtime < os.fstat(f.fileno()).st_mtime:
-                    moved.close()  # an older log (a job submitted has written nothing yet): stay
-                    moved = None
-                if moved is not None:
-                    offsets[path] = f.tell()
-                    f.close()
-                    f, path = moved, newer
-                    f.seek(min(offsets.get(path, 0), os.fstat(f.fileno()).st_size))
-                    sys.stdout.write(f"==> {path} <==\n")
-                    sys.stdout.flush()
+            got = False
+            for st in followed:
+                if st.f is None:
                     continue
-            try:
-                new = open(path, "rb")
-            except FileNotFoundError:  # gone for now: keep the one open
+                chunk = st.f.read()
+                if not chunk:
+                    continue
+                got, st.quiet = True, False
+                data = st.partial + chunk
+                cut = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+                st.partial = data[cut:]
+                emit(st, data[:cut])
+            if got:
                 continue
-            if os.fstat(new.fileno()).st_ino != os.fstat(f.fileno()).st_ino:
-                seen = f.seek(0, 1)
-                f.seek(0)
-                old, ahead = f.read(seen), new.read()
-                shared = 0  # the bytes of the lines both files begin with
-                for a, b in zip(old.splitlines(keepends=True), ahead.splitlines(keepends=True)):
-                    if a != b:
-                        break
-                    shared += len(b)
-                new.seek(shared)  # from the first line that differs
-                f.close()
-                f = new
-            else:
-                if os.fstat(f.fileno()).st_size < f.tell():
-                    f.seek(0)
-                new.close()
+            for st in followed:  # a line a stream has left unended for a whole poll
+                if st.partial and st.quiet:
+                    emit(st, st.partial)
+                    st.partial = b""
+                st.quiet = True
+            sleep(poll_s)
+            located = group(locate()) if locate is not None else []
+            if located and not set(located) & set(paths):
+                opened = [open_at(p, offsets.get(p, 0)) for p in located]
+                if any(f is not None for f in opened) and \
+                        newest_mtime(opened) >= newest_mtime([st.f for st in followed]):
+                    for st in followed:
+                        if st.f is not None:
+                            emit(st, st.partial)  # the old process's last, unended line
+                            offsets[st.path] = st.f.tell()
+                            st.f.close()
+                    paths = located
+                    followed = [_Stream(p, f) for p, f in zip(located, opened)]
+                    continue
+                for f in opened:  # older logs (a job submitted has written nothing yet): stay
+                    if f is not None:
+                        f.close()
+            for st in followed:
+                if st.f is None:  # a stream that was not there: from its start (or where it was left)
+                    st.f = open_at(st.path, offsets.get(st.path, 0))
+                    continue
+                try:
+                    new = open(st.path, "rb")
+                except FileNotFoundError:  # gone for now: keep the one open
+                    continue
+                if os.fstat(new.fileno()).st_ino != os.fstat(st.f.fileno()).st_ino:
+                    seen = st.f.seek(0, 1) - len(st.partial)
+                    st.f.seek(0)
+                    old, ahead = st.f.read(seen), new.read()
+                    shared = 0  # the bytes of the lines both files begin with
+                    for a, b in zip(old.splitlines(keepends=True), ahead.splitlines(keepends=True)):
+                        if a != b:
+                            break
+                        shared += len(b)
+                    new.seek(shared)  # from the first line that differs
+                    st.f.close()
+                    st.f, st.partial = new, b""
+                else:
+                    if os.fstat(st.f.fileno()).st_size < st.f.tell():
+                        st.f.seek(0)
+                        st.partial = b""
+                    new.close()
     finally:
-        f.close()
+        for st in followed:
+            if st.f is not None:
+                st.f.close()

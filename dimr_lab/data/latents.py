@@ -236,6 +236,14 @@ def _first_missing(path: Path) -> Path | None:
     return missing
 
 
+def _write_durably(path: Path, write) -> None:
+    """Write a new file of a temporary folder and fsync it (its folder is renamed into place later)."""
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 @torch.no_grad()
 def prepare_latents(src_folder, out_dir, *, vae, image_size: int = 256, batch_size: int = 32,
                     flip: bool = True) -> dict:
@@ -243,8 +251,11 @@ def prepare_latents(src_folder, out_dir, *, vae, image_size: int = 256, batch_si
 
     All or nothing: the files are written into a temporary sibling folder, renamed onto out_dir once meta.json
     is in it, so a broken image half-way (or Ctrl-C) leaves no half-filled out_dir to refuse the next attempt.
-    A killed process leaves only the hidden `.OUT.partial-*` sibling, which no reader or later run looks at."""
-    from dimr_lab.atomic import _umask
+    A killed process leaves only the hidden `.OUT.partial-*` sibling, which no reader or later run looks at.
+    Every file is fsynced as it is written and the folder before the rename (the parent after it): the rename
+    never reaches the disk ahead of the files' bytes, so a power loss cannot leave a complete-looking out_dir
+    of empty or short files."""
+    from dimr_lab.atomic import _umask, fsync_dir, make_dirs
     from dimr_lab.data.folder import FolderDataset
     from dimr_lab.spec.preflight import check_out_dir
 
@@ -259,7 +270,7 @@ def prepare_latents(src_folder, out_dir, *, vae, image_size: int = 256, batch_si
     check_out_dir(out)  # a file above it, an unwritable folder: said now, before the VAE loads
     vae = _load_vae(vae)
     created = _first_missing(out.parent)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # a shared dataset folder, not mkdtemp's 0700
@@ -281,7 +292,7 @@ def prepare_latents(src_folder, out_dir, *, vae, image_size: int = 256, batch_si
             for m, lb in zip(moments, y.tolist()):
                 pair = np.empty(2, dtype=object)  # an explicit object pair: numpy no longer builds ragged arrays
                 pair[0], pair[1] = m, np.int64(lb)
-                np.save(tmp / f"{idx}.npy", pair)
+                _write_durably(tmp / f"{idx}.npy", lambda f: np.save(f, pair))
                 idx += 1
         meta = {
             "format": "dimr-lab latents 1 (released DiMR/U-ViT layout)",
@@ -290,8 +301,10 @@ def prepare_latents(src_folder, out_dir, *, vae, image_size: int = 256, batch_si
             "flip": flip, "scale_factor": float(getattr(getattr(vae, "config", None), "scaling_factor", SCALE_FACTOR)),
             "source": str(Path(src_folder).expanduser().resolve()),
         }
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        _write_durably(tmp / META_FILE, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+        fsync_dir(tmp)  # the files' entries, before the rename that makes them the dataset
         os.rename(tmp, out)  # onto a missing or an empty folder
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(created or tmp, ignore_errors=True)
         raise

@@ -308,14 +308,18 @@ def _stderr_captured() -> Iterator[dict[str, str]]:
 def _undo_submission(todo: list[PlannedRun], made: set[Path], records: dict[Path, bytes], folder: Path,
                      before: set[Path]) -> None:
     """After sbatch refused: remove the run folders and submitit files this call made, and put back the
-    run records it rewrote."""
+    run records it rewrote (atomically: a kill while one is put back leaves the rewritten record or the old
+    one, never a truncated run.json that `status` and the next `run` would refuse)."""
     import shutil
+
+    from dimr_lab.atomic import atomic_write
 
     for r in todo:
         if r.run_dir in made:
             shutil.rmtree(r.run_dir, ignore_errors=True)
         elif r.run_dir in records:
-            r.folder.record_path.write_bytes(records[r.run_dir])
+            old = records[r.run_dir]
+            atomic_write(r.folder.record_path, lambda f: f.write(old))
         else:
             r.folder.record_path.unlink(missing_ok=True)
     if folder.exists():

@@ -105,12 +105,16 @@ def collect(root: Path) -> list[RunStatus]:
     dirs = find_runs(root)
     jobs = {d: latest_job(d) for d in dirs}
     slurm = _slurm_states([j["job_id"] for j in jobs.values() if j])
-    out = [_one(RunDir(d), jobs[d], slurm) for d in dirs]
-    for st in out:
-        totals = session_totals(RunDir(st.run_dir).sessions())
+    out = []
+    for d in dirs:
+        run = RunDir(d)
+        sessions = run.sessions()  # read once: the state, a stop's detail and the totals all use it
+        st = _one(run, jobs[d], slurm, sessions)
+        totals = session_totals(sessions)
         st.sessions, st.restarts, st.wall_s = totals["sessions"], totals["restarts"], totals["wall_s"]
         st.continuations, st.evaluations, st.eval_wall_s = (totals["continuations"], totals["evaluations"],
                                                             totals["eval_wall_s"])
+        out.append(st)
     for st in out:  # an ETA means something only for a run that is still to finish
         if st.state not in ("running", "pending"):
             st.eta_s = None
@@ -135,7 +139,9 @@ def _progress(st: RunStatus, run: RunDir, spec: Any) -> None:
             st.eta_s = (st.steps - st.step) * spec.train.batch_size / st.images_per_s
 
 
-def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, str, str]] | None) -> RunStatus:
+def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, str, str]] | None,
+         sessions: list[dict[str, Any]]) -> RunStatus:
+    """The state of one run; `sessions` its sessions.json rows (RunDir.sessions, read once by the caller)."""
     from dimr_lab.runner.worker import pending_evaluations
 
     d = run.path
@@ -185,7 +191,7 @@ def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, st
             st.log_tail = tail_lines(d / OUTPUT_LOG)
             return st
         if state == "interrupted":
-            st.detail = run.stop_detail(spec.train.steps)
+            st.detail = run.stop_detail(spec.train.steps, sessions=sessions)
             return st
         if state in ("failed", "done"):
             rc = local.get("returncode")
@@ -193,9 +199,8 @@ def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, st
             st.detail = f"exit status {rc}" if state == "failed" else "ended without its evaluations"
             st.log_tail = tail_lines(d / OUTPUT_LOG)
             return st
-    sessions = run.sessions()
     if sessions and sessions[-1].get("outcome") in ("stopped", "time_limit"):  # train stopped, or its time limit
-        st.detail = run.stop_detail(spec.train.steps)
+        st.detail = run.stop_detail(spec.train.steps, sessions=sessions)
     elif run.trained_step() is not None:
         st.detail = "has a checkpoint; rerun to resume"
     elif run.last_logged_step() is not None:  # killed before its first checkpoint: a rerun starts it again
