@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import itertools
 import json
 import math
 import os
@@ -528,7 +529,9 @@ class SessionLog:
         data = try_read_json_object(path)  # read once: the rows, and whether a file there is unreadable
         rows = _session_rows(data)
         if data is None and path.exists():
-            aside = path.with_name(f"sessions.damaged-{int(time.time())}.json")
+            stamp = int(time.time())
+            aside = next(a for n in itertools.count() if not (a := path.with_name(
+                f"sessions.damaged-{stamp}{f'-{n}' if n else ''}.json")).exists())  # never over an earlier one
             with contextlib.suppress(OSError):  # unreadable: kept aside, not written over
                 os.replace(path, aside)
                 self.say(f"{path}: not readable; kept as {aside.name}, the sessions start again from this one")

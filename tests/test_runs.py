@@ -617,3 +617,21 @@ def test_an_unreadable_sessions_json_is_kept_aside_with_one_line_and_the_run_goe
     (aside,) = run.glob("sessions.damaged-*.json")
     assert aside.read_text() == '{"sessions": [{"start' and f"{run / 'sessions.json'}: not readable" in err, err
     assert [s["outcome"] for s in json.loads((run / "sessions.json").read_text())["sessions"]] == ["done"]
+
+
+def test_damaged_sessions_files_kept_aside_in_the_same_second_are_all_kept(tmp_path, monkeypatch):
+    """The aside name carried the second only: a second damaged sessions.json within that second replaced the
+    first one kept aside."""
+    import time
+
+    from dimr_lab.rundir import RunDir, SessionLog
+
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.0)
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    lines = []
+    for n in range(3):
+        run.sessions_path.write_text(f'{{"sessions": [{n}')  # truncated, a different one each time
+        SessionLog(run, say=lines.append).begin(step=0, resumed=False)
+    kept = sorted(p.read_text() for p in run.path.glob("sessions.damaged-*.json"))
+    assert kept == ['{"sessions": [0', '{"sessions": [1', '{"sessions": [2'] and len(lines) == 3, lines
