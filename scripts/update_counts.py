@@ -53,7 +53,9 @@ def main() -> int:
         bad = sorted(k for k in table if shipped.get(k) != table[k])
         print(f"{len(table)} networks, {len(bad)} missing or different" + (f": {bad}" if bad else ""))
         return 1 if bad else 0
-    path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+    from dimr_lab.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(table, indent=1, sort_keys=True) + "\n")  # a killed rewrite leaves the old
     print(f"wrote {len(table)} networks to {path}")
     return 0
 
