@@ -864,3 +864,21 @@ def test_an_item_read_seeds_only_the_cpu_generator_it_forks(monkeypatch):
         want = torch.randn(4, generator=torch.Generator().manual_seed(key % 2**32))  # the numbers of before
         assert torch.equal(x, want)
     assert not torch.equal(got[0], got[1])
+
+
+def test_the_data_order_depends_on_the_seed_and_epoch_only_and_ranks_split_the_global_batch():
+    """BatchOrder: a permutation per (seed, epoch), none shared by two keys of seeds 0-5 and epochs 0-49; the
+    same key the same permutation however it is reached (resumed from a position or read through); the ranks'
+    slices put together are the global batch."""
+    import numpy as np
+
+    from dimr_lab.train.loop import BatchOrder, rank_slice
+
+    perms = {(s, e): BatchOrder(64, 8, s).perm(e) for s in range(6) for e in range(50)}
+    assert len({p.tobytes() for p in perms.values()}) == len(perms)
+    assert all(sorted(p) == list(range(64)) for p in perms.values())
+    through = BatchOrder(64, 8, 3)
+    batches = [through.next() for _ in range(8 * 3 + 5)]  # into epoch 3
+    resumed = BatchOrder(64, 8, 3, epoch=3, index=32)
+    assert np.array_equal(resumed.next(), perms[(3, 3)][32:40]) and np.array_equal(batches[-1], perms[(3, 3)][32:40])
+    assert np.array_equal(np.concatenate([rank_slice(batches[-1], r, 4) for r in range(4)]), batches[-1])
