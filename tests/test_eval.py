@@ -315,3 +315,21 @@ def test_unusable_inception_weights_are_one_line_before_anything_is_written(tmp_
     assert code == 2 and len(err.strip().splitlines()) == 1 and "eval.inception_weights" in err, err
     assert "Traceback" not in err
     assert _tree(tmp_path / "run") == before
+
+
+def test_training_the_classifier_leaves_every_other_generator_alone(monkeypatch):
+    """train_classifier seeded its fork of the CPU generator with torch.manual_seed, which also reseeds every
+    CUDA device (fork_rng(devices=[]) does not put those back): an evaluation left the CUDA generators at seed
+    0. Its own numbers come from the CPU generator alone, seeded as before."""
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    seeded.clear()
+    a = clf.train_classifier(replace(DATA, train_size=256), time_limit_s=0.0)
+    assert seeded == [], "training the classifier reseeded the CUDA generators"
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(8)  # another global state: the same classifier
+    b = clf.train_classifier(replace(DATA, train_size=256), time_limit_s=0.0)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k

@@ -350,3 +350,24 @@ def test_each_sample_seed_draws_its_own_noise_and_seed_0_keeps_the_index_stream(
     ring = np.sort(seeds)
     gaps = np.diff(np.concatenate([ring, [ring[0] + 2**32]]))
     assert gaps.min() > n  # each seed's n generator seeds run up to the next seed's first: disjoint
+
+
+def test_frequency_labels_follow_the_class_counts_by_index_and_seed():
+    """eval.labels = 'frequency': sample i's label depends on (sample.seed, i) only (any chunking gives the same
+    labels), follows the training set's class proportions, never draws a class without images, and another
+    sample.seed draws other labels; 'balanced' is i mod K whatever the seed."""
+    import torch
+
+    from dimr_lab.eval.sampling import labels_for
+
+    counts = np.array([600, 300, 0, 100])
+    n = 20_000
+    whole = labels_for(np.arange(n), 4, rule="frequency", seed=0, class_counts=counts)
+    parts = torch.cat([labels_for(np.arange(s, min(s + 333, n)), 4, rule="frequency", seed=0, class_counts=counts)
+                       for s in range(0, n, 333)])
+    assert torch.equal(whole, parts)
+    share = np.bincount(whole.numpy(), minlength=4) / n
+    assert share[2] == 0 and np.allclose(share, counts / counts.sum(), atol=0.015)
+    others = [labels_for(np.arange(n), 4, rule="frequency", seed=s, class_counts=counts) for s in (1, 2**32 - 1)]
+    assert all((o != whole).float().mean() > 0.3 for o in others) and (others[0] != others[1]).float().mean() > 0.3
+    assert torch.equal(labels_for(np.arange(10), 4, seed=5), torch.arange(10) % 4)

@@ -834,3 +834,51 @@ def test_a_missing_compiler_for_the_evaluation_stops_training_before_it_starts(t
     with pytest.raises(SpecError, match="eval.compile: torch.compile on the CPU needs a C\\+\\+ compiler"):
         train_run(spec, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "log.jsonl").exists()
+
+
+def test_an_item_read_seeds_only_the_cpu_generator_it_forks(monkeypatch):
+    """read_item seeded each item with torch.manual_seed, which also reseeds every CUDA device (fork_rng with
+    devices=[] does not put those back) and, CUDA or not, costs ~75 us an item in torch's lazy CUDA seeding;
+    the item's numbers come from the CPU generator alone, seeded with the low 32 bits of its (seed, epoch,
+    index) key (all that torch's mt19937 keeps), as before."""
+    import numpy as np
+
+    from dimr_lab.train.loop import read_item
+
+    class Draws:  # an item that draws from the global CPU generator, as a latents item does
+        draws_per_item = True
+
+        def __getitem__(self, i):
+            return torch.randn(4), i
+
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    seeded.clear()
+    got = [read_item(Draws(), 3, 2, i)[0] for i in (0, 5, 2**20)]
+    assert seeded == [], "an item read reseeded the CUDA generators"
+    assert torch.equal(torch.get_rng_state(), before)  # the global stream is put back
+    for x, i in zip(got, (0, 5, 2**20)):
+        key = int(np.random.SeedSequence([3, 2, i]).generate_state(1, np.uint64)[0])
+        want = torch.randn(4, generator=torch.Generator().manual_seed(key % 2**32))  # the numbers of before
+        assert torch.equal(x, want)
+    assert not torch.equal(got[0], got[1])
+
+
+def test_the_data_order_depends_on_the_seed_and_epoch_only_and_ranks_split_the_global_batch():
+    """BatchOrder: a permutation per (seed, epoch), none shared by two keys of seeds 0-5 and epochs 0-49; the
+    same key the same permutation however it is reached (resumed from a position or read through); the ranks'
+    slices put together are the global batch."""
+    import numpy as np
+
+    from dimr_lab.train.loop import BatchOrder, rank_slice
+
+    perms = {(s, e): BatchOrder(64, 8, s).perm(e) for s in range(6) for e in range(50)}
+    assert len({p.tobytes() for p in perms.values()}) == len(perms)
+    assert all(sorted(p) == list(range(64)) for p in perms.values())
+    through = BatchOrder(64, 8, 3)
+    batches = [through.next() for _ in range(8 * 3 + 5)]  # into epoch 3
+    resumed = BatchOrder(64, 8, 3, epoch=3, index=32)
+    assert np.array_equal(resumed.next(), perms[(3, 3)][32:40]) and np.array_equal(batches[-1], perms[(3, 3)][32:40])
+    assert np.array_equal(np.concatenate([rank_slice(batches[-1], r, 4) for r in range(4)]), batches[-1])

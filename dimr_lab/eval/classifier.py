@@ -167,7 +167,7 @@ def train_classifier(data_spec, seed: int = 0, *, min_steps: int = 256, time_lim
         xt, yt = _as_tensors(train, _spread(len(train), min(1024, max(1, len(train) // 10)), offset=0.5))
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator it forks (torch.manual_seed: every CUDA one too)
         model = SmallCNN(train.num_classes, min(train.image_size, MAX_RESOLUTION))
         x = model.prepare(x)  # resize once, not every epoch
         xt = model.prepare(xt)
