@@ -2,10 +2,15 @@
 
 Pairing.  Every comparison ("step") sets a variant A against a variant B trained
 with the same seeds.  A seed fixes the data order, the diffusion noise draws
-(timesteps and Gaussian noise) and the initialisation streams, so run A/seed s
-and run B/seed s differ only in the architectural change.  We therefore work on
-the per-seed differences d_s = B_s - A_s, which cancels the seed-to-seed
-variation the two runs share, instead of comparing two independent samples.
+(timesteps and Gaussian noise) and the initialisation stream, and every run is
+evaluated from the same sampling noise (sample.seed).  The initial weights are
+not shared: the stream is drawn in construction order, so a module that one
+variant adds or changes shifts the draws of every module built after it (on
+Table 2's small profile, seed 0, variants share almost no randomly initialised
+tensor bit for bit).  We work on the per-seed differences d_s = B_s - A_s,
+which cancels the seed-to-seed variation the two runs share (the data order and
+noise above), instead of comparing two independent samples; the variation of
+the initial weights stays in d_s.
 Pairs where either run is missing (None/NaN) are dropped.
 
 Estimate.  The effect is the mean difference mean(d).  Its 95% interval is the
