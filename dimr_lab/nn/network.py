@@ -198,9 +198,25 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.trunc_normal_(m.weight, std=0.02)
 
 
-def build_model(spec: Any) -> MultiResolutionNet:
-    """A network from a ModelSpec, a spec dict (optionally with `preset`), a preset name or a TOML path."""
-    return MultiResolutionNet(resolve_model(spec))
+def _reinit(m: nn.Module) -> None:
+    """A module's own initialisation as the network gives it: its construction-time init, then _init_weights."""
+    m.reset_parameters()
+    _init_weights(m)
+
+
+def build_model(spec: Any, *, init_draws: str = "stream", seed: int = 0) -> MultiResolutionNet:
+    """A network from a ModelSpec, a spec dict (optionally with `preset`), a preset name or a TOML path.
+    `init_draws` (train.init_draws): "stream" draws the initial weights from the global torch generator in
+    construction order; "by_name" draws each random tensor from its own generator keyed by (seed, its
+    qualified name) (nn/init_draws.py), after building under the global stream as "stream" does."""
+    spec = resolve_model(spec)
+    if init_draws == "stream":
+        return MultiResolutionNet(spec)
+    if init_draws != "by_name":
+        raise ValueError(f"init_draws must be 'stream' or 'by_name', got {init_draws!r}")
+    from dimr_lab.nn.init_draws import build_by_name
+
+    return build_by_name(lambda: MultiResolutionNet(spec), seed, _reinit)
 
 
 def optimizer_param_groups(model: nn.Module, weight_decay: float, no_decay: str = "td_norms_biases") -> list[dict]:

@@ -30,6 +30,7 @@ SKIP_TYPES = ("time_uniform", "logSNR")
 # vp_linear betas: 0.1 and 20 in the released recipes; far larger ones overflow the samplers' exp(h)
 MAX_BETA = 1000.0
 LABEL_RULES = ("balanced", "frequency")
+INIT_DRAWS = ("stream", "by_name")
 
 
 @dataclass
@@ -92,6 +93,12 @@ class TrainSpec:
     compile: bool = field(False, help="torch.compile of each block (regional compilation: one graph per "
                                       "kind of block; on the CPU it needs a C++ compiler)")
     seed: int = field(0, min=0, max=MAX_SEED)
+    init_draws: str = field("stream", choices=INIT_DRAWS,
+                            help="how the initial weights are drawn: 'stream' = from the global torch generator "
+                                 "seeded train.seed, in construction order (a module one variant adds shifts "
+                                 "every later draw); 'by_name' = each random tensor from its own generator keyed "
+                                 "by (train.seed, its parameter name), so variants of one seed share the initial "
+                                 "values of every tensor they have alike, and the noise stream repeats none of them")
     checkpoint_every: int = field(1000, min=1)
     keep_checkpoints: list[int] = field(default_factory=list, min=1,
                                         help="steps whose checkpoints are kept (for evaluations along training)")
@@ -182,6 +189,9 @@ OUTSIDE_IDENTITY = {
     "data": ("num_workers",),
     "train": ("checkpoint_every", "keep_checkpoints", "keep_every", "log_every", "threads", "time_limit_s"),
 }
+# keys added after runs were committed: part of a run's identity only when set to another value than this,
+# so every run trained before the key existed keeps its identity (and its folder)
+IDENTITY_IF_NOT = {"train": {"init_draws": "stream"}}
 # keys that do not change an evaluation's samples or metrics: not part of its name
 # (eval.compile and eval.batch_size change samples by float rounding only, as the device does)
 OUTSIDE_EVAL_IDENTITY = {"eval": ("enabled", "batch_size", "compile", "steps"), "sample": ("grid_size",)}
@@ -326,6 +336,10 @@ class RunSpec:
         out = {k: data[k] for k in ("model", "data", "diffusion", "train")}
         for section, keys in OUTSIDE_IDENTITY.items():
             out[section] = {k: v for k, v in out[section].items() if k not in keys}
+        for section, defaults in IDENTITY_IF_NOT.items():
+            for k, default in defaults.items():
+                if out[section].get(k) == default:
+                    out[section].pop(k)
         if not LR_SCHEDULES.meta(self.train.lr_schedule, "uses_total"):
             out["train"].pop("steps")
         return out

@@ -268,7 +268,7 @@ class Trainer:
         channels = int(getattr(self.dataset, "channels", spec.model.in_channels))
         if channels != spec.model.in_channels:
             raise UserError(f"the data has {channels} channels but model.in_channels is {spec.model.in_channels}")
-        self.model = build_model(spec.model).to(self.device)
+        self.model = build_model(spec.model, init_draws=tr.init_draws, seed=tr.seed).to(self.device)
         self.null_label = int(self.model.null_label)
         if tr.activation_checkpointing:
             self.model.set_checkpointing(True)
