@@ -10,7 +10,11 @@ Table 2's small profile, seed 0, variants share almost no randomly initialised
 tensor bit for bit).  We work on the per-seed differences d_s = B_s - A_s,
 which cancels the seed-to-seed variation the two runs share (the data order and
 noise above), instead of comparing two independent samples; the variation of
-the initial weights stays in d_s.
+the initial weights stays in d_s.  With train.init_draws = "by_name" (opt-in;
+"stream", the default, is the above) each random tensor is drawn from its own
+generator keyed by (train.seed, its parameter name), so the two runs of a seed
+also share the initial values of every tensor they have alike (name, shape and
+module); only the tensors a variant adds or changes differ.
 Pairs where either run is missing (None/NaN) are dropped.
 
 Estimate.  The effect is the mean difference mean(d).  Its 95% interval is the
