@@ -157,6 +157,16 @@ def test_model_time_and_continuous_schedule_match_grid():
     assert torch.allclose(SCHED.inverse_lambda(SCHED.marginal_lambda(tr)), tr, atol=1e-9)
 
 
+@pytest.mark.parametrize("num_steps", [49, 1000])
+def test_steps_of_recovers_every_step_from_its_time(num_steps):
+    # t = n / N in float64 is not always exactly n / N (1 / 49 * 49 < 1): the step must be rounded, not truncated
+    from dimr_lab.diffusion.schedule import NoiseSchedule
+
+    sched = NoiseSchedule(torch.linspace(1e-4, 2e-2, num_steps, dtype=torch.float64))
+    n = torch.arange(1, num_steps + 1)
+    assert torch.equal(sched.steps_of(n.double() / num_steps), n)
+
+
 # ---- loss ----
 
 

@@ -96,6 +96,42 @@ def test_add_noise_unit_variance_and_dtype():
         VP.add_noise(x0, eps, t[:3])
 
 
+def test_beta_is_linear_and_the_derivative_of_its_integral():
+    torch.testing.assert_close(VP.beta(f64(0.0, 0.5, 1.0)), f64(B0, (B0 + B1) / 2, B1), rtol=1e-14, atol=0)
+    t, h = f64(0.1, 0.4, 0.8), 1e-6
+    deriv = (VP.beta_integral(t + h) - VP.beta_integral(t - h)) / (2 * h)
+    torch.testing.assert_close(deriv, VP.beta(t), rtol=1e-8, atol=0)
+
+
+def test_log_snr_clamps_below_at_1e_minus_6_when_the_integral_is_large():
+    # beta_max = 40: int_0^1 beta = 20.05, nsr = e^20.05 - 1 > 1e6 is clamped to 1e6, so snr = 1e-6 (DiMR sde.py)
+    vp = VPSchedule(beta_min=0.1, beta_max=40.0)
+    assert float(vp.log_snr(f64(1.0))) == pytest.approx(math.log(1e-6), rel=1e-12)
+    assert float(vp.log_snr(f64(1.0), clamp=False)) == pytest.approx(-math.log(math.expm1(20.05)), rel=1e-12)
+
+
+def test_sample_time_scales_to_T():
+    t = VPSchedule(T=2.0).sample_time(2000, torch.Generator().manual_seed(3))
+    ref = torch.rand(2000, generator=torch.Generator().manual_seed(3)).double()
+    torch.testing.assert_close(t, 2.0 * ref, rtol=0, atol=0)
+
+
+def test_build_reads_beta_min_and_beta_max_from_the_spec():
+    from dimr_lab.diffusion.schedule import build_schedule
+    from dimr_lab.spec.run_spec import DiffusionSpec
+
+    vp = build_schedule(DiffusionSpec(schedule="vp_linear", beta_min=0.05, beta_max=10.0))
+    assert (vp.beta_min, vp.beta_max) == (0.05, 10.0)
+    t = f64(0.3, 1.0)
+    torch.testing.assert_close(vp.marginal_alpha(t) ** 2, torch.exp(-(0.05 * t + 9.95 * t**2 / 2)), rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("args", [(0.0, 20.0), (20.0, 20.0), (5.0, 1.0), (0.1, 20.0, 0.0)])
+def test_vp_schedule_rejects_bad_betas(args):
+    with pytest.raises(UserError):
+        VPSchedule(*args)
+
+
 # ---------------- DPM-Solver-fast ----------------
 
 
