@@ -621,6 +621,19 @@ def test_loop_ema_decay_warm_up():
     assert ema_decay_at(0, 0.9999, False) == 0.9999  # no warm-up: the decay from update 0
 
 
+@pytest.mark.parametrize("warmup", [True, False])
+def test_the_trainer_warms_the_ema_decay_up_when_asked(tmp_path, monkeypatch, warmup):
+    """train.ema_warmup reaches the EMA: update n averages with min(ema_decay, (1 + n) / (10 + n))."""
+    import dimr_lab.train.trainer as trainer
+
+    seen = []
+    monkeypatch.setattr(trainer.EMA, "update", lambda self, decay: seen.append(decay))
+    trainer.train_run(tiny_spec(tmp_path, steps=3, ckpt=3, overrides=[("train.ema_warmup", warmup)]),
+                      tmp_path / "run", progress=False)
+    want = [min(0.9, (1 + n) / (10 + n)) for n in range(3)] if warmup else [0.9] * 3
+    assert seen == pytest.approx(want)
+
+
 def test_loop_batch_order_epochs_resume_and_rank_slices():
     import numpy as np
 
