@@ -363,3 +363,9 @@ def test_no_floor_is_measured_against_given_real_images(cache, real):
     res = evaluate(images[:30], labels[:30], DATA, fast_eval(metrics=["fid_floor"]), cache_dir=cache,
                    real_images=images[100:130])
     assert res["fid_floor"] is None and "fid_floor_samples" not in res
+
+
+def test_a_metric_named_twice_is_evaluated_and_listed_once(cache, real):
+    images, labels = real
+    res = evaluate(images[:20], labels[:20], DATA, fast_eval(metrics=["isc", "isc"]), cache_dir=cache)
+    assert res["metrics"] == ["isc"]
