@@ -120,6 +120,12 @@ def test_sign_flip_p_counts_decimal_ties_that_float_sums_break(d):
     assert stats.sign_flip_p(d) == _decimal_sign_flip(d)
 
 
+def test_sign_flip_p_is_exact_by_default_up_to_twenty_seeds():
+    # the documented default: every pattern enumerated up to n = 20 (here n = 14, not Monte Carlo)
+    d = np.random.default_rng(22).normal(0.2, 1.0, 14)
+    assert stats.sign_flip_p(d) == pytest.approx(_brute_sign_flip(list(d)), abs=1e-12)
+
+
 def test_sign_flip_p_is_exact_at_max_exact():
     # "all patterns are enumerated up to n = max_exact": n == max_exact is the exact path, not Monte Carlo
     d = np.random.default_rng(21).normal(0.3, 1.0, 8)
