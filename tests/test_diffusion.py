@@ -112,6 +112,17 @@ def test_build_schedule_errors():
         build_schedule("cosine", 1)
 
 
+def test_noise_schedule_rejects_betas_outside_the_open_unit_interval_and_non_integer_steps():
+    from dimr_lab.diffusion.schedule import NoiseSchedule
+
+    for betas in ([0.0, 0.1], [0.5, 1.0], [0.1, -0.2]):
+        with pytest.raises(UserError, match="betas"):
+            NoiseSchedule(torch.tensor(betas))
+    x0 = torch.zeros(2, 1, 2, 2)
+    with pytest.raises(UserError, match="integers"):
+        SCHED.add_noise(x0, x0, torch.tensor([1.5, 2.0]))  # a float step would be truncated silently
+
+
 def test_add_noise_formula_and_variance():
     x0 = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     eps = torch.randn(3, 2, 4, 4, dtype=torch.float64)
@@ -219,6 +230,21 @@ def test_loss_weights_of_a_spec_keep_only_the_last_custom_weight_without_multisc
     assert loss_weights(DiffusionSpec(multiscale_loss=False), 3) == [0.0, 0.0, 1.0]
     with pytest.raises(UserError):
         loss_weights(DiffusionSpec(loss_weights=[0.5, 2.0]), 3)
+
+
+def test_training_draws_come_from_the_generator_in_the_documented_order():
+    # time, noise, label drop, flips from one CPU generator: a checkpointed generator state replays them
+    d = draw(SCHED, 6, (1, 2, 2), label_drop=0.3, flip=True, generator=torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    n = torch.randint(1, N + 1, (6,), generator=g)
+    eps = torch.randn(6, 1, 2, 2, generator=g)
+    drop = torch.rand(6, generator=g) < 0.3
+    flip = torch.rand(6, generator=g) < 0.5
+    assert torch.equal(d.t, n.double() / N) and torch.equal(d.eps, eps)
+    assert torch.equal(d.drop, drop) and torch.equal(d.flip, flip)
+    # the noise is untruncated N(0, 1): tails beyond 3.5 sd turn up in 80000 draws (about 37 expected)
+    big = draw(SCHED, 20000, (1, 2, 2), label_drop=0.0, flip=False, generator=torch.Generator().manual_seed(2)).eps
+    assert float(big.abs().max()) > 3.5
 
 
 def test_training_flips_are_horizontal_and_half_the_batch():
