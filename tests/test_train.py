@@ -612,6 +612,17 @@ def test_loop_cosine_lr_closed_form():
     assert learning_rate(7, replace(tr, lr_schedule="constant")) == 1e-3
 
 
+def test_loop_build_optimizer_takes_the_specs_betas_lr_and_weight_decay():
+    from dimr_lab.train.loop import build_optimizer
+
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer(model, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    assert isinstance(opt, torch.optim.AdamW)
+    for group in opt.param_groups:
+        assert group["betas"] == (0.9, 0.95) and group["lr"] == 3e-4
+    assert max(group["weight_decay"] for group in opt.param_groups) == 0.05
+
+
 def test_loop_ema_decay_warm_up():
     from dimr_lab.train.loop import ema_decay_at
 
