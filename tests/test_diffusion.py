@@ -112,6 +112,17 @@ def test_build_schedule_errors():
         build_schedule("cosine", 1)
 
 
+def test_noise_schedule_rejects_betas_outside_the_open_unit_interval_and_non_integer_steps():
+    from dimr_lab.diffusion.schedule import NoiseSchedule
+
+    for betas in ([0.0, 0.1], [0.5, 1.0], [0.1, -0.2]):
+        with pytest.raises(UserError, match="betas"):
+            NoiseSchedule(torch.tensor(betas))
+    x0 = torch.zeros(2, 1, 2, 2)
+    with pytest.raises(UserError, match="integers"):
+        SCHED.add_noise(x0, x0, torch.tensor([1.5, 2.0]))  # a float step would be truncated silently
+
+
 def test_add_noise_formula_and_variance():
     x0 = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     eps = torch.randn(3, 2, 4, 4, dtype=torch.float64)
@@ -157,6 +168,16 @@ def test_model_time_and_continuous_schedule_match_grid():
     assert torch.allclose(SCHED.inverse_lambda(SCHED.marginal_lambda(tr)), tr, atol=1e-9)
 
 
+@pytest.mark.parametrize("num_steps", [49, 1000])
+def test_steps_of_recovers_every_step_from_its_time(num_steps):
+    # t = n / N in float64 is not always exactly n / N (1 / 49 * 49 < 1): the step must be rounded, not truncated
+    from dimr_lab.diffusion.schedule import NoiseSchedule
+
+    sched = NoiseSchedule(torch.linspace(1e-4, 2e-2, num_steps, dtype=torch.float64))
+    n = torch.arange(1, num_steps + 1)
+    assert torch.equal(sched.steps_of(n.double() / num_steps), n)
+
+
 # ---- loss ----
 
 
@@ -198,6 +219,44 @@ def test_default_loss_weights():
     assert default_loss_weights(3) == [1 / 16, 0.25, 1.0]
     assert default_loss_weights(1) == [1.0]
     assert default_loss_weights(3, multiscale=False) == [0.0, 0.0, 1.0]
+
+
+def test_loss_weights_of_a_spec_keep_only_the_last_custom_weight_without_multiscale():
+    from dimr_lab.diffusion.training import loss_weights
+    from dimr_lab.spec.run_spec import DiffusionSpec
+
+    assert loss_weights(DiffusionSpec(loss_weights=[0.5, 2.0]), 2) == [0.5, 2.0]
+    assert loss_weights(DiffusionSpec(loss_weights=[0.5, 2.0], multiscale_loss=False), 2) == [0.0, 2.0]
+    assert loss_weights(DiffusionSpec(multiscale_loss=False), 3) == [0.0, 0.0, 1.0]
+    with pytest.raises(UserError):
+        loss_weights(DiffusionSpec(loss_weights=[0.5, 2.0]), 3)
+
+
+def test_training_draws_come_from_the_generator_in_the_documented_order():
+    # time, noise, label drop, flips from one CPU generator: a checkpointed generator state replays them
+    d = draw(SCHED, 6, (1, 2, 2), label_drop=0.3, flip=True, generator=torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    n = torch.randint(1, N + 1, (6,), generator=g)
+    eps = torch.randn(6, 1, 2, 2, generator=g)
+    drop = torch.rand(6, generator=g) < 0.3
+    flip = torch.rand(6, generator=g) < 0.5
+    assert torch.equal(d.t, n.double() / N) and torch.equal(d.eps, eps)
+    assert torch.equal(d.drop, drop) and torch.equal(d.flip, flip)
+    # the noise is untruncated N(0, 1): tails beyond 3.5 sd turn up in 80000 draws (about 37 expected)
+    big = draw(SCHED, 20000, (1, 2, 2), label_drop=0.0, flip=False, generator=torch.Generator().manual_seed(2)).eps
+    assert float(big.abs().max()) > 3.5
+
+
+def test_training_flips_are_horizontal_and_half_the_batch():
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.arange(2 * 1 * 2 * 3, dtype=torch.float32).view(2, 1, 2, 3)  # distinct values, H != W
+    d = draw(SCHED, 2, (1, 2, 3), label_drop=0.0, flip=False, generator=g)
+    d.flip[:] = torch.tensor([True, False])
+    x_t, _, _, _, eps = model_inputs(SCHED, "discrete", x0, None, d, null_label=10)
+    x0_seen = torch.stack([x0[0].flip(-1), x0[1]])  # sample 0 mirrored left-right (width axis), sample 1 as is
+    assert torch.allclose(x_t, SCHED.add_noise_at(x0_seen, eps, d.t))
+    flips = draw(SCHED, 20000, (1, 1, 1), label_drop=0.0, flip=True, generator=torch.Generator().manual_seed(1)).flip
+    assert float(flips.float().mean()) == pytest.approx(0.5, abs=0.015)  # sd of the mean 0.0035
 
 
 def test_training_draws_dropout_rate_range_and_determinism():
@@ -253,6 +312,21 @@ def test_guidance_identities_and_batching():
         guided_eps_fn(m, scale=0.4, form="uvit")  # no null label
     with pytest.raises(UserError):
         guided_eps_fn(m, scale=0.4, form="cfg", null_label=3)
+
+
+def test_guidance_rejects_missing_labels_and_non_positive_power():
+    m = ConvModel()
+    with pytest.raises(UserError, match="labels"):
+        guided_eps_fn(m, None, scale=0.4, form="uvit", null_label=3)
+    for power in (0.0, -1.0):
+        with pytest.raises(UserError, match="power"):
+            guided_eps_fn(m, torch.tensor([0]), scale=0.4, schedule="power_cosine", power=power, null_label=3)
+
+
+def test_power_cosine_ramp_clamps_time_to_the_unit_interval():
+    # (1 - t)^p for t slightly past 1 (a rounded grid end) would be NaN for fractional p: t is clamped first
+    t = torch.tensor([1.0 + 1e-6, 1.5, -0.5], dtype=torch.float64)
+    torch.testing.assert_close(power_cosine_ramp(t, 0.5), torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
 
 
 def test_power_cosine_schedule():
@@ -339,6 +413,40 @@ def test_lower_order_warmup_and_final_steps():
     assert torch.allclose(a, b, atol=1e-12)  # order 2 also gives 1, 2, 1
     c = sample(m, x, y, sampler="dpm_solver++", steps=3, order=3, schedule=SCHED, lower_order_final=False)
     assert not torch.allclose(a, c)  # without lowering, the last step is order 3
+
+
+def test_lower_order_final_acts_below_ten_steps_only():
+    # official DPM-Solver multistep: lower_order_final lowers the last orders only when steps < 10
+    x, y = _xT()
+    m = ConvModel()
+    run = lambda steps, lof: sample(m, x, y, sampler="dpm_solver++", steps=steps, order=3, schedule=SCHED,  # noqa: E731
+                                    lower_order_final=lof)
+    assert not torch.allclose(run(7, True), run(7, False), atol=1e-12, rtol=0)
+    assert torch.equal(run(10, True), run(10, False))
+
+
+@pytest.mark.parametrize("steps, orders", [(9, [3, 3, 2, 1]), (10, [3, 3, 3, 1]), (11, [3, 3, 3, 2]), (7, [2, 2, 2, 1])])
+def test_fast_singlestep_orders(steps, orders):
+    # DPM-Solver get_orders_and_timesteps_for_singlestep_solver: steps % 3 == 0 ends with 2 then 1
+    from dimr_lab.diffusion.samplers import _fast_orders
+
+    order = 2 if steps == 7 else 3
+    assert _fast_orders(steps, order) == orders and sum(orders) == steps
+
+
+@pytest.mark.parametrize("skip_type", ["time_uniform", "logSNR"])
+def test_time_grid_starts_at_one_and_ends_at_t_end_exactly(skip_type):
+    for sched in (SCHED, build_schedule("cosine", 100)):
+        ts = time_grid(sched, 13, 2e-3, skip_type)
+        assert len(ts) == 14 and ts[0] == 1.0 and ts[-1] == 2e-3
+        assert all(a > b for a, b in zip(ts, ts[1:]))
+
+
+@pytest.mark.parametrize("t_end", [0.0, 1.0, -0.1])
+def test_sample_rejects_t_end_outside_the_open_unit_interval(t_end):
+    x, y = _xT()
+    with pytest.raises(UserError, match="t_end"):
+        sample(ConvModel(), x, y, steps=5, schedule=SCHED, t_end=t_end)
 
 
 @pytest.mark.parametrize("schedule_name", ["scaled_linear", "cosine"])

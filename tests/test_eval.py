@@ -333,3 +333,57 @@ def test_training_the_classifier_leaves_every_other_generator_alone(monkeypatch)
     b = clf.train_classifier(replace(DATA, train_size=256), time_limit_s=0.0)
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k]), k
+
+
+def test_labels_outside_the_classifier_classes_are_refused(cache, real):
+    images, labels = real
+    for bad in (8, -1):  # 8 = the null label of an 8-class dataset: not a class the classifier knows
+        y = labels[:20].clone()
+        y[3] = bad
+        with pytest.raises(UserError, match="labels must lie in 0..7"):
+            evaluate(images[:20], y, DATA, fast_eval(metrics=["isc"]), cache_dir=cache)
+
+
+def test_distortion_rate_counts_class_probabilities_strictly_below_the_threshold(cache, real):
+    images, labels = real
+    first = evaluate(images[:50], labels[:50], DATA, fast_eval(metrics=["isc"]), cache_dir=cache)
+    p = first["class_prob"]
+    thr = float(np.sort(p)[10])  # a threshold equal to one sample's probability: that sample is not below it
+    res = evaluate(images[:50], labels[:50], DATA, fast_eval(metrics=["isc"], distortion_threshold=thr),
+                   cache_dir=cache)
+    assert res["distortion_rate"] == pytest.approx(float((p < thr).mean()))
+    assert res["distortion_rate"] < float((p <= thr).mean())
+
+
+def test_the_floor_set_is_the_test_splits_next_images_disjoint_from_the_reference():
+    from dimr_lab.eval.metrics import real_images_uint8
+
+    spec = DataSpec(name="shapes", image_size=16, train_size=64)
+    n = 20
+    ref = real_images_uint8(spec, n, part=0)
+    floor = real_images_uint8(spec, n, part=1)
+    test = build_dataset(replace(spec, train_size=2 * n, flip=False), split="test").images  # the k + n images
+    assert torch.equal(ref, test[:n]) and torch.equal(floor, test[n:2 * n])
+    assert not any(torch.equal(a, b) for a in floor for b in ref)  # no reference image in the floor's set
+
+
+def test_kid_subset_is_capped_by_the_real_images_and_skipped_below_two(cache, real):
+    images, labels = real
+    res = evaluate(images[:60], labels[:60], DATA, fast_eval(metrics=["kid"]), cache_dir=cache,
+                   real_images=images[100:130])
+    assert res["num_real"] == 30 and res["kid_subset_size"] == 30 and np.isfinite(res["kid_mean"])
+    one = evaluate(images[:1], labels[:1], DATA, fast_eval(metrics=["kid"]), cache_dir=cache, real_images=images[100:130])
+    assert one["skipped"]["kid"] == "fewer than 2 images" and "kid_mean" not in one
+
+
+def test_no_floor_is_measured_against_given_real_images(cache, real):
+    images, labels = real
+    res = evaluate(images[:30], labels[:30], DATA, fast_eval(metrics=["fid_floor"]), cache_dir=cache,
+                   real_images=images[100:130])
+    assert res["fid_floor"] is None and "fid_floor_samples" not in res
+
+
+def test_a_metric_named_twice_is_evaluated_and_listed_once(cache, real):
+    images, labels = real
+    res = evaluate(images[:20], labels[:20], DATA, fast_eval(metrics=["isc", "isc"]), cache_dir=cache)
+    assert res["metrics"] == ["isc"]

@@ -182,6 +182,117 @@ def test_tdln_follows_the_paper_formula():
     torch.testing.assert_close(out, ref)
 
 
+# ---- norms and conditioning against hand-written references ----
+
+
+def _plain_cond(B, vector=None):
+    from dimr_lab.nn.time_dependent import Cond
+
+    t = torch.rand(B)
+    return Cond(t=t, tau=2 * t - 1, y=None, td=[], vector=vector)
+
+
+def _ln_ref(x, eps):
+    """(x - mean) / sqrt(biased var + eps) over the last axis, written out."""
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + eps)
+
+
+def test_layernorm_uses_its_learned_affine_and_eps_1e_5():
+    from dimr_lab.nn.norms import LayerNorm
+
+    torch.manual_seed(0)
+    norm = LayerNorm(8)
+    with torch.no_grad():
+        norm.norm.weight.copy_(torch.randn(8))
+        norm.norm.bias.copy_(torch.randn(8))
+    x = 0.01 * torch.randn(2, 5, 8)  # variance ~1e-4: eps = 1e-5 matters at the 5% level
+    out, gate = norm(x, _plain_cond(2))
+    assert gate is None
+    torch.testing.assert_close(out, _ln_ref(x, 1e-5) * norm.norm.weight + norm.norm.bias)
+
+
+def test_rmsnorm_and_td_rmsnorm_divide_by_the_root_mean_square_without_centring():
+    from dimr_lab.nn.norms import RMSNorm, TDRMSNorm
+    from dimr_lab.nn.time_dependent import collect
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 16) + 2.0  # a non-zero mean: RMSNorm must not subtract it
+    rms = torch.sqrt((x**2).mean(-1, keepdim=True))
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.scale.copy_(torch.randn(16))
+    out, gate = norm(x, _plain_cond(3))
+    assert gate is None
+    torch.testing.assert_close(out, x / (rms + 1e-8) * norm.scale)
+    td = TDRMSNorm(16)
+    _randomise_td(td)
+    params = collect(td)
+    cond = _plain_cond(3)
+    cond.td = evaluate_all(params, cond.tau)
+    gamma = td.scale.evaluate(cond.tau)  # (3, 16) per-sample scale
+    torch.testing.assert_close(td(x, cond)[0], x / (rms + 1e-8) * gamma[:, None])
+
+
+def _adaln_ref(norm, x, v):
+    """DiT's modulate: LN(x) (no affine, eps 1e-6) * (1 + scale) + shift, (shift, scale[, gate]) = Linear(SiLU(v))."""
+    mods = torch.nn.functional.linear(torch.nn.functional.silu(v), norm.modulation.weight, norm.modulation.bias)
+    d = x.shape[-1]
+    shift, scale = mods[:, None, :d], mods[:, None, d:2 * d]
+    return _ln_ref(x, 1e-6) * (1 + scale) + shift, mods[:, None, 2 * d:]
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_adaln_modulation_matches_dit(zero):
+    from dimr_lab.nn.norms import AdaLN, AdaLNZero
+
+    torch.manual_seed(0)
+    norm = (AdaLNZero if zero else AdaLN)(8, cond_dim=6)
+    assert not list(norm.norm.parameters())  # the inner LN has no affine of its own (DiT)
+    x, v = torch.randn(2, 5, 8), torch.randn(2, 6)
+    cond = _plain_cond(2, vector=v)
+    # identity init: a plain LN, and adaLN-Zero's residual gate starts at exactly 0
+    out0, gate0 = norm(x, cond)
+    torch.testing.assert_close(out0, _ln_ref(x, 1e-6))
+    if zero:
+        assert gate0.shape == (2, 1, 8) and bool((gate0 == 0).all())
+    with torch.no_grad():
+        norm.modulation.weight.copy_(torch.randn_like(norm.modulation.weight))
+        norm.modulation.bias.copy_(torch.randn_like(norm.modulation.bias))
+    out, gate = norm(x, cond)
+    ref, ref_gate = _adaln_ref(norm, x, v)
+    torch.testing.assert_close(out, ref)
+    if zero:
+        torch.testing.assert_close(gate, ref_gate)
+    else:
+        assert gate is None
+
+
+def test_token_conditioning_prepends_a_sinusoidal_time_token_and_the_class_token():
+    from dimr_lab.nn.conditioning import TokenConditioning
+
+    torch.manual_seed(0)
+    cond = TokenConditioning(num_classes=5, dims=[8, 4], attention=[True, False], vector_dim=0)
+    t, y = torch.tensor([0.1, 0.6]), torch.tensor([2, 5])  # 5 = the null label
+    tok = cond.tokens(0, t, y)
+    assert tok.shape == (2, 2, 8) and cond.tokens(1, t, y) is None
+    # DDPM sinusoidal code of 1000 t: [cos(1000 t f_k), sin(1000 t f_k)], f_k = 10000^(-k / 4), k < 4
+    f = torch.tensor([10000.0 ** (-k / 4) for k in range(4)])
+    arg = 1000 * t[:, None] * f
+    torch.testing.assert_close(tok[:, 0], torch.cat([torch.cos(arg), torch.sin(arg)], dim=-1))
+    torch.testing.assert_close(tok[:, 1], cond.class_embed["0"].weight[y])
+    assert not torch.equal(tok[0, 0], tok[1, 0])  # the time token follows t
+
+
+def test_a_block_window_keeps_the_condition_vector():
+    v = torch.randn(2, 6)
+    cond = _plain_cond(2, vector=v)
+    cond.td = [torch.zeros(1, 3), torch.ones(1, 3), torch.full((1, 3), 2.0)]
+    w = cond.window((1, 3))
+    assert w.vector is v and len(w.td) == 2 and bool((w.td[0] == 1).all())
+
+
 def test_per_sample_time_equals_one_sample_at_a_time():
     torch.manual_seed(0)
     model = build_model(TINY_2R).eval()

@@ -103,6 +103,35 @@ def test_sign_flip_p_float_rounding_ties_count():
     assert stats.sign_flip_p([0.1, 0.2, -0.3]) == 1.0
 
 
+def _decimal_sign_flip(d):
+    """Sign-flip p in exact rational arithmetic on the decimal values as written (ties are exact)."""
+    from fractions import Fraction
+
+    x = [Fraction(str(v)) for v in d]
+    obs = abs(sum(x))
+    hits = sum(abs(sum(s * v for s, v in zip(signs, x))) >= obs for signs in itertools.product((1, -1), repeat=len(x)))
+    return hits / 2 ** len(x)
+
+
+@pytest.mark.parametrize("d", [[0.1, 0.2, 0.3, -0.6, 1.0], [1.1, 2.2, -3.3, 0.5]])
+def test_sign_flip_p_counts_decimal_ties_that_float_sums_break(d):
+    # a subset of d sums to exactly 0 in decimal, so flipping it ties with the observed pattern;
+    # in floating point the two sums differ by rounding, and the tie must still count
+    assert stats.sign_flip_p(d) == _decimal_sign_flip(d)
+
+
+def test_sign_flip_p_is_exact_by_default_up_to_twenty_seeds():
+    # the documented default: every pattern enumerated up to n = 20 (here n = 14, not Monte Carlo)
+    d = np.random.default_rng(22).normal(0.2, 1.0, 14)
+    assert stats.sign_flip_p(d) == pytest.approx(_brute_sign_flip(list(d)), abs=1e-12)
+
+
+def test_sign_flip_p_is_exact_at_max_exact():
+    # "all patterns are enumerated up to n = max_exact": n == max_exact is the exact path, not Monte Carlo
+    d = np.random.default_rng(21).normal(0.3, 1.0, 8)
+    assert stats.sign_flip_p(d, max_exact=8) == pytest.approx(_brute_sign_flip(list(d)), abs=1e-12)
+
+
 def test_sign_flip_p_edge_cases():
     assert math.isnan(stats.sign_flip_p([]))
     assert stats.sign_flip_p([0.0, 0.0, 0.0, 0.0]) == 1.0
@@ -161,6 +190,15 @@ def test_bootstrap_interval_contains_mean_and_is_deterministic():
     assert stats.bootstrap_interval(d, seed=4) == (lo, hi)
     assert stats.bootstrap_interval(d, seed=5) != (lo, hi)
     assert all(math.isnan(v) for v in stats.bootstrap_interval([1.0]))
+
+
+@pytest.mark.parametrize("n", [4, 8])
+def test_bootstrap_interval_resamples_every_value(n):
+    # d = (0, ..., 0, 1): a resample's mean is Binomial(n, 1/n) / n, so the upper 97.5% bound is
+    # that binomial's 0.975 quantile over n (its CDF is far from 0.975 at every jump for these n)
+    lo, hi = stats.bootstrap_interval([0.0] * (n - 1) + [1.0], n_boot=20000, seed=1)
+    assert lo == 0.0
+    assert hi == pytest.approx(st.binom.ppf(0.975, n, 1.0 / n) / n)
 
 
 def test_bootstrap_interval_close_to_t_interval_for_normal_data():
@@ -253,6 +291,15 @@ def test_compare_reports_every_statistic():
     assert r["sd_diff"] == pytest.approx(np.std(b - a, ddof=1))
     assert r["detectable"] == pytest.approx(stats.detectable_effect(b - a))
     assert r["paper_diff"] == 4.0
+
+
+def test_compare_p_perm_is_the_sign_flip_p_of_the_paired_differences():
+    # differences of mixed sign, on metric values that are all positive: p_perm must come from b - a
+    a = np.array([20.0, 21.0, 19.5, 22.0, 20.5, 21.5])
+    b = a + np.array([0.9, -0.4, 1.2, 0.3, -0.2, 0.8])
+    r = stats.compare(a, b, n_boot=200)
+    assert r["p_perm"] == pytest.approx(_brute_sign_flip(list(b - a)), abs=1e-12)
+    assert r["p_perm"] > 0.1
 
 
 def test_compare_drops_missing_pairs():

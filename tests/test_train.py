@@ -593,6 +593,87 @@ def test_lr_warmup_linear_then_constant(done_run):
     assert [r["lr"] for r in rows] == pytest.approx([0.0, 1e-3 / 3, 2e-3 / 3, 1e-3])
 
 
+def test_loop_cosine_lr_closed_form():
+    import math
+    from dataclasses import replace
+
+    from dimr_lab.spec.run_spec import TrainSpec
+    from dimr_lab.train.loop import learning_rate
+
+    tr = replace(TrainSpec(), lr_schedule="cosine", lr=1e-3, lr_min=1e-5, warmup_steps=4, steps=12)
+    lr = lambda s: learning_rate(s, tr)  # noqa: E731
+    assert [lr(s) for s in range(5)] == pytest.approx([0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear warm-up
+    # cosine over the 8 updates after warm-up: lr_min + (lr - lr_min) (1 + cos(pi k / 8)) / 2
+    for k in range(9):
+        want = 1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi * k / 8)) / 2
+        assert lr(4 + k) == pytest.approx(want, rel=1e-12)
+    assert lr(8) == pytest.approx((1e-3 + 1e-5) / 2) and lr(12) == pytest.approx(1e-5)
+    assert lr(13) == pytest.approx(1e-5) and lr(100) == pytest.approx(1e-5)  # stays at lr_min past train.steps
+    assert learning_rate(7, replace(tr, lr_schedule="constant")) == 1e-3
+
+
+def test_loop_build_optimizer_takes_the_specs_betas_lr_and_weight_decay():
+    from dimr_lab.train.loop import build_optimizer
+
+    model = torch.nn.Linear(3, 2)
+    opt = build_optimizer(model, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    assert isinstance(opt, torch.optim.AdamW)
+    for group in opt.param_groups:
+        assert group["betas"] == (0.9, 0.95) and group["lr"] == 3e-4
+    assert max(group["weight_decay"] for group in opt.param_groups) == 0.05
+
+
+def test_loop_ema_decay_warm_up():
+    from dimr_lab.train.loop import ema_decay_at
+
+    # TensorFlow's num_updates rule: min(decay, (1 + n) / (10 + n))
+    assert [ema_decay_at(n, 0.9999, True) for n in (0, 8, 90)] == pytest.approx([0.1, 0.5, 0.91])
+    assert ema_decay_at(10**6, 0.9999, True) == 0.9999  # the cap takes over
+    assert ema_decay_at(0, 0.9999, False) == 0.9999  # no warm-up: the decay from update 0
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_the_trainer_warms_the_ema_decay_up_when_asked(tmp_path, monkeypatch, warmup):
+    """train.ema_warmup reaches the EMA: update n averages with min(ema_decay, (1 + n) / (10 + n))."""
+    import dimr_lab.train.trainer as trainer
+
+    seen = []
+    monkeypatch.setattr(trainer.EMA, "update", lambda self, decay: seen.append(decay))
+    trainer.train_run(tiny_spec(tmp_path, steps=3, ckpt=3, overrides=[("train.ema_warmup", warmup)]),
+                      tmp_path / "run", progress=False)
+    want = [min(0.9, (1 + n) / (10 + n)) for n in range(3)] if warmup else [0.9] * 3
+    assert seen == pytest.approx(want)
+
+
+def test_loop_batch_order_epochs_resume_and_rank_slices():
+    import numpy as np
+
+    from dimr_lab.errors import UserError
+    from dimr_lab.train.loop import BatchOrder, rank_slice
+
+    order = BatchOrder(11, 5, seed=7)  # two full batches per epoch; the 11th item is dropped each epoch
+    batches = [order.next() for _ in range(6)]
+    for e in range(3):
+        first, second = batches[2 * e], batches[2 * e + 1]
+        both = np.concatenate([first, second])
+        assert len(set(both.tolist())) == 10 and set(both.tolist()) <= set(range(11))  # no item twice in an epoch
+        assert np.array_equal(both, order.perm(e)[:10])  # the epoch's permutation, from its start
+    assert not np.array_equal(order.perm(0), order.perm(1))  # each epoch is shuffled anew
+    assert order.state() == {"epoch": 2, "index": 10}
+    # resuming from the two-integer state continues with exactly the next batches
+    resumed = BatchOrder(11, 5, seed=7, **BatchOrder(11, 5, seed=7, epoch=1, index=5).state())
+    assert np.array_equal(resumed.next(), batches[3])
+    mid = BatchOrder(11, 5, seed=7)
+    mid.next()
+    assert np.array_equal(mid.copy().next(), batches[1])
+    assert np.array_equal(BatchOrder(5, 5, seed=0).next(), np.random.default_rng([0, 0]).permutation(5))
+    with pytest.raises(UserError):
+        BatchOrder(4, 5, seed=0)
+    # a rank takes a contiguous share, as Draws.slice does for the noise: items and draws stay paired
+    g = np.arange(8)
+    assert [rank_slice(g, r, 2).tolist() for r in (0, 1)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
 def test_ema_update_maths():
     from dimr_lab.train.loop import EMA
 

@@ -68,6 +68,15 @@ def test_released_pixel_time_inputs():
     assert float(tau[1]) == pytest.approx(-2.46 / 4, abs=3e-3)
 
 
+def test_vp_logsnr_tau_is_clamped_at_snr_1e_minus_6_like_the_schedule():
+    # beta_max = 40 drives ln SNR(1) to -20.05; DiMR's clamps stop it at ln 1e-6, for tau too
+    vp = VPSchedule(beta_min=0.1, beta_max=40.0)
+    t = f64(1.0, 0.5)
+    _, tau = vp_logsnr(vp, t)
+    torch.testing.assert_close(tau.double(), vp.log_snr(t) / 4, rtol=1e-6, atol=1e-6)
+    assert float(tau[0]) == pytest.approx(math.log(1e-6) / 4, rel=1e-6)
+
+
 def test_sample_time_seeded_and_in_unit_interval():
     t1 = VP.sample_time(1000, torch.Generator().manual_seed(7))
     t2 = VP.sample_time(1000, torch.Generator().manual_seed(7))
@@ -94,6 +103,42 @@ def test_add_noise_unit_variance_and_dtype():
     torch.testing.assert_close(xt[1], (a[1] * x0[1].double() + s[1] * eps[1].double()).float())
     with pytest.raises(UserError):
         VP.add_noise(x0, eps, t[:3])
+
+
+def test_beta_is_linear_and_the_derivative_of_its_integral():
+    torch.testing.assert_close(VP.beta(f64(0.0, 0.5, 1.0)), f64(B0, (B0 + B1) / 2, B1), rtol=1e-14, atol=0)
+    t, h = f64(0.1, 0.4, 0.8), 1e-6
+    deriv = (VP.beta_integral(t + h) - VP.beta_integral(t - h)) / (2 * h)
+    torch.testing.assert_close(deriv, VP.beta(t), rtol=1e-8, atol=0)
+
+
+def test_log_snr_clamps_below_at_1e_minus_6_when_the_integral_is_large():
+    # beta_max = 40: int_0^1 beta = 20.05, nsr = e^20.05 - 1 > 1e6 is clamped to 1e6, so snr = 1e-6 (DiMR sde.py)
+    vp = VPSchedule(beta_min=0.1, beta_max=40.0)
+    assert float(vp.log_snr(f64(1.0))) == pytest.approx(math.log(1e-6), rel=1e-12)
+    assert float(vp.log_snr(f64(1.0), clamp=False)) == pytest.approx(-math.log(math.expm1(20.05)), rel=1e-12)
+
+
+def test_sample_time_scales_to_T():
+    t = VPSchedule(T=2.0).sample_time(2000, torch.Generator().manual_seed(3))
+    ref = torch.rand(2000, generator=torch.Generator().manual_seed(3)).double()
+    torch.testing.assert_close(t, 2.0 * ref, rtol=0, atol=0)
+
+
+def test_build_reads_beta_min_and_beta_max_from_the_spec():
+    from dimr_lab.diffusion.schedule import build_schedule
+    from dimr_lab.spec.run_spec import DiffusionSpec
+
+    vp = build_schedule(DiffusionSpec(schedule="vp_linear", beta_min=0.05, beta_max=10.0))
+    assert (vp.beta_min, vp.beta_max) == (0.05, 10.0)
+    t = f64(0.3, 1.0)
+    torch.testing.assert_close(vp.marginal_alpha(t) ** 2, torch.exp(-(0.05 * t + 9.95 * t**2 / 2)), rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("args", [(0.0, 20.0), (20.0, 20.0), (5.0, 1.0), (0.1, 20.0, 0.0)])
+def test_vp_schedule_rejects_bad_betas(args):
+    with pytest.raises(UserError):
+        VPSchedule(*args)
 
 
 # ---------------- DPM-Solver-fast ----------------
@@ -163,6 +208,31 @@ def test_accuracy_on_gaussian_data():
     # order 2 converges too
     e2 = [float((dpm_solver_fast(gauss_eps, x_T, VP, steps=n, order=2) - exact).abs().max()) for n in (12, 48)]
     assert e2[1] < e2[0], e2
+
+
+def test_order_2_converges_at_second_order():
+    # DPM-Solver-2 error falls about 4x per halving of the step (measured 4.3, 4.3); a first-order slip gives ~2x
+    x_T = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = gauss_exact(x_T, 1.0, 1e-4)
+    e = [float((dpm_solver_fast(gauss_eps, x_T, VP, steps=n, order=2) - exact).abs().max()) for n in (12, 24, 48)]
+    assert 3.0 < e[0] / e[1] < 6.0 and 3.0 < e[1] / e[2] < 6.0, e
+
+
+def test_registered_sampler_passes_the_order_and_t_end_through():
+    from dimr_lab.diffusion.dpm_solver_fast import sampler
+
+    x_T = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for order in (1, 2, 3):
+        ref = dpm_solver_fast(gauss_eps, x_T, VP, steps=10, order=order, t_end=1e-3)
+        assert torch.equal(sampler(gauss_eps, x_T, VP, steps=10, order=order, t_end=1e-3), ref)
+    assert not torch.allclose(sampler(gauss_eps, x_T, VP, steps=10, order=2), sampler(gauss_eps, x_T, VP, steps=10, order=3))
+
+
+def test_grid_rejects_t_end_not_below_t_start():
+    with pytest.raises(UserError):
+        fast_orders_and_grid(VP, 10, 3, 1e-4, 1.0)
+    with pytest.raises(UserError):
+        fast_orders_and_grid(VP, 10, 3, 0.5, 0.5)
 
 
 # ---------------- equivalence with the released U-ViT solver ----------------
