@@ -3,7 +3,7 @@
 Each call that has an evaluation to make is a session of the run in its sessions.json (rundir.SessionLog,
 kind "eval"; its steps are the checkpoints evaluated), ended done, stopped, time_limit (`run --eval-only`
 at train.time_limit_s) or failed, so that `dimr-lab status` counts its time; a call whose evaluations were
-all made before records nothing.
+all made before, or that is refused or stopped before any work, records nothing.
 """
 
 from __future__ import annotations
@@ -60,20 +60,41 @@ def _eval_session(run: RunDir, spec: Any, steps: list[int], info: distributed.Di
                   ) -> Any:
     """Records the evaluations of `steps` as one session (kind "eval") in sessions.json, rank 0, when one of
     them is still to make; yields a dict whose "outcome" (default "failed", also for an exception) and "step"
-    (the last checkpoint step reached) the caller sets, and a touch(step) for signs of life."""
+    (the last checkpoint step reached) the caller sets, and a touch(step) for signs of life. The session is
+    written at the first sign of life (sampling began, or an evaluation finished) or when the call fails: a
+    call refused before any work (a UserError: bad settings, a damaged checkpoint; one line, exit 2) leaves
+    the run folder as it was."""
     from dimr_lab.rundir import SessionLog
 
     state: dict[str, Any] = {"outcome": "failed", "step": steps[0] if steps else 0}
     todo = _pending(run, spec, steps) if info.main else []
     log = SessionLog(run, say=lambda line: print(f"[dimr-lab] {line}", file=sys.stderr, flush=True)) \
         if todo else None
-    state["touch"] = (lambda s, force=False: log.touch(s, force=force)) if log else (lambda s, force=False: None)
-    if log is not None:
-        log.begin(step=todo[0], resumed=True, processes=info.world_size, started=started, kind="eval")
+    begun = False
+
+    def touch(step: int, force: bool = False) -> None:
+        nonlocal begun
+        if log is None:
+            return
+        if not begun:
+            log.begin(step=todo[0], resumed=True, processes=info.world_size, started=started, kind="eval")
+            begun = True
+        log.touch(step, force=force)
+
+    state["touch"] = touch
     try:
         yield state
-    finally:
-        if log is not None:
+    except UserError:
+        if begun:  # refused after work began: that work's session ends failed
+            log.end(state["outcome"], state["step"])
+        raise
+    except BaseException:
+        if log is not None:  # a failure is a session even before its first sign of life
+            touch(state["step"], force=True)
+            log.end(state["outcome"], state["step"])
+        raise
+    else:
+        if begun:
             log.end(state["outcome"], state["step"])
 
 
