@@ -723,7 +723,13 @@ def run_lock(run_dir: str | Path, *, wait_s: float = 0.0, purpose: str = "train"
                 if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                     raise
                 if time.monotonic() >= deadline:
-                    raise RunBusy(f"{run_dir}: in use by {lock_holder(run_dir)} (it holds {LOCK}); "
+                    holder = lock_holder(run_dir)
+                    for _ in range(10):  # the holder writes its name just after it takes the lock
+                        if holder != "another process":
+                            break
+                        time.sleep(0.05)
+                        holder = lock_holder(run_dir)
+                    raise RunBusy(f"{run_dir}: in use by {holder} (it holds {LOCK}); "
                                   f"wait for it or stop it first") from None
                 time.sleep(0.2)
         os.ftruncate(fd, 0)

@@ -638,3 +638,26 @@ def test_an_output_path_under_a_file_is_one_line_naming_the_file(tmp_path, capsy
     one_line_exit_2(*cli(argv, capsys), f"{notes} is a file, not a folder")
     assert notes.read_text() == "mine\n"
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before, "nothing written"
+
+
+def test_a_busy_run_folder_names_the_holder_that_writes_its_name_just_after_taking_the_lock(tmp_path):
+    """Two processes racing for one folder: the loser could read the lock file between the winner's flock and
+    its write of its name, and said 'in use by another process'. It waits a moment for the name."""
+    import fcntl
+    import threading
+
+    from dimr_lab.rundir import LOCK, RunBusy, run_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    fd = os.open(run / LOCK, os.O_RDWR | os.O_CREAT, 0o666)  # another open file: flock conflicts in one process
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        timer = threading.Timer(0.15, lambda: os.write(fd, b"node7 4242 train\n"))
+        timer.start()
+        with pytest.raises(RunBusy, match="in use by pid 4242 on host node7"):
+            with run_lock(run):
+                pass
+        timer.join()
+    finally:
+        os.close(fd)

@@ -602,9 +602,9 @@ def test_jobs_zero_runs_one_single_threaded_run_per_core(tmp_path, monkeypatch, 
     seen = []
     spawn = local._spawn
 
-    def recording_spawn(run, train_fn, threads, mode="train"):
+    def recording_spawn(run, train_fn, threads, mode="train", resample=False):
         seen.append(threads)
-        return spawn(run, train_fn, threads, mode)
+        return spawn(run, train_fn, threads, mode, resample)
 
     monkeypatch.setattr(local, "_spawn", recording_spawn)
     monkeypatch.setattr(local, "usable_cores", lambda: 4)
