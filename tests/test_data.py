@@ -505,16 +505,17 @@ def test_prepare_latents_writes_all_or_nothing(tmp_path, capsys):
     assert not (tmp_path / "nan").exists() and not list(tmp_path.glob(".nan*"))
 
 
-def test_prepare_latents_fsyncs_files_and_folder_before_the_rename(tmp_path, monkeypatch):
-    """The .npy files were written without an fsync and their folder renamed into place: after a power loss
-    the rename could be on disk and the files' bytes not, a complete-looking folder of empty files. Every file
-    and the folder itself are now fsynced before the rename, and the parent after it."""
+def test_prepare_latents_syncs_files_and_folder_before_the_rename(tmp_path, monkeypatch):
+    """The .npy files were written without a sync and their folder renamed into place: after a power loss
+    the rename could be on disk and the files' bytes not, a complete-looking folder of empty files. The
+    files are now synced (one sync after the last is written) and the folder fsynced before the rename,
+    and the parent after it."""
     import os
 
     from dimr_lab.data import prepare_latents
 
     events = []
-    real_fsync, real_rename = os.fsync, os.rename
+    real_fsync, real_rename, real_sync, real_save = os.fsync, os.rename, os.sync, np.save
 
     def fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -524,18 +525,29 @@ def test_prepare_latents_fsyncs_files_and_folder_before_the_rename(tmp_path, mon
         events.append(("rename", str(src), str(dst)))
         return real_rename(src, dst)
 
+    def sync():
+        events.append(("sync",))
+        return real_sync()
+
+    def save(path, *a, **k):
+        events.append(("save", str(path)))
+        return real_save(path, *a, **k)
+
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "sync", sync)
+    monkeypatch.setattr(np, "save", save)
     src = write_folder(tmp_path / "imgs")
     out = tmp_path / "lat"
     meta = prepare_latents(src, out, vae=tiny_vae(), image_size=16, batch_size=4)
     renames = [i for i, e in enumerate(events) if e[0] == "rename" and e[2] == str(out)]
     assert len(renames) == 1, events
     _, tmp, _ = events[renames[0]]
-    before = {e[1] for e in events[:renames[0]] if e[0] == "fsync"}
-    written = {f"{tmp}/{i}.npy" for i in range(meta["count"])} | {f"{tmp}/meta.json"}
-    assert written <= before, f"not fsynced before the rename: {sorted(written - before)[:3]}"
-    assert tmp in before, "the folder's entries are flushed before it is renamed"
+    saves = [i for i, e in enumerate(events) if e[0] == "save"]
+    assert len(saves) == meta["count"] and all(events[i][1].startswith(tmp) for i in saves), events
+    syncs = [i for i, e in enumerate(events) if e[0] == "sync"]
+    assert syncs and saves[-1] < syncs[-1] < renames[0], "the files' bytes are flushed before the rename"
+    assert ("fsync", tmp) in events[syncs[-1]:renames[0]], "the folder's entries are flushed before the rename"
     assert ("fsync", str(tmp_path)) in events[renames[0]:], "the rename itself is flushed"
 
 
