@@ -236,3 +236,32 @@ def test_by_name_refuses_what_it_cannot_draw_again():
     torch.manual_seed(1)
     b = build_by_name(Zeroed, 0, _reinit)
     assert not a.conv.bias.any() and torch.equal(a.conv.weight, b.conv.weight)
+
+
+def test_a_network_by_name_cannot_draw_again_is_one_line_exit_2_in_the_cli(tmp_path, capsys):
+    """A registered component with a random tensor but no reset_parameters(): train under by_name said nothing
+    but a RuntimeError's traceback; now one line naming train.init_draws, the tensor and what is allowed, exit 2,
+    no run folder made. build_model still raises a RuntimeError for Python callers."""
+    from dimr_lab.nn.norms import Norm
+    from dimr_lab.registry import NORMS
+
+    class NoisyNorm(Norm):
+        def __init__(self, dim: int, cond_dim: int = 0):
+            super().__init__(dim)
+            self.scale = nn.Parameter(1 + 0.01 * torch.randn(dim))
+
+        def forward(self, x, cond):
+            return x * self.scale, None
+
+    NORMS.register("scratch_noisy_norm", "a norm with a random scale and no reset_parameters")(NoisyNorm)
+    try:
+        code, out, err = cli(["train", tiny_spec_file(tmp_path), "--out", tmp_path / "run", "--no-progress",
+                              "--set", "train.init_draws=by_name", "--set", "model.norm=scratch_noisy_norm"],
+                             capsys)
+        with pytest.raises(RuntimeError, match="train.init_draws"):
+            build_model({"preset": "dimr_tiny_2r", "norm": "scratch_noisy_norm"}, init_draws="by_name")
+    finally:
+        NORMS._entries.pop("scratch_noisy_norm", None)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "train.init_draws" in err and "norm" in err and "(NoisyNorm)" in err and "'stream'" in err
+    assert not (tmp_path / "run").exists()

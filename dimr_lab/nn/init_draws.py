@@ -36,7 +36,19 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dimr_lab.errors import SpecError
+
 _OVERWRITES = {"aten::fill_", "aten::zero_", "aten::copy_"}  # in-place ops whose result ignores self
+
+
+class InitDrawsError(SpecError, RuntimeError):
+    """A network 'by_name' cannot draw again: one line naming train.init_draws and the tensor (exit 2 in the CLI),
+    a RuntimeError for callers of build_model."""
+
+    def __init__(self, message: str):
+        super().__init__(f"'by_name' cannot draw this network's initial weights: {message}; allowed: 'stream' "
+                         f"(the default), or 'by_name' once the module initialises its tensors in "
+                         f"reset_parameters()", key="train.init_draws")
 
 
 def name_seed(seed: int, name: str) -> int:
@@ -86,12 +98,12 @@ class _Follow(TorchDispatchMode):
         if random and self.generators is not None:
             keys = {_key(w) for w in written} - {None}
             if not written or not keys <= self.generators.keys() or len({id(self.generators[k]) for k in keys}) != 1:
-                raise RuntimeError(f"init_draws = 'by_name': {func} draws into a tensor that is not one of the "
-                                   f"re-initialised module's own parameters or buffers")
+                raise InitDrawsError(f"{func} draws into a tensor that is not one of the re-initialised "
+                                     f"module's own parameters or buffers")
             if any(a.name == "generator" for a in schema.arguments):
                 kwargs["generator"] = self.generators[keys.pop()]
             else:
-                raise RuntimeError(f"init_draws = 'by_name': {func} takes no generator")
+                raise InitDrawsError(f"{func} takes no generator")
         out = func(*args, **kwargs)
         overwrite = schema.name in _OVERWRITES
         read = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)
@@ -122,6 +134,11 @@ class _Follow(TorchDispatchMode):
         return out
 
 
+def _ops(history: tuple | None) -> str:
+    """The operations of a history, on one line: 'aten::uniform_([-0.5, 0.5]) then aten::mul_(...)'."""
+    return " then ".join(f"{op}({args[1:-1]})" for op, args in history or ()) or "no random draw"
+
+
 def _own(m: nn.Module) -> dict[str, torch.Tensor]:
     return {**dict(m.named_parameters(recurse=False)), **dict(m.named_buffers(recurse=False))}
 
@@ -141,8 +158,8 @@ def build_by_name(construct: Callable[[], nn.Module], seed: int, reinit: Callabl
     for mname, m, own, drawn in todo:
         where = (mname + ".") if mname else ""
         if not callable(getattr(m, "reset_parameters", None)):
-            raise RuntimeError(f"init_draws = 'by_name': {where}{next(iter(drawn))} ({type(m).__name__}) is "
-                               f"initialised randomly but its module has no reset_parameters() to draw it again")
+            raise InitDrawsError(f"{where}{next(iter(drawn))} ({type(m).__name__}) is initialised randomly but "
+                                 f"its module has no reset_parameters() to draw it again")
         with torch.no_grad():
             saved = {n: t.detach().clone() for n, t in own.items()}
             mode.generators = {_key(t): torch.Generator().manual_seed(name_seed(seed, where + n))
@@ -158,7 +175,7 @@ def build_by_name(construct: Callable[[], nn.Module], seed: int, reinit: Callabl
                 if n not in drawn:
                     t.copy_(saved[n])
                 elif mode.history.get(_key(t)) != drawn[n]:
-                    raise RuntimeError(f"init_draws = 'by_name': re-running {type(m).__name__}'s initialisation "
-                                       f"does not give {where}{n} its value as the construction did (a parent "
-                                       f"module changed it?): {drawn[n]} vs {mode.history.get(_key(t))}")
+                    raise InitDrawsError(f"re-running {type(m).__name__}'s initialisation does not give {where}{n} "
+                                         f"its value as the construction did (a parent module changed it?): "
+                                         f"{_ops(drawn[n])} vs {_ops(mode.history.get(_key(t)))}")
     return model
