@@ -592,6 +592,43 @@ def test_logs_follow_does_not_split_a_line_of_one_stream_with_another(tmp_path, 
     assert capsys.readouterr().out == (f"warning\n==> {out} <==\nepoch 1 [done]\n50%\r60%\n==> {err} <==\nnext\n")
 
 
+
+def test_logs_follow_keeps_a_character_cut_by_a_quiet_poll_and_survives_a_deleted_stream(tmp_path, capsys):
+    """A line printed in pieces (its stream quiet for a poll, as a block-buffered writer leaves it) cut inside a
+    UTF-8 character printed two replacement characters for it: the character's bytes now wait for the rest.
+    Undecodable bytes are replaced, CRLF and NUL pass as they are, a stream deleted while followed is waited
+    for and followed from its start when it comes back, and a very long line comes whole."""
+    from dimr_lab.cli.run_cmds import _follow
+
+    out, err = tmp_path / "job.out", tmp_path / "job.err"
+    out.write_bytes(b"")
+    err.write_bytes(b"")
+    cafe = "caf\u00e9 half \u00e9 rest\n".encode()
+    cut = cafe.index("\u00e9 rest".encode()) + 1  # inside the second \u00e9
+    long = b"L" * 200_000 + b"\n"
+
+    def append(path, data):
+        return lambda: path.open("ab").write(data)
+
+    steps = [append(out, b"one\r\ntwo\r\n"), append(err, b"bin \xff\x00 end\n"), append(err, cafe[:cut]), lambda: None,
+             append(err, cafe[cut:]), lambda: err.unlink(), append(out, b"after\n"), append(err, b"back\n"),
+             append(out, long)]
+
+    def sleep(_seconds):
+        sleep.calls += 1
+        if sleep.calls > len(steps) + 1:
+            raise KeyboardInterrupt
+        if sleep.calls <= len(steps):
+            steps[sleep.calls - 1]()
+    sleep.calls = 0
+
+    with pytest.raises(KeyboardInterrupt):
+        _follow(out, sleep, streams=[out, err], offsets={out: 0, err: 0})
+    assert capsys.readouterr().out == (f"one\r\ntwo\r\n==> {err} <==\nbin \ufffd\x00 end\ncaf\u00e9 half \u00e9 rest\n"
+                                       f"==> {out} <==\nafter\n==> {err} <==\nback\n==> {out} <==\n"
+                                       + long.decode())
+
+
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="the tracking extra is not installed")
 def test_a_wandb_run_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch):
     """Online without a login or a connection: wandb.init raised its own error, a traceback with status 1."""

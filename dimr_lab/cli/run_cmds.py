@@ -472,7 +472,11 @@ class _Stream:
     """One followed file: its open handle (None while it is not there), what was read of a line not yet ended."""
 
     def __init__(self, path: Path, f: Any = None):
+        import codecs
+
         self.path, self.f, self.partial, self.quiet = path, f, b"", False
+        # a line printed in pieces (a quiet poll) may be cut inside a character: its bytes wait for the rest
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
 
 def _follow(path: Path, sleep: Any = time.sleep, *, streams: Any = None, locate: Any = None,
@@ -496,13 +500,14 @@ def _follow(path: Path, sleep: Any = time.sleep, *, streams: Any = None, locate:
     last_printed = [path]
     ended = [True]  # whether what was printed last ends a line
 
-    def emit(stream: _Stream, data: bytes) -> None:
-        if not data:
+    def emit(stream: _Stream, data: bytes, final: bool = False) -> None:
+        text = stream.decoder.decode(data, final=final)
+        if not text:
             return
         if stream.path != last_printed[0]:
             sys.stdout.write(("" if ended[0] else "\n") + f"==> {stream.path} <==\n")
             last_printed[0] = stream.path
-        sys.stdout.write(data.decode(errors="replace"))
+        sys.stdout.write(text)
         sys.stdout.flush()
         ended[0] = data.endswith((b"\n", b"\r"))
 
@@ -554,7 +559,7 @@ def _follow(path: Path, sleep: Any = time.sleep, *, streams: Any = None, locate:
                         newest_mtime(opened) >= newest_mtime([st.f for st in followed]):
                     for st in followed:
                         if st.f is not None:
-                            emit(st, st.partial)  # the old process's last, unended line
+                            emit(st, st.partial, final=True)  # the old process's last, unended line
                             offsets[st.path] = st.f.tell()
                             st.f.close()
                     paths = located
@@ -583,10 +588,12 @@ def _follow(path: Path, sleep: Any = time.sleep, *, streams: Any = None, locate:
                     new.seek(shared)  # from the first line that differs
                     st.f.close()
                     st.f, st.partial = new, b""
+                    st.decoder.reset()
                 else:
                     if os.fstat(st.f.fileno()).st_size < st.f.tell():
                         st.f.seek(0)
                         st.partial = b""
+                        st.decoder.reset()
                     new.close()
     finally:
         for st in followed:
