@@ -1,0 +1,228 @@
+"""Every spec key that decides numbers changes them: a key that is validated and recorded in a run's identity
+or an evaluation's name but silently does nothing (as sample.seed once did) fails here. Keys that by design
+change no number (OUTSIDE_IDENTITY, OUTSIDE_EVAL_IDENTITY, backends) are listed and checked as such."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dimr_lab.nn.network import build_model
+from dimr_lab.spec.model_spec import resolve_model
+from dimr_lab.spec.run_spec import OUTSIDE_EVAL_IDENTITY, OUTSIDE_IDENTITY
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import tiny_spec  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------ model
+
+TINY = "dimr_tiny_3r"
+
+
+def _model_fingerprint(overrides: dict) -> tuple:
+    """(parameter names and shapes, the outputs after every parameter is set from one fixed stream):
+    a key the network never reads leaves both as they are."""
+    spec = resolve_model({"preset": TINY, **overrides})
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised heads and gates would hide what the forward does
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        x = torch.randn((2, spec.in_channels, spec.image_size, spec.image_size), generator=g)
+        out = model(x, torch.tensor([0.3, 0.7]), torch.tensor([1, 2]))
+    return shapes, [o.clone() for o in out]
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return a[0] == b[0] and len(a[1]) == len(b[1]) and all(
+        x.shape == y.shape and torch.allclose(x, y, atol=1e-5) for x, y in zip(a[1], b[1]))
+
+
+def _branches(i: int, **kw) -> dict:
+    """Override keys of branch i of the preset."""
+    from dimr_lab.spec.presets import PRESETS
+
+    out = [dict(b) for b in PRESETS[TINY]["branches"]]
+    out[i].update(kw)
+    return {"branches": out}
+
+
+MODEL_CHANGES = {
+    "in_channels": {"in_channels": 1},
+    "out_channels": {"out_channels": 6},
+    "image_size": {"image_size": 32},
+    "num_classes": {"num_classes": 4},
+    "conditioning": {"conditioning": "token"},
+    "conditioning+time_embed_dim": {"conditioning": "adaln", "norm": "adaln", "outer_norm": "adaln"},
+    "time_embed_dim(adaln)": {"conditioning": "adaln", "norm": "adaln", "outer_norm": "adaln", "time_embed_dim": 32},
+    "norm": {"norm": "tdln"},
+    "outer_norm": {"outer_norm": "tdrmsnorm"},
+    "mlp": {"mlp": "mlp"},
+    "pos_embed": {"pos_embed": "sincos"},
+    "cascade": {"cascade": "none"},
+    "head": {"head": "unpatchify_conv"},
+    "long_skip": {"long_skip": False},
+    "qkv_bias": {"qkv_bias": True},
+    "branches.block": _branches(2, block="transformer", heads=2),
+    "branches.width": _branches(1, width=32),
+    "branches.depth": _branches(0, depth=2),
+    "branches.heads": _branches(0, heads=2),
+    "branches.mlp_width": _branches(1, mlp_width=64),
+    "branches.patch": _branches(0, patch=8),
+    "branches.downsample": _branches(0, downsample=2, patch=2),
+    "branches.kernel": _branches(1, kernel=3),
+    "branches.out_kernel": _branches(1, out_kernel=5),
+}
+# keys that by design compute the same network: a label, backends, memory
+MODEL_SAME = {
+    "name": {"name": "other"},
+    "attention": {"attention": "math"},
+    "attention_fp32": {"attention_fp32": True},  # float32 attention under autocast only (CPU: no autocast)
+    "checkpointing": {"checkpointing": True},
+}
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    return _model_fingerprint({})
+
+
+@pytest.mark.parametrize("key", sorted(MODEL_CHANGES))
+def test_each_model_key_changes_the_network(base_model, key):
+    assert not _same(_model_fingerprint(MODEL_CHANGES[key]), base_model), key
+
+
+@pytest.mark.parametrize("key", sorted(MODEL_SAME))
+def test_model_keys_that_by_design_compute_the_same_network(base_model, key):
+    assert _same(_model_fingerprint(MODEL_SAME[key]), base_model), key
+
+
+def test_every_model_key_is_classified():
+    from dataclasses import fields
+
+    from dimr_lab.spec.model_spec import BranchSpec, ModelSpec
+
+    named = {k.split("(")[0].split("+")[0] for k in [*MODEL_CHANGES, *MODEL_SAME]}
+    want = {f.name for f in fields(ModelSpec) if f.name != "branches"} | {f"branches.{f.name}" for f in fields(BranchSpec)}
+    assert want <= named, sorted(want - named)
+
+
+# ---------------------------------------------------------------------------------- data, diffusion, train
+
+_TRAINED: dict = {}
+
+
+def _trained(tmp: Path, overrides: list) -> dict:
+    """The weights and the EMA after two steps of the tiny run of test_train (update 0 runs at lr 0)."""
+    from dimr_lab.train.trainer import train_run
+
+    memo = repr((str(tmp), overrides))
+    if memo in _TRAINED:
+        return _TRAINED[memo]
+    name = "run-" + "-".join(f"{k}={v}" for k, v in overrides).replace("/", "_").replace(" ", "")
+    train_run(tiny_spec(tmp, steps=2, ckpt=2, overrides=overrides), tmp / name, progress=False)
+    ckpt = torch.load(tmp / name / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    _TRAINED[memo] = {"model": ckpt["model"], "ema": ckpt["ema"]}
+    return _TRAINED[memo]
+
+
+def _differ(a: dict, b: dict, part: str) -> bool:
+    return a[part].keys() != b[part].keys() or any(
+        a[part][k].shape != b[part][k].shape or not torch.equal(a[part][k], b[part][k]) for k in a[part])
+
+
+VP = [("diffusion.schedule", "vp_linear"), ("diffusion.time_input", "vp_logsnr")]
+COSINE = [("train.lr_schedule", "cosine"), ("train.warmup_steps", 0)]
+# (base overrides, the change): the change must move the trained weights (the EMA for the EMA keys)
+TRAIN_CHANGES = {
+    "data.num_classes": ([], [("data.num_classes", 4)]),
+    "data.train_size": ([], [("data.train_size", 64)]),
+    "data.shape_size": ([], [("data.shape_size", [0.3, 0.4])]),
+    "data.shape_palette": ([], [("data.shape_palette", "random")]),
+    "data.shape_jitter": ([], [("data.shape_jitter", 0.8)]),
+    "data.texture": ([], [("data.texture", "stripes")]),
+    "data.texture_period": ([("data.texture", "stripes")], [("data.texture_period", 5.0)]),
+    "data.flip": ([], [("data.flip", False)]),
+    "data.image_size": ([], [("model.image_size", 32), ("data.image_size", 32)]),
+    "diffusion.schedule": ([], [("diffusion.schedule", "cosine")]),
+    "diffusion.num_steps": ([], [("diffusion.num_steps", 500)]),
+    "diffusion.beta_min": (VP, [("diffusion.beta_min", 0.5)]),
+    "diffusion.beta_max": (VP, [("diffusion.beta_max", 10.0)]),
+    "diffusion.time_input": ([], [("diffusion.time_input", "vp_logsnr")]),
+    "diffusion.multiscale_loss": ([], [("diffusion.multiscale_loss", False)]),
+    "diffusion.loss_weights": ([], [("diffusion.loss_weights", [1.0, 1.0])]),
+    "diffusion.label_drop": ([], [("diffusion.label_drop", 0.6)]),
+    "train.batch_size": ([], [("train.batch_size", 4)]),
+    "train.lr": ([], [("train.lr", 3e-3)]),
+    "train.lr_schedule": ([("train.warmup_steps", 0)], [("train.lr_schedule", "cosine")]),
+    "train.lr_min": (COSINE, [("train.lr_min", 5e-4)]),
+    "train.steps(cosine)": (COSINE, [("train.steps", 3)]),  # compared at step 2: the decay reads the total
+    "train.betas": ([], [("train.betas", [0.5, 0.9])]),
+    "train.weight_decay": ([], [("train.weight_decay", 5.0)]),
+    "train.no_decay": ([("train.weight_decay", 5.0)], [("train.no_decay", "none")]),
+    "train.warmup_steps": ([], [("train.warmup_steps", 1)]),
+    "train.ema_decay": ([], [("train.ema_decay", 0.5)]),
+    "train.ema_warmup": ([], [("train.ema_warmup", True)]),
+    "train.grad_clip": ([], [("train.grad_clip", 1e-3)]),
+    "train.seed": ([], [("train.seed", 1)]),
+    "train.init_draws": ([], [("train.init_draws", "by_name")]),
+}
+# keys that by design train the same weights on the CPU
+TRAIN_SAME = {
+    "train.activation_checkpointing": [("train.activation_checkpointing", True)],
+    "train.precision": [("train.precision", "bf16")],  # autocast dtype on GPUs only (help text)
+    **{f"train.{k}": [(f"train.{k}", v)] for k, v in
+       [("checkpoint_every", 1), ("log_every", 2), ("threads", 1), ("keep_every", 1), ("keep_checkpoints", [1]),
+        ("time_limit_s", 3600.0)]},
+}
+# train.compile: tested against eager training in test_train (needs a C++ compiler); data.num_workers:
+# test_train's worker tests; model keys: above
+
+
+@pytest.fixture(scope="module")
+def trained_tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("effects")
+
+
+@pytest.mark.parametrize("key", sorted(TRAIN_CHANGES))
+def test_each_data_diffusion_and_train_key_changes_what_is_trained(trained_tmp, key):
+    base, change = TRAIN_CHANGES[key]
+    if key == "train.steps(cosine)":  # the same two steps, of a 2- and a 3-step decay
+        from dimr_lab.train.trainer import train_run
+
+        run = trained_tmp / "three"
+        train_run(tiny_spec(trained_tmp, steps=3, ckpt=2, overrides=base + [("train.keep_checkpoints", [2])]), run,
+                  progress=False)
+        ck = torch.load(sorted((run / "checkpoints").glob("*2*.pt"))[0], map_location="cpu", weights_only=True)
+        assert int(ck["step"]) == 2
+        assert _differ(_trained(trained_tmp, base), {"model": ck["model"], "ema": ck["ema"]}, "model")
+        return
+    part = "ema" if key.startswith("train.ema") else "model"
+    assert _differ(_trained(trained_tmp, base), _trained(trained_tmp, base + change), part), key
+
+
+@pytest.mark.parametrize("key", sorted(TRAIN_SAME))
+def test_keys_that_by_design_train_the_same_weights(trained_tmp, key):
+    a, b = _trained(trained_tmp, []), _trained(trained_tmp, TRAIN_SAME[key])
+    assert not _differ(a, b, "model") and not _differ(a, b, "ema"), key
+
+
+def test_every_run_key_is_classified():
+    """Each key of model/data/diffusion/train is either shown to change the weights or listed as not."""
+    from dataclasses import fields
+
+    from dimr_lab.spec.run_spec import DataSpec, DiffusionSpec, TrainSpec
+
+    named = {k.split("(")[0] for k in [*TRAIN_CHANGES, *TRAIN_SAME]}
+    named |= {"train.compile", "data.num_workers", "diffusion.prediction"}  # see above; prediction: one choice
+    named |= {"data.name", "data.root", "data.vae", "train.steps"}  # datasets: test_components; steps: the loop
+    want = {f"{s}.{f.name}" for s, cls in (("data", DataSpec), ("diffusion", DiffusionSpec), ("train", TrainSpec))
+            for f in fields(cls)}
+    assert want <= named, sorted(want - named)
+    outside = {f"{s}.{k}" for s, keys in OUTSIDE_IDENTITY.items() for k in keys}
+    assert outside <= set(TRAIN_SAME) | {"data.num_workers"}
