@@ -226,3 +226,70 @@ def test_every_run_key_is_classified():
     assert want <= named, sorted(want - named)
     outside = {f"{s}.{k}" for s, keys in OUTSIDE_IDENTITY.items() for k in keys}
     assert outside <= set(TRAIN_SAME) | {"data.num_workers"}
+
+
+# --------------------------------------------------------------------------------------------- sampling
+
+SAMPLE_BASE = [("sample.steps", 4)]
+GUIDED = [("sample.guidance_scale", 1.0)]
+# (base overrides, the change): the change must move the samples generate() makes (eval.run's sampler call)
+SAMPLE_CHANGES = {
+    "sample.sampler": ([], [("sample.sampler", "dpm_solver++_fast")]),
+    "sample.sampler(ddim)": ([], [("sample.sampler", "ddim"), ("sample.order", 1)]),
+    "sample.sampler(dpm_solver_fast)": ([], [("sample.sampler", "dpm_solver_fast")]),
+    "sample.steps": ([], [("sample.steps", 3)]),
+    "sample.order": ([], [("sample.order", 1)]),
+    "sample.order(fast)": ([("sample.sampler", "dpm_solver_fast"), ("sample.steps", 6)], [("sample.order", 3)]),  # the default order is 2
+    "sample.skip_type": ([], [("sample.skip_type", "logSNR")]),
+    "sample.t_end": ([], [("sample.t_end", 0.05)]),
+    "sample.guidance_scale": ([], GUIDED),
+    "sample.guidance_form": ([], [("sample.guidance_form", "dit")]),  # dit at 0: the unconditional model
+    "sample.guidance_schedule": (GUIDED, [("sample.guidance_schedule", "power_cosine")]),
+    "sample.guidance_power": (GUIDED + [("sample.guidance_schedule", "power_cosine")], [("sample.guidance_power", 3.0)]),
+    "sample.seed": ([], [("sample.seed", 1)]),
+}
+
+
+@pytest.fixture(scope="module")
+def sampling_model():
+    model = build_model("dimr_tiny_2r").eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():  # away from the zero-initialised heads: eps depends on x, t and y
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _samples(model, overrides: list) -> torch.Tensor:
+    from dimr_lab.eval.sampling import generate
+    from dimr_lab.spec.run_spec import load_run_spec
+
+    spec = load_run_spec(None, [("model", "dimr_tiny_2r"), *SAMPLE_BASE, *overrides])
+    return generate(model, spec, np.arange(2), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("key", sorted(SAMPLE_CHANGES))
+def test_each_sample_key_changes_the_samples(sampling_model, key):
+    base, change = SAMPLE_CHANGES[key]
+    assert not torch.equal(_samples(sampling_model, base), _samples(sampling_model, base + change)), key
+
+
+def test_sample_use_ema_picks_the_averaged_weights(trained_tmp):
+    """sample.use_ema reaches the weights an evaluation loads (eval.run: load_run_model(ema=use_ema))."""
+    from dimr_lab.eval.sampling import load_run_model
+
+    _trained(trained_tmp, [])
+    run = next(p for p in trained_tmp.iterdir() if p.name == "run-")
+    ema, _, _ = load_run_model(run, ema=True)
+    raw, _, _ = load_run_model(run, ema=False)
+    assert any(not torch.equal(a, b) for a, b in zip(ema.state_dict().values(), raw.state_dict().values()))
+
+
+def test_every_sample_key_is_classified():
+    from dataclasses import fields
+
+    from dimr_lab.spec.run_spec import SampleSpec
+
+    named = {k.split("(")[0] for k in SAMPLE_CHANGES} | {"sample.use_ema"}
+    named |= {f"sample.{k}" for k in OUTSIDE_EVAL_IDENTITY["sample"]}  # grid_size: the picture only
+    assert {f"sample.{f.name}" for f in fields(SampleSpec)} <= named
