@@ -293,3 +293,78 @@ def test_every_sample_key_is_classified():
     named = {k.split("(")[0] for k in SAMPLE_CHANGES} | {"sample.use_ema"}
     named |= {f"sample.{k}" for k in OUTSIDE_EVAL_IDENTITY["sample"]}  # grid_size: the picture only
     assert {f"sample.{f.name}" for f in fields(SampleSpec)} <= named
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+class _FakeClassifier(torch.nn.Module):
+    """Stands in for the dataset classifier: class probabilities from the images' pixels, no training."""
+
+    num_classes, accuracy, path, epochs, digest = 8, 1.0, Path("fake.pt"), None, "fake"
+
+    def predict_proba(self, images, batch_size=500):
+        logits = images.float().flatten(1)[:, :8] / 64.0  # (N, 8)
+        return logits.softmax(-1)
+
+
+def _evaluation(monkeypatch, **eval_keys) -> tuple:
+    """(evaluate()'s results without arrays, the calls it made to the classifier and torch-fidelity)."""
+    import torch_fidelity
+
+    from dimr_lab.eval import classifier as clf
+    from dimr_lab.eval import metrics
+    from dimr_lab.spec.run_spec import DataSpec, EvalSpec
+
+    calls = []
+    monkeypatch.setattr(clf, "get_classifier", lambda data, cache, seed=0, max_images=None, log=None:
+                        calls.append(("classifier", max_images)) or _FakeClassifier())
+    monkeypatch.setattr(metrics, "_extractor", lambda ev, model: (ev.feature_extractor, ev.inception_weights))
+
+    def fidelity(input1, input2=None, **kw):
+        calls.append(("fidelity", len(input1), len(input2) if input2 is not None else None,
+                      sorted((k, v) for k, v in kw.items() if k not in ("cuda", "verbose"))))
+        return {torch_fidelity.KEY_METRIC_FID: float(len(input2 or [])), torch_fidelity.KEY_METRIC_ISC_MEAN: 1.0,
+                torch_fidelity.KEY_METRIC_ISC_STD: 0.0, torch_fidelity.KEY_METRIC_KID_MEAN: float(kw["kid_subset_size"]),
+                torch_fidelity.KEY_METRIC_KID_STD: 0.0, torch_fidelity.KEY_METRIC_PRECISION: 0.5,
+                torch_fidelity.KEY_METRIC_RECALL: 0.5, torch_fidelity.KEY_METRIC_F_SCORE: 0.5}
+
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", fidelity)
+    g = torch.Generator().manual_seed(0)
+    samples = torch.randint(0, 256, (16, 3, 16, 16), generator=g, dtype=torch.uint8)
+    keys = {"samples": 16, "kid_subset_size": 100, **eval_keys}
+    data = DataSpec(name="shapes", image_size=16, train_size=64)
+    out = metrics.evaluate(samples, torch.arange(16) % 8, data, EvalSpec(**keys), cache_dir="unused")
+    return {k: v for k, v in out.items() if not isinstance(v, np.ndarray)}, calls
+
+
+# (the base keys, the change): evaluate() must compute or report something else
+EVAL_CHANGES = {
+    "eval.metrics": ({}, {"metrics": ["fid", "isc"]}),
+    "eval.classifier": ({}, {"classifier": False, "feature_extractor": "inception-v3-compat",
+                             "metrics": ["fid", "kid", "isc", "prc"]}),
+    "eval.classifier_images": ({}, {"classifier_images": 64}),
+    "eval.distortion_threshold": ({}, {"distortion_threshold": 0.13}),
+    "eval.kid_subset_size": ({}, {"kid_subset_size": 4}),
+    "eval.reference_samples": ({}, {"reference_samples": 8}),
+    "eval.feature_extractor": ({}, {"feature_extractor": "inception-v3-compat"}),
+}
+
+
+@pytest.mark.parametrize("key", sorted(EVAL_CHANGES))
+def test_each_eval_key_changes_what_evaluate_computes(monkeypatch, key):
+    base, change = EVAL_CHANGES[key]
+    assert _evaluation(monkeypatch, **base) != _evaluation(monkeypatch, **base, **change), key
+
+
+def test_every_eval_key_is_classified():
+    """eval.samples and eval.labels name the samples (test_sample_reuse samples anew for other ones, and
+    test_eval's frequency labels); eval.reference_stats and eval.inception_weights: test_eval's Inception
+    tests (the weights' digest and the statistics reach the results)."""
+    from dataclasses import fields
+
+    from dimr_lab.spec.run_spec import EvalSpec
+
+    named = set(EVAL_CHANGES) | {"eval.samples", "eval.labels", "eval.reference_stats",
+                                "eval.inception_weights"}
+    named |= {f"eval.{k}" for k in OUTSIDE_EVAL_IDENTITY["eval"]}  # enabled, batch_size, compile, steps
+    assert {f"eval.{f.name}" for f in fields(EvalSpec)} <= named
