@@ -368,3 +368,36 @@ def test_every_eval_key_is_classified():
                                 "eval.inception_weights"}
     named |= {f"eval.{k}" for k in OUTSIDE_EVAL_IDENTITY["eval"]}  # enabled, batch_size, compile, steps
     assert {f"eval.{f.name}" for f in fields(EvalSpec)} <= named
+
+
+# -------------------------------------------------------------------------------------------- data.flip
+
+def test_data_flip_is_read_by_pixel_datasets_only_and_its_help_says_so(tmp_path):
+    """A latents dataset holds each image's flip (prepare-latents bakes them in) and the trainer flips pixel
+    images only: data.flip names another run of the same weights there. Its help said "random horizontal flips"
+    with no word of that."""
+    from dimr_lab.spec.run_spec import DataSpec, load_run_spec
+    from dimr_lab.train.trainer import train_run
+
+    root = tmp_path / "lat"
+    root.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(8):  # left-right asymmetric latents: a flip would show (moments: mean, log-variance)
+        moments = np.concatenate([g.normal(size=(4, 8, 8)), np.full((4, 8, 8), -4.0)]).astype(np.float32)
+        np.save(root / f"{i}.npy", np.array((moments, i % 2), dtype=object), allow_pickle=True)
+
+    def weights(flip: bool) -> dict:
+        spec = load_run_spec({
+            "model": {"preset": "dimr_tiny_2r", "in_channels": 4, "image_size": 8, "num_classes": 2,
+                      "branches": [{"width": 32, "depth": 2, "heads": 2, "patch": 2}, {"width": 16, "depth": 1}]},
+            "data": {"name": "latents", "root": str(root), "image_size": 8, "num_classes": 2, "flip": flip},
+            "train": {"steps": 2, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "checkpoint_every": 2},
+            "eval": {"enabled": False, "classifier": False, "feature_extractor": "inception-v3-compat",
+                     "metrics": ["fid"]}})
+        train_run(spec, tmp_path / f"run-{flip}", progress=False, evaluate=False)
+        return torch.load(tmp_path / f"run-{flip}" / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+    a, b = weights(True), weights(False)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    help_text = DataSpec.__dataclass_fields__["flip"].metadata["help"]
+    assert "pixel" in help_text and "latents" in help_text, help_text

@@ -53,7 +53,8 @@ class DataSpec:
     texture_period: float = field(3.0, min=2.0, max=64.0, help="shapes: stripe period in pixels")
     root: str = field("", help="folder / latents: the directory to read")
     vae: str = field("", help="latents: the diffusers AutoencoderKL folder that encoded them (decodes samples)")
-    flip: bool = field(True, help="random horizontal flips")
+    flip: bool = field(True, help="pixel datasets: random horizontal flips of the training images (latents "
+                                  "datasets do not read it: prepare-latents bakes each image's flip in)")
     num_workers: int = field(0, min=0, max=256)
 
 
