@@ -230,7 +230,7 @@ def test_every_run_key_is_classified():
 
 # --------------------------------------------------------------------------------------------- sampling
 
-SAMPLE_BASE = [("sample.steps", 4)]
+SAMPLE_BASE = [("sample.steps", 4), ("sample.guidance_scale", 0.0)]  # the built-in default guides at 3
 GUIDED = [("sample.guidance_scale", 1.0)]
 # (base overrides, the change): the change must move the samples generate() makes (eval.run's sampler call)
 SAMPLE_CHANGES = {
@@ -323,10 +323,18 @@ def _evaluation(monkeypatch, **eval_keys) -> tuple:
     def fidelity(input1, input2=None, **kw):
         calls.append(("fidelity", len(input1), len(input2) if input2 is not None else None,
                       sorted((k, v) for k, v in kw.items() if k not in ("cuda", "verbose"))))
-        return {torch_fidelity.KEY_METRIC_FID: float(len(input2 or [])), torch_fidelity.KEY_METRIC_ISC_MEAN: 1.0,
-                torch_fidelity.KEY_METRIC_ISC_STD: 0.0, torch_fidelity.KEY_METRIC_KID_MEAN: float(kw["kid_subset_size"]),
-                torch_fidelity.KEY_METRIC_KID_STD: 0.0, torch_fidelity.KEY_METRIC_PRECISION: 0.5,
-                torch_fidelity.KEY_METRIC_RECALL: 0.5, torch_fidelity.KEY_METRIC_F_SCORE: 0.5}
+        out = {}  # what torch-fidelity returns: the computations asked for
+        if kw.get("fid"):
+            out[torch_fidelity.KEY_METRIC_FID] = float(len(input2))
+        if kw.get("isc"):
+            out.update({torch_fidelity.KEY_METRIC_ISC_MEAN: 1.0, torch_fidelity.KEY_METRIC_ISC_STD: 0.0})
+        if kw.get("kid"):
+            out.update({torch_fidelity.KEY_METRIC_KID_MEAN: float(kw["kid_subset_size"]),
+                        torch_fidelity.KEY_METRIC_KID_STD: 0.0})
+        if kw.get("prc"):
+            out.update({torch_fidelity.KEY_METRIC_PRECISION: 0.5, torch_fidelity.KEY_METRIC_RECALL: 0.5,
+                        torch_fidelity.KEY_METRIC_F_SCORE: float(len(input2))})
+        return out
 
     monkeypatch.setattr(torch_fidelity, "calculate_metrics", fidelity)
     g = torch.Generator().manual_seed(0)
@@ -401,3 +409,51 @@ def test_data_flip_is_read_by_pixel_datasets_only_and_its_help_says_so(tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
     help_text = DataSpec.__dataclass_fields__["flip"].metadata["help"]
     assert "pixel" in help_text and "latents" in help_text, help_text
+
+
+# ------------------------------------------------------------------------------------------ scoped keys
+
+def _help(dotted: str) -> str:
+    from dimr_lab.spec.model_spec import BranchSpec, ModelSpec
+    from dimr_lab.spec.run_spec import DataSpec, DiffusionSpec, EvalSpec, SampleSpec, TrainSpec
+
+    section, name = dotted.rsplit(".", 1)
+    cls = {"model": ModelSpec, "model.branches": BranchSpec, "data": DataSpec, "diffusion": DiffusionSpec,
+           "train": TrainSpec, "sample": SampleSpec, "eval": EvalSpec}[section]
+    return cls.__dataclass_fields__[name].metadata.get("help", "")
+
+
+# keys a component reads and others do not: outside their scope they change no number, yet name another run
+# or evaluation; each help text says where it applies ((key, a word its help must hold) -> how to check)
+SCOPED = {
+    ("model.time_embed_dim", "adaln"): ("model", {}, {"time_embed_dim": 32}),  # norm conditioning
+    ("model.branches.kernel", "convnext"): ("model", {}, _branches(0, kernel=3)),  # a transformer branch
+    ("model.branches.heads", "attention"): ("model", {}, _branches(1, heads=2)),  # a convnext branch
+    ("model.branches.out_kernel", "unpatchify"): ("model", {"head": "unpatchify"}, _branches(1, out_kernel=5)),
+    ("diffusion.num_steps", "discrete"): ("train", VP, [("diffusion.num_steps", 500)]),
+    ("diffusion.beta_min", "vp_linear"): ("train", [], [("diffusion.beta_min", 0.5)]),
+    ("diffusion.beta_max", "vp_linear"): ("train", [], [("diffusion.beta_max", 10.0)]),
+    ("train.lr_min", "cosine"): ("train", [("train.warmup_steps", 0)], [("train.lr_min", 5e-4)]),
+    ("train.precision", "GPU"): ("train", [], [("train.precision", "fp16")]),
+    ("sample.guidance_power", "constant"): ("sample", GUIDED, [("sample.guidance_power", 3.0)]),
+    ("sample.guidance_schedule", "unguided"): ("sample", [], [("sample.guidance_schedule", "power_cosine")]),
+    ("eval.kid_subset_size", "kid"): ("eval", {"metrics": ["fid", "isc"]}, {"kid_subset_size": 4}),
+    ("eval.reference_samples", "fid"): ("eval", {"metrics": ["isc", "sample_accuracy"]}, {"reference_samples": 8}),
+}
+
+
+@pytest.mark.parametrize("key,word", sorted(SCOPED))
+def test_scoped_keys_change_nothing_outside_their_scope_and_their_help_says_where(
+        key, word, base_model, trained_tmp, sampling_model, monkeypatch):
+    how, base, change = SCOPED[key, word]
+    if how == "model":
+        same = _same(_model_fingerprint(base), _model_fingerprint({**base, **change}))
+    elif how == "train":
+        a, b = _trained(trained_tmp, base), _trained(trained_tmp, base + change)
+        same = not _differ(a, b, "model") and not _differ(a, b, "ema")
+    elif how == "sample":
+        same = torch.equal(_samples(sampling_model, base), _samples(sampling_model, base + change))
+    else:
+        same = _evaluation(monkeypatch, **base)[0] == _evaluation(monkeypatch, **base, **change)[0]
+    assert same, f"{key} changed numbers outside its scope"
+    assert word.lower() in _help(key.replace(".branches.", ".branches.")).lower(), (key, _help(key))
