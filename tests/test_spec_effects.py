@@ -165,6 +165,7 @@ TRAIN_CHANGES = {
     "train.betas": ([], [("train.betas", [0.5, 0.9])]),
     "train.weight_decay": ([], [("train.weight_decay", 5.0)]),
     "train.no_decay": ([("train.weight_decay", 5.0)], [("train.no_decay", "none")]),
+    "train.no_decay(td_only)": ([("train.weight_decay", 5.0)], [("train.no_decay", "td_only")]),
     "train.warmup_steps": ([], [("train.warmup_steps", 1)]),
     "train.ema_decay": ([], [("train.ema_decay", 0.5)]),
     "train.ema_warmup": ([], [("train.ema_warmup", True)]),
@@ -241,6 +242,8 @@ SAMPLE_CHANGES = {
     "sample.order": ([], [("sample.order", 1)]),
     "sample.order(fast)": ([("sample.sampler", "dpm_solver_fast"), ("sample.steps", 6)], [("sample.order", 3)]),  # the default order is 2
     "sample.skip_type": ([], [("sample.skip_type", "logSNR")]),
+    "sample.skip_type(++_fast)": ([("sample.sampler", "dpm_solver++_fast")], [("sample.skip_type", "logSNR")]),
+    "sample.order(++_fast)": ([("sample.sampler", "dpm_solver++_fast"), ("sample.steps", 6)], [("sample.order", 3)]),
     "sample.t_end": ([], [("sample.t_end", 0.05)]),
     "sample.guidance_scale": ([], GUIDED),
     "sample.guidance_form": ([], [("sample.guidance_form", "dit")]),  # dit at 0: the unconditional model
@@ -350,7 +353,7 @@ EVAL_CHANGES = {
     "eval.metrics": ({}, {"metrics": ["fid", "isc"]}),
     "eval.classifier": ({}, {"classifier": False, "feature_extractor": "inception-v3-compat",
                              "metrics": ["fid", "kid", "isc", "prc"]}),
-    "eval.classifier_images": ({}, {"classifier_images": 64}),
+    "eval.classifier_images": ({}, {"classifier_images": 64}),  # reaches get_classifier (its cap: test_eval)
     "eval.distortion_threshold": ({}, {"distortion_threshold": 0.13}),
     "eval.kid_subset_size": ({}, {"kid_subset_size": 4}),
     "eval.reference_samples": ({}, {"reference_samples": 8}),
@@ -456,4 +459,4 @@ def test_scoped_keys_change_nothing_outside_their_scope_and_their_help_says_wher
     else:
         same = _evaluation(monkeypatch, **base)[0] == _evaluation(monkeypatch, **base, **change)[0]
     assert same, f"{key} changed numbers outside its scope"
-    assert word.lower() in _help(key.replace(".branches.", ".branches.")).lower(), (key, _help(key))
+    assert word.lower() in _help(key).lower(), (key, _help(key))
