@@ -177,12 +177,12 @@ TRAIN_CHANGES = {
 TRAIN_SAME = {
     "train.activation_checkpointing": [("train.activation_checkpointing", True)],
     "train.precision": [("train.precision", "bf16")],  # autocast dtype on GPUs only (help text)
+    "data.num_workers": [("data.num_workers", 1)],  # loads the items only; the trainer draws the flips
     **{f"train.{k}": [(f"train.{k}", v)] for k, v in
        [("checkpoint_every", 1), ("log_every", 2), ("threads", 1), ("keep_every", 1), ("keep_checkpoints", [1]),
         ("time_limit_s", 3600.0)]},
 }
-# train.compile: tested against eager training in test_train (needs a C++ compiler); data.num_workers:
-# test_train's worker tests; model keys: above
+# train.compile: tested against eager training in test_train (needs a C++ compiler); model keys: above
 
 
 @pytest.fixture(scope="module")
@@ -220,13 +220,13 @@ def test_every_run_key_is_classified():
     from dimr_lab.spec.run_spec import DataSpec, DiffusionSpec, TrainSpec
 
     named = {k.split("(")[0] for k in [*TRAIN_CHANGES, *TRAIN_SAME]}
-    named |= {"train.compile", "data.num_workers", "diffusion.prediction"}  # see above; prediction: one choice
+    named |= {"train.compile", "diffusion.prediction"}  # see above; prediction: one choice
     named |= {"data.name", "data.root", "data.vae", "train.steps"}  # datasets: test_components; steps: the loop
     want = {f"{s}.{f.name}" for s, cls in (("data", DataSpec), ("diffusion", DiffusionSpec), ("train", TrainSpec))
             for f in fields(cls)}
     assert want <= named, sorted(want - named)
     outside = {f"{s}.{k}" for s, keys in OUTSIDE_IDENTITY.items() for k in keys}
-    assert outside <= set(TRAIN_SAME) | {"data.num_workers"}
+    assert outside <= set(TRAIN_SAME)
 
 
 # --------------------------------------------------------------------------------------------- sampling
