@@ -250,6 +250,12 @@ SAMPLE_CHANGES = {
     "sample.guidance_schedule": (GUIDED, [("sample.guidance_schedule", "power_cosine")]),
     "sample.guidance_power": (GUIDED + [("sample.guidance_schedule", "power_cosine")], [("sample.guidance_power", 3.0)]),
     "sample.seed": ([], [("sample.seed", 1)]),
+    # the run's diffusion process, which the sampler integrates backwards
+    "diffusion.schedule": ([], [("diffusion.schedule", "cosine")]),
+    "diffusion.num_steps": ([], [("diffusion.num_steps", 500)]),
+    "diffusion.time_input": ([], [("diffusion.time_input", "vp_logsnr")]),
+    "diffusion.beta_min": (VP, [("diffusion.beta_min", 0.5)]),
+    "diffusion.beta_max": (VP, [("diffusion.beta_max", 10.0)]),
 }
 
 
@@ -272,7 +278,7 @@ def _samples(model, overrides: list) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("key", sorted(SAMPLE_CHANGES))
-def test_each_sample_key_changes_the_samples(sampling_model, key):
+def test_each_sample_and_diffusion_key_changes_the_samples(sampling_model, key):
     base, change = SAMPLE_CHANGES[key]
     assert not torch.equal(_samples(sampling_model, base), _samples(sampling_model, base + change)), key
 
@@ -293,7 +299,7 @@ def test_every_sample_key_is_classified():
 
     from dimr_lab.spec.run_spec import SampleSpec
 
-    named = {k.split("(")[0] for k in SAMPLE_CHANGES} | {"sample.use_ema"}
+    named = {k.split("(")[0] for k in SAMPLE_CHANGES if k.startswith("sample.")} | {"sample.use_ema"}
     named |= {f"sample.{k}" for k in OUTSIDE_EVAL_IDENTITY["sample"]}  # grid_size: the picture only
     assert {f"sample.{f.name}" for f in fields(SampleSpec)} <= named
 
