@@ -46,7 +46,8 @@ class BranchSpec:
     patch: int = field(1, min=1, max=MAX_SIDE, help="patchify kernel = stride")
     downsample: int = field(1, min=1, max=MAX_SIDE, help="area down-sampling of the input before patchify")
     kernel: int = field(7, min=1, max=MAX_KERNEL, help="depthwise kernel of convnext blocks (odd)")
-    out_kernel: int = field(3, min=1, max=MAX_KERNEL, help="kernel of the output conv (odd)")
+    out_kernel: int = field(3, min=1, max=MAX_KERNEL, help="kernel of the output conv (odd; heads 'conv' and "
+                                                                "'unpatchify_conv': 'unpatchify' has none)")
 
     def validate(self) -> None:
         if self.kernel % 2 == 0:

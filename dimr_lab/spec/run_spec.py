@@ -53,7 +53,8 @@ class DataSpec:
     texture_period: float = field(3.0, min=2.0, max=64.0, help="shapes: stripe period in pixels")
     root: str = field("", help="folder / latents: the directory to read")
     vae: str = field("", help="latents: the diffusers AutoencoderKL folder that encoded them (decodes samples)")
-    flip: bool = field(True, help="random horizontal flips")
+    flip: bool = field(True, help="pixel datasets: random horizontal flips of the training images (latents "
+                                  "datasets do not read it: prepare-latents bakes each image's flip in)")
     num_workers: int = field(0, min=0, max=256)
 
 
@@ -129,7 +130,9 @@ class SampleSpec:
     t_end: float = field(1e-3, min=0.0, max=1.0)
     guidance_scale: float = field(0.0, min=-100.0, max=100.0, help="U-ViT form: eps_c + s (eps_c - eps_u); 0 = none")
     guidance_form: str = field("uvit", choices=("uvit", "dit"))
-    guidance_schedule: str = field("constant", choices=("constant", "power_cosine"))
+    guidance_schedule: str = field("constant", choices=("constant", "power_cosine"),
+                                   help="how the guidance scale varies with t: 'constant', or the released "
+                                        "'power_cosine' ramp (unguided sampling does not read it)")
     guidance_power: float = field(1.0, min=0.0, max=100.0, help="exponent p of the 'power_cosine' guidance "
                                                                 "schedule (> 0; the 'constant' one does not read it)")
     use_ema: bool = field(True)
@@ -157,7 +160,10 @@ class EvalSpec:
     feature_extractor: str = field("classifier", choices=EXTRACTORS)
     inception_weights: str = field("", help="path to torch-fidelity's inception weights (no download)")
     reference_stats: str = field("", help="ADM reference batch (.npz with mu/sigma) for paper-grade FID")
-    reference_samples: int = field(0, min=0, max=10_000_000, help="real images for the reference statistics; 0 = eval.samples")
+    reference_samples: int = field(0, min=0, max=10_000_000,
+                                   help="real images for the reference statistics; 0 = eval.samples (read by the "
+                                        "metrics that compare with real images: kid, prc, fid_floor and fid "
+                                        "without eval.reference_stats)")
     metrics: list[str] = field(default_factory=lambda: ["fid", "kid", "isc", "prc", "sample_accuracy",
                                                         "distortion_rate"], choices=METRICS)
     classifier: bool = field(True, help="train and use the dataset's classifier (sample accuracy, distortion, "
@@ -165,7 +171,8 @@ class EvalSpec:
     classifier_images: int = field(20000, min=64, help="at most this many training images for the classifier")
     distortion_threshold: float = field(0.5, min=0.0, max=1.0,
                                         help="a sample is low-fidelity when p(its class) is below this")
-    kid_subset_size: int = field(100, min=2)
+    kid_subset_size: int = field(100, min=2, help="KID's subset size (at most the sample and reference counts); "
+                                                  "read only with 'kid' in eval.metrics")
 
 
 @dataclass
