@@ -439,6 +439,12 @@ class RunDir:
         d = self.eval_dir(step, eval_hash)
         return read_evaluation(d) if d.is_dir() else None
 
+    def unfinished_evaluations(self, spec: Any, steps: list[int] | None = None) -> list[int]:
+        """The steps (spec.eval_steps() unless given) whose evaluation with spec's settings has not finished."""
+        ehash = spec.eval_hash()
+        return [s for s in (spec.eval_steps() if steps is None else steps)
+                if (ev := self.find_evaluation(s, ehash)) is None or not ev.serves(spec.eval.enabled)]
+
     # log
     def log_rows(self, *, tail_bytes: int | None = None) -> list[dict[str, Any]]:
         """The rows of log.jsonl that parse (undecodable bytes and torn lines are skipped)."""
@@ -505,8 +511,8 @@ def session_totals(sessions: list[dict[str, Any]]) -> dict[str, Any]:
 class SessionLog:
     """Appends this process's session to sessions.json and keeps its end up to date (rank 0, under the run's
     lock): `begin` when training starts or resumes (or, kind "eval", an evaluation without training begins),
-    `touch` as it makes progress (written at most every
-    TOUCH_S seconds unless forced: a checkpoint, an evaluation), `end` with how it ended. A session killed
+    `touch` as it makes progress (written at most every TOUCH_S seconds unless forced: a checkpoint, an
+    evaluation), `end` with how it ended. A session killed
     without an end keeps outcome 'running' and the time of its last touch."""
 
     TOUCH_S = 10.0

@@ -321,6 +321,8 @@ def test_the_time_limit_stops_an_evaluation_between_chunks_and_the_next_job_resu
             assert json.loads(st)["eta_s"] is None  # trained: no training left to estimate (not "0m00s")
         else:  # `run --eval-only`'s worker
             assert evaluate_planned(limited, out) == {"interrupted": True, "step": 4}
+            last = json.loads((out / "sessions.json").read_text())["sessions"][-1]
+            assert (last["kind"], last["outcome"]) == ("eval", "time_limit")
         assert len(list((out / "evals" / name / "chunks").iterdir())) == 1  # one chunk, then the limit
         assert not (out / "evals" / name / "metrics.json").exists()
         # the next job, without the limit (or with a longer one), resumes at the second chunk

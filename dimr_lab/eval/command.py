@@ -9,7 +9,6 @@ all made before, or that is refused or stopped before any work, records nothing.
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -49,12 +48,6 @@ def steps_to_evaluate(run: RunDir, spec: Any, *, step: int | None = None, all_st
     return [step]
 
 
-def _pending(run: RunDir, spec: Any, steps: list[int]) -> list[int]:
-    """The steps whose evaluation with spec's settings is still to make."""
-    ehash = spec.eval_hash()
-    return [s for s in steps if not (ev := run.find_evaluation(s, ehash)) or not ev.serves(spec.eval.enabled)]
-
-
 @contextlib.contextmanager
 def _eval_session(run: RunDir, spec: Any, steps: list[int], info: distributed.DistInfo, started: float
                   ) -> Any:
@@ -64,12 +57,12 @@ def _eval_session(run: RunDir, spec: Any, steps: list[int], info: distributed.Di
     written at the first sign of life (sampling began, or an evaluation finished) or when the call fails: a
     call refused before any work (a UserError: bad settings, a damaged checkpoint; one line, exit 2) leaves
     the run folder as it was."""
+    from dimr_lab.eval.run import _say
     from dimr_lab.rundir import SessionLog
 
     state: dict[str, Any] = {"outcome": "failed", "step": steps[0] if steps else 0}
-    todo = _pending(run, spec, steps) if info.main else []
-    log = SessionLog(run, say=lambda line: print(f"[dimr-lab] {line}", file=sys.stderr, flush=True)) \
-        if todo else None
+    todo = run.unfinished_evaluations(spec, steps) if info.main else []
+    log = SessionLog(run, say=_say(None)) if todo else None
     begun = False
 
     def touch(step: int, force: bool = False) -> None:
@@ -175,7 +168,9 @@ def evaluate_planned(spec: Any, run_dir: Path, *, should_stop: Callable[[], bool
                                     progress=_touching(None, session["touch"], s),
                                     train_info=train_summary(run, s, spec), resample=resample)
                 if res is None:
-                    session["outcome"] = "stopped" if should_stop is not None and should_stop() else "time_limit"
+                    limit = spec.train.time_limit_s  # should_stop is not asked again: a flag may be one-shot
+                    session["outcome"] = "time_limit" if limit > 0 and time.perf_counter() - t0 > limit \
+                        else "stopped"
                     return {"interrupted": True, "step": s}
                 session["touch"](s, force=True)
                 metrics = res

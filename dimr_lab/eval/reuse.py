@@ -136,8 +136,8 @@ def load_stored_samples(path: Path, labels: np.ndarray, prefix: bool = False
 def stored_samples(run: Any, step: int, ckpt_step: int, identity: str, settings: dict[str, Any], exclude: Path,
                    labels: np.ndarray, say: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray, str] | None:
     """(images, labels, the evaluation's folder name) of the first sibling evaluation whose per_sample.npz
-    holds the samples these settings draw (or begins with them: `first_samples_of`), or None (sample them); a sibling whose file does not serve is
-    said in one line."""
+    holds the samples these settings draw (or begins with them: `first_samples_of`), or None (sample them);
+    a sibling whose file does not serve is said in one line."""
     from dimr_lab.rundir import PER_SAMPLE
 
     for ev in sibling_sources(run, step, ckpt_step, identity, settings, exclude):

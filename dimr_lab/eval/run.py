@@ -161,8 +161,8 @@ def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistIn
                           class_counts=counts).numpy()
         stored = stored_samples(run, step, ckpt_step, spec.identity_hash(), settings, d, want, _say(log))
         if stored is not None and log is not None:
-            log(f"taking the {n} samples of step {step} from {stored[2]}, which drew them (as its first) "
-                f"(--resample samples them anew)")
+            log(f"taking the {n} samples of step {step} from {stored[2]}, which drew the same ones or began "
+                f"with them (--resample samples them anew)")
     sampling = distributed.any_flag(info, info.main and stored is None)  # rank 0's decision, on every rank
     made = 0
     rounds = -(-len(bounds) // info.world_size) if sampling else 0

@@ -110,10 +110,8 @@ def collect(root: Path) -> list[RunStatus]:
         run = RunDir(d)
         sessions = run.sessions()  # read once: the state, a stop's detail and the totals all use it
         st = _one(run, jobs[d], slurm, sessions)
-        totals = session_totals(sessions)
-        st.sessions, st.restarts, st.wall_s = totals["sessions"], totals["restarts"], totals["wall_s"]
-        st.continuations, st.evaluations, st.eval_wall_s = (totals["continuations"], totals["evaluations"],
-                                                            totals["eval_wall_s"])
+        for key, value in session_totals(sessions).items():  # sessions, restarts, ..., eval_wall_s: its fields
+            setattr(st, key, value)
         out.append(st)
     for st in out:  # an ETA means something only for a run that is still to finish
         if st.state not in ("running", "pending"):
@@ -359,7 +357,6 @@ def format_duration(seconds: float | None) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s"
-
 
 
 def watch_interval(seconds: float) -> None:

@@ -5,9 +5,9 @@ Reads the resolved spec from RUN_DIR/run.json and calls the trainer (`train_run(
 should_stop=...)`, which takes the folder's lock, resumes or continues the run, and evaluates it) or,
 with `--mode eval`, only the evaluations (the run must have trained). `--resample` (from `dimr-lab run
 --resample`) has its evaluations sample anew rather than take a finished sibling evaluation's samples
-(dimr_lab.eval.reuse); it reaches the function as resample=True, and is not passed at all otherwise. SIGINT/SIGTERM ask it to stop at
-the next step boundary (it saves a checkpoint first); one that came before it began (the local runner starts
-it with both blocked) stops it at once, interrupted.
+(dimr_lab.eval.reuse); it reaches the function as resample=True, and is not passed at all otherwise.
+SIGINT/SIGTERM ask it to stop at the next step boundary (it saves a checkpoint first); one that came before
+it began (the local runner starts it with both blocked) stops it at once, interrupted.
 Exit status: 0 done (its evaluations written), 3 interrupted (resumable), 4 another process holds the
 run, 1 the trainer failed (traceback on stderr), 2 a bad run folder or spec.
 """
@@ -65,14 +65,7 @@ def pending_evaluations(spec: Any, run_dir: Path) -> list[int]:
     """Steps whose evaluation with the spec's settings has not finished."""
     from dimr_lab.rundir import RunDir
 
-    run = RunDir(run_dir)
-    ehash = spec.eval_hash()
-    out = []
-    for step in spec.eval_steps():
-        ev = run.find_evaluation(step, ehash)
-        if ev is None or not ev.serves(spec.eval.enabled):
-            out.append(step)
-    return out
+    return RunDir(run_dir).unfinished_evaluations(spec)
 
 
 class StopFlag:

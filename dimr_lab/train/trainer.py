@@ -50,8 +50,8 @@ def train_run(spec: Any, out_dir: Path, *, should_stop: Callable[[], bool] | Non
 
     Returns {"interrupted": True, "step": s} when should_stop() or train.time_limit_s stopped it (after
     a checkpoint, or between an evaluation's chunks: then with "evaluating": the step evaluated; with
-    "time_limit": True when the time limit did), {"rank": r}
-    on ranks other than 0, else the metrics of the last step's evaluation."""
+    "time_limit": True when the time limit did), {"rank": r} on ranks other than 0, else the metrics of the
+    last step's evaluation."""
     from dimr_lab.spec.preflight import check_out_dir
 
     run = RunDir(check_out_dir(out_dir))
@@ -375,11 +375,7 @@ class Trainer:
 
     def _work_left(self) -> bool:
         """Whether this call trains or evaluates anything (a call on a finished run is no session of it)."""
-        if self.step < self.spec.train.steps:
-            return True
-        ehash = self.spec.eval_hash()
-        return self.evaluate and any(not (ev := self.run.find_evaluation(s, ehash)) or not ev.serves(
-            self.spec.eval.enabled) for s in self.spec.eval_steps())
+        return self.step < self.spec.train.steps or (self.evaluate and bool(self.run.unfinished_evaluations(self.spec)))
 
     def _train(self) -> dict[str, Any] | None:
         from dimr_lab.diffusion.training import draw, training_loss
