@@ -22,7 +22,8 @@ this module, so its writers and readers cannot drift apart (tests/test_runs.py, 
                             (`dimr-lab eval`, `run --eval-only`: kind "eval", its steps the checkpoints
                             evaluated): its kind, start, last sign of life, steps, outcome (running, done,
                             stopped, time_limit, failed), host, pid and SLURM job; with the restarts,
-                            continuations, evaluation sessions and the wall time they add up to (SessionLog)
+                            continuations, evaluation sessions and the wall time they add up to (SessionLog;
+                            a damaged one is kept aside as sessions.damaged-<stamp>[-N].json before any write)
       local.json, slurm.json, output.log     (runners) the process or SLURM jobs that trained it
       .lock                 held by every writer (train, the ablation worker, eval)
 
@@ -477,6 +478,43 @@ def _is_session(s: Any) -> bool:
                                        and math.isfinite(s[k]) for k in ("started", "last"))
 
 
+def keep_damaged_sessions_aside(path: Path, say: Callable[[str], None], then: str | None = None
+                                ) -> list[dict[str, Any]]:
+    """The sessions of the sessions.json at `path` ([] when there is none), read by a writer about to replace
+    it. A damaged one (not JSON, not an object with a list under "sessions", or rows in that list that are not
+    sessions) is renamed aside first, as sessions.damaged-<stamp>[-N].json (never over an earlier one), and `say`
+    gets one line naming both and `then`, what the writer does next (None: the sessions that still read carry
+    over, or start again from this one); the sessions that read are returned. Every writer of sessions.json
+    (SessionLog, for training and evaluation sessions alike) goes through here."""
+    try:
+        data: Any = read_json(path, what="sessions file")
+    except UserError:
+        if not path.exists():
+            return []
+        data, why = None, "not readable"
+    else:
+        rows = data.get("sessions") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            why = f"not a JSON object (a {type(data).__name__})"
+        elif not isinstance(rows, list):
+            why = "no list under 'sessions'"
+        elif bad := sum(not _is_session(s) for s in rows):
+            why = f"{bad} of its {len(rows)} rows not a session (numbers 'started' and 'last')"
+        else:
+            return rows
+    kept = _session_rows(data)
+    if then is None:
+        then = (f"its {len(kept)} readable session{'s' if len(kept) != 1 else ''} carried over" if kept
+                else "the sessions start again from this one")
+    stamp = int(time.time())
+    aside = next(a for n in itertools.count() if not (a := path.with_name(
+        f"sessions.damaged-{stamp}{f'-{n}' if n else ''}.json")).exists())  # never over an earlier one
+    with contextlib.suppress(OSError):  # kept aside, not written over (a rename that fails: the write goes on)
+        os.replace(path, aside)
+        say(f"{path}: {why}; kept as {aside.name}, {then}")
+    return kept
+
+
 SESSION_KINDS = ("start", "resume", "continue", "eval")
 
 
@@ -531,16 +569,7 @@ class SessionLog:
         evaluation without training, its steps the checkpoints it evaluates."""
         if kind is not None and kind not in SESSION_KINDS:
             raise ValueError(f"session kind {kind!r}: one of {', '.join(SESSION_KINDS)}")
-        path = self.run.sessions_path
-        data = try_read_json_object(path)  # read once: the rows, and whether a file there is unreadable
-        rows = _session_rows(data)
-        if data is None and path.exists():
-            stamp = int(time.time())
-            aside = next(a for n in itertools.count() if not (a := path.with_name(
-                f"sessions.damaged-{stamp}{f'-{n}' if n else ''}.json")).exists())  # never over an earlier one
-            with contextlib.suppress(OSError):  # unreadable: kept aside, not written over
-                os.replace(path, aside)
-                self.say(f"{path}: not readable; kept as {aside.name}, the sessions start again from this one")
+        rows = keep_damaged_sessions_aside(self.run.sessions_path, self.say)
         job = os.environ.get("SLURM_JOB_ID")
         if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
             job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"  # as slurm.json names it
@@ -579,6 +608,9 @@ class SessionLog:
         assert self.rows is not None
         with contextlib.suppress(OSError):  # a record of the run, never the reason it fails (a full disk stops
             # it at its next checkpoint, with its own message)
+            # the file was read at begin(); one damaged since is kept aside before this session's record replaces it
+            keep_damaged_sessions_aside(self.run.sessions_path, self.say,
+                                        "written again from what this session read at its start")
             totals = session_totals(self.rows)
             write_json(self.run.sessions_path, {"sessions": self.rows, "restarts": totals["restarts"],
                                                 "continuations": totals["continuations"],

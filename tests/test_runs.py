@@ -637,3 +637,59 @@ def test_damaged_sessions_files_kept_aside_in_the_same_second_are_all_kept(tmp_p
         SessionLog(run, say=lines.append).begin(step=0, resumed=False)
     kept = sorted(p.read_text() for p in run.path.glob("sessions.damaged-*.json"))
     assert kept == ['{"sessions": [0', '{"sessions": [1', '{"sessions": [2'] and len(lines) == 3, lines
+
+
+@pytest.mark.parametrize("text, why, carried", [
+    ('{"sessions": 5}', "no list under 'sessions'", 0),
+    ('[{"started": 1.0, "last": 2.0}]', "not a JSON object (a list)", 0),
+    ('{"sessions": [{"started": 1.0, "last": 2.0, "kind": "start", "outcome": "done"}, "junk"]}',
+     "1 of its 2 rows not a session", 1),
+])
+def test_a_sessions_json_of_the_wrong_shape_is_kept_aside_too(tmp_path, text, why, carried):
+    """Valid JSON of the wrong shape was written over in silence (only text that did not parse was kept aside):
+    it is kept aside now, with its line, and the sessions in it that still read carry over."""
+    from dimr_lab.rundir import RunDir, SessionLog
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.sessions_path.write_text(text)
+    lines = []
+    SessionLog(run, say=lines.append).begin(step=0, resumed=False)
+    (aside,) = run.path.glob("sessions.damaged-*.json")
+    assert aside.read_text() == text
+    assert len(lines) == 1 and lines[0].startswith(f"{run.sessions_path}: {why}") and aside.name in lines[0], lines
+    assert len(json.loads(run.sessions_path.read_text())["sessions"]) == carried + 1
+    lines.clear()
+    SessionLog(run, say=lines.append).begin(step=0, resumed=True)  # a sound file is neither moved nor said
+    assert lines == [] and len(list(run.path.glob("sessions.damaged-*.json"))) == 1
+
+
+@pytest.mark.timeout(300)
+def test_an_evaluation_session_keeps_a_sessions_json_damaged_under_it_aside(tmp_path, capsys, monkeypatch,
+                                                                          sweep_source):
+    """An evaluation session (`dimr-lab eval`) whose sessions.json was damaged after it began wrote its record
+    over the damaged file; it is kept aside now, as at a session's start, with one line on stderr, and the
+    session's record (the training session before it too) is written again."""
+    from dimr_lab.eval.command import evaluate_run
+
+    monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
+    run = _sweep_run(tmp_path, sweep_source)
+    damaged = b'{"sessions": [{"started": 17'  # truncated
+    calls = []
+
+    def progress(done: int, total: int) -> None:
+        if not calls:  # the session has begun (its first sign of life comes before progress)
+            assert json.loads((run / "sessions.json").read_text())["sessions"][-1]["kind"] == "eval"
+            (run / "sessions.json").write_bytes(damaged)
+        calls.append(done)
+
+    capsys.readouterr()
+    (res,) = evaluate_run(run, overrides=[("sample.seed", 3)], progress=progress)
+    assert "interrupted" not in res and calls
+    err = capsys.readouterr().err
+    (aside,) = run.glob("sessions.damaged-*.json")
+    assert aside.read_bytes() == damaged
+    said = [line for line in err.splitlines() if aside.name in line]
+    assert len(said) == 1 and f"{run / 'sessions.json'}: not readable" in said[0], err
+    rows = json.loads((run / "sessions.json").read_text())["sessions"]
+    assert [(r["kind"], r["outcome"]) for r in rows] == [("start", "done"), ("eval", "done")]
