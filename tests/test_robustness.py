@@ -262,6 +262,66 @@ def test_sample_options_are_checked_as_eval_settings_are(args, fragment, tmp_pat
     assert code == 0, err
 
 
+
+def test_sample_classes_label_the_grid_in_turn_and_the_default_grid_is_unchanged(trained, tmp_path, capsys,
+                                                                                 monkeypatch):
+    """`sample` drew class-balanced labels only; --classes asks for given classes, in turn, each sample keeping
+    the noise of its index. Without it the grid is what it was: sample i of the run's balanced labels (i mod
+    K), generated from index i's noise."""
+    import numpy as np
+    import torch
+
+    import dimr_lab.images
+    from dimr_lab.eval.sampling import data_classes, generate, load_run_model, to_uint8
+
+    _, run = trained
+    drawn = []
+    real_write_grid = dimr_lab.images.write_grid
+
+    def write_grid(images, path, labels=None, class_names=None, **kw):
+        drawn.append((images.clone(), list(labels)))
+        return real_write_grid(images, path, labels, class_names, **kw)
+
+    monkeypatch.setattr(dimr_lab.images, "write_grid", write_grid)
+    n = 12
+
+    def grid(name, *args):
+        code, _, err = cli(["sample", run, "--out", tmp_path / name, "--n", str(n), *args], capsys)
+        assert code == 0, err
+        return drawn[-1]
+
+    default_images, default_labels = grid("default.png")
+    model, spec, _ = load_run_model(run, ema=True, device="cpu")
+    k = data_classes(spec)
+    assert k == 8 and default_labels == [i % k for i in range(n)]
+    expected = generate(model, spec, np.arange(n), torch.arange(n) % k)
+    assert torch.equal(default_images, to_uint8(expected, spec.data))
+    # every class in order is the default, byte for byte
+    grid("all.png", "--classes", ",".join(map(str, range(k))))
+    assert (tmp_path / "all.png").read_bytes() == (tmp_path / "default.png").read_bytes()
+    # numbers and names, in turn; each sample from its own index's noise with the label asked for
+    images, labels = grid("asked.png", "--classes", "3, circle")
+    assert labels == [3, 0] * (n // 2)
+    assert torch.equal(images, to_uint8(generate(model, spec, np.arange(n), torch.tensor(labels)), spec.data))
+    images, labels = grid("three.png", "--classes", "3")
+    assert labels == [3] * n and torch.equal(images[3], default_images[3]) and torch.equal(images[11],
+                                                                                         default_images[11])
+
+
+@pytest.mark.parametrize("classes, fragment", [
+    ("8", "--classes '8': '8' is out of range; this run's 8 classes: numbers 0 to 7 or names circle, square"),
+    ("-1", "'-1' is out of range"),
+    ("2,sqaure", "--classes '2,sqaure': 'sqaure' is not a class; this run's 8 classes: numbers 0 to 7"),
+    ("1.5", "'1.5' is not a class"),
+    ("3,,5", "--classes '3,,5': expected a comma-separated list of classes"),
+    ("", "expected a comma-separated list of classes"),
+])
+def test_sample_classes_outside_the_run_are_one_line(classes, fragment, trained, tmp_path, capsys):
+    _, run = trained
+    out = tmp_path / "grid.png"
+    one_line_exit_2(*cli(["sample", run, "--out", out, "--n", "2", "--classes", classes], capsys), fragment)
+    assert not out.exists()
+
 def test_an_evaluation_with_more_ddim_steps_than_fit_is_refused_before_its_folder(trained, tmp_path, capsys):
     import shutil
 

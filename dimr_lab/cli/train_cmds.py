@@ -176,10 +176,45 @@ def check_png_out(out: Path, force: bool) -> None:
     check_out_file(out, "--out")
 
 
+def _class_list(text: str | None) -> list[str] | None:
+    """--classes as its comma-separated items (None when not given), refused when it holds none."""
+    from dimr_lab.errors import UserError
+
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",")]
+    if not all(items):
+        raise UserError(f"--classes {text!r}: expected a comma-separated list of classes, e.g. 3,5")
+    return items
+
+
+def _class_numbers(items: list[str], text: str, num_classes: int, names: list[str] | None) -> list[int]:
+    """--classes' items as class numbers of a run with num_classes classes (names: the dataset's, or None); one
+    that is no class of the run is refused, naming what is allowed."""
+    from dimr_lab.errors import UserError
+
+    by_name = {name: i for i, name in enumerate(names or [])}
+    allowed = f"numbers 0 to {num_classes - 1}" + (f" or names {', '.join(names[:num_classes])}" if names else "")
+    out = []
+    for item in items:
+        try:
+            number: int | None = int(item)
+        except ValueError:
+            number = by_name.get(item)
+        if number is None or not 0 <= number < num_classes:
+            what = "not a class" if number is None else "out of range"
+            raise UserError(f"--classes {text!r}: {item!r} is {what}; this run's {num_classes} classes: {allowed}")
+        out.append(number)
+    return out
+
+
 @app.command()
 def sample(
     run_dir: Path = typer.Argument(..., help="a run folder (spec.json + a checkpoint)"),
-    n: int = typer.Option(64, "--n", min=1, help="number of samples (class-balanced labels)"),
+    n: int = typer.Option(64, "--n", min=1, help="number of samples (class-balanced labels unless --classes)"),
+    classes: Optional[str] = typer.Option(None, "--classes", help="these classes, in turn: 3,5 labels the samples "
+                                                                  "3, 5, 3, 5, ... (numbers from 0, or the "
+                                                                  "dataset's class names)"),
     out: Path = typer.Option(Path("grid.png"), "--out", "-o", help="PNG to write"),
     step: Optional[int] = typer.Option(None, "--step", min=0, help="the checkpoint at this step (default: the last)"),
     guidance: Optional[float] = typer.Option(None, "--guidance", help="guidance scale (default: the run's)"),
@@ -190,7 +225,8 @@ def sample(
     ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights (default) or the raw ones"),
     force: bool = typer.Option(False, "--force", help="replace an existing file"),
 ) -> None:
-    """Write a labelled grid of N samples from RUN_DIR's checkpoint."""
+    """Write a labelled grid of N samples from RUN_DIR's checkpoint. Sample i's starting noise comes from i and
+    --seed, its label from i: every class in turn, or the --classes given in turn."""
     import math
 
     import numpy as np
@@ -204,6 +240,7 @@ def sample(
     from dimr_lab.spec.run_spec import with_overrides
 
     check_png_out(out, force)
+    asked = _class_list(classes)
     if sampler is not None:
         SAMPLERS.check(sampler, file="--sampler")
     if guidance is not None and not math.isfinite(guidance):
@@ -221,7 +258,13 @@ def sample(
     named = "/".join(flag for flag in given if flag != "--seed" or seed) or "--seed"  # --seed 0 is the default
     spec = with_overrides(spec, list(given.values()), source=named)
     idx = np.arange(n)
-    labels = labels_for(idx, data_classes(spec))
+    if asked is None:
+        labels = labels_for(idx, data_classes(spec))
+    else:  # sample i keeps its noise; its label is the given classes' in turn
+        if not spec.model.num_classes:
+            raise UserError(f"--classes {classes!r}: this run's network takes no class labels (model.num_classes = 0)")
+        chosen = _class_numbers(asked, classes or "", data_classes(spec), _class_names(spec))
+        labels = torch.tensor(chosen, dtype=torch.int64)[torch.from_numpy(idx % len(chosen))]
     x = generate(model, spec, idx, labels)
     write_grid(to_uint8(x, spec.data), out, labels.tolist(), _class_names(spec))
     print(f"wrote {out} ({n} samples)")
