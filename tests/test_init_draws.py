@@ -265,3 +265,46 @@ def test_a_network_by_name_cannot_draw_again_is_one_line_exit_2_in_the_cli(tmp_p
     assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "train.init_draws" in err and "norm" in err and "(NoisyNorm)" in err and "'stream'" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("draws", ["stream", "by_name"])
+def test_a_resumed_run_ends_where_an_uninterrupted_one_does_without_drawing_by_name_again(tmp_path, monkeypatch,
+                                                                                         draws):
+    """A resumed by_name run drew every initial tensor again (seconds at the largest presets) only for the
+    checkpoint to replace them all: it builds as stream does now (the global generator ends in the same place,
+    and the checkpoint restores every generator anyway), and in both modes a run stopped and resumed ends bit
+    for bit where the uninterrupted one ends."""
+    import json
+
+    import dimr_lab.nn.init_draws as init_draws
+    from dimr_lab.train.trainer import train_run
+
+    calls = []
+    real = init_draws.build_by_name
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(init_draws, "build_by_name", counted)
+    spec = tiny_spec(tmp_path, steps=6, ckpt=100, overrides=[("train.init_draws", draws), ("train.threads", 1)])
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    train_run(spec, ref, progress=False)
+    asked = iter(range(100))
+    assert train_run(spec, run, should_stop=lambda: next(asked) == 3, progress=False) == {"interrupted": True,
+                                                                                          "step": 3}
+    drawn_before = len(calls)
+    assert drawn_before == (2 if draws == "by_name" else 0)  # each fresh session draws by name
+    assert train_run(spec, run, progress=False)["step"] == 6
+    assert len(calls) == drawn_before  # the resumed one does not
+    a, b = (torch.load(r / "checkpoints" / "last.pt", map_location="cpu", weights_only=True) for r in (ref, run))
+    assert a["step"] == b["step"] == 6 and a["data_position"] == b["data_position"]
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys() and all(torch.equal(a[part][k], b[part][k]) for k in a[part])
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    for k in ("torch", "noise"):
+        assert torch.equal(a["rng"][k], b["rng"][k]), k
+    assert torch.equal(a["rng"]["numpy"]["keys"], b["rng"]["numpy"]["keys"])
+    rows = [[json.loads(x)["loss"] for x in (r / "log.jsonl").read_text().splitlines()] for r in (ref, run)]
+    assert rows[0] == rows[1] and len(rows[0]) == 6

@@ -268,7 +268,12 @@ class Trainer:
         channels = int(getattr(self.dataset, "channels", spec.model.in_channels))
         if channels != spec.model.in_channels:
             raise UserError(f"the data has {channels} channels but model.in_channels is {spec.model.in_channels}")
-        self.model = build_model(spec.model, init_draws=tr.init_draws, seed=tr.seed).to(self.device)
+        # A run that resumes takes every parameter and buffer, and every generator's state, from a checkpoint (or
+        # stops: resume() loads one or refuses), so by-name draws would be thrown away (they double the build's
+        # time: 5.6 s against 2.6 s for M/3R on a CPU core): it is built as "stream" builds, which leaves the
+        # global generator where by_name's construction does (its draws come from generators of their own)
+        draws = "stream" if tr.init_draws == "by_name" and self._checkpoints() else tr.init_draws
+        self.model = build_model(spec.model, init_draws=draws, seed=tr.seed).to(self.device)
         self.null_label = int(self.model.null_label)
         if tr.activation_checkpointing:
             self.model.set_checkpointing(True)
@@ -294,14 +299,19 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- resume
 
-    def resume(self) -> bool:
-        """Load the newest usable checkpoint; a damaged last.pt falls back to the newest kept one (warning)."""
+    def _checkpoints(self) -> list[Path]:
+        """The checkpoints a resume tries, in order: last.pt, then the kept ones, newest first."""
         run = self.run
         candidates = [run.last_checkpoint] if run.last_checkpoint.exists() else []
         idx = run.index()
         # the index's kept steps and the files on disk: a damaged index.json must not hide a good kept file
         kept = sorted(set(idx.kept if idx else []) | set(run.kept_on_disk()), reverse=True)
-        candidates += [run.kept_checkpoint(s) for s in kept if run.kept_checkpoint(s).exists()]
+        return candidates + [run.kept_checkpoint(s) for s in kept if run.kept_checkpoint(s).exists()]
+
+    def resume(self) -> bool:
+        """Load the newest usable checkpoint; a damaged last.pt falls back to the newest kept one (warning).
+        With a checkpoint there, one loads or this raises: build() relies on it (no by-name draws then)."""
+        candidates = self._checkpoints()
         if not candidates:
             return False
         first_error = None
