@@ -395,3 +395,26 @@ seeds = [4, 5, 6]
         load_ablation(write(tmp_path, cyc))
     with pytest.raises(SpecError, match="include"):
         load_ablation(write(tmp_path, text.replace("recipes/r.toml", "recipes/none.toml")))
+
+
+def test_a_spec_loaded_again_works_out_no_type_hints_and_its_input_is_left_as_it_was(monkeypatch):
+    # `table`, `status` and `run --dry-run` load a spec per run of a results tree: typing.get_type_hints, which
+    # compiles every annotation of a section on each call, was most of their time
+    import copy
+    import typing
+
+    data = to_dict(load_run_spec(None))
+    load_run_spec(data)
+    calls = []
+    real = typing.get_type_hints
+    monkeypatch.setattr(typing, "get_type_hints", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    before = copy.deepcopy(data)
+    spec = load_run_spec(data)
+    assert calls == []
+    assert data == before and to_dict(spec) == before  # read, not written into (it is no longer copied first)
+    data["train"]["betas"].append(0.5)
+    data["eval"]["metrics"].clear()
+    data["model"]["branches"][0]["width"] = 8
+    assert to_dict(spec) == before  # and the spec keeps nothing of it
+    again = copy.deepcopy(before)
+    assert load_run_spec(again, [("train.lr", 0.5)]).train.lr == 0.5 and again == before  # overrides: copied first
