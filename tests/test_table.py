@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from conftest import cli
+from conftest import cli, opens_and_modules
 from dimr_lab.errors import UserError
 from dimr_lab.rundir import RunDir, RunRecord, write_eval_record, write_json
 from dimr_lab.spec.run_spec import load_run_spec
@@ -744,6 +744,31 @@ def test_the_table_layer_never_imports_torch(tree, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_plain_table_reads_each_file_once_and_leaves_the_statistics_unloaded(tree):
+    # a results tree of hundreds of runs: each record and metrics file read once, and scipy (whose import
+    # takes longer than a plain table's reading of them) loaded only for --steps
+    code = f"""
+        from dimr_lab.table import render_table
+        assert "3.70" in render_table({str(tree)!r}, "rich")
+        import sys
+        assert "scipy" not in sys.modules, "a plain table loaded scipy"
+        render_table({str(tree)!r}, "csv")
+        assert "scipy" not in sys.modules, "a csv table loaded scipy"
+    """
+    opened, modules = opens_and_modules(code, tree)
+    runs = [p.relative_to(tree) for p in sorted(tree.rglob("run.json"))]
+    assert len(runs) == 9
+    read = {f for f in opened if f.endswith(".json")}
+    assert {str(r) for r in runs} <= read and any(f.endswith("/metrics.json") for f in read)
+    assert set(opened.values()) == {2}, opened  # once per table made, twice in all
+    assert not {"torch", "scipy", "matplotlib"} & modules
+    _, modules = opens_and_modules(f"""
+        from dimr_lab.table import render_table
+        assert "adaln" in render_table({str(tree)!r}, "markdown", steps=True)
+    """, tree)
+    assert "scipy" in modules  # the statistics are still there, loaded when asked for
 
 
 def test_an_interval_end_near_zero_never_reads_zero():

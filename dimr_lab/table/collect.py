@@ -13,7 +13,8 @@ import pandas as pd
 
 from dimr_lab.errors import UserError, unknown_name_message
 from dimr_lab.rundir import Evaluation, RunDir, RunRecord, find_runs
-from dimr_lab.spec.run_spec import OUTSIDE_EVAL_IDENTITY, EvalSpec, RunSpec, SampleSpec, load_run_spec
+from dimr_lab.spec.run_spec import (OUTSIDE_EVAL_IDENTITY, EvalSpec, RunSpec, SampleSpec, load_run_spec,
+                                    stable_hash)
 from dimr_lab.table.paper import attach_paper
 from dimr_lab.table.values import METRICS, flatten, integer_columns, number, quietly, scalar, short
 
@@ -138,7 +139,8 @@ def _read_run(folder: Path, warnings: list[str]) -> Run | None:
     if not 0 <= record.seed < 2**63:
         warnings.append(f"skipped {folder}: seed {record.seed} is not a usable seed")
         return None
-    return Run(folder, record, spec, spec.eval_hash(), _identity_settings(spec.eval_identity()), rd.evaluations())
+    planned = spec.eval_identity()
+    return Run(folder, record, spec, stable_hash(planned), _identity_settings(planned), rd.evaluations())
 
 
 def _finished(run: Run, warnings: list[str], pairs: list[tuple[str, Any]]) -> list[Evaluation]:
