@@ -747,14 +747,15 @@ def test_the_table_layer_never_imports_torch(tree, tmp_path):
 
 
 def test_a_plain_table_reads_each_file_once_and_leaves_the_statistics_unloaded(tree):
-    # a results tree of hundreds of runs: each record and metrics file read once, and scipy (whose import
-    # takes longer than a plain table's reading of them) loaded only for --steps
+    # a results tree of hundreds of runs: each record and metrics file read once (for the table and its
+    # learning curves alike), and scipy (whose import takes longer than a plain table's reading of them)
+    # loaded only for --steps
     code = f"""
         from dimr_lab.table import render_table
         assert "3.70" in render_table({str(tree)!r}, "rich")
         import sys
         assert "scipy" not in sys.modules, "a plain table loaded scipy"
-        render_table({str(tree)!r}, "csv")
+        render_table({str(tree)!r}, "csv", curves={str(tree.parent / "curves.png")!r})
         assert "scipy" not in sys.modules, "a csv table loaded scipy"
     """
     opened, modules = opens_and_modules(code, tree)
@@ -762,8 +763,8 @@ def test_a_plain_table_reads_each_file_once_and_leaves_the_statistics_unloaded(t
     assert len(runs) == 9
     read = {f for f in opened if f.endswith(".json")}
     assert {str(r) for r in runs} <= read and any(f.endswith("/metrics.json") for f in read)
-    assert set(opened.values()) == {2}, opened  # once per table made, twice in all
-    assert not {"torch", "scipy", "matplotlib"} & modules
+    assert set(opened.values()) == {2}, opened  # once per table made (its curves too), twice in all
+    assert not {"torch", "scipy"} & modules
     _, modules = opens_and_modules(f"""
         from dimr_lab.table import render_table
         assert "adaln" in render_table({str(tree)!r}, "markdown", steps=True)

@@ -314,16 +314,30 @@ def _root(results_dir: str | Path) -> Path:
     return root
 
 
+Folders = list[tuple[Path, "Run | None", list[str]]]
+
+
+def read_runs(results_dir: str | Path) -> Folders:
+    """Every run folder below results_dir, read once: (folder, its run or None, the warnings reading it gave),
+    for collect and collect_curves to share (`table --curves` reads the tree once)."""
+    out: Folders = []
+    for folder in find_runs(_root(results_dir)):
+        said: list[str] = []
+        out.append((folder, _read_run(folder, said), said))
+    return out
+
+
 @quietly
-def collect(results_dir: str | Path, *, step: int | None = None,
-            eval_filter: Iterable[Any] | None = None) -> tuple[pd.DataFrame, list[str]]:
+def collect(results_dir: str | Path, *, step: int | None = None, eval_filter: Iterable[Any] | None = None,
+            folders: Folders | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Every run below results_dir with a finished evaluation, one row each (the evaluation at `step`,
-    default its latest; only evaluations whose settings match eval_filter), plus warning lines."""
+    default its latest; only evaluations whose settings match eval_filter), plus warning lines; `folders`:
+    read_runs(results_dir) where the caller has read them already."""
     root, pairs = _root(results_dir), parse_eval_filter(eval_filter)
     rows: list[dict[str, Any]] = []
     warnings: list[str] = []
-    for folder in find_runs(root):
-        run = _read_run(folder, warnings)
+    for _folder, run, said in read_runs(root) if folders is None else folders:
+        warnings.extend(said)
         ev = _choose(run, step, pairs, warnings) if run is not None else None
         if ev is not None:
             rows.append(_row(run, ev, warnings))
@@ -331,15 +345,15 @@ def collect(results_dir: str | Path, *, step: int | None = None,
 
 
 @quietly
-def collect_curves(results_dir: str | Path, eval_filter: Iterable[Any] | None = None
-                   ) -> tuple[pd.DataFrame, list[str]]:
+def collect_curves(results_dir: str | Path, eval_filter: Iterable[Any] | None = None, *,
+                   folders: Folders | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Every finished evaluation with the planned settings (or, with eval_filter, those matching it): one
-    row per run and training step, for learning curves."""
+    row per run and training step, for learning curves; `folders` as for collect."""
     root, pairs = _root(results_dir), parse_eval_filter(eval_filter)
     rows: list[dict[str, Any]] = []
     warnings: list[str] = []
-    for folder in find_runs(root):
-        run = _read_run(folder, warnings)
+    for _folder, run, said in read_runs(root) if folders is None else folders:
+        warnings.extend(said)
         if run is None:
             continue
         done = [ev for ev in _finished(run, warnings, pairs) if pairs or _planned(run, ev)]
