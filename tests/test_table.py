@@ -772,6 +772,34 @@ def test_a_plain_table_reads_each_file_once_and_leaves_the_statistics_unloaded(t
     assert "scipy" in modules  # the statistics are still there, loaded when asked for
 
 
+def test_a_table_without_curves_holds_one_run_in_memory_at_a_time(tree, tmp_path, monkeypatch):
+    # a tree of hundreds of runs: each is dropped once it is a row; only --curves, which reads the tree once
+    # for the table and the curves, keeps them all
+    import gc
+    import importlib
+    import weakref
+
+    collect_module = importlib.import_module("dimr_lab.table.collect")  # dimr_lab.table.collect is the function
+
+    refs: list[weakref.ref] = []
+    alive_before_each: list[int] = []
+    real = collect_module._read_run
+
+    def read(folder, warnings):
+        gc.collect()
+        alive_before_each.append(sum(r() is not None for r in refs))
+        run = real(folder, warnings)
+        refs.append(weakref.ref(run))
+        return run
+
+    monkeypatch.setattr(collect_module, "_read_run", read)
+    render_table(tree, "csv", on_warning=lambda line: None)
+    assert len(alive_before_each) == 9 and max(alive_before_each) <= 1, alive_before_each
+    refs.clear(), alive_before_each.clear()
+    render_table(tree, "csv", on_warning=lambda line: None, curves=tmp_path / "curves.png")
+    assert alive_before_each == list(range(9))  # read once, for both
+
+
 def test_an_interval_end_near_zero_never_reads_zero():
     from dimr_lab.table.steps import _interval
 

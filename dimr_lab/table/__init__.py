@@ -54,7 +54,8 @@ def render_table(results_dir: str | Path, fmt: str = "rich", plot: str | Path | 
     pairs = parse_eval_filter(eval_filter)
     warn = on_warning or _warn_stderr
     with quiet():
-        folders = read_runs(results_dir)  # read once, for the table and the curves
+        # with curves: the tree read once, for both (held in memory); without: each run dropped once it is a row
+        folders = read_runs(results_dir) if curves is not None else None
         runs, warnings = collect(results_dir, step=step, eval_filter=pairs, folders=folders)
         damaged = [w for w in warnings if isinstance(w, Damaged)]
         if damaged and not skip_damaged:

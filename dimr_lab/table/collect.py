@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pandas as pd
 
@@ -317,14 +317,17 @@ def _root(results_dir: str | Path) -> Path:
 Folders = list[tuple[Path, "Run | None", list[str]]]
 
 
+def _each_run(root: Path) -> Iterator[tuple[Path, "Run | None", list[str]]]:
+    """The run folders below root, each read as it comes (and dropped by a caller that keeps no reference)."""
+    for folder in find_runs(root):
+        said: list[str] = []
+        yield folder, _read_run(folder, said), said
+
+
 def read_runs(results_dir: str | Path) -> Folders:
     """Every run folder below results_dir, read once: (folder, its run or None, the warnings reading it gave),
-    for collect and collect_curves to share (`table --curves` reads the tree once)."""
-    out: Folders = []
-    for folder in find_runs(_root(results_dir)):
-        said: list[str] = []
-        out.append((folder, _read_run(folder, said), said))
-    return out
+    for collect and collect_curves to share (`table --curves` reads the tree once, and holds it)."""
+    return list(_each_run(_root(results_dir)))
 
 
 @quietly
@@ -336,7 +339,7 @@ def collect(results_dir: str | Path, *, step: int | None = None, eval_filter: It
     root, pairs = _root(results_dir), parse_eval_filter(eval_filter)
     rows: list[dict[str, Any]] = []
     warnings: list[str] = []
-    for _folder, run, said in read_runs(root) if folders is None else folders:
+    for _folder, run, said in _each_run(root) if folders is None else folders:
         warnings.extend(said)
         ev = _choose(run, step, pairs, warnings) if run is not None else None
         if ev is not None:
@@ -352,7 +355,7 @@ def collect_curves(results_dir: str | Path, eval_filter: Iterable[Any] | None = 
     root, pairs = _root(results_dir), parse_eval_filter(eval_filter)
     rows: list[dict[str, Any]] = []
     warnings: list[str] = []
-    for _folder, run, said in read_runs(root) if folders is None else folders:
+    for _folder, run, said in _each_run(root) if folders is None else folders:
         warnings.extend(said)
         if run is None:
             continue
