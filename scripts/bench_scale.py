@@ -12,6 +12,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
@@ -21,7 +22,9 @@ NEUTRAL = "/"
 def commands(tree: Path, seeds: int) -> list[list[str]]:
     every = ",".join(str(s) for s in range(seeds))
     return [["--help"], ["status", "--help"], ["table", str(tree)], ["table", str(tree), "--steps"],
-            ["table", str(tree), "--format", "csv"], ["status", str(tree)], ["status", str(tree), "--json"],
+            ["table", str(tree), "--format", "csv"],
+            ["table", str(tree), "--curves", f"{tempfile.gettempdir()}/bench-scale-curves.png", "--force"],
+            ["status", str(tree)], ["status", str(tree), "--json"],
             ["run", str(HERE / "ablations" / "table2_components.toml"), "--profile", "small", "--dry-run",
              "--results", str(tree), "--seeds", every]]
 
@@ -66,6 +69,7 @@ def main() -> None:
             for name, root in trees.items():
                 got[name].append(measure(root, argv))
         shown = " ".join(argv).replace(str(tree), "TREE").replace(str(HERE) + "/", "")
+        shown = shown.replace(tempfile.gettempdir() + "/", "")
         shown = shown.replace(",".join(map(str, range(args.seeds))), f"0,...,{args.seeds - 1}")
         cells = [f"{statistics.median(w for w, _ in v):.2f} | {max(k for _, k in v) / 1024:.0f}" for v in got.values()]
         print(f"| `{shown}` | " + " | ".join(cells) + " |")
