@@ -440,11 +440,21 @@ class RunDir:
         d = self.eval_dir(step, eval_hash)
         return read_evaluation(d) if d.is_dir() else None
 
-    def unfinished_evaluations(self, spec: Any, steps: list[int] | None = None) -> list[int]:
-        """The steps (spec.eval_steps() unless given) whose evaluation with spec's settings has not finished."""
+    def unfinished_evaluations(self, spec: Any, steps: list[int] | None = None, *,
+                               evaluations: list[Evaluation] | None = None) -> list[int]:
+        """The steps (spec.eval_steps() unless given) whose evaluation with spec's settings has not finished;
+        `evaluations`: this folder's evaluations() where the caller has read them already (not read again)."""
         ehash = spec.eval_hash()
+        if evaluations is None:
+            def find(step: int) -> Evaluation | None:
+                return self.find_evaluation(step, ehash)
+        else:
+            by_path = {ev.path: ev for ev in evaluations}
+
+            def find(step: int) -> Evaluation | None:
+                return by_path.get(self.eval_dir(step, ehash))
         return [s for s in (spec.eval_steps() if steps is None else steps)
-                if (ev := self.find_evaluation(s, ehash)) is None or not ev.serves(spec.eval.enabled)]
+                if (ev := find(s)) is None or not ev.serves(spec.eval.enabled)]
 
     # log
     def log_rows(self, *, tail_bytes: int | None = None) -> list[dict[str, Any]]:
@@ -693,6 +703,28 @@ def tail_lines(path: Path, n: int = 8, nbytes: int = 16384) -> list[str]:
     except OSError:
         return []
     return [ln.rstrip() for ln in text.splitlines() if ln.strip()][-n:]
+
+
+# ----------------------------------------------------------------------------------- SLURM jobs
+
+# slurm.json is read here, not in dimr_lab.runner.slurm, so that `status` of runs never sent to SLURM does not
+# import submitit
+
+
+def latest_job(run_dir: Path) -> dict[str, Any] | None:
+    """The last job slurm.json records for a run (a dict with its job_id), or None."""
+    info = try_read_json_object(Path(run_dir) / SLURM)
+    jobs = info.get("jobs") if isinstance(info, dict) else None
+    job = jobs[-1] if isinstance(jobs, list) and jobs and isinstance(jobs[-1], dict) else None
+    return job if job is not None and isinstance(job.get("job_id"), str) else None
+
+
+def all_jobs(run_dir: Path) -> list[str]:
+    """Every job id slurm.json records for a run, oldest first."""
+    info = try_read_json_object(Path(run_dir) / SLURM)
+    jobs = info.get("jobs") if isinstance(info, dict) else None
+    return [j["job_id"] for j in (jobs if isinstance(jobs, list) else [])
+            if isinstance(j, dict) and isinstance(j.get("job_id"), str)]
 
 
 # ----------------------------------------------------------------------------------- finding runs

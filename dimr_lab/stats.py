@@ -60,7 +60,14 @@ import math
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from scipy import stats as _st
+
+def _student_t() -> Any:
+    """scipy's Student t distribution, imported on first use: scipy.stats takes longer to import than a plain
+    `dimr-lab table` of hundreds of runs takes to read them, and only the statistics need it."""
+    from scipy import stats
+
+    return stats.t
+
 
 VERDICTS = ("agrees", "disagrees", "inconclusive", "no published sign")
 
@@ -104,7 +111,7 @@ def t_interval(d: Any, confidence: float = 0.95) -> tuple[float, float, float]:
         return (float(x[0]) if n == 1 else math.nan, math.nan, math.nan)
     m = float(x.mean())
     # half-width = t_{(1+c)/2, n-1} * s / sqrt(n), s with ddof=1
-    half = float(_st.t.ppf((1.0 + confidence) / 2.0, n - 1)) * float(x.std(ddof=1)) / math.sqrt(n)
+    half = float(_student_t().ppf((1.0 + confidence) / 2.0, n - 1)) * float(x.std(ddof=1)) / math.sqrt(n)
     return m, m - half, m + half
 
 
@@ -165,7 +172,7 @@ def paired_t_p(d: Any) -> float:
         return 1.0 if m == 0.0 else 0.0
     # t = mean / (s / sqrt(n)), p = 2 * P(T_{n-1} > |t|)
     t = m / (s / math.sqrt(n))
-    return float(2.0 * _st.t.sf(abs(t), n - 1))
+    return float(2.0 * _student_t().sf(abs(t), n - 1))
 
 
 def holm(pvalues: Iterable[Any]) -> list[float]:
@@ -204,7 +211,7 @@ def detectable_effect(d: Any, alpha: float = 0.05, power: float = 0.8) -> float:
     if n < 2:
         return math.nan
     # delta = (t_{1-alpha/2, n-1} + t_{power, n-1}) * sd / sqrt(n)
-    q = float(_st.t.ppf(1.0 - alpha / 2.0, n - 1) + _st.t.ppf(power, n - 1))
+    q = float(_student_t().ppf(1.0 - alpha / 2.0, n - 1) + _student_t().ppf(power, n - 1))
     return q * float(x.std(ddof=1)) / math.sqrt(n)
 
 

@@ -30,6 +30,36 @@ def cli(argv, capsys):
     return code, out.out, out.err
 
 
+def opens_and_modules(code: str, root) -> tuple[dict[str, int], set[str]]:
+    """Run Python `code` in a fresh interpreter: (how many times it opened each file under `root`, by path
+    relative to root; the top-level names of the modules it imported). Every open() counts, whoever makes it."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    root = str(Path(root).resolve())
+    script = textwrap.dedent(f"""
+        import collections, json, sys
+        ROOT = {root!r} + "/"
+        opened = collections.Counter()
+
+        def hook(event, args):
+            if event == "open" and isinstance(args[0], str) and args[0].startswith(ROOT):
+                opened[args[0][len(ROOT):]] += 1
+
+        sys.addaudithook(hook)
+    """) + textwrap.dedent(code) + textwrap.dedent("""
+        print(json.dumps({"opened": opened, "modules": sorted({m.split(".")[0] for m in sys.modules})}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    return found["opened"], set(found["modules"])
+
+
 def released_module(env: str, filename: str, what: str, repo: str):
     """A single-file module of released code from the checkout $env names (README, Testing), or a skip that
     says how to provide it."""

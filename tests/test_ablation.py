@@ -395,3 +395,52 @@ seeds = [4, 5, 6]
         load_ablation(write(tmp_path, cyc))
     with pytest.raises(SpecError, match="include"):
         load_ablation(write(tmp_path, text.replace("recipes/r.toml", "recipes/none.toml")))
+
+
+def test_a_spec_loaded_again_works_out_no_type_hints_and_its_input_is_left_as_it_was(monkeypatch):
+    # `table`, `status` and `run --dry-run` load a spec per run of a results tree: typing.get_type_hints, which
+    # compiles every annotation of a section on each call, was most of their time
+    import copy
+    import typing
+
+    data = to_dict(load_run_spec(None))
+    load_run_spec(data)
+    calls = []
+    real = typing.get_type_hints
+    monkeypatch.setattr(typing, "get_type_hints", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    before = copy.deepcopy(data)
+    spec = load_run_spec(data)
+    assert calls == []
+    assert data == before and to_dict(spec) == before  # read, not written into (it is no longer copied first)
+    data["train"]["betas"].append(0.5)
+    data["eval"]["metrics"].clear()
+    data["model"]["branches"][0]["width"] = 8
+    assert to_dict(spec) == before  # and the spec keeps nothing of it
+    again = copy.deepcopy(before)
+    assert load_run_spec(again, [("train.lr", 0.5)]).train.lr == 0.5 and again == before  # overrides: copied first
+
+
+def test_each_further_seed_of_a_variant_loads_its_spec_once_and_resolves_as_the_layer_walk_does(monkeypatch):
+    # a paper-scale plan is variants x seeds: the layers above the seed are checked one by one for a variant's
+    # first seed only; every spec is the one the walk through the layers makes, and an error still names its layer
+    from dimr_lab.spec import run_spec
+    from dimr_lab.spec.ablation import resolve, variant_layers
+
+    abl = load_ablation(Path(__file__).resolve().parents[1] / "ablations" / "branches.toml")
+    calls = []
+    real = run_spec.load_run_spec
+    monkeypatch.setattr(run_spec, "load_run_spec", lambda *a, **k: calls.append(1) or real(*a, **k))
+    counts = {}
+    for n in (2, 5):
+        calls.clear()
+        runs = expand(abl, "small", seeds=list(range(n)))
+        counts[n] = len(calls)
+    assert counts[5] - counts[2] == 3 * len(abl.variants)  # one load per further seed
+    for r in runs:
+        layers = variant_layers(abl, next(v for v in abl.variants if v.name == r.variant), "small", r.grid)
+        walked = resolve(abl, layers + [("--set", []), ("seed", [("train.seed", r.seed)])])
+        assert to_dict(walked) == to_dict(r.spec) and walked.identity_hash() == r.identity
+    with pytest.raises(SpecError) as err:
+        resolve(abl, [("profile.small", abl.profile_items("small")), ("variant 'one'", [("train.steps", -1)]),
+                      ("seed", [("train.seed", 1)])], prefix_resolved=True)
+    assert "variant 'one'" in str(err.value) and "train.steps" in str(err.value)

@@ -545,6 +545,31 @@ def test_status_of_unstarted_and_interrupted(tmp_path, capsys):
     assert st[0]["state"] == "pending" and st[0]["detail"] == "stopped before its first checkpoint; rerun to start it"
 
 
+def test_status_reads_each_file_of_a_run_once_and_loads_no_cluster_or_table_libraries(tmp_path):
+    import shutil
+
+    from conftest import opens_and_modules
+
+    # finished runs as a results tree holds them (the committed ones: records, logs, evaluations)
+    committed = sorted((Path(__file__).resolve().parents[1] / "results" / "branches").glob("*-s[01]-*"))[:2]
+    assert len(committed) == 2
+    for src in committed:
+        shutil.copytree(src, tmp_path / "r" / "branches" / src.name)
+    root = tmp_path / "r"
+    opened, modules = opens_and_modules(f"""
+        from dimr_lab.cli import main
+        try:
+            main(["status", {str(root)!r}, "--json"])
+        except SystemExit as e:
+            assert not e.code, e.code
+    """, root)
+    evals = [f for f in opened if "/evals/" in f]
+    assert any(f.endswith("/metrics.json") for f in evals) and any(f.endswith("/run.json") for f in opened)
+    assert set(opened.values()) == {1}, opened  # an evaluation's files were read twice: for damage, for what is due
+    # status of runs never sent to SLURM needs neither submitit nor the table's or the network's libraries
+    assert not {"submitit", "torch", "pandas", "scipy", "matplotlib"} & modules, modules
+
+
 def test_worker_entry_point_errors(tmp_path):
     from dimr_lab.runner.worker import EXIT_BAD, main, resolve_train_fn
 

@@ -19,7 +19,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from conftest import cli
+from conftest import cli, opens_and_modules
 from dimr_lab.errors import UserError
 from dimr_lab.rundir import RunDir, RunRecord, write_eval_record, write_json
 from dimr_lab.spec.run_spec import load_run_spec
@@ -744,6 +744,60 @@ def test_the_table_layer_never_imports_torch(tree, tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_plain_table_reads_each_file_once_and_leaves_the_statistics_unloaded(tree):
+    # a results tree of hundreds of runs: each record and metrics file read once (for the table and its
+    # learning curves alike), and scipy (whose import takes longer than a plain table's reading of them)
+    # loaded only for --steps
+    code = f"""
+        from dimr_lab.table import render_table
+        assert "3.70" in render_table({str(tree)!r}, "rich")
+        import sys
+        assert "scipy" not in sys.modules, "a plain table loaded scipy"
+        render_table({str(tree)!r}, "csv", curves={str(tree.parent / "curves.png")!r})
+        assert "scipy" not in sys.modules, "a csv table loaded scipy"
+    """
+    opened, modules = opens_and_modules(code, tree)
+    runs = [p.relative_to(tree) for p in sorted(tree.rglob("run.json"))]
+    assert len(runs) == 9
+    read = {f for f in opened if f.endswith(".json")}
+    assert {str(r) for r in runs} <= read and any(f.endswith("/metrics.json") for f in read)
+    assert set(opened.values()) == {2}, opened  # once per table made (its curves too), twice in all
+    assert not {"torch", "scipy"} & modules
+    _, modules = opens_and_modules(f"""
+        from dimr_lab.table import render_table
+        assert "adaln" in render_table({str(tree)!r}, "markdown", steps=True)
+    """, tree)
+    assert "scipy" in modules  # the statistics are still there, loaded when asked for
+
+
+def test_a_table_without_curves_holds_one_run_in_memory_at_a_time(tree, tmp_path, monkeypatch):
+    # a tree of hundreds of runs: each is dropped once it is a row; only --curves, which reads the tree once
+    # for the table and the curves, keeps them all
+    import gc
+    import importlib
+    import weakref
+
+    collect_module = importlib.import_module("dimr_lab.table.collect")  # dimr_lab.table.collect is the function
+
+    refs: list[weakref.ref] = []
+    alive_before_each: list[int] = []
+    real = collect_module._read_run
+
+    def read(folder, warnings):
+        gc.collect()
+        alive_before_each.append(sum(r() is not None for r in refs))
+        run = real(folder, warnings)
+        refs.append(weakref.ref(run))
+        return run
+
+    monkeypatch.setattr(collect_module, "_read_run", read)
+    render_table(tree, "csv", on_warning=lambda line: None)
+    assert len(alive_before_each) == 9 and max(alive_before_each) <= 1, alive_before_each
+    refs.clear(), alive_before_each.clear()
+    render_table(tree, "csv", on_warning=lambda line: None, curves=tmp_path / "curves.png")
+    assert alive_before_each == list(range(9))  # read once, for both
 
 
 def test_an_interval_end_near_zero_never_reads_zero():

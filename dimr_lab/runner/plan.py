@@ -184,8 +184,9 @@ def expand(abl: Ablation, profile: str = DEFAULT_PROFILE, overrides: list[tuple[
             layers = variant_layers(abl, v, profile, point)
             if overrides:
                 resolve(abl, layers + [("--set", overrides)])
-            for seed in seeds:
-                spec = resolve(abl, layers + [("--set", overrides), ("seed", [("train.seed", seed)])])
+            for i, seed in enumerate(seeds):  # the layers above the seed are checked one by one once
+                spec = resolve(abl, layers + [("--set", overrides), ("seed", [("train.seed", seed)])],
+                               prefix_resolved=i > 0)
                 identity = spec.identity_hash()
                 run_dir = ablation_dir / f"{v.name}-s{seed}-{identity}"
                 _check_inside(run_dir, ablation_dir, file, f"variant {v.name!r}")

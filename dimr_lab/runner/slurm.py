@@ -29,7 +29,8 @@ from typing import Any, Iterator
 import submitit
 
 from dimr_lab.errors import UserError
-from dimr_lab.rundir import SLURM, RunBusy, is_locked, try_read_json_object, write_json
+from dimr_lab.rundir import (SLURM, RunBusy, all_jobs, is_locked, latest_job,  # noqa: F401 (all_jobs: for callers)
+                             try_read_json_object, write_json)
 from dimr_lab.runner.plan import PlannedRun
 from dimr_lab.spec.slurm import SlurmSettings
 from dimr_lab.runner.worker import (DEFAULT_TRAIN_FN, EVAL_FN, EXIT_BAD, EXIT_BUSY, EXIT_INTERRUPTED, StopFlag,
@@ -174,21 +175,6 @@ def sbatch_script(settings: SlurmSettings, ablation: str, ablation_dir: Path, n_
                                                   for k, src in sorted(sources.items())]
     lines = script.splitlines()
     return "\n".join(lines[:1] + head + lines[1:]) + "\n"
-
-
-def latest_job(run_dir: Path) -> dict[str, Any] | None:
-    info = try_read_json_object(Path(run_dir) / SLURM)
-    jobs = info.get("jobs") if isinstance(info, dict) else None
-    job = jobs[-1] if isinstance(jobs, list) and jobs and isinstance(jobs[-1], dict) else None
-    return job if job is not None and isinstance(job.get("job_id"), str) else None
-
-
-def all_jobs(run_dir: Path) -> list[str]:
-    """Every job id slurm.json records for a run, oldest first."""
-    info = try_read_json_object(Path(run_dir) / SLURM)
-    jobs = info.get("jobs") if isinstance(info, dict) else None
-    return [j["job_id"] for j in (jobs if isinstance(jobs, list) else [])
-            if isinstance(j, dict) and isinstance(j.get("job_id"), str)]
 
 
 def live_jobs(runs: list[PlannedRun]) -> dict[Path, str] | None:

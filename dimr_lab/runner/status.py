@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from dimr_lab.errors import UserError
-from dimr_lab.rundir import (LOCAL, LOCK, OUTPUT_LOG, RECORD_VERSION, SLURM, RunDir, find_runs, is_locked,
-                             pid_alive, session_totals, tail_lines, try_read_json_object)
+from dimr_lab.rundir import (LOCAL, LOCK, OUTPUT_LOG, RECORD_VERSION, SLURM, RunDir, all_jobs, find_runs,
+                             is_locked, latest_job, pid_alive, session_totals, tail_lines, try_read_json_object)
 
 LIVE_SLURM = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD",
               "SUSPENDED", "STOPPED", "RESIZING", "RUNNING", "COMPLETING", "STAGE_OUT", "SIGNALING"}
@@ -99,8 +99,6 @@ def _planned(run: RunDir) -> tuple[Any | None, str, str]:
 
 def collect(root: Path) -> list[RunStatus]:
     """The state of every run folder at or under `root`."""
-    from dimr_lab.runner.slurm import latest_job
-
     root = Path(root)
     dirs = find_runs(root)
     jobs = {d: latest_job(d) for d in dirs}
@@ -140,8 +138,6 @@ def _progress(st: RunStatus, run: RunDir, spec: Any) -> None:
 def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, str, str]] | None,
          sessions: list[dict[str, Any]]) -> RunStatus:
     """The state of one run; `sessions` its sessions.json rows (RunDir.sessions, read once by the caller)."""
-    from dimr_lab.runner.worker import pending_evaluations
-
     d = run.path
     spec, ablation, problem = _planned(run)
     st = RunStatus(d, "pending", ablation=ablation)
@@ -158,8 +154,9 @@ def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, st
         st.state, st.detail = "failed", problem
         return st
     _progress(st, run, spec)
-    bad = [e for e in run.evaluations() if e.problem]
-    pending = pending_evaluations(spec, d)
+    evaluations = run.evaluations()  # read once: the damaged ones and the steps still to evaluate
+    bad = [e for e in evaluations if e.problem]
+    pending = run.unfinished_evaluations(spec, evaluations=evaluations)
     if not pending:
         st.state = "done"
         st.step = spec.train.steps
@@ -336,8 +333,6 @@ def cancel(root: Path) -> dict[str, list[str]]:
 
 
 def _recorded_jobs(run_dir: Path) -> list[str]:
-    from dimr_lab.runner.slurm import all_jobs
-
     return all_jobs(run_dir) if (run_dir / SLURM).exists() else []
 
 

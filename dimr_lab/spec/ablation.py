@@ -524,10 +524,18 @@ def variant_layers(abl: Ablation, v: Variant, profile: str, point: dict[str, Any
             ("grid", list((point or {}).items()))]
 
 
-def resolve(abl: Ablation, layers: list[Layer]) -> Any:
-    """The RunSpec of base + each layer's overrides; an error names the layer that introduced it."""
+def resolve(abl: Ablation, layers: list[Layer], *, prefix_resolved: bool = False) -> Any:
+    """The RunSpec of base + each layer's overrides; an error names the layer that introduced it.
+    prefix_resolved: the same layers but the last resolved before (the seeds of one variant): the whole stack
+    is loaded at once, and only an error walks the layers again to name the one that brought it in."""
     from dimr_lab.spec.run_spec import load_run_spec
 
+    if prefix_resolved:
+        try:
+            return load_run_spec(copy.deepcopy(abl.base), [item for _, items in layers for item in items],
+                                 overrides_source=str(abl.file))
+        except SpecError:
+            pass  # said below, by the layer that brings it in
     data = copy.deepcopy(abl.base)
     try:
         spec = load_run_spec(data, file=abl.base_file)

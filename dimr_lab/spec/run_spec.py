@@ -407,7 +407,7 @@ def load_run_spec(data: dict[str, Any] | str | Path | None = None, overrides: li
         data = load_toml(data)
         if "ablation" in data or "variant" in data:  # a newcomer's mix-up: say which command takes the file
             raise SpecError("an ablation file, not a run spec: run it with `dimr-lab run FILE`", file=file)
-    else:
+    elif overrides:  # set_dotted writes into it; without overrides it is only read (resolve() copies the result)
         data = copy.deepcopy(data)
     spec = from_dict(RunSpec, data, file=file)
     if overrides:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 
 from dimr_lab.errors import UserError, unknown_name_message
 from dimr_lab.table.aggregate import aggregate
-from dimr_lab.table.collect import Damaged, collect, collect_curves, parse_eval_filter
+from dimr_lab.table.collect import Damaged, collect, collect_curves, parse_eval_filter, read_runs
 from dimr_lab.table.columns import (DEFAULT_COLUMNS, DEFAULT_METRICS, FORMATS, OPTIONAL_COLUMNS, format_table,
                                     parse_columns, parse_metrics)
 from dimr_lab.table.paper import PAPER_COLUMNS, paper_row, paper_table, paper_tables
@@ -54,7 +54,9 @@ def render_table(results_dir: str | Path, fmt: str = "rich", plot: str | Path | 
     pairs = parse_eval_filter(eval_filter)
     warn = on_warning or _warn_stderr
     with quiet():
-        runs, warnings = collect(results_dir, step=step, eval_filter=pairs)
+        # with curves: the tree read once, for both (held in memory); without: each run dropped once it is a row
+        folders = read_runs(results_dir) if curves is not None else None
+        runs, warnings = collect(results_dir, step=step, eval_filter=pairs, folders=folders)
         damaged = [w for w in warnings if isinstance(w, Damaged)]
         if damaged and not skip_damaged:
             more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
@@ -71,7 +73,7 @@ def render_table(results_dir: str | Path, fmt: str = "rich", plot: str | Path | 
         if plot is not None:
             plot_metric(table, plot, metric=first)
         if curves is not None:
-            found, more = collect_curves(results_dir, eval_filter=pairs)
+            found, more = collect_curves(results_dir, eval_filter=pairs, folders=folders)
             for line in more:
                 if line not in warnings:
                     warn(line)

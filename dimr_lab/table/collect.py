@@ -7,13 +7,14 @@ import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pandas as pd
 
 from dimr_lab.errors import UserError, unknown_name_message
 from dimr_lab.rundir import Evaluation, RunDir, RunRecord, find_runs
-from dimr_lab.spec.run_spec import OUTSIDE_EVAL_IDENTITY, EvalSpec, RunSpec, SampleSpec, load_run_spec
+from dimr_lab.spec.run_spec import (OUTSIDE_EVAL_IDENTITY, EvalSpec, RunSpec, SampleSpec, load_run_spec,
+                                    stable_hash)
 from dimr_lab.table.paper import attach_paper
 from dimr_lab.table.values import METRICS, flatten, integer_columns, number, quietly, scalar, short
 
@@ -138,7 +139,8 @@ def _read_run(folder: Path, warnings: list[str]) -> Run | None:
     if not 0 <= record.seed < 2**63:
         warnings.append(f"skipped {folder}: seed {record.seed} is not a usable seed")
         return None
-    return Run(folder, record, spec, spec.eval_hash(), _identity_settings(spec.eval_identity()), rd.evaluations())
+    planned = spec.eval_identity()
+    return Run(folder, record, spec, stable_hash(planned), _identity_settings(planned), rd.evaluations())
 
 
 def _finished(run: Run, warnings: list[str], pairs: list[tuple[str, Any]]) -> list[Evaluation]:
@@ -312,16 +314,33 @@ def _root(results_dir: str | Path) -> Path:
     return root
 
 
+Folders = list[tuple[Path, "Run | None", list[str]]]
+
+
+def _each_run(root: Path) -> Iterator[tuple[Path, "Run | None", list[str]]]:
+    """The run folders below root, each read as it comes (and dropped by a caller that keeps no reference)."""
+    for folder in find_runs(root):
+        said: list[str] = []
+        yield folder, _read_run(folder, said), said
+
+
+def read_runs(results_dir: str | Path) -> Folders:
+    """Every run folder below results_dir, read once: (folder, its run or None, the warnings reading it gave),
+    for collect and collect_curves to share (`table --curves` reads the tree once, and holds it)."""
+    return list(_each_run(_root(results_dir)))
+
+
 @quietly
-def collect(results_dir: str | Path, *, step: int | None = None,
-            eval_filter: Iterable[Any] | None = None) -> tuple[pd.DataFrame, list[str]]:
+def collect(results_dir: str | Path, *, step: int | None = None, eval_filter: Iterable[Any] | None = None,
+            folders: Folders | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Every run below results_dir with a finished evaluation, one row each (the evaluation at `step`,
-    default its latest; only evaluations whose settings match eval_filter), plus warning lines."""
+    default its latest; only evaluations whose settings match eval_filter), plus warning lines; `folders`:
+    read_runs(results_dir) where the caller has read them already."""
     root, pairs = _root(results_dir), parse_eval_filter(eval_filter)
     rows: list[dict[str, Any]] = []
     warnings: list[str] = []
-    for folder in find_runs(root):
-        run = _read_run(folder, warnings)
+    for _folder, run, said in _each_run(root) if folders is None else folders:
+        warnings.extend(said)
         ev = _choose(run, step, pairs, warnings) if run is not None else None
         if ev is not None:
             rows.append(_row(run, ev, warnings))
@@ -329,15 +348,15 @@ def collect(results_dir: str | Path, *, step: int | None = None,
 
 
 @quietly
-def collect_curves(results_dir: str | Path, eval_filter: Iterable[Any] | None = None
-                   ) -> tuple[pd.DataFrame, list[str]]:
+def collect_curves(results_dir: str | Path, eval_filter: Iterable[Any] | None = None, *,
+                   folders: Folders | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Every finished evaluation with the planned settings (or, with eval_filter, those matching it): one
-    row per run and training step, for learning curves."""
+    row per run and training step, for learning curves; `folders` as for collect."""
     root, pairs = _root(results_dir), parse_eval_filter(eval_filter)
     rows: list[dict[str, Any]] = []
     warnings: list[str] = []
-    for folder in find_runs(root):
-        run = _read_run(folder, warnings)
+    for _folder, run, said in _each_run(root) if folders is None else folders:
+        warnings.extend(said)
         if run is None:
             continue
         done = [ev for ev in _finished(run, warnings, pairs) if pairs or _planned(run, ev)]
