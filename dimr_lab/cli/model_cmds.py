@@ -69,15 +69,29 @@ def keys(section: Optional[str] = typer.Argument(None, help="a section (model, d
 
 
 def _load_model_spec(model: str, overrides: list[str] | None):
+    """A preset name, a model TOML file, or a run folder (the network its spec.json, else run.json, records)."""
+    from pathlib import Path
+
+    from dimr_lab.errors import UserError
+    from dimr_lab.rundir import RunDir, is_run_folder
     from dimr_lab.spec.model_spec import resolve_model
     from dimr_lab.spec.schema import parse_overrides
 
+    if Path(model).is_dir():
+        if not is_run_folder(Path(model)):
+            raise UserError(f"{model}: a folder without run.json or spec.json, not a run; describe takes a preset "
+                            f"name, a model TOML file or a run folder")
+        run = RunDir(model)
+        data = run.spec_data().get("model")
+        where = run.spec_path if run.spec_path.exists() else run.record_path
+        return resolve_model(data if isinstance(data, dict) else {}, file=str(where), key="model",
+                             overrides=parse_overrides(overrides))
     return resolve_model(model, overrides=parse_overrides(overrides))
 
 
 @app.command()
 def describe(
-    model: str = typer.Argument(..., help="a preset name or a model TOML file"),
+    model: str = typer.Argument(..., help="a preset name, a model TOML file or a run folder"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a model key, e.g. branches.0.depth=5"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (params, gmacs, branches, spec)"),
 ) -> None:
