@@ -142,6 +142,7 @@ def run_cmd(
                     problems[r.run_dir] = missing
         _dry_run(out, abl, runs, settings, profile, executor, ablation_dir, as_json, eval_only, problems, sources,
                  results.resolve() if reuse else None)
+        _print_notes(runs)
         return
     for r in runs:  # files the runs read, and a batch the job's processes share: before anything is written
         check_files(r.spec, file=str(file))
@@ -151,6 +152,8 @@ def run_cmd(
     _refuse_first([r.cannot_continue() for r in runs])
     if eval_only:  # evaluating needs the checkpoints: refused before any folder is made
         _refuse_first([_untrained_for_eval(r, results.resolve() if reuse else None) for r in runs])
+    if not eval_only:
+        _print_notes(runs)
     if reuse:
         from dimr_lab.runner.reuse import reuse_runs
 
@@ -197,6 +200,19 @@ def run_cmd(
         _print_table(out, ablation_dir)
     if counts_by.get("failed", 0) + counts_by.get("interrupted", 0):
         raise typer.Exit(1)
+
+
+def _print_notes(runs: list[Any]) -> None:
+    """Each note of the runs' specs (RunSpec.notes: valid, likely not what was meant) once, with the variants
+    it concerns, on stderr (stdout may be --json)."""
+    variants: dict[str, list[str]] = {}
+    for r in runs:
+        for note in r.spec.notes():
+            names = variants.setdefault(note, [])
+            if r.variant not in names:
+                names.append(r.variant)
+    for note, names in variants.items():
+        print(f"note ({', '.join(names)}): {note}", file=sys.stderr)
 
 
 def _refuse_first(problems: list[str | None]) -> None:

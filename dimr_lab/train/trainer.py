@@ -363,6 +363,9 @@ class Trainer:
         if self.on_start is not None:
             self.on_start()
         if self.info.main:
+            if not resumed and self.step < target:  # a fresh start: advice about the spec (RunSpec.notes), once
+                for note in self.spec.notes():
+                    self._say(f"note: {note}")
             if self._work_left():
                 self.session.begin(step=self.step, resumed=resumed, processes=self.world, started=self.started)
             self.tracker.resume_at(self.step if resumed else 0)
