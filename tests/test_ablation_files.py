@@ -221,3 +221,20 @@ def test_a_short_run_with_a_slow_ema_gets_a_note(tmp_path, capsys):
     assert [json.loads(line)["variant"] for line in out.splitlines()] == ["glu"] * 2 + ["mlp"] * 2 + ["warm"] * 2
     notes = [line for line in err.splitlines() if line.startswith("note")]
     assert len(notes) == 1 and notes[0].startswith("note (glu, mlp): train.ema_decay = 0.995")
+
+
+def test_the_readme_ablation_example_runs_as_written(tmp_path):
+    """README's own-ablation example is a file `dimr-lab run` takes: its variants, grid and profile expand."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if "[ablation]" in b]
+    path = tmp_path / "mine.toml"
+    path.write_text(block)
+    abl = load_ablation(path)
+    runs = expand(abl, "tiny", results=tmp_path)
+    assert len(runs) == 2 * 2 * len(abl.seeds) and abl.baseline == "glu"
+    mlp = [r for r in runs if r.variant == "mlp"]
+    assert {r.spec.model.mlp for r in mlp} == {"mlp"} and {r.spec.model.branches[0].mlp_width for r in mlp} == {288}
+    assert {r.spec.model.pos_embed for r in runs} == {"learned", "sincos"}
+    assert all(r.spec.train.ema_warmup and r.spec.notes() == [] for r in runs)
