@@ -545,6 +545,30 @@ def test_status_of_unstarted_and_interrupted(tmp_path, capsys):
     assert st[0]["state"] == "pending" and st[0]["detail"] == "stopped before its first checkpoint; rerun to start it"
 
 
+def test_status_shows_the_grid_point_that_tells_runs_apart(tmp_path, capsys, monkeypatch):
+    """In a gridded ablation two runs of one variant and seed differ only by their hash in `status`."""
+    from dimr_lab.runner.local import prepare
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.spec.ablation import load_ablation
+
+    abl = load_ablation(write_ablation(tmp_path, seeds="[0]", extra='[grid]\n"train.lr" = [1e-3, 3e-4]\n'))
+    runs = expand(abl, results=tmp_path / "r")
+    prepare(runs, executor="local")
+    code, out, err = cli(["status", tmp_path / "r", "--json"], capsys)
+    assert code == 0, err
+    grids = {json.loads(x)["run"]: json.loads(x)["grid"] for x in out.splitlines()}
+    assert grids == {r.run_dir.name: {"train.lr": r.spec.train.lr} for r in runs} and len(set(grids)) == 4
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, err = cli(["status", tmp_path / "r"], capsys)
+    assert code == 0, err
+    rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("│ abl/")}
+    for r in runs:
+        assert f"train.lr={r.spec.train.lr}" in rows[f"abl/{r.run_dir.name}"], out
+    (plain := tmp_path / "plain").mkdir()
+    prepare(expand(load_ablation(write_ablation(plain, seeds="[0]")), results=plain / "r"), executor="local")
+    assert "┃ grid" not in cli(["status", plain / "r"], capsys)[1]  # no grid: no column
+
+
 def test_worker_entry_point_errors(tmp_path):
     from dimr_lab.runner.worker import EXIT_BAD, main, resolve_train_fn
 
@@ -860,7 +884,7 @@ def test_status_reads_each_runs_sessions_json_once(tmp_path, capsys, monkeypatch
     assert text.splitlines()[-1] == "abl: 2 pending" and str(tmp_path / "r") in text.splitlines()[0]
     common = {"ablation": "abl", "eta_s": None, "images_per_s": None, "job_id": None, "log_tail": [], "loss": None,
               "node": None, "sessions": 2, "slurm_state": None, "state": "pending", "steps": 6,
-              "evaluations": 0, "eval_wall_s": 0}
+              "evaluations": 0, "eval_wall_s": 0, "grid": {}}
     assert [json.loads(line) for line in out.splitlines()] == [
         {**common, "run_dir": str(a.path), "run": a.path.name, "executor": "local", "step": 4, "restarts": 1,
          "continuations": 0, "wall_s": 725.0,

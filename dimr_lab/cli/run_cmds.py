@@ -409,7 +409,8 @@ def _status_view(directory: Path, statuses: list[Any], lines: int) -> Any:
     if not statuses:
         return Text(f"no runs under {directory}")
     t = Table(title=str(directory))
-    for col in ("run", "state", "step", "loss", "img/s", "ETA", "job", "detail"):
+    gridded = any(s.grid for s in statuses)  # runs of one variant and seed told apart by their grid point only
+    for col in ("run", *(("grid",) if gridded else ()), "state", "step", "loss", "img/s", "ETA", "job", "detail"):
         t.add_column(col, overflow="fold")
     style = {"done": "green", "running": "cyan", "pending": "yellow", "failed": "red"}
     for s in statuses:
@@ -422,7 +423,8 @@ def _status_view(directory: Path, statuses: list[Any], lines: int) -> Any:
         job = s.job_id or "-"
         if s.node:
             job += f" @{s.node}"
-        t.add_row(str(rel), f"[{style[s.state]}]{s.state}[/]", step,
+        grid = (Text(", ".join(f"{k}={v}" for k, v in s.grid.items()) or "-"),) if gridded else ()
+        t.add_row(str(rel), *grid, f"[{style[s.state]}]{s.state}[/]", step,
                   f"{s.loss:.4f}" if s.loss is not None else "-",
                   f"{s.images_per_s:.0f}" if s.images_per_s is not None else "-", format_duration(s.eta_s), job,
                   Text("; ".join(x for x in (s.detail, s.history()) if x)))
