@@ -492,10 +492,12 @@ def test_markdown(tree):
     assert "Sample acc." not in header and cells["adaln"][header.index("Step")] == "600"
     header, _ = md_rows(render_table(tree, "markdown", columns="seeds"))
     assert header == ["Variant", "Seeds", "FID", "Sample acc."]
-    with pytest.raises(UserError, match="unknown metric"):
+    with pytest.raises(UserError, match="^--metrics: unknown metric column 'fidd'"):  # the option it came from
         render_table(tree, "markdown", metrics="fidd")
-    with pytest.raises(UserError, match="unknown table column"):
+    with pytest.raises(UserError, match="^--columns: unknown table column 'colour'"):
         render_table(tree, "markdown", columns="colour")
+    with pytest.raises(UserError, match="^--format: unknown table format 'xls'; known: csv, latex, markdown, rich"):
+        render_table(tree, "xls")
 
 
 def test_latex_booktabs_with_escapes(tree, tmp_path):
