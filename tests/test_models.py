@@ -820,6 +820,32 @@ def test_every_kind_of_component_is_chosen_by_a_spec_key(capsys):
         assert f"{kind}: {', '.join(choosing_keys(kind))}" in out
 
 
+def test_the_readme_model_example_names_every_network_component():
+    """README's [model] example lists the choices of each model-level kind (pos_embed and head were missing),
+    and it is a valid model spec as written."""
+    import pathlib
+    import re
+    import tomllib
+
+    from dimr_lab.spec.keys import choosing_keys
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if b.startswith("[model]")]
+    spec = resolve_model(tomllib.loads(block)["model"])
+    assert spec.name == "DiMR-XL/2R" and len(spec.branches) == 2
+    lines: dict[str, str] = {}
+    for line in block.splitlines():  # a key's first line (the first branch's block = ...)
+        if "=" in line:
+            lines.setdefault(line.split("=")[0].strip(), line)
+    for kind, registry in KINDS.items():
+        key = choosing_keys(kind)[0]  # norm: model.norm's line (outer_norm takes the same names)
+        if not key.startswith("model."):
+            continue
+        line = lines[key.split(".")[-1]]
+        for name in registry.names():
+            assert re.search(rf"(?<![\w+]){re.escape(name)}(?![\w+])", line), (kind, name, line)
+
+
 def test_keys_lists_every_spec_key_with_its_default(capsys):
     """`dimr-lab keys` names every key a run spec takes; each, set to the default it shows, is accepted."""
     import dataclasses
