@@ -619,6 +619,21 @@ def test_a_seed_on_one_side_only_is_named_in_the_steps_note(tmp_path):
     assert "seed 3 of a without a partner" in render_table(tmp_path, "markdown", steps=True)
 
 
+def test_an_ablation_without_a_title_is_named_once(tmp_path):
+    """A file without [ablation] title printed 'Steps: abl (abl)' and plotted 'abl (abl)'."""
+    for seed in range(2):
+        for i, (variant, fid) in enumerate((("a", 50.0), ("b", 40.0))):
+            write_run(tmp_path, "abl", variant, seed, metrics_for(fid + seed, seed), variant_index=i, title="")
+            write_run(tmp_path, "named", variant, seed, metrics_for(fid + seed, seed), variant_index=i,
+                      title="A question")
+    text = render_table(tmp_path, "rich", steps=True)
+    assert "Steps: abl —" in text and "(abl)" not in text and "Steps: A question (named)" in text
+    assert "## Steps: abl\n" in render_table(tmp_path, "markdown", steps=True)
+    from dimr_lab.table.plots import _named
+
+    assert _named("abl", "abl") == "abl" and _named("A question", "named") == "A question (named)"
+
+
 def test_steps_pair_runs_at_the_same_step_only(tmp_path):
     for seed in range(3):
         write_run(tmp_path, "abl", "a", seed, metrics_for(50.0 + seed, seed), variant_index=0)
