@@ -453,6 +453,39 @@ def test_superseded_folder_of_the_same_seed_is_dropped(tmp_path):
     assert len(warnings) == 1 and str(old) in warnings[0] and "superseded" in warnings[0]
 
 
+def test_a_table_of_two_plans_says_so(tmp_path):
+    """`run --set train.ema_warmup=true` again: glu's newer runs finished first and superseded its older ones,
+    and the table compared them with mlp's older runs (warm-up off) as one plan, saying only 'superseded'."""
+    def age(folder):
+        for p in (folder / "evals").rglob("*"):
+            os.utime(p, (1_000_000, 1_000_000))
+
+    for seed in (0, 1):
+        for variant, i, mlp in (("glu", 0, "glu"), ("mlp", 1, "mlp")):
+            age(write_run(tmp_path, "abl", variant, seed, metrics_for(100.0 + i, seed), variant_index=i,
+                          spec=make_spec(seed, model__mlp=mlp)))
+        write_run(tmp_path, "abl", "glu", seed, metrics_for(60.0, seed), variant_index=0,
+                  spec=make_spec(seed, train__ema_warmup=True))
+    runs, warnings = collect(tmp_path)
+    mixed = [w for w in warnings if "two plans" in w]
+    assert len(mixed) == 1, warnings
+    assert mixed[0].startswith("abl (tiny): glu's newer runs changed train.ema_warmup from false to true, and the "
+                               "runs of mlp compared beside them still have false")
+    for seed in (0, 1):  # mlp's newer runs too: one plan again
+        write_run(tmp_path, "abl", "mlp", seed, metrics_for(70.0, seed), variant_index=1,
+                  spec=make_spec(seed, model__mlp="mlp", train__ema_warmup=True))
+    runs, warnings = collect(tmp_path)
+    assert not [w for w in warnings if "two plans" in w] and len(runs) == 4
+    # a change that belongs to one variant (its own key, another value than the others have) is not two plans
+    age(write_run(tmp_path / "own", "abl", "glu", 0, metrics_for(50.0, 0), variant_index=0, spec=make_spec(0)))
+    age(write_run(tmp_path / "own", "abl", "mlp", 0, metrics_for(50.0, 0), variant_index=1,
+                  spec=make_spec(0, model__mlp="mlp", model__branches__0__mlp_width=384)))  # 4d, as resolved
+    write_run(tmp_path / "own", "abl", "mlp", 0, metrics_for(40.0, 0), variant_index=1,
+              spec=make_spec(0, model__mlp="mlp", model__branches__0__mlp_width=288))
+    runs, warnings = collect(tmp_path / "own")
+    assert len(runs) == 2 and not [w for w in warnings if "two plans" in w], warnings
+
+
 # ------------------------------------------------------------------------------------ formats
 
 @pytest.fixture
