@@ -569,6 +569,23 @@ def test_status_shows_the_grid_point_that_tells_runs_apart(tmp_path, capsys, mon
     assert "┃ grid" not in cli(["status", plain / "r"], capsys)[1]  # no grid: no column
 
 
+def test_a_runs_line_is_one_line_at_any_width(tmp_path):
+    """'reused  <run>  source=... step=200' broke after the source at 80 columns (output to a file or a pipe)."""
+    import io
+
+    from rich.console import Console
+
+    from dimr_lab.cli.run_cmds import _say
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.spec.ablation import load_ablation
+
+    (run,) = expand(load_ablation(write_ablation(tmp_path, seeds="[0]")), results=tmp_path / "r", only=["a"])
+    buf = io.StringIO()
+    _say(Console(file=buf, width=40, highlight=False), False, run, "reused",
+         source="another_ablation/a-s0-0123456789abcdef", step=200)
+    assert buf.getvalue().count("\n") == 1 and buf.getvalue().rstrip().endswith("step=200"), buf.getvalue()
+
+
 def test_worker_entry_point_errors(tmp_path):
     from dimr_lab.runner.worker import EXIT_BAD, main, resolve_train_fn
 

@@ -346,7 +346,7 @@ def _say(out: Any, as_json: bool, run: Any, status: str, **extra: Any) -> None:
                          sort_keys=True))
     else:
         more = " ".join(f"{k}={v}" for k, v in extra.items())
-        out.print(f"{status:>16}  {run.run_dir.name}  {more}")
+        out.print(f"{status:>16}  {run.run_dir.name}  {more}".rstrip(), soft_wrap=True)  # one line, any width
 
 
 def _print_table(out: Any, ablation_dir: Path) -> None:
