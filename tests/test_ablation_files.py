@@ -209,6 +209,9 @@ def test_a_short_run_with_a_slow_ema_gets_a_note(tmp_path, capsys):
     assert load_run_spec(None, [("train.steps", 200), ("train.ema_warmup", True)]).notes() == []
     assert load_run_spec(None, [("train.steps", 200), ("sample.use_ema", False)]).notes() == []
     assert load_run_spec(None, [("train.steps", 500)]).notes() == []  # 8%: the shipped tiny profiles
+    (frozen,) = load_run_spec(None, [("train.ema_decay", 1.0)]).notes()  # an EMA that never moves
+    assert frozen.startswith("train.ema_decay = 1.0 never moves: at step 1800") and "100%" in frozen
+    assert load_run_spec(None, [("train.steps", 200), ("train.ema_decay", 0.0)]).notes() == []
     early = load_run_spec(None, [("train.steps", 1800), ("eval.steps", [100])]).notes()
     assert len(early) == 1 and "at step 100" in early[0]
     path = tmp_path / "mine.toml"

@@ -337,10 +337,11 @@ class RunSpec:
             for step in self.eval_steps():
                 share = tr.ema_decay ** step  # what the EMA still holds of the initial weights after `step` updates
                 if step and share >= EMA_INIT_SHARE:
-                    out.append(f"train.ema_decay = {tr.ema_decay} averages over about {1 / (1 - tr.ema_decay):.0f} "
-                               f"steps: at step {step} the EMA weights that sampling uses (sample.use_ema) still hold "
-                               f"{share:.0%} of the random initial weights; set train.ema_warmup = true, a larger "
-                               f"train.steps, or sample.use_ema = false")
+                    span = f"averages over about {1 / (1 - tr.ema_decay):.0f} steps" if tr.ema_decay < 1 else \
+                        "never moves"
+                    out.append(f"train.ema_decay = {tr.ema_decay} {span}: at step {step} the EMA weights that sampling "
+                               f"uses (sample.use_ema) still hold {share:.0%} of the random initial weights; set "
+                               f"train.ema_warmup = true, a larger train.steps, or sample.use_ema = false")
                     break
         return out
 

@@ -363,8 +363,9 @@ class Trainer:
         if self.on_start is not None:
             self.on_start()
         if self.info.main:
-            if self.progress and not resumed and self.step < target:  # a fresh start, said as progress is
-                for note in self.spec.notes():                                # (RunSpec.notes: advice, once)
+            # a fresh start: RunSpec.notes' advice, once, beside the progress display
+            if self.progress and not resumed and self.step < target:
+                for note in self.spec.notes():
                     self._say(f"note: {note}")
             if self._work_left():
                 self.session.begin(step=self.step, resumed=resumed, processes=self.world, started=self.started)
