@@ -256,6 +256,10 @@ MALFORMED = [
     (BASE + '[profile.paper]\n"train.steps" = -1\n', [], "profile.paper: train.steps: must be >= 0"),
     (BASE + '[profile.paper]\n"slurm.nodes" = 0\n', [], "nodes: must be >= 1"),
     (BASE, ["--profile", "papr"], "unknown profile 'papr'"),
+    # a file without profiles was said to define 'tiny'
+    (BASE, ["--profile", "paper"], "this file defines no profile: add [profile.paper], or run the default 'tiny'"),
+    (BASE + '[profile.small]\n"train.steps" = 3\n', ["--profile", "smal"],
+     "unknown profile 'smal'; this file defines: small (did you mean 'small'?)"),
     (BASE, ["--set", "train.nosuch=1"], "--set: train.nosuch"),
     (BASE, ["--set", "train.steps"], "expected key=value"),
     (BASE, ["--set", "train.seed=4"], "train.seed is set per run"),

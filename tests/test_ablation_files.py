@@ -185,3 +185,59 @@ def test_small_profile_is_the_small_protocol(tmp_path):
             assert s.eval.samples >= 1024 and len(s.eval_steps()) >= 3
             assert (s.diffusion.schedule, s.diffusion.time_input, s.sample.sampler) == \
                 ("vp_linear", "vp_logsnr", "dpm_solver_fast")
+
+
+@pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
+def test_no_shipped_profile_samples_mostly_initial_weights(path, tmp_path):
+    """main_results' tiny profile evaluated at step 300 with EMA 0.995 and no EMA warm-up: its samples came
+    from weights still 22% random. Every shipped profile now passes RunSpec.notes."""
+    abl = load_ablation(path)
+    for profile in abl.profile_names():
+        for run in expand(abl, profile, results=tmp_path, seeds=[0]):
+            assert run.spec.notes() == [], (profile, run.variant, run.spec.notes())
+
+
+def test_a_short_run_with_a_slow_ema_gets_a_note(tmp_path, capsys):
+    """A researcher's own tiny profile (200 steps, the default run's EMA 0.995) is said before it trains, on
+    stderr, once for the variants it concerns; the plan on stdout stays JSON."""
+    from conftest import cli
+    from dimr_lab.spec.run_spec import load_run_spec
+
+    short = load_run_spec(None, [("train.steps", 200)])
+    (note,) = short.notes()
+    assert "at step 200" in note and "37% of the random initial weights" in note and "train.ema_warmup" in note
+    assert load_run_spec(None, [("train.steps", 200), ("train.ema_warmup", True)]).notes() == []
+    assert load_run_spec(None, [("train.steps", 200), ("sample.use_ema", False)]).notes() == []
+    assert load_run_spec(None, [("train.steps", 500)]).notes() == []  # 8%: the shipped tiny profiles
+    (frozen,) = load_run_spec(None, [("train.ema_decay", 1.0)]).notes()  # an EMA that never moves
+    assert frozen.startswith("train.ema_decay = 1.0 never moves: at step 1800") and "100%" in frozen
+    assert load_run_spec(None, [("train.steps", 200), ("train.ema_decay", 0.0)]).notes() == []
+    early = load_run_spec(None, [("train.steps", 1800), ("eval.steps", [100])]).notes()
+    assert len(early) == 1 and "at step 100" in early[0]
+    path = tmp_path / "mine.toml"
+    path.write_text('[ablation]\nname = "mine"\nseeds = [0, 1]\n[base]\nspec = "default"\n'
+                    '[[variant]]\nname = "glu"\n[[variant]]\nname = "mlp"\n"model.mlp" = "mlp"\n'
+                    '[[variant]]\nname = "warm"\n"train.ema_warmup" = true\n'
+                    '[profile.tiny]\n"train.steps" = 200\n')
+    code, out, err = cli(["run", path, "--results", tmp_path / "r", "--dry-run", "--json"], capsys)
+    assert code == 0, err
+    assert [json.loads(line)["variant"] for line in out.splitlines()] == ["glu"] * 2 + ["mlp"] * 2 + ["warm"] * 2
+    notes = [line for line in err.splitlines() if line.startswith("note")]
+    assert len(notes) == 1 and notes[0].startswith("note (glu, mlp): train.ema_decay = 0.995")
+
+
+def test_the_readme_ablation_example_runs_as_written(tmp_path):
+    """README's own-ablation example is a file `dimr-lab run` takes: its variants, grid and profile expand."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if "[ablation]" in b]
+    path = tmp_path / "mine.toml"
+    path.write_text(block)
+    abl = load_ablation(path)
+    runs = expand(abl, "tiny", results=tmp_path)
+    assert len(runs) == 2 * 2 * len(abl.seeds) and abl.baseline == "glu"
+    mlp = [r for r in runs if r.variant == "mlp"]
+    assert {r.spec.model.mlp for r in mlp} == {"mlp"} and {r.spec.model.branches[0].mlp_width for r in mlp} == {288}
+    assert {r.spec.model.pos_embed for r in runs} == {"learned", "sincos"}
+    assert all(r.spec.train.ema_warmup and r.spec.notes() == [] for r in runs)

@@ -162,7 +162,8 @@ print(n)
     assert int(res.stdout.split()[-1]) > 20
 
 
-@pytest.mark.parametrize("argv", [["components"], ["components", "sampler"], ["describe", "dimr_xl_2r", "--json"],
+@pytest.mark.parametrize("argv", [["components"], ["components", "sampler"], ["keys"], ["keys", "model", "--json"],
+                                  ["describe", "dimr_xl_2r", "--json"],
                                   ["run", "ablations/tdln_vs_adaln.toml", "--dry-run"],
                                   ["run", "ablations/table2_components.toml", "--profile", "paper", "--dry-run",
                                    "--json"], ["--help"]])

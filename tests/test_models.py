@@ -792,6 +792,98 @@ def test_components_list_the_model_keys_they_read():
     assert shapes({**uvit, "time_embed_dim": 24}) == shapes(uvit)
 
 
+def test_every_kind_of_component_is_chosen_by_a_spec_key(capsys):
+    """`components` listed each kind's names but not the key a spec chooses them with (which key takes a
+    pos_embed, a head?); every registered name is reachable from a run spec through that key."""
+    from conftest import cli
+    from dimr_lab.spec.keys import choosing_keys
+    from dimr_lab.spec.run_spec import load_run_spec
+
+    assert choosing_keys("norm") == ["model.norm", "model.outer_norm"]
+    assert choosing_keys("block") == ["model.branches.N.block"]
+    assert choosing_keys("metric") == ["eval.metrics"]
+    for kind, registry in KINDS.items():
+        keys = choosing_keys(kind)
+        assert keys, f"no spec key takes a {kind}"
+        for name in registry.names():  # each name passes the key's own check (the spec's other rules aside)
+            for key in keys:
+                value = [name] if key == "eval.metrics" else name
+                try:
+                    load_run_spec(None, [(key.replace(".N.", ".0."), value)])
+                except SpecError as err:
+                    assert f"unknown {kind}" not in str(err), (key, name, str(err))
+    code, out, err = cli(["components", "head"], capsys)
+    assert code == 0, err
+    assert "head: model.head" in out and "norm:" not in out.split("chosen in a run spec by")[1]
+    code, out, _ = cli(["components"], capsys)
+    for kind in KINDS:
+        assert f"{kind}: {', '.join(choosing_keys(kind))}" in out
+
+
+def test_the_readme_model_example_names_every_network_component():
+    """README's [model] example lists the choices of each model-level kind (pos_embed and head were missing),
+    and it is a valid model spec as written."""
+    import pathlib
+    import re
+    import tomllib
+
+    from dimr_lab.spec.keys import choosing_keys
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if b.startswith("[model]")]
+    spec = resolve_model(tomllib.loads(block)["model"])
+    assert spec.name == "DiMR-XL/2R" and len(spec.branches) == 2
+    lines: dict[str, str] = {}
+    for line in block.splitlines():  # a key's first line (the first branch's block = ...)
+        if "=" in line:
+            lines.setdefault(line.split("=")[0].strip(), line)
+    for kind, registry in KINDS.items():
+        key = choosing_keys(kind)[0]  # norm: model.norm's line (outer_norm takes the same names)
+        if not key.startswith("model."):
+            continue
+        line = lines[key.split(".")[-1]]
+        for name in registry.names():
+            assert re.search(rf"(?<![\w+]){re.escape(name)}(?![\w+])", line), (kind, name, line)
+
+
+def test_keys_lists_every_spec_key_with_its_default(capsys):
+    """`dimr-lab keys` names every key a run spec takes; each, set to the default it shows, is accepted."""
+    import dataclasses
+
+    from conftest import cli
+    from dimr_lab.spec.keys import spec_keys
+    from dimr_lab.spec.model_spec import BranchSpec, ModelSpec
+    from dimr_lab.spec.run_spec import DataSpec, DiffusionSpec, EvalSpec, RunSpec, SampleSpec, TrackSpec, \
+        TrainSpec, load_run_spec
+
+    rows = spec_keys()
+    listed = [k.key for k in rows]
+    want = {f"model.{f.name}" for f in dataclasses.fields(ModelSpec)} \
+        | {f"model.branches.N.{f.name}" for f in dataclasses.fields(BranchSpec)} | {"model.preset"}
+    for section, cls in (("data", DataSpec), ("diffusion", DiffusionSpec), ("train", TrainSpec),
+                         ("sample", SampleSpec), ("eval", EvalSpec), ("track", TrackSpec)):
+        want |= {f"{section}.{f.name}" for f in dataclasses.fields(cls)}
+    assert {f.name for f in dataclasses.fields(RunSpec)} == {k.split(".")[0] for k in want}
+    assert set(listed) == want and len(listed) == len(want)
+    by_key = {k.key: k for k in rows}
+    assert by_key["train.lr"].default == 2e-4 and by_key["train.lr_schedule"].allowed.endswith("constant, cosine")
+    assert by_key["data.shape_palette"].allowed == "'contrast', 'random'"
+    for k in rows:
+        if k.key in ("model.preset", "model.branches", "model.name") or k.key.startswith("model.branches.N."):
+            continue
+        spec = load_run_spec({}, [(k.key, k.default)])  # the bare schema: each default is what it gets
+        section, name = k.key.split(".")
+        assert getattr(getattr(spec, section), name) == k.default or section == "model" or k.key == \
+            "data.image_size", k.key
+    code, out, err = cli(["keys", "sample", "--json"], capsys)
+    assert code == 0, err
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [r["key"] for r in lines] == [k for k in listed if k.startswith("sample.")]
+    code, out, err = cli(["keys", "trian"], capsys)
+    assert code == 2 and out == "" and "\n" not in err.strip()
+    assert "unknown spec section 'trian'" in err and "did you mean 'train'" in err
+
+
 def test_an_export_loads_whatever_its_file_is_called(tmp_path):
     """A safetensors export renamed without its suffix was read with torch.load: 'corrupt or unreadable'."""
     import dimr_lab

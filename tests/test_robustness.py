@@ -149,6 +149,29 @@ def test_describe_names_a_bad_key_of_a_model_table_under_model(tmp_path, capsys)
     one_line_exit_2(*cli(["describe", path], capsys), "nrom: unknown key in [(top level)]")
 
 
+def test_describe_takes_a_run_folder(tmp_path, capsys):
+    """A trained run's network could be described only by writing its model out as a TOML file again."""
+    import json
+
+    from dimr_lab.rundir import RunDir
+    from dimr_lab.spec.run_spec import load_run_spec
+    from dimr_lab.spec.schema import to_dict
+
+    spec = load_run_spec(None, [("model.mlp", "mlp"), ("model.branches.1.depth", 4)])
+    run = tmp_path / "mlp-s0-abc"
+    run.mkdir()
+    RunDir(run).write_spec_document(to_dict(spec), spec.identity_hash())
+    code, out, err = cli(["describe", run, "--json"], capsys)
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["spec"]["mlp"] == "mlp" and info["spec"]["branches"][1]["depth"] == 4
+    code, out, err = cli(["describe", "dimr_tiny_3r", "--json"], capsys)
+    assert json.loads(out)["params"] != info["params"]
+    one_line_exit_2(*cli(["describe", tmp_path], capsys), "a folder without run.json or spec.json, not a run")
+    (run / "spec.json").write_text('{"spec": {"model": {"preset": "dimr_tiny_3r", "nrom": "tdln"}}}')
+    one_line_exit_2(*cli(["describe", run], capsys), "spec.json: model.nrom: unknown key")
+
+
 def test_a_run_spec_and_an_ablation_file_given_to_the_other_command_say_which_command_takes_them(tmp_path, capsys):
     # a newcomer's first mix-up: the error names the command the file is for, not a far-fetched key
     ablation = Path(__file__).resolve().parents[1] / "ablations" / "tdln_vs_adaln.toml"

@@ -570,6 +570,47 @@ def test_status_reads_each_file_of_a_run_once_and_loads_no_cluster_or_table_libr
     assert not {"submitit", "torch", "pandas", "scipy", "matplotlib"} & modules, modules
 
 
+def test_status_shows_the_grid_point_that_tells_runs_apart(tmp_path, capsys, monkeypatch):
+    """In a gridded ablation two runs of one variant and seed differ only by their hash in `status`."""
+    from dimr_lab.runner.local import prepare
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.spec.ablation import load_ablation
+
+    abl = load_ablation(write_ablation(tmp_path, seeds="[0]", extra='[grid]\n"train.lr" = [1e-3, 3e-4]\n'))
+    runs = expand(abl, results=tmp_path / "r")
+    prepare(runs, executor="local")
+    code, out, err = cli(["status", tmp_path / "r", "--json"], capsys)
+    assert code == 0, err
+    grids = {json.loads(x)["run"]: json.loads(x)["grid"] for x in out.splitlines()}
+    assert grids == {r.run_dir.name: {"train.lr": r.spec.train.lr} for r in runs} and len(set(grids)) == 4
+    monkeypatch.setenv("COLUMNS", "200")
+    code, out, err = cli(["status", tmp_path / "r"], capsys)
+    assert code == 0, err
+    rows = {line.split()[1]: line for line in out.splitlines() if line.startswith("│ abl/")}
+    for r in runs:
+        assert f"train.lr={r.spec.train.lr}" in rows[f"abl/{r.run_dir.name}"], out
+    (plain := tmp_path / "plain").mkdir()
+    prepare(expand(load_ablation(write_ablation(plain, seeds="[0]")), results=plain / "r"), executor="local")
+    assert "┃ grid" not in cli(["status", plain / "r"], capsys)[1]  # no grid: no column
+
+
+def test_a_runs_line_is_one_line_at_any_width(tmp_path):
+    """'reused  <run>  source=... step=200' broke after the source at 80 columns (output to a file or a pipe)."""
+    import io
+
+    from rich.console import Console
+
+    from dimr_lab.cli.run_cmds import _say
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.spec.ablation import load_ablation
+
+    (run,) = expand(load_ablation(write_ablation(tmp_path, seeds="[0]")), results=tmp_path / "r", only=["a"])
+    buf = io.StringIO()
+    _say(Console(file=buf, width=40, highlight=False), False, run, "reused",
+         source="another_ablation/a-s0-0123456789abcdef", step=200)
+    assert buf.getvalue().count("\n") == 1 and buf.getvalue().rstrip().endswith("step=200"), buf.getvalue()
+
+
 def test_worker_entry_point_errors(tmp_path):
     from dimr_lab.runner.worker import EXIT_BAD, main, resolve_train_fn
 
@@ -885,7 +926,7 @@ def test_status_reads_each_runs_sessions_json_once(tmp_path, capsys, monkeypatch
     assert text.splitlines()[-1] == "abl: 2 pending" and str(tmp_path / "r") in text.splitlines()[0]
     common = {"ablation": "abl", "eta_s": None, "images_per_s": None, "job_id": None, "log_tail": [], "loss": None,
               "node": None, "sessions": 2, "slurm_state": None, "state": "pending", "steps": 6,
-              "evaluations": 0, "eval_wall_s": 0}
+              "evaluations": 0, "eval_wall_s": 0, "grid": {}}
     assert [json.loads(line) for line in out.splitlines()] == [
         {**common, "run_dir": str(a.path), "run": a.path.name, "executor": "local", "step": 4, "restarts": 1,
          "continuations": 0, "wall_s": 725.0,

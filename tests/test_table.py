@@ -453,6 +453,39 @@ def test_superseded_folder_of_the_same_seed_is_dropped(tmp_path):
     assert len(warnings) == 1 and str(old) in warnings[0] and "superseded" in warnings[0]
 
 
+def test_a_table_of_two_plans_says_so(tmp_path):
+    """`run --set train.ema_warmup=true` again: glu's newer runs finished first and superseded its older ones,
+    and the table compared them with mlp's older runs (warm-up off) as one plan, saying only 'superseded'."""
+    def age(folder):
+        for p in (folder / "evals").rglob("*"):
+            os.utime(p, (1_000_000, 1_000_000))
+
+    for seed in (0, 1):
+        for variant, i, mlp in (("glu", 0, "glu"), ("mlp", 1, "mlp")):
+            age(write_run(tmp_path, "abl", variant, seed, metrics_for(100.0 + i, seed), variant_index=i,
+                          spec=make_spec(seed, model__mlp=mlp)))
+        write_run(tmp_path, "abl", "glu", seed, metrics_for(60.0, seed), variant_index=0,
+                  spec=make_spec(seed, train__ema_warmup=True))
+    runs, warnings = collect(tmp_path)
+    mixed = [w for w in warnings if "two plans" in w]
+    assert len(mixed) == 1, warnings
+    assert mixed[0].startswith("abl (tiny): glu's newer runs changed train.ema_warmup from false to true, and the "
+                               "runs of mlp compared beside them still have false")
+    for seed in (0, 1):  # mlp's newer runs too: one plan again
+        write_run(tmp_path, "abl", "mlp", seed, metrics_for(70.0, seed), variant_index=1,
+                  spec=make_spec(seed, model__mlp="mlp", train__ema_warmup=True))
+    runs, warnings = collect(tmp_path)
+    assert not [w for w in warnings if "two plans" in w] and len(runs) == 4
+    # a change that belongs to one variant (its own key, another value than the others have) is not two plans
+    age(write_run(tmp_path / "own", "abl", "glu", 0, metrics_for(50.0, 0), variant_index=0, spec=make_spec(0)))
+    age(write_run(tmp_path / "own", "abl", "mlp", 0, metrics_for(50.0, 0), variant_index=1,
+                  spec=make_spec(0, model__mlp="mlp", model__branches__0__mlp_width=384)))  # 4d, as resolved
+    write_run(tmp_path / "own", "abl", "mlp", 0, metrics_for(40.0, 0), variant_index=1,
+              spec=make_spec(0, model__mlp="mlp", model__branches__0__mlp_width=288))
+    runs, warnings = collect(tmp_path / "own")
+    assert len(runs) == 2 and not [w for w in warnings if "two plans" in w], warnings
+
+
 # ------------------------------------------------------------------------------------ formats
 
 @pytest.fixture
@@ -492,10 +525,12 @@ def test_markdown(tree):
     assert "Sample acc." not in header and cells["adaln"][header.index("Step")] == "600"
     header, _ = md_rows(render_table(tree, "markdown", columns="seeds"))
     assert header == ["Variant", "Seeds", "FID", "Sample acc."]
-    with pytest.raises(UserError, match="unknown metric"):
+    with pytest.raises(UserError, match="^--metrics: unknown metric column 'fidd'"):  # the option it came from
         render_table(tree, "markdown", metrics="fidd")
-    with pytest.raises(UserError, match="unknown table column"):
+    with pytest.raises(UserError, match="^--columns: unknown table column 'colour'"):
         render_table(tree, "markdown", columns="colour")
+    with pytest.raises(UserError, match="^--format: unknown table format 'xls'; known: csv, latex, markdown, rich"):
+        render_table(tree, "xls")
 
 
 def test_latex_booktabs_with_escapes(tree, tmp_path):
@@ -615,6 +650,21 @@ def test_a_seed_on_one_side_only_is_named_in_the_steps_note(tmp_path):
     s = step_statistics(collect(tmp_path)[0]).iloc[0]
     assert s["n"] == 3 and s["from_mean"] == pytest.approx(51.0) and "seed 3 of a without a partner" in s["note"]
     assert "seed 3 of a without a partner" in render_table(tmp_path, "markdown", steps=True)
+
+
+def test_an_ablation_without_a_title_is_named_once(tmp_path):
+    """A file without [ablation] title printed 'Steps: abl (abl)' and plotted 'abl (abl)'."""
+    for seed in range(2):
+        for i, (variant, fid) in enumerate((("a", 50.0), ("b", 40.0))):
+            write_run(tmp_path, "abl", variant, seed, metrics_for(fid + seed, seed), variant_index=i, title="")
+            write_run(tmp_path, "named", variant, seed, metrics_for(fid + seed, seed), variant_index=i,
+                      title="A question")
+    text = render_table(tmp_path, "rich", steps=True)
+    assert "Steps: abl —" in text and "(abl)" not in text and "Steps: A question (named)" in text
+    assert "## Steps: abl\n" in render_table(tmp_path, "markdown", steps=True)
+    from dimr_lab.table.plots import _named
+
+    assert _named("abl", "abl") == "abl" and _named("A question", "named") == "A question (named)"
 
 
 def test_steps_pair_runs_at_the_same_step_only(tmp_path):

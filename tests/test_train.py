@@ -963,3 +963,20 @@ def test_the_data_order_depends_on_the_seed_and_epoch_only_and_ranks_split_the_g
     resumed = BatchOrder(64, 8, 3, epoch=3, index=32)
     assert np.array_equal(resumed.next(), perms[(3, 3)][32:40]) and np.array_equal(batches[-1], perms[(3, 3)][32:40])
     assert np.array_equal(np.concatenate([rank_slice(batches[-1], r, 4) for r in range(4)]), batches[-1])
+
+
+def test_a_fresh_start_says_the_specs_notes_once(tmp_path, capsys):
+    """A short run whose EMA still holds much of the random initial weights is said when training starts (and
+    not again when it resumes); with EMA warm-up there is nothing to say."""
+    from dimr_lab.train.trainer import train_run
+
+    toml = tiny_spec_file(tmp_path, steps=4, ckpt=2)  # EMA 0.9 over 4 steps: 66% initial weights
+    assert cli("train", toml, "--out", tmp_path / "run", "--set", "train.steps=2") == 0
+    err = capsys.readouterr().err
+    assert err.count("note: train.ema_decay = 0.9 averages over about 10 steps: at step 2") == 1, err
+    assert cli("train", toml, "--out", tmp_path / "run") == 0  # continued to 4 steps
+    assert "note:" not in capsys.readouterr().err
+    assert cli("train", toml, "--out", tmp_path / "warm", "--set", "train.ema_warmup=true") == 0
+    assert "note:" not in capsys.readouterr().err
+    train_run(load_run_spec(toml), tmp_path / "quiet", progress=False)  # as --no-progress and library calls
+    assert "note:" not in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Commands about networks: `components`, `describe`."""
+"""Commands about networks and specs: `components`, `keys`, `describe`."""
 
 from __future__ import annotations
 
@@ -19,28 +19,79 @@ def components(kind: Optional[str] = typer.Argument(None, help="a kind (norm, bl
 
     from dimr_lab.errors import UserError, unknown_name_message
     from dimr_lab.registry import KINDS
+    from dimr_lab.spec.keys import choosing_keys
 
     if kind is not None and kind not in KINDS:
         raise UserError(unknown_name_message("component kind", kind, KINDS))
     table = Table(title="dimr-lab components")
     for col in ("kind", "name", "summary", "reads"):
         table.add_column(col, overflow="fold")
-    for registry in ([KINDS[kind]] if kind else KINDS.values()):
+    registries = [KINDS[kind]] if kind else list(KINDS.values())
+    for registry in registries:
         for entry in registry.entries():
             table.add_row(registry.kind, entry.name, entry.summary, ", ".join(entry.keys))
+    console = Console()
+    console.print(table)
+    console.print("chosen in a run spec by (`dimr-lab keys` lists every key):")
+    for registry in registries:
+        console.print(f"  {registry.kind}: {', '.join(choosing_keys(registry.kind)) or '(no spec key)'}",
+                      highlight=False)
+
+
+@app.command()
+def keys(section: Optional[str] = typer.Argument(None, help="a section (model, data, diffusion, train, sample, "
+                                                              "eval, track); none = every section"),
+         as_json: bool = typer.Option(False, "--json", help="one JSON object per key")) -> None:
+    """Every key a run spec takes (`section.key`, as in `--set` and ablation files): type, default, what is
+    allowed and what it does. model.* defaults are the bare model spec's; a preset sets its own."""
+    from dimr_lab.errors import UserError, unknown_name_message
+    from dimr_lab.spec.keys import SECTIONS, spec_keys
+
+    if section is not None and section not in SECTIONS:
+        raise UserError(unknown_name_message("spec section", section, SECTIONS))
+    rows = spec_keys(section)
+    if as_json:
+        for k in rows:
+            print(json.dumps({"key": k.key, "type": k.type, "default": k.default, "allowed": k.allowed,
+                              "help": k.help}))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="run spec keys" + (f" of {section}" if section else ""),
+                  caption="default: what a spec that leaves the key out gets; the built-in default run "
+                          "(`spec = \"default\"`, dimr_lab/spec/defaults.py) and presets set some of their own")
+    for col in ("key", "type", "default", "allowed", "help"):
+        table.add_column(col, overflow="fold")
+    for k in rows:
+        table.add_row(k.key, k.type, "" if k.default is None else json.dumps(k.default), k.allowed, k.help)
     Console().print(table)
 
 
 def _load_model_spec(model: str, overrides: list[str] | None):
+    """A preset name, a model TOML file, or a run folder (the network its spec.json, else run.json, records)."""
+    from pathlib import Path
+
+    from dimr_lab.errors import UserError
+    from dimr_lab.rundir import RunDir, is_run_folder
     from dimr_lab.spec.model_spec import resolve_model
     from dimr_lab.spec.schema import parse_overrides
 
+    if Path(model).is_dir():
+        if not is_run_folder(Path(model)):
+            raise UserError(f"{model}: a folder without run.json or spec.json, not a run; describe takes a preset "
+                            f"name, a model TOML file or a run folder")
+        run = RunDir(model)
+        data = run.spec_data().get("model")
+        where = run.spec_path if run.spec_path.exists() else run.record_path
+        return resolve_model(data if isinstance(data, dict) else {}, file=str(where), key="model",
+                             overrides=parse_overrides(overrides))
     return resolve_model(model, overrides=parse_overrides(overrides))
 
 
 @app.command()
 def describe(
-    model: str = typer.Argument(..., help="a preset name or a model TOML file"),
+    model: str = typer.Argument(..., help="a preset name, a model TOML file or a run folder"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a model key, e.g. branches.0.depth=5"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (params, gmacs, branches, spec)"),
 ) -> None:

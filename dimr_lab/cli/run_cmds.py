@@ -142,6 +142,7 @@ def run_cmd(
                     problems[r.run_dir] = missing
         _dry_run(out, abl, runs, settings, profile, executor, ablation_dir, as_json, eval_only, problems, sources,
                  results.resolve() if reuse else None)
+        _print_notes(runs)
         return
     for r in runs:  # files the runs read, and a batch the job's processes share: before anything is written
         check_files(r.spec, file=str(file))
@@ -151,6 +152,8 @@ def run_cmd(
     _refuse_first([r.cannot_continue() for r in runs])
     if eval_only:  # evaluating needs the checkpoints: refused before any folder is made
         _refuse_first([_untrained_for_eval(r, results.resolve() if reuse else None) for r in runs])
+    if not eval_only:
+        _print_notes(runs)
     if reuse:
         from dimr_lab.runner.reuse import reuse_runs
 
@@ -197,6 +200,19 @@ def run_cmd(
         _print_table(out, ablation_dir)
     if counts_by.get("failed", 0) + counts_by.get("interrupted", 0):
         raise typer.Exit(1)
+
+
+def _print_notes(runs: list[Any]) -> None:
+    """Each note of the runs' specs (RunSpec.notes: valid, likely not what was meant) once, with the variants
+    it concerns, on stderr (stdout may be --json)."""
+    variants: dict[str, list[str]] = {}
+    for r in runs:
+        for note in r.spec.notes():
+            names = variants.setdefault(note, [])
+            if r.variant not in names:
+                names.append(r.variant)
+    for note, names in variants.items():
+        print(f"note ({', '.join(names)}): {note}", file=sys.stderr)
 
 
 def _refuse_first(problems: list[str | None]) -> None:
@@ -330,7 +346,7 @@ def _say(out: Any, as_json: bool, run: Any, status: str, **extra: Any) -> None:
                          sort_keys=True))
     else:
         more = " ".join(f"{k}={v}" for k, v in extra.items())
-        out.print(f"{status:>16}  {run.run_dir.name}  {more}")
+        out.print(f"{status:>16}  {run.run_dir.name}  {more}".rstrip(), soft_wrap=True)  # one line, any width
 
 
 def _print_table(out: Any, ablation_dir: Path) -> None:
@@ -393,7 +409,8 @@ def _status_view(directory: Path, statuses: list[Any], lines: int) -> Any:
     if not statuses:
         return Text(f"no runs under {directory}")
     t = Table(title=str(directory))
-    for col in ("run", "state", "step", "loss", "img/s", "ETA", "job", "detail"):
+    gridded = any(s.grid for s in statuses)  # runs of one variant and seed told apart by their grid point only
+    for col in ("run", *(("grid",) if gridded else ()), "state", "step", "loss", "img/s", "ETA", "job", "detail"):
         t.add_column(col, overflow="fold")
     style = {"done": "green", "running": "cyan", "pending": "yellow", "failed": "red"}
     for s in statuses:
@@ -406,7 +423,8 @@ def _status_view(directory: Path, statuses: list[Any], lines: int) -> Any:
         job = s.job_id or "-"
         if s.node:
             job += f" @{s.node}"
-        t.add_row(str(rel), f"[{style[s.state]}]{s.state}[/]", step,
+        grid = (Text(", ".join(f"{k}={v}" for k, v in s.grid.items()) or "-"),) if gridded else ()
+        t.add_row(str(rel), *grid, f"[{style[s.state]}]{s.state}[/]", step,
                   f"{s.loss:.4f}" if s.loss is not None else "-",
                   f"{s.images_per_s:.0f}" if s.images_per_s is not None else "-", format_duration(s.eta_s), job,
                   Text("; ".join(x for x in (s.detail, s.history()) if x)))

@@ -33,7 +33,8 @@ class RunStatus:
     state: str                      # pending | running | done | failed
     detail: str = ""
     ablation: str = ""
-    step: int | None = None
+    grid: dict[str, Any] = field(default_factory=dict)  # the grid point (run.json): what tells apart runs of
+    step: int | None = None                             # one variant and seed in a gridded ablation
     steps: int | None = None
     loss: float | None = None
     images_per_s: float | None = None
@@ -63,7 +64,7 @@ class RunStatus:
         return ", ".join(said) + took
 
     def as_dict(self) -> dict[str, Any]:
-        return {"run_dir": str(self.run_dir), "run": self.run_dir.name, "ablation": self.ablation,
+        return {"run_dir": str(self.run_dir), "run": self.run_dir.name, "ablation": self.ablation, "grid": self.grid,
                 "state": self.state, "detail": self.detail, "step": self.step, "steps": self.steps,
                 "loss": self.loss, "images_per_s": self.images_per_s, "eta_s": self.eta_s, "job_id": self.job_id,
                 "node": self.node, "slurm_state": self.slurm_state, "executor": self.executor,
@@ -82,19 +83,19 @@ def _slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str, str]] | None:
     return job_states(job_ids, with_nodes=True)
 
 
-def _planned(run: RunDir) -> tuple[Any | None, str, str]:
-    """(the planned RunSpec or None, ablation, the reason it could not be read)."""
+def _planned(run: RunDir) -> tuple[Any | None, str, dict[str, Any], str]:
+    """(the planned RunSpec or None, ablation, grid point, the reason it could not be read)."""
     from dimr_lab.spec.run_spec import load_run_spec
 
-    ablation = ""
+    ablation, grid = "", {}
     try:
         if run.record_path.exists():
             record = run.read_record()
-            ablation = record.ablation
-            return load_run_spec(record.spec, file=str(run.record_path)), ablation, ""
-        return load_run_spec(run.read_spec_document(), file=str(run.spec_path)), ablation, ""
+            ablation, grid = record.ablation, record.grid
+            return load_run_spec(record.spec, file=str(run.record_path)), ablation, grid, ""
+        return load_run_spec(run.read_spec_document(), file=str(run.spec_path)), ablation, grid, ""
     except UserError as err:
-        return None, ablation, str(err)
+        return None, ablation, grid, str(err)
 
 
 def collect(root: Path) -> list[RunStatus]:
@@ -139,8 +140,8 @@ def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, st
          sessions: list[dict[str, Any]]) -> RunStatus:
     """The state of one run; `sessions` its sessions.json rows (RunDir.sessions, read once by the caller)."""
     d = run.path
-    spec, ablation, problem = _planned(run)
-    st = RunStatus(d, "pending", ablation=ablation)
+    spec, ablation, grid, problem = _planned(run)
+    st = RunStatus(d, "pending", ablation=ablation, grid=grid)
     if spec is None:
         # a folder of an older version whose spec no longer loads still shows its finished metrics; a
         # damaged record (of this version, or no JSON object at all) is a failure, whatever else the folder holds

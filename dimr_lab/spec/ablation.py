@@ -280,8 +280,11 @@ class Ablation:
             return []
         known = self.profile_names()
         hint = closest(profile, known)
-        raise SpecError(f"unknown profile {profile!r}; this file defines: {', '.join(known)}"
-                        + (f" (did you mean {hint!r}?)" if hint else ""), file=str(self.file), key="profile")
+        defined = f"this file defines: {', '.join(known)}" if self.profiles else \
+            (f"this file defines no profile: add [profile.{profile}], or run the default {DEFAULT_PROFILE!r} "
+             f"(the [base] and variants as they are)")
+        raise SpecError(f"unknown profile {profile!r}; {defined}" + (f" (did you mean {hint!r}?)" if hint else ""),
+                        file=str(self.file), key="profile")
 
 
 # --------------------------------------------------------------------------------------------- loading

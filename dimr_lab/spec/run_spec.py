@@ -31,6 +31,8 @@ SKIP_TYPES = ("time_uniform", "logSNR")
 MAX_BETA = 1000.0
 LABEL_RULES = ("balanced", "frequency")
 INIT_DRAWS = ("stream", "by_name")
+# an evaluation whose EMA weights still hold this share of the initial random weights gets a note (RunSpec.notes)
+EMA_INIT_SHARE = 0.1
 
 
 @dataclass
@@ -327,6 +329,21 @@ class RunSpec:
             raise SpecError(f"fid_floor is measured at the reference's count, {ev.reference_samples}, not at the "
                             f"{ev.samples} samples FID uses; set eval.reference_samples = 0 (= eval.samples)",
                             key="eval.reference_samples")
+
+    def notes(self) -> list[str]:
+        """Advice about a spec that is valid but likely not what was meant (said before training, never refused)."""
+        tr, out = self.train, []
+        if self.sample.use_ema and not tr.ema_warmup and tr.ema_decay > 0:
+            for step in self.eval_steps():
+                share = tr.ema_decay ** step  # what the EMA still holds of the initial weights after `step` updates
+                if step and share >= EMA_INIT_SHARE:
+                    span = f"averages over about {1 / (1 - tr.ema_decay):.0f} steps" if tr.ema_decay < 1 else \
+                        "never moves"
+                    out.append(f"train.ema_decay = {tr.ema_decay} {span}: at step {step} the EMA weights that sampling "
+                               f"uses (sample.use_ema) still hold {share:.0%} of the random initial weights; set "
+                               f"train.ema_warmup = true, a larger train.steps, or sample.use_ema = false")
+                    break
+        return out
 
     def resolve(self) -> "RunSpec":
         """A copy with data.image_size following the model (the one default the sections share)."""

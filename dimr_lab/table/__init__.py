@@ -47,9 +47,9 @@ def render_table(results_dir: str | Path, fmt: str = "rich", plot: str | Path | 
     stops it (UserError) unless skip_damaged, which leaves those runs out with a warning."""
     # every argument is checked before the (slow) walk over the results tree
     if fmt not in FORMATS:
-        raise UserError(unknown_name_message("table format", fmt, FORMATS))
+        raise UserError("--format: " + unknown_name_message("table format", fmt, FORMATS))
     if test not in TESTS:
-        raise UserError(unknown_name_message("test", test, TESTS))
+        raise UserError("--test: " + unknown_name_message("test", test, TESTS))
     chosen, _ = parse_metrics(metrics), parse_columns(columns)
     pairs = parse_eval_filter(eval_filter)
     warn = on_warning or _warn_stderr

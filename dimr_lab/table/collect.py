@@ -246,6 +246,7 @@ def _row(run: Run, ev: Evaluation, warnings: list[str]) -> dict[str, Any]:
         "git_commit": commit if isinstance(commit, str) else None,
         "git_dirty": dirty if isinstance(dirty, bool) else None,
         "_time": _finish_time(ev),
+        "_trains": json.dumps(_settings(run.spec.identity()), sort_keys=True, default=str),
         **{column: metrics.get(key) if isinstance(metrics.get(key), str) else None
            for column, key, _, _ in INSTRUMENTS},
     })
@@ -288,7 +289,7 @@ def _frame(rows: list[dict[str, Any]], key: list[str], warnings: list[str]) -> p
     runs = pd.DataFrame.from_records(rows)
     labels = sorted(c for c in runs.columns if c.startswith("factor.")) + \
         sorted(c for c in runs.columns if c.startswith("grid."))
-    hidden = ["_time", *(column for column, *_ in INSTRUMENTS)]
+    hidden = ["_time", "_trains", *(column for column, *_ in INSTRUMENTS)]
     runs = runs[[*ID_COLUMNS, *labels, *METRICS.values(), *RUN_COLUMNS, *hidden]]
     integer_columns(runs, labels)  # pandas reads branches = 3 beside a missing value as 3.0
     runs = _drop_superseded(runs, key, warnings)
@@ -304,7 +305,55 @@ def _drop_superseded(runs: pd.DataFrame, key: list[str], warnings: list[str]) ->
     newest = {tuple(r[k] for k in key): r["folder"] for _, r in runs[~dup].iterrows()}
     superseded = {r["folder"]: newest[tuple(r[k] for k in key)] for _, r in runs[dup].iterrows()}
     warnings.extend(f"skipped {old}: superseded by the newer {new}" for old, new in sorted(superseded.items()))
-    return runs[~dup].sort_values(["folder", "step"], kind="stable")
+    kept = runs[~dup]
+    warnings.extend(_mixed_plans(kept, runs[dup], key))
+    return kept.sort_values(["folder", "step"], kind="stable")
+
+
+def _settings(data: Any, prefix: str = "") -> dict[str, Any]:
+    """flatten, with lists of tables by index too (model.branches.0.mlp_width): a change to one branch is
+    that key, not the whole list."""
+    out: dict[str, Any] = {}
+    for k, v in flatten(data, prefix).items():
+        if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            for i, x in enumerate(v):
+                out.update(_settings(x, f"{k}.{i}"))
+        else:
+            out[k] = v
+    return out
+
+
+def _mixed_plans(kept: pd.DataFrame, older: pd.DataFrame, key: list[str]) -> list[str]:
+    """A warning where a variant's newer runs changed a training setting (a --set or an edited file ran
+    again) and another variant's runs compared beside them still have the value it replaced: the newest run
+    of each variant and seed is kept, so until every variant's newer runs finish, a table would compare
+    runs of two plans as if one. (Not said where the change belongs to the variant alone, the value the
+    others have being another.)"""
+    if older.empty:
+        return []
+    group = [k for k in key if k not in ("variant", "seed", "step")]
+    trains = {r["folder"]: json.loads(r["_trains"]) for _, r in pd.concat([kept, older]).iterrows()}
+    newest = {tuple(r[k] for k in key): r["folder"] for _, r in kept.iterrows()}
+    out = []
+    for where, rows in kept.groupby(group, sort=False, dropna=False):
+        changed: dict[str, tuple[Any, Any, str]] = {}  # setting -> (value before, value now, variant)
+        for _, r in older.iterrows():
+            if all(r[g] == w for g, w in zip(group, where if isinstance(where, tuple) else (where,))):
+                before, now = trains[r["folder"]], trains[newest[tuple(r[k] for k in key)]]
+                for k in sorted(set(before) | set(now)):
+                    if before.get(k) != now.get(k):
+                        changed.setdefault(k, (before.get(k), now.get(k), r["variant"]))
+        for k, (before, now, variant) in changed.items():
+            stale = sorted({r["variant"] for _, r in rows.iterrows()
+                            if r["variant"] != variant and trains[r["folder"]].get(k) == before})
+            if stale:
+                profile = rows["profile"].iloc[0]
+                label = rows["ablation"].iloc[0] + (f" ({profile})" if profile else "")
+                was, became = json.dumps(before, default=str), json.dumps(now, default=str)
+                out.append(f"{label}: {variant}'s newer runs changed {k} from {was} to {became}, and the runs of "
+                           f"{', '.join(stale)} compared beside them still have {was}: two plans in one table "
+                           f"(finish the newer runs of every variant, or the change was meant for {variant} alone)")
+    return out
 
 
 def _root(results_dir: str | Path) -> Path:

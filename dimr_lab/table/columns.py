@@ -55,7 +55,7 @@ def parse_metrics(metrics: str | Iterable[str] | None) -> list[str] | None:
     for name in names:
         col = ALIASES.get(name, name)
         if col not in METRIC_COLUMNS:
-            raise UserError(unknown_name_message("metric", name, [*METRIC_COLUMNS, *ALIASES]))
+            raise UserError("--metrics: " + unknown_name_message("metric column", name, [*METRIC_COLUMNS, *ALIASES]))
         out.append(col)
     return list(dict.fromkeys(out))
 
@@ -69,7 +69,7 @@ def parse_columns(columns: str | Iterable[str] | None) -> list[str]:
     names = [n.lstrip("+") for n in names]
     for name in names:
         if name not in OPTIONAL_COLUMNS:
-            raise UserError(unknown_name_message("table column", name, OPTIONAL_COLUMNS))
+            raise UserError("--columns: " + unknown_name_message("table column", name, OPTIONAL_COLUMNS))
     return list(dict.fromkeys([*DEFAULT_COLUMNS, *names] if add else names))
 
 
@@ -192,7 +192,7 @@ def format_table(table: pd.DataFrame, fmt: str = "rich", *, metrics: Any = None,
     """An aggregated table as text: rich, markdown or latex (compact unless wide), or csv (every column,
     raw numbers)."""
     if fmt not in FORMATS:
-        raise UserError(unknown_name_message("table format", fmt, FORMATS))
+        raise UserError("--format: " + unknown_name_message("table format", fmt, FORMATS))
     if fmt == "csv":
         return table.to_csv(index=False)
     found = sections(table, metrics=metrics, columns=columns, wide=wide, step_given=step_given)

@@ -41,6 +41,11 @@ def _title(text: str, width_in: float) -> str:
     return textwrap.fill(text, width=max(20, int(width_in * 9)))
 
 
+def _named(title: str, ablation: str) -> str:
+    """'Title (name)', or the name alone for an ablation without a title of its own (its title is its name)."""
+    return title if title == ablation else f"{title} ({ablation})"
+
+
 def _point(row: pd.Series, cols: list[str]) -> str:
     """The row's grid point and (when several) profile, for a tick label or legend entry."""
     return " ".join(f"{c.split('.', 1)[1]}={label(row[c])}" for c in cols if not is_missing(row[c]))
@@ -80,7 +85,7 @@ def plot_metric(table: pd.DataFrame, path: str | Path, metric: str = "fid") -> P
                  for (_, r), v, pr in zip(rows.iterrows(), rows["variant"], rows["profile"])]
         ax.set_xticks(x, ticks, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(_axis_label(metric), fontsize=9)
-        ax.set_title(_title(f"{rows['title'].iloc[0]} ({ablation})", width), fontsize=10)
+        ax.set_title(_title(_named(rows["title"].iloc[0], ablation), width), fontsize=10)
         if np.isnan(mean).all():
             ax.text(0.5, 0.5, f"no {LABELS.get(metric, metric)}", transform=ax.transAxes, ha="center")
         handles, names = ax.get_legend_handles_labels()
@@ -141,7 +146,7 @@ def plot_curves(curves: pd.DataFrame, path: str | Path, metric: str = "fid") -> 
             published = runs[paper_col].dropna() if paper_col in runs else pd.Series(dtype=float)
             if len(published):
                 papers.append((float(published.iloc[0]), color))
-        title = f"{rows['title'].iloc[0]} ({ablation})"
+        title = _named(rows["title"].iloc[0], ablation)
         for ax, xlabel in ((ax_step, "training step"), (ax_macs, "training compute (GMAC)")):
             ax.set_xlabel(xlabel, fontsize=9)
             ax.set_ylabel(_axis_label(metric), fontsize=9)

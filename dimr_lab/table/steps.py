@@ -209,7 +209,8 @@ def step_sections(found: pd.DataFrame) -> list[Section]:
         kept = [(h, c) for i, (h, c) in enumerate(columns) if i < n_text or any(c)]
         notes = [f"{name}, paired by seed"] + sorted({n for n in rows["note"].fillna("") if n})
         header = [h for h, _ in kept]
-        out.append(Section(title=f"Steps: {rows['title'].iloc[0]}", key=ablation, header=header,
+        title = rows["title"].iloc[0]
+        out.append(Section(title=f"Steps: {title}", key=ablation if title != ablation else "", header=header,
                            rows=[list(r) for r in zip(*(c for _, c in kept))], n_text=n_text, notes=notes,
                            left=(header.index("Verdict"),)))
     return out

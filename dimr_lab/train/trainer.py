@@ -373,6 +373,10 @@ class Trainer:
         if self.on_start is not None:
             self.on_start()
         if self.info.main:
+            # a fresh start: RunSpec.notes' advice, once, beside the progress display
+            if self.progress and not resumed and self.step < target:
+                for note in self.spec.notes():
+                    self._say(f"note: {note}")
             if self._work_left():
                 self.session.begin(step=self.step, resumed=resumed, processes=self.world, started=self.started)
             self.tracker.resume_at(self.step if resumed else 0)
