@@ -662,6 +662,22 @@ def test_depthwise_operator_is_the_convolution_with_the_bias_gradient_summed_in_
     assert counts["op backward"] == 2 * counts["op"]
 
 
+def test_depthwise_operators_schemas_come_from_real_annotations():
+    """custom_op infers each schema from the function's annotations: real types (no `from __future__ import
+    annotations` in nn/depthwise.py), which torch 2.4, the floor, reads without evaluating strings."""
+    import inspect
+
+    from dimr_lab.nn import depthwise
+
+    for op in (depthwise.depthwise_conv2d, depthwise.depthwise_conv2d_backward):
+        sig = inspect.signature(op._init_fn)
+        assert not any(isinstance(a, str) for a in [sig.return_annotation,
+                                                    *(p.annotation for p in sig.parameters.values())]), sig
+    assert str(torch.ops.dimr_lab.depthwise_conv2d_backward.default._schema) == (
+        "dimr_lab::depthwise_conv2d_backward(Tensor grad, Tensor x, Tensor weight, SymInt padding) "
+        "-> (Tensor, Tensor, Tensor)")
+
+
 def test_convnext_block_on_the_cpu_uses_the_depthwise_operator_and_nn_conv2d_under_autocast(monkeypatch):
     """Eager CPU blocks go through the operator (same forward as the module); under CPU autocast they keep
     nn.Conv2d, which autocast casts (the operator would see mixed dtypes)."""

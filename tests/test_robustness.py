@@ -487,15 +487,16 @@ def test_nan_and_inf_options_are_one_line(argv, fragment, capsys):
     one_line_exit_2(*cli(argv, capsys), fragment)
 
 
-@pytest.mark.parametrize("argv,fragment", [
-    (["train", "--threads", "-1"], "'--threads'"),
-    (["train", "--bogus"], "No such option: --bogus"),
-    (["bogus"], "No such command 'bogus'"),
-    (["table"], "Missing argument"),
+@pytest.mark.parametrize("argv,fragments", [
+    (["train", "--threads", "-1"], ["'--threads'"]),
+    (["train", "--bogus"], ["No such option", "--bogus"]),  # click's wording varies: "option: --bogus", "option '--bogus'"
+    (["bogus"], ["No such command 'bogus'"]),
+    (["table"], ["Missing argument"]),
 ])
-def test_usage_errors_are_one_line_naming_the_help(argv, fragment, capsys):
+def test_usage_errors_are_one_line_naming_the_help(argv, fragments, capsys):
     code, out, err = cli(argv, capsys)
-    one_line_exit_2(code, out, err, fragment)
+    for fragment in fragments:
+        one_line_exit_2(code, out, err, fragment)
     assert f"'dimr-lab {argv[0]} --help'" in err or "'dimr-lab --help'" in err
 
 

@@ -85,7 +85,9 @@ def test_wandb_keeps_the_evaluations_of_earlier_steps(tmp_path, classifier_cache
         if rec.HasField("history"):
             row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
             if "eval/sample_accuracy" in row:
-                evals[row["eval/step"]] = (row["eval/sample_accuracy"], "eval/samples/path" in row)
+                # the image's file: a nested key of its own, or (older wandb) inside the image's JSON
+                image = "eval/samples/path" in row or "path" in (row.get("eval/samples") or {})
+                evals[row["eval/step"]] = (row["eval/sample_accuracy"], image)
             if "train/loss" in row:
                 train_steps.append(row["_step"])
     assert set(evals) == {2, 4} and all(image for _, image in evals.values()), evals

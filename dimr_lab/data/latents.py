@@ -194,6 +194,9 @@ def _load_vae(vae):
         from diffusers import AutoencoderKL
     except ImportError as err:
         raise UserError("prepare-latents needs diffusers: pip install 'dimr-lab[latents]'") from err
+    # diffusers reads weights through `safetensors.torch` after only `import safetensors`; in some releases
+    # (0.29 to 0.32) nothing of its own imports that submodule (accelerate does; we load without it)
+    import safetensors.torch  # noqa: F401
     if isinstance(vae, (str, Path)):
         path = Path(vae).expanduser()
         if not (path / "config.json").is_file():

@@ -17,8 +17,8 @@ The forward, the input gradient and the weight gradient are the same kernels and
 of `nn.Conv2d`; the bias gradient is the same sum in another order (float rounding).
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: torch.library.custom_op infers each operator's schema from its
+# annotations, and real types work on every torch with custom_op (2.4 on) without it evaluating strings
 import torch
 import torch.nn.functional as F
 from torch import Tensor

@@ -115,9 +115,10 @@ def _series(curves: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
 
 def _band(ax: Any, x: np.ndarray, by_step: pd.DataFrame, name: str, color: Any = None) -> Any:
     """Mean over seeds as a line, the seeds' min-max as a shaded band; the line's colour."""
-    (line,) = ax.plot(x, by_step["mean"], "o-", markersize=3, color=color,
-                      label=f"{name} (n={int(by_step['n'].max())})")
-    ax.fill_between(x, by_step["min"], by_step["max"], color=line.get_color(), alpha=0.2, linewidth=0)
+    # float arrays: a metric column that held a None is of object dtype, which matplotlib < 3.8 cannot fill
+    mean, low, high = (by_step[c].to_numpy(float) for c in ("mean", "min", "max"))
+    (line,) = ax.plot(x, mean, "o-", markersize=3, color=color, label=f"{name} (n={int(by_step['n'].max())})")
+    ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     return line.get_color()
 
 
