@@ -241,3 +241,29 @@ def test_the_readme_ablation_example_runs_as_written(tmp_path):
     assert {r.spec.model.mlp for r in mlp} == {"mlp"} and {r.spec.model.branches[0].mlp_width for r in mlp} == {288}
     assert {r.spec.model.pos_embed for r in runs} == {"learned", "sincos"}
     assert all(r.spec.train.ema_warmup and r.spec.notes() == [] for r in runs)
+
+
+def test_init_draws_is_tdln_vs_adaln_but_for_how_the_weights_are_drawn(tmp_path):
+    """ablations/init_draws.toml's promise: its runs are tdln_vs_adaln's TD-LN and adaLN-Zero runs, seed for
+    seed and profile for profile, with train.init_draws = "by_name" the one difference (RESULTS.md compares
+    the spread of their per-seed differences across the two files)."""
+    from dataclasses import asdict
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    by_name, stream = (load_ablation(ROOT / "ablations" / f"{n}.toml") for n in ("init_draws", "tdln_vs_adaln"))
+    assert by_name.profile_names() == stream.profile_names()
+    for profile in by_name.profile_names():
+        ours = {(r.variant, r.seed): r for r in expand(by_name, profile, results=tmp_path / "a")}
+        theirs = {(r.variant, r.seed): r for r in expand(stream, profile, results=tmp_path / "b")
+                  if r.variant in ("tdln", "adaln_zero")}
+        assert ours.keys() == theirs.keys() and {v for v, _ in ours} == {"tdln", "adaln_zero"}, profile
+        for key, run in ours.items():
+            a, b = flat(asdict(run.spec)), flat(asdict(theirs[key].spec))
+            assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {"train.init_draws"}, (profile, key)
+            assert (a["train.init_draws"], b["train.init_draws"]) == ("by_name", "stream")
+            assert run.paper == theirs[key].paper
