@@ -90,3 +90,47 @@ def test_results_md_quotes_the_tables_and_legends_the_code_prints(capsys):
     assert checked >= 5, "RESULTS.md quotes fewer `dimr-lab table` tables than its five ablations"
     legends = [ln for ln in text.splitlines() if ln.startswith("Paired by seed: each step compares")]
     assert legends and all(ln in printed for ln in legends), "a per-step legend in RESULTS.md is not the printed one"
+
+
+def test_paired_spread_compares_the_per_seed_differences_of_two_folders(capsys):
+    """scripts/paired_spread.py on the committed runs: a folder against itself is a ratio of 1 with the
+    F interval of its seeds, and against another folder the standard deviations of B - A are the ones the
+    metrics.json files give when read directly."""
+    import importlib.util
+    import math
+
+    import numpy as np
+    from scipy import stats
+
+    spec = importlib.util.spec_from_file_location("paired_spread", ROOT / "scripts" / "paired_spread.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def rows(first, second):
+        assert script.main([str(RESULTS / first), str(RESULTS / second), "--variants", "tdln,adaln_zero",
+                            "--metrics", "fid"]) == 0
+        out = capsys.readouterr().out.splitlines()
+        return {int(line.split()[1]): line.split() for line in out if line.startswith("fid ")}
+
+    same = rows("tdln_vs_adaln", "tdln_vs_adaln")
+    assert sorted(same) == [1000, 2000, 3000]
+    half = math.sqrt(stats.f.ppf(0.975, 5, 5))
+    for cells in same.values():
+        assert cells[2] == "6" and cells[7] == "1.00" and cells[10] == "1.00"
+        assert f"[{1 / half:.2f}," == cells[8] and f"{half:.2f}]" == cells[9]
+
+    def direct(folder, step):  # B - A per seed, from the files, not through the table's reader
+        values = {}
+        for m in (RESULTS / folder).glob(f"*/evals/step-{step:08d}-*/metrics.json"):
+            run = json.loads((m.parents[2] / "run.json").read_text())
+            values[(run["variant"], run["seed"])] = json.loads(m.read_text())["fid"]
+        return np.array([values[("adaln_zero", s)] - values[("tdln", s)] for s in range(6)])
+
+    other = rows("tdln_vs_adaln", "table2_components")
+    for step in (1000, 3000):
+        d1, d2 = direct("tdln_vs_adaln", step), direct("table2_components", step)
+        assert float(other[step][4]) == pytest.approx(d1.std(ddof=1), rel=5e-3)  # printed to 3 digits
+        assert float(other[step][6]) == pytest.approx(d2.std(ddof=1), rel=5e-3)  # printed to 3 digits
+        assert float(other[step][7]) == pytest.approx(d2.std(ddof=1) / d1.std(ddof=1), abs=0.006)
+    assert script.main([str(RESULTS / "nowhere"), str(RESULTS / "tdln_vs_adaln"), "--variants", "a,b"]) == 2
+    assert script.main([str(RESULTS), str(RESULTS), "--variants", "tdln"]) == 2
