@@ -152,8 +152,6 @@ def run_cmd(
     _refuse_first([r.cannot_continue() for r in runs])
     if eval_only:  # evaluating needs the checkpoints: refused before any folder is made
         _refuse_first([_untrained_for_eval(r, results.resolve() if reuse else None) for r in runs])
-    if not eval_only:
-        _print_notes(runs)
     if reuse:
         from dimr_lab.runner.reuse import reuse_runs
 
@@ -176,11 +174,15 @@ def run_cmd(
             _say(out, as_json, r, "done (skipped)")
         for r in res["busy"]:
             _say(out, as_json, r, "busy (another process holds it)")
+        if not eval_only:  # after the submission: a refused one is its one line alone
+            _print_notes(runs)
         if not as_json:
             out.print(f"{len(res['submitted'])} submitted, {len(res['queued'])} already queued, "
                       f"{len(res['done'])} done; follow with: dimr-lab status {ablation_dir}")
         return
 
+    if not eval_only:
+        _print_notes(runs)
     if executor == "debug":
         from dimr_lab.runner.local import run_debug
 
