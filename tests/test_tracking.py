@@ -55,14 +55,34 @@ def wandb_records(path):
             yield rec
 
 
+def finished_wandb_records(run_dir, timeout_s=60.0):
+    """The records of the run's wandb offline store once its 'exit' record is written: wandb's service writes
+    the store on its own schedule, and on a loaded machine it can hold nothing but its header when finish()
+    has returned (the process's exit flushes it). Fails after timeout_s without the exit record."""
+    import time
+
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stores = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+        try:
+            records = list(wandb_records(stores[0])) if len(stores) == 1 else []
+        except DecodeError:  # a record still being written
+            records = []
+        if any(rec.HasField("exit") for rec in records):
+            return records
+        assert time.monotonic() < deadline, f"no finished wandb store under {run_dir} after {timeout_s} s: {stores}"
+        time.sleep(0.2)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="the tracking extra is not installed")
 def test_wandb_offline_run_records_the_runs_history(tmp_path, classifier_cache):
     from dimr_lab.train.trainer import train_run
 
     train_run(_tiny([("track.wandb", True)]), tmp_path / "run", progress=False)
-    (store,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
     keys, group = set(), None
-    for rec in wandb_records(store):
+    for rec in finished_wandb_records(tmp_path / "run"):
         if rec.HasField("history"):
             keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
         if rec.HasField("run"):
@@ -79,9 +99,8 @@ def test_wandb_keeps_the_evaluations_of_earlier_steps(tmp_path, classifier_cache
 
     # eval.steps = [2]: step 2 is evaluated after training, when wandb's history is at step 4
     train_run(_tiny([("track.wandb", True), ("eval.steps", [2])]), tmp_path / "run", progress=False)
-    (store,) = (tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb")
     evals, train_steps = {}, []
-    for rec in wandb_records(store):
+    for rec in finished_wandb_records(tmp_path / "run"):
         if rec.HasField("history"):
             row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item}
             if "eval/sample_accuracy" in row:
@@ -120,6 +139,5 @@ def test_wandb_takes_a_run_folder_whose_name_has_characters_a_run_id_may_not(tmp
     monkeypatch.setenv("DIMR_LAB_CACHE", str(tmp_path / "cache"))
     spec = _tiny([("track.wandb", True), ("train.steps", 1), ("eval.enabled", False)])
     train_run(spec, tmp_path / "lr:1e-3,bs'8", progress=False)  # wandb refused the run id (a traceback)
-    (store,) = (tmp_path / "lr:1e-3,bs'8" / "wandb").glob("offline-run-*/run-*.wandb")
-    (run,) = [rec.run for rec in wandb_records(store) if rec.HasField("run")]
+    (run,) = [rec.run for rec in finished_wandb_records(tmp_path / "lr:1e-3,bs'8") if rec.HasField("run")]
     assert run.run_id == f"lr-1e-3-bs-8-{spec.identity_hash()}" and run.display_name == "lr:1e-3,bs'8"
