@@ -19,8 +19,6 @@ A step's time that is matmul at the core's best rate cannot shrink by scheduling
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
 import json
 import sys
 import tempfile
@@ -32,17 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-@functools.cache
-def _gpu_suite():
-    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "scripts" / "gpu_suite.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def categorize(name: str) -> str:
-    """The category scripts/gpu_suite.py gives an operator (matmul, depthwise conv, attention, ...)."""
-    return _gpu_suite().categorize(name)
+from gpu_suite import categorize  # noqa: E402 (scripts/ is on sys.path when a script runs): the operator categories
 
 
 def profile_training(steps: int) -> dict:

@@ -60,10 +60,26 @@ def opens_and_modules(code: str, root) -> tuple[dict[str, int], set[str]]:
     return found["opened"], set(found["modules"])
 
 
+def module_from_file(path, name: str):
+    """The Python file at `path` imported as a module named `name` (released code, the project's scripts/)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def script_module(name: str):
+    """scripts/<name>.py of this project as a module."""
+    from pathlib import Path
+
+    return module_from_file(Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py", name)
+
+
 def released_module(env: str, filename: str, what: str, repo: str):
     """A single-file module of released code from the checkout $env names (README, Testing), or a skip that
     says how to provide it."""
-    import importlib.util
     from pathlib import Path
 
     import pytest
@@ -74,10 +90,7 @@ def released_module(env: str, filename: str, what: str, repo: str):
     path = Path(src) / filename
     if not path.is_file():
         pytest.skip(f"{env}={src} has no {filename}")
-    spec = importlib.util.spec_from_file_location(f"released_{Path(filename).stem}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return module_from_file(path, f"released_{Path(filename).stem}")
 
 
 @pytest.fixture(scope="session")

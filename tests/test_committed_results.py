@@ -96,15 +96,14 @@ def test_paired_spread_compares_the_per_seed_differences_of_two_folders(capsys):
     """scripts/paired_spread.py on the committed runs: a folder against itself is a ratio of 1 with the
     F interval of its seeds, and against another folder the standard deviations of B - A are the ones the
     metrics.json files give when read directly."""
-    import importlib.util
     import math
 
     import numpy as np
     from scipy import stats
 
-    spec = importlib.util.spec_from_file_location("paired_spread", ROOT / "scripts" / "paired_spread.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    from conftest import script_module
+
+    script = script_module("paired_spread")
 
     def rows(first, second):
         assert script.main([str(RESULTS / first), str(RESULTS / second), "--variants", "tdln,adaln_zero",

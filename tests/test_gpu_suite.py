@@ -3,7 +3,6 @@ tiny sizes, so a broken step shows here rather than in the device's few minutes.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -18,10 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _suite():
-    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "scripts" / "gpu_suite.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from conftest import script_module
+
+    return script_module("gpu_suite")
 
 
 def _gone(pid: int) -> bool:

@@ -29,8 +29,7 @@ from typing import Any, Iterator
 import submitit
 
 from dimr_lab.errors import UserError
-from dimr_lab.rundir import (SLURM, RunBusy, all_jobs, is_locked, latest_job,  # noqa: F401 (all_jobs: for callers)
-                             try_read_json_object, write_json)
+from dimr_lab.rundir import SLURM, RunBusy, is_locked, latest_job, try_read_json_object, write_json
 from dimr_lab.runner.plan import PlannedRun
 from dimr_lab.spec.slurm import SlurmSettings
 from dimr_lab.runner.worker import (DEFAULT_TRAIN_FN, EVAL_FN, EXIT_BAD, EXIT_BUSY, EXIT_INTERRUPTED, StopFlag,

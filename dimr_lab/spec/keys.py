@@ -16,7 +16,7 @@ from typing import Any, Iterator
 from dimr_lab.registry import KINDS, Registry
 from dimr_lab.spec.model_spec import BranchSpec, ModelSpec
 from dimr_lab.spec.run_spec import RunSpec
-from dimr_lab.spec.schema import _type_name
+from dimr_lab.spec.schema import _schema, _type_name
 
 SECTIONS = ("model", "data", "diffusion", "train", "sample", "eval", "track")
 
@@ -58,10 +58,8 @@ def _allowed(meta: typing.Mapping[str, Any]) -> str:
 
 
 def _fields(cls: type, prefix: str) -> Iterator[Key]:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
+    hints, fields = _schema(cls)  # the types and init fields from_dict reads
+    for f in fields.values():
         key = f"{prefix}.{f.name}"
         if f.name == "branches" and cls is ModelSpec:  # a list of tables: one entry per branch, lowest first
             yield Key(key, "list of tables", None, "", "one per branch, lowest resolution first: model.branches.N.*")
@@ -76,7 +74,7 @@ def spec_keys(section: str | None = None) -> list[Key]:
     """Every key of a run spec (or of one section), in the order the spec dataclasses declare them.
 
     `model.*` defaults are the bare model spec's; a preset (`model.preset`) sets its own."""
-    hints = typing.get_type_hints(RunSpec)
+    hints, _ = _schema(RunSpec)
     out: list[Key] = []
     for name in SECTIONS:
         if section is not None and name != section:
