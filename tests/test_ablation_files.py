@@ -114,6 +114,8 @@ def test_one_imagenet64_recipe_across_files(tmp_path):
             recipe["diffusion"] = {k: v for k, v in recipe["diffusion"].items() if k not in ("multiscale_loss",)}
             # how the initial weights are drawn is what ablations/init_draws.toml varies, not the recipe
             recipe["train"] = {k: v for k, v in data["train"].items() if k not in ("seed", "init_draws")}
+            # where along the way a run is also evaluated is not the recipe (tdln_vs_adaln_long's curves)
+            recipe["eval"] = {k: v for k, v in recipe["eval"].items() if k != "steps"}
             recipe["data"] = data["data"]
             recipes[json.dumps(recipe, sort_keys=True)] = f"{path.stem}/{run.variant}"
             if (path.stem, run.variant) in DIMR_M_3R:
@@ -268,3 +270,33 @@ def test_init_draws_is_tdln_vs_adaln_but_for_how_the_weights_are_drawn(tmp_path)
             assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {"train.init_draws"}, (profile, key)
             assert (a["train.init_draws"], b["train.init_draws"]) == ("by_name", "stream")
             assert run.paper == theirs[key].paper
+
+
+def test_tdln_vs_adaln_long_is_tdln_vs_adaln_trained_longer(tmp_path):
+    """ablations/tdln_vs_adaln_long.toml's promise: its runs are tdln_vs_adaln's TD-LN and adaLN-Zero runs,
+    seed for seed and profile for profile, the same identities (what they train), with only the number of
+    steps and the evaluation points changed: longer in every CPU and GPU profile, evaluating every step the
+    shorter run evaluates."""
+    from dataclasses import asdict
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    long, short = (load_ablation(ROOT / "ablations" / f"{n}.toml") for n in ("tdln_vs_adaln_long", "tdln_vs_adaln"))
+    assert long.profile_names() == short.profile_names()
+    for profile in long.profile_names():
+        ours = {(r.variant, r.seed): r for r in expand(long, profile, results=tmp_path / "a")}
+        theirs = {(r.variant, r.seed): r for r in expand(short, profile, results=tmp_path / "b")
+                  if r.variant in ("tdln", "adaln_zero")}
+        assert ours.keys() == theirs.keys() and {v for v, _ in ours} == {"tdln", "adaln_zero"}, profile
+        for key, run in ours.items():
+            a, b = flat(asdict(run.spec)), flat(asdict(theirs[key].spec))
+            assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} <= {"train.steps", "eval.steps"}, profile
+            assert run.spec.identity() == theirs[key].spec.identity() and run.run_dir.name == theirs[key].run_dir.name
+            assert run.paper == theirs[key].paper
+            if profile != "paper":
+                assert run.spec.train.steps == 2 * theirs[key].spec.train.steps, profile
+                assert set(theirs[key].spec.eval_steps()) < set(run.spec.eval_steps()), profile
