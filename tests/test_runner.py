@@ -1084,3 +1084,21 @@ def test_run_resample_travels_in_the_slurm_job_payload(tmp_path, monkeypatch):
     for job in sent:
         job(str(runs[0].run_dir))
     assert calls == [True, False]
+
+
+def test_a_trainer_that_returns_without_its_evaluations_is_named_with_the_steps_it_left(tmp_path, monkeypatch):
+    """train_one asked for the missing evaluations twice on its error path, and named the second answer: an
+    evaluation another process finished in between left 'without the evaluations []'. One look now."""
+    from dimr_lab.runner import worker
+    from dimr_lab.rundir import RunDir, RunRecord
+    from dimr_lab.spec.run_spec import load_run_spec
+    from dimr_lab.spec.schema import to_dict
+
+    spec = load_run_spec(None, [("train.steps", 4)])
+    RunDir(tmp_path).write_record(RunRecord(spec=to_dict(spec), identity=spec.identity_hash(), variant="a"))
+    answers = iter([[4], [4], []])  # before the trainer, after it, and what a second look would find
+    asked = []
+    monkeypatch.setattr(worker, "pending_evaluations", lambda s, d: asked.append(d) or next(answers))
+    with pytest.raises(RuntimeError, match=r"without the evaluations \[4\]"):
+        worker.train_one(tmp_path, lambda s, d, should_stop=None: {})
+    assert len(asked) == 2

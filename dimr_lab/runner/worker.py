@@ -102,9 +102,9 @@ def train_one(run_dir: Path, train_fn: Callable[..., Any], should_stop: Callable
         return EXIT_INTERRUPTED, result
     if isinstance(result, dict) and "rank" in result:
         return EXIT_DONE, result
-    if pending_evaluations(spec, run_dir):
-        raise RuntimeError(f"the trainer returned without the evaluations {pending_evaluations(spec, run_dir)} "
-                           f"of {run_dir}")
+    missing = pending_evaluations(spec, run_dir)
+    if missing:
+        raise RuntimeError(f"the trainer returned without the evaluations {missing} of {run_dir}")
     return EXIT_DONE, result if isinstance(result, dict) else None
 
 
