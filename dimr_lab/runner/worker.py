@@ -2,10 +2,10 @@
 `python -m dimr_lab.runner.worker RUN_DIR [--mode train|eval] [--train-fn MOD:FN] [--resample] [--set KEY=JSON]`.
 
 Reads the resolved spec from RUN_DIR/run.json (with `--set` settings on top: `run --eval-only` leaves run.json
-as it was, the run's own plan, and hands the settings it evaluates with this way) and calls the trainer (`train_run(spec, run_dir,
-should_stop=...)`, which takes the folder's lock, resumes or continues the run, and evaluates it) or,
-with `--mode eval`, only the evaluations (the run must have trained). `--resample` (from `dimr-lab run
---resample`) has its evaluations sample anew rather than take a finished sibling evaluation's samples
+as it was, the run's own plan, and hands the settings it evaluates with this way) and calls the trainer
+(`train_run(spec, run_dir, should_stop=...)`, which takes the folder's lock, resumes or continues the run, and
+evaluates it) or, with `--mode eval`, only the evaluations (the run must have trained). `--resample` (from
+`dimr-lab run --resample`) has its evaluations sample anew rather than take a finished sibling evaluation's samples
 (dimr_lab.eval.reuse); it reaches the function as resample=True, and is not passed at all otherwise.
 SIGINT/SIGTERM ask it to stop at the next step boundary (it saves a checkpoint first); one that came before
 it began (the local runner starts it with both blocked) stops it at once, interrupted.
