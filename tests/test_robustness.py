@@ -172,6 +172,33 @@ def test_describe_takes_a_run_folder(tmp_path, capsys):
     one_line_exit_2(*cli(["describe", run], capsys), "spec.json: model.nrom: unknown key")
 
 
+def test_describe_of_a_run_folder_with_overrides_is_the_network_of_its_source_spec_with_them(tmp_path, capsys):
+    """`describe RUN --set model.mlp=glu` kept the MLP width the run's resolved spec holds (the plain MLP's 4d),
+    where the spec the run was made from, with the same override, gives the GLU its own (2d). What resolving
+    derived is derived again from the overridden settings; a width the run set itself stays."""
+    import json
+
+    from dimr_lab.rundir import RunDir
+    from dimr_lab.spec.run_spec import load_run_spec
+    from dimr_lab.spec.schema import to_dict
+
+    spec = load_run_spec(None, [("model.mlp", "mlp"), ("model.branches.1.mlp_width", 72)])
+    run = tmp_path / "mlp-s0-abc"
+    run.mkdir()
+    RunDir(run).write_spec_document(to_dict(spec), spec.identity_hash())
+    source = tmp_path / "mlp.toml"
+    source.write_text('[model]\npreset = "dimr_tiny_3r"\nmlp = "mlp"\nbranches = [{}, { mlp_width = 72 }, {}]\n')
+    for override in ("model.mlp=glu", "model.branches.0.width=64"):
+        described = []
+        for model in (run, source):
+            code, out, err = cli(["describe", model, "--set", override, "--json"], capsys)
+            assert code == 0, err
+            described.append(json.loads(out))
+        assert described[0]["spec"] == described[1]["spec"] and described[0]["params"] == described[1]["params"]
+    code, out, err = cli(["describe", run, "--set", "model.mlp=glu", "--json"], capsys)
+    assert [b["mlp_width"] for b in json.loads(out)["spec"]["branches"]] == [192, 72, 48]
+
+
 def test_a_run_spec_and_an_ablation_file_given_to_the_other_command_say_which_command_takes_them(tmp_path, capsys):
     # a newcomer's first mix-up: the error names the command the file is for, not a far-fetched key
     ablation = Path(__file__).resolve().parents[1] / "ablations" / "tdln_vs_adaln.toml"

@@ -1084,3 +1084,71 @@ def test_run_resample_travels_in_the_slurm_job_payload(tmp_path, monkeypatch):
     for job in sent:
         job(str(runs[0].run_dir))
     assert calls == [True, False]
+
+
+def test_a_trainer_that_returns_without_its_evaluations_is_named_with_the_steps_it_left(tmp_path, monkeypatch):
+    """train_one asked for the missing evaluations twice on its error path, and named the second answer: an
+    evaluation another process finished in between left 'without the evaluations []'. One look now."""
+    from dimr_lab.runner import worker
+    from dimr_lab.rundir import RunDir, RunRecord
+    from dimr_lab.spec.run_spec import load_run_spec
+    from dimr_lab.spec.schema import to_dict
+
+    spec = load_run_spec(None, [("train.steps", 4)])
+    RunDir(tmp_path).write_record(RunRecord(spec=to_dict(spec), identity=spec.identity_hash(), variant="a"))
+    answers = iter([[4], [4], []])  # before the trainer, after it, and what a second look would find
+    asked = []
+    monkeypatch.setattr(worker, "pending_evaluations", lambda s, d: asked.append(d) or next(answers))
+    with pytest.raises(RuntimeError, match=r"without the evaluations \[4\]"):
+        worker.train_one(tmp_path, lambda s, d, should_stop=None: {})
+    assert len(asked) == 2
+
+
+def test_run_eval_only_hands_its_settings_to_the_slurm_job_and_keeps_the_runs_record(tmp_path, monkeypatch):
+    """`run --eval-only --set sample.*` on SLURM: the job read the settings from run.json, which submit rewrote
+    with them (the run's plan lost). run.json stays; the settings travel in the job's payload, by run folder."""
+    import pickle
+
+    import submitit
+
+    from dimr_lab.runner import slurm
+    from dimr_lab.runner.local import write_record
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.spec.ablation import load_ablation
+    from dimr_lab.spec.slurm import slurm_settings
+
+    abl = load_ablation(write_ablation(tmp_path, seeds="[0]"))
+    (own,) = expand(abl, results=tmp_path / "results", only=["a"])
+    own.run_dir.mkdir(parents=True)
+    write_record(own, "local")
+    record = own.folder.record_path.read_bytes()
+    (run,) = expand(abl, overrides=[("sample.guidance_scale", 0.5)], results=tmp_path / "results", only=["a"])
+    run.recorded = own.spec  # as `run --eval-only` plans it
+    sent = []
+
+    class FakeJob:
+        job_id = "78_0"
+        paths = type("P", (), {"folder": tmp_path, "stdout": tmp_path / "o", "stderr": tmp_path / "e"})
+
+    class FakeExecutor:
+        def __init__(self, **kwargs):
+            pass
+
+        def update_parameters(self, **kwargs):
+            pass
+
+        def map_array(self, fn, args):
+            sent.append(pickle.loads(pickle.dumps(fn)))
+            return [FakeJob() for _ in args]
+
+    monkeypatch.setattr(slurm, "live_jobs", lambda runs: {})
+    monkeypatch.setattr(submitit, "SlurmExecutor", FakeExecutor)
+    slurm.submit([run], slurm_settings(abl), ablation=abl.name, ablation_dir=run.run_dir.parent, eval_only=True)
+    assert own.folder.record_path.read_bytes() == record
+    calls = []
+    monkeypatch.setattr(slurm, "train_one", lambda run_dir, fn, stop, resample=False, overrides=None:
+                        (calls.append(overrides), (0, {"done": True}))[1])
+    monkeypatch.setattr(slurm.signal, "signal", lambda *a: None)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    sent[0](str(run.run_dir))
+    assert calls == [[("sample.guidance_scale", 0.5)]]

@@ -693,3 +693,55 @@ def test_an_evaluation_session_keeps_a_sessions_json_damaged_under_it_aside(tmp_
     assert len(said) == 1 and f"{run / 'sessions.json'}: not readable" in said[0], err
     rows = json.loads((run / "sessions.json").read_text())["sessions"]
     assert [(r["kind"], r["outcome"]) for r in rows] == [("start", "done"), ("eval", "done")]
+
+
+AGAIN = """
+[ablation]
+name = "again"
+seeds = [0]
+[base]
+"model.preset" = "dimr_tiny_2r"
+"model.branches" = [{ width = 16, depth = 1, heads = 2 }, { width = 8, depth = 1 }]
+"data.train_size" = 64
+"train.steps" = 2
+"train.batch_size" = 8
+"sample.steps" = 2
+"sample.grid_size" = 2
+"eval.samples" = 8
+"eval.batch_size" = 8
+"eval.metrics" = ["sample_accuracy"]
+[[variant]]
+name = "a"
+"""
+
+
+@pytest.mark.parametrize("executor", ["debug", "local"])
+def test_run_eval_only_with_other_settings_evaluates_beside_the_runs_plan_and_keeps_it(tmp_path, capsys,
+                                                                                        classifier_cache, executor):
+    """`run --eval-only --set sample.guidance_scale=...` rewrote run.json with the settings it evaluated with, so a
+    plain `table` showed that evaluation as the run's own from then on. run.json now stays as planned: the new
+    evaluation lands beside the planned one, as `eval --set`'s does, and `table --eval` chooses it."""
+    from dimr_lab.rundir import RunDir
+    from dimr_lab.table.collect import collect
+
+    abl = tmp_path / "again.toml"
+    abl.write_text(AGAIN)
+    results = tmp_path / "results"
+    code, out, err = cli(["run", abl, "--results", results, "--executor", "debug"], capsys)
+    assert code == 0, err
+    (run,) = [p for p in (results / "again").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    record = (run / "run.json").read_bytes()
+    planned = json.loads(record)["spec"]["sample"]["guidance_scale"]
+    assert planned != 0.5
+    for _ in range(2):  # the second finds it made: nothing to do
+        code, out, err = cli(["run", abl, "--results", results, "--executor", executor, "--eval-only",
+                              "--set", "sample.guidance_scale=0.5"], capsys)
+        assert code == 0, err
+        assert (run / "run.json").read_bytes() == record
+        evals = RunDir(run).evaluations()
+        assert sorted(e.settings["sample"]["guidance_scale"] for e in evals if e.done) == sorted([planned, 0.5])
+    assert "guidance_scale=0.5" in " ".join(out.split())  # the table after it shows what it evaluated
+    frame, _ = collect(results)
+    assert list(frame["eval_label"]) == [""]  # the run's planned evaluation
+    frame, _ = collect(results, eval_filter=["sample.guidance_scale=0.5"])
+    assert list(frame["eval_label"]) == ["sample.guidance_scale=0.5"]

@@ -84,8 +84,12 @@ def _load_model_spec(model: str, overrides: list[str] | None):
         run = RunDir(model)
         data = run.spec_data().get("model")
         where = run.spec_path if run.spec_path.exists() else run.record_path
-        return resolve_model(data if isinstance(data, dict) else {}, file=str(where), key="model",
-                             overrides=parse_overrides(overrides))
+        spec = resolve_model(data if isinstance(data, dict) else {}, file=str(where), key="model")
+        if not overrides:
+            return spec
+        # the folder records the resolved network: what resolve() derived (an MLP's width) is derived again
+        # from the overridden settings, as `describe` of the spec the run was made from with them does
+        return resolve_model(spec.unresolved(), file=str(where), key="model", overrides=parse_overrides(overrides))
     return resolve_model(model, overrides=parse_overrides(overrides))
 
 

@@ -123,6 +123,12 @@ def run_cmd(
         given = check_seeds(given, file=None, key="--seeds")
     runs = expand(abl, profile, run_over, results=results, seeds=given or set_seeds,
                   only=_parse_list(only, "--only"), grid=grid)
+    evaluated = [(k, v) for k, v in run_over if k.split(".", 1)[0] in ("sample", "eval")]
+    if eval_only:  # run.json keeps each run's own plan: the command line's sample./eval. settings only evaluate
+        own = expand(abl, profile, [kv for kv in run_over if kv not in evaluated], results=results,
+                     seeds=given or set_seeds, only=_parse_list(only, "--only"), grid=grid) if evaluated else runs
+        for r, o in zip(runs, own):
+            r.recorded = o.spec
     settings, sources = resolve_slurm(abl, profile, slurm_upd)
     ablation_dir = results.resolve() / abl.name
     out = _console()
@@ -199,7 +205,7 @@ def run_cmd(
             _say(out, True, o.run, o.status, seconds=round(o.seconds, 2))
     if not as_json:
         out.print(", ".join(f"{n} {s}" for s, n in sorted(counts_by.items())))
-        _print_table(out, ablation_dir)
+        _print_table(out, ablation_dir, _naming(evaluated) if eval_only else None)
     if counts_by.get("failed", 0) + counts_by.get("interrupted", 0):
         raise typer.Exit(1)
 
@@ -351,11 +357,20 @@ def _say(out: Any, as_json: bool, run: Any, status: str, **extra: Any) -> None:
         out.print(f"{status:>16}  {run.run_dir.name}  {more}".rstrip(), soft_wrap=True)  # one line, any width
 
 
-def _print_table(out: Any, ablation_dir: Path) -> None:
+def _naming(settings: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """The sample./eval. settings among `settings` that name an evaluation (`table --eval` chooses by them)."""
+    from dimr_lab.spec.run_spec import OUTSIDE_EVAL_IDENTITY
+
+    return [(k, v) for k, v in settings if k.split(".", 1)[1] not in OUTSIDE_EVAL_IDENTITY[k.split(".", 1)[0]]]
+
+
+def _print_table(out: Any, ablation_dir: Path, eval_filter: list[tuple[str, Any]] | None = None) -> None:
+    """The ablation's table; `eval_filter` (`run --eval-only --set ...`'s settings): the evaluations just made,
+    as `table --eval K=V` shows them, where a plain table shows each run's planned ones."""
     from dimr_lab.table import render_table
 
     try:
-        rendered = render_table(ablation_dir, fmt="rich", on_warning=lambda line: None)
+        rendered = render_table(ablation_dir, fmt="rich", on_warning=lambda line: None, eval_filter=eval_filter)
     except UserError as err:
         out.print(f"(no table: {err})")
         return

@@ -45,17 +45,27 @@ def _local_info(run_dir: Path, **fields: Any) -> None:
 
 def write_record(run: PlannedRun, executor: str) -> None:
     """run.json of a planned run, under the run's lock (RunBusy when another process holds it); the first
-    'created' time is kept."""
+    'created' time is kept. A run only evaluated (`run --eval-only`: run.recorded) keeps a readable run.json
+    as it is, its own plan: evaluations with other settings land beside the planned ones, as `eval --set`'s."""
     folder = run.folder
     with run_lock(run.run_dir, purpose="plan"):
         record = run.record(executor)
+        if run.recorded is not None:
+            from dimr_lab.spec.schema import to_dict
+
+            record.spec = to_dict(run.recorded)
         if folder.record_path.exists():
             try:
                 old = folder.read_record()
+            except Exception:  # a damaged run.json is replaced by the planned one
+                old = None
+            if old is not None and run.recorded is not None:
+                if old.reused_from or not run.reused_from:
+                    return
+                old.reused_from, record = run.reused_from, old
+            elif old is not None:
                 record.created = old.created or record.created
                 record.reused_from = record.reused_from or old.reused_from
-            except Exception:  # a damaged run.json is replaced by the planned one
-                pass
         folder.write_record(record)
 
 
@@ -85,7 +95,7 @@ def run_debug(runs: list[PlannedRun], *, train_fn: str | Callable[..., Any] | No
     out += [Outcome(r, "busy", detail="another process holds it") for r in busy]
     for r in todo:
         t0 = time.time()
-        code, _ = train_one(r.run_dir, fn, resample=resample)
+        code, _ = train_one(r.run_dir, fn, resample=resample, overrides=r.record_overrides() if eval_only else None)
         status = {EXIT_DONE: "done", EXIT_INTERRUPTED: "interrupted", EXIT_BUSY: "busy"}.get(code, "failed")
         out.append(Outcome(r, status, time.time() - t0))
     return out
@@ -93,6 +103,9 @@ def run_debug(runs: list[PlannedRun], *, train_fn: str | Callable[..., Any] | No
 
 def _spawn(run: PlannedRun, train_fn: str, threads: int | None, mode: str = "train",
            resample: bool = False) -> subprocess.Popen:
+    import json
+
+    overrides = run.record_overrides() if mode == "eval" else []  # run.json kept as it was: the worker's --set
     env = dict(os.environ)
     if threads:
         env.setdefault("OMP_NUM_THREADS", str(threads))
@@ -104,7 +117,8 @@ def _spawn(run: PlannedRun, train_fn: str, threads: int | None, mode: str = "tra
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} start on {socket.gethostname()} ===\n".encode())
         log.flush()
         proc = subprocess.Popen([sys.executable, "-m", "dimr_lab.runner.worker", str(run.run_dir),
-                                 "--train-fn", train_fn, "--mode", mode, *(["--resample"] if resample else [])],
+                                 "--train-fn", train_fn, "--mode", mode, *(["--resample"] if resample else []),
+                                 *(a for k, v in overrides for a in ("--set", f"{k}={json.dumps(v)}"))],
                                 stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env)
     finally:

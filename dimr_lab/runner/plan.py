@@ -39,6 +39,9 @@ class PlannedRun:
     ablation_file: str = ""
     variant_index: int = 0  # the variant's place in the file (the table keeps that order)
     reused_from: str = ""   # set when the runner copied a trained folder of the same identity (runner.reuse)
+    # `run --eval-only`: the plan run.json records (the file's, without the command line's sample./eval.
+    # settings); a readable run.json is then left as it is, and the worker gets record_overrides()
+    recorded: RunSpec | None = None
 
     @property
     def name(self) -> str:
@@ -55,6 +58,20 @@ class PlannedRun:
                          factors=self.factors, paper=self.paper, baseline=self.baseline, profile=self.profile,
                          ablation_file=self.ablation_file, executor=executor, created=time.time(),
                          reused_from=self.reused_from)
+
+    def record_overrides(self) -> list[tuple[str, Any]]:
+        """The settings (section.key, value) where this run's spec differs from what its folder's run.json
+        records: what a worker applies to the record when `run --eval-only` leaves it as it was. [] when they
+        agree or the record does not read (it is then written as planned)."""
+        from dimr_lab.errors import UserError
+        from dimr_lab.spec.run_spec import load_run_spec
+
+        try:
+            recorded = to_dict(load_run_spec(self.folder.read_record().spec, file=str(self.folder.record_path)))
+        except (UserError, OSError):
+            return []
+        return [(f"{section}.{key}", value) for section, values in to_dict(self.spec).items()
+                for key, value in values.items() if recorded.get(section, {}).get(key) != value]
 
     def pending_evaluations(self) -> list[int]:
         """The steps whose evaluation (with this run's settings) has not finished."""

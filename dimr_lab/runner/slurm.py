@@ -50,10 +50,13 @@ class TrainJob(submitit.helpers.Checkpointable):
     run's checkpoints/last.pt, so nothing is lost.
     """
 
-    def __init__(self, train_fn: str = DEFAULT_TRAIN_FN, lock_wait_s: float = 120.0, resample: bool = False) -> None:
+    def __init__(self, train_fn: str = DEFAULT_TRAIN_FN, lock_wait_s: float = 120.0, resample: bool = False,
+                 overrides: dict[str, list[tuple[str, Any]]] | None = None) -> None:
         self.train_fn = train_fn
         self.lock_wait_s = lock_wait_s
         self.resample = resample  # `run --resample`: the evaluations sample anew (pickled with the job, requeues too)
+        # `run --eval-only`: by run folder, the settings on top of its run.json (left as it was; worker.train_one)
+        self.overrides = dict(overrides or {})
 
     def __call__(self, run_dir: str) -> dict[str, Any]:
         from dimr_lab.dist import setup_env_from_slurm
@@ -74,7 +77,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         deadline = time.monotonic() + self.lock_wait_s
         while True:  # a requeued task may start while its predecessor is still letting go of the lock
             try:
-                code, result = train_one(Path(run_dir), fn, stop, resample=getattr(self, "resample", False))
+                overrides = getattr(self, "overrides", {}).get(run_dir)
+                code, result = train_one(Path(run_dir), fn, stop, resample=getattr(self, "resample", False),
+                                         **({"overrides": overrides} if overrides else {}))
             except UserError as err:  # a bad setting or file found on the node: one line in the job's log
                 print(f"error: {err}", file=sys.stderr, flush=True)
                 sys.exit(EXIT_BAD)
@@ -231,9 +236,11 @@ def submit(runs: list[PlannedRun], settings: SlurmSettings, *, ablation: str, ab
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=settings.max_requeues)
     executor.update_parameters(**executor_parameters(settings, ablation))
     fn = EVAL_FN if eval_only else (train_fn or DEFAULT_TRAIN_FN)
+    overrides = {str(r.run_dir): r.record_overrides() for r in todo} if eval_only else {}
     try:
         with _stderr_captured() as captured:  # sbatch's own complaint goes into the one line below
-            jobs = executor.map_array(TrainJob(fn, resample=resample), [str(r.run_dir) for r in todo])
+            jobs = executor.map_array(TrainJob(fn, resample=resample, overrides=overrides),
+                                      [str(r.run_dir) for r in todo])
     except (submitit.core.utils.FailedJobError, subprocess.SubprocessError, OSError) as err:
         _undo_submission(todo, made, records, base, before)
         raise UserError(f"sbatch refused the job array ({_sbatch_complaint(captured.get('text', ''), err)}); "

@@ -1,10 +1,11 @@
 """Train or evaluate one planned run from its folder:
-`python -m dimr_lab.runner.worker RUN_DIR [--mode train|eval] [--train-fn MOD:FN] [--resample]`.
+`python -m dimr_lab.runner.worker RUN_DIR [--mode train|eval] [--train-fn MOD:FN] [--resample] [--set KEY=JSON]`.
 
-Reads the resolved spec from RUN_DIR/run.json and calls the trainer (`train_run(spec, run_dir,
-should_stop=...)`, which takes the folder's lock, resumes or continues the run, and evaluates it) or,
-with `--mode eval`, only the evaluations (the run must have trained). `--resample` (from `dimr-lab run
---resample`) has its evaluations sample anew rather than take a finished sibling evaluation's samples
+Reads the resolved spec from RUN_DIR/run.json (with `--set` settings on top: `run --eval-only` leaves run.json
+as it was, the run's own plan, and hands the settings it evaluates with this way) and calls the trainer
+(`train_run(spec, run_dir, should_stop=...)`, which takes the folder's lock, resumes or continues the run, and
+evaluates it) or, with `--mode eval`, only the evaluations (the run must have trained). `--resample` (from
+`dimr-lab run --resample`) has its evaluations sample anew rather than take a finished sibling evaluation's samples
 (dimr_lab.eval.reuse); it reaches the function as resample=True, and is not passed at all otherwise.
 SIGINT/SIGTERM ask it to stop at the next step boundary (it saves a checkpoint first); one that came before
 it began (the local runner starts it with both blocked) stops it at once, interrupted.
@@ -51,14 +52,14 @@ def resolve_train_fn(ref: str | Callable[..., Any] | None) -> Callable[..., Any]
     return fn  # type: ignore[return-value]
 
 
-def load_planned_spec(run_dir: Path) -> tuple[Any, Any]:
-    """(RunSpec, RunRecord) of a planned run folder (run.json, validated again)."""
+def load_planned_spec(run_dir: Path, overrides: list[tuple[str, Any]] | None = None) -> tuple[Any, Any]:
+    """(RunSpec, RunRecord) of a planned run folder (run.json, validated again, with `overrides` on top)."""
     from dimr_lab.rundir import RunDir
     from dimr_lab.spec.run_spec import load_run_spec
 
     run = RunDir(run_dir)
     record = run.read_record()
-    return load_run_spec(record.spec, file=str(run.record_path)), record
+    return load_run_spec(record.spec, overrides, file=str(run.record_path)), record
 
 
 def pending_evaluations(spec: Any, run_dir: Path) -> list[int]:
@@ -85,13 +86,14 @@ class StopFlag:
 
 
 def train_one(run_dir: Path, train_fn: Callable[..., Any], should_stop: Callable[[], bool] | None = None,
-              resample: bool = False) -> tuple[int, dict | None]:
+              resample: bool = False, overrides: list[tuple[str, Any]] | None = None) -> tuple[int, dict | None]:
     """Train (or resume, continue, evaluate) the run in run_dir: (exit status, trainer result). `resample` is
-    passed on as resample=True only when set (a trainer of tests need not take it)."""
+    passed on as resample=True only when set (a trainer of tests need not take it); `overrides` go on top of
+    run.json's spec (PlannedRun.record_overrides)."""
     from dimr_lab.rundir import RunBusy
 
     run_dir = Path(run_dir)
-    spec, _ = load_planned_spec(run_dir)
+    spec, _ = load_planned_spec(run_dir, overrides)
     if not pending_evaluations(spec, run_dir):
         return EXIT_DONE, None
     try:
@@ -102,10 +104,24 @@ def train_one(run_dir: Path, train_fn: Callable[..., Any], should_stop: Callable
         return EXIT_INTERRUPTED, result
     if isinstance(result, dict) and "rank" in result:
         return EXIT_DONE, result
-    if pending_evaluations(spec, run_dir):
-        raise RuntimeError(f"the trainer returned without the evaluations {pending_evaluations(spec, run_dir)} "
-                           f"of {run_dir}")
+    missing = pending_evaluations(spec, run_dir)
+    if missing:
+        raise RuntimeError(f"the trainer returned without the evaluations {missing} of {run_dir}")
     return EXIT_DONE, result if isinstance(result, dict) else None
+
+
+def _json_settings(items: list[str]) -> list[tuple[str, Any]]:
+    """['sample.steps=3', 'eval.metrics=["fid"]'] -> [('sample.steps', 3), ('eval.metrics', ['fid'])]"""
+    import json
+
+    out = []
+    for item in items:
+        key, _, raw = item.partition("=")
+        try:
+            out.append((key, json.loads(raw)))
+        except ValueError:
+            raise UserError(f"--set {item!r}: expected KEY=JSON") from None
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("train", "eval"), default="train")
     p.add_argument("--resample", action="store_true", help="evaluations sample anew (no samples taken from a "
                                                            "finished sibling evaluation)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=JSON",
+                   help="a setting on top of run.json's spec (run --eval-only's); repeatable")
     args = p.parse_args(argv)
     stop = StopFlag()
     signal.signal(signal.SIGINT, stop.set)
@@ -126,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     try:
         fn = resolve_train_fn(EVAL_FN if args.mode == "eval" else args.train_fn)
-        code, _ = train_one(args.run_dir, fn, stop, resample=args.resample)
+        code, _ = train_one(args.run_dir, fn, stop, resample=args.resample, overrides=_json_settings(args.overrides))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return EXIT_BAD

@@ -141,14 +141,27 @@ class ModelSpec:
         out = copy.deepcopy(self)
         for b in out.branches:
             if BLOCKS.meta(b.block, "uses_attention") and not b.heads:
-                b.heads = max(1, b.width // 64)
-                while b.width % b.heads:
-                    b.heads -= 1
+                b.heads = _default_heads(b.width)
             if not b.mlp_width:
                 b.mlp_width = MLPS.meta(out.mlp, "default_ratio") * b.width
         if not out.out_channels:
             out.out_channels = out.in_channels
         return out
+
+    def unresolved(self) -> dict[str, Any]:
+        """This resolved spec as data with each value resolve() would derive as it is (a branch's heads and MLP
+        width, out_channels) left to derive (0), so that an override of what it derives from (mlp, a branch's
+        width or block, in_channels) derives it again, as on the spec the network was resolved from (a value
+        set to what it would derive anyway is read as derived)."""
+        data = to_dict(self)
+        for b, raw in zip(self.branches, data["branches"]):
+            if BLOCKS.meta(b.block, "uses_attention") and b.heads == _default_heads(b.width):
+                raw["heads"] = 0
+            if b.mlp_width == MLPS.meta(self.mlp, "default_ratio") * b.width:
+                raw["mlp_width"] = 0
+        if self.out_channels == self.in_channels:
+            data["out_channels"] = 0
+        return data
 
     def resolutions(self) -> list[int]:
         """Token grid side of each branch, lowest first."""
@@ -160,6 +173,14 @@ class ModelSpec:
         for b, r in zip(self.branches, self.resolutions()):
             out.append(r * b.patch if HEADS.meta(self.head, "unpatchify") else r)
         return out
+
+
+def _default_heads(width: int) -> int:
+    """Attention heads of a branch that sets none: one per 64 channels, down to a divisor of the width."""
+    heads = max(1, width // 64)
+    while width % heads:
+        heads -= 1
+    return heads
 
 
 def resolve_model(data: "dict[str, Any] | str | ModelSpec", *, file: str | None = None, key: str = "",
