@@ -134,3 +134,24 @@ def classifier_cache(classifier_store, tmp_path, monkeypatch):
     monkeypatch.setenv("DIMR_LAB_CACHE", str(cache))
     yield cache
     classifiers_to_store(cache, classifier_store)
+
+
+def tiny_evaluated_ablation(name: str, seeds: str = "[0]", variants: str = '[[variant]]\nname = "a"\n') -> str:
+    """An ablation file's text whose runs train two steps of a tiny two-branch network and evaluate 8 samples
+    by sample accuracy: for tests of what runs and evaluations do, in seconds."""
+    return f"""
+[ablation]
+name = "{name}"
+seeds = {seeds}
+[base]
+"model.preset" = "dimr_tiny_2r"
+"model.branches" = [{{ width = 16, depth = 1, heads = 2 }}, {{ width = 8, depth = 1 }}]
+"data.train_size" = 64
+"train.steps" = 2
+"train.batch_size" = 8
+"sample.steps" = 2
+"sample.grid_size" = 2
+"eval.samples" = 8
+"eval.batch_size" = 8
+"eval.metrics" = ["sample_accuracy"]
+{variants}"""

@@ -246,10 +246,9 @@ def test_the_readme_ablation_example_runs_as_written(tmp_path):
     assert all(r.spec.train.ema_warmup and r.spec.notes() == [] for r in runs)
 
 
-def test_init_draws_is_tdln_vs_adaln_but_for_how_the_weights_are_drawn(tmp_path):
-    """ablations/init_draws.toml's promise: its runs are tdln_vs_adaln's TD-LN and adaLN-Zero runs, seed for
-    seed and profile for profile, with train.init_draws = "by_name" the one difference (RESULTS.md compares
-    the spread of their per-seed differences across the two files)."""
+def _beside_tdln_vs_adaln(name: str, tmp_path) -> "list[tuple[str, object, object, set[str]]]":
+    """ablations/<name>.toml's runs beside tdln_vs_adaln's TD-LN and adaLN-Zero runs of the same profile, variant
+    and seed: (profile, its run, tdln_vs_adaln's run, the run-spec keys whose values differ)."""
     from dataclasses import asdict
 
     def flat(d, prefix=""):
@@ -258,18 +257,28 @@ def test_init_draws_is_tdln_vs_adaln_but_for_how_the_weights_are_drawn(tmp_path)
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
 
-    by_name, stream = (load_ablation(ROOT / "ablations" / f"{n}.toml") for n in ("init_draws", "tdln_vs_adaln"))
-    assert by_name.profile_names() == stream.profile_names()
-    for profile in by_name.profile_names():
-        ours = {(r.variant, r.seed): r for r in expand(by_name, profile, results=tmp_path / "a")}
-        theirs = {(r.variant, r.seed): r for r in expand(stream, profile, results=tmp_path / "b")
+    ours_file, theirs_file = (load_ablation(ROOT / "ablations" / f"{n}.toml") for n in (name, "tdln_vs_adaln"))
+    assert ours_file.profile_names() == theirs_file.profile_names()
+    pairs = []
+    for profile in ours_file.profile_names():
+        ours = {(r.variant, r.seed): r for r in expand(ours_file, profile, results=tmp_path / "a")}
+        theirs = {(r.variant, r.seed): r for r in expand(theirs_file, profile, results=tmp_path / "b")
                   if r.variant in ("tdln", "adaln_zero")}
         assert ours.keys() == theirs.keys() and {v for v, _ in ours} == {"tdln", "adaln_zero"}, profile
         for key, run in ours.items():
             a, b = flat(asdict(run.spec)), flat(asdict(theirs[key].spec))
-            assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {"train.init_draws"}, (profile, key)
-            assert (a["train.init_draws"], b["train.init_draws"]) == ("by_name", "stream")
             assert run.paper == theirs[key].paper
+            pairs.append((profile, run, theirs[key], {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}))
+    return pairs
+
+
+def test_init_draws_is_tdln_vs_adaln_but_for_how_the_weights_are_drawn(tmp_path):
+    """ablations/init_draws.toml's promise: its runs are tdln_vs_adaln's TD-LN and adaLN-Zero runs, seed for
+    seed and profile for profile, with train.init_draws = "by_name" the one difference (RESULTS.md compares
+    the spread of their per-seed differences across the two files)."""
+    for profile, ours, theirs, differ in _beside_tdln_vs_adaln("init_draws", tmp_path):
+        assert differ == {"train.init_draws"}, (profile, ours.variant, ours.seed)
+        assert (ours.spec.train.init_draws, theirs.spec.train.init_draws) == ("by_name", "stream")
 
 
 def test_tdln_vs_adaln_long_is_tdln_vs_adaln_trained_longer(tmp_path):
@@ -277,26 +286,9 @@ def test_tdln_vs_adaln_long_is_tdln_vs_adaln_trained_longer(tmp_path):
     seed for seed and profile for profile, the same identities (what they train), with only the number of
     steps and the evaluation points changed: longer in every CPU and GPU profile, evaluating every step the
     shorter run evaluates."""
-    from dataclasses import asdict
-
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    long, short = (load_ablation(ROOT / "ablations" / f"{n}.toml") for n in ("tdln_vs_adaln_long", "tdln_vs_adaln"))
-    assert long.profile_names() == short.profile_names()
-    for profile in long.profile_names():
-        ours = {(r.variant, r.seed): r for r in expand(long, profile, results=tmp_path / "a")}
-        theirs = {(r.variant, r.seed): r for r in expand(short, profile, results=tmp_path / "b")
-                  if r.variant in ("tdln", "adaln_zero")}
-        assert ours.keys() == theirs.keys() and {v for v, _ in ours} == {"tdln", "adaln_zero"}, profile
-        for key, run in ours.items():
-            a, b = flat(asdict(run.spec)), flat(asdict(theirs[key].spec))
-            assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} <= {"train.steps", "eval.steps"}, profile
-            assert run.spec.identity() == theirs[key].spec.identity() and run.run_dir.name == theirs[key].run_dir.name
-            assert run.paper == theirs[key].paper
-            if profile != "paper":
-                assert run.spec.train.steps == 2 * theirs[key].spec.train.steps, profile
-                assert set(theirs[key].spec.eval_steps()) < set(run.spec.eval_steps()), profile
+    for profile, ours, theirs, differ in _beside_tdln_vs_adaln("tdln_vs_adaln_long", tmp_path):
+        assert differ <= {"train.steps", "eval.steps"}, profile
+        assert ours.spec.identity() == theirs.spec.identity() and ours.run_dir.name == theirs.run_dir.name
+        if profile != "paper":
+            assert ours.spec.train.steps == 2 * theirs.spec.train.steps, profile
+            assert set(theirs.spec.eval_steps()) < set(ours.spec.eval_steps()), profile

@@ -1040,10 +1040,6 @@ def test_run_resample_reaches_each_runs_evaluations_and_names_no_other_run(tmp_p
 def test_run_resample_travels_in_the_slurm_job_payload(tmp_path, monkeypatch):
     """The SLURM runner pickles TrainJob into the job: `submit(..., resample=True)` puts resample on it, and the
     job on the node hands it to the trainer (the same TrainJob is requeued as it is)."""
-    import pickle
-
-    import submitit
-
     from dimr_lab.runner import slurm
     from dimr_lab.runner.plan import expand
     from dimr_lab.spec.ablation import load_ablation
@@ -1051,26 +1047,7 @@ def test_run_resample_travels_in_the_slurm_job_payload(tmp_path, monkeypatch):
 
     abl = load_ablation(write_ablation(tmp_path, seeds="[0]"))
     runs = expand(abl, results=tmp_path / "results", only=["a"])
-    sent = []
-
-    class FakeJob:
-        def __init__(self, i):
-            self.job_id = f"77_{i}"
-            self.paths = type("P", (), {"folder": tmp_path, "stdout": tmp_path / "o", "stderr": tmp_path / "e"})
-
-    class FakeExecutor:
-        def __init__(self, **kwargs):
-            pass
-
-        def update_parameters(self, **kwargs):
-            pass
-
-        def map_array(self, fn, args):
-            sent.append(pickle.loads(pickle.dumps(fn)))
-            return [FakeJob(i) for i in range(len(args))]
-
-    monkeypatch.setattr(slurm, "live_jobs", lambda runs: {})
-    monkeypatch.setattr(submitit, "SlurmExecutor", FakeExecutor)
+    sent = _fake_sbatch(monkeypatch, tmp_path)
     for resample in (True, False):
         slurm.submit(runs, slurm_settings(abl), ablation=abl.name, ablation_dir=runs[0].run_dir.parent,
                      train_fn=STANDIN, resample=resample)
@@ -1107,10 +1084,6 @@ def test_a_trainer_that_returns_without_its_evaluations_is_named_with_the_steps_
 def test_run_eval_only_hands_its_settings_to_the_slurm_job_and_keeps_the_runs_record(tmp_path, monkeypatch):
     """`run --eval-only --set sample.*` on SLURM: the job read the settings from run.json, which submit rewrote
     with them (the run's plan lost). run.json stays; the settings travel in the job's payload, by run folder."""
-    import pickle
-
-    import submitit
-
     from dimr_lab.runner import slurm
     from dimr_lab.runner.local import write_record
     from dimr_lab.runner.plan import expand
@@ -1124,11 +1097,33 @@ def test_run_eval_only_hands_its_settings_to_the_slurm_job_and_keeps_the_runs_re
     record = own.folder.record_path.read_bytes()
     (run,) = expand(abl, overrides=[("sample.guidance_scale", 0.5)], results=tmp_path / "results", only=["a"])
     run.recorded = own.spec  # as `run --eval-only` plans it
+    sent = _fake_sbatch(monkeypatch, tmp_path)
+    slurm.submit([run], slurm_settings(abl), ablation=abl.name, ablation_dir=run.run_dir.parent, eval_only=True)
+    assert own.folder.record_path.read_bytes() == record
+    calls = []
+    monkeypatch.setattr(slurm, "train_one", lambda run_dir, fn, stop, resample=False, overrides=None:
+                        (calls.append(overrides), (0, {"done": True}))[1])
+    monkeypatch.setattr(slurm.signal, "signal", lambda *a: None)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    sent[0](str(run.run_dir))
+    assert calls == [[("sample.guidance_scale", 0.5)]]
+
+
+def _fake_sbatch(monkeypatch, tmp_path) -> list:
+    """submitit's SlurmExecutor replaced by one that submits nothing: the list it returns collects each job
+    array's pickled-and-unpickled TrainJob (what a node would run)."""
+    import pickle
+
+    import submitit
+
+    from dimr_lab.runner import slurm
+
     sent = []
 
     class FakeJob:
-        job_id = "78_0"
-        paths = type("P", (), {"folder": tmp_path, "stdout": tmp_path / "o", "stderr": tmp_path / "e"})
+        def __init__(self, i):
+            self.job_id = f"77_{i}"
+            self.paths = type("P", (), {"folder": tmp_path, "stdout": tmp_path / "o", "stderr": tmp_path / "e"})
 
     class FakeExecutor:
         def __init__(self, **kwargs):
@@ -1139,16 +1134,8 @@ def test_run_eval_only_hands_its_settings_to_the_slurm_job_and_keeps_the_runs_re
 
         def map_array(self, fn, args):
             sent.append(pickle.loads(pickle.dumps(fn)))
-            return [FakeJob() for _ in args]
+            return [FakeJob(i) for i in range(len(args))]
 
     monkeypatch.setattr(slurm, "live_jobs", lambda runs: {})
     monkeypatch.setattr(submitit, "SlurmExecutor", FakeExecutor)
-    slurm.submit([run], slurm_settings(abl), ablation=abl.name, ablation_dir=run.run_dir.parent, eval_only=True)
-    assert own.folder.record_path.read_bytes() == record
-    calls = []
-    monkeypatch.setattr(slurm, "train_one", lambda run_dir, fn, stop, resample=False, overrides=None:
-                        (calls.append(overrides), (0, {"done": True}))[1])
-    monkeypatch.setattr(slurm.signal, "signal", lambda *a: None)
-    monkeypatch.delenv("SLURM_PROCID", raising=False)
-    sent[0](str(run.run_dir))
-    assert calls == [[("sample.guidance_scale", 0.5)]]
+    return sent

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dimr_lab.spec.run_spec import load_run_spec
-from conftest import classifiers_from_store, classifiers_to_store, cli
+from conftest import classifiers_from_store, classifiers_to_store, cli, tiny_evaluated_ablation
 
 TINY = [("model.preset", "dimr_tiny_2r"), ("model.branches", [{"width": 32, "depth": 2, "heads": 2},
                                                                {"width": 16, "depth": 1}]),
@@ -695,24 +695,7 @@ def test_an_evaluation_session_keeps_a_sessions_json_damaged_under_it_aside(tmp_
     assert [(r["kind"], r["outcome"]) for r in rows] == [("start", "done"), ("eval", "done")]
 
 
-AGAIN = """
-[ablation]
-name = "again"
-seeds = [0]
-[base]
-"model.preset" = "dimr_tiny_2r"
-"model.branches" = [{ width = 16, depth = 1, heads = 2 }, { width = 8, depth = 1 }]
-"data.train_size" = 64
-"train.steps" = 2
-"train.batch_size" = 8
-"sample.steps" = 2
-"sample.grid_size" = 2
-"eval.samples" = 8
-"eval.batch_size" = 8
-"eval.metrics" = ["sample_accuracy"]
-[[variant]]
-name = "a"
-"""
+AGAIN = tiny_evaluated_ablation("again")
 
 
 @pytest.mark.parametrize("executor", ["debug", "local"])

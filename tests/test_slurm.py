@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_evaluated_ablation
 from test_runner import STANDIN, TESTS, cli, final_metrics, run_dirs, standin_train, write_ablation
 
 pytestmark = pytest.mark.slurm
@@ -267,27 +268,8 @@ def test_cancel_queued(tmp_path, capsys, job_env):
         _scancel_all([results])
 
 
-EVAL_ONLY = """
-[ablation]
-name = "evalonly"
-seeds = [0, 1]
-[base]
-"model.preset" = "dimr_tiny_2r"
-"model.branches" = [{ width = 16, depth = 1, heads = 2 }, { width = 8, depth = 1 }]
-"data.train_size" = 64
-"train.steps" = 2
-"train.batch_size" = 8
-"sample.steps" = 2
-"sample.grid_size" = 2
-"eval.samples" = 8
-"eval.batch_size" = 8
-"eval.metrics" = ["sample_accuracy"]
-[[variant]]
-name = "a"
-[[variant]]
-name = "b"
-"train.lr" = 1e-3
-"""
+EVAL_ONLY = tiny_evaluated_ablation("evalonly", "[0, 1]",
+                                    '[[variant]]\nname = "a"\n[[variant]]\nname = "b"\n"train.lr" = 1e-3\n')
 
 
 def test_eval_only_evaluates_every_run_as_an_array(tmp_path, capsys, job_env, classifier_cache):
