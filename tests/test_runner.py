@@ -1139,3 +1139,22 @@ def _fake_sbatch(monkeypatch, tmp_path) -> list:
     monkeypatch.setattr(slurm, "live_jobs", lambda runs: {})
     monkeypatch.setattr(submitit, "SlurmExecutor", FakeExecutor)
     return sent
+
+
+def test_status_shows_a_finished_run_that_a_process_evaluates_again_as_running(tmp_path, standin_env):
+    """`run --eval-only --set sample.*` leaves run.json as planned, so the run's own plan is done while its worker
+    evaluates it with other settings: status says running (who holds it), not done, until that process ends."""
+    from dimr_lab.rundir import run_lock
+    from dimr_lab.runner.local import run_local
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.runner.status import collect
+    from dimr_lab.spec.ablation import load_ablation
+
+    abl = load_ablation(write_ablation(tmp_path, seeds="[0]"))
+    runs = expand(abl, results=tmp_path / "r", only=["a"])
+    assert [o.status for o in run_local(runs, train_fn=STANDIN, show_progress=False)] == ["done"]
+    assert [s.state for s in collect(tmp_path / "r")] == ["done"]
+    with run_lock(runs[0].run_dir, purpose="eval"):
+        (st,) = collect(tmp_path / "r")
+        assert st.state == "running" and "evaluating beyond its plan" in st.detail and str(os.getpid()) in st.detail
+    assert [s.state for s in collect(tmp_path / "r")] == ["done"]

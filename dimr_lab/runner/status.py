@@ -161,6 +161,8 @@ def _one(run: RunDir, job: dict[str, Any] | None, slurm: dict[str, tuple[str, st
     if not pending:
         st.state = "done"
         st.step = spec.train.steps
+        if is_locked(d):  # its plan is done, and a process evaluates it with other settings (run --eval-only --set)
+            st.state, st.detail = "running", f"evaluating beyond its plan: {_holder(d)}"
         return st
     if bad:
         st.state, st.detail = "failed", bad[0].problem
