@@ -1054,8 +1054,8 @@ def test_run_resample_travels_in_the_slurm_job_payload(tmp_path, monkeypatch):
     assert [job.resample for job in sent] == [True, False]
 
     calls = []
-    monkeypatch.setattr(slurm, "train_one", lambda run_dir, fn, stop, resample=False: (calls.append(resample),
-                                                                                       (0, {"done": True}))[1])
+    monkeypatch.setattr(slurm, "train_one", lambda run_dir, fn, stop, resample=False, overrides=None:
+                        (calls.append(resample), (0, {"done": True}))[1])
     monkeypatch.setattr(slurm.signal, "signal", lambda *a: None)
     monkeypatch.delenv("SLURM_PROCID", raising=False)
     for job in sent:

@@ -77,9 +77,8 @@ class TrainJob(submitit.helpers.Checkpointable):
         deadline = time.monotonic() + self.lock_wait_s
         while True:  # a requeued task may start while its predecessor is still letting go of the lock
             try:
-                overrides = getattr(self, "overrides", {}).get(run_dir)
                 code, result = train_one(Path(run_dir), fn, stop, resample=getattr(self, "resample", False),
-                                         **({"overrides": overrides} if overrides else {}))
+                                         overrides=getattr(self, "overrides", {}).get(run_dir))
             except UserError as err:  # a bad setting or file found on the node: one line in the job's log
                 print(f"error: {err}", file=sys.stderr, flush=True)
                 sys.exit(EXIT_BAD)
