@@ -292,3 +292,40 @@ def test_tdln_vs_adaln_long_is_tdln_vs_adaln_trained_longer(tmp_path):
         if profile != "paper":
             assert ours.spec.train.steps == 2 * theirs.spec.train.steps, profile
             assert set(theirs.spec.eval_steps()) < set(ours.spec.eval_steps()), profile
+
+
+def test_tdln_vs_adaln_matched_matches_parameters_by_depth_alone(tmp_path):
+    """ablations/tdln_vs_adaln_matched.toml's promise: tdln and adaln_zero are tdln_vs_adaln_long's runs (the
+    same specs, so the same folders and identities: their trained state is reused), and each matched variant
+    is its norm's network with only the Transformer branch's depth changed, landing within 10% of the other
+    norm's parameter count in every profile, on the side of fewer."""
+    from dataclasses import asdict, replace
+
+    from dimr_lab.spec.counts import lookup
+
+    ours_file, long_file = (load_ablation(ROOT / "ablations" / f"{n}.toml")
+                            for n in ("tdln_vs_adaln_matched", "tdln_vs_adaln_long"))
+    assert ours_file.profile_names() == long_file.profile_names()
+    for profile in ours_file.profile_names():
+        ours = {(r.variant, r.seed): r for r in expand(ours_file, profile, results=tmp_path / "a")}
+        long = {(r.variant, r.seed): r for r in expand(long_file, profile, results=tmp_path / "b")}
+        seeds = {s for _, s in long}
+        assert {v for v, _ in ours} == {"tdln", "adaln_zero", "tdln_deep", "adaln_zero_shallow"}, profile
+        assert {s for _, s in ours} == seeds, profile
+        for key, run in long.items():
+            assert asdict(ours[key].spec) == asdict(run.spec), (profile, key)
+            assert ours[key].run_dir.name == run.run_dir.name and ours[key].paper == run.paper
+        params = {}
+        for (variant, seed), run in ours.items():
+            params[variant] = lookup(run.spec.model)["params"]  # shipped in counts.json (test_counts recounts)
+        for matched, own, other in (("tdln_deep", "tdln", "adaln_zero"), ("adaln_zero_shallow", "adaln_zero", "tdln")):
+            for seed in seeds:
+                m, base = ours[(matched, seed)].spec, ours[(own, seed)].spec
+                depth = m.model.branches[0].depth
+                assert depth != base.model.branches[0].depth, (profile, matched)
+                # the matched network is its norm's network but for branch 0's depth: same training, same rest
+                same = replace(m, model=replace(m.model, branches=[replace(m.model.branches[0],
+                                                                           depth=base.model.branches[0].depth),
+                                                                   *m.model.branches[1:]]))
+                assert asdict(same) == asdict(base), (profile, matched, seed)
+            assert 0.9 * params[other] <= params[matched] <= params[other], (profile, matched, params)
