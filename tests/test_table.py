@@ -753,6 +753,51 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys, case):
         assert "no finished runs" in errors[0]
 
 
+def test_pairs_replace_the_default_steps_and_holm_counts_only_them(tree, capsys):
+    """--pair FROM:TO: the comparison a question needs (a matched variant against the other norm, say) when it
+    is neither a published step nor against the baseline; the verdict still reads the paper's sign where both
+    sides are published in one table."""
+    runs = collect(tree)[0]
+    default = step_statistics(runs)
+    assert "ln_token → adaln" not in set(default["step"])
+    stats = step_statistics(runs, compare=[("ln_token", "adaln"), ("tdln", "adaln")])
+    assert list(stats["step"]) == ["ln_token → adaln", "tdln → adaln"]
+    got = stats.set_index("step")
+    assert got.loc["ln_token → adaln", "diff"] == pytest.approx(4.2 - 5.5)
+    assert got.loc["ln_token → adaln", "verdict"] == "no published sign"  # ln_token has no published row
+    assert got.loc["tdln → adaln", "paper_diff"] == pytest.approx(7.91 - 5.21)  # Table 2 rows 4 -> 3
+    raw = sorted(stats["p_t"])
+    assert stats["p_holm"].min() == pytest.approx(min(1.0, 2 * raw[0]))  # Holm over the two pairs given
+    alone = step_statistics(runs, compare=[("ln_token", "adaln")]).iloc[0]
+    assert alone["p_holm"] == pytest.approx(alone["p_t"])  # one pair: nothing to correct for
+    code, out, err = cli(["table", tree, "--steps", "--pair", "ln_token:adaln", "--format", "markdown"], capsys)
+    assert code == 0 and "ln_token → adaln" in out and "tdln → adaln" not in out and "k = 1 steps" in out
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--steps", "--pair", "tdln:adaln_zro"], "unknown variant 'adaln_zro'"),
+    (["--steps", "--pair", "tdln"], "give FROM:TO"),
+    (["--steps", "--pair", "tdln:tdln"], "give FROM:TO"),
+    (["--pair", "tdln:adaln"], "only with --steps"),
+])
+def test_a_bad_pair_is_one_line_and_exit_2(tree, capsys, extra, says):
+    code, out, err = cli(["table", tree, *extra], capsys)
+    assert code == 2 and out == ""
+    errors = [line for line in err.splitlines() if not line.startswith("warning: ")]
+    assert len(errors) == 1 and says in errors[0], err
+
+
+def test_a_pair_from_two_ablations_is_not_compared(tree, capsys):
+    """Pairs compare within one ablation: variants that exist only in different ablations are no step."""
+    for seed in range(3):
+        write_run(tree, "other", "wide", seed, metrics_for(3.0 + seed, seed), variant_index=0)
+        write_run(tree, "other", "narrow", seed, metrics_for(4.0 + seed, seed), variant_index=1)
+    code, out, err = cli(["table", tree, "--steps", "--pair", "tdln:wide"], capsys)
+    assert code == 2 and "no ablation under" in err and "tdln:wide" in err
+    code, out, err = cli(["table", tree, "--steps", "--pair", "narrow:wide", "--format", "csv"], capsys)
+    assert code == 0 and len(pd.read_csv(io.StringIO(out))) == 1
+
+
 @pytest.mark.parametrize("option", ["--out", "--plot", "--curves"])
 def test_cli_refuses_to_overwrite_a_file_without_force(tree, tmp_path, capsys, option):
     # `--out RESULTS.md` or a committed curves.png: an existing file is replaced only with --force

@@ -32,6 +32,9 @@ def table_cmd(
                                                        "published numbers, and each unpublished variant vs the "
                                                        "baseline, "
                                                        "paired by seed, Holm-adjusted, read against the paper."),
+    pair: Optional[List[str]] = typer.Option(None, "--pair", help="--steps: compare these variants instead, "
+                                                                  "FROM:TO (e.g. tdln_deep:adaln_zero); "
+                                                                  "repeatable, Holm over the pairs given."),
     step: Optional[int] = typer.Option(None, "--step", help="Use the evaluations at this training step "
                                                              "(default: each run's latest)."),
     eval_filter: Optional[List[str]] = typer.Option(None, "--eval", help="Only evaluations with this setting, "
@@ -62,7 +65,7 @@ def table_cmd(
             check_out_file(path, option)
     text = render_table(results_dir, fmt=fmt, plot=plot, steps=steps, step=step, eval_filter=eval_filter,
                         columns=columns, metrics=metrics, wide=wide, curves=curves, test=test,
-                        skip_damaged=skip_damaged)
+                        skip_damaged=skip_damaged, compare=pair)
     if out is None:
         typer.echo(text, nl=False)
         return

@@ -33,6 +33,19 @@ __all__ = ["render_table", "collect", "collect_curves", "aggregate", "format_tab
            "TESTS"]
 
 
+def parse_compare(items: Iterable[str] | None) -> list[tuple[str, str]]:
+    """--pair FROM:TO items as (from, to) variant pairs, in order, each once; a malformed item is a UserError."""
+    out: list[tuple[str, str]] = []
+    for item in items or ():
+        parts = str(item).split(":")
+        if len(parts) != 2 or not all(p.strip() for p in parts) or parts[0].strip() == parts[1].strip():
+            raise UserError(f"--pair {item!r}: give FROM:TO, two different variant names (e.g. tdln:adaln_zero)")
+        pair = (parts[0].strip(), parts[1].strip())
+        if pair not in out:
+            out.append(pair)
+    return out
+
+
 def _warn_stderr(line: str) -> None:
     print(f"warning: {line}", file=sys.stderr)
 
@@ -41,10 +54,11 @@ def render_table(results_dir: str | Path, fmt: str = "rich", plot: str | Path | 
                  on_warning: Callable[[str], None] | None = None, steps: bool = False, step: int | None = None,
                  eval_filter: Iterable[Any] | None = None, columns: Any = None, metrics: Any = None,
                  wide: bool = False, curves: str | Path | None = None, test: str = "t",
-                 skip_damaged: bool = False) -> str:
+                 skip_damaged: bool = False, compare: Iterable[str] | None = None) -> str:
     """collect + aggregate + format_table (or step_statistics with steps=True), plus the plots asked for;
     warning lines go to on_warning (default: stderr, prefixed 'warning: '). A damaged record or metrics file
-    stops it (UserError) unless skip_damaged, which leaves those runs out with a warning."""
+    stops it (UserError) unless skip_damaged, which leaves those runs out with a warning. `compare` (steps
+    only): 'FROM:TO' variant pairs that replace the default steps (see parse_compare)."""
     # every argument is checked before the (slow) walk over the results tree
     if fmt not in FORMATS:
         raise UserError("--format: " + unknown_name_message("table format", fmt, FORMATS))
@@ -52,6 +66,9 @@ def render_table(results_dir: str | Path, fmt: str = "rich", plot: str | Path | 
         raise UserError("--test: " + unknown_name_message("test", test, TESTS))
     chosen, _ = parse_metrics(metrics), parse_columns(columns)
     pairs = parse_eval_filter(eval_filter)
+    chosen_pairs = parse_compare(compare)
+    if chosen_pairs and not steps:
+        raise UserError("--pair: only with --steps (it chooses which variants the paired statistics compare)")
     warn = on_warning or _warn_stderr
     with quiet():
         # with curves: the tree read once, for both (held in memory); without: each run dropped once it is a row
@@ -79,7 +96,16 @@ def render_table(results_dir: str | Path, fmt: str = "rich", plot: str | Path | 
                     warn(line)
             plot_curves(found if not found.empty else runs, curves, metric=first)
         if steps:
-            stats = step_statistics(runs, metric=first, test=test)
+            if chosen_pairs:
+                known = sorted(set(runs["variant"]))
+                for name in dict.fromkeys(n for pair in chosen_pairs for n in pair):
+                    if name not in known:
+                        raise UserError(f"--pair: {results_dir}: " + unknown_name_message("variant", name, known))
+            stats = step_statistics(runs, metric=first, test=test, compare=chosen_pairs or None)
+            if stats.empty and chosen_pairs:
+                raise UserError(f"--pair: no ablation under {results_dir} has both variants of "
+                                f"{', '.join(f'{a}:{b}' for a, b in chosen_pairs)} (pairs compare within one "
+                                f"ablation, profile and grid point)")
             if stats.empty:
                 raise UserError(f"no two variants to compare under {results_dir}")
             return format_steps(stats, fmt)

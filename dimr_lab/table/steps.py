@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -131,10 +131,13 @@ def _why_unpaired(left: pd.DataFrame, right: pd.DataFrame, seeds: list[Any], a: 
 
 
 @quietly
-def step_statistics(runs: pd.DataFrame, metric: str = "fid", test: str = "t") -> pd.DataFrame:
+def step_statistics(runs: pd.DataFrame, metric: str = "fid", test: str = "t",
+                    compare: Sequence[tuple[str, str]] | None = None) -> pd.DataFrame:
     """Every step of every ablation/profile/grid with paired-by-seed statistics of `metric` (see
     dimr_lab.stats), p_holm from `test` ("t": paired t, "perm": exact sign flip) over the steps read
-    together, and the verdict against the paper's difference."""
+    together, and the verdict against the paper's difference. `compare`, (from, to) variant pairs, replaces
+    the default steps: each ablation/profile/grid holding both variants of a pair gets that step, and Holm
+    runs over the pairs it holds."""
     if test not in TESTS:
         raise UserError(unknown_name_message("test", test, TESTS))
     if runs.empty or metric not in runs:
@@ -142,7 +145,12 @@ def step_statistics(runs: pd.DataFrame, metric: str = "fid", test: str = "t") ->
     paper_col = PAPER_OF.get(metric)
     records = []
     for (ablation, profile, grid), group in runs.groupby(["ablation", "profile", "grid"], sort=False):
-        steps = [_step(group, a, b, metric, paper_col) for a, b in _pairs(group, paper_col)]
+        if compare is None:
+            chosen = _pairs(group, paper_col)
+        else:
+            present = set(group["variant"])
+            chosen = [(a, b) for a, b in compare if a in present and b in present]
+        steps = [_step(group, a, b, metric, paper_col) for a, b in chosen]
         # Holm over the comparable steps of this table; a step across datasets is no test
         tested = [i for i, s in enumerate(steps) if s.get("verdict") != NOT_COMPARED]
         judged = stats.compare_steps([steps[i] for i in tested], alpha=ALPHA, p_key=TESTS[test]) if tested else []
