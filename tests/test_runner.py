@@ -1158,3 +1158,41 @@ def test_status_shows_a_finished_run_that_a_process_evaluates_again_as_running(t
         (st,) = collect(tmp_path / "r")
         assert st.state == "running" and "evaluating beyond its plan" in st.detail and str(os.getpid()) in st.detail
     assert [s.state for s in collect(tmp_path / "r")] == ["done"]
+
+
+def test_cancel_stops_a_local_worker_evaluating_a_finished_run_beyond_its_plan(tmp_path, capsys, standin_env):
+    """`run --eval-only --set sample.*` on a finished run: its worker holds the folder while status shows the run
+    as running (no executor: the plan is done). cancel stops that worker, as it stops a training one, and leaves
+    alone a process holding the folder that is no worker of it (`dimr-lab eval` in a terminal)."""
+    import signal
+    import subprocess
+    import sys
+
+    from dimr_lab.runner.local import run_local
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.spec.ablation import load_ablation
+
+    abl = load_ablation(write_ablation(tmp_path, seeds="[0]"))
+    runs = expand(abl, results=tmp_path / "r", only=["a"])
+    assert [o.status for o in run_local(runs, train_fn=STANDIN, show_progress=False)] == ["done"]
+    run_dir = str(runs[0].run_dir.resolve())
+    hold = ("import sys, time\n"
+            "from dimr_lab.rundir import run_lock\n"
+            "with run_lock(sys.argv[2], purpose='eval'):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(120)\n")
+    for argv, stopped in ((["dimr_lab.runner.worker", run_dir], True), (["eval", run_dir], False)):
+        proc = subprocess.Popen([sys.executable, "-c", hold, *argv], stdout=subprocess.PIPE, start_new_session=True)
+        try:
+            assert proc.stdout.readline().strip() == b"held"
+            code, out, err = cli(["cancel", tmp_path / "r"], capsys)
+            assert code == 0, err
+            if stopped:
+                assert f"stopping local run {runs[0].run_dir.name} (pid {proc.pid})" in out, out
+                assert proc.wait(timeout=60) == -signal.SIGTERM
+            else:
+                assert "nothing queued or running" in out and proc.poll() is None, out
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

@@ -301,7 +301,10 @@ def cancel(root: Path) -> dict[str, list[str]]:
     statuses = collect(root)
     runners: set[int] = set()
     for s in statuses:
-        if s.executor != "local" or s.state != "running":
+        # a local worker: of a run in training (executor local), or of a finished run it evaluates beyond its
+        # plan (run --eval-only --set: status shows it running with no executor); only a process whose command
+        # line is a dimr-lab worker of this run folder is signalled
+        if s.executor == "slurm" or s.state != "running":
             continue
         local = try_read_json_object(s.run_dir / LOCAL) or {}
         # the lock's holder first: a second runner that lost the race for this run wrote its own (now gone)
