@@ -900,3 +900,6 @@ def test_an_interval_end_near_zero_never_reads_zero():
 
     assert _interval(-2.3, -4.61, -0.032, 1) == "-2.3 [-4.6, -0.032]"
     assert _interval(-2.3, -4.61, 0.0, 1) == "-2.3 [-4.6, +0.0]" and _interval(1.0, 0.5, 1.5, 1) == "+1.0 [+0.5, +1.5]"
+    # nor does a difference: a sample accuracy lower by 0.0002 printed '-0.000'
+    assert _interval(-0.0002, -0.005, 0.005, 3) == "-0.0002 [-0.005, +0.005]"
+    assert _interval(0.0, -0.005, 0.005, 3) == "+0.000 [-0.005, +0.005]"

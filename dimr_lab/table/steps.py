@@ -170,11 +170,12 @@ def step_statistics(runs: pd.DataFrame, metric: str = "fid", test: str = "t",
 # ------------------------------------------------------------------------------------ text
 
 def _interval(diff: Any, lo: Any, hi: Any, places: int) -> str:
-    """'-11.8 [-52.6, +29.0]' (the interval left out when one seed gives none)."""
+    """'-11.8 [-52.6, +29.0]' (the interval left out when one seed gives none); a difference that would read
+    0 at these decimals shows two significant figures, as the interval's ends do, never '-0.000'."""
     if is_missing(diff):
         return ""
     ci = "" if is_missing(lo) else f" [{_bound(lo, places)}, {_bound(hi, places)}]"
-    return fixed(diff, places, sign=True) + ci
+    return _bound(diff, places) + ci
 
 
 def _bound(value: float, places: int) -> str:
