@@ -172,6 +172,37 @@ def test_describe_takes_a_run_folder(tmp_path, capsys):
     one_line_exit_2(*cli(["describe", run], capsys), "spec.json: model.nrom: unknown key")
 
 
+def test_describe_takes_an_ablation_variant_under_a_profile(capsys):
+    """`describe ABLATION.toml --variant V --profile P`: the network that variant builds there, per branch, as a
+    run of it would record it; without --variant, or with a wrong one, one line naming the variants."""
+    import json
+
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.spec.ablation import load_ablation
+    from dimr_lab.spec.schema import to_dict
+
+    path = Path(__file__).resolve().parents[1] / "ablations" / "tdln_vs_adaln_matched.toml"
+    abl = load_ablation(path, check=False)
+    for profile in ("tiny", "paper"):
+        (run, *_) = expand(abl, profile, only=["tdln_deep"])
+        code, out, err = cli(["describe", path, "--variant", "tdln_deep", "--profile", profile, "--json"], capsys)
+        assert code == 0, err
+        info = json.loads(out)
+        assert info["spec"] == json.loads(json.dumps(to_dict(run.spec.model)))
+        assert info["branches"][0]["blocks"] == run.spec.model.branches[0].depth + 1  # even depth: in, mid, out
+    code, out, err = cli(["describe", path, "--variant", "tdln_deep", "--json"], capsys)  # tiny, as `run`
+    assert json.loads(out)["spec"]["image_size"] == 16
+    # --set applies on top of the variant's network, as on a preset
+    code, out, err = cli(["describe", path, "--variant", "tdln_deep", "--set", "branches.0.depth=4", "--json"], capsys)
+    code2, out2, _ = cli(["describe", path, "--variant", "tdln", "--json"], capsys)
+    assert json.loads(out)["params"] == json.loads(out2)["params"]
+    one_line_exit_2(*cli(["describe", path], capsys), "give --variant NAME (one of tdln, adaln_zero,")
+    one_line_exit_2(*cli(["describe", path, "--variant", "tdln_dep"], capsys), "did you mean 'tdln_deep'")
+    one_line_exit_2(*cli(["describe", path, "--variant", "tdln", "--profile", "huge"], capsys),
+                    "unknown profile 'huge'")
+    one_line_exit_2(*cli(["describe", "dimr_tiny_3r", "--variant", "tdln"], capsys), "not one")
+
+
 def test_describe_of_a_run_folder_with_overrides_is_the_network_of_its_source_spec_with_them(tmp_path, capsys):
     """`describe RUN --set model.mlp=glu` kept the MLP width the run's resolved spec holds (the plain MLP's 4d),
     where the spec the run was made from, with the same override, gives the GLU its own (2d). What resolving

@@ -68,8 +68,51 @@ def keys(section: Optional[str] = typer.Argument(None, help="a section (model, d
     Console().print(table)
 
 
-def _load_model_spec(model: str, overrides: list[str] | None):
-    """A preset name, a model TOML file, or a run folder (the network its spec.json, else run.json, records)."""
+def _ablation_model(path: str, variant: str | None, profile: str | None, overrides: list[str] | None):
+    """The network one variant of an ablation file builds under a profile (the file's default profile, as
+    `run`, when none is given); --set model keys apply on top, derived widths derived again."""
+    from dimr_lab.errors import UserError
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.spec.ablation import DEFAULT_PROFILE, load_ablation
+    from dimr_lab.spec.model_spec import resolve_model
+    from dimr_lab.spec.schema import parse_overrides, to_dict
+
+    abl = load_ablation(path, check=False)
+    names = [v.name for v in abl.variants]
+    if variant is None:
+        raise UserError(f"{path}: an ablation file: give --variant NAME (one of {', '.join(names)}); "
+                        f"`dimr-lab run {path} --dry-run` lists every network and its size")
+    if variant not in names:
+        from dimr_lab.errors import unknown_name_message
+
+        raise UserError(f"{path}: --variant: " + unknown_name_message("variant", variant, names))
+    runs = expand(abl, profile or DEFAULT_PROFILE, only=[variant])
+    models = {json.dumps(to_dict(r.spec.model), sort_keys=True): r.spec.model for r in runs}
+    if len(models) != 1:
+        raise UserError(f"{path}: variant {variant!r} builds {len(models)} networks across its grid points under "
+                        f"profile {profile or DEFAULT_PROFILE}; `dimr-lab run {path} --only {variant} --dry-run` "
+                        f"lists them")
+    (spec,) = models.values()
+    if not overrides:
+        return spec
+    return resolve_model(spec.unresolved(), file=path, key="model", overrides=parse_overrides(overrides))
+
+
+def _is_ablation_file(model: str) -> bool:
+    from pathlib import Path
+
+    from dimr_lab.spec.schema import load_toml
+
+    if not (model.endswith(".toml") and Path(model).is_file()):
+        return False
+    raw = load_toml(model)
+    return "ablation" in raw or "variant" in raw
+
+
+def _load_model_spec(model: str, overrides: list[str] | None, variant: str | None = None,
+                     profile: str | None = None):
+    """A preset name, a model TOML file, a run folder (the network its spec.json, else run.json, records), or
+    an ablation file with a variant (and a profile)."""
     from pathlib import Path
 
     from dimr_lab.errors import UserError
@@ -77,6 +120,11 @@ def _load_model_spec(model: str, overrides: list[str] | None):
     from dimr_lab.spec.model_spec import resolve_model
     from dimr_lab.spec.schema import parse_overrides
 
+    if _is_ablation_file(model):
+        return _ablation_model(model, variant, profile, overrides)
+    if variant is not None or profile is not None:
+        raise UserError(f"{model}: --variant and --profile describe a variant of an ablation file "
+                        f"(ablations/NAME.toml); this is not one")
     if Path(model).is_dir():
         if not is_run_folder(Path(model)):
             raise UserError(f"{model}: a folder without run.json or spec.json, not a run; describe takes a preset "
@@ -95,8 +143,12 @@ def _load_model_spec(model: str, overrides: list[str] | None):
 
 @app.command()
 def describe(
-    model: str = typer.Argument(..., help="a preset name, a model TOML file or a run folder"),
+    model: str = typer.Argument(..., help="a preset name, a model TOML file, a run folder or an ablation file "
+                                          "(with --variant)"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override a model key, e.g. branches.0.depth=5"),
+    variant: Optional[str] = typer.Option(None, "--variant", help="an ablation file's variant to describe"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="the ablation file's profile (default: tiny, "
+                                                                  "as `run`)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON (params, gmacs, branches, spec)"),
 ) -> None:
     """Parameters (TD tensors count 4x, as the paper) and GMACs (one forward, batch 1), per branch and total.
@@ -106,7 +158,7 @@ def describe(
     from dimr_lab.spec.presets import PAPER_SIZES
     from dimr_lab.spec.schema import to_dict
 
-    spec = _load_model_spec(model, set_)
+    spec = _load_model_spec(model, set_, variant, profile)
     info = lookup(spec)
     if info is None:  # not counted before: build it on the meta device, once
         from dimr_lab.nn.describe import counts_for

@@ -213,8 +213,9 @@ def _raw_model(data: Any, file: str | None, key: str) -> tuple[dict[str, Any], s
             file = data
             raw = load_toml(data)
             if "ablation" in raw or "variant" in raw:
-                raise SpecError("an ablation file, not a model: `dimr-lab run FILE --dry-run` lists its networks "
-                                "and their sizes", file=file)
+                raise SpecError("an ablation file, not a model: `dimr-lab describe FILE --variant NAME [--profile "
+                                "P]` describes one variant's network, `dimr-lab run FILE --dry-run` lists them all",
+                                file=file)
             if "model" in raw:  # a [model] table: its keys are model.KEY in errors
                 key = key or "model"
             data = raw.get("model", raw)
