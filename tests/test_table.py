@@ -779,6 +779,7 @@ def test_pairs_replace_the_default_steps_and_holm_counts_only_them(tree, capsys)
     (["--steps", "--pair", "tdln"], "give FROM:TO"),
     (["--steps", "--pair", "tdln:tdln"], "give FROM:TO"),
     (["--pair", "tdln:adaln"], "only with --steps"),
+    (["--steps", "--pair", "tdln:adaln", "--pair", "adaln:tdln"], "the same comparison reversed"),
 ])
 def test_a_bad_pair_is_one_line_and_exit_2(tree, capsys, extra, says):
     code, out, err = cli(["table", tree, *extra], capsys)

@@ -41,6 +41,9 @@ def parse_compare(items: Iterable[str] | None) -> list[tuple[str, str]]:
         if len(parts) != 2 or not all(p.strip() for p in parts) or parts[0].strip() == parts[1].strip():
             raise UserError(f"--pair {item!r}: give FROM:TO, two different variant names (e.g. tdln:adaln_zero)")
         pair = (parts[0].strip(), parts[1].strip())
+        if pair[::-1] in out:  # the same comparison with its sign turned: Holm would count it twice
+            raise UserError(f"--pair {item!r}: {pair[1]}:{pair[0]} is given too, the same comparison reversed; "
+                            f"give one of them")
         if pair not in out:
             out.append(pair)
     return out
