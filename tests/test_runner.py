@@ -1141,20 +1141,26 @@ def _fake_sbatch(monkeypatch, tmp_path) -> list:
     return sent
 
 
+def _finished_run(tmp_path):
+    """One run of a one-seed ablation trained to done by the stand-in trainer, under tmp_path/r."""
+    from dimr_lab.runner.local import run_local
+    from dimr_lab.runner.plan import expand
+    from dimr_lab.spec.ablation import load_ablation
+
+    (run,) = expand(load_ablation(write_ablation(tmp_path, seeds="[0]")), results=tmp_path / "r", only=["a"])
+    assert [o.status for o in run_local([run], train_fn=STANDIN, show_progress=False)] == ["done"]
+    return run
+
+
 def test_status_shows_a_finished_run_that_a_process_evaluates_again_as_running(tmp_path, standin_env):
     """`run --eval-only --set sample.*` leaves run.json as planned, so the run's own plan is done while its worker
     evaluates it with other settings: status says running (who holds it), not done, until that process ends."""
     from dimr_lab.rundir import run_lock
-    from dimr_lab.runner.local import run_local
-    from dimr_lab.runner.plan import expand
     from dimr_lab.runner.status import collect
-    from dimr_lab.spec.ablation import load_ablation
 
-    abl = load_ablation(write_ablation(tmp_path, seeds="[0]"))
-    runs = expand(abl, results=tmp_path / "r", only=["a"])
-    assert [o.status for o in run_local(runs, train_fn=STANDIN, show_progress=False)] == ["done"]
+    run = _finished_run(tmp_path)
     assert [s.state for s in collect(tmp_path / "r")] == ["done"]
-    with run_lock(runs[0].run_dir, purpose="eval"):
+    with run_lock(run.run_dir, purpose="eval"):
         (st,) = collect(tmp_path / "r")
         assert st.state == "running" and "evaluating beyond its plan" in st.detail and str(os.getpid()) in st.detail
     assert [s.state for s in collect(tmp_path / "r")] == ["done"]
@@ -1168,14 +1174,8 @@ def test_cancel_stops_a_local_worker_evaluating_a_finished_run_beyond_its_plan(t
     import subprocess
     import sys
 
-    from dimr_lab.runner.local import run_local
-    from dimr_lab.runner.plan import expand
-    from dimr_lab.spec.ablation import load_ablation
-
-    abl = load_ablation(write_ablation(tmp_path, seeds="[0]"))
-    runs = expand(abl, results=tmp_path / "r", only=["a"])
-    assert [o.status for o in run_local(runs, train_fn=STANDIN, show_progress=False)] == ["done"]
-    run_dir = str(runs[0].run_dir.resolve())
+    run = _finished_run(tmp_path)
+    run_dir = str(run.run_dir.resolve())
     hold = ("import sys, time\n"
             "from dimr_lab.rundir import run_lock\n"
             "with run_lock(sys.argv[2], purpose='eval'):\n"
@@ -1188,7 +1188,7 @@ def test_cancel_stops_a_local_worker_evaluating_a_finished_run_beyond_its_plan(t
             code, out, err = cli(["cancel", tmp_path / "r"], capsys)
             assert code == 0, err
             if stopped:
-                assert f"stopping local run {runs[0].run_dir.name} (pid {proc.pid})" in out, out
+                assert f"stopping local run {run.run_dir.name} (pid {proc.pid})" in out, out
                 assert proc.wait(timeout=60) == -signal.SIGTERM
             else:
                 assert "nothing queued or running" in out and proc.poll() is None, out
