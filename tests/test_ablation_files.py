@@ -41,6 +41,9 @@ PIXEL64 = {"train.steps": 300_000, "train.lr": 3e-4, "data.name": "folder", "dat
 # ADM's reference batches (guided-diffusion evaluations), by latent size: 32 -> ImageNet 256, 64 -> 512
 LATENT_REFERENCE = {32: "data/VIRTUAL_imagenet256_labeled.npz", 64: "data/VIRTUAL_imagenet512.npz"}
 IMAGENET_TRAIN = 1_281_167  # images; epochs = steps * batch / IMAGENET_TRAIN
+# runs whose number of steps is what their file varies: multi_branch_compute trains its single-branch network
+# the multi-branch network's steps times their GMACs ratio (test_multi_branch_compute_matches_training_compute)
+COMPUTE_MATCHED = {("multi_branch_compute", "adaln_zero")}
 
 
 def _get(spec, dotted):
@@ -60,6 +63,8 @@ def test_paper_profile_is_the_published_recipe(path, tmp_path):
     for run in runs:
         spec = run.spec
         recipe = {**COMMON, **(LATENT if spec.data.name == "latents" else PIXEL64)}
+        if (path.stem, run.variant) in COMPUTE_MATCHED:
+            del recipe["train.steps"]
         for key, want in recipe.items():
             got = _get(spec, key)
             assert got == pytest.approx(want), f"{path.name} {run.variant}: {key} = {got!r}, recipe {want!r}"
@@ -114,6 +119,8 @@ def test_one_imagenet64_recipe_across_files(tmp_path):
             recipe["diffusion"] = {k: v for k, v in recipe["diffusion"].items() if k not in ("multiscale_loss",)}
             # how the initial weights are drawn is what ablations/init_draws.toml varies, not the recipe
             recipe["train"] = {k: v for k, v in data["train"].items() if k not in ("seed", "init_draws")}
+            if (path.stem, run.variant) in COMPUTE_MATCHED:  # its steps are checked by its own test
+                recipe["train"]["steps"] = PIXEL64["train.steps"]
             # where along the way a run is also evaluated is not the recipe (tdln_vs_adaln_long's curves)
             recipe["eval"] = {k: v for k, v in recipe["eval"].items() if k != "steps"}
             recipe["data"] = data["data"]
@@ -328,3 +335,41 @@ def test_tdln_vs_adaln_matched_matches_parameters_by_depth_alone(tmp_path):
                                                                    *m.model.branches[1:]]))
                 assert asdict(same) == asdict(base), (profile, matched, seed)
             assert 0.9 * params[other] <= params[matched] <= params[other], (profile, matched, params)
+
+
+def test_multi_branch_compute_matches_training_compute(tmp_path):
+    """ablations/multi_branch_compute.toml's promise: multi_branch is tdln_vs_adaln_long's adaln_zero run (the
+    same spec, so its trained folders are reused), adaln_zero is Table 2's row 2 (the same identity) trained
+    longer, and in every profile the single branch trains and is evaluated at the multi-branch network's
+    steps times the ratio of the two networks' forward GMACs (equal training compute at equal batch)."""
+    from dataclasses import asdict
+
+    from dimr_lab.spec.counts import lookup
+
+    ours_file, long_file, table2_file = (load_ablation(ROOT / "ablations" / f"{n}.toml")
+                                         for n in ("multi_branch_compute", "tdln_vs_adaln_long", "table2_components"))
+    assert ours_file.profile_names() == long_file.profile_names() == table2_file.profile_names()
+    for profile in ours_file.profile_names():
+        ours = {(r.variant, r.seed): r for r in expand(ours_file, profile, results=tmp_path / "a")}
+        long = {(r.variant, r.seed): r for r in expand(long_file, profile, results=tmp_path / "b")}
+        table2 = {(r.variant, r.seed): r for r in expand(table2_file, profile, results=tmp_path / "c")}
+        seeds = {s for _, s in long}
+        assert set(ours) == {(v, s) for v in ("adaln_zero", "multi_branch") for s in seeds}, profile
+        for seed in seeds:
+            multi, single = ours[("multi_branch", seed)], ours[("adaln_zero", seed)]
+            assert asdict(multi.spec) == asdict(long[("adaln_zero", seed)].spec), (profile, seed)
+            assert multi.identity == long[("adaln_zero", seed)].identity
+            row2 = table2[("adaln_zero", seed)]
+            assert single.identity == row2.identity and single.paper == row2.paper, (profile, seed)
+            same = asdict(single.spec)
+            for section, key in (("train", "steps"), ("eval", "steps"), ("train", "checkpoint_every")):
+                same[section][key] = asdict(row2.spec)[section][key]
+            assert same == asdict(row2.spec), (profile, seed)
+            ratio = lookup(multi.spec.model)["gmacs"] / lookup(single.spec.model)["gmacs"]
+            assert ratio > 1.4, (profile, ratio)
+            assert single.spec.train.steps == round(multi.spec.train.steps * ratio), profile
+            assert single.spec.train.batch_size == multi.spec.train.batch_size
+            matched = {round(s * ratio) for s in multi.spec.eval_steps()}
+            assert matched <= set(single.spec.eval_steps()), (profile, matched, single.spec.eval_steps())
+            if profile == "small":  # and the multi-branch network's own steps: the equal-step comparison
+                assert {3000, 6000} <= set(single.spec.eval_steps())
