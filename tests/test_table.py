@@ -904,3 +904,91 @@ def test_an_interval_end_near_zero_never_reads_zero():
     # nor does a difference: a sample accuracy lower by 0.0002 printed '-0.000'
     assert _interval(-0.0002, -0.005, 0.005, 3) == "-0.0002 [-0.005, +0.005]"
     assert _interval(0.0, -0.005, 0.005, 3) == "+0.000 [-0.005, +0.005]"
+
+
+def _wobble(seed: int) -> float:
+    return 0.1 * seed * (-1) ** seed
+
+
+WOBBLE = statistics.mean(_wobble(s) for s in range(4))
+
+
+def _compute_tree(root: Path) -> Path:
+    """abl: 'single' evaluated at 600, 1200 and 1320, 'multi' at 300 and 600 (its steps cost 2.2x); at equal
+    steps multi is 10 lower, at equal compute (single@1320 vs multi@600) single is 2 lower, and single still
+    improves from 600 to 1200 by 5, each plus or minus a per-seed wobble (mean WOBBLE)."""
+    for seed in range(4):
+        e = _wobble(seed)
+        single = write_run(root, "abl", "single", seed, metrics_for(50.0 + seed, seed), variant_index=0,
+                           paper={"table": T2, "row": 2})
+        add_eval(single, 1200, metrics_for(45.0 + seed + e, seed), make_spec(seed))
+        add_eval(single, 1320, metrics_for(38.0 + seed - e, seed), make_spec(seed))
+        multi = write_run(root, "abl", "multi", seed, metrics_for(40.0 + seed + e, seed), variant_index=1,
+                          paper={"table": T2, "row": 3})
+        add_eval(multi, 300, metrics_for(47.0 + seed, seed), make_spec(seed))
+    return root
+
+
+def test_a_pair_at_named_steps_pairs_each_side_at_its_own_step(tmp_path, capsys):
+    """--pair FROM@S:TO@T: a comparison at matched training compute (the single-branch network trained 2.2x
+    the steps of the multi-branch one) or of one variant with itself at two steps (is it still improving?),
+    paired by seed; Holm over the pairs given; the default steps (each run's last evaluation: single at 1320,
+    multi at 600) are not paired at all."""
+    root = _compute_tree(tmp_path)
+    default = step_statistics(collect(root)[0]).iloc[0]
+    assert default["n"] == 0 and "evaluated at step 1320 (single) vs 600 (multi)" in default["note"]
+    code, out, err = cli(["table", root, "--steps", "--format", "csv", "--pair", "single@1320:multi@600",
+                          "--pair", "single@600:single@1200", "--pair", "single@600:multi@600"], capsys)
+    assert code == 0 and err == "", err
+    got = pd.read_csv(io.StringIO(out)).set_index("step")
+    assert list(got.index) == ["single@1320 → multi@600", "single@600 → single@1200", "single@600 → multi@600"]
+    compute, itself, equal = (got.loc[k] for k in got.index)
+    assert compute["n"] == 4 and compute["diff"] == pytest.approx(2.0 + 2 * WOBBLE) and compute["t_lo"] > 0
+    assert (compute["from_step"], compute["to_step"]) == (1320, 600)
+    assert compute["paper_diff"] == pytest.approx(7.91 - 5.44)  # rows 2 -> 3, read with a note
+    assert "the paper's difference is at equal training" in compute["note"]
+    assert itself["diff"] == pytest.approx(-5.0 + WOBBLE) and math.isnan(itself["paper_diff"])
+    assert itself["verdict"] == "no published sign" and "single against itself" in itself["note"]
+    assert equal["diff"] == pytest.approx(-10.0 + WOBBLE) and equal["verdict"] == "disagrees"
+    raw = sorted(got["p_t"])
+    assert got["p_holm"].min() == pytest.approx(min(1.0, 3 * raw[0]))  # Holm over the three pairs
+    code, out, err = cli(["table", root, "--steps", "--format", "markdown", "--pair", "single@1320:multi@600"],
+                         capsys)
+    assert code == 0 and "single@1320 → multi@600" in out and "pairs each seed's evaluation" in out
+
+
+def test_a_pair_at_a_step_a_seed_lacks_names_that_seed(tmp_path, capsys):
+    root = _compute_tree(tmp_path)
+    extra = write_run(root, "abl", "single", 7, metrics_for(50.0, 7), variant_index=0)  # no evaluation at 1320
+    assert extra.is_dir()
+    code, out, err = cli(["table", root, "--steps", "--format", "csv", "--pair", "single@1320:multi@600",
+                          "--pair", "single@600:multi@600"], capsys)
+    assert code == 0, err
+    got = pd.read_csv(io.StringIO(out)).set_index("step")
+    assert got.loc["single@1320 → multi@600", "n"] == 4  # seed 7 has no partner at 600 either way
+    assert "seed 7 of single at step 600 without a partner" in got.loc["single@600 → multi@600", "note"]
+
+
+@pytest.mark.parametrize("pair, says", [
+    ("single@1300:multi@600", "no run of single under"),
+    ("single@1320:multi", "a training step on both sides or on neither"),
+    ("single@x:multi@600", "a whole number"),
+    ("single@600:single@600", "one variant at two training steps"),
+    ("@600:multi@600", "a whole number"),
+])
+def test_a_bad_pair_at_steps_is_one_line_and_exit_2(tmp_path, capsys, pair, says):
+    code, out, err = cli(["table", _compute_tree(tmp_path), "--steps", "--pair", pair], capsys)
+    assert code == 2 and out == ""
+    errors = [line for line in err.splitlines() if not line.startswith("warning: ")]
+    assert len(errors) == 1 and says in errors[0], err
+    if "no run" in says:
+        assert "(its evaluated steps: 600, 1200, 1320)" in errors[0]
+
+
+def test_a_pair_at_steps_given_also_reversed_is_refused(tmp_path, capsys):
+    code, out, err = cli(["table", _compute_tree(tmp_path), "--steps", "--pair", "single@1320:multi@600",
+                          "--pair", "multi@600:single@1320"], capsys)
+    assert code == 2 and "multi@600:single@1320" in err and "the same comparison reversed" in err
+    code, out, err = cli(["table", _compute_tree(tmp_path / "b"), "--steps", "--format", "csv",
+                          "--pair", "single@1320:multi@600", "--pair", "single@600:multi@300"], capsys)
+    assert code == 0 and len(pd.read_csv(io.StringIO(out))) == 2  # other steps: another comparison

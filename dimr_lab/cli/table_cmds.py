@@ -33,7 +33,9 @@ def table_cmd(
                                                        "baseline, "
                                                        "paired by seed, Holm-adjusted, read against the paper."),
     pair: Optional[List[str]] = typer.Option(None, "--pair", help="--steps: compare these variants instead, "
-                                                                  "FROM:TO (e.g. tdln_deep:adaln_zero); "
+                                                                  "FROM:TO (e.g. tdln_deep:adaln_zero), or "
+                                                                  "FROM@STEP:TO@STEP, each at its own training "
+                                                                  "step (e.g. adaln_zero@6615:multi_branch@3000); "
                                                                   "repeatable, Holm over the pairs given."),
     step: Optional[int] = typer.Option(None, "--step", help="Use the evaluations at this training step "
                                                              "(default: each run's latest)."),

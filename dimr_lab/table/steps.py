@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import pandas as pd
 
@@ -21,8 +21,32 @@ ALPHA = 0.05
 # `dimr-lab table --steps --format csv`: these columns first, in this order
 STEP_COLUMNS = ("ablation", "profile", "grid", "step", "n", "from_mean", "to_mean", "diff", "t_lo", "t_hi",
                 "boot_lo", "boot_hi", "p_perm", "p_t", "p_holm", "paper_diff", "verdict", "fid_floor", "detectable")
-EXTRA_COLUMNS = ("title", "metric", "test", "from_variant", "to_variant", "data_key", "sd_diff", "note")
+EXTRA_COLUMNS = ("title", "metric", "test", "from_variant", "to_variant", "from_step", "to_step", "data_key",
+                 "sd_diff", "note")
 NOT_COMPARED = "not compared"
+# the runs frame's column that says which training step a row was collected at for a pair that names its steps
+# (`--pair a@S:b@T`); rows without it (NaN) are each run's evaluation chosen for the table
+AT_STEP = "at_step"
+
+
+class Pair(NamedTuple):
+    """A comparison asked for: from variant a to variant b, each at its own training step where given (both or
+    neither; a variant may then be compared with itself at another step), else at the step the table shows."""
+
+    a: str
+    b: str
+    a_step: int | None = None
+    b_step: int | None = None
+
+    @property
+    def at_steps(self) -> bool:
+        return self.a_step is not None
+
+    @property
+    def label(self) -> str:
+        if not self.at_steps:
+            return f"{self.a} → {self.b}"
+        return f"{self.a}@{self.a_step} → {self.b}@{self.b_step}"
 
 
 def _variant_order(group: pd.DataFrame) -> list[str]:
@@ -61,12 +85,21 @@ def _paper_tables(group: pd.DataFrame, variant: str, paper_col: str | None) -> l
     return sorted(t for t in tables if isinstance(t, str))
 
 
-def _step(group: pd.DataFrame, a: str, b: str, metric: str, paper_col: str | None) -> dict[str, Any]:
-    """One step a -> b: runs paired by seed (seeds present in both) at one step, one evaluation's settings and
-    the same data."""
-    left, right = group[group["variant"] == a], group[group["variant"] == b]
+def _side(group: pd.DataFrame, variant: str, at: int | None) -> pd.DataFrame:
+    """One side of a step: the variant's rows chosen for the table, or its rows collected at step `at`."""
+    rows = group[group["variant"] == variant]
+    if AT_STEP not in rows:
+        return rows if at is None else rows.iloc[0:0]
+    return rows[rows[AT_STEP].isna()] if at is None else rows[rows[AT_STEP] == at]
+
+
+def _step(group: pd.DataFrame, pair: Pair, metric: str, paper_col: str | None) -> dict[str, Any]:
+    """One step a -> b: runs paired by seed (seeds present in both) at one step (or, for a pair that names its
+    steps, each side at its own), one evaluation's settings and the same data."""
+    a, b = pair.a, pair.b
+    left, right = _side(group, a, pair.a_step), _side(group, b, pair.b_step)
     # the published numbers carry two decimals: their difference is rounded so float noise never shows
-    paper_diff = round(_published(group, b, paper_col) - _published(group, a, paper_col), 10)
+    paper_diff = round(_published(group, b, paper_col) - _published(group, a, paper_col), 10) if a != b else math.nan
     notes = []
     tables = (_paper_tables(group, a, paper_col), _paper_tables(group, b, paper_col))
     if not math.isnan(paper_diff) and (tables[0] != tables[1] or len(tables[0]) != 1):
@@ -74,7 +107,13 @@ def _step(group: pd.DataFrame, a: str, b: str, metric: str, paper_col: str | Non
         paper_diff = math.nan
         notes.append(f"{a} and {b} are published in different tables ({', '.join(tables[0])} vs "
                      f"{', '.join(tables[1])}): no published difference")
-    row: dict[str, Any] = {"from_variant": a, "to_variant": b, "step": f"{a} → {b}",
+    if a == b:
+        notes.append(f"{a} against itself at two training steps: no published difference")
+    if not math.isnan(paper_diff) and pair.at_steps and pair.a_step != pair.b_step:
+        notes.append(f"{a} at step {pair.a_step} against {b} at step {pair.b_step}: the paper's difference is "
+                     f"at equal training")
+    row: dict[str, Any] = {"from_variant": a, "to_variant": b, "step": pair.label, "from_step": pair.a_step,
+                           "to_step": pair.b_step,
                            "paper_diff": None if math.isnan(paper_diff) else paper_diff, "note": "; ".join(notes)}
     keys_a, keys_b = set(left["data_key"]), set(right["data_key"])
     if not keys_a & keys_b:
@@ -85,7 +124,7 @@ def _step(group: pd.DataFrame, a: str, b: str, metric: str, paper_col: str | Non
     # a pair is one seed evaluated at the same step with the same sampling and evaluation settings (sample
     # count, sampler, reference: one evaluation hash) on the same data: anything else is not the
     # architectural change alone
-    keys = ["seed", "data_key", "step", "eval_hash"]
+    keys = ["seed", "data_key", "eval_hash"] + ([] if pair.at_steps else ["step"])
     cols = [*keys, metric, "fid_floor"]
     paired = left[cols].merge(right[cols], on=keys, suffixes=("_a", "_b"))
     common = set(left["seed"]) & set(right["seed"])
@@ -99,11 +138,13 @@ def _step(group: pd.DataFrame, a: str, b: str, metric: str, paper_col: str | Non
     unpaired = sorted(common - set(paired["seed"]))
     if unpaired:
         notes.append(f"{len(unpaired)} of {len(common)} seeds not paired: "
-                     + _why_unpaired(left, right, unpaired, a, b))
-    only = {v: sorted(set(side["seed"]) - common) for v, side in ((a, left), (b, right))}
-    for v, seeds in only.items():
+                     + _why_unpaired(left, right, unpaired, a, b, same_step=not pair.at_steps))
+    only = [(v, sorted(set(side["seed"]) - common)) for v, side in ((a, left), (b, right))]
+    for v, seeds in only:
         if seeds:  # a seed on one side only is left out of the step: said, since the means shown are the pairs'
-            notes.append(f"{_seeds(seeds)} of {v} without a partner, left out")
+            at = pair.a_step if v == a else pair.b_step
+            notes.append(f"{_seeds(seeds)} of {v}{'' if at is None else f' at step {at}'} without a partner, "
+                         f"left out")
     no_value = sorted(set(paired["seed"]) - set(kept["seed"]))
     if no_value:  # a NaN metric on either side drops the pair: named, as the n shown is smaller
         notes.append(f"{_seeds(no_value)} without a {metric} value on one side, left out")
@@ -115,14 +156,16 @@ def _seeds(seeds: list[Any]) -> str:
     return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
 
-def _why_unpaired(left: pd.DataFrame, right: pd.DataFrame, seeds: list[Any], a: str, b: str) -> str:
-    """Why seeds run by both variants are not paired: other data, another step or other evaluation settings."""
+def _why_unpaired(left: pd.DataFrame, right: pd.DataFrame, seeds: list[Any], a: str, b: str,
+                  same_step: bool = True) -> str:
+    """Why seeds run by both variants are not paired: other data, another step (where the two sides are to be
+    at one step) or other evaluation settings."""
     reasons: dict[str, list[Any]] = {}
     for seed in seeds:
         ra, rb = left[left["seed"] == seed].iloc[0], right[right["seed"] == seed].iloc[0]
         if ra["data_key"] != rb["data_key"]:
             why = f"on other data ({ra['data_key']} vs {rb['data_key']})"
-        elif not (ra["step"] == rb["step"] or (is_missing(ra["step"]) and is_missing(rb["step"]))):
+        elif same_step and not (ra["step"] == rb["step"] or (is_missing(ra["step"]) and is_missing(rb["step"]))):
             why = f"evaluated at step {label(ra['step'])} ({a}) vs {label(rb['step'])} ({b})"
         else:
             why = f"evaluated with other settings ({settings_diff(ra['eval_settings'], rb['eval_settings'])})"
@@ -132,25 +175,27 @@ def _why_unpaired(left: pd.DataFrame, right: pd.DataFrame, seeds: list[Any], a: 
 
 @quietly
 def step_statistics(runs: pd.DataFrame, metric: str = "fid", test: str = "t",
-                    compare: Sequence[tuple[str, str]] | None = None) -> pd.DataFrame:
+                    compare: Sequence[tuple[Any, ...]] | None = None) -> pd.DataFrame:
     """Every step of every ablation/profile/grid with paired-by-seed statistics of `metric` (see
     dimr_lab.stats), p_holm from `test` ("t": paired t, "perm": exact sign flip) over the steps read
-    together, and the verdict against the paper's difference. `compare`, (from, to) variant pairs, replaces
-    the default steps: each ablation/profile/grid holding both variants of a pair gets that step, and Holm
-    runs over the pairs it holds."""
+    together, and the verdict against the paper's difference. `compare`, Pairs (or (from, to) tuples),
+    replaces the default steps: each ablation/profile/grid holding both variants of a pair gets that step, and
+    Holm runs over the pairs it holds. A pair that names its steps reads the rows collected at those steps
+    (AT_STEP: render_table adds them)."""
     if test not in TESTS:
         raise UserError(unknown_name_message("test", test, TESTS))
     if runs.empty or metric not in runs:
         return pd.DataFrame(columns=[*STEP_COLUMNS, *EXTRA_COLUMNS])
     paper_col = PAPER_OF.get(metric)
     records = []
+    pairs = None if compare is None else [p if isinstance(p, Pair) else Pair(*p) for p in compare]
     for (ablation, profile, grid), group in runs.groupby(["ablation", "profile", "grid"], sort=False):
-        if compare is None:
-            chosen = _pairs(group, paper_col)
+        if pairs is None:
+            chosen = [Pair(a, b) for a, b in _pairs(_side_rows(group), paper_col)]
         else:
             present = set(group["variant"])
-            chosen = [(a, b) for a, b in compare if a in present and b in present]
-        steps = [_step(group, a, b, metric, paper_col) for a, b in chosen]
+            chosen = [p for p in pairs if p.a in present and p.b in present]
+        steps = [_step(group, p, metric, paper_col) for p in chosen]
         # Holm over the comparable steps of this table; a step across datasets is no test
         tested = [i for i, s in enumerate(steps) if s.get("verdict") != NOT_COMPARED]
         judged = stats.compare_steps([steps[i] for i in tested], alpha=ALPHA, p_key=TESTS[test]) if tested else []
@@ -165,6 +210,11 @@ def step_statistics(runs: pd.DataFrame, metric: str = "fid", test: str = "t",
         if col not in out:
             out[col] = math.nan
     return out[[*STEP_COLUMNS, *EXTRA_COLUMNS]]
+
+
+def _side_rows(group: pd.DataFrame) -> pd.DataFrame:
+    """The rows chosen for the table (not those collected for pairs at named steps)."""
+    return group if AT_STEP not in group else group[group[AT_STEP].isna()]
 
 
 # ------------------------------------------------------------------------------------ text
@@ -242,11 +292,13 @@ def step_legend(found: pd.DataFrame) -> str:
     floors = "; ".join(f"with n = {n} seeds the exact sign-flip p cannot be below 2/2^{n} = {2 / 2 ** n:.3g}"
                        for n in ns)
     which = "the paired t-test (p_t)" if test == "t" else "the exact sign-flip permutation test (p_perm)"
+    at_steps = ("A step named a@S → b@T pairs each seed's evaluation of a at training step S with its "
+                "evaluation of b at step T. ") if found["from_step"].notna().any() else ""
     return (f"Paired by seed: each step compares the two variants' runs of the same seed (seeds present in "
             f"both, evaluated at the same step with the same settings, on the same data), diff = to - from with "
             f"its 95% t interval (the csv adds the bootstrap interval, p_perm, p_t and the detectable effect: "
             f"the true difference the paired t test finds "
-            f"with 80% power at 5% before Holm's correction). p_holm: {which}, Holm-adjusted over the "
+            f"with 80% power at 5% before Holm's correction). {at_steps}p_holm: {which}, Holm-adjusted over the "
             f"k = {k} steps of each ablation, profile and grid point read together. Verdict: agrees or "
             f"disagrees with the paper's sign when p_holm < {ALPHA} and the interval excludes 0, else "
             f"inconclusive (no published sign: the paper has no number for one side, or the two are in different "
