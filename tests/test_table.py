@@ -948,7 +948,7 @@ def test_a_pair_at_named_steps_pairs_each_side_at_its_own_step(tmp_path, capsys)
     assert compute["paper_diff"] == pytest.approx(7.91 - 5.44)  # rows 2 -> 3, read with a note
     assert "the paper's difference is at equal training" in compute["note"]
     assert itself["diff"] == pytest.approx(-5.0 + WOBBLE) and math.isnan(itself["paper_diff"])
-    assert itself["verdict"] == "no published sign" and "single against itself" in itself["note"]
+    assert itself["verdict"] == "no published sign" and "a variant against itself" in itself["note"]
     assert equal["diff"] == pytest.approx(-10.0 + WOBBLE) and equal["verdict"] == "disagrees"
     raw = sorted(got["p_t"])
     assert got["p_holm"].min() == pytest.approx(min(1.0, 3 * raw[0]))  # Holm over the three pairs

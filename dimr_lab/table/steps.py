@@ -108,7 +108,7 @@ def _step(group: pd.DataFrame, pair: Pair, metric: str, paper_col: str | None) -
         notes.append(f"{a} and {b} are published in different tables ({', '.join(tables[0])} vs "
                      f"{', '.join(tables[1])}): no published difference")
     if a == b:
-        notes.append(f"{a} against itself at two training steps: no published difference")
+        notes.append("a variant against itself at two training steps: no published difference")
     if not math.isnan(paper_diff) and pair.at_steps and pair.a_step != pair.b_step:
         notes.append(f"{a} at step {pair.a_step} against {b} at step {pair.b_step}: the paper's difference is "
                      f"at equal training")
