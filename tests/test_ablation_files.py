@@ -373,3 +373,27 @@ def test_multi_branch_compute_matches_training_compute(tmp_path):
             assert matched <= set(single.spec.eval_steps()), (profile, matched, single.spec.eval_steps())
             if profile == "small":  # and the multi-branch network's own steps: the equal-step comparison
                 assert {3000, 6000} <= set(single.spec.eval_steps())
+
+
+def test_multiscale_loss_long_is_table2_trained_longer(tmp_path):
+    """ablations/multiscale_loss_long.toml's promise: its runs are Table 2's glu and dimr runs, seed for seed and
+    profile for profile, the same identities, with only the number of steps and the evaluation points
+    changed: twice as long in every CPU and GPU profile, evaluating every step the shorter run evaluates."""
+    from dataclasses import asdict
+
+    ours_file, table2_file = (load_ablation(ROOT / "ablations" / f"{n}.toml")
+                              for n in ("multiscale_loss_long", "table2_components"))
+    assert ours_file.profile_names() == table2_file.profile_names()
+    for profile in ours_file.profile_names():
+        ours = {(r.variant, r.seed): r for r in expand(ours_file, profile, results=tmp_path / "a")}
+        theirs = {(r.variant, r.seed): r for r in expand(table2_file, profile, results=tmp_path / "b")
+                  if r.variant in ("glu", "dimr")}
+        assert ours.keys() == theirs.keys() and {v for v, _ in ours} == {"glu", "dimr"}, profile
+        for key, run in ours.items():
+            a, b = asdict(run.spec), asdict(theirs[key].spec)
+            for section, name in (("train", "steps"), ("eval", "steps")):
+                a[section].pop(name), b[section].pop(name)
+            assert a == b and run.identity == theirs[key].identity and run.paper == theirs[key].paper, (profile, key)
+            if profile != "paper":
+                assert run.spec.train.steps == 2 * theirs[key].spec.train.steps, profile
+                assert set(theirs[key].spec.eval_steps()) < set(run.spec.eval_steps()), profile
