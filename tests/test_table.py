@@ -967,6 +967,9 @@ def test_a_pair_at_a_step_a_seed_lacks_names_that_seed(tmp_path, capsys):
     got = pd.read_csv(io.StringIO(out)).set_index("step")
     assert got.loc["single@1320 → multi@600", "n"] == 4  # seed 7 has no partner at 600 either way
     assert "seed 7 of single at step 600 without a partner" in got.loc["single@600 → multi@600", "note"]
+    code, out, err = cli(["table", root, "--steps", "--format", "csv", "--pair", "single@600:single@1200"], capsys)
+    assert code == 0, err
+    assert "seed 7 of single at step 600 without a partner" in pd.read_csv(io.StringIO(out))["note"].iloc[0]
 
 
 @pytest.mark.parametrize("pair, says", [
@@ -975,6 +978,7 @@ def test_a_pair_at_a_step_a_seed_lacks_names_that_seed(tmp_path, capsys):
     ("single@x:multi@600", "a whole number"),
     ("single@600:single@600", "one variant at two training steps"),
     ("@600:multi@600", "a whole number"),
+    ("single@１３２０:multi@600", "a whole number"),
 ])
 def test_a_bad_pair_at_steps_is_one_line_and_exit_2(tmp_path, capsys, pair, says):
     code, out, err = cli(["table", _compute_tree(tmp_path), "--steps", "--pair", pair], capsys)

@@ -66,7 +66,7 @@ def _pair_side(item: str, side: str) -> tuple[str, int | None]:
     if not at:
         return name, None
     step = step.strip()
-    if not name or not step.isdigit():
+    if not name or not (step.isascii() and step.isdigit()):
         raise UserError(f"--pair {item!r}: {side!r}: give VARIANT@STEP with a training step, a whole number "
                         f"(e.g. tdln@3000)")
     return name, int(step)

@@ -139,10 +139,9 @@ def _step(group: pd.DataFrame, pair: Pair, metric: str, paper_col: str | None) -
     if unpaired:
         notes.append(f"{len(unpaired)} of {len(common)} seeds not paired: "
                      + _why_unpaired(left, right, unpaired, a, b, same_step=not pair.at_steps))
-    only = [(v, sorted(set(side["seed"]) - common)) for v, side in ((a, left), (b, right))]
-    for v, seeds in only:
+    for v, at, side in ((a, pair.a_step, left), (b, pair.b_step, right)):
+        seeds = sorted(set(side["seed"]) - common)
         if seeds:  # a seed on one side only is left out of the step: said, since the means shown are the pairs'
-            at = pair.a_step if v == a else pair.b_step
             notes.append(f"{_seeds(seeds)} of {v}{'' if at is None else f' at step {at}'} without a partner, "
                          f"left out")
     no_value = sorted(set(paired["seed"]) - set(kept["seed"]))
