@@ -974,6 +974,7 @@ def test_a_pair_at_a_step_a_seed_lacks_names_that_seed(tmp_path, capsys):
 
 @pytest.mark.parametrize("pair, says", [
     ("single@1300:multi@600", "no run of single under"),
+    ("single@1320:multi@600 --step 600", "give --step or the steps, not both"),
     ("single@1320:multi", "a training step on both sides or on neither"),
     ("single@x:multi@600", "a whole number"),
     ("single@600:single@600", "one variant at two training steps"),
@@ -981,7 +982,8 @@ def test_a_pair_at_a_step_a_seed_lacks_names_that_seed(tmp_path, capsys):
     ("single@１３２０:multi@600", "a whole number"),
 ])
 def test_a_bad_pair_at_steps_is_one_line_and_exit_2(tmp_path, capsys, pair, says):
-    code, out, err = cli(["table", _compute_tree(tmp_path), "--steps", "--pair", pair], capsys)
+    pair, *extra = pair.split()
+    code, out, err = cli(["table", _compute_tree(tmp_path), "--steps", "--pair", pair, *extra], capsys)
     assert code == 2 and out == ""
     errors = [line for line in err.splitlines() if not line.startswith("warning: ")]
     assert len(errors) == 1 and says in errors[0], err

@@ -95,6 +95,9 @@ def render_table(results_dir: str | Path, fmt: str = "rich", plot: str | Path | 
     chosen_pairs = parse_compare(compare)
     if chosen_pairs and not steps:
         raise UserError("--pair: only with --steps (it chooses which variants the paired statistics compare)")
+    if step is not None and chosen_pairs and all(p.at_steps for p in chosen_pairs):
+        raise UserError(f"--step {step}: every --pair names its own training steps (FROM@STEP:TO@STEP); "
+                        f"give --step or the steps, not both")
     warn = on_warning or _warn_stderr
     at_steps = sorted({s for p in chosen_pairs if p.at_steps for s in (p.a_step, p.b_step)})
     with quiet():
