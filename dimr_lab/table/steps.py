@@ -110,8 +110,7 @@ def _step(group: pd.DataFrame, pair: Pair, metric: str, paper_col: str | None) -
     if a == b:
         notes.append("a variant against itself at two training steps: no published difference")
     if not math.isnan(paper_diff) and pair.at_steps and pair.a_step != pair.b_step:
-        notes.append(f"{a} at step {pair.a_step} against {b} at step {pair.b_step}: the paper's difference is "
-                     f"at equal training")
+        notes.append("a pair at two training steps: the paper's difference is at equal training")
     row: dict[str, Any] = {"from_variant": a, "to_variant": b, "step": pair.label, "from_step": pair.a_step,
                            "to_step": pair.b_step,
                            "paper_diff": None if math.isnan(paper_diff) else paper_diff, "note": "; ".join(notes)}
