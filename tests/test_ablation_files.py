@@ -254,8 +254,14 @@ def test_the_readme_ablation_example_runs_as_written(tmp_path):
 
 
 def _beside_tdln_vs_adaln(name: str, tmp_path) -> "list[tuple[str, object, object, set[str]]]":
-    """ablations/<name>.toml's runs beside tdln_vs_adaln's TD-LN and adaLN-Zero runs of the same profile, variant
-    and seed: (profile, its run, tdln_vs_adaln's run, the run-spec keys whose values differ)."""
+    """ablations/<name>.toml's runs beside tdln_vs_adaln's TD-LN and adaLN-Zero runs (see _beside)."""
+    return _beside(name, "tdln_vs_adaln", ("tdln", "adaln_zero"), tmp_path)
+
+
+def _beside(name: str, other: str, variants: tuple[str, ...], tmp_path) -> "list[tuple[str, object, object, set[str]]]":
+    """ablations/<name>.toml's runs beside <other>.toml's runs of `variants` of the same profile, variant and
+    seed (the two files have the same profiles, and name holds exactly those variants): (profile, its run,
+    the other file's run, the run-spec keys whose values differ)."""
     from dataclasses import asdict
 
     def flat(d, prefix=""):
@@ -264,14 +270,14 @@ def _beside_tdln_vs_adaln(name: str, tmp_path) -> "list[tuple[str, object, objec
             out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
         return out
 
-    ours_file, theirs_file = (load_ablation(ROOT / "ablations" / f"{n}.toml") for n in (name, "tdln_vs_adaln"))
+    ours_file, theirs_file = (load_ablation(ROOT / "ablations" / f"{n}.toml") for n in (name, other))
     assert ours_file.profile_names() == theirs_file.profile_names()
     pairs = []
     for profile in ours_file.profile_names():
         ours = {(r.variant, r.seed): r for r in expand(ours_file, profile, results=tmp_path / "a")}
         theirs = {(r.variant, r.seed): r for r in expand(theirs_file, profile, results=tmp_path / "b")
-                  if r.variant in ("tdln", "adaln_zero")}
-        assert ours.keys() == theirs.keys() and {v for v, _ in ours} == {"tdln", "adaln_zero"}, profile
+                  if r.variant in variants}
+        assert ours.keys() == theirs.keys() and {v for v, _ in ours} == set(variants), profile
         for key, run in ours.items():
             a, b = flat(asdict(run.spec)), flat(asdict(theirs[key].spec))
             assert run.paper == theirs[key].paper
@@ -293,7 +299,14 @@ def test_tdln_vs_adaln_long_is_tdln_vs_adaln_trained_longer(tmp_path):
     seed for seed and profile for profile, the same identities (what they train), with only the number of
     steps and the evaluation points changed: longer in every CPU and GPU profile, evaluating every step the
     shorter run evaluates."""
-    for profile, ours, theirs, differ in _beside_tdln_vs_adaln("tdln_vs_adaln_long", tmp_path):
+    _assert_trained_longer(_beside_tdln_vs_adaln("tdln_vs_adaln_long", tmp_path))
+
+
+def _assert_trained_longer(pairs) -> None:
+    """Each (profile, run, shorter file's run, differing keys) of _beside: the same run but for its number of
+    steps and evaluation points (so the same identity and folder), twice as long in every CPU and GPU
+    profile, and evaluated at every step the shorter run is."""
+    for profile, ours, theirs, differ in pairs:
         assert differ <= {"train.steps", "eval.steps"}, profile
         assert ours.spec.identity() == theirs.spec.identity() and ours.run_dir.name == theirs.run_dir.name
         if profile != "paper":
@@ -379,21 +392,6 @@ def test_multiscale_loss_long_is_table2_trained_longer(tmp_path):
     """ablations/multiscale_loss_long.toml's promise: its runs are Table 2's glu and dimr runs, seed for seed and
     profile for profile, the same identities, with only the number of steps and the evaluation points
     changed: twice as long in every CPU and GPU profile, evaluating every step the shorter run evaluates."""
-    from dataclasses import asdict
-
-    ours_file, table2_file = (load_ablation(ROOT / "ablations" / f"{n}.toml")
-                              for n in ("multiscale_loss_long", "table2_components"))
-    assert ours_file.profile_names() == table2_file.profile_names()
-    for profile in ours_file.profile_names():
-        ours = {(r.variant, r.seed): r for r in expand(ours_file, profile, results=tmp_path / "a")}
-        theirs = {(r.variant, r.seed): r for r in expand(table2_file, profile, results=tmp_path / "b")
-                  if r.variant in ("glu", "dimr")}
-        assert ours.keys() == theirs.keys() and {v for v, _ in ours} == {"glu", "dimr"}, profile
-        for key, run in ours.items():
-            a, b = asdict(run.spec), asdict(theirs[key].spec)
-            for section, name in (("train", "steps"), ("eval", "steps")):
-                a[section].pop(name), b[section].pop(name)
-            assert a == b and run.identity == theirs[key].identity and run.paper == theirs[key].paper, (profile, key)
-            if profile != "paper":
-                assert run.spec.train.steps == 2 * theirs[key].spec.train.steps, profile
-                assert set(theirs[key].spec.eval_steps()) < set(run.spec.eval_steps()), profile
+    pairs = _beside("multiscale_loss_long", "table2_components", ("glu", "dimr"), tmp_path)
+    assert {profile for profile, *_ in pairs} == {"tiny", "small", "gpu", "paper"}
+    _assert_trained_longer(pairs)
