@@ -95,7 +95,9 @@ def render_table(results_dir: str | Path, fmt: str = "rich", plot: str | Path | 
     chosen_pairs = parse_compare(compare)
     if chosen_pairs and not steps:
         raise UserError("--pair: only with --steps (it chooses which variants the paired statistics compare)")
-    if step is not None and chosen_pairs and all(p.at_steps for p in chosen_pairs):
+    # every pair names its steps: the table's own choice of evaluations (--step, its deltas) is not read
+    named_only = bool(chosen_pairs) and all(p.at_steps for p in chosen_pairs)
+    if step is not None and named_only:
         raise UserError(f"--step {step}: every --pair names its own training steps (FROM@STEP:TO@STEP); "
                         f"give --step or the steps, not both")
     warn = on_warning or _warn_stderr
@@ -118,7 +120,6 @@ def render_table(results_dir: str | Path, fmt: str = "rich", plot: str | Path | 
             warn(line)
         # pairs at named steps read no row of this table: what it would warn about (deltas between a run's last
         # evaluation and the base's) is not what they show
-        named_only = steps and chosen_pairs and all(p.at_steps for p in chosen_pairs)
         table = aggregate(runs, on_warning=None if named_only else warn)
         first = (chosen or ["fid"])[0]
         if plot is not None:
