@@ -44,6 +44,8 @@ IMAGENET_TRAIN = 1_281_167  # images; epochs = steps * batch / IMAGENET_TRAIN
 # runs whose number of steps is what their file varies: multi_branch_compute trains its single-branch network
 # the multi-branch network's steps times their GMACs ratio (test_multi_branch_compute_matches_training_compute)
 COMPUTE_MATCHED = {("multi_branch_compute", "adaln_zero")}
+# recipe keys a file's variant departs from because they are what the file varies (its own test holds the rest)
+VARIED = {("multiscale_loss_2r", "single_scale"): {"diffusion.multiscale_loss"}}
 
 
 def _get(spec, dotted):
@@ -65,6 +67,8 @@ def test_paper_profile_is_the_published_recipe(path, tmp_path):
         recipe = {**COMMON, **(LATENT if spec.data.name == "latents" else PIXEL64)}
         if (path.stem, run.variant) in COMPUTE_MATCHED:
             del recipe["train.steps"]
+        for key in VARIED.get((path.stem, run.variant), ()):
+            del recipe[key]
         for key, want in recipe.items():
             got = _get(spec, key)
             assert got == pytest.approx(want), f"{path.name} {run.variant}: {key} = {got!r}, recipe {want!r}"
@@ -185,7 +189,8 @@ def test_cpu_and_gpu_profiles_train_every_variant_at_micro_size(path, profile, t
 def test_small_profile_is_the_small_protocol(tmp_path):
     """What RESULTS.md's small runs promise: unguided, EMA warm-up, >= 1024 samples, three or more evaluation
     points, six or more seeds, the released pixel-space diffusion."""
-    for path in ("table2_components", "tdln_vs_adaln", "branches", "patch_size", "branch_blocks"):
+    for path in ("table2_components", "tdln_vs_adaln", "branches", "patch_size", "branch_blocks",
+                 "multiscale_loss_2r"):
         abl = load_ablation(ROOT / "ablations" / f"{path}.toml")
         runs = expand(abl, "small", results=tmp_path)
         assert len({r.seed for r in runs}) >= 6
@@ -395,3 +400,33 @@ def test_multiscale_loss_long_is_table2_trained_longer(tmp_path):
     pairs = _beside("multiscale_loss_long", "table2_components", ("glu", "dimr"), tmp_path)
     assert {profile for profile, *_ in pairs} == {"tiny", "small", "gpu", "paper"}
     _assert_trained_longer(pairs)
+
+
+def test_multiscale_loss_2r_differs_in_the_loss_alone(tmp_path):
+    """ablations/multiscale_loss_2r.toml's promise: in every profile and seed its two variants are one run
+    spec but for diffusion.multiscale_loss, on DiMR's two-branch network (Transformer at half the resolution
+    below a ConvNeXt branch at full resolution), with the released 2R weights [1/4, 1] against the last
+    branch alone; its paper profile's multi-scale run is main_results' DiMR-XL/2R run, identity for identity."""
+    from dataclasses import asdict
+
+    abl = load_ablation(ROOT / "ablations" / "multiscale_loss_2r.toml")
+    assert set(abl.profile_names()) == {"tiny", "small", "gpu", "paper"}
+    for profile in abl.profile_names():
+        runs = {(r.variant, r.seed): r for r in expand(abl, profile, results=tmp_path)}
+        assert {v for v, _ in runs} == {"single_scale", "multiscale"}
+        assert len({s for _, s in runs}) >= (6 if profile == "small" else 3), profile
+        for seed in {s for _, s in runs}:
+            single, multi = runs["single_scale", seed], runs["multiscale", seed]
+            a, b = asdict(single.spec), asdict(multi.spec)
+            assert a["diffusion"].pop("multiscale_loss") is False and b["diffusion"].pop("multiscale_loss") is True
+            assert a == b, (profile, seed)
+            branches = multi.spec.model.branches
+            assert [br.block for br in branches] == ["transformer", "convnext"], profile
+            assert [br.patch for br in branches] == [2, 1], profile
+            assert loss_weights(single.spec.diffusion, 2) == [0.0, 1.0]
+            assert loss_weights(multi.spec.diffusion, 2) == pytest.approx([0.25, 1.0])
+    main = {r.seed: r for r in expand(load_ablation(ROOT / "ablations" / "main_results.toml"), "paper",
+                                      results=tmp_path / "m") if r.variant == "dimr_xl_2r"}
+    ours = {r.seed: r for r in expand(abl, "paper", results=tmp_path / "p") if r.variant == "multiscale"}
+    assert ours.keys() == main.keys()
+    assert all(ours[s].identity == main[s].identity for s in ours)
