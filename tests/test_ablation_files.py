@@ -190,7 +190,7 @@ def test_small_profile_is_the_small_protocol(tmp_path):
     """What RESULTS.md's small runs promise: unguided, EMA warm-up, >= 1024 samples, three or more evaluation
     points, six or more seeds, the released pixel-space diffusion."""
     for path in ("table2_components", "tdln_vs_adaln", "branches", "patch_size", "branch_blocks",
-                 "multiscale_loss_2r"):
+                 "multiscale_loss_2r", "tdln_single_branch"):
         abl = load_ablation(ROOT / "ablations" / f"{path}.toml")
         runs = expand(abl, "small", results=tmp_path)
         assert len({r.seed for r in runs}) >= 6
@@ -430,3 +430,31 @@ def test_multiscale_loss_2r_differs_in_the_loss_alone(tmp_path):
     ours = {r.seed: r for r in expand(abl, "paper", results=tmp_path / "p") if r.variant == "multiscale"}
     assert ours.keys() == main.keys()
     assert all(ours[s].identity == main[s].identity for s in ours)
+
+
+def test_tdln_single_branch_changes_table2_row2_norms_alone(tmp_path):
+    """ablations/tdln_single_branch.toml's promise: its adaln_zero runs are Table 2's row 2 (U-ViT + adaLN-Zero),
+    seed for seed, profile for profile and identity for identity; its TD variants are those runs with the
+    norms and how time enters changed and nothing else, on the same single-branch network."""
+    from dataclasses import asdict
+
+    abl = load_ablation(ROOT / "ablations" / "tdln_single_branch.toml")
+    table2 = load_ablation(ROOT / "ablations" / "table2_components.toml")
+    assert set(abl.profile_names()) == set(table2.profile_names())
+    norms = {"adaln_zero": ("adaln", "adaln_zero", "adaln"), "tdrmsnorm": ("norm", "tdrmsnorm", "tdln"),
+             "tdln": ("norm", "tdln", "tdln")}
+    for profile in abl.profile_names():
+        ours = {(r.variant, r.seed): r for r in expand(abl, profile, results=tmp_path / "a")}
+        row2 = {r.seed: r for r in expand(table2, profile, results=tmp_path / "b") if r.variant == "adaln_zero"}
+        assert {v for v, _ in ours} == set(norms) and {s for _, s in ours} == set(row2), profile
+        for (variant, seed), run in ours.items():
+            m = run.spec.model
+            assert (m.conditioning, m.norm, m.outer_norm) == norms[variant], (profile, variant)
+            assert len(m.branches) == 1, (profile, variant)
+            if variant == "adaln_zero":
+                assert run.identity == row2[seed].identity and asdict(run.spec) == asdict(row2[seed].spec)
+                continue
+            a, b = asdict(run.spec), asdict(row2[seed].spec)
+            for key in ("conditioning", "norm", "outer_norm"):
+                a["model"].pop(key), b["model"].pop(key)
+            assert a == b, (profile, variant, seed)
