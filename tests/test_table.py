@@ -698,7 +698,9 @@ def test_steps_say_why_no_seed_is_paired_and_name_seeds_without_a_value(tmp_path
         write_run(tmp_path / "gap", "abl", "b", seed, metrics_for(None if seed == 2 else 40.0 + seed, seed),
                   variant_index=1)
     s = step_statistics(collect(tmp_path / "behind")[0]).iloc[0]
-    assert s["n"] == 0 and s["note"] == "3 of 3 seeds not paired: seeds 0, 1, 2 evaluated at step 600 (a) vs 300 (b)"
+    assert s["n"] == 0 and s["note"] == ("3 of 3 seeds not paired: seeds 0, 1, 2 evaluated at step 600 (a) vs 300 "
+                                         "(b): --step N compares both at a step they evaluated, --pair a@600:b@300 "
+                                         "each at its own")
     s = step_statistics(collect(tmp_path / "gap")[0]).iloc[0]
     assert s["n"] == 2 and s["note"] == "seed 2 without a fid value on one side, left out"
 
@@ -937,6 +939,8 @@ def test_a_pair_at_named_steps_pairs_each_side_at_its_own_step(tmp_path, capsys)
     root = _compute_tree(tmp_path)
     default = step_statistics(collect(root)[0]).iloc[0]
     assert default["n"] == 0 and "evaluated at step 1320 (single) vs 600 (multi)" in default["note"]
+    hint = default["note"].split("--pair ")[1].split()[0]  # the note's own --pair, as given on the command line
+    assert hint == "single@1320:multi@600"
     code, out, err = cli(["table", root, "--steps", "--format", "csv", "--pair", "single@1320:multi@600",
                           "--pair", "single@600:single@1200", "--pair", "single@600:multi@600"], capsys)
     assert code == 0 and err == "", err
