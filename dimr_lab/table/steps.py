@@ -164,9 +164,10 @@ def _why_unpaired(left: pd.DataFrame, right: pd.DataFrame, seeds: list[Any], a: 
         if ra["data_key"] != rb["data_key"]:
             why = f"on other data ({ra['data_key']} vs {rb['data_key']})"
         elif same_step and not (ra["step"] == rb["step"] or (is_missing(ra["step"]) and is_missing(rb["step"]))):
-            why = (f"evaluated at step {label(ra['step'])} ({a}) vs {label(rb['step'])} ({b}): --step N compares "
-                   f"both at a step they evaluated, --pair {a}@{label(ra['step'])}:{b}@{label(rb['step'])} each at "
-                   f"its own")
+            why = f"evaluated at step {label(ra['step'])} ({a}) vs {label(rb['step'])} ({b})"
+            if not (is_missing(ra["step"]) or is_missing(rb["step"])):  # the commands that pair them
+                why += (f": --step N compares both at a step they evaluated, --pair {a}@{label(ra['step'])}:"
+                        f"{b}@{label(rb['step'])} each at its own")
         else:
             why = f"evaluated with other settings ({settings_diff(ra['eval_settings'], rb['eval_settings'])})"
         reasons.setdefault(why, []).append(seed)
