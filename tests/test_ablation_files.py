@@ -190,7 +190,7 @@ def test_small_profile_is_the_small_protocol(tmp_path):
     """What RESULTS.md's small runs promise: unguided, EMA warm-up, >= 1024 samples, three or more evaluation
     points, six or more seeds, the released pixel-space diffusion."""
     for path in ("table2_components", "tdln_vs_adaln", "branches", "patch_size", "branch_blocks",
-                 "multiscale_loss_2r", "tdln_single_branch"):
+                 "multiscale_loss_2r", "tdln_single_branch", "tdln_single_branch_matched"):
         abl = load_ablation(ROOT / "ablations" / f"{path}.toml")
         runs = expand(abl, "small", results=tmp_path)
         assert len({r.seed for r in runs}) >= 6
@@ -324,25 +324,25 @@ def _assert_trained_longer(pairs) -> None:
             assert set(theirs.spec.eval_steps()) < set(ours.spec.eval_steps()), profile
 
 
-def test_tdln_vs_adaln_matched_matches_parameters_by_depth_alone(tmp_path):
-    """ablations/tdln_vs_adaln_matched.toml's promise: tdln and adaln_zero are tdln_vs_adaln_long's runs (the
-    same specs, so the same folders and identities: their trained state is reused), and each matched variant
-    is its norm's network with only the Transformer branch's depth changed, landing within 10% of the other
-    norm's parameter count in every profile, on the side of fewer."""
+def _assert_matched_by_depth(ours_name: str, source_name: str, tmp_path: Path) -> None:
+    """An ablation file matching TD-LN and adaLN-Zero in parameters by depth: its tdln and adaln_zero runs are
+    `source_name`'s (the same specs, so the same folders and identities: their trained state is reused), and each
+    matched variant is its norm's network with only the Transformer's depth changed, landing within 10% of the
+    other norm's parameter count in every profile, on the side of fewer."""
     from dataclasses import asdict, replace
 
     from dimr_lab.spec.counts import lookup
 
-    ours_file, long_file = (load_ablation(ROOT / "ablations" / f"{n}.toml")
-                            for n in ("tdln_vs_adaln_matched", "tdln_vs_adaln_long"))
-    assert ours_file.profile_names() == long_file.profile_names()
+    ours_file, source_file = (load_ablation(ROOT / "ablations" / f"{n}.toml") for n in (ours_name, source_name))
+    assert ours_file.profile_names() == source_file.profile_names()
     for profile in ours_file.profile_names():
         ours = {(r.variant, r.seed): r for r in expand(ours_file, profile, results=tmp_path / "a")}
-        long = {(r.variant, r.seed): r for r in expand(long_file, profile, results=tmp_path / "b")}
-        seeds = {s for _, s in long}
+        source = {(r.variant, r.seed): r for r in expand(source_file, profile, results=tmp_path / "b")
+                  if r.variant in ("tdln", "adaln_zero")}
+        seeds = {s for _, s in source}
         assert {v for v, _ in ours} == {"tdln", "adaln_zero", "tdln_deep", "adaln_zero_shallow"}, profile
-        assert {s for _, s in ours} == seeds, profile
-        for key, run in long.items():
+        assert {s for _, s in ours} == seeds and len({v for v, _ in source}) == 2, profile
+        for key, run in source.items():
             assert asdict(ours[key].spec) == asdict(run.spec), (profile, key)
             assert ours[key].run_dir.name == run.run_dir.name and ours[key].paper == run.paper
         first = min(seeds)  # seeds do not change the network; counts are shipped in counts.json (test_counts)
@@ -358,6 +358,17 @@ def test_tdln_vs_adaln_matched_matches_parameters_by_depth_alone(tmp_path):
                                                                    *m.model.branches[1:]]))
                 assert asdict(same) == asdict(base), (profile, matched, seed)
             assert 0.9 * params[other] <= params[matched] <= params[other], (profile, matched, params)
+
+
+def test_tdln_vs_adaln_matched_matches_parameters_by_depth_alone(tmp_path):
+    """ablations/tdln_vs_adaln_matched.toml's promise, in the multi-branch network of tdln_vs_adaln_long."""
+    _assert_matched_by_depth("tdln_vs_adaln_matched", "tdln_vs_adaln_long", tmp_path)
+
+
+def test_tdln_single_branch_matched_matches_parameters_by_depth_alone(tmp_path):
+    """ablations/tdln_single_branch_matched.toml's promise, in the single-branch network of tdln_single_branch
+    (whose adaln_zero is Table 2's row 2)."""
+    _assert_matched_by_depth("tdln_single_branch_matched", "tdln_single_branch", tmp_path)
 
 
 def test_multi_branch_compute_matches_training_compute(tmp_path):
