@@ -579,6 +579,8 @@ class SessionLog:
         evaluation without training, its steps the checkpoints it evaluates."""
         if kind is not None and kind not in SESSION_KINDS:
             raise ValueError(f"session kind {kind!r}: one of {', '.join(SESSION_KINDS)}")
+        from dimr_lab.provenance import machine
+
         rows = keep_damaged_sessions_aside(self.run.sessions_path, self.say)
         job = os.environ.get("SLURM_JOB_ID")
         if os.environ.get("SLURM_ARRAY_JOB_ID") and os.environ.get("SLURM_ARRAY_TASK_ID"):
@@ -595,7 +597,7 @@ class SessionLog:
                      "kind": kind, "from_step": step, "to_step": step, "resumed": resumed,
                      "host": socket.gethostname(),
                      "pid": os.getpid(), "job_id": job, "slurm_restart": int(restart) if restart.isdigit() else None,
-                     "processes": processes})
+                     "processes": processes, "machine": machine()})
         self.rows = rows
         self._write()
 

@@ -556,6 +556,7 @@ def test_sessions_json_counts_the_restarts_and_wall_time_of_a_killed_and_resumed
     assert [s["resumed"] for s in data["sessions"]] == [False, True, True]
     assert (first["pid"], first["job_id"], first["slurm_restart"]) == (proc.pid, "4242", 3)
     assert (second["pid"], second["job_id"]) == (os.getpid(), None) and second["host"] == socket.gethostname()
+    assert first["machine"] == second["machine"] == third["machine"] and second["machine"]["cpu"]
     assert first["from_step"] == 0 and first["to_step"] >= 2  # its last sign of life: at least its checkpoint
     assert second["from_step"] == killed_at and second["to_step"] == killed_at + 3
     assert (third["from_step"], third["to_step"]) == (killed_at + 3, killed_at + 10)

@@ -652,6 +652,46 @@ def test_a_seed_on_one_side_only_is_named_in_the_steps_note(tmp_path):
     assert "seed 3 of a without a partner" in render_table(tmp_path, "markdown", steps=True)
 
 
+def test_steps_name_seeds_whose_two_sides_ran_on_different_machines(tmp_path, capsys):
+    """metrics.json records the machine of each evaluation; the runs frame shows it (csv) and a step whose seed
+    ran its two sides on two machines says which seeds and machines: floating point differs between machines,
+    so that part of the difference is not the change. One side unrecorded (an older run) says nothing."""
+    xeon, epyc = ({"cpu": name, "cpus": 2, "accelerator": None} for name in ("Xeon", "EPYC"))
+    h200 = {"cpu": "EPYC", "cpus": 16, "accelerator": "NVIDIA H200"}
+    for seed in range(4):
+        write_run(tmp_path, "abl", "a", seed, metrics_for(50.0 + seed, seed, machine=xeon), variant_index=0)
+        other = {0: xeon, 1: epyc, 2: h200}.get(seed)  # seed 3's b from before machines were recorded
+        write_run(tmp_path, "abl", "b", seed, metrics_for(40.0 + seed, seed, **({"machine": other} if other else {})),
+                  variant_index=1)
+    runs = collect(tmp_path)[0]
+    assert sorted(runs["machine"].fillna("-")) == ["-", "EPYC x2", "NVIDIA H200", *["Xeon x2"] * 5]
+    s = step_statistics(runs).iloc[0]
+    assert s["n"] == 4  # still paired: a note, not a refusal
+    assert "seeds 1, 2 evaluated on different machines on the two sides (EPYC x2; NVIDIA H200; Xeon x2)" in s["note"]
+    assert "evaluated on different machines" in render_table(tmp_path, "markdown", steps=True)
+    code, out, _ = cli(["table", tmp_path, "--format", "csv"], capsys)
+    assert code == 0 and "machines" in out.splitlines()[0].split(",") and "EPYC x2; NVIDIA H200; Xeon x2" in out
+
+    same = tmp_path / "same"
+    for seed in range(3):
+        for i, variant in enumerate("ab"):
+            write_run(same, "abl", variant, seed, metrics_for(50.0 - 10 * i + seed, seed, machine=xeon),
+                      variant_index=i)
+    assert "machines" not in step_statistics(collect(same)[0]).iloc[0]["note"]
+
+
+def test_machine_label_reads_what_was_recorded_and_nothing_else():
+    from dimr_lab.provenance import machine, machine_label
+
+    m = machine()
+    assert isinstance(m["cpu"], str) and m["cpu"] and isinstance(m["cpus"], int) and m["cpus"] >= 1
+    assert machine_label({"cpu": "Xeon", "cpus": 2, "accelerator": None}) == "Xeon x2"
+    assert machine_label({"cpu": "Xeon", "cpus": 16, "accelerator": "NVIDIA H200"}) == "NVIDIA H200"
+    assert machine_label({"cpu": "Xeon"}) == "Xeon"
+    for bad in (None, "Xeon", [], {}, {"cpu": 3, "cpus": 2}, {"cpu": "", "accelerator": ""}):
+        assert machine_label(bad) is None, bad
+
+
 def test_an_ablation_without_a_title_is_named_once(tmp_path):
     """A file without [ablation] title printed 'Steps: abl (abl)' and plotted 'abl (abl)'."""
     for seed in range(2):

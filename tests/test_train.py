@@ -749,6 +749,10 @@ def test_run_files_have_the_keys(done_run):
     assert m["step"] == 4 and m["params"] > 0 and m["train_images_per_s"] > 0 and m["enabled"] is False
     assert {"sampler", "steps", "guidance_scale", "guidance_form", "use_ema", "seed"} <= m["settings"]["sample"].keys()
     assert {"python", "torch", "dimr_lab"} <= m["versions"].keys()
+    from dimr_lab.provenance import machine
+
+    assert m["machine"] == machine()  # where it was evaluated (CPU here: no accelerator)
+    assert json.loads((done_run / "sessions.json").read_text())["sessions"][0]["machine"] == machine()
     ckpt = load_ckpt(done_run)
     assert ckpt["format"] == "dimr-lab/2" and ckpt["step"] == 4 and ckpt["identity"] == m["identity"]
     assert {"torch", "numpy", "python", "noise"} <= ckpt["rng"].keys()

@@ -231,7 +231,7 @@ def evaluate_step(spec: Any, run: RunDir, step: int, *, info: distributed.DistIn
 def _metrics_record(spec: Any, step: int, ckpt_step: int, ehash: str, settings: dict, results: dict,
                     info: distributed.DistInfo, n: int, made: int, sample_s: float, eval_s: float,
                     train_info: dict, samples_from: str | None = None) -> dict[str, Any]:
-    from dimr_lab.provenance import git_commit, versions
+    from dimr_lab.provenance import git_commit, machine, versions
 
     keys = ("fid", "kid", "isc", "precision", "recall", "sample_accuracy", "distortion_rate", "fid_floor")
     metrics: dict[str, Any] = {k: results.get(k) for k in keys if k in results or k in spec.eval.metrics}
@@ -244,7 +244,8 @@ def _metrics_record(spec: Any, step: int, ckpt_step: int, ehash: str, settings: 
         "sample_s": sample_s, "eval_s": eval_s, "sampled_now": made, "samples_from": samples_from,
         "sample_images_per_s": made / sample_s if made and sample_s > 0 else None,
         "nfe_per_sample": nfe, "device": str(info.device), "world_size": info.world_size,
-        **train_info, "versions": versions(), **{f"git_{k}": v for k, v in git_commit().items()},
+        **train_info, "versions": versions(), "machine": machine(),
+        **{f"git_{k}": v for k, v in git_commit().items()},
     })
     return jsonable(metrics)
 

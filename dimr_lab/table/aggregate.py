@@ -80,6 +80,9 @@ def aggregate(runs: pd.DataFrame, *, on_warning: Callable[[str], None] | None = 
         steps = pd.to_numeric(group["step"], errors="coerce")
         row["step_min"], row["step_max"] = steps.min(), steps.max()
         row["eval_label"] = "; ".join(sorted({x for x in group["eval_label"].fillna("") if x}))
+        # where the runs were evaluated (empty for evaluations from before it was recorded)
+        row["machines"] = "; ".join(sorted({x for x in group["machine"].fillna("") if x})) \
+            if "machine" in group else ""
         row["_settings"] = sorted(set(group["eval_settings"].fillna("")))
         row["paper_ref"] = _first(group["paper_ref"])
         for col in PAPER_COLUMNS.values():
@@ -93,7 +96,7 @@ def aggregate(runs: pd.DataFrame, *, on_warning: Callable[[str], None] | None = 
     integer_columns(table, labels)
     _add_deltas(table, on_warning)
     ids = ["ablation", "title", "profile", "variant", "grid", "data_key", *labels, "n_seeds", "seeds", "base",
-           "step_min", "step_max", "eval_label"]
+           "step_min", "step_max", "eval_label", "machines"]
     stats = [f"{c}_{s}" for c in METRIC_COLUMNS for s in ("mean", "std", "n")]
     deltas = [f"{c}_delta" for c in MAIN_METRICS]
     return table[ids + stats + deltas + ["paper_ref", *PAPER_COLUMNS.values()]]

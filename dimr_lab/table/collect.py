@@ -12,6 +12,7 @@ from typing import Any, Iterable, Iterator
 import pandas as pd
 
 from dimr_lab.errors import UserError, unknown_name_message
+from dimr_lab.provenance import machine_label
 from dimr_lab.rundir import Evaluation, RunDir, RunRecord, find_runs
 from dimr_lab.spec.run_spec import (OUTSIDE_EVAL_IDENTITY, EvalSpec, RunSpec, SampleSpec, load_run_spec,
                                     stable_hash)
@@ -24,8 +25,9 @@ _SECTION_TYPES = {"sample": SampleSpec, "eval": EvalSpec}
 ID_COLUMNS = ("ablation", "title", "profile", "variant", "variant_index", "seed", "base_variant", "grid",
               "folder", "paper")
 # eval_hash names the evaluation's settings (a legacy folder's: its spec's); eval_settings spells them out (JSON)
+# machine: where the evaluation ran (provenance.machine_label; empty for evaluations from before it was recorded)
 RUN_COLUMNS = ("step", "images_seen", "eval_hash", "eval_label", "eval_settings", "data_key", "git_commit",
-               "git_dirty")
+               "git_dirty", "machine")
 # keys of one run's plan: another folder with the same key and a newer evaluation supersedes it
 PLAN_KEY = ["ablation", "profile", "variant", "grid", "seed"]
 
@@ -245,6 +247,7 @@ def _row(run: Run, ev: Evaluation, warnings: list[str]) -> dict[str, Any]:
         "data_key": run.data_key,
         "git_commit": commit if isinstance(commit, str) else None,
         "git_dirty": dirty if isinstance(dirty, bool) else None,
+        "machine": machine_label(metrics.get("machine")),
         "_time": _finish_time(ev),
         "_trains": json.dumps(_settings(run.spec.identity()), sort_keys=True, default=str),
         **{column: metrics.get(key) if isinstance(metrics.get(key), str) else None

@@ -124,7 +124,7 @@ def _step(group: pd.DataFrame, pair: Pair, metric: str, paper_col: str | None) -
     # count, sampler, reference: one evaluation hash) on the same data: anything else is not the
     # architectural change alone
     keys = ["seed", "data_key", "eval_hash"] + ([] if pair.at_steps else ["step"])
-    cols = [*keys, metric, "fid_floor"]
+    cols = [*keys, metric, "fid_floor", *(["machine"] if "machine" in left and "machine" in right else [])]
     paired = left[cols].merge(right[cols], on=keys, suffixes=("_a", "_b"))
     common = set(left["seed"]) & set(right["seed"])
     found = stats.compare(paired[f"{metric}_a"].to_numpy(float), paired[f"{metric}_b"].to_numpy(float), paper_diff)
@@ -143,6 +143,12 @@ def _step(group: pd.DataFrame, pair: Pair, metric: str, paper_col: str | None) -
         if seeds:  # a seed on one side only is left out of the step: said, since the means shown are the pairs'
             notes.append(f"{_seeds(seeds)} of {v}{'' if at is None else f' at step {at}'} without a partner, "
                          f"left out")
+    if "machine_a" in kept:  # where both sides recorded theirs: a seed's two runs on two machines
+        split = kept[kept["machine_a"].notna() & kept["machine_b"].notna() & (kept["machine_a"] != kept["machine_b"])]
+        if len(split):
+            names = sorted({*split["machine_a"], *split["machine_b"]})
+            notes.append(f"{_seeds(sorted(split['seed']))} evaluated on different machines on the two sides "
+                         f"({'; '.join(names)}): floating point differs between machines, a difference of its own")
     no_value = sorted(set(paired["seed"]) - set(kept["seed"]))
     if no_value:  # a NaN metric on either side drops the pair: named, as the n shown is smaller
         notes.append(f"{_seeds(no_value)} without a {metric} value on one side, left out")
