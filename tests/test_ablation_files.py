@@ -190,7 +190,8 @@ def test_small_profile_is_the_small_protocol(tmp_path):
     """What RESULTS.md's small runs promise: unguided, EMA warm-up, >= 1024 samples, three or more evaluation
     points, six or more seeds, the released pixel-space diffusion."""
     for path in ("table2_components", "tdln_vs_adaln", "branches", "patch_size", "branch_blocks",
-                 "multiscale_loss_2r", "tdln_single_branch", "tdln_single_branch_matched"):
+                 "multiscale_loss_2r", "tdln_single_branch", "tdln_single_branch_matched",
+                 "tdln_single_branch_long"):
         abl = load_ablation(ROOT / "ablations" / f"{path}.toml")
         runs = expand(abl, "small", results=tmp_path)
         assert len({r.seed for r in runs}) >= 6
@@ -310,6 +311,15 @@ def test_tdln_vs_adaln_long_is_tdln_vs_adaln_trained_longer(tmp_path):
     steps and the evaluation points changed: longer in every CPU and GPU profile, evaluating every step the
     shorter run evaluates."""
     _assert_trained_longer(_beside_tdln_vs_adaln("tdln_vs_adaln_long", tmp_path))
+
+
+def test_tdln_single_branch_long_is_tdln_single_branch_trained_longer(tmp_path):
+    """ablations/tdln_single_branch_long.toml's promise: its runs are tdln_single_branch's adaLN-Zero (Table 2's
+    row 2) and TD-LN runs, seed for seed and profile for profile, the same identities, with only the number of
+    steps and the evaluation points changed."""
+    pairs = _beside("tdln_single_branch_long", "tdln_single_branch", ("adaln_zero", "tdln"), tmp_path)
+    assert {profile for profile, *_ in pairs} == {"tiny", "small", "gpu", "paper"}
+    _assert_trained_longer(pairs)
 
 
 def _assert_trained_longer(pairs) -> None:
