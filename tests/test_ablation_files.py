@@ -191,7 +191,7 @@ def test_small_profile_is_the_small_protocol(tmp_path):
     points, six or more seeds, the released pixel-space diffusion."""
     for path in ("table2_components", "tdln_vs_adaln", "branches", "patch_size", "branch_blocks",
                  "multiscale_loss_2r", "tdln_single_branch", "tdln_single_branch_matched",
-                 "tdln_single_branch_long"):
+                 "tdln_single_branch_long", "tdln_single_branch_longer"):
         abl = load_ablation(ROOT / "ablations" / f"{path}.toml")
         runs = expand(abl, "small", results=tmp_path)
         assert len({r.seed for r in runs}) >= 6
@@ -318,6 +318,14 @@ def test_tdln_single_branch_long_is_tdln_single_branch_trained_longer(tmp_path):
     row 2) and TD-LN runs, seed for seed and profile for profile, the same identities, with only the number of
     steps and the evaluation points changed."""
     pairs = _beside("tdln_single_branch_long", "tdln_single_branch", ("adaln_zero", "tdln"), tmp_path)
+    assert {profile for profile, *_ in pairs} == {"tiny", "small", "gpu", "paper"}
+    _assert_trained_longer(pairs)
+
+
+def test_tdln_single_branch_longer_is_tdln_single_branch_long_trained_longer(tmp_path):
+    """ablations/tdln_single_branch_longer.toml's promise: tdln_single_branch_long's runs, seed for seed and
+    profile for profile, the same identities (so its trained folders are continued), twice as long again."""
+    pairs = _beside("tdln_single_branch_longer", "tdln_single_branch_long", ("adaln_zero", "tdln"), tmp_path)
     assert {profile for profile, *_ in pairs} == {"tiny", "small", "gpu", "paper"}
     _assert_trained_longer(pairs)
 
